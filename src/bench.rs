@@ -1,0 +1,340 @@
+//! `trailhose bench`: generated CloudTrail delivery files through the codec floor and through
+//! the real pipeline, side by side in one run. Prints wall and CPU time, events/s and MB/s.
+//! CPU seconds are what one core would need; the floor is gunzip + gzip of the same bytes.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::sink::encode::{self, Codec, Compression};
+use crate::synth::Generator;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Decoded megabytes of CloudTrail JSON to generate.
+    #[arg(long, default_value_t = 256)]
+    pub mb: usize,
+    /// Decoded megabytes per delivery file.
+    #[arg(long, default_value_t = 4)]
+    pub file_mb: usize,
+    /// City database for the geo run (default: the demo database shipped in examples/geoip).
+    #[arg(long, default_value = "examples/geoip/demo-city.mmdb")]
+    pub geoip_db: PathBuf,
+    /// Output gzip level, for the floor and the pipeline alike.
+    #[arg(long, default_value_t = 6)]
+    pub level: i32,
+    /// Also run `process` on one file of this many decoded MB in a child process and report its
+    /// peak RSS (0 = skip).
+    #[arg(long, default_value_t = 0)]
+    pub single_file_mb: usize,
+    /// Working directory for generated input and output (default: a temp dir).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+}
+
+fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T, BenchError> {
+    r.map_err(|e| BenchError::Io(what.to_owned(), e))
+}
+
+/// CPU seconds (user + system) this process has used so far.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces, so split after its ')').
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line; 100 ticks/s on Linux.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+struct Row {
+    name: String,
+    wall: Duration,
+    cpu: f64,
+}
+
+struct Input {
+    dir: PathBuf,
+    files: Vec<PathBuf>,
+    decoded: u64,
+    stored: u64,
+    events: u64,
+}
+
+pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
+    let work = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("trailhose-bench-{}", std::process::id())),
+    };
+    let _ = std::fs::remove_dir_all(&work);
+    let input = generate(&work.join("in"), args.mb, args.file_mb, 1)?;
+    let mb = input.decoded as f64 / 1e6;
+    println!(
+        "trailhose bench: {} files, {:.1} MB decoded ({:.1} MB gzip), {} events, {:.0} B/event, {} cores",
+        input.files.len(),
+        mb,
+        input.stored as f64 / 1e6,
+        input.events,
+        input.decoded as f64 / input.events as f64,
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    );
+
+    let mut rows = vec![floor_in_process(&input, args.level)?];
+    if let Some(row) = floor_gnu_gzip(&input, args.level) {
+        rows.push(row);
+    }
+    let rt = io(
+        "runtime",
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build(),
+    )?;
+    let geo = args.geoip_db.exists().then(|| args.geoip_db.clone());
+    if geo.is_none() {
+        println!(
+            "(no {} — the geo rows are skipped)",
+            args.geoip_db.display()
+        );
+    }
+    let runs: Vec<(&str, Option<PathBuf>, Compression)> = vec![
+        ("pipeline, no geo, gzip", None, Compression::Gzip),
+        ("pipeline, geo, gzip", geo.clone(), Compression::Gzip),
+        ("pipeline, geo, zstd", geo.clone(), Compression::Zstd),
+    ];
+    for (name, geo, compression) in runs {
+        if name.contains(", geo") && geo.is_none() {
+            continue;
+        }
+        let mut cfg = Config::default();
+        cfg.output.url = Some(work.join("out").display().to_string());
+        cfg.output.compression = compression;
+        cfg.output.level = (compression == Compression::Gzip).then_some(args.level);
+        cfg.geoip.city_db = geo;
+        let files = input.files.clone();
+        let cpu0 = cpu_seconds();
+        let t0 = Instant::now();
+        let summary = rt.block_on(crate::pipeline::process(&cfg, &files))?;
+        let wall = t0.elapsed();
+        let cpu = cpu_seconds() - cpu0;
+        assert_eq!(
+            summary.written.event_records, input.events,
+            "every generated event is written"
+        );
+        rows.push(Row {
+            name: name.to_owned(),
+            wall,
+            cpu,
+        });
+        let _ = std::fs::remove_dir_all(work.join("out"));
+    }
+
+    let floor_cpu = rows[0].cpu.max(1e-9);
+    println!();
+    println!(
+        "{:<42} {:>8} {:>8} {:>12} {:>10} {:>13} {:>10}",
+        "run", "wall s", "cpu s", "events/s", "MB/s", "MB/s/core", "cpu÷floor"
+    );
+    for r in &rows {
+        let wall = r.wall.as_secs_f64().max(1e-9);
+        println!(
+            "{:<42} {:>8.2} {:>8.2} {:>12.0} {:>10.1} {:>13.1} {:>10.2}",
+            r.name,
+            wall,
+            r.cpu,
+            input.events as f64 / wall,
+            mb / wall,
+            mb / r.cpu.max(1e-9),
+            r.cpu / floor_cpu
+        );
+    }
+    println!(
+        "(MB = decoded CloudTrail JSON; MB/s/core = MB per CPU-second, i.e. the speed on one core)"
+    );
+
+    if args.single_file_mb > 0 {
+        let big = generate(
+            &work.join("big"),
+            args.single_file_mb,
+            args.single_file_mb,
+            99,
+        )?;
+        let (wall, rss) = child_peak_rss(&big.dir, &work.join("big-out"), &args.geoip_db)?;
+        println!(
+            "single file: {:.0} MB decoded, {} events: process took {:.2}s, peak RSS {:.1} MiB",
+            big.decoded as f64 / 1e6,
+            big.events,
+            wall.as_secs_f64(),
+            rss as f64 / 1024.0
+        );
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(())
+}
+
+/// Writes delivery files (gzip, as CloudTrail does) under `dir` in the delivery layout.
+fn generate(dir: &Path, mb: usize, file_mb: usize, seed: u64) -> Result<Input, BenchError> {
+    let day = dir.join("AWSLogs/123456789012/CloudTrail/us-east-1/2024/03/18");
+    io("creating the input dir", std::fs::create_dir_all(&day))?;
+    let mut gen_ = Generator::new(seed);
+    let total = mb.max(1) << 20;
+    let per_file = file_mb.max(1) << 20;
+    let codec = Codec {
+        kind: Compression::Gzip,
+        level: 6,
+    };
+    let mut input = Input {
+        dir: dir.to_owned(),
+        files: Vec::new(),
+        decoded: 0,
+        stored: 0,
+        events: 0,
+    };
+    let mut i = 0;
+    while (input.decoded as usize) < total {
+        let json = gen_.delivery_file(per_file.min(total - input.decoded as usize));
+        input.events += count_events(&json);
+        input.decoded += json.len() as u64;
+        let gz: Vec<u8> = json
+            .chunks(4 << 20)
+            .flat_map(|c| encode::compress(codec, c))
+            .collect();
+        input.stored += gz.len() as u64;
+        let path = day.join(format!(
+            "123456789012_CloudTrail_us-east-1_20240318T{:04}Z_{i:08}.json.gz",
+            1400 + i % 60
+        ));
+        io("writing input", std::fs::write(&path, gz))?;
+        input.files.push(path);
+        i += 1;
+    }
+    Ok(input)
+}
+
+fn count_events(json: &[u8]) -> u64 {
+    // Generated events never contain `"eventVersion":` inside a string.
+    memchr::memmem::find_iter(json, b"{\"eventVersion\":").count() as u64
+}
+
+/// gunzip (flate2/zlib-rs) + gzip (libdeflate, 4 MiB members) of the same bytes, one thread.
+fn floor_in_process(input: &Input, level: i32) -> Result<Row, BenchError> {
+    let codec = Codec {
+        kind: Compression::Gzip,
+        level,
+    };
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    let mut out_bytes = 0usize;
+    for f in &input.files {
+        let gz = io("reading input", std::fs::read(f))?;
+        buf.clear();
+        io(
+            "gunzip",
+            flate2::read::MultiGzDecoder::new(&gz[..]).read_to_end(&mut buf),
+        )?;
+        for chunk in buf.chunks(4 << 20) {
+            out_bytes += encode::compress(codec, chunk).len();
+        }
+    }
+    std::hint::black_box(out_bytes);
+    Ok(Row {
+        name: format!("codec floor: gunzip + libdeflate -{level}, 1 thread"),
+        wall: t0.elapsed(),
+        cpu: cpu_seconds() - cpu0,
+    })
+}
+
+/// `gzip -dc | gzip -N` with GNU gzip, if installed: the floor named in the project brief.
+fn floor_gnu_gzip(input: &Input, level: i32) -> Option<Row> {
+    let t0 = Instant::now();
+    let mut dc = Command::new("gzip")
+        .arg("-dc")
+        .args(&input.files)
+        .stdout(Stdio::piped())
+        .spawn()
+        .ok()?;
+    let mut c = Command::new("gzip")
+        .arg(format!("-{}", level.clamp(1, 9)))
+        .stdin(dc.stdout.take()?)
+        .stdout(Stdio::null())
+        .spawn()
+        .ok()?;
+    c.wait().ok()?;
+    dc.wait().ok()?;
+    let wall = t0.elapsed();
+    // Both processes' CPU time: from /proc of finished children is not available without
+    // wait4; the pipe runs them concurrently, so the sum is about each one's wall time.
+    let cpu = child_cpu_seconds().unwrap_or(wall.as_secs_f64() * 2.0);
+    Some(Row {
+        name: format!("codec floor: GNU gzip -dc | gzip -{}", level.clamp(1, 9)),
+        wall,
+        cpu,
+    })
+}
+
+/// CPU seconds of reaped children so far (cutime + cstime), reset-free: callers diff it.
+fn child_cpu_seconds() -> Option<f64> {
+    static SEEN: std::sync::Mutex<f64> = std::sync::Mutex::new(0.0);
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let total =
+        (fields.get(13)?.parse::<f64>().ok()? + fields.get(14)?.parse::<f64>().ok()?) / 100.0;
+    let mut seen = SEEN.lock().ok()?;
+    let delta = total - *seen;
+    *seen = total;
+    Some(delta)
+}
+
+/// Runs `trailhose process` on `input` in a child and samples its peak RSS (VmHWM) until exit.
+fn child_peak_rss(input: &Path, out: &Path, geo: &Path) -> Result<(Duration, u64), BenchError> {
+    let exe = io("locating the trailhose binary", std::env::current_exe())?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("process").arg(input).arg("--out").arg(out);
+    if geo.exists() {
+        cmd.arg("--geoip-db").arg(geo);
+    }
+    let t0 = Instant::now();
+    let mut child = io("starting process", cmd.stdout(Stdio::null()).spawn())?;
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    loop {
+        if let Ok(status) = std::fs::read_to_string(&status_path) {
+            if let Some(kb) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kb);
+            }
+        }
+        if io("waiting for process", child.try_wait())?.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::io::stdout().flush();
+    let _ = std::fs::remove_dir_all(out);
+    Ok((t0.elapsed(), peak))
+}

@@ -1,0 +1,412 @@
+//! The one TOML configuration file, validated up front. Every error names the key at fault.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::sink::batch::Limits;
+use crate::sink::encode::{Codec, Compression};
+use crate::sink::partition::{self, KeyTemplate, Partitioner};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid config: {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub output: OutputConfig,
+    pub batch: BatchConfig,
+    pub geoip: GeoipConfig,
+    pub pipeline: PipelineConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// A local directory or `s3://bucket/prefix`.
+    pub url: Option<String>,
+    pub compression: Compression,
+    /// gzip: 1–12 (libdeflate levels; 6 matches `gzip -6`), zstd: 1–22.
+    pub level: Option<i32>,
+    pub key_template: String,
+    pub fallback_partition: String,
+    pub error_prefix: String,
+    pub s3: S3OutputConfig,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            url: None,
+            compression: Compression::Gzip,
+            level: None,
+            key_template: partition::DEFAULT_TEMPLATE.into(),
+            fallback_partition: partition::DEFAULT_FALLBACK.into(),
+            error_prefix: "errors/".into(),
+            s3: S3OutputConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3OutputConfig {
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub force_path_style: bool,
+    pub sse_kms_key_id: Option<String>,
+    pub storage_class: Option<String>,
+    pub multipart_threshold_bytes: u64,
+    pub part_size_bytes: u64,
+    pub max_concurrent_puts: usize,
+}
+
+impl Default for S3OutputConfig {
+    fn default() -> Self {
+        S3OutputConfig {
+            region: None,
+            endpoint_url: None,
+            force_path_style: false,
+            sse_kms_key_id: None,
+            storage_class: None,
+            multipart_threshold_bytes: 64 << 20,
+            part_size_bytes: 16 << 20,
+            max_concurrent_puts: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    pub max_records: u64,
+    pub max_bytes: u64,
+    pub max_age_secs: u64,
+    pub chunk_bytes: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_records: 10_000,
+            max_bytes: 64 << 20,
+            max_age_secs: 300,
+            chunk_bytes: 4 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeoipConfig {
+    pub city_db: Option<PathBuf>,
+    pub asn_db: Option<PathBuf>,
+    pub cache_entries: usize,
+}
+
+impl Default for GeoipConfig {
+    fn default() -> Self {
+        GeoipConfig {
+            city_db: None,
+            asn_db: None,
+            cache_entries: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Threads splitting and enriching files; 0 = one per core.
+    pub workers: usize,
+    /// Threads compressing output; 0 = one per core.
+    pub compression_threads: usize,
+    /// Largest single event accepted; 0 = 16 MiB.
+    pub max_event_bytes: usize,
+}
+
+/// Where the output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutputUrl {
+    Local(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+impl OutputUrl {
+    pub fn parse(url: &str) -> Result<OutputUrl, String> {
+        match url.strip_prefix("s3://") {
+            Some(rest) => {
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                if bucket.is_empty() {
+                    return Err("an s3:// URL needs a bucket name".into());
+                }
+                let mut prefix = prefix.trim_matches('/').to_owned();
+                if !prefix.is_empty() {
+                    prefix.push('/');
+                }
+                Ok(OutputUrl::S3 {
+                    bucket: bucket.to_owned(),
+                    prefix,
+                })
+            }
+            None if url.contains("://") => Err(format!(
+                "unsupported URL scheme in {url:?} (use a directory or s3://)"
+            )),
+            None if url.is_empty() => Err("empty".into()),
+            None => Ok(OutputUrl::Local(PathBuf::from(url))),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let cfg = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.display().to_string(),
+            message,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML; unknown keys are errors (a typo must not silently fall back to a default).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks what the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.output.url {
+            OutputUrl::parse(url).map_err(|m| invalid("output.url", m))?;
+        }
+        self.codec()?;
+        self.partitioner()?;
+        let ep = &self.output.error_prefix;
+        if ep.is_empty() || ep.starts_with('/') || ep.split('/').any(|s| s == "..") {
+            return Err(invalid(
+                "output.error_prefix",
+                "must be a relative prefix such as \"errors/\"",
+            ));
+        }
+        if self
+            .output
+            .key_template
+            .trim_start_matches('/')
+            .starts_with(ep.trim_end_matches('/'))
+        {
+            return Err(invalid(
+                "output.error_prefix",
+                "must not overlap the event key_template",
+            ));
+        }
+        if let Some(class) = &self.output.s3.storage_class {
+            let known = aws_sdk_s3::types::StorageClass::values();
+            if !known.contains(&class.as_str()) {
+                return Err(invalid(
+                    "output.s3.storage_class",
+                    format!("unknown class {class:?} (one of {})", known.join(", ")),
+                ));
+            }
+        }
+        if self.output.s3.multipart_threshold_bytes < 5 << 20 {
+            return Err(invalid(
+                "output.s3.multipart_threshold_bytes",
+                "must be at least 5 MiB (S3's smallest part)",
+            ));
+        }
+        if self.output.s3.part_size_bytes < 5 << 20 {
+            return Err(invalid(
+                "output.s3.part_size_bytes",
+                "must be at least 5 MiB (S3's smallest part)",
+            ));
+        }
+        if self.output.s3.max_concurrent_puts == 0 {
+            return Err(invalid(
+                "output.s3.max_concurrent_puts",
+                "must be at least 1",
+            ));
+        }
+        let b = &self.batch;
+        if b.max_records == 0 {
+            return Err(invalid("batch.max_records", "must be at least 1"));
+        }
+        if b.max_bytes < 1024 {
+            return Err(invalid("batch.max_bytes", "must be at least 1024"));
+        }
+        if b.max_age_secs == 0 {
+            return Err(invalid("batch.max_age_secs", "must be at least 1"));
+        }
+        if !(64 << 10..=64 << 20).contains(&b.chunk_bytes) {
+            return Err(invalid(
+                "batch.chunk_bytes",
+                "must be between 64 KiB and 64 MiB",
+            ));
+        }
+        if self.geoip.cache_entries == 0 {
+            return Err(invalid("geoip.cache_entries", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn output_url(&self) -> Result<OutputUrl, ConfigError> {
+        let url = self.output.url.as_deref().ok_or_else(|| {
+            invalid(
+                "output.url",
+                "no output given (set output.url or pass --out)",
+            )
+        })?;
+        OutputUrl::parse(url).map_err(|m| invalid("output.url", m))
+    }
+
+    pub fn codec(&self) -> Result<Codec, ConfigError> {
+        let kind = self.output.compression;
+        let (default, range) = match kind {
+            Compression::Gzip => (6, 1..=12),
+            Compression::Zstd => (3, 1..=22),
+            Compression::None => (0, 0..=0),
+        };
+        let level = match (kind, self.output.level) {
+            (Compression::None, _) => 0,
+            (_, None) => default,
+            (_, Some(l)) if range.contains(&l) => l,
+            (_, Some(l)) => {
+                return Err(invalid(
+                    "output.level",
+                    format!(
+                        "{l} is out of range {}..={} for {kind:?}",
+                        range.start(),
+                        range.end()
+                    ),
+                ));
+            }
+        };
+        Ok(Codec { kind, level })
+    }
+
+    pub fn partitioner(&self) -> Result<Partitioner, ConfigError> {
+        let t = KeyTemplate::parse(&self.output.key_template)
+            .map_err(|e| invalid("output.key_template", e.to_string()))?;
+        KeyTemplate::parse(&self.output.fallback_partition)
+            .map_err(|e| invalid("output.fallback_partition", e.to_string()))?;
+        Ok(Partitioner::new(t, &self.output.fallback_partition))
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_records: self.batch.max_records,
+            max_bytes: self.batch.max_bytes,
+            max_age: Duration::from_secs(self.batch.max_age_secs),
+            chunk_bytes: self.batch.chunk_bytes,
+        }
+    }
+
+    pub fn workers(&self) -> usize {
+        cores_or(self.pipeline.workers)
+    }
+
+    pub fn compression_threads(&self) -> usize {
+        cores_or(self.pipeline.compression_threads)
+    }
+
+    pub fn max_event_bytes(&self) -> usize {
+        match self.pipeline.max_event_bytes {
+            0 => 16 << 20,
+            n => n,
+        }
+    }
+}
+
+fn cores_or(n: usize) -> usize {
+    match n {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        match Config::parse(text) {
+            Err(e) => e,
+            Ok(c) => c.validate().unwrap_err().to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_config_is_valid_with_documented_defaults() {
+        let c = Config::parse("").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.batch.max_records, 10_000);
+        assert_eq!(c.batch.max_bytes, 64 << 20);
+        assert_eq!(c.batch.max_age_secs, 300);
+        assert_eq!(
+            c.codec().unwrap(),
+            Codec {
+                kind: Compression::Gzip,
+                level: 6
+            }
+        );
+        assert_eq!(c.output.error_prefix, "errors/");
+    }
+
+    #[test]
+    fn errors_name_the_bad_key() {
+        assert!(err("[batch]\nmax_recordz = 5\n").contains("max_recordz"));
+        assert!(err("[nope]\n").contains("nope"));
+        assert!(err("[batch]\nmax_records = \"many\"\n").contains("max_records"));
+        assert!(err("[batch]\nmax_records = 0\n").contains("batch.max_records"));
+        assert!(err("[output]\nkey_template = \"y={yr}/\"\n").contains("output.key_template"));
+        assert!(err("[output]\ncompression = \"lz4\"\n").contains("compression"));
+        assert!(err("[output]\nlevel = 40\n").contains("output.level"));
+        assert!(err("[output]\nurl = \"ftp://x\"\n").contains("output.url"));
+        assert!(err("[output.s3]\nstorage_class = \"COLD\"\n").contains("output.s3.storage_class"));
+        assert!(err("[output]\nerror_prefix = \"year=\"\n").contains("output.error_prefix"));
+    }
+
+    #[test]
+    fn output_urls() {
+        assert_eq!(
+            OutputUrl::parse("s3://b/p/q/").unwrap(),
+            OutputUrl::S3 {
+                bucket: "b".into(),
+                prefix: "p/q/".into()
+            }
+        );
+        assert_eq!(
+            OutputUrl::parse("s3://b").unwrap(),
+            OutputUrl::S3 {
+                bucket: "b".into(),
+                prefix: "".into()
+            }
+        );
+        assert_eq!(
+            OutputUrl::parse("out").unwrap(),
+            OutputUrl::Local("out".into())
+        );
+        assert!(OutputUrl::parse("s3:///x").is_err());
+    }
+}

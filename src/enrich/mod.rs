@@ -1,0 +1,3 @@
+//! Enrichment: fields added to each event before transforms see it.
+
+pub mod geo;

@@ -1,0 +1,15 @@
+//! trailhose: AWS CloudTrail delivery files in; geo-enriched, time-partitioned, compressed
+//! objects out. Modules follow the data: `source` → `fetch` → `cloudtrail` (split) → `enrich` →
+//! `sink` (partition, batch, encode, write), wired in `pipeline`, watched by `metrics`.
+
+pub mod bench;
+pub mod clock;
+pub mod cloudtrail;
+pub mod config;
+pub mod enrich;
+pub mod fetch;
+pub mod metrics;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+pub mod synth;

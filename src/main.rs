@@ -1,0 +1,147 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use trailhose::config::Config;
+use trailhose::sink::encode::Compression;
+
+/// trailhose: AWS CloudTrail delivery files in; geo-enriched, time-partitioned, compressed
+/// objects out.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "TRAILHOSE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Process local delivery files (files and directories, walked recursively).
+    Process {
+        /// Files or directories in CloudTrail's delivery layout (`.json.gz` or `.json`).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output: a directory or s3://bucket/prefix (overrides output.url).
+        #[arg(long)]
+        out: Option<String>,
+        /// MaxMind-format city database (overrides geoip.city_db).
+        #[arg(long)]
+        geoip_db: Option<PathBuf>,
+        /// MaxMind-format ASN database (overrides geoip.asn_db).
+        #[arg(long)]
+        asn_db: Option<PathBuf>,
+        /// Output compression (overrides output.compression).
+        #[arg(long, value_enum)]
+        compression: Option<Compression>,
+        /// TOML configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Write the Prometheus text exposition here at the end.
+        #[arg(long)]
+        metrics_file: Option<PathBuf>,
+    },
+    /// Validate a configuration file; errors name the bad key.
+    CheckConfig { file: PathBuf },
+    /// Measure throughput on generated CloudTrail data: codec floor vs. the pipeline.
+    Bench(trailhose::bench::BenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("trailhose: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TRAILHOSE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Process {
+            inputs,
+            out,
+            geoip_db,
+            asn_db,
+            compression,
+            config,
+            metrics_file,
+        } => {
+            let mut cfg = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::default(),
+            };
+            if let Some(out) = out {
+                cfg.output.url = Some(out);
+            }
+            if geoip_db.is_some() {
+                cfg.geoip.city_db = geoip_db;
+            }
+            if asn_db.is_some() {
+                cfg.geoip.asn_db = asn_db;
+            }
+            if let Some(c) = compression {
+                cfg.output.compression = c;
+                cfg.output.level = None;
+            }
+            let summary = runtime()?.block_on(trailhose::pipeline::process(&cfg, &inputs))?;
+            if let Some(path) = metrics_file {
+                std::fs::write(&path, trailhose::metrics::METRICS.render())
+                    .with_context(|| format!("writing metrics to {}", path.display()))?;
+            }
+            println!("{}", summary.line());
+            if !summary.written.failures.is_empty() {
+                anyhow::bail!(
+                    "{} output object(s) could not be written; first: {}",
+                    summary.written.failures.len(),
+                    summary.written.failures[0]
+                );
+            }
+            Ok(())
+        }
+        Command::CheckConfig { file } => {
+            Config::load(&file)?;
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Command::Bench(args) => Ok(trailhose::bench::run(&args)?),
+    }
+}

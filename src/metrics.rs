@@ -1,0 +1,434 @@
+//! Every metric and every warn/error log line is emitted here, through one typed event per
+//! occurrence (Vector's `internal_events` pattern): the catalogue of metric names lives in this
+//! file only, so docs and dashboards can be checked against it, and call sites stay one line.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::cloudtrail::FileErrorReason;
+use crate::enrich::geo::GeoStats;
+use crate::sink::batch::Kind;
+
+/// An occurrence worth counting and, where it matters, logging.
+pub trait InternalEvent {
+    fn emit(self);
+}
+
+pub fn emit(event: impl InternalEvent) {
+    event.emit();
+}
+
+pub struct Metrics {
+    registry: Registry,
+    files: IntCounterVec,
+    events_in: IntCounter,
+    events_out: IntCounter,
+    input_bytes: IntCounterVec,
+    output_bytes: IntCounter,
+    errors: IntCounterVec,
+    records_rejected: IntCounterVec,
+    fallback_partition: IntCounter,
+    geo_lookups: IntCounterVec,
+    geo_cache_hits: IntCounter,
+    objects: IntCounterVec,
+    put_seconds: HistogramVec,
+    file_seconds: Histogram,
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric name");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric name");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+/// The catalogue. Names follow Prometheus conventions: `trailhose_` prefix, `_total` counters,
+/// `_seconds` histograms, base units.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let r = Registry::new();
+    let put_seconds = HistogramVec::new(
+        HistogramOpts::new(
+            "trailhose_output_put_seconds",
+            "Time to write one output object.",
+        )
+        .buckets(vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ]),
+        &["kind"],
+    )
+    .expect("valid metric");
+    r.register(Box::new(put_seconds.clone()))
+        .expect("metric registered once");
+    let file_seconds = Histogram::with_opts(
+        HistogramOpts::new(
+            "trailhose_file_process_seconds",
+            "Time to read, split, enrich and buffer one input file.",
+        )
+        .buckets(vec![
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0,
+        ]),
+    )
+    .expect("valid metric");
+    r.register(Box::new(file_seconds.clone()))
+        .expect("metric registered once");
+    Metrics {
+        files: counter_vec(
+            &r,
+            "trailhose_files_total",
+            "Input files by outcome (ok, digest_skipped, error).",
+            &["outcome"],
+        ),
+        events_in: counter(
+            &r,
+            "trailhose_events_in_total",
+            "Events split from input files.",
+        ),
+        events_out: counter(
+            &r,
+            "trailhose_events_out_total",
+            "Events written to output objects.",
+        ),
+        input_bytes: counter_vec(
+            &r,
+            "trailhose_input_bytes_total",
+            "Input bytes read, as stored (compressed) and decoded.",
+            &["form"],
+        ),
+        output_bytes: counter(
+            &r,
+            "trailhose_output_bytes_total",
+            "Bytes written to output objects.",
+        ),
+        errors: counter_vec(
+            &r,
+            "trailhose_errors_total",
+            "Errors by pipeline stage and reason.",
+            &["stage", "reason"],
+        ),
+        records_rejected: counter_vec(
+            &r,
+            "trailhose_records_rejected_total",
+            "Single Records entries sent to the error output while their file went on.",
+            &["reason"],
+        ),
+        fallback_partition: counter(
+            &r,
+            "trailhose_events_fallback_partition_total",
+            "Events written to the fallback partition because eventTime was missing or malformed.",
+        ),
+        geo_lookups: counter_vec(
+            &r,
+            "trailhose_geo_lookups_total",
+            "Geo enrichment outcomes per event (found, not_found, non_address).",
+            &["result"],
+        ),
+        geo_cache_hits: counter(
+            &r,
+            "trailhose_geo_cache_hits_total",
+            "Geo lookups answered from the cache.",
+        ),
+        objects: counter_vec(
+            &r,
+            "trailhose_objects_written_total",
+            "Output objects written.",
+            &["kind"],
+        ),
+        put_seconds,
+        file_seconds,
+        registry: r,
+    }
+});
+
+impl Metrics {
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+// ---- input -------------------------------------------------------------------------------
+
+/// A file was split completely.
+pub struct FileProcessed<'a> {
+    pub source: &'a str,
+    pub stored_bytes: u64,
+    pub decoded_bytes: u64,
+    pub events: u64,
+    pub elapsed: Duration,
+}
+
+impl InternalEvent for FileProcessed<'_> {
+    fn emit(self) {
+        tracing::debug!(
+            source = self.source,
+            events = self.events,
+            bytes = self.decoded_bytes,
+            "file processed"
+        );
+        let m = &*METRICS;
+        m.files.with_label_values(&["ok"]).inc();
+        count_input(
+            self.stored_bytes,
+            self.decoded_bytes,
+            self.events,
+            self.elapsed,
+        );
+    }
+}
+
+fn count_input(stored: u64, decoded: u64, events: u64, elapsed: Duration) {
+    let m = &*METRICS;
+    m.events_in.inc_by(events);
+    m.input_bytes.with_label_values(&["stored"]).inc_by(stored);
+    m.input_bytes
+        .with_label_values(&["decoded"])
+        .inc_by(decoded);
+    m.file_seconds.observe(elapsed.as_secs_f64());
+}
+
+/// A CloudTrail digest file: not events, skipped on purpose.
+pub struct DigestSkipped<'a> {
+    pub source: &'a str,
+}
+
+impl InternalEvent for DigestSkipped<'_> {
+    fn emit(self) {
+        tracing::debug!(source = self.source, "digest file skipped");
+        METRICS.files.with_label_values(&["digest_skipped"]).inc();
+    }
+}
+
+/// A file that could not be split (whole or in part); it goes to the error output.
+pub struct FileFailed<'a> {
+    pub source: &'a str,
+    pub reason: FileErrorReason,
+    pub detail: &'a str,
+    pub events_kept: u64,
+    pub stored_bytes: u64,
+    pub decoded_bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl InternalEvent for FileFailed<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            reason = self.reason.as_str(),
+            events_kept = self.events_kept,
+            "bad input file: {}",
+            self.detail
+        );
+        let m = &*METRICS;
+        m.files.with_label_values(&["error"]).inc();
+        m.errors
+            .with_label_values(&["split", self.reason.as_str()])
+            .inc();
+        count_input(
+            self.stored_bytes,
+            self.decoded_bytes,
+            self.events_kept,
+            self.elapsed,
+        );
+    }
+}
+
+/// A file could not be read at all (missing, permissions).
+pub struct FileUnreadable<'a> {
+    pub source: &'a str,
+    pub error: &'a dyn std::error::Error,
+}
+
+impl InternalEvent for FileUnreadable<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            "cannot read input file: {}",
+            self.error
+        );
+        let m = &*METRICS;
+        m.files.with_label_values(&["error"]).inc();
+        m.errors.with_label_values(&["fetch", "read_error"]).inc();
+    }
+}
+
+/// A file named `.gz` that is not gzip: read by its content, and noted in the error output.
+pub struct NotGzipDespiteName<'a> {
+    pub source: &'a str,
+}
+
+impl InternalEvent for NotGzipDespiteName<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            "file is named .gz but is not gzip; read as plain JSON"
+        );
+        METRICS
+            .errors
+            .with_label_values(&["fetch", "not_gzip"])
+            .inc();
+    }
+}
+
+/// One entry of a Records array was not an event object.
+pub struct RecordRejected<'a> {
+    pub source: &'a str,
+    pub index: u64,
+    pub reason: &'static str,
+}
+
+impl InternalEvent for RecordRejected<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            index = self.index,
+            reason = self.reason,
+            "Records entry rejected"
+        );
+        let m = &*METRICS;
+        m.records_rejected.with_label_values(&[self.reason]).inc();
+        m.errors.with_label_values(&["split", self.reason]).inc();
+    }
+}
+
+/// Events of one file that went to the fallback partition.
+pub struct FallbackPartitioned {
+    pub events: u64,
+}
+
+impl InternalEvent for FallbackPartitioned {
+    fn emit(self) {
+        if self.events > 0 {
+            METRICS.fallback_partition.inc_by(self.events);
+        }
+    }
+}
+
+// ---- enrich ------------------------------------------------------------------------------
+
+/// Geo enrichment is off: no database was configured.
+pub struct GeoDisabled;
+
+impl InternalEvent for GeoDisabled {
+    fn emit(self) {
+        tracing::warn!(
+            "no GeoIP database configured (geoip.city_db / --geoip-db): events get no geo field"
+        );
+    }
+}
+
+/// Geo outcomes accumulated over a file.
+pub struct GeoLookups(pub GeoStats);
+
+impl InternalEvent for GeoLookups {
+    fn emit(self) {
+        let m = &*METRICS;
+        let s = self.0;
+        for (label, n) in [
+            ("found", s.found),
+            ("not_found", s.not_found),
+            ("non_address", s.non_address),
+        ] {
+            if n > 0 {
+                m.geo_lookups.with_label_values(&[label]).inc_by(n);
+            }
+        }
+        if s.cache_hits > 0 {
+            m.geo_cache_hits.inc_by(s.cache_hits);
+        }
+    }
+}
+
+// ---- sink --------------------------------------------------------------------------------
+
+pub struct ObjectWritten<'a> {
+    pub target: &'a str,
+    pub kind: Kind,
+    pub records: u64,
+    pub uncompressed_bytes: u64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl InternalEvent for ObjectWritten<'_> {
+    fn emit(self) {
+        tracing::debug!(
+            target_object = self.target,
+            kind = self.kind.as_str(),
+            records = self.records,
+            uncompressed = self.uncompressed_bytes,
+            bytes = self.bytes,
+            "object written"
+        );
+        let m = &*METRICS;
+        m.objects.with_label_values(&[self.kind.as_str()]).inc();
+        m.output_bytes.inc_by(self.bytes);
+        m.put_seconds
+            .with_label_values(&[self.kind.as_str()])
+            .observe(self.elapsed.as_secs_f64());
+        if self.kind == Kind::Events {
+            m.events_out.inc_by(self.records);
+        }
+    }
+}
+
+pub struct ObjectWriteFailed<'a> {
+    pub target: &'a str,
+    pub error: &'a dyn std::error::Error,
+}
+
+impl InternalEvent for ObjectWriteFailed<'_> {
+    fn emit(self) {
+        tracing::error!(
+            target_object = self.target,
+            "cannot write output object: {}",
+            self.error
+        );
+        METRICS
+            .errors
+            .with_label_values(&["write", "put_failed"])
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalogue_renders_with_conventional_names() {
+        emit(DigestSkipped { source: "x" });
+        emit(FallbackPartitioned { events: 2 });
+        let text = METRICS.render();
+        assert!(text.contains("trailhose_files_total{outcome=\"digest_skipped\"}"));
+        assert!(text.contains("trailhose_events_fallback_partition_total"));
+        for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
+            let mut it = line.split_whitespace().skip(2);
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+            assert!(name.starts_with("trailhose_"), "{name}");
+            match kind {
+                "counter" => assert!(name.ends_with("_total"), "{name}"),
+                "histogram" => assert!(name.ends_with("_seconds"), "{name}"),
+                _ => {}
+            }
+        }
+    }
+}

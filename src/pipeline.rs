@@ -1,0 +1,497 @@
+//! Wiring: files are split, enriched and buffered on worker threads (`FileWorker`); sealed
+//! batches are compressed on the encoder pool and written by the async uploader.
+
+use std::cell::Cell;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+
+use crate::clock::Utc;
+use crate::cloudtrail::{self, FileErrorReason, Item, Kind as SplitKind};
+use crate::config::{Config, ConfigError, OutputUrl};
+use crate::enrich::geo::{GeoDb, GeoEnricher, GeoError};
+use crate::fetch::{self, Encoding};
+use crate::metrics::{self, *};
+use crate::sink::batch::{Batcher, Kind, Sealed};
+use crate::sink::encode::{Encoder, encode_event};
+use crate::sink::partition::Partitioner;
+use crate::sink::write::{self, S3Options, Store, WriteError, Written};
+use crate::source::local::{self, SourceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Geo(#[from] GeoError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("output unusable: {0}")]
+    Output(#[from] WriteError),
+    #[error("a worker thread failed: {0}")]
+    Worker(String),
+}
+
+/// One line an error object holds. Sources and reasons are named so the file can be found and
+/// replayed; a rejected record is kept whole.
+#[derive(Serialize)]
+struct ErrorRecord<'a> {
+    time: String,
+    source: &'a str,
+    stage: &'static str,
+    reason: &'a str,
+    detail: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    events_kept: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record: Option<&'a RawValue>,
+}
+
+/// What one worker saw, summed into the run summary.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Tally {
+    pub files: u64,
+    pub digests: u64,
+    pub failed_files: u64,
+    pub events_in: u64,
+    pub error_records: u64,
+}
+
+impl Tally {
+    fn add(&mut self, o: Tally) {
+        self.files += o.files;
+        self.digests += o.digests;
+        self.failed_files += o.failed_files;
+        self.events_in += o.events_in;
+        self.error_records += o.error_records;
+    }
+}
+
+/// True for CloudTrail digest files by their key, so they are skipped without a read.
+pub fn is_digest_name(name: &str) -> bool {
+    name.contains("/CloudTrail-Digest/") || name.contains("_CloudTrail-Digest_")
+}
+
+/// The per-thread core: one file in, sealed batches out through `out`.
+pub struct FileWorker {
+    geo: Option<GeoEnricher>,
+    partitioner: Arc<Partitioner>,
+    events: Batcher,
+    errors: Batcher,
+    error_prefix: String,
+    max_event_bytes: usize,
+    key: String,
+    pub tally: Tally,
+}
+
+impl FileWorker {
+    pub fn new(
+        cfg: &Config,
+        geo: &Arc<GeoDb>,
+        partitioner: Arc<Partitioner>,
+        encoder: &Encoder,
+    ) -> FileWorker {
+        FileWorker {
+            geo: (!geo.is_empty()).then(|| GeoEnricher::new(geo.clone(), cfg.geoip.cache_entries)),
+            partitioner,
+            events: Batcher::new(Kind::Events, cfg.limits(), encoder.clone()),
+            errors: Batcher::new(Kind::Errors, cfg.limits(), encoder.clone()),
+            error_prefix: cfg.output.error_prefix.clone(),
+            max_event_bytes: cfg.max_event_bytes(),
+            key: String::new(),
+            tally: Tally::default(),
+        }
+    }
+
+    /// Splits, enriches and buffers one file. `source` names it (path or s3:// URL) in logs and
+    /// error records; `reader` yields its stored bytes.
+    pub fn process(&mut self, source: &str, reader: impl Read, out: &mut impl FnMut(Sealed)) {
+        let started = Instant::now();
+        self.tally.files += 1;
+        if is_digest_name(source) {
+            self.tally.digests += 1;
+            metrics::emit(DigestSkipped { source });
+            return;
+        }
+        let stored = Cell::new(0u64);
+        let decoded = fetch::decode(CountingReader {
+            inner: reader,
+            n: &stored,
+        });
+        let (encoding, decoded) = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                let err = cloudtrail::read_error(&e);
+                self.file_failed(source, err.reason, &err.detail, (0, 0, 0), started, out);
+                return;
+            }
+        };
+        if encoding == Encoding::Plain && fetch::named_gzip(source) {
+            metrics::emit(NotGzipDespiteName { source });
+            self.error_record(
+                out,
+                ErrorRecord {
+                    time: Utc::now().rfc3339(),
+                    source,
+                    stage: "fetch",
+                    reason: "not_gzip",
+                    detail: "the file is named .gz but is not gzip; its events were read as plain JSON and kept",
+                    events_kept: None,
+                    index: None,
+                    record: None,
+                },
+            );
+        }
+
+        let mut fallback = 0u64;
+        let mut rejected: Vec<(u64, Vec<u8>)> = Vec::new();
+        let report = {
+            let (partitioner, key, geo, events) = (
+                &self.partitioner,
+                &mut self.key,
+                &mut self.geo,
+                &mut self.events,
+            );
+            cloudtrail::split(decoded, self.max_event_bytes, |item| match item {
+                Item::Event { raw, head } => {
+                    if !partitioner.key_for(&head, key) {
+                        fallback += 1;
+                    }
+                    let geo = geo
+                        .as_mut()
+                        .and_then(|g| g.lookup(head.source_ip.as_deref()));
+                    let sealed = events.append(key, |buf| match geo {
+                        Some(g) => encode_event(buf, raw, &[g]),
+                        None => encode_event(buf, raw, &[]),
+                    });
+                    if let Some(s) = sealed {
+                        out(s);
+                    }
+                }
+                // Rare; kept aside so the error batcher is not borrowed during the split.
+                Item::NotAnObject { index, raw } => rejected.push((index, raw.to_vec())),
+            })
+        };
+        for (index, raw) in &rejected {
+            metrics::emit(RecordRejected {
+                source,
+                index: *index,
+                reason: "not_an_object",
+            });
+            let record = serde_json::from_slice::<&RawValue>(raw).ok();
+            self.error_record(
+                out,
+                ErrorRecord {
+                    time: Utc::now().rfc3339(),
+                    source,
+                    stage: "split",
+                    reason: "not_an_object",
+                    detail: "a Records entry is not a JSON object; the file's other entries were kept",
+                    events_kept: None,
+                    index: Some(*index),
+                    record,
+                },
+            );
+        }
+        if let Some(g) = self.geo.as_mut() {
+            metrics::emit(GeoLookups(g.take_stats()));
+        }
+        metrics::emit(FallbackPartitioned { events: fallback });
+        self.tally.events_in += report.events;
+        match report.result {
+            Ok(SplitKind::Events) => metrics::emit(FileProcessed {
+                source,
+                stored_bytes: stored.get(),
+                decoded_bytes: report.decompressed_bytes,
+                events: report.events,
+                elapsed: started.elapsed(),
+            }),
+            Ok(SplitKind::Digest) => {
+                self.tally.digests += 1;
+                metrics::emit(DigestSkipped { source });
+            }
+            Err(e) => {
+                let detail = if report.events > 0 {
+                    format!(
+                        "{}; the {} events before this point were kept and written",
+                        e.detail, report.events
+                    )
+                } else {
+                    e.detail.clone()
+                };
+                let counts = (report.events, stored.get(), report.decompressed_bytes);
+                self.file_failed(source, e.reason, &detail, counts, started, out);
+            }
+        }
+    }
+
+    /// `counts`: events kept, stored bytes, decoded bytes.
+    fn file_failed(
+        &mut self,
+        source: &str,
+        reason: FileErrorReason,
+        detail: &str,
+        (events_kept, stored, decoded): (u64, u64, u64),
+        started: Instant,
+        out: &mut impl FnMut(Sealed),
+    ) {
+        self.tally.failed_files += 1;
+        metrics::emit(FileFailed {
+            source,
+            reason,
+            detail,
+            events_kept,
+            stored_bytes: stored,
+            decoded_bytes: decoded,
+            elapsed: started.elapsed(),
+        });
+        self.error_record(
+            out,
+            ErrorRecord {
+                time: Utc::now().rfc3339(),
+                source,
+                stage: "split",
+                reason: reason.as_str(),
+                detail,
+                events_kept: Some(events_kept),
+                index: None,
+                record: None,
+            },
+        );
+    }
+
+    fn error_record(&mut self, out: &mut impl FnMut(Sealed), rec: ErrorRecord<'_>) {
+        self.tally.error_records += 1;
+        let now = Utc::now();
+        let partition = format!(
+            "{}year={:04}/month={:02}/day={:02}/",
+            self.error_prefix, now.year, now.month, now.day
+        );
+        let sealed = self.errors.append(&partition, |buf| {
+            // Serializing plain strings and valid raw JSON into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *buf, &rec);
+            buf.push(b'\n');
+        });
+        if let Some(s) = sealed {
+            out(s);
+        }
+    }
+
+    /// Seals buffers that reached their age limit.
+    pub fn seal_expired(&mut self, out: &mut impl FnMut(Sealed)) {
+        let now = Instant::now();
+        self.events
+            .seal_expired(now)
+            .into_iter()
+            .for_each(&mut *out);
+        self.errors
+            .seal_expired(now)
+            .into_iter()
+            .for_each(&mut *out);
+    }
+
+    /// Seals everything (end of input or shutdown).
+    pub fn seal_all(&mut self, out: &mut impl FnMut(Sealed)) {
+        self.events.seal_all().into_iter().for_each(&mut *out);
+        self.errors.seal_all().into_iter().for_each(&mut *out);
+    }
+}
+
+struct CountingReader<'a, R> {
+    inner: R,
+    n: &'a Cell<u64>,
+}
+
+impl<R: Read> Read for CountingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n.set(self.n.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// Builds the configured output store.
+pub async fn open_store(cfg: &Config) -> Result<Store, PipelineError> {
+    Ok(match cfg.output_url()? {
+        OutputUrl::Local(root) => Store::Local { root },
+        OutputUrl::S3 { bucket, prefix } => {
+            let s3 = &cfg.output.s3;
+            let client = s3_client(
+                s3.region.as_deref(),
+                s3.endpoint_url.as_deref(),
+                s3.force_path_style,
+            )
+            .await;
+            Store::S3 {
+                client,
+                bucket,
+                prefix,
+                options: S3Options {
+                    sse_kms_key_id: s3.sse_kms_key_id.clone(),
+                    storage_class: s3
+                        .storage_class
+                        .as_deref()
+                        .map(aws_sdk_s3::types::StorageClass::from),
+                    multipart_threshold: s3.multipart_threshold_bytes,
+                    part_size: s3.part_size_bytes,
+                },
+            }
+        }
+    })
+}
+
+/// An S3 client from the standard AWS chain (env, profile, IRSA web identity), with optional
+/// region and endpoint overrides for S3-compatible stores and tests.
+pub async fn s3_client(
+    region: Option<&str>,
+    endpoint: Option<&str>,
+    path_style: bool,
+) -> aws_sdk_s3::Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(r) = region {
+        loader = loader.region(aws_config::Region::new(r.to_owned()));
+    }
+    if let Some(e) = endpoint {
+        loader = loader.endpoint_url(e);
+    }
+    let shared = loader.load().await;
+    let conf = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(path_style)
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(5))
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// The result of a `process` run.
+#[derive(Debug)]
+pub struct Summary {
+    pub tally: Tally,
+    pub written: Written,
+    pub elapsed: Duration,
+    pub output: String,
+}
+
+impl Summary {
+    pub fn line(&self) -> String {
+        let t = &self.tally;
+        let secs = self.elapsed.as_secs_f64();
+        format!(
+            "files={} (digests skipped {}, bad {}) events_in={} events_out={} errors={} objects={} elapsed={:.2}s events/s={:.0} output={}",
+            t.files,
+            t.digests,
+            t.failed_files,
+            t.events_in,
+            self.written.event_records,
+            t.error_records,
+            self.written.objects,
+            secs,
+            if secs > 0.0 {
+                t.events_in as f64 / secs
+            } else {
+                0.0
+            },
+            self.output,
+        )
+    }
+}
+
+/// Opens the geo databases named in the config; warns once when there are none.
+pub fn open_geo(cfg: &Config) -> Result<Arc<GeoDb>, PipelineError> {
+    let db = GeoDb::open(cfg.geoip.city_db.as_deref(), cfg.geoip.asn_db.as_deref())?;
+    if db.is_empty() {
+        metrics::emit(GeoDisabled);
+    }
+    Ok(Arc::new(db))
+}
+
+/// The `process` job: local delivery files in, objects out.
+pub async fn process(cfg: &Config, inputs: &[PathBuf]) -> Result<Summary, PipelineError> {
+    let started = Instant::now();
+    cfg.validate()?;
+    let partitioner = Arc::new(cfg.partitioner()?);
+    let codec = cfg.codec()?;
+    let files = local::list_inputs(inputs)?;
+    let geo = open_geo(cfg)?;
+    let store = Arc::new(open_store(cfg).await?);
+    store.check().await?;
+    let output = store.describe("");
+
+    let encoder = Encoder::new(codec, cfg.compression_threads());
+    let workers = cfg.workers().min(files.len().max(1));
+    let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(workers * 2);
+    let uploader = tokio::spawn(write::run_uploader(
+        store.clone(),
+        codec.kind,
+        sealed_rx,
+        cfg.output.s3.max_concurrent_puts,
+    ));
+
+    let (file_tx, file_rx) = crossbeam_channel::unbounded::<PathBuf>();
+    for f in files {
+        let _ = file_tx.send(f);
+    }
+    drop(file_tx);
+    let mut handles = Vec::new();
+    for i in 0..workers {
+        let mut worker = FileWorker::new(cfg, &geo, partitioner.clone(), &encoder);
+        let rx = file_rx.clone();
+        let tx = sealed_tx.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .spawn(move || {
+                // A closed channel means the uploader is gone; the run then fails on its result.
+                let mut out = |s: Sealed| {
+                    let _ = tx.blocking_send(s);
+                };
+                for path in rx {
+                    let source = path.display().to_string();
+                    match std::fs::File::open(&path) {
+                        Ok(f) => worker.process(&source, f, &mut out),
+                        Err(e) => {
+                            worker.tally.files += 1;
+                            worker.tally.failed_files += 1;
+                            metrics::emit(FileUnreadable {
+                                source: &source,
+                                error: &e,
+                            });
+                        }
+                    }
+                    worker.seal_expired(&mut out);
+                }
+                worker.seal_all(&mut out);
+                worker.tally
+            })
+            .map_err(|e| PipelineError::Worker(e.to_string()))?;
+        handles.push(handle);
+    }
+    drop(sealed_tx);
+    drop(encoder);
+    let tally = tokio::task::spawn_blocking(move || {
+        let mut total = Tally::default();
+        for h in handles {
+            match h.join() {
+                Ok(t) => total.add(t),
+                Err(_) => return Err(PipelineError::Worker("a worker panicked".into())),
+            }
+        }
+        Ok(total)
+    })
+    .await
+    .map_err(|e| PipelineError::Worker(e.to_string()))??;
+    let written = uploader
+        .await
+        .map_err(|e| PipelineError::Worker(e.to_string()))?;
+    Ok(Summary {
+        tally,
+        written,
+        elapsed: started.elapsed(),
+        output,
+    })
+}

@@ -1,0 +1,269 @@
+//! Encoding: events become JSON lines (original bytes, additions spliced in), and lines are
+//! compressed in independent chunks on a pool of threads. Each chunk is one gzip member or zstd
+//! frame; their concatenation is one valid file for every reader (gzip, Athena, zcat), which lets
+//! a fast whole-buffer compressor and every core work on one object.
+
+use std::cell::RefCell;
+use std::thread;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, bounded};
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    Gzip,
+    Zstd,
+    None,
+}
+
+impl Compression {
+    pub fn extension(self) -> &'static str {
+        match self {
+            Compression::Gzip => ".json.gz",
+            Compression::Zstd => ".json.zst",
+            Compression::None => ".json",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Compression::Gzip => "application/gzip",
+            Compression::Zstd => "application/zstd",
+            Compression::None => "application/x-ndjson",
+        }
+    }
+}
+
+/// A compression setting that has been checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Codec {
+    pub kind: Compression,
+    pub level: i32,
+}
+
+/// Appends one JSON line: the event's original bytes with each addition (`"key":value`) spliced
+/// in before the closing brace. `raw` is a complete JSON object as the splitter hands it on.
+pub fn encode_event(out: &mut Vec<u8>, raw: &[u8], additions: &[&[u8]]) {
+    let Some((&b'}', body)) = raw.split_last() else {
+        // Not an object: cannot happen for splitter output; keep the bytes rather than lose them.
+        push_line(out, raw);
+        out.push(b'\n');
+        return;
+    };
+    push_line(out, body);
+    let mut has_members = body[1..]
+        .iter()
+        .any(|b| !matches!(b, b' ' | b'\n' | b'\r' | b'\t'));
+    for add in additions {
+        if has_members {
+            out.push(b',');
+        }
+        out.extend_from_slice(add);
+        has_members = true;
+    }
+    out.extend_from_slice(b"}\n");
+}
+
+/// Copies JSON bytes so they stay on one line. Raw CR/LF can only be insignificant whitespace in
+/// valid JSON (strings must escape them), so replacing them by spaces changes no value.
+fn push_line(out: &mut Vec<u8>, bytes: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(bytes);
+    if memchr::memchr2(b'\n', b'\r', bytes).is_some() {
+        for b in &mut out[start..] {
+            if matches!(*b, b'\n' | b'\r') {
+                *b = b' ';
+            }
+        }
+    }
+}
+
+/// One compressed piece of an object, possibly still being compressed.
+#[derive(Debug)]
+pub enum Part {
+    Ready(Bytes),
+    Pending(oneshot::Receiver<Vec<u8>>),
+}
+
+impl Part {
+    /// Waits for the compressed bytes. None if the pool went away before compressing it.
+    pub async fn bytes(self) -> Option<Bytes> {
+        match self {
+            Part::Ready(b) => Some(b),
+            Part::Pending(rx) => rx.await.ok().map(Bytes::from),
+        }
+    }
+}
+
+struct Job {
+    data: Vec<u8>,
+    done: oneshot::Sender<Vec<u8>>,
+}
+
+/// Handle to the compression pool. Cloning shares the pool; it stops when every handle is gone.
+#[derive(Clone)]
+pub struct Encoder {
+    codec: Codec,
+    jobs: Option<Sender<Job>>,
+}
+
+impl Encoder {
+    /// Starts `threads` compression threads. The job queue is short so that a producer faster
+    /// than the compressors waits instead of piling up uncompressed chunks in memory.
+    pub fn new(codec: Codec, threads: usize) -> Encoder {
+        if codec.kind == Compression::None {
+            return Encoder { codec, jobs: None };
+        }
+        let threads = threads.max(1);
+        let (tx, rx) = bounded::<Job>(threads);
+        for i in 0..threads {
+            let rx: Receiver<Job> = rx.clone();
+            let spawned = thread::Builder::new()
+                .name(format!("compress-{i}"))
+                .spawn(move || {
+                    for job in rx {
+                        let _ = job.done.send(compress(codec, &job.data));
+                    }
+                });
+            if spawned.is_err() {
+                // Without threads, compress on the caller's thread (see `submit`).
+                return Encoder { codec, jobs: None };
+            }
+        }
+        Encoder {
+            codec,
+            jobs: Some(tx),
+        }
+    }
+
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    /// Queues a chunk of JSON lines for compression; blocks while the queue is full.
+    pub fn submit(&self, data: Vec<u8>) -> Part {
+        match &self.jobs {
+            Some(jobs) => {
+                let (done, rx) = oneshot::channel();
+                match jobs.send(Job { data, done }) {
+                    Ok(()) => Part::Pending(rx),
+                    Err(e) => Part::Ready(Bytes::from(compress(self.codec, &e.into_inner().data))),
+                }
+            }
+            None => Part::Ready(Bytes::from(compress(self.codec, &data))),
+        }
+    }
+}
+
+thread_local! {
+    static GZIP: RefCell<Option<(i32, libdeflater::Compressor)>> = const { RefCell::new(None) };
+    static ZSTD: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+}
+
+/// Compresses one chunk into one self-contained member/frame.
+pub fn compress(codec: Codec, data: &[u8]) -> Vec<u8> {
+    match codec.kind {
+        Compression::None => data.to_vec(),
+        Compression::Gzip => GZIP.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|(l, _)| *l != codec.level) {
+                let lvl = libdeflater::CompressionLvl::new(codec.level).unwrap_or_default();
+                *slot = Some((codec.level, libdeflater::Compressor::new(lvl)));
+            }
+            let Some((_, c)) = slot.as_mut() else {
+                return Vec::new();
+            };
+            let mut out = vec![0; c.gzip_compress_bound(data.len())];
+            // The bound is a hard upper bound, so this cannot run out of space.
+            let n = c.gzip_compress(data, &mut out).unwrap_or(0);
+            out.truncate(n);
+            out
+        }),
+        Compression::Zstd => ZSTD.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|(l, _)| *l != codec.level) {
+                *slot = zstd::bulk::Compressor::new(codec.level)
+                    .ok()
+                    .map(|c| (codec.level, c));
+            }
+            match slot.as_mut() {
+                Some((_, c)) => c.compress(data).unwrap_or_default(),
+                None => Vec::new(),
+            }
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    fn line(raw: &str, adds: &[&str]) -> String {
+        let mut out = Vec::new();
+        let adds: Vec<&[u8]> = adds.iter().map(|a| a.as_bytes()).collect();
+        encode_event(&mut out, raw.as_bytes(), &adds);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn additions_are_spliced_before_the_closing_brace() {
+        assert_eq!(
+            line(r#"{"a":1}"#, &[r#""geo":{"x":1}"#]),
+            "{\"a\":1,\"geo\":{\"x\":1}}\n"
+        );
+        assert_eq!(line(r#"{"a":1}"#, &[]), "{\"a\":1}\n");
+        assert_eq!(
+            line("{ }", &[r#""g":1"#, r#""h":2"#]),
+            "{ \"g\":1,\"h\":2}\n"
+        );
+        assert_eq!(
+            line(r#"{"z":"é\"}","a":[1,{"b":null}]}"#, &[r#""g":1"#]),
+            "{\"z\":\"é\\\"}\",\"a\":[1,{\"b\":null}],\"g\":1}\n"
+        );
+    }
+
+    #[test]
+    fn pretty_printed_events_become_one_line_with_equal_values() {
+        let raw = "{\r\n  \"a\": \"x\\ny\",\n  \"b\": [1,\n 2]\n}";
+        let out = line(raw, &[r#""g":1"#]);
+        assert_eq!(out.matches('\n').count(), 1);
+        let v: serde_json::Value = serde_json::from_str(out.trim_end()).unwrap();
+        assert_eq!(v, serde_json::json!({"a": "x\ny", "b": [1, 2], "g": 1}));
+    }
+
+    #[test]
+    fn concatenated_members_decode_as_one_stream() {
+        for kind in [Compression::Gzip, Compression::Zstd, Compression::None] {
+            let enc = Encoder::new(Codec { kind, level: 3 }, 2);
+            let parts: Vec<Part> = ["{\"a\":1}\n", "{\"b\":2}\n", "{\"c\":3}\n"]
+                .iter()
+                .map(|s| enc.submit(s.as_bytes().to_vec()))
+                .collect();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let mut whole = Vec::new();
+            for p in parts {
+                whole.extend_from_slice(&rt.block_on(p.bytes()).unwrap());
+            }
+            let mut text = String::new();
+            match kind {
+                Compression::Gzip => {
+                    flate2::read::MultiGzDecoder::new(&whole[..])
+                        .read_to_string(&mut text)
+                        .unwrap();
+                }
+                Compression::Zstd => {
+                    text =
+                        String::from_utf8(zstd::stream::decode_all(&whole[..]).unwrap()).unwrap();
+                }
+                Compression::None => text = String::from_utf8(whole).unwrap(),
+            }
+            assert_eq!(text, "{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n", "{kind:?}");
+        }
+    }
+}

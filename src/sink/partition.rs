@@ -1,0 +1,314 @@
+//! Where an event goes: its partition, rendered from a Firehose-style key template.
+
+use std::fmt::Write;
+
+use crate::clock::Utc;
+use crate::cloudtrail::Head;
+
+/// Athena/Hive layout by event hour.
+pub const DEFAULT_TEMPLATE: &str = "year={year}/month={month}/day={day}/hour={hour}/";
+/// Events whose `eventTime` is missing or malformed when the template needs the time.
+pub const DEFAULT_FALLBACK: &str = "unknown-time/";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TemplateError {
+    #[error("unknown placeholder {{{0}}} (known: {1})")]
+    UnknownPlaceholder(String, &'static str),
+    #[error("unbalanced '{{' or '}}'")]
+    Unbalanced,
+    #[error("must not start with '/' or contain an empty, '.' or '..' path segment")]
+    BadPath,
+    #[error(
+        "must not contain characters outside A-Z a-z 0-9 and ! - _ . * ' ( ) = / (S3-safe key characters)"
+    )]
+    BadChar,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Year,
+    Month,
+    Day,
+    Hour,
+    Account,
+    Region,
+    EventSource,
+    EventType,
+}
+
+const FIELDS: &[(&str, Field)] = &[
+    ("year", Field::Year),
+    ("month", Field::Month),
+    ("day", Field::Day),
+    ("hour", Field::Hour),
+    ("account", Field::Account),
+    ("region", Field::Region),
+    ("event_source", Field::EventSource),
+    ("event_type", Field::EventType),
+];
+const FIELD_NAMES: &str = "year, month, day, hour, account, region, event_source, event_type";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Lit(String),
+    Field(Field),
+}
+
+/// A parsed key template; always ends in `/` (a directory of objects).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyTemplate {
+    parts: Vec<Part>,
+}
+
+impl KeyTemplate {
+    pub fn parse(s: &str) -> Result<KeyTemplate, TemplateError> {
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while !rest.is_empty() {
+            match rest.find(['{', '}']) {
+                Some(i) if rest.as_bytes()[i] == b'}' => return Err(TemplateError::Unbalanced),
+                Some(i) => {
+                    push_lit(&mut parts, &rest[..i])?;
+                    let close = rest[i..].find('}').ok_or(TemplateError::Unbalanced)? + i;
+                    let name = &rest[i + 1..close];
+                    let field = FIELDS
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, f)| *f)
+                        .ok_or_else(|| {
+                            TemplateError::UnknownPlaceholder(name.to_owned(), FIELD_NAMES)
+                        })?;
+                    parts.push(Part::Field(field));
+                    rest = &rest[close + 1..];
+                }
+                None => {
+                    push_lit(&mut parts, rest)?;
+                    rest = "";
+                }
+            }
+        }
+        if !matches!(parts.last(), Some(Part::Lit(l)) if l.ends_with('/')) {
+            parts.push(Part::Lit("/".into()));
+        }
+        let t = KeyTemplate { parts };
+        // Check path segments on a rendering with placeholder values filled in.
+        let sample = t.render_with(|_| "x", Some(Utc::from_unix(0)));
+        if sample.starts_with('/')
+            || sample
+                .trim_end_matches('/')
+                .split('/')
+                .any(|seg| matches!(seg, "" | "." | ".."))
+        {
+            return Err(TemplateError::BadPath);
+        }
+        Ok(t)
+    }
+
+    fn uses_time(&self) -> bool {
+        self.parts.iter().any(|p| {
+            matches!(
+                p,
+                Part::Field(Field::Year | Field::Month | Field::Day | Field::Hour)
+            )
+        })
+    }
+
+    fn render_with<'v>(&self, value: impl Fn(Field) -> &'v str, time: Option<Utc>) -> String {
+        let mut out = String::new();
+        self.render_into(&mut out, value, time);
+        out
+    }
+
+    fn render_into<'v>(
+        &self,
+        out: &mut String,
+        value: impl Fn(Field) -> &'v str,
+        time: Option<Utc>,
+    ) {
+        for part in &self.parts {
+            // Writing to a String cannot fail.
+            let _ = match (part, time) {
+                (Part::Lit(l), _) => {
+                    out.push_str(l);
+                    Ok(())
+                }
+                (Part::Field(Field::Year), Some(t)) => write!(out, "{:04}", t.year),
+                (Part::Field(Field::Month), Some(t)) => write!(out, "{:02}", t.month),
+                (Part::Field(Field::Day), Some(t)) => write!(out, "{:02}", t.day),
+                (Part::Field(Field::Hour), Some(t)) => write!(out, "{:02}", t.hour),
+                (Part::Field(f), _) => {
+                    push_sanitized(out, value(*f));
+                    Ok(())
+                }
+            };
+        }
+    }
+}
+
+fn push_lit(parts: &mut Vec<Part>, lit: &str) -> Result<(), TemplateError> {
+    if lit.is_empty() {
+        return Ok(());
+    }
+    if !lit.bytes().all(is_key_char) {
+        return Err(TemplateError::BadChar);
+    }
+    parts.push(Part::Lit(lit.to_owned()));
+    Ok(())
+}
+
+fn is_key_char(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!-_.*'()=/".contains(&b)
+}
+
+/// Event data in a key: only `[A-Za-z0-9._-]`, never a path of its own, bounded length.
+fn push_sanitized(out: &mut String, v: &str) {
+    let v = v.trim();
+    if v.is_empty() || v.bytes().all(|b| b == b'.') {
+        out.push_str("unknown");
+        return;
+    }
+    for c in v.chars().take(128) {
+        out.push(
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            },
+        );
+    }
+}
+
+/// Chooses each event's partition.
+#[derive(Debug, Clone)]
+pub struct Partitioner {
+    template: KeyTemplate,
+    uses_time: bool,
+    fallback: String,
+}
+
+impl Partitioner {
+    pub fn new(template: KeyTemplate, fallback: &str) -> Partitioner {
+        let mut fallback = fallback.to_owned();
+        if !fallback.ends_with('/') {
+            fallback.push('/');
+        }
+        Partitioner {
+            uses_time: template.uses_time(),
+            template,
+            fallback,
+        }
+    }
+
+    /// Writes the event's partition into `out` (cleared first). Returns false when the event
+    /// went to the fallback partition because its time was missing or malformed.
+    pub fn key_for(&self, head: &Head<'_>, out: &mut String) -> bool {
+        out.clear();
+        let time = head.event_time.as_deref().and_then(Utc::parse_rfc3339);
+        if self.uses_time && time.is_none() {
+            out.push_str(&self.fallback);
+            return false;
+        }
+        let value = |f: Field| -> &str {
+            let v = match f {
+                Field::Account => &head.account,
+                Field::Region => &head.region,
+                Field::EventSource => &head.event_source,
+                Field::EventType => &head.event_type,
+                _ => &None,
+            };
+            v.as_deref().unwrap_or("unknown")
+        };
+        self.template.render_into(out, value, time);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::borrow::Cow;
+
+    fn head(time: Option<&'static str>) -> Head<'static> {
+        Head {
+            event_time: time.map(Cow::Borrowed),
+            account: Some(Cow::Borrowed("123456789012")),
+            region: Some(Cow::Borrowed("eu-west-1")),
+            event_source: Some(Cow::Borrowed("s3.amazonaws.com")),
+            event_type: None,
+            ..Head::default()
+        }
+    }
+
+    fn key(template: &str, h: &Head<'_>) -> (String, bool) {
+        let p = Partitioner::new(KeyTemplate::parse(template).unwrap(), DEFAULT_FALLBACK);
+        let mut out = String::new();
+        let ok = p.key_for(h, &mut out);
+        (out, ok)
+    }
+
+    #[test]
+    fn default_layout_is_hourly_hive_partitions_in_utc() {
+        let (k, ok) = key(DEFAULT_TEMPLATE, &head(Some("2024-03-18T01:30:07+02:00")));
+        assert!(ok);
+        assert_eq!(k, "year=2024/month=03/day=17/hour=23/");
+    }
+
+    #[test]
+    fn dynamic_fields_and_missing_values() {
+        let (k, _) = key(
+            "{account}/{region}/{event_source}/{event_type}/{year}{month}{day}",
+            &head(Some("2024-03-18T14:30:07Z")),
+        );
+        assert_eq!(
+            k,
+            "123456789012/eu-west-1/s3.amazonaws.com/unknown/20240318/"
+        );
+    }
+
+    #[test]
+    fn bad_or_missing_time_goes_to_the_fallback_only_when_time_is_used() {
+        assert_eq!(
+            key(DEFAULT_TEMPLATE, &head(None)),
+            ("unknown-time/".into(), false)
+        );
+        assert_eq!(
+            key(DEFAULT_TEMPLATE, &head(Some("yesterday"))),
+            ("unknown-time/".into(), false)
+        );
+        assert_eq!(
+            key("acct={account}", &head(None)),
+            ("acct=123456789012/".into(), true)
+        );
+    }
+
+    #[test]
+    fn event_data_cannot_escape_its_segment() {
+        let mut h = head(Some("2024-03-18T14:30:07Z"));
+        h.account = Some(Cow::Borrowed("../../etc"));
+        h.region = Some(Cow::Borrowed(".."));
+        h.event_source = Some(Cow::Borrowed("a/b c\u{e9}"));
+        let (k, _) = key("{account}/{region}/{event_source}", &h);
+        assert_eq!(k, ".._.._etc/unknown/a_b_c_/");
+    }
+
+    #[test]
+    fn template_errors_name_the_problem() {
+        assert_eq!(
+            KeyTemplate::parse("year={yr}/"),
+            Err(TemplateError::UnknownPlaceholder("yr".into(), FIELD_NAMES))
+        );
+        assert_eq!(KeyTemplate::parse("a{year"), Err(TemplateError::Unbalanced));
+        assert_eq!(KeyTemplate::parse("a}b"), Err(TemplateError::Unbalanced));
+        assert_eq!(KeyTemplate::parse("/x/{year}"), Err(TemplateError::BadPath));
+        assert_eq!(KeyTemplate::parse("x//{year}"), Err(TemplateError::BadPath));
+        assert_eq!(
+            KeyTemplate::parse("x/../{year}"),
+            Err(TemplateError::BadPath)
+        );
+        assert_eq!(
+            KeyTemplate::parse("x y/{year}"),
+            Err(TemplateError::BadChar)
+        );
+        assert!(KeyTemplate::parse("").is_err());
+    }
+}

@@ -1,0 +1,387 @@
+//! Write: sealed batches become objects in a local directory or on S3.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{
+    CompletedMultipartUpload, CompletedPart, ServerSideEncryption, StorageClass,
+};
+use bytes::{Bytes, BytesMut};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinSet;
+
+use super::batch::{Kind, Sealed};
+use super::encode::Compression;
+use crate::clock::Utc;
+use crate::metrics::{self, ObjectWriteFailed, ObjectWritten};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("writing {path}: {source}")]
+    Local {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("putting s3://{bucket}/{key}: {message}")]
+    S3 {
+        bucket: String,
+        key: String,
+        message: String,
+    },
+    #[error("object {0}: a compressed part was lost (the encoder stopped)")]
+    PartLost(String),
+}
+
+/// S3 output settings beyond the bucket and prefix.
+#[derive(Debug, Clone)]
+pub struct S3Options {
+    pub sse_kms_key_id: Option<String>,
+    pub storage_class: Option<StorageClass>,
+    pub multipart_threshold: u64,
+    pub part_size: u64,
+}
+
+pub enum Store {
+    Local {
+        root: PathBuf,
+    },
+    S3 {
+        client: aws_sdk_s3::Client,
+        bucket: String,
+        /// Empty or ending in `/`.
+        prefix: String,
+        options: S3Options,
+    },
+}
+
+impl Store {
+    /// Where a key lands, for logs and summaries.
+    pub fn describe(&self, key: &str) -> String {
+        match self {
+            Store::Local { root } => root.join(key).display().to_string(),
+            Store::S3 { bucket, prefix, .. } => format!("s3://{bucket}/{prefix}{key}"),
+        }
+    }
+
+    /// Fails early with a clear message when the output cannot be written at all.
+    pub async fn check(&self) -> Result<(), WriteError> {
+        match self {
+            Store::Local { root } => {
+                let root = root.clone();
+                tokio::task::spawn_blocking(move || {
+                    std::fs::create_dir_all(&root)?;
+                    let probe = root.join(format!(".trailhose-probe-{}", uuid::Uuid::now_v7()));
+                    std::fs::write(&probe, b"")?;
+                    std::fs::remove_file(&probe)
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+                .map_err(|source| WriteError::Local {
+                    path: self.describe(""),
+                    source,
+                })
+            }
+            Store::S3 { client, bucket, .. } => client
+                .head_bucket()
+                .bucket(bucket)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| WriteError::S3 {
+                    bucket: bucket.clone(),
+                    key: String::new(),
+                    message: format!("the output bucket is not reachable: {}", sdk_message(&e)),
+                }),
+        }
+    }
+
+    /// Writes one whole object durably: a local file is synced and renamed into place, an S3
+    /// object exists once the call returns.
+    pub async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), WriteError> {
+        match self {
+            Store::Local { root } => {
+                let path = root.join(key);
+                tokio::task::spawn_blocking(move || {
+                    write_local(&path, &body).map_err(|e| (path, e))
+                })
+                .await
+                .map_err(|e| WriteError::Local {
+                    path: key.to_owned(),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|(path, source)| WriteError::Local {
+                    path: path.display().to_string(),
+                    source,
+                })
+            }
+            Store::S3 {
+                client,
+                bucket,
+                prefix,
+                options,
+            } => {
+                let full = format!("{prefix}{key}");
+                let res = if body.len() as u64 >= options.multipart_threshold {
+                    put_multipart(client, bucket, &full, body, content_type, options).await
+                } else {
+                    put_single(client, bucket, &full, body, content_type, options).await
+                };
+                res.map_err(|message| WriteError::S3 {
+                    bucket: bucket.clone(),
+                    key: full,
+                    message,
+                })
+            }
+        }
+    }
+}
+
+fn write_local(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // A dot name is skipped by readers (Hive, Athena, Spark) until the rename makes it whole.
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(body)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn sdk_message<E: std::error::Error + 'static>(e: &aws_sdk_s3::error::SdkError<E>) -> String {
+    // DisplayErrorContext prints the whole source chain (service code and message), never
+    // credentials: the SDK does not put them in errors.
+    aws_sdk_s3::error::DisplayErrorContext(e).to_string()
+}
+
+async fn put_single(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    body: Bytes,
+    content_type: &str,
+    o: &S3Options,
+) -> Result<(), String> {
+    let mut req = client
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .content_type(content_type)
+        .body(ByteStream::from(body));
+    if let Some(kms) = &o.sse_kms_key_id {
+        req = req
+            .server_side_encryption(ServerSideEncryption::AwsKms)
+            .ssekms_key_id(kms);
+    }
+    if let Some(class) = &o.storage_class {
+        req = req.storage_class(class.clone());
+    }
+    req.send().await.map(|_| ()).map_err(|e| sdk_message(&e))
+}
+
+async fn put_multipart(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    body: Bytes,
+    content_type: &str,
+    o: &S3Options,
+) -> Result<(), String> {
+    let mut req = client
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .content_type(content_type);
+    if let Some(kms) = &o.sse_kms_key_id {
+        req = req
+            .server_side_encryption(ServerSideEncryption::AwsKms)
+            .ssekms_key_id(kms);
+    }
+    if let Some(class) = &o.storage_class {
+        req = req.storage_class(class.clone());
+    }
+    let created = req.send().await.map_err(|e| sdk_message(&e))?;
+    let upload_id = created
+        .upload_id()
+        .ok_or("S3 returned no upload id")?
+        .to_owned();
+    let result = async {
+        let mut parts = Vec::new();
+        let size = o.part_size.max(5 << 20) as usize;
+        for (i, chunk) in body.chunks(size).enumerate() {
+            let n = i as i32 + 1;
+            let part = client
+                .upload_part()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .part_number(n)
+                .body(ByteStream::from(body.slice_ref(chunk)))
+                .send()
+                .await
+                .map_err(|e| sdk_message(&e))?;
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(n)
+                    .set_e_tag(part.e_tag().map(str::to_owned))
+                    .build(),
+            );
+        }
+        client
+            .complete_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(&upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| sdk_message(&e))?;
+        Ok::<(), String>(())
+    }
+    .await;
+    if result.is_err() {
+        let _ = client
+            .abort_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(&upload_id)
+            .send()
+            .await;
+    }
+    result
+}
+
+/// A unique object name that sorts by time: the write time, then a time-ordered UUID so names
+/// from many workers and runs never collide.
+pub fn object_name(now: Utc, compression: Compression) -> String {
+    format!(
+        "{}-{}{}",
+        now.compact(),
+        uuid::Uuid::now_v7(),
+        compression.extension()
+    )
+}
+
+/// What the uploader did, for the run summary.
+#[derive(Debug, Default, Clone)]
+pub struct Written {
+    pub objects: u64,
+    pub event_records: u64,
+    pub error_records: u64,
+    pub bytes: u64,
+    pub failures: Vec<String>,
+}
+
+/// Writes sealed batches as they arrive, `concurrency` at a time, until the channel closes.
+pub async fn run_uploader(
+    store: Arc<Store>,
+    compression: Compression,
+    mut rx: mpsc::Receiver<Sealed>,
+    concurrency: usize,
+) -> Written {
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut tasks = JoinSet::new();
+    let mut written = Written::default();
+    let absorb = |w: &mut Written, r: Result<(Kind, u64, u64), String>| match r {
+        Ok((kind, records, bytes)) => {
+            w.objects += 1;
+            w.bytes += bytes;
+            match kind {
+                Kind::Events => w.event_records += records,
+                Kind::Errors => w.error_records += records,
+            }
+        }
+        Err(e) => w.failures.push(e),
+    };
+    while let Some(sealed) = rx.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        let store = store.clone();
+        tasks.spawn(async move {
+            let r = write_sealed(&store, compression, sealed).await;
+            drop(permit);
+            r
+        });
+        while let Some(done) = tasks.try_join_next() {
+            absorb(
+                &mut written,
+                done.map_err(|e| e.to_string()).and_then(|r| r),
+            );
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        absorb(
+            &mut written,
+            done.map_err(|e| e.to_string()).and_then(|r| r),
+        );
+    }
+    written
+}
+
+async fn write_sealed(
+    store: &Store,
+    compression: Compression,
+    sealed: Sealed,
+) -> Result<(Kind, u64, u64), String> {
+    let key = format!(
+        "{}{}",
+        sealed.partition,
+        object_name(Utc::now(), compression)
+    );
+    let mut body = BytesMut::new();
+    for part in sealed.parts {
+        match part.bytes().await {
+            Some(b) => body.extend_from_slice(&b),
+            None => {
+                let e = WriteError::PartLost(store.describe(&key));
+                metrics::emit(ObjectWriteFailed {
+                    target: &store.describe(&key),
+                    error: &e,
+                });
+                return Err(e.to_string());
+            }
+        }
+    }
+    let body = body.freeze();
+    let len = body.len() as u64;
+    let started = Instant::now();
+    match store.put(&key, body, compression.content_type()).await {
+        Ok(()) => {
+            metrics::emit(ObjectWritten {
+                target: &store.describe(&key),
+                kind: sealed.kind,
+                records: sealed.records,
+                uncompressed_bytes: sealed.bytes,
+                bytes: len,
+                elapsed: started.elapsed(),
+            });
+            Ok((sealed.kind, sealed.records, len))
+        }
+        Err(e) => {
+            metrics::emit(ObjectWriteFailed {
+                target: &store.describe(&key),
+                error: &e,
+            });
+            Err(e.to_string())
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Sources: where the list of delivery files to process comes from.
+
+pub mod local;
