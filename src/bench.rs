@@ -320,14 +320,16 @@ fn child_peak_rss(input: &Path, out: &Path, geo: &Path) -> Result<(Duration, u64
     let status_path = format!("/proc/{}/status", child.id());
     let mut peak = 0u64;
     loop {
-        if let Ok(status) = std::fs::read_to_string(&status_path) {
-            if let Some(kb) = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            {
-                peak = peak.max(kb);
-            }
+        if let Some(kb) = std::fs::read_to_string(&status_path)
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+        {
+            peak = peak.max(kb);
         }
         if io("waiting for process", child.try_wait())?.is_some() {
             break;

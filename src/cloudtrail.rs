@@ -147,6 +147,9 @@ struct Window<R> {
     end: usize,
     eof: bool,
     total: u64,
+    /// A read error that came after some bytes of the same fill: those bytes are split first
+    /// (events before a truncation are kept), the error is reported on the next fill.
+    deferred: Option<io::Error>,
 }
 
 impl<R: Read> Window<R> {
@@ -158,6 +161,7 @@ impl<R: Read> Window<R> {
             end: 0,
             eof: false,
             total: 0,
+            deferred: None,
         }
     }
 
@@ -168,6 +172,9 @@ impl<R: Read> Window<R> {
     /// Reads more, at least as much again as is pending so that re-parsing a large partial
     /// event stays linear overall. Returns false at end of input.
     fn fill(&mut self) -> Result<bool, io::Error> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
         if self.eof {
             return Ok(false);
         }
@@ -192,6 +199,10 @@ impl<R: Read> Window<R> {
                     self.total += n as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if self.end > before => {
+                    self.deferred = Some(e);
+                    break;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -749,6 +760,33 @@ mod tests {
             report.result.unwrap_err().reason,
             FileErrorReason::Truncated
         );
+    }
+
+    /// Yields its bytes in one read, then fails like a decoder at a cut-off stream.
+    struct ThenFail<'a>(&'a [u8]);
+    impl Read for ThenFail<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "cut"));
+            }
+            let n = self.0.len().min(out.len());
+            out[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn events_read_before_a_decoder_error_are_kept() {
+        let mut n = 0;
+        let report = split(
+            ThenFail(br#"{"Records":[{"eventID":"a"},{"eventID":"b"},{"ev"#),
+            1 << 20,
+            |_| n += 1,
+        );
+        assert_eq!(n, 2);
+        let err = report.result.unwrap_err();
+        assert_eq!(err.reason, FileErrorReason::Truncated);
     }
 
     #[test]

@@ -162,10 +162,33 @@ fn write_local(path: &Path, body: &[u8]) -> std::io::Result<()> {
     result
 }
 
-fn sdk_message<E: std::error::Error + 'static>(e: &aws_sdk_s3::error::SdkError<E>) -> String {
-    // DisplayErrorContext prints the whole source chain (service code and message), never
-    // credentials: the SDK does not put them in errors.
-    aws_sdk_s3::error::DisplayErrorContext(e).to_string()
+/// A one-line description of an SDK error: the service's code and message when it sent one,
+/// else the error chain, cut short (an unparsable response would otherwise be dumped whole).
+/// The SDK never puts credentials in errors.
+pub fn sdk_message<E>(e: &aws_sdk_s3::error::SdkError<E>) -> String
+where
+    E: std::error::Error + aws_sdk_s3::error::ProvideErrorMetadata + 'static,
+{
+    use aws_sdk_s3::error::ProvideErrorMetadata;
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    match (e.code(), status) {
+        (Some(code), Some(status)) => {
+            format!("{code} (HTTP {status}): {}", e.message().unwrap_or(""))
+        }
+        (Some(code), None) => format!("{code}: {}", e.message().unwrap_or("")),
+        (None, Some(status)) => format!(
+            "HTTP {status}: {}",
+            short(&aws_sdk_s3::error::DisplayErrorContext(e).to_string())
+        ),
+        (None, None) => short(&aws_sdk_s3::error::DisplayErrorContext(e).to_string()),
+    }
+}
+
+fn short(s: &str) -> String {
+    match s.char_indices().nth(300) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
 }
 
 async fn put_single(

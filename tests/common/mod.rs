@@ -1,0 +1,203 @@
+//! Shared test harness: a real `moto_server` on a free loopback port, the real AWS SDK against
+//! it, the real `trailhose` binary, and the project's own fixture data.
+#![allow(dead_code)]
+
+pub mod fixtures;
+pub mod mmdb;
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{Credentials, Region};
+
+/// A moto_server process, killed on drop.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = free_port();
+        let port_s = port.to_string();
+        let args = ["-H", "127.0.0.1", "-p", port_s.as_str()];
+        // `python3 -m moto.server` works where a fresh pip install left no shim on PATH yet.
+        let child = Command::new("moto_server")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .or_else(|_| {
+                Command::new("python3")
+                    .args(["-m", "moto.server"])
+                    .args(args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+            })
+            .expect("moto_server (PyPI moto[server]; scripts/test.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto_server did not start on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    pub fn s3(&self) -> aws_sdk_s3::Client {
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version_latest()
+            .region(Region::new("us-east-1"))
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
+            .build();
+        aws_sdk_s3::Client::from_conf(conf)
+    }
+
+    /// Environment for a trailhose child process talking to this moto.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_EC2_METADATA_DISABLED", "true".into()),
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+        ]
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh temp directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "trailhose-test-{name}-{}-{}",
+            std::process::id(),
+            uuid_ish()
+        ));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn uuid_ish() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// Runs the trailhose binary.
+pub fn trailhose(args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
+    cmd.args(args).env("TRAILHOSE_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run trailhose")
+}
+
+/// Decodes an output object (gzip members, zstd frames or plain) to text.
+pub fn decode(name: &str, bytes: &[u8]) -> String {
+    let mut out = String::new();
+    if name.ends_with(".gz") {
+        flate2::read::MultiGzDecoder::new(bytes)
+            .read_to_string(&mut out)
+            .expect("valid gzip");
+    } else if name.ends_with(".zst") {
+        out =
+            String::from_utf8(zstd::stream::decode_all(bytes).expect("valid zstd")).expect("utf-8");
+    } else {
+        out = String::from_utf8(bytes.to_vec()).expect("utf-8");
+    }
+    out
+}
+
+/// Every object under a local output directory: (relative key, decoded text).
+pub fn local_objects(root: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
+        let entry = entry.expect("walk output");
+        if entry.file_type().is_file() {
+            let key = entry
+                .path()
+                .strip_prefix(root)
+                .expect("under root")
+                .to_string_lossy()
+                .into_owned();
+            let bytes = std::fs::read(entry.path()).expect("read object");
+            out.push((key.clone(), decode(&key, &bytes)));
+        }
+    }
+    out
+}
+
+/// Every object under `prefix` in a bucket: (key without prefix, decoded text).
+pub async fn s3_objects(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    prefix: &str,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut pages = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(prefix)
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        for obj in page.expect("list objects").contents() {
+            let key = obj.key().expect("key").to_owned();
+            let body = s3
+                .get_object()
+                .bucket(bucket)
+                .key(&key)
+                .send()
+                .await
+                .expect("get object")
+                .body
+                .collect()
+                .await
+                .expect("read body")
+                .into_bytes();
+            let rel = key.strip_prefix(prefix).unwrap_or(&key).to_owned();
+            out.push((rel.clone(), decode(&rel, &body)));
+        }
+    }
+    out.sort();
+    out
+}
