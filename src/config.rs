@@ -37,6 +37,71 @@ pub struct Config {
     pub batch: BatchConfig,
     pub geoip: GeoipConfig,
     pub pipeline: PipelineConfig,
+    pub source: SourceConfig,
+    pub server: ServerConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourceConfig {
+    pub sqs: Option<SqsConfig>,
+    /// The only buckets (and key prefixes) workers may fetch from.
+    pub buckets: Vec<BucketConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SqsConfig {
+    pub queue_url: String,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub wait_time_secs: i32,
+    pub max_messages: i32,
+    pub visibility_timeout_secs: i32,
+    pub max_files_in_flight: usize,
+}
+
+impl Default for SqsConfig {
+    fn default() -> Self {
+        SqsConfig {
+            queue_url: String::new(),
+            region: None,
+            endpoint_url: None,
+            wait_time_secs: 20,
+            max_messages: 10,
+            visibility_timeout_secs: 300,
+            max_files_in_flight: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BucketConfig {
+    pub name: String,
+    /// Key prefixes allowed in this bucket; empty = any key.
+    pub prefixes: Vec<String>,
+    pub region: Option<String>,
+    /// An IAM role to assume (STS) for reading this bucket.
+    pub role_arn: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub force_path_style: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "0.0.0.0:9090".into(),
+            shutdown_grace_secs: 25,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -264,10 +329,69 @@ impl Config {
                 "must be between 64 KiB and 64 MiB",
             ));
         }
+        if let Some(sqs) = &self.source.sqs {
+            if !sqs.queue_url.starts_with("http") {
+                return Err(invalid(
+                    "source.sqs.queue_url",
+                    "must be the queue's https:// URL",
+                ));
+            }
+            if !(0..=20).contains(&sqs.wait_time_secs) {
+                return Err(invalid(
+                    "source.sqs.wait_time_secs",
+                    "must be 0..=20 (SQS long polling)",
+                ));
+            }
+            if !(1..=10).contains(&sqs.max_messages) {
+                return Err(invalid("source.sqs.max_messages", "must be 1..=10"));
+            }
+            if !(10..=43_200).contains(&sqs.visibility_timeout_secs) {
+                return Err(invalid(
+                    "source.sqs.visibility_timeout_secs",
+                    "must be 10..=43200",
+                ));
+            }
+            if sqs.max_files_in_flight == 0 {
+                return Err(invalid(
+                    "source.sqs.max_files_in_flight",
+                    "must be at least 1",
+                ));
+            }
+        }
+        for b in &self.source.buckets {
+            if b.name.is_empty() || b.name.contains('/') {
+                return Err(invalid(
+                    "source.buckets.name",
+                    format!("{:?} is not a bucket name", b.name),
+                ));
+            }
+        }
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "server.listen",
+                format!("{:?} is not an address:port", self.server.listen),
+            ));
+        }
         if self.geoip.cache_entries == 0 {
             return Err(invalid("geoip.cache_entries", "must be at least 1"));
         }
         Ok(())
+    }
+
+    /// The SQS settings `run` needs, checked.
+    pub fn sqs(&self) -> Result<&SqsConfig, ConfigError> {
+        let sqs = self
+            .source
+            .sqs
+            .as_ref()
+            .ok_or_else(|| invalid("source.sqs", "`run` needs a [source.sqs] section"))?;
+        if self.source.buckets.is_empty() {
+            return Err(invalid(
+                "source.buckets",
+                "list at least one [[source.buckets]]: workers only fetch from allowed buckets",
+            ));
+        }
+        Ok(sqs)
     }
 
     pub fn output_url(&self) -> Result<OutputUrl, ConfigError> {
@@ -385,6 +509,22 @@ mod tests {
         assert!(err("[output]\nurl = \"ftp://x\"\n").contains("output.url"));
         assert!(err("[output.s3]\nstorage_class = \"COLD\"\n").contains("output.s3.storage_class"));
         assert!(err("[output]\nerror_prefix = \"year=\"\n").contains("output.error_prefix"));
+        assert!(err("[source.sqs]\nqueue_url = \"q\"\n").contains("source.sqs.queue_url"));
+        assert!(
+            err("[source.sqs]\nqueue_url = \"http://x/q\"\nmax_messages = 11\n")
+                .contains("source.sqs.max_messages")
+        );
+        assert!(err("[[source.buckets]]\nname = \"a/b\"\n").contains("source.buckets.name"));
+        assert!(err("[[source.buckets]]\nname = \"a\"\nbogus = 1\n").contains("bogus"));
+        assert!(err("[server]\nlisten = \"nowhere\"\n").contains("server.listen"));
+        let no_buckets = Config::parse("[source.sqs]\nqueue_url = \"http://x/q\"\n").unwrap();
+        assert!(
+            no_buckets
+                .sqs()
+                .unwrap_err()
+                .to_string()
+                .contains("source.buckets")
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! objects out. Modules follow the data: `source` → `fetch` → `cloudtrail` (split) → `enrich` →
 //! `sink` (partition, batch, encode, write), wired in `pipeline`, watched by `metrics`.
 
+pub mod ack;
 pub mod bench;
 pub mod clock;
 pub mod cloudtrail;

@@ -270,6 +270,25 @@ impl InternalEvent for FileUnreadable<'_> {
     }
 }
 
+/// The source failed while a file was read: it will be tried again.
+pub struct FileSourceFailed<'a> {
+    pub source: &'a str,
+    pub detail: &'a str,
+}
+
+impl InternalEvent for FileSourceFailed<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            "reading the input failed, it will be retried: {}",
+            self.detail
+        );
+        let m = &*METRICS;
+        m.files.with_label_values(&["retry"]).inc();
+        m.errors.with_label_values(&["fetch", "read_error"]).inc();
+    }
+}
+
 /// A file named `.gz` that is not gzip: read by its content, and noted in the error output.
 pub struct NotGzipDespiteName<'a> {
     pub source: &'a str,

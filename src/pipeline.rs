@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
+use crate::ack::Hold;
 use crate::clock::Utc;
 use crate::cloudtrail::{self, FileErrorReason, Item, Kind as SplitKind};
 use crate::config::{Config, ConfigError, OutputUrl};
@@ -41,6 +42,7 @@ pub enum PipelineError {
 /// replayed; a rejected record is kept whole.
 #[derive(Serialize)]
 struct ErrorRecord<'a> {
+    /// Set when the record is buffered.
     time: String,
     source: &'a str,
     stage: &'static str,
@@ -52,6 +54,21 @@ struct ErrorRecord<'a> {
     index: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     record: Option<&'a RawValue>,
+}
+
+impl<'a> ErrorRecord<'a> {
+    fn new(source: &'a str, stage: &'static str, reason: &'a str, detail: &'a str) -> Self {
+        ErrorRecord {
+            time: String::new(),
+            source,
+            stage,
+            reason,
+            detail,
+            events_kept: None,
+            index: None,
+            record: None,
+        }
+    }
 }
 
 /// What one worker saw, summed into the run summary.
@@ -88,7 +105,17 @@ pub struct FileWorker {
     error_prefix: String,
     max_event_bytes: usize,
     key: String,
+    /// The notification of the file being processed, while it is processed.
+    hold: Option<Hold>,
     pub tally: Tally,
+}
+
+/// Whether a file is done with (its events and errors are buffered) or must be tried again
+/// because its source failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileOutcome {
+    Handled,
+    Retry,
 }
 
 impl FileWorker {
@@ -106,19 +133,45 @@ impl FileWorker {
             error_prefix: cfg.output.error_prefix.clone(),
             max_event_bytes: cfg.max_event_bytes(),
             key: String::new(),
+            hold: None,
             tally: Tally::default(),
         }
     }
 
     /// Splits, enriches and buffers one file. `source` names it (path or s3:// URL) in logs and
-    /// error records; `reader` yields its stored bytes.
-    pub fn process(&mut self, source: &str, reader: impl Read, out: &mut impl FnMut(Sealed)) {
+    /// error records; `reader` yields its stored bytes; `hold` is its notification's share,
+    /// committed here once every record is buffered (the buffers hold their own shares), or
+    /// failed when the source itself broke so that the notification is delivered again.
+    pub fn process(
+        &mut self,
+        source: &str,
+        reader: impl Read,
+        hold: Option<Hold>,
+        out: &mut impl FnMut(Sealed),
+    ) -> FileOutcome {
+        self.hold = hold;
+        let outcome = self.process_inner(source, reader, out);
+        if let Some(h) = self.hold.take() {
+            match outcome {
+                FileOutcome::Handled => h.commit(),
+                FileOutcome::Retry => h.fail(),
+            }
+        }
+        outcome
+    }
+
+    fn process_inner(
+        &mut self,
+        source: &str,
+        reader: impl Read,
+        out: &mut impl FnMut(Sealed),
+    ) -> FileOutcome {
         let started = Instant::now();
         self.tally.files += 1;
         if is_digest_name(source) {
             self.tally.digests += 1;
             metrics::emit(DigestSkipped { source });
-            return;
+            return FileOutcome::Handled;
         }
         let stored = Cell::new(0u64);
         let decoded = fetch::decode(CountingReader {
@@ -129,35 +182,28 @@ impl FileWorker {
             Ok(d) => d,
             Err(e) => {
                 let err = cloudtrail::read_error(&e);
+                if err.reason == FileErrorReason::Read {
+                    return self.source_failed(source, &err.detail);
+                }
                 self.file_failed(source, err.reason, &err.detail, (0, 0, 0), started, out);
-                return;
+                return FileOutcome::Handled;
             }
         };
         if encoding == Encoding::Plain && fetch::named_gzip(source) {
             metrics::emit(NotGzipDespiteName { source });
-            self.error_record(
-                out,
-                ErrorRecord {
-                    time: Utc::now().rfc3339(),
-                    source,
-                    stage: "fetch",
-                    reason: "not_gzip",
-                    detail: "the file is named .gz but is not gzip; its events were read as plain JSON and kept",
-                    events_kept: None,
-                    index: None,
-                    record: None,
-                },
-            );
+            let detail = "the file is named .gz but is not gzip; its events were read as plain JSON and kept";
+            self.error_record(out, ErrorRecord::new(source, "fetch", "not_gzip", detail));
         }
 
         let mut fallback = 0u64;
         let mut rejected: Vec<(u64, Vec<u8>)> = Vec::new();
         let report = {
-            let (partitioner, key, geo, events) = (
+            let (partitioner, key, geo, events, hold) = (
                 &self.partitioner,
                 &mut self.key,
                 &mut self.geo,
                 &mut self.events,
+                self.hold.as_ref(),
             );
             cloudtrail::split(decoded, self.max_event_bytes, |item| match item {
                 Item::Event { raw, head } => {
@@ -167,7 +213,7 @@ impl FileWorker {
                     let geo = geo
                         .as_mut()
                         .and_then(|g| g.lookup(head.source_ip.as_deref()));
-                    let sealed = events.append(key, |buf| match geo {
+                    let sealed = events.append(key, hold, |buf| match geo {
                         Some(g) => encode_event(buf, raw, &[g]),
                         None => encode_event(buf, raw, &[]),
                     });
@@ -185,18 +231,13 @@ impl FileWorker {
                 index: *index,
                 reason: "not_an_object",
             });
-            let record = serde_json::from_slice::<&RawValue>(raw).ok();
+            let detail = "a Records entry is not a JSON object; the file's other entries were kept";
             self.error_record(
                 out,
                 ErrorRecord {
-                    time: Utc::now().rfc3339(),
-                    source,
-                    stage: "split",
-                    reason: "not_an_object",
-                    detail: "a Records entry is not a JSON object; the file's other entries were kept",
-                    events_kept: None,
                     index: Some(*index),
-                    record,
+                    record: serde_json::from_slice::<&RawValue>(raw).ok(),
+                    ..ErrorRecord::new(source, "split", "not_an_object", detail)
                 },
             );
         }
@@ -217,6 +258,9 @@ impl FileWorker {
                 self.tally.digests += 1;
                 metrics::emit(DigestSkipped { source });
             }
+            Err(e) if e.reason == FileErrorReason::Read => {
+                return self.source_failed(source, &e.detail);
+            }
             Err(e) => {
                 let detail = if report.events > 0 {
                     format!(
@@ -230,6 +274,16 @@ impl FileWorker {
                 self.file_failed(source, e.reason, &detail, counts, started, out);
             }
         }
+        FileOutcome::Handled
+    }
+
+    /// The source broke mid-read (not the file's fault): nothing is routed to the error output,
+    /// the file is tried again. Events already buffered stay; their notification is not
+    /// acknowledged, so a retry may repeat them (at-least-once).
+    fn source_failed(&mut self, source: &str, detail: &str) -> FileOutcome {
+        self.tally.failed_files += 1;
+        metrics::emit(FileSourceFailed { source, detail });
+        FileOutcome::Retry
     }
 
     /// `counts`: events kept, stored bytes, decoded bytes.
@@ -255,26 +309,21 @@ impl FileWorker {
         self.error_record(
             out,
             ErrorRecord {
-                time: Utc::now().rfc3339(),
-                source,
-                stage: "split",
-                reason: reason.as_str(),
-                detail,
                 events_kept: Some(events_kept),
-                index: None,
-                record: None,
+                ..ErrorRecord::new(source, "split", reason.as_str(), detail)
             },
         );
     }
 
-    fn error_record(&mut self, out: &mut impl FnMut(Sealed), rec: ErrorRecord<'_>) {
+    fn error_record(&mut self, out: &mut impl FnMut(Sealed), mut rec: ErrorRecord<'_>) {
         self.tally.error_records += 1;
         let now = Utc::now();
+        rec.time = now.rfc3339();
         let partition = format!(
             "{}year={:04}/month={:02}/day={:02}/",
             self.error_prefix, now.year, now.month, now.day
         );
-        let sealed = self.errors.append(&partition, |buf| {
+        let sealed = self.errors.append(&partition, self.hold.as_ref(), |buf| {
             // Serializing plain strings and valid raw JSON into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *buf, &rec);
             buf.push(b'\n');
@@ -453,7 +502,9 @@ pub async fn process(cfg: &Config, inputs: &[PathBuf]) -> Result<Summary, Pipeli
                 for path in rx {
                     let source = path.display().to_string();
                     match std::fs::File::open(&path) {
-                        Ok(f) => worker.process(&source, f, &mut out),
+                        Ok(f) => {
+                            worker.process(&source, f, None, &mut out);
+                        }
                         Err(e) => {
                             worker.tally.files += 1;
                             worker.tally.failed_files += 1;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use super::encode::{Encoder, Part};
+use crate::ack::{Hold, Holds};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -41,6 +42,8 @@ pub struct Sealed {
     pub parts: Vec<Part>,
     pub records: u64,
     pub bytes: u64,
+    /// The notifications whose records this batch holds; committed once it is written.
+    pub holds: Holds,
 }
 
 struct Buffer {
@@ -49,6 +52,7 @@ struct Buffer {
     records: u64,
     bytes: u64,
     opened: Instant,
+    holds: Holds,
 }
 
 pub struct Batcher {
@@ -68,9 +72,15 @@ impl Batcher {
         }
     }
 
-    /// Appends one record to `partition`'s buffer: `write` appends the record's bytes. Returns
-    /// the sealed batch when this record filled the buffer.
-    pub fn append(&mut self, partition: &str, write: impl FnOnce(&mut Vec<u8>)) -> Option<Sealed> {
+    /// Appends one record to `partition`'s buffer: `write` appends the record's bytes, `hold`
+    /// is the notification it came from, if any. Returns the sealed batch when this record
+    /// filled the buffer.
+    pub fn append(
+        &mut self,
+        partition: &str,
+        hold: Option<&Hold>,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) -> Option<Sealed> {
         let limits = self.limits;
         let buf = match self.buffers.get_mut(partition) {
             Some(b) => b,
@@ -83,8 +93,12 @@ impl Batcher {
                     records: 0,
                     bytes: 0,
                     opened: Instant::now(),
+                    holds: Holds::default(),
                 }),
         };
+        if let Some(h) = hold {
+            buf.holds.add(h);
+        }
         let before = buf.staging.len();
         write(&mut buf.staging);
         buf.records += 1;
@@ -139,6 +153,7 @@ impl Batcher {
             parts: buf.parts,
             records: buf.records,
             bytes: buf.bytes,
+            holds: buf.holds,
         })
     }
 }
@@ -179,9 +194,17 @@ mod tests {
     #[test]
     fn seals_at_the_record_limit_per_partition() {
         let mut b = batcher(2, 1 << 20, 1 << 20);
-        assert!(b.append("p1/", |o| o.extend_from_slice(b"a\n")).is_none());
-        assert!(b.append("p2/", |o| o.extend_from_slice(b"x\n")).is_none());
-        let s = b.append("p1/", |o| o.extend_from_slice(b"b\n")).unwrap();
+        assert!(
+            b.append("p1/", None, |o| o.extend_from_slice(b"a\n"))
+                .is_none()
+        );
+        assert!(
+            b.append("p2/", None, |o| o.extend_from_slice(b"x\n"))
+                .is_none()
+        );
+        let s = b
+            .append("p1/", None, |o| o.extend_from_slice(b"b\n"))
+            .unwrap();
         assert_eq!((s.partition.as_str(), s.records, s.bytes), ("p1/", 2, 4));
         assert_eq!(text(s), "a\nb\n");
         assert_eq!(b.open_buffers(), 1);
@@ -193,8 +216,13 @@ mod tests {
     #[test]
     fn seals_at_the_byte_limit_and_chunks_in_between() {
         let mut b = batcher(1000, 10, 4);
-        assert!(b.append("p/", |o| o.extend_from_slice(b"aaaa\n")).is_none());
-        let s = b.append("p/", |o| o.extend_from_slice(b"bbbbb\n")).unwrap();
+        assert!(
+            b.append("p/", None, |o| o.extend_from_slice(b"aaaa\n"))
+                .is_none()
+        );
+        let s = b
+            .append("p/", None, |o| o.extend_from_slice(b"bbbbb\n"))
+            .unwrap();
         assert_eq!(
             s.parts.len(),
             2,
@@ -204,9 +232,29 @@ mod tests {
     }
 
     #[test]
+    fn sealed_batches_carry_one_hold_per_notification() {
+        let mut b = batcher(3, 1 << 20, 1 << 20);
+        let (h1, mut r1) = Hold::new();
+        let (h2, mut r2) = Hold::new();
+        b.append("p/", Some(&h1), |o| o.push(b'a'));
+        b.append("p/", Some(&h1), |o| o.push(b'b'));
+        let s = b.append("p/", Some(&h2), |o| o.push(b'c')).unwrap();
+        assert_eq!(s.holds.len(), 2);
+        h1.commit();
+        h2.commit();
+        assert!(
+            r1.try_recv().is_err(),
+            "not settled before the batch is written"
+        );
+        s.holds.commit();
+        assert_eq!(r1.try_recv(), Ok(true));
+        assert_eq!(r2.try_recv(), Ok(true));
+    }
+
+    #[test]
     fn seals_by_age() {
         let mut b = batcher(1000, 1 << 20, 1 << 20);
-        b.append("p/", |o| o.push(b'a'));
+        b.append("p/", None, |o| o.push(b'a'));
         let now = Instant::now();
         assert!(b.seal_expired(now).is_empty());
         assert!(b.next_deadline().unwrap() > now);

@@ -389,6 +389,7 @@ async fn write_sealed(
     let started = Instant::now();
     match store.put(&key, body, compression.content_type()).await {
         Ok(()) => {
+            sealed.holds.commit();
             metrics::emit(ObjectWritten {
                 target: &store.describe(&key),
                 kind: sealed.kind,

@@ -1,3 +1,4 @@
 //! Sources: where the list of delivery files to process comes from.
 
 pub mod local;
+pub mod notification;
