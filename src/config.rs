@@ -345,10 +345,10 @@ impl Config {
             if !(1..=10).contains(&sqs.max_messages) {
                 return Err(invalid("source.sqs.max_messages", "must be 1..=10"));
             }
-            if !(10..=43_200).contains(&sqs.visibility_timeout_secs) {
+            if !(1..=43_200).contains(&sqs.visibility_timeout_secs) {
                 return Err(invalid(
                     "source.sqs.visibility_timeout_secs",
-                    "must be 10..=43200",
+                    "must be 1..=43200",
                 ));
             }
             if sqs.max_files_in_flight == 0 {

@@ -1,9 +1,17 @@
 //! Turns the bytes of one delivery file into a decoded stream: gzip is detected by its magic
 //! bytes, never by the file name.
 
+use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read};
+use std::time::Instant;
 
+use bytes::Bytes;
 use flate2::bufread::MultiGzDecoder;
+
+use crate::config::BucketConfig;
+use crate::metrics::{self, S3Request};
+use crate::retry::Backoff;
+use crate::source::notification::{Allowlist, ObjectRef};
 
 /// How the file's bytes were encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +47,139 @@ pub fn decode<'a, R: Read + 'a>(source: R) -> io::Result<(Encoding, Box<dyn Read
     } else {
         Ok((Encoding::Plain, Box::new(buffered)))
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("s3://{bucket}/{key} is outside the allowed buckets and prefixes")]
+    NotAllowed { bucket: String, key: String },
+    #[error("fetching s3://{bucket}/{key}: {message}")]
+    S3 {
+        bucket: String,
+        key: String,
+        message: String,
+        retryable: bool,
+    },
+}
+
+/// Reads delivery files from the allowed buckets only, each bucket with its own region and
+/// optional role, separate from the credentials used for the queue and the output.
+pub struct S3Fetcher {
+    clients: HashMap<String, aws_sdk_s3::Client>,
+    allow: Allowlist,
+    backoff: Backoff,
+}
+
+impl S3Fetcher {
+    pub async fn new(buckets: &[BucketConfig]) -> S3Fetcher {
+        let mut clients = HashMap::new();
+        for b in buckets {
+            if clients.contains_key(&b.name) {
+                continue;
+            }
+            let client = bucket_client(b).await;
+            clients.insert(b.name.clone(), client);
+        }
+        let allow = Allowlist::new(buckets.iter().map(|b| (b.name.clone(), b.prefixes.clone())));
+        S3Fetcher {
+            clients,
+            allow,
+            backoff: Backoff::default(),
+        }
+    }
+
+    pub fn allowlist(&self) -> &Allowlist {
+        &self.allow
+    }
+
+    /// The whole stored object. Compressed delivery files are small (CloudTrail caps them at a
+    /// few tens of MB), and a complete download separates network failures (retried) from bad
+    /// content (sent to the error output).
+    pub async fn get(&self, obj: &ObjectRef) -> Result<Bytes, FetchError> {
+        let client = match self.clients.get(&obj.bucket) {
+            Some(c) if self.allow.allows(obj) => c,
+            _ => {
+                return Err(FetchError::NotAllowed {
+                    bucket: obj.bucket.clone(),
+                    key: obj.key.clone(),
+                });
+            }
+        };
+        self.backoff
+            .run(
+                || get_once(client, obj),
+                |e| {
+                    matches!(
+                        e,
+                        FetchError::S3 {
+                            retryable: true,
+                            ..
+                        }
+                    )
+                },
+            )
+            .await
+    }
+}
+
+async fn get_once(client: &aws_sdk_s3::Client, obj: &ObjectRef) -> Result<Bytes, FetchError> {
+    let started = Instant::now();
+    let fail = |message: String, retryable: bool| FetchError::S3 {
+        bucket: obj.bucket.clone(),
+        key: obj.key.clone(),
+        message,
+        retryable,
+    };
+    let resp = client
+        .get_object()
+        .bucket(&obj.bucket)
+        .key(&obj.key)
+        .send()
+        .await;
+    metrics::emit(S3Request {
+        operation: "get_object",
+        ok: resp.is_ok(),
+        elapsed: started.elapsed(),
+    });
+    let resp = resp.map_err(|e| {
+        let status = e.raw_response().map(|r| r.status().as_u16());
+        // Missing objects and denied access do not get better by asking again soon.
+        let retryable = !matches!(status, Some(400..=404));
+        fail(crate::sink::write::sdk_message(&e), retryable)
+    })?;
+    let body = resp
+        .body
+        .collect()
+        .await
+        .map_err(|e| fail(format!("reading the body: {e}"), true))?;
+    Ok(body.into_bytes())
+}
+
+async fn bucket_client(b: &BucketConfig) -> aws_sdk_s3::Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(r) = &b.region {
+        loader = loader.region(aws_config::Region::new(r.clone()));
+    }
+    if let Some(e) = &b.endpoint_url {
+        loader = loader.endpoint_url(e);
+    }
+    let mut shared = loader.load().await;
+    if let Some(role) = &b.role_arn {
+        let provider = aws_config::sts::AssumeRoleProvider::builder(role.clone())
+            .session_name("trailhose")
+            .configure(&shared)
+            .build()
+            .await;
+        shared = shared
+            .into_builder()
+            .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(provider))
+            .build();
+    }
+    let conf = aws_sdk_s3::config::Builder::from(&shared)
+        .force_path_style(b.force_path_style)
+        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(4))
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
 }
 
 struct SourceReader<R>(R);

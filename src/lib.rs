@@ -11,6 +11,8 @@ pub mod enrich;
 pub mod fetch;
 pub mod metrics;
 pub mod pipeline;
+pub mod retry;
+pub mod server;
 pub mod sink;
 pub mod source;
 pub mod synth;

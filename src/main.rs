@@ -56,6 +56,13 @@ enum Command {
         #[arg(long)]
         metrics_file: Option<PathBuf>,
     },
+    /// Service mode: share CloudTrail notifications from SQS with other workers, fetch from
+    /// S3, write to the output, acknowledge only what is written. Stops cleanly on SIGTERM.
+    Run {
+        /// TOML configuration file (needs [source.sqs] and [[source.buckets]]).
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Validate a configuration file; errors name the bad key.
     CheckConfig { file: PathBuf },
     /// Measure throughput on generated CloudTrail data: codec floor vs. the pipeline.
@@ -84,6 +91,26 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("signal received");
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -135,6 +162,20 @@ fn run(command: Command) -> anyhow::Result<()> {
                     summary.written.failures[0]
                 );
             }
+            Ok(())
+        }
+        Command::Run { config } => {
+            let cfg = Config::load(&config)?;
+            let report = runtime()?.block_on(async {
+                trailhose::pipeline::service::run(&cfg, shutdown_signal()).await
+            })?;
+            tracing::info!(
+                files = report.tally.files,
+                events_in = report.tally.events_in,
+                events_out = report.written.event_records,
+                clean = report.clean,
+                "stopped"
+            );
             Ok(())
         }
         Command::CheckConfig { file } => {

@@ -6,8 +6,8 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::cloudtrail::FileErrorReason;
@@ -38,6 +38,13 @@ pub struct Metrics {
     objects: IntCounterVec,
     put_seconds: HistogramVec,
     file_seconds: Histogram,
+    s3_request_seconds: HistogramVec,
+    notifications: IntCounterVec,
+    messages_deleted: IntCounter,
+    messages_refused: IntCounterVec,
+    messages_in_flight: IntGauge,
+    visibility_extensions: IntCounter,
+    lag_seconds: Histogram,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -83,7 +90,64 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     r.register(Box::new(file_seconds.clone()))
         .expect("metric registered once");
+    let s3_request_seconds = HistogramVec::new(
+        HistogramOpts::new(
+            "trailhose_s3_request_seconds",
+            "S3 request latency by operation and outcome.",
+        )
+        .buckets(vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]),
+        &["operation", "outcome"],
+    )
+    .expect("valid metric");
+    r.register(Box::new(s3_request_seconds.clone()))
+        .expect("metric registered once");
+    let lag_seconds = Histogram::with_opts(
+        HistogramOpts::new(
+            "trailhose_end_to_end_lag_seconds",
+            "Age of events (now - eventTime) when their file was processed.",
+        )
+        .buckets(vec![
+            30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+        ]),
+    )
+    .expect("valid metric");
+    r.register(Box::new(lag_seconds.clone()))
+        .expect("metric registered once");
+    let messages_in_flight = IntGauge::new(
+        "trailhose_sqs_messages_in_flight",
+        "SQS messages being worked on.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(messages_in_flight.clone()))
+        .expect("metric registered once");
     Metrics {
+        s3_request_seconds,
+        lag_seconds,
+        messages_in_flight,
+        notifications: counter_vec(
+            &r,
+            "trailhose_notifications_total",
+            "Notifications received, by shape and result (files, ignored, refused, garbage).",
+            &["shape", "result"],
+        ),
+        messages_deleted: counter(
+            &r,
+            "trailhose_sqs_messages_deleted_total",
+            "SQS messages deleted after all their records were written.",
+        ),
+        messages_refused: counter_vec(
+            &r,
+            "trailhose_sqs_messages_refused_total",
+            "SQS messages left for the queue's redrive policy (DLQ), by reason.",
+            &["reason"],
+        ),
+        visibility_extensions: counter(
+            &r,
+            "trailhose_sqs_visibility_extensions_total",
+            "Visibility timeout extensions of in-flight messages.",
+        ),
         files: counter_vec(
             &r,
             "trailhose_files_total",
@@ -425,6 +489,172 @@ impl InternalEvent for ObjectWriteFailed<'_> {
             .errors
             .with_label_values(&["write", "put_failed"])
             .inc();
+    }
+}
+
+// ---- service ------------------------------------------------------------------------------
+
+/// One S3 request made by trailhose itself (outside the output writer's own timing).
+pub struct S3Request {
+    pub operation: &'static str,
+    pub ok: bool,
+    pub elapsed: Duration,
+}
+
+impl InternalEvent for S3Request {
+    fn emit(self) {
+        METRICS
+            .s3_request_seconds
+            .with_label_values(&[self.operation, if self.ok { "ok" } else { "error" }])
+            .observe(self.elapsed.as_secs_f64());
+    }
+}
+
+/// A notification was understood: it names files, or is to be ignored.
+pub struct NotificationReceived<'a> {
+    pub shape: &'a str,
+    pub result: &'a str,
+}
+
+impl InternalEvent for NotificationReceived<'_> {
+    fn emit(self) {
+        tracing::debug!(shape = self.shape, result = self.result, "notification");
+        METRICS
+            .notifications
+            .with_label_values(&[self.shape, self.result])
+            .inc();
+    }
+}
+
+/// A message that is left for the queue's redrive policy: garbage, or a bucket outside the
+/// allowlist. Its body is never logged (it may be large or sensitive).
+pub struct MessageRefused<'a> {
+    pub message_id: &'a str,
+    pub reason: &'a str,
+    pub detail: &'a str,
+}
+
+impl InternalEvent for MessageRefused<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            message_id = self.message_id,
+            reason = self.reason,
+            "notification refused, left for the queue's redrive policy: {}",
+            self.detail
+        );
+        METRICS
+            .messages_refused
+            .with_label_values(&[self.reason])
+            .inc();
+        METRICS
+            .notifications
+            .with_label_values(&["unknown", "refused"])
+            .inc();
+    }
+}
+
+/// A file named by a notification could not be fetched; the message will come back.
+pub struct FetchFailed<'a> {
+    pub message_id: &'a str,
+    pub error: &'a dyn std::error::Error,
+}
+
+impl InternalEvent for FetchFailed<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            message_id = self.message_id,
+            "fetch failed, the message will be redelivered: {}",
+            self.error
+        );
+        METRICS.errors.with_label_values(&["fetch", "s3_get"]).inc();
+    }
+}
+
+/// Every record of a message is written: the message was deleted.
+pub struct MessageDeleted;
+
+impl InternalEvent for MessageDeleted {
+    fn emit(self) {
+        METRICS.messages_deleted.inc();
+    }
+}
+
+/// A message's work failed; it stays on the queue and comes back after its visibility timeout.
+pub struct MessageAbandoned<'a> {
+    pub message_id: &'a str,
+}
+
+impl InternalEvent for MessageAbandoned<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            message_id = self.message_id,
+            "message not acknowledged; it will be redelivered"
+        );
+        METRICS
+            .errors
+            .with_label_values(&["ack", "abandoned"])
+            .inc();
+    }
+}
+
+/// An SQS call failed (receive, delete, visibility change).
+pub struct SqsCallFailed<'a> {
+    pub operation: &'static str,
+    pub error: &'a str,
+}
+
+impl InternalEvent for SqsCallFailed<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            operation = self.operation,
+            "SQS call failed: {}",
+            self.error
+        );
+        METRICS
+            .errors
+            .with_label_values(&["sqs", self.operation])
+            .inc();
+    }
+}
+
+pub struct VisibilityExtended;
+
+impl InternalEvent for VisibilityExtended {
+    fn emit(self) {
+        METRICS.visibility_extensions.inc();
+    }
+}
+
+/// Messages in flight changed by `delta`.
+pub struct MessagesInFlight(pub i64);
+
+impl InternalEvent for MessagesInFlight {
+    fn emit(self) {
+        METRICS.messages_in_flight.add(self.0);
+    }
+}
+
+/// End-to-end lag (now − eventTime) of each event, kept per worker thread without atomics
+/// and published once per file by `flush`.
+pub struct LagRecorder(prometheus::local::LocalHistogram);
+
+impl LagRecorder {
+    pub fn new() -> LagRecorder {
+        LagRecorder(METRICS.lag_seconds.local())
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        self.0.observe(seconds);
+    }
+
+    pub fn flush(&self) {
+        self.0.flush();
+    }
+}
+
+impl Default for LagRecorder {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -199,14 +199,16 @@ impl Partitioner {
         }
     }
 
-    /// Writes the event's partition into `out` (cleared first). Returns false when the event
-    /// went to the fallback partition because its time was missing or malformed.
-    pub fn key_for(&self, head: &Head<'_>, out: &mut String) -> bool {
+    /// Writes the event's partition into `out` (cleared first) and returns how it was routed.
+    pub fn key_for(&self, head: &Head<'_>, out: &mut String) -> Routed {
         out.clear();
         let time = head.event_time.as_deref().and_then(Utc::parse_rfc3339);
         if self.uses_time && time.is_none() {
             out.push_str(&self.fallback);
-            return false;
+            return Routed {
+                fallback: true,
+                time,
+            };
         }
         let value = |f: Field| -> &str {
             let v = match f {
@@ -219,8 +221,20 @@ impl Partitioner {
             v.as_deref().unwrap_or("unknown")
         };
         self.template.render_into(out, value, time);
-        true
+        Routed {
+            fallback: false,
+            time,
+        }
     }
+}
+
+/// How one event was routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Routed {
+    /// It went to the fallback partition (its time was missing or malformed).
+    pub fallback: bool,
+    /// Its `eventTime`, when well-formed.
+    pub time: Option<Utc>,
 }
 
 #[cfg(test)]
@@ -242,8 +256,8 @@ mod tests {
     fn key(template: &str, h: &Head<'_>) -> (String, bool) {
         let p = Partitioner::new(KeyTemplate::parse(template).unwrap(), DEFAULT_FALLBACK);
         let mut out = String::new();
-        let ok = p.key_for(h, &mut out);
-        (out, ok)
+        let routed = p.key_for(h, &mut out);
+        (out, !routed.fallback)
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! Wiring: files are split, enriched and buffered on worker threads (`FileWorker`); sealed
-//! batches are compressed on the encoder pool and written by the async uploader.
+//! batches are compressed on the encoder pool and written by the async uploader. `process` (here)
+//! reads local files; `service` is the SQS-driven production mode.
+
+pub mod service;
 
 use std::cell::Cell;
 use std::io::Read;
@@ -82,7 +85,7 @@ pub struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, o: Tally) {
+    pub fn add(&mut self, o: Tally) {
         self.files += o.files;
         self.digests += o.digests;
         self.failed_files += o.failed_files;
@@ -107,6 +110,7 @@ pub struct FileWorker {
     key: String,
     /// The notification of the file being processed, while it is processed.
     hold: Option<Hold>,
+    lag: LagRecorder,
     pub tally: Tally,
 }
 
@@ -134,6 +138,7 @@ impl FileWorker {
             max_event_bytes: cfg.max_event_bytes(),
             key: String::new(),
             hold: None,
+            lag: LagRecorder::new(),
             tally: Tally::default(),
         }
     }
@@ -198,17 +203,21 @@ impl FileWorker {
         let mut fallback = 0u64;
         let mut rejected: Vec<(u64, Vec<u8>)> = Vec::new();
         let report = {
-            let (partitioner, key, geo, events, hold) = (
+            let (partitioner, key, geo, events, hold, lag) = (
                 &self.partitioner,
                 &mut self.key,
                 &mut self.geo,
                 &mut self.events,
                 self.hold.as_ref(),
+                &self.lag,
             );
+            let now = Utc::now().to_unix();
             cloudtrail::split(decoded, self.max_event_bytes, |item| match item {
                 Item::Event { raw, head } => {
-                    if !partitioner.key_for(&head, key) {
-                        fallback += 1;
+                    let routed = partitioner.key_for(&head, key);
+                    fallback += u64::from(routed.fallback);
+                    if let Some(t) = routed.time {
+                        lag.observe((now - t.to_unix()) as f64);
                     }
                     let geo = geo
                         .as_mut()
@@ -245,6 +254,7 @@ impl FileWorker {
             metrics::emit(GeoLookups(g.take_stats()));
         }
         metrics::emit(FallbackPartitioned { events: fallback });
+        self.lag.flush();
         self.tally.events_in += report.events;
         match report.result {
             Ok(SplitKind::Events) => metrics::emit(FileProcessed {
@@ -331,6 +341,14 @@ impl FileWorker {
         if let Some(s) = sealed {
             out(s);
         }
+    }
+
+    /// When the oldest open buffer must be sealed.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        [self.events.next_deadline(), self.errors.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Seals buffers that reached their age limit.

@@ -1,0 +1,558 @@
+//! End to end: `trailhose run` workers on a real moto_server — S3 buckets, an SQS queue with a
+//! DLQ redrive policy, every notification shape — stopped with SIGTERM or SIGKILL.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::QueueAttributeName;
+use common::checks::{check_fixture_output, fixture_dbs, id_of, split_output};
+use common::{Moto, TempDir, eventually, fixtures, free_port, http_get, s3_objects, upload_tree};
+
+const DAY: &str = "AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18";
+
+struct Queues {
+    url: String,
+    dlq_url: String,
+}
+
+async fn make_queues(sqs: &aws_sdk_sqs::Client, name: &str, max_receive: u32) -> Queues {
+    let dlq_url = sqs
+        .create_queue()
+        .queue_name(format!("{name}-dlq"))
+        .send()
+        .await
+        .expect("create dlq")
+        .queue_url
+        .expect("dlq url");
+    let dlq_arn = sqs
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .expect("dlq attrs")
+        .attributes
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .expect("dlq arn");
+    let url = sqs
+        .create_queue()
+        .queue_name(name)
+        .attributes(
+            QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receive}"}}"#),
+        )
+        .send()
+        .await
+        .expect("create queue")
+        .queue_url
+        .expect("queue url");
+    Queues { url, dlq_url }
+}
+
+async fn depth(sqs: &aws_sdk_sqs::Client, url: &str) -> (u64, u64) {
+    let attrs = sqs
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::All)
+        .send()
+        .await
+        .expect("attrs")
+        .attributes
+        .unwrap_or_default();
+    let get = |k: QueueAttributeName| attrs.get(&k).and_then(|v| v.parse().ok()).unwrap_or(0);
+    (
+        get(QueueAttributeName::ApproximateNumberOfMessages),
+        get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+    )
+}
+
+async fn send(sqs: &aws_sdk_sqs::Client, url: &str, body: &str) {
+    sqs.send_message()
+        .queue_url(url)
+        .message_body(body)
+        .send()
+        .await
+        .expect("send");
+}
+
+fn sns(message: &str) -> String {
+    serde_json::json!({
+        "Type": "Notification",
+        "MessageId": "5b2c3f0e-0000-4000-8000-000000000001",
+        "TopicArn": "arn:aws:sns:us-east-1:111122223333:cloudtrail-topic",
+        "Message": message,
+        "Timestamp": "2024-03-18T14:20:00.000Z",
+        "SignatureVersion": "1"
+    })
+    .to_string()
+}
+
+fn cloudtrail(bucket: &str, keys: &[&str]) -> String {
+    serde_json::json!({"s3Bucket": bucket, "s3ObjectKey": keys}).to_string()
+}
+
+fn s3_event(bucket: &str, encoded_key: &str) -> String {
+    serde_json::json!({"Records": [{
+        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
+        "eventTime": "2024-03-18T14:20:00.000Z", "eventName": "ObjectCreated:Put",
+        "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket, "arn": format!("arn:aws:s3:::{bucket}")},
+               "object": {"key": encoded_key, "size": 100}}
+    }]})
+    .to_string()
+}
+
+fn eventbridge(bucket: &str, key: &str) -> String {
+    serde_json::json!({
+        "version": "0", "id": "17793124-05d4-b198-2fde-7ededc63b103", "detail-type": "Object Created",
+        "source": "aws.s3", "account": "111122223333", "time": "2024-03-18T14:20:00Z", "region": "us-east-1",
+        "resources": [format!("arn:aws:s3:::{bucket}")],
+        "detail": {"version": "0", "bucket": {"name": bucket}, "object": {"key": key, "size": 100}, "reason": "PutObject"}
+    })
+    .to_string()
+}
+
+fn write_config(dir: &Path, moto: &Moto, queue_url: &str, port: u16, extra: &str) -> String {
+    let (city, asn) = fixture_dbs(dir);
+    let path = dir.join("run.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[output]
+url = "s3://trail-out/ct/"
+[output.s3]
+endpoint_url = "{ep}"
+force_path_style = true
+[batch]
+max_age_secs = 1
+[geoip]
+city_db = "{city}"
+asn_db = "{asn}"
+[source.sqs]
+queue_url = "{queue_url}"
+endpoint_url = "{ep}"
+wait_time_secs = 1
+visibility_timeout_secs = 3
+max_files_in_flight = 4
+[[source.buckets]]
+name = "trail-logs"
+endpoint_url = "{ep}"
+force_path_style = true
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_grace_secs = 20
+{extra}"#,
+            ep = moto.endpoint
+        ),
+    )
+    .expect("config");
+    path.display().to_string()
+}
+
+fn start_worker(moto: &Moto, config: &str, log: &Path) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
+    cmd.args(["run", "--config", config])
+        .env("TRAILHOSE_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"));
+    for (k, v) in moto.env() {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("start trailhose run")
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig}");
+}
+
+/// Waits for the child to exit within `secs`; returns whether it exited successfully.
+fn wait_exit(child: &mut Child, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.success();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "worker did not exit within {secs}s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Uploads the fixture set to `trail-logs` and announces every file, in every notification
+/// shape, plus messages that must be refused. Returns what the fixtures expect.
+async fn upload_and_announce(moto: &Moto, tmp: &Path, queue_url: &str) -> fixtures::Expected {
+    let s3 = moto.s3();
+    let sqs = moto.sqs();
+    for b in ["trail-logs", "trail-out", "someone-elses-bucket"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    let input = tmp.join("in");
+    let exp = fixtures::write_all(&input);
+    // The plain .json file is stored under a key with a space and a plus, so the S3 event
+    // carries a form-encoded key.
+    std::fs::rename(
+        input.join(format!("{DAY}/plain.json")),
+        input.join(format!("{DAY}/plain copy+1.json")),
+    )
+    .expect("rename");
+    upload_tree(&s3, "trail-logs", &input).await;
+    s3.put_object()
+        .bucket("someone-elses-bucket")
+        .key("secret.json.gz")
+        .body(fixtures::gzip(br#"{"Records":[{"eventID":"must-never-be-read"}]}"#).into())
+        .send()
+        .await
+        .expect("foreign object");
+
+    let file1 = format!("{DAY}/111122223333_CloudTrail_us-east-1_20240318T1410Z_fileone.json.gz");
+    let org = "AWSLogs/o-abc123def4/444455556666/CloudTrail/eu-west-1/2024/03/18/444455556666_CloudTrail_eu-west-1_20240318T1525Z_org.json.gz";
+    let insight = "AWSLogs/111122223333/CloudTrail-Insight/us-east-1/2024/03/18/111122223333_CloudTrail-Insight_us-east-1_20240318T1400Z_ins.json.gz";
+    let digest = "AWSLogs/111122223333/CloudTrail-Digest/us-east-1/2024/03/18/111122223333_CloudTrail-Digest_us-east-1_trail_us-east-1_20240318T150000Z.json.gz";
+    let by_content = format!("{DAY}/digest-by-content.json.gz");
+    let bad: Vec<String> = [
+        "no-records",
+        "records-not-array",
+        "empty-object",
+        "not-json",
+        "empty",
+        "corrupt",
+        "truncated",
+        "not-gzip",
+    ]
+    .iter()
+    .map(|n| format!("bad/{n}.json.gz"))
+    .collect();
+    let bad_refs: Vec<&str> = bad.iter().map(String::as_str).collect();
+
+    send(
+        &sqs,
+        queue_url,
+        &sns(&cloudtrail("trail-logs", &[&file1, org])),
+    )
+    .await;
+    send(
+        &sqs,
+        queue_url,
+        &cloudtrail("trail-logs", &[insight, digest, &by_content]),
+    )
+    .await;
+    send(&sqs, queue_url, &cloudtrail("trail-logs", &bad_refs)).await;
+    let plain_encoded = format!("{}/plain+copy%2B1.json", DAY.replace('/', "%2F"));
+    send(&sqs, queue_url, &s3_event("trail-logs", &plain_encoded)).await;
+    send(
+        &sqs,
+        queue_url,
+        &sns(&s3_event("trail-logs", &format!("{DAY}/pretty.json.gz"))),
+    )
+    .await;
+    send(
+        &sqs,
+        queue_url,
+        &eventbridge("trail-logs", "bad/mixed-records.json.gz"),
+    )
+    .await;
+    send(&sqs, queue_url, r#"{"Service":"Amazon S3","Event":"s3:TestEvent","Time":"2024-03-18T14:00:00.000Z","Bucket":"trail-logs","RequestId":"X","HostId":"Y"}"#).await;
+    send(&sqs, queue_url, &cloudtrail("trail-logs", &[digest])).await;
+    // Refused: a bucket outside the allowlist, and garbage. Both must end in the DLQ.
+    send(
+        &sqs,
+        queue_url,
+        &cloudtrail("someone-elses-bucket", &["secret.json.gz"]),
+    )
+    .await;
+    send(&sqs, queue_url, "\u{1}not a notification at all").await;
+    exp
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_processes_every_notification_shape_acks_and_refuses_then_stops_on_sigterm() {
+    let moto = Moto::start();
+    let sqs = moto.sqs();
+    let q = make_queues(&sqs, "trail-work", 2).await;
+    let tmp = TempDir::new("service");
+    let exp = upload_and_announce(&moto, tmp.path(), &q.url).await;
+    let port = free_port();
+    let config = write_config(tmp.path(), &moto, &q.url, port, "");
+    let log = tmp.path().join("worker.log");
+    let mut worker = start_worker(&moto, &config, &log);
+
+    eventually(30, "/healthz", || async {
+        http_get(port, "/healthz").is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    let (status, body) = http_get(port, "/readyz").expect("readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("queue: ok") && body.contains("output: ok"),
+        "{body}"
+    );
+
+    // The queue drains; the two refused messages reach the DLQ through the redrive policy.
+    eventually(
+        90,
+        "the queue to drain and the DLQ to hold the refused messages",
+        || async { depth(&sqs, &q.url).await == (0, 0) && depth(&sqs, &q.dlq_url).await.0 == 2 },
+    )
+    .await;
+    let s3 = moto.s3();
+    eventually(20, "every event to be written", || async {
+        let objects = s3_objects(&s3, "trail-out", "ct/").await;
+        split_output(&objects).events.len() >= exp.events.len() + exp.pretty_ids.len()
+    })
+    .await;
+
+    let (_, metrics) = http_get(port, "/metrics").expect("metrics");
+    signal(&worker, "-TERM");
+    assert!(
+        wait_exit(&mut worker, 25),
+        "clean exit on SIGTERM; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    let objects = s3_objects(&s3, "trail-out", "ct/").await;
+    check_fixture_output(&exp, &objects);
+
+    let dlq = sqs
+        .receive_message()
+        .queue_url(&q.dlq_url)
+        .max_number_of_messages(10)
+        .send()
+        .await
+        .expect("dlq")
+        .messages
+        .unwrap_or_default();
+    let bodies: Vec<String> = dlq.iter().filter_map(|m| m.body.clone()).collect();
+    assert!(
+        bodies.iter().any(|b| b.contains("someone-elses-bucket")),
+        "{bodies:?}"
+    );
+    assert!(
+        bodies.iter().any(|b| b.contains("not a notification")),
+        "{bodies:?}"
+    );
+
+    for needle in [
+        "trailhose_notifications_total{result=\"files\",shape=\"cloudtrail_sns\"}",
+        "trailhose_notifications_total{result=\"files\",shape=\"s3_event\"}",
+        "trailhose_notifications_total{result=\"files\",shape=\"s3_event_in_sns\"}",
+        "trailhose_notifications_total{result=\"files\",shape=\"eventbridge\"}",
+        "trailhose_notifications_total{result=\"s3_test_event\",shape=\"s3_test_event\"}",
+        "trailhose_notifications_total{result=\"digest_only\",shape=\"cloudtrail_raw\"}",
+        "trailhose_sqs_messages_refused_total{reason=\"bucket_not_allowed\"}",
+        "trailhose_sqs_messages_refused_total{reason=\"not_json\"}",
+        "trailhose_sqs_messages_deleted_total",
+        "trailhose_s3_request_seconds_bucket",
+        "trailhose_end_to_end_lag_seconds_bucket",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "/metrics lacks {needle}:\n{metrics}"
+        );
+    }
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log_text.contains("shutdown complete"), "{log_text}");
+    assert!(!log_text.contains("testing"), "no credential in logs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_a_queue_and_a_killed_worker_loses_nothing() {
+    let moto = Moto::start();
+    let sqs = moto.sqs();
+    let s3 = moto.s3();
+    let q = make_queues(&sqs, "shared-work", 5).await;
+    for b in ["trail-logs", "trail-out"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    let tmp = TempDir::new("service-share");
+    // 40 files of generated events, one notification each.
+    let mut expected = Vec::new();
+    for i in 0..40u64 {
+        let json = trailhose::synth::Generator::new(100 + i).delivery_file(150_000);
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        expected.extend(
+            v["Records"]
+                .as_array()
+                .expect("records")
+                .iter()
+                .map(|r| r["eventID"].as_str().expect("id").to_owned()),
+        );
+        let key = format!("{DAY}/gen-{i:03}.json.gz");
+        s3.put_object()
+            .bucket("trail-logs")
+            .key(&key)
+            .body(fixtures::gzip(&json).into())
+            .send()
+            .await
+            .expect("put");
+        send(&sqs, &q.url, &cloudtrail("trail-logs", &[&key])).await;
+    }
+    expected.sort();
+
+    let (pa, pb) = (free_port(), free_port());
+    let dir_a = tmp.path().join("a");
+    let dir_b = tmp.path().join("b");
+    std::fs::create_dir_all(&dir_a).expect("a");
+    std::fs::create_dir_all(&dir_b).expect("b");
+    let cfg_a = write_config(&dir_a, &moto, &q.url, pa, "");
+    let cfg_b = write_config(&dir_b, &moto, &q.url, pb, "");
+    let mut a = start_worker(&moto, &cfg_a, &dir_a.join("log"));
+    let mut b = start_worker(&moto, &cfg_b, &dir_b.join("log"));
+
+    // Kill worker A without warning as soon as it has deleted some messages.
+    eventually(60, "worker A to acknowledge work", || async {
+        http_get(pa, "/metrics").is_some_and(|(_, m)| {
+            m.lines()
+                .find(|l| l.starts_with("trailhose_sqs_messages_deleted_total "))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .is_some_and(|n| n >= 1.0)
+        })
+    })
+    .await;
+    signal(&a, "-KILL");
+    let _ = a.wait();
+    // Restart it: together with B it finishes the queue, including A's unacknowledged messages
+    // once their visibility timeout passes.
+    let mut a2 = start_worker(&moto, &cfg_a, &dir_a.join("log2"));
+    eventually(120, "the queue to drain", || async {
+        depth(&sqs, &q.url).await == (0, 0)
+    })
+    .await;
+    signal(&a2, "-TERM");
+    signal(&b, "-TERM");
+    assert!(wait_exit(&mut a2, 25));
+    assert!(wait_exit(&mut b, 25));
+
+    let objects = s3_objects(&s3, "trail-out", "ct/").await;
+    let mut got: Vec<String> = split_output(&objects)
+        .events
+        .iter()
+        .map(|(_, l)| id_of(l))
+        .collect();
+    got.sort();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in &got {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|id| !counts.contains_key(id.as_str()))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} events lost, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    let duplicates = got.len() - counts.len();
+    eprintln!(
+        "SIGKILL test: {} events expected, {} written, {duplicates} duplicates (files in flight at the kill)",
+        expected.len(),
+        got.len()
+    );
+    assert_eq!(counts.len(), expected.len(), "no unexpected events");
+    assert_eq!(depth(&sqs, &q.dlq_url).await.0, 0, "nothing dead-lettered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_are_acknowledged_only_after_their_records_are_written() {
+    let moto = Moto::start();
+    let sqs = moto.sqs();
+    let s3 = moto.s3();
+    let q = make_queues(&sqs, "outage-work", 50).await;
+    for b in ["trail-logs", "trail-out"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    let tmp = TempDir::new("service-outage");
+    let port = free_port();
+    let config = write_config(tmp.path(), &moto, &q.url, port, "");
+    let log = tmp.path().join("worker.log");
+    let mut worker = start_worker(&moto, &config, &log);
+    eventually(30, "/healthz", || async {
+        http_get(port, "/healthz").is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+
+    // The output disappears after start-up: every put now fails.
+    s3.delete_bucket()
+        .bucket("trail-out")
+        .send()
+        .await
+        .expect("delete output bucket");
+    let mut expected = Vec::new();
+    for i in 0..5u64 {
+        let json = trailhose::synth::Generator::new(500 + i).delivery_file(50_000);
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        expected.extend(
+            v["Records"]
+                .as_array()
+                .expect("records")
+                .iter()
+                .map(|r| r["eventID"].as_str().expect("id").to_owned()),
+        );
+        let key = format!("{DAY}/outage-{i}.json.gz");
+        s3.put_object()
+            .bucket("trail-logs")
+            .key(&key)
+            .body(fixtures::gzip(&json).into())
+            .send()
+            .await
+            .expect("put");
+        send(&sqs, &q.url, &cloudtrail("trail-logs", &[&key])).await;
+    }
+    expected.sort();
+    let metric = |name: &'static str| {
+        let text = http_get(port, "/metrics")
+            .map(|(_, m)| m)
+            .unwrap_or_default();
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    eventually(30, "a failed put", || async {
+        metric("trailhose_errors_total{reason=\"put_failed\"") >= 1.0
+    })
+    .await;
+    // Longer than the visibility timeout: redelivered messages fail again, none is deleted.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        metric("trailhose_sqs_messages_deleted_total "),
+        0.0,
+        "nothing acknowledged while nothing is written"
+    );
+    let (visible, invisible) = depth(&sqs, &q.url).await;
+    assert_eq!(visible + invisible, 5, "every message still on the queue");
+
+    // The output comes back: the redelivered messages are processed and acknowledged.
+    s3.create_bucket()
+        .bucket("trail-out")
+        .send()
+        .await
+        .expect("recreate output bucket");
+    eventually(60, "the queue to drain", || async {
+        depth(&sqs, &q.url).await == (0, 0)
+    })
+    .await;
+    signal(&worker, "-TERM");
+    assert!(wait_exit(&mut worker, 25));
+    let objects = s3_objects(&s3, "trail-out", "ct/").await;
+    let mut got: Vec<String> = split_output(&objects)
+        .events
+        .iter()
+        .map(|(_, l)| id_of(l))
+        .collect();
+    got.sort();
+    got.dedup();
+    assert_eq!(got, expected, "every event arrives once the output is back");
+    assert_eq!(depth(&sqs, &q.dlq_url).await.0, 0);
+}
