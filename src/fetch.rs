@@ -142,10 +142,8 @@ async fn get_once(client: &aws_sdk_s3::Client, obj: &ObjectRef) -> Result<Bytes,
         elapsed: started.elapsed(),
     });
     let resp = resp.map_err(|e| {
-        let status = e.raw_response().map(|r| r.status().as_u16());
-        // Missing objects and denied access do not get better by asking again soon.
-        let retryable = !matches!(status, Some(400..=404));
-        fail(crate::sink::write::sdk_message(&e), retryable)
+        let (message, retryable) = crate::sink::write::failure(&e);
+        fail(message, retryable)
     })?;
     let body = resp
         .body

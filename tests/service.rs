@@ -115,7 +115,7 @@ fn eventbridge(bucket: &str, key: &str) -> String {
     .to_string()
 }
 
-fn write_config(dir: &Path, moto: &Moto, queue_url: &str, port: u16, extra: &str) -> String {
+fn write_config(dir: &Path, moto: &Moto, queue_url: &str, port: u16, max_age_secs: u64) -> String {
     let (city, asn) = fixture_dbs(dir);
     let path = dir.join("run.toml");
     std::fs::write(
@@ -127,7 +127,7 @@ url = "s3://trail-out/ct/"
 endpoint_url = "{ep}"
 force_path_style = true
 [batch]
-max_age_secs = 1
+max_age_secs = {max_age_secs}
 [geoip]
 city_db = "{city}"
 asn_db = "{asn}"
@@ -144,7 +144,7 @@ force_path_style = true
 [server]
 listen = "127.0.0.1:{port}"
 shutdown_grace_secs = 20
-{extra}"#,
+"#,
             ep = moto.endpoint
         ),
     )
@@ -282,7 +282,7 @@ async fn worker_processes_every_notification_shape_acks_and_refuses_then_stops_o
     let tmp = TempDir::new("service");
     let exp = upload_and_announce(&moto, tmp.path(), &q.url).await;
     let port = free_port();
-    let config = write_config(tmp.path(), &moto, &q.url, port, "");
+    let config = write_config(tmp.path(), &moto, &q.url, port, 1);
     let log = tmp.path().join("worker.log");
     let mut worker = start_worker(&moto, &config, &log);
 
@@ -403,8 +403,8 @@ async fn two_workers_share_a_queue_and_a_killed_worker_loses_nothing() {
     let dir_b = tmp.path().join("b");
     std::fs::create_dir_all(&dir_a).expect("a");
     std::fs::create_dir_all(&dir_b).expect("b");
-    let cfg_a = write_config(&dir_a, &moto, &q.url, pa, "");
-    let cfg_b = write_config(&dir_b, &moto, &q.url, pb, "");
+    let cfg_a = write_config(&dir_a, &moto, &q.url, pa, 1);
+    let cfg_b = write_config(&dir_b, &moto, &q.url, pb, 1);
     let mut a = start_worker(&moto, &cfg_a, &dir_a.join("log"));
     let mut b = start_worker(&moto, &cfg_b, &dir_b.join("log"));
 
@@ -474,7 +474,7 @@ async fn messages_are_acknowledged_only_after_their_records_are_written() {
     }
     let tmp = TempDir::new("service-outage");
     let port = free_port();
-    let config = write_config(tmp.path(), &moto, &q.url, port, "");
+    let config = write_config(tmp.path(), &moto, &q.url, port, 1);
     let log = tmp.path().join("worker.log");
     let mut worker = start_worker(&moto, &config, &log);
     eventually(30, "/healthz", || async {
@@ -555,4 +555,75 @@ async fn messages_are_acknowledged_only_after_their_records_are_written() {
     got.dedup();
     assert_eq!(got, expected, "every event arrives once the output is back");
     assert_eq!(depth(&sqs, &q.dlq_url).await.0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_flushes_open_buffers_and_acknowledges_within_the_grace_period() {
+    let moto = Moto::start();
+    let sqs = moto.sqs();
+    let s3 = moto.s3();
+    let q = make_queues(&sqs, "term-work", 5).await;
+    for b in ["trail-logs", "trail-out"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    let tmp = TempDir::new("service-term");
+    let mut expected = Vec::new();
+    for i in 0..6u64 {
+        let json = trailhose::synth::Generator::new(900 + i).delivery_file(40_000);
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        expected.extend(
+            v["Records"]
+                .as_array()
+                .expect("records")
+                .iter()
+                .map(|r| r["eventID"].as_str().expect("id").to_owned()),
+        );
+        let key = format!("{DAY}/term-{i}.json.gz");
+        s3.put_object()
+            .bucket("trail-logs")
+            .key(&key)
+            .body(fixtures::gzip(&json).into())
+            .send()
+            .await
+            .expect("put");
+        send(&sqs, &q.url, &cloudtrail("trail-logs", &[&key])).await;
+    }
+    expected.sort();
+    let port = free_port();
+    // Buffers would wait five minutes to flush by age: only the shutdown can flush them.
+    let config = write_config(tmp.path(), &moto, &q.url, port, 300);
+    let log = tmp.path().join("worker.log");
+    let mut worker = start_worker(&moto, &config, &log);
+    eventually(30, "every file to be read", || async {
+        http_get(port, "/metrics")
+            .is_some_and(|(_, m)| m.contains("trailhose_files_total{outcome=\"ok\"} 6"))
+    })
+    .await;
+    assert!(
+        s3_objects(&s3, "trail-out", "ct/").await.is_empty(),
+        "nothing written before the shutdown"
+    );
+    let (v, nv) = depth(&sqs, &q.url).await;
+    assert_eq!(v + nv, 6, "nothing acknowledged before the shutdown");
+
+    let started = Instant::now();
+    signal(&worker, "-TERM");
+    assert!(wait_exit(&mut worker, 20), "exit 0 within the grace period");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(
+        depth(&sqs, &q.url).await,
+        (0, 0),
+        "every message acknowledged on the way out"
+    );
+    let objects = s3_objects(&s3, "trail-out", "ct/").await;
+    let mut got: Vec<String> = split_output(&objects)
+        .events
+        .iter()
+        .map(|(_, l)| id_of(l))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got, expected,
+        "every buffered event was flushed exactly once"
+    );
 }

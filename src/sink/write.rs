@@ -16,6 +16,7 @@ use super::batch::{Kind, Sealed};
 use super::encode::Compression;
 use crate::clock::Utc;
 use crate::metrics::{self, ObjectWriteFailed, ObjectWritten};
+use crate::retry::Backoff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
@@ -30,6 +31,7 @@ pub enum WriteError {
         bucket: String,
         key: String,
         message: String,
+        retryable: bool,
     },
     #[error("object {0}: a compressed part was lost (the encoder stopped)")]
     PartLost(String),
@@ -95,6 +97,7 @@ impl Store {
                     bucket: bucket.clone(),
                     key: String::new(),
                     message: format!("the output bucket is not reachable: {}", sdk_message(&e)),
+                    retryable: false,
                 }),
         }
     }
@@ -130,10 +133,11 @@ impl Store {
                 } else {
                     put_single(client, bucket, &full, body, content_type, options).await
                 };
-                res.map_err(|message| WriteError::S3 {
+                res.map_err(|(message, retryable)| WriteError::S3 {
                     bucket: bucket.clone(),
                     key: full,
                     message,
+                    retryable,
                 })
             }
         }
@@ -198,7 +202,7 @@ async fn put_single(
     body: Bytes,
     content_type: &str,
     o: &S3Options,
-) -> Result<(), String> {
+) -> Result<(), (String, bool)> {
     let mut req = client
         .put_object()
         .bucket(bucket)
@@ -213,7 +217,20 @@ async fn put_single(
     if let Some(class) = &o.storage_class {
         req = req.storage_class(class.clone());
     }
-    req.send().await.map(|_| ()).map_err(|e| sdk_message(&e))
+    req.send().await.map(|_| ()).map_err(|e| failure(&e))
+}
+
+/// The message and whether asking again may help: throttling, 5xx and transport failures may
+/// pass; a missing bucket or denied access will not.
+pub fn failure<E>(e: &aws_sdk_s3::error::SdkError<E>) -> (String, bool)
+where
+    E: std::error::Error + aws_sdk_s3::error::ProvideErrorMetadata + 'static,
+{
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    (
+        sdk_message(e),
+        !matches!(status, Some(400..=499)) || status == Some(429),
+    )
 }
 
 async fn put_multipart(
@@ -223,7 +240,7 @@ async fn put_multipart(
     body: Bytes,
     content_type: &str,
     o: &S3Options,
-) -> Result<(), String> {
+) -> Result<(), (String, bool)> {
     let mut req = client
         .create_multipart_upload()
         .bucket(bucket)
@@ -237,10 +254,10 @@ async fn put_multipart(
     if let Some(class) = &o.storage_class {
         req = req.storage_class(class.clone());
     }
-    let created = req.send().await.map_err(|e| sdk_message(&e))?;
+    let created = req.send().await.map_err(|e| failure(&e))?;
     let upload_id = created
         .upload_id()
-        .ok_or("S3 returned no upload id")?
+        .ok_or_else(|| ("S3 returned no upload id".to_owned(), true))?
         .to_owned();
     let result = async {
         let mut parts = Vec::new();
@@ -256,7 +273,7 @@ async fn put_multipart(
                 .body(ByteStream::from(body.slice_ref(chunk)))
                 .send()
                 .await
-                .map_err(|e| sdk_message(&e))?;
+                .map_err(|e| failure(&e))?;
             parts.push(
                 CompletedPart::builder()
                     .part_number(n)
@@ -276,8 +293,8 @@ async fn put_multipart(
             )
             .send()
             .await
-            .map_err(|e| sdk_message(&e))?;
-        Ok::<(), String>(())
+            .map_err(|e| failure(&e))?;
+        Ok::<(), (String, bool)>(())
     }
     .await;
     if result.is_err() {
@@ -387,7 +404,21 @@ async fn write_sealed(
     let body = body.freeze();
     let len = body.len() as u64;
     let started = Instant::now();
-    match store.put(&key, body, compression.content_type()).await {
+    let put = Backoff::default()
+        .run(
+            || store.put(&key, body.clone(), compression.content_type()),
+            |e| {
+                matches!(
+                    e,
+                    WriteError::S3 {
+                        retryable: true,
+                        ..
+                    }
+                )
+            },
+        )
+        .await;
+    match put {
         Ok(()) => {
             sealed.holds.commit();
             metrics::emit(ObjectWritten {
