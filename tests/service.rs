@@ -116,6 +116,25 @@ fn eventbridge(bucket: &str, key: &str) -> String {
 }
 
 fn write_config(dir: &Path, moto: &Moto, queue_url: &str, port: u16, max_age_secs: u64) -> String {
+    write_config_via(
+        dir,
+        &moto.endpoint,
+        &moto.endpoint,
+        queue_url,
+        port,
+        max_age_secs,
+    )
+}
+
+/// `s3_ep` is where both the input and the output buckets are reached (moto, or a proxy).
+fn write_config_via(
+    dir: &Path,
+    s3_ep: &str,
+    sqs_ep: &str,
+    queue_url: &str,
+    port: u16,
+    max_age_secs: u64,
+) -> String {
     let (city, asn) = fixture_dbs(dir);
     let path = dir.join("run.toml");
     std::fs::write(
@@ -124,7 +143,7 @@ fn write_config(dir: &Path, moto: &Moto, queue_url: &str, port: u16, max_age_sec
             r#"[output]
 url = "s3://trail-out/ct/"
 [output.s3]
-endpoint_url = "{ep}"
+endpoint_url = "{s3_ep}"
 force_path_style = true
 [batch]
 max_age_secs = {max_age_secs}
@@ -133,19 +152,18 @@ city_db = "{city}"
 asn_db = "{asn}"
 [source.sqs]
 queue_url = "{queue_url}"
-endpoint_url = "{ep}"
+endpoint_url = "{sqs_ep}"
 wait_time_secs = 1
 visibility_timeout_secs = 3
 max_files_in_flight = 4
 [[source.buckets]]
 name = "trail-logs"
-endpoint_url = "{ep}"
+endpoint_url = "{s3_ep}"
 force_path_style = true
 [server]
 listen = "127.0.0.1:{port}"
 shutdown_grace_secs = 20
-"#,
-            ep = moto.endpoint
+"#
         ),
     )
     .expect("config");
@@ -626,4 +644,83 @@ async fn sigterm_mid_run_flushes_open_buffers_and_acknowledges_within_the_grace_
         got, expected,
         "every buffered event was flushed exactly once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_errors_throttling_and_slow_responses_cost_retries_not_events() {
+    let moto = Moto::start();
+    let sqs = moto.sqs();
+    let s3 = moto.s3();
+    let q = make_queues(&sqs, "fault-work", 20).await;
+    for b in ["trail-logs", "trail-out"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    let tmp = TempDir::new("service-faults");
+    let mut expected = Vec::new();
+    for i in 0..12u64 {
+        let json = trailhose::synth::Generator::new(700 + i).delivery_file(60_000);
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        expected.extend(
+            v["Records"]
+                .as_array()
+                .expect("records")
+                .iter()
+                .map(|r| r["eventID"].as_str().expect("id").to_owned()),
+        );
+        let key = format!("{DAY}/fault-{i:02}.json.gz");
+        s3.put_object()
+            .bucket("trail-logs")
+            .key(&key)
+            .body(fixtures::gzip(&json).into())
+            .send()
+            .await
+            .expect("put");
+        send(&sqs, &q.url, &cloudtrail("trail-logs", &[&key])).await;
+    }
+    expected.sort();
+    // Every S3 request of the worker (fetches, puts, the start-up check) goes through the proxy.
+    let proxy = common::faults::FaultProxy::start(
+        moto.port,
+        common::faults::Plan {
+            fail_every: 3,
+            slow_every: 4,
+            delay: Duration::from_millis(1500),
+        },
+    );
+    let port = free_port();
+    let config = write_config_via(
+        tmp.path(),
+        &proxy.endpoint(),
+        &moto.endpoint,
+        &q.url,
+        port,
+        1,
+    );
+    let log = tmp.path().join("worker.log");
+    let mut worker = start_worker(&moto, &config, &log);
+    eventually(120, "the queue to drain", || async {
+        depth(&sqs, &q.url).await == (0, 0)
+    })
+    .await;
+    signal(&worker, "-TERM");
+    assert!(
+        wait_exit(&mut worker, 25),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+
+    let injected = proxy.injected.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(injected >= 5, "the proxy injected faults ({injected})");
+    let objects = s3_objects(&s3, "trail-out", "ct/").await;
+    let mut got: Vec<String> = split_output(&objects)
+        .events
+        .iter()
+        .map(|(_, l)| id_of(l))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got, expected,
+        "every event exactly once despite {injected} injected faults"
+    );
+    assert_eq!(depth(&sqs, &q.dlq_url).await.0, 0, "nothing dead-lettered");
 }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod checks;
+pub mod faults;
 pub mod fixtures;
 pub mod mmdb;
 
@@ -18,6 +19,7 @@ use aws_sdk_s3::config::{Credentials, Region};
 pub struct Moto {
     child: Child,
     pub endpoint: String,
+    pub port: u16,
 }
 
 pub fn free_port() -> u16 {
@@ -58,6 +60,7 @@ impl Moto {
         Moto {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
+            port,
         }
     }
 
