@@ -2,6 +2,7 @@
 //! batches are compressed on the encoder pool and written by the async uploader. `process` (here)
 //! reads local files; `service` is the SQS-driven production mode.
 
+pub mod engine;
 pub mod service;
 
 use std::cell::Cell;
@@ -12,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 
 use crate::ack::Hold;
 use crate::clock::Utc;
@@ -24,7 +24,7 @@ use crate::metrics::{self, *};
 use crate::sink::batch::{Batcher, Kind, Sealed};
 use crate::sink::encode::{Encoder, encode_event};
 use crate::sink::partition::Partitioner;
-use crate::sink::write::{self, S3Options, Store, WriteError, Written};
+use crate::sink::write::{S3Options, Store, WriteError, Written};
 use crate::source::local::{self, SourceError};
 
 #[derive(Debug, thiserror::Error)]
@@ -490,73 +490,20 @@ pub async fn process(cfg: &Config, inputs: &[PathBuf]) -> Result<Summary, Pipeli
     store.check().await?;
     let output = store.describe("");
 
-    let encoder = Encoder::new(codec, cfg.compression_threads());
     let workers = cfg.workers().min(files.len().max(1));
-    let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(workers * 2);
-    let uploader = tokio::spawn(write::run_uploader(
-        store.clone(),
-        codec.kind,
-        sealed_rx,
-        cfg.output.s3.max_concurrent_puts,
-    ));
-
-    let (file_tx, file_rx) = crossbeam_channel::unbounded::<PathBuf>();
-    for f in files {
-        let _ = file_tx.send(f);
-    }
-    drop(file_tx);
-    let mut handles = Vec::new();
-    for i in 0..workers {
-        let mut worker = FileWorker::new(cfg, &geo, partitioner.clone(), &encoder);
-        let rx = file_rx.clone();
-        let tx = sealed_tx.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("worker-{i}"))
-            .spawn(move || {
-                // A closed channel means the uploader is gone; the run then fails on its result.
-                let mut out = |s: Sealed| {
-                    let _ = tx.blocking_send(s);
-                };
-                for path in rx {
-                    let source = path.display().to_string();
-                    match std::fs::File::open(&path) {
-                        Ok(f) => {
-                            worker.process(&source, f, None, &mut out);
-                        }
-                        Err(e) => {
-                            worker.tally.files += 1;
-                            worker.tally.failed_files += 1;
-                            metrics::emit(FileUnreadable {
-                                source: &source,
-                                error: &e,
-                            });
-                        }
-                    }
-                    worker.seal_expired(&mut out);
-                }
-                worker.seal_all(&mut out);
-                worker.tally
-            })
-            .map_err(|e| PipelineError::Worker(e.to_string()))?;
-        handles.push(handle);
-    }
-    drop(sealed_tx);
-    drop(encoder);
-    let tally = tokio::task::spawn_blocking(move || {
-        let mut total = Tally::default();
-        for h in handles {
-            match h.join() {
-                Ok(t) => total.add(t),
-                Err(_) => return Err(PipelineError::Worker("a worker panicked".into())),
-            }
+    let engine = engine::Engine::start(cfg, &geo, partitioner, store, codec, workers, workers * 2)?;
+    let submitter = engine.submitter();
+    for path in files {
+        let source = path.display().to_string();
+        if !submitter
+            .submit(source, engine::Input::Path(path), None)
+            .await
+        {
+            return Err(PipelineError::Worker("the workers stopped".into()));
         }
-        Ok(total)
-    })
-    .await
-    .map_err(|e| PipelineError::Worker(e.to_string()))??;
-    let written = uploader
-        .await
-        .map_err(|e| PipelineError::Worker(e.to_string()))?;
+    }
+    drop(submitter);
+    let (tally, written) = engine.finish().await?;
     Ok(Summary {
         tally,
         written,

@@ -16,31 +16,19 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use crossbeam_channel::RecvTimeoutError;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use super::{FileWorker, PipelineError, Tally, open_geo, open_store};
+use super::engine::{Engine, Input, Submitter};
+use super::{PipelineError, Tally, open_geo, open_store};
 use crate::ack::Hold;
 use crate::config::Config;
 use crate::fetch::S3Fetcher;
 use crate::metrics::{self, *};
 use crate::server::{self, Check};
-use crate::sink::batch::Sealed;
-use crate::sink::encode::Encoder;
-use crate::sink::write::{self, Written};
+use crate::sink::write::Written;
 use crate::source::notification::{self, Notification, is_digest_key};
 use crate::source::sqs::{Received, Sqs};
-
-/// A fetched file on its way to a worker.
-struct FileJob {
-    source: String,
-    bytes: Bytes,
-    hold: Hold,
-    /// Released when the worker is done with the file: bounds files in memory.
-    _permit: OwnedSemaphorePermit,
-}
 
 /// What a service run did, for its last log line.
 #[derive(Debug)]
@@ -53,7 +41,6 @@ pub struct ServiceReport {
 struct Shared {
     sqs: Sqs,
     fetcher: S3Fetcher,
-    file_permits: Arc<Semaphore>,
 }
 
 /// Runs until `shutdown` resolves, then stops receiving, flushes every buffer, deletes what is
@@ -73,7 +60,6 @@ pub async fn run(
     let shared = Arc::new(Shared {
         sqs: Sqs::new(&sqs_cfg).await,
         fetcher: S3Fetcher::new(&cfg.source.buckets).await,
-        file_permits: Arc::new(Semaphore::new(sqs_cfg.max_files_in_flight)),
     });
 
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
@@ -98,30 +84,16 @@ pub async fn run(
     ];
     let server = tokio::spawn(server::serve(listener, Arc::new(checks)));
 
-    let encoder = Encoder::new(codec, cfg.compression_threads());
-    let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(cfg.workers() * 2);
-    let uploader = tokio::spawn(write::run_uploader(
+    let engine = Engine::start(
+        cfg,
+        &geo,
+        partitioner,
         store.clone(),
-        codec.kind,
-        sealed_rx,
-        cfg.output.s3.max_concurrent_puts,
-    ));
-
-    let (files_tx, files_rx) = crossbeam_channel::unbounded::<FileJob>();
-    let mut workers = Vec::new();
-    for i in 0..cfg.workers() {
-        let mut worker = FileWorker::new(cfg, &geo, partitioner.clone(), &encoder);
-        let rx = files_rx.clone();
-        let tx = sealed_tx.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("worker-{i}"))
-            .spawn(move || worker_loop(&mut worker, &rx, &tx))
-            .map_err(|e| PipelineError::Worker(e.to_string()))?;
-        workers.push(handle);
-    }
-    drop(files_rx);
-    drop(sealed_tx);
-    drop(encoder);
+        codec,
+        cfg.workers(),
+        sqs_cfg.max_files_in_flight,
+    )?;
+    let files = engine.submitter();
 
     // Every message task holds a clone of `dispatching` until it has handed on all its files.
     let (dispatching, mut dispatched) = mpsc::channel::<()>(1);
@@ -151,7 +123,7 @@ pub async fn run(
                         break;
                     };
                     let task =
-                        handle_message(shared.clone(), msg, files_tx.clone(), dispatching.clone());
+                        handle_message(shared.clone(), msg, files.clone(), dispatching.clone());
                     messages.spawn(async move {
                         task.await;
                         drop(slot);
@@ -176,28 +148,18 @@ pub async fn run(
     let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
     let deadline = Instant::now() + grace;
     drop(dispatching);
-    drop(files_tx);
+    drop(files);
     let drained = tokio::time::timeout(grace, async {
         while dispatched.recv().await.is_some() {}
-        let tally = tokio::task::spawn_blocking(move || {
-            let mut total = Tally::default();
-            for h in workers {
-                if let Ok(t) = h.join() {
-                    total.add(t);
-                }
-            }
-            total
-        })
-        .await
-        .unwrap_or_default();
-        let written = uploader.await.unwrap_or_default();
+        let finished = engine.finish().await;
         while messages.join_next().await.is_some() {}
-        (tally, written)
+        finished
     })
     .await;
     server.abort();
     match drained {
-        Ok((tally, written)) => {
+        Ok(Err(e)) => Err(e),
+        Ok(Ok((tally, written))) => {
             tracing::info!(
                 took_ms =
                     (grace - deadline.saturating_duration_since(Instant::now())).as_millis() as u64,
@@ -222,40 +184,10 @@ pub async fn run(
     }
 }
 
-fn worker_loop(
-    worker: &mut FileWorker,
-    rx: &crossbeam_channel::Receiver<FileJob>,
-    tx: &mpsc::Sender<Sealed>,
-) -> Tally {
-    let mut out = |s: Sealed| {
-        // A closed channel means the uploader is gone: the batch's holds drop uncommitted and
-        // its messages are redelivered.
-        let _ = tx.blocking_send(s);
-    };
-    loop {
-        let wait = worker
-            .next_deadline()
-            .map_or(Duration::from_secs(1), |d| {
-                d.saturating_duration_since(Instant::now())
-            })
-            .min(Duration::from_secs(1));
-        match rx.recv_timeout(wait) {
-            Ok(job) => {
-                worker.process(&job.source, &job.bytes[..], Some(job.hold), &mut out);
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => break,
-        }
-        worker.seal_expired(&mut out);
-    }
-    worker.seal_all(&mut out);
-    worker.tally
-}
-
 async fn handle_message(
     shared: Arc<Shared>,
     msg: Received,
-    files: crossbeam_channel::Sender<FileJob>,
+    files: Submitter,
     dispatching: mpsc::Sender<()>,
 ) {
     metrics::emit(MessagesInFlight(1));
@@ -305,19 +237,13 @@ async fn handle_message(
     let (hold, settled) = Hold::new();
     let heartbeat = tokio::spawn(heartbeat(shared.clone(), msg.receipt.clone()));
     for obj in objects.iter().filter(|o| !is_digest_key(&o.key)) {
-        let Ok(permit) = shared.file_permits.clone().acquire_owned().await else {
+        let Some(permit) = files.permit().await else {
             break;
         };
         match shared.fetcher.get(obj).await {
             Ok(bytes) => {
-                let job = FileJob {
-                    source: format!("s3://{}/{}", obj.bucket, obj.key),
-                    bytes,
-                    hold: hold.share(),
-                    _permit: permit,
-                };
-                // If the workers are gone the job's hold drops uncommitted: redelivered.
-                if files.send(job).is_err() {
+                let source = format!("s3://{}/{}", obj.bucket, obj.key);
+                if !files.submit_with(source, Input::Bytes(bytes), Some(hold.share()), permit) {
                     break;
                 }
             }

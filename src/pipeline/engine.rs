@@ -1,0 +1,202 @@
+//! The engine every mode shares: worker threads that split, enrich and buffer files, the
+//! encoder pool, and the uploader. Modes differ only in where files come from and what they do
+//! once a file's records are durable (nothing, delete an SQS message, write a backfill marker).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::RecvTimeoutError;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use super::{FileWorker, PipelineError, Tally};
+use crate::ack::Hold;
+use crate::config::Config;
+use crate::enrich::geo::GeoDb;
+use crate::metrics::{self, FileUnreadable};
+use crate::sink::batch::Sealed;
+use crate::sink::encode::{Codec, Encoder};
+use crate::sink::partition::Partitioner;
+use crate::sink::write::{self, Store, Written};
+
+/// Where a file's stored bytes are.
+pub enum Input {
+    /// Fetched whole (S3): compressed delivery files are small.
+    Bytes(Bytes),
+    /// A local file, streamed so that memory never follows its size.
+    Path(PathBuf),
+}
+
+struct FileJob {
+    source: String,
+    input: Input,
+    hold: Option<Hold>,
+    /// Released when a worker is done with the file: bounds files held in memory.
+    _permit: OwnedSemaphorePermit,
+}
+
+pub struct Engine {
+    submitter: Submitter,
+    workers: Vec<std::thread::JoinHandle<Tally>>,
+    uploader: tokio::task::JoinHandle<Written>,
+}
+
+impl Engine {
+    /// Starts `workers` worker threads; at most `max_files` submitted files wait or are being
+    /// split at once.
+    pub fn start(
+        cfg: &Config,
+        geo: &Arc<GeoDb>,
+        partitioner: Arc<Partitioner>,
+        store: Arc<Store>,
+        codec: Codec,
+        workers: usize,
+        max_files: usize,
+    ) -> Result<Engine, PipelineError> {
+        let encoder = Encoder::new(codec, cfg.compression_threads());
+        let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(workers * 2);
+        let uploader = tokio::spawn(write::run_uploader(
+            store,
+            codec.kind,
+            sealed_rx,
+            cfg.output.s3.max_concurrent_puts,
+        ));
+        let (files, files_rx) = crossbeam_channel::unbounded::<FileJob>();
+        let mut handles = Vec::new();
+        for i in 0..workers.max(1) {
+            let mut worker = FileWorker::new(cfg, geo, partitioner.clone(), &encoder);
+            let rx = files_rx.clone();
+            let tx = sealed_tx.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn(move || worker_loop(&mut worker, &rx, &tx))
+                .map_err(|e| PipelineError::Worker(e.to_string()))?;
+            handles.push(handle);
+        }
+        Ok(Engine {
+            submitter: Submitter {
+                files,
+                permits: Arc::new(Semaphore::new(max_files.max(1))),
+            },
+            workers: handles,
+            uploader,
+        })
+    }
+
+    /// A clonable way in, for the tasks that submit files.
+    pub fn submitter(&self) -> Submitter {
+        self.submitter.clone()
+    }
+
+    /// Closes the input: workers finish what is queued, seal every buffer and stop; the
+    /// uploader writes everything. Callers must drop their `Submitter`s first.
+    pub async fn finish(self) -> Result<(Tally, Written), PipelineError> {
+        drop(self.submitter);
+        let workers = self.workers;
+        let tally = tokio::task::spawn_blocking(move || {
+            let mut total = Tally::default();
+            for h in workers {
+                match h.join() {
+                    Ok(t) => total.add(t),
+                    Err(_) => return Err(PipelineError::Worker("a worker panicked".into())),
+                }
+            }
+            Ok(total)
+        })
+        .await
+        .map_err(|e| PipelineError::Worker(e.to_string()))??;
+        let written = self
+            .uploader
+            .await
+            .map_err(|e| PipelineError::Worker(e.to_string()))?;
+        Ok((tally, written))
+    }
+}
+
+/// A clonable way into the engine. Room is taken before a file is fetched, so fetched bytes
+/// are bounded too.
+#[derive(Clone)]
+pub struct Submitter {
+    files: crossbeam_channel::Sender<FileJob>,
+    permits: Arc<Semaphore>,
+}
+
+impl Submitter {
+    /// Waits for room for one more file; None once the engine is closed.
+    pub async fn permit(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().acquire_owned().await.ok()
+    }
+
+    /// Waits for room, then hands the file on. False when the workers are gone.
+    pub async fn submit(&self, source: String, input: Input, hold: Option<Hold>) -> bool {
+        match self.permit().await {
+            Some(p) => self.submit_with(source, input, hold, p),
+            None => false,
+        }
+    }
+
+    /// Hands a file on with room already taken. False when the workers are gone (the hold
+    /// then drops uncommitted, so its notification is not acknowledged).
+    pub fn submit_with(
+        &self,
+        source: String,
+        input: Input,
+        hold: Option<Hold>,
+        permit: OwnedSemaphorePermit,
+    ) -> bool {
+        self.files
+            .send(FileJob {
+                source,
+                input,
+                hold,
+                _permit: permit,
+            })
+            .is_ok()
+    }
+}
+
+fn worker_loop(
+    worker: &mut FileWorker,
+    rx: &crossbeam_channel::Receiver<FileJob>,
+    tx: &mpsc::Sender<Sealed>,
+) -> Tally {
+    let mut out = |s: Sealed| {
+        // A closed channel means the uploader is gone: the batch's holds drop uncommitted.
+        let _ = tx.blocking_send(s);
+    };
+    loop {
+        // Wake for the oldest buffer's age limit even when no file arrives.
+        let wait = worker
+            .next_deadline()
+            .map_or(Duration::from_secs(1), |d| {
+                d.saturating_duration_since(Instant::now())
+            })
+            .min(Duration::from_secs(1));
+        match rx.recv_timeout(wait) {
+            Ok(job) => match job.input {
+                Input::Bytes(b) => {
+                    worker.process(&job.source, &b[..], job.hold, &mut out);
+                }
+                Input::Path(p) => match std::fs::File::open(&p) {
+                    Ok(f) => {
+                        worker.process(&job.source, f, job.hold, &mut out);
+                    }
+                    Err(e) => {
+                        worker.tally.files += 1;
+                        worker.tally.failed_files += 1;
+                        metrics::emit(FileUnreadable {
+                            source: &job.source,
+                            error: &e,
+                        });
+                    }
+                },
+            },
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        worker.seal_expired(&mut out);
+    }
+    worker.seal_all(&mut out);
+    worker.tally
+}
