@@ -122,6 +122,54 @@ impl S3Fetcher {
     }
 }
 
+/// Lists a source bucket for a backfill, level by level.
+pub struct S3Lister<'a> {
+    pub fetcher: &'a S3Fetcher,
+    pub bucket: &'a str,
+}
+
+impl S3Lister<'_> {
+    async fn list(&self, prefix: &str, delimiter: bool) -> Result<Vec<String>, String> {
+        let client = self
+            .fetcher
+            .clients
+            .get(self.bucket)
+            .ok_or_else(|| format!("bucket {} is not configured", self.bucket))?;
+        let mut req = client.list_objects_v2().bucket(self.bucket).prefix(prefix);
+        if delimiter {
+            req = req.delimiter("/");
+        }
+        let mut pages = req.into_paginator().send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| crate::sink::write::failure(&e).0)?;
+            if delimiter {
+                out.extend(
+                    page.common_prefixes()
+                        .iter()
+                        .filter_map(|p| p.prefix().map(str::to_owned)),
+                );
+            } else {
+                out.extend(
+                    page.contents()
+                        .iter()
+                        .filter_map(|o| o.key().map(str::to_owned)),
+                );
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl crate::source::backfill::Lister for S3Lister<'_> {
+    async fn folders(&self, prefix: &str) -> Result<Vec<String>, String> {
+        self.list(prefix, true).await
+    }
+    async fn keys(&self, prefix: &str) -> Result<Vec<String>, String> {
+        self.list(prefix, false).await
+    }
+}
+
 async fn get_once(client: &aws_sdk_s3::Client, obj: &ObjectRef) -> Result<Bytes, FetchError> {
     let started = Instant::now();
     let fail = |message: String, retryable: bool| FetchError::S3 {

@@ -570,6 +570,39 @@ impl InternalEvent for FetchFailed<'_> {
     }
 }
 
+/// A file to backfill could not be fetched; a re-run tries it again (it gets no marker).
+pub struct FileFetchFailed<'a> {
+    pub source: &'a str,
+    pub error: &'a dyn std::error::Error,
+}
+
+impl InternalEvent for FileFetchFailed<'_> {
+    fn emit(self) {
+        tracing::warn!(source = self.source, "fetch failed: {}", self.error);
+        METRICS.errors.with_label_values(&["fetch", "s3_get"]).inc();
+    }
+}
+
+/// A backfill marker could not be written: the file will be processed again by a re-run.
+pub struct MarkerWriteFailed<'a> {
+    pub key: &'a str,
+    pub error: &'a dyn std::error::Error,
+}
+
+impl InternalEvent for MarkerWriteFailed<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            marker = self.key,
+            "cannot write backfill marker: {}",
+            self.error
+        );
+        METRICS
+            .errors
+            .with_label_values(&["write", "marker_failed"])
+            .inc();
+    }
+}
+
 /// Every record of a message is written: the message was deleted.
 pub struct MessageDeleted;
 

@@ -2,6 +2,7 @@
 //! batches are compressed on the encoder pool and written by the async uploader. `process` (here)
 //! reads local files; `service` is the SQS-driven production mode.
 
+pub mod backfill;
 pub mod engine;
 pub mod service;
 

@@ -102,6 +102,69 @@ impl Store {
         }
     }
 
+    /// Every key under `prefix` (relative to the output root), e.g. backfill markers.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, WriteError> {
+        match self {
+            Store::Local { root } => {
+                let root = root.clone();
+                let dir = root.join(prefix);
+                let walked = tokio::task::spawn_blocking(move || {
+                    let mut out = Vec::new();
+                    if dir.exists() {
+                        for entry in walkdir::WalkDir::new(&dir) {
+                            let entry = entry.map_err(std::io::Error::other)?;
+                            if entry.file_type().is_file()
+                                && let Ok(rel) = entry.path().strip_prefix(&root)
+                            {
+                                out.push(rel.to_string_lossy().into_owned());
+                            }
+                        }
+                    }
+                    Ok(out)
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+                walked.map_err(|source| WriteError::Local {
+                    path: self.describe(prefix),
+                    source,
+                })
+            }
+            Store::S3 {
+                client,
+                bucket,
+                prefix: root,
+                ..
+            } => {
+                let full = format!("{root}{prefix}");
+                let mut out = Vec::new();
+                let mut pages = client
+                    .list_objects_v2()
+                    .bucket(bucket)
+                    .prefix(&full)
+                    .into_paginator()
+                    .send();
+                while let Some(page) = pages.next().await {
+                    let page = page.map_err(|e| {
+                        let (message, retryable) = failure(&e);
+                        WriteError::S3 {
+                            bucket: bucket.clone(),
+                            key: full.clone(),
+                            message,
+                            retryable,
+                        }
+                    })?;
+                    for obj in page.contents() {
+                        if let Some(k) = obj.key().and_then(|k| k.strip_prefix(root.as_str())) {
+                            out.push(k.to_owned());
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+
     /// Writes one whole object durably: a local file is synced and renamed into place, an S3
     /// object exists once the call returns.
     pub async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), WriteError> {

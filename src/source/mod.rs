@@ -1,5 +1,6 @@
 //! Sources: where the list of delivery files to process comes from.
 
+pub mod backfill;
 pub mod local;
 pub mod notification;
 pub mod sqs;

@@ -1,0 +1,185 @@
+//! `trailhose backfill`: historical delivery files from a bucket, split over N workers by key
+//! hash. Resumable: once a file's records are durably written, a marker object
+//! (`_trailhose/backfill/<bucket>/<key>.done`) is written under the output root, and a re-run skips
+//! files that have one.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use super::engine::{Engine, Input};
+use super::{PipelineError, Tally, open_geo, open_store};
+use crate::ack::Hold;
+use crate::config::{BucketConfig, Config};
+use crate::fetch::{S3Fetcher, S3Lister};
+use crate::metrics::{self, FileFetchFailed, MarkerWriteFailed};
+use crate::sink::write::{Store, Written};
+use crate::source::backfill::{self, Spec};
+use crate::source::notification::ObjectRef;
+
+const MARKERS: &str = "_trailhose/backfill/";
+
+#[derive(Debug)]
+pub struct BackfillReport {
+    pub listed: usize,
+    pub mine: usize,
+    pub already_done: usize,
+    pub failed: usize,
+    pub tally: Tally,
+    pub written: Written,
+    pub elapsed: Duration,
+}
+
+impl BackfillReport {
+    pub fn line(&self) -> String {
+        format!(
+            "listed={} mine={} already_done={} processed={} failed={} events_in={} events_out={} objects={} elapsed={:.2}s",
+            self.listed,
+            self.mine,
+            self.already_done,
+            self.tally.files,
+            self.failed,
+            self.tally.events_in,
+            self.written.event_records,
+            self.written.objects,
+            self.elapsed.as_secs_f64()
+        )
+    }
+}
+
+fn marker_key(bucket: &str, key: &str) -> String {
+    format!("{MARKERS}{bucket}/{key}.done")
+}
+
+pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineError> {
+    let started = Instant::now();
+    cfg.validate()?;
+    let partitioner = Arc::new(cfg.partitioner()?);
+    let codec = cfg.codec()?;
+    let geo = open_geo(cfg)?;
+    let store = Arc::new(open_store(cfg).await?);
+    store.check().await?;
+
+    // The bucket's region, role and endpoint come from [[source.buckets]] when it is listed
+    // there; the operator naming it on the command line allows it for this run either way.
+    let bucket = cfg
+        .source
+        .buckets
+        .iter()
+        .find(|b| b.name == spec.bucket)
+        .cloned()
+        .unwrap_or_else(|| BucketConfig {
+            name: spec.bucket.clone(),
+            ..BucketConfig::default()
+        });
+    let fetcher = Arc::new(S3Fetcher::new(std::slice::from_ref(&bucket)).await);
+    let lister = S3Lister {
+        fetcher: &fetcher,
+        bucket: &spec.bucket,
+    };
+    let listed = backfill::list(&lister, spec).await.map_err(|e| {
+        PipelineError::Worker(format!("listing s3://{}/{}: {e}", spec.bucket, spec.prefix))
+    })?;
+    let mine = backfill::mine(spec, &listed);
+    let done: HashSet<String> = store
+        .list(&format!("{MARKERS}{}/", spec.bucket))
+        .await?
+        .into_iter()
+        .collect();
+    let todo: Vec<String> = mine
+        .iter()
+        .filter(|k| !done.contains(&marker_key(&spec.bucket, k)))
+        .map(|k| (*k).clone())
+        .collect();
+    let already_done = mine.len() - todo.len();
+    tracing::info!(
+        listed = listed.len(),
+        mine = mine.len(),
+        todo = todo.len(),
+        "backfill s3://{}/{}",
+        spec.bucket,
+        spec.prefix
+    );
+
+    let max_files = cfg.workers() * 2;
+    let engine = Engine::start(
+        cfg,
+        &geo,
+        partitioner,
+        store.clone(),
+        codec,
+        cfg.workers(),
+        max_files,
+    )?;
+    let files = engine.submitter();
+    let mut markers = JoinSet::new();
+    let mut fetches = JoinSet::new();
+    for key in todo {
+        let Some(permit) = files.permit().await else {
+            break;
+        };
+        let (files, fetcher, store, bucket) = (
+            files.clone(),
+            fetcher.clone(),
+            store.clone(),
+            spec.bucket.clone(),
+        );
+        let (hold, settled) = Hold::new();
+        markers.spawn(write_marker(store, marker_key(&bucket, &key), settled));
+        fetches.spawn(async move {
+            let obj = ObjectRef {
+                bucket,
+                key,
+                size: None,
+            };
+            match fetcher.get(&obj).await {
+                Ok(bytes) => {
+                    let source = format!("s3://{}/{}", obj.bucket, obj.key);
+                    files.submit_with(source, Input::Bytes(bytes), Some(hold), permit);
+                    true
+                }
+                Err(e) => {
+                    metrics::emit(FileFetchFailed {
+                        source: &format!("s3://{}/{}", obj.bucket, obj.key),
+                        error: &e,
+                    });
+                    hold.fail();
+                    false
+                }
+            }
+        });
+    }
+    drop(files);
+    let mut failed = 0;
+    while let Some(ok) = fetches.join_next().await {
+        failed += usize::from(!matches!(ok, Ok(true)));
+    }
+    let (tally, written) = engine.finish().await?;
+    while markers.join_next().await.is_some() {}
+    Ok(BackfillReport {
+        listed: listed.len(),
+        mine: mine.len(),
+        already_done,
+        failed: failed + written.failures.len(),
+        tally,
+        written,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Writes a file's marker once all its records are written; nothing when any part failed, so
+/// a re-run processes it again.
+async fn write_marker(store: Arc<Store>, key: String, settled: crate::ack::Settled) {
+    if settled.await.unwrap_or(false)
+        && let Err(e) = store
+            .put(&key, bytes::Bytes::new(), "application/octet-stream")
+            .await
+    {
+        metrics::emit(MarkerWriteFailed {
+            key: &key,
+            error: &e,
+        });
+    }
+}
