@@ -70,7 +70,7 @@ fn config(tmp: &std::path::Path, moto: &Moto) -> String {
     std::fs::write(
         &path,
         format!(
-            "[output]\nurl = \"s3://trail-out/bf/\"\n[output.s3]\nendpoint_url = \"{ep}\"\nforce_path_style = true\n[[source.buckets]]\nname = \"trail-logs\"\nendpoint_url = \"{ep}\"\nforce_path_style = true\n",
+            "[output]\nurl = \"s3://trail-out/bf/\"\n[output.s3]\nendpoint_url = \"{ep}\"\nforce_path_style = true\n[[source.buckets]]\nname = \"trail-logs\"\nendpoint_url = \"{ep}\"\nforce_path_style = true\nrole_arn = \"arn:aws:iam::111122223333:role/trail-reader\"\n",
             ep = moto.endpoint
         ),
     )

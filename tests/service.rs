@@ -170,7 +170,30 @@ shutdown_grace_secs = 20
     path.display().to_string()
 }
 
-fn start_worker(moto: &Moto, config: &str, log: &Path) -> Child {
+/// A `trailhose run` child, killed on drop so a failing test leaves no worker behind.
+struct Worker(Child);
+
+impl std::ops::Deref for Worker {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Worker {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_worker(moto: &Moto, config: &str, log: &Path) -> Worker {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
     cmd.args(["run", "--config", config])
         .env("TRAILHOSE_LOG", "info")
@@ -179,7 +202,7 @@ fn start_worker(moto: &Moto, config: &str, log: &Path) -> Child {
     for (k, v) in moto.env() {
         cmd.env(k, v);
     }
-    cmd.spawn().expect("start trailhose run")
+    Worker(cmd.spawn().expect("start trailhose run"))
 }
 
 fn signal(child: &Child, sig: &str) {
