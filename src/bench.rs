@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Working directory for generated input and output (default: a temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Also drive the service path (`trailhose run`) through S3 and SQS at this endpoint, e.g. a
+    /// local moto_server: see scripts/bench-service.sh. Credentials come from the environment.
+    #[arg(long)]
+    pub service_endpoint: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +154,16 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         let _ = std::fs::remove_dir_all(work.join("out"));
     }
 
+    if let Some(endpoint) = &args.service_endpoint {
+        let (written, wall, cpu) = rt.block_on(service_run(endpoint, &input, geo.clone()))?;
+        assert_eq!(written, input.events, "every generated event is written");
+        rows.push(Row {
+            name: "service: S3 + SQS (moto), geo, gzip".to_owned(),
+            wall,
+            cpu,
+        });
+    }
+
     let floor_cpu = rows[0].cpu.max(1e-9);
     println!();
     println!(
@@ -191,6 +205,126 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     }
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// Uploads the files to S3 and announces each on SQS (untimed), then runs the service until
+/// the queue is drained (timed). Returns events written, wall time and CPU seconds; the CPU
+/// seconds include the in-process AWS clients but not the server.
+async fn service_run(
+    endpoint: &str,
+    input: &Input,
+    geo: Option<PathBuf>,
+) -> Result<(u64, Duration, f64), BenchError> {
+    use crate::config::{BucketConfig, SqsConfig};
+    let fail = |what: &str, e: String| BenchError::Io(what.to_owned(), std::io::Error::other(e));
+    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .load()
+        .await;
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(true)
+            .build(),
+    );
+    let sqs = aws_sdk_sqs::Client::new(&shared);
+    let run_id = uuid::Uuid::now_v7().to_string();
+    let (src, out) = (
+        format!("bench-src-{}", &run_id[..8]),
+        format!("bench-out-{}", &run_id[..8]),
+    );
+    for b in [&src, &out] {
+        s3.create_bucket()
+            .bucket(b)
+            .send()
+            .await
+            .map_err(|e| fail("create bucket", e.to_string()))?;
+    }
+    let queue_url = sqs
+        .create_queue()
+        .queue_name(format!("bench-{}", &run_id[..8]))
+        .send()
+        .await
+        .map_err(|e| fail("create queue", e.to_string()))?
+        .queue_url
+        .unwrap_or_default();
+    for f in &input.files {
+        let key = f
+            .strip_prefix(&input.dir)
+            .unwrap_or(f)
+            .to_string_lossy()
+            .into_owned();
+        let body = io("reading input", std::fs::read(f))?;
+        s3.put_object()
+            .bucket(&src)
+            .key(&key)
+            .body(body.into())
+            .send()
+            .await
+            .map_err(|e| fail("upload", e.to_string()))?;
+        let note = serde_json::json!({"s3Bucket": src, "s3ObjectKey": [key]}).to_string();
+        sqs.send_message()
+            .queue_url(&queue_url)
+            .message_body(note)
+            .send()
+            .await
+            .map_err(|e| fail("send", e.to_string()))?;
+    }
+    let mut cfg = Config::default();
+    cfg.output.url = Some(format!("s3://{out}/"));
+    cfg.output.s3.endpoint_url = Some(endpoint.to_owned());
+    cfg.output.s3.force_path_style = true;
+    cfg.geoip.city_db = geo;
+    cfg.batch.max_age_secs = 1;
+    cfg.server.listen = "127.0.0.1:0".into();
+    cfg.server.shutdown_grace_secs = 60;
+    cfg.source.sqs = Some(SqsConfig {
+        queue_url: queue_url.clone(),
+        endpoint_url: Some(endpoint.to_owned()),
+        wait_time_secs: 1,
+        ..SqsConfig::default()
+    });
+    cfg.source.buckets = vec![BucketConfig {
+        name: src.clone(),
+        endpoint_url: Some(endpoint.to_owned()),
+        force_path_style: true,
+        ..BucketConfig::default()
+    }];
+    let drained = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let attrs = sqs
+                .get_queue_attributes()
+                .queue_url(&queue_url)
+                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+                .send()
+                .await
+                .ok()
+                .and_then(|r| r.attributes);
+            let depth = attrs.map(|a| {
+                a.iter()
+                    .filter(|(k, _)| {
+                        matches!(
+                            k,
+                            aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages
+                                | aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible
+                        )
+                    })
+                    .filter_map(|(_, v)| v.parse::<u64>().ok())
+                    .sum::<u64>()
+            });
+            if depth == Some(0) {
+                break;
+            }
+        }
+    };
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let report = crate::pipeline::service::run(&cfg, drained).await?;
+    Ok((
+        report.written.event_records,
+        t0.elapsed(),
+        cpu_seconds() - cpu0,
+    ))
 }
 
 /// Writes delivery files (gzip, as CloudTrail does) under `dir` in the delivery layout.

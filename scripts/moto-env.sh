@@ -1,0 +1,11 @@
+# Sourced by scripts/test.sh and scripts/bench-service.sh: puts a pinned moto_server on PATH.
+# moto is pinned in its own venv: 5.2.1 (preinstalled on some images) answers
+# CompleteMultipartUpload with the wrong XML root, which the Rust SDK rightly rejects.
+MOTO_VERSION=5.2.5
+VENV=target/test-venv
+if ! "$VENV/bin/python" -c "import moto, flask, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
+  echo "installing moto[server]==$MOTO_VERSION into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+fi
+export PATH="$PWD/$VENV/bin:$PATH"
