@@ -229,6 +229,52 @@ fn wait_exit(child: &mut Child, secs: u64) -> bool {
     }
 }
 
+/// Uploads `n` generated delivery files to `trail-logs` and announces each on the queue with a
+/// CloudTrail notification. Returns their eventIDs, sorted.
+async fn seed_generated(
+    moto: &Moto,
+    queue_url: &str,
+    n: u64,
+    seed: u64,
+    bytes: usize,
+) -> Vec<String> {
+    let (s3, sqs) = (moto.s3(), moto.sqs());
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let json = trailhose::synth::Generator::new(seed + i).delivery_file(bytes);
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        let records = v["Records"].as_array().expect("records");
+        ids.extend(
+            records
+                .iter()
+                .map(|r| r["eventID"].as_str().expect("id").to_owned()),
+        );
+        let key = format!("{DAY}/gen-{seed}-{i:03}.json.gz");
+        s3.put_object()
+            .bucket("trail-logs")
+            .key(&key)
+            .body(fixtures::gzip(&json).into())
+            .send()
+            .await
+            .expect("put");
+        send(&sqs, queue_url, &cloudtrail("trail-logs", &[&key])).await;
+    }
+    ids.sort();
+    ids
+}
+
+/// Every eventID written under the output prefix, sorted (repeats kept).
+async fn written_ids(s3: &aws_sdk_s3::Client) -> Vec<String> {
+    let objects = s3_objects(s3, "trail-out", "ct/").await;
+    let mut ids: Vec<String> = split_output(&objects)
+        .events
+        .iter()
+        .map(|(_, l)| id_of(l))
+        .collect();
+    ids.sort();
+    ids
+}
+
 /// Uploads the fixture set to `trail-logs` and announces every file, in every notification
 /// shape, plus messages that must be refused. Returns what the fixtures expect.
 async fn upload_and_announce(moto: &Moto, tmp: &Path, queue_url: &str) -> fixtures::Expected {
@@ -416,28 +462,7 @@ async fn two_workers_share_a_queue_and_a_killed_worker_loses_nothing() {
     }
     let tmp = TempDir::new("service-share");
     // 40 files of generated events, one notification each.
-    let mut expected = Vec::new();
-    for i in 0..40u64 {
-        let json = trailhose::synth::Generator::new(100 + i).delivery_file(150_000);
-        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
-        expected.extend(
-            v["Records"]
-                .as_array()
-                .expect("records")
-                .iter()
-                .map(|r| r["eventID"].as_str().expect("id").to_owned()),
-        );
-        let key = format!("{DAY}/gen-{i:03}.json.gz");
-        s3.put_object()
-            .bucket("trail-logs")
-            .key(&key)
-            .body(fixtures::gzip(&json).into())
-            .send()
-            .await
-            .expect("put");
-        send(&sqs, &q.url, &cloudtrail("trail-logs", &[&key])).await;
-    }
-    expected.sort();
+    let expected = seed_generated(&moto, &q.url, 40, 100, 150_000).await;
 
     let (pa, pb) = (free_port(), free_port());
     let dir_a = tmp.path().join("a");
@@ -473,13 +498,7 @@ async fn two_workers_share_a_queue_and_a_killed_worker_loses_nothing() {
     assert!(wait_exit(&mut a2, 25));
     assert!(wait_exit(&mut b, 25));
 
-    let objects = s3_objects(&s3, "trail-out", "ct/").await;
-    let mut got: Vec<String> = split_output(&objects)
-        .events
-        .iter()
-        .map(|(_, l)| id_of(l))
-        .collect();
-    got.sort();
+    let got = written_ids(&s3).await;
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     for id in &got {
         *counts.entry(id.as_str()).or_default() += 1;
@@ -529,28 +548,7 @@ async fn messages_are_acknowledged_only_after_their_records_are_written() {
         .send()
         .await
         .expect("delete output bucket");
-    let mut expected = Vec::new();
-    for i in 0..5u64 {
-        let json = trailhose::synth::Generator::new(500 + i).delivery_file(50_000);
-        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
-        expected.extend(
-            v["Records"]
-                .as_array()
-                .expect("records")
-                .iter()
-                .map(|r| r["eventID"].as_str().expect("id").to_owned()),
-        );
-        let key = format!("{DAY}/outage-{i}.json.gz");
-        s3.put_object()
-            .bucket("trail-logs")
-            .key(&key)
-            .body(fixtures::gzip(&json).into())
-            .send()
-            .await
-            .expect("put");
-        send(&sqs, &q.url, &cloudtrail("trail-logs", &[&key])).await;
-    }
-    expected.sort();
+    let expected = seed_generated(&moto, &q.url, 5, 500, 50_000).await;
     let metric = |name: &'static str| {
         let text = http_get(port, "/metrics")
             .map(|(_, m)| m)
@@ -586,13 +584,7 @@ async fn messages_are_acknowledged_only_after_their_records_are_written() {
     .await;
     signal(&worker, "-TERM");
     assert!(wait_exit(&mut worker, 25));
-    let objects = s3_objects(&s3, "trail-out", "ct/").await;
-    let mut got: Vec<String> = split_output(&objects)
-        .events
-        .iter()
-        .map(|(_, l)| id_of(l))
-        .collect();
-    got.sort();
+    let mut got = written_ids(&s3).await;
     got.dedup();
     assert_eq!(got, expected, "every event arrives once the output is back");
     assert_eq!(depth(&sqs, &q.dlq_url).await.0, 0);
@@ -608,28 +600,7 @@ async fn sigterm_mid_run_flushes_open_buffers_and_acknowledges_within_the_grace_
         s3.create_bucket().bucket(b).send().await.expect("bucket");
     }
     let tmp = TempDir::new("service-term");
-    let mut expected = Vec::new();
-    for i in 0..6u64 {
-        let json = trailhose::synth::Generator::new(900 + i).delivery_file(40_000);
-        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
-        expected.extend(
-            v["Records"]
-                .as_array()
-                .expect("records")
-                .iter()
-                .map(|r| r["eventID"].as_str().expect("id").to_owned()),
-        );
-        let key = format!("{DAY}/term-{i}.json.gz");
-        s3.put_object()
-            .bucket("trail-logs")
-            .key(&key)
-            .body(fixtures::gzip(&json).into())
-            .send()
-            .await
-            .expect("put");
-        send(&sqs, &q.url, &cloudtrail("trail-logs", &[&key])).await;
-    }
-    expected.sort();
+    let expected = seed_generated(&moto, &q.url, 6, 900, 40_000).await;
     let port = free_port();
     // Buffers would wait five minutes to flush by age: only the shutdown can flush them.
     let config = write_config(tmp.path(), &moto, &q.url, port, 300);
@@ -656,13 +627,7 @@ async fn sigterm_mid_run_flushes_open_buffers_and_acknowledges_within_the_grace_
         (0, 0),
         "every message acknowledged on the way out"
     );
-    let objects = s3_objects(&s3, "trail-out", "ct/").await;
-    let mut got: Vec<String> = split_output(&objects)
-        .events
-        .iter()
-        .map(|(_, l)| id_of(l))
-        .collect();
-    got.sort();
+    let got = written_ids(&s3).await;
     assert_eq!(
         got, expected,
         "every buffered event was flushed exactly once"
@@ -679,28 +644,7 @@ async fn s3_errors_throttling_and_slow_responses_cost_retries_not_events() {
         s3.create_bucket().bucket(b).send().await.expect("bucket");
     }
     let tmp = TempDir::new("service-faults");
-    let mut expected = Vec::new();
-    for i in 0..12u64 {
-        let json = trailhose::synth::Generator::new(700 + i).delivery_file(60_000);
-        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
-        expected.extend(
-            v["Records"]
-                .as_array()
-                .expect("records")
-                .iter()
-                .map(|r| r["eventID"].as_str().expect("id").to_owned()),
-        );
-        let key = format!("{DAY}/fault-{i:02}.json.gz");
-        s3.put_object()
-            .bucket("trail-logs")
-            .key(&key)
-            .body(fixtures::gzip(&json).into())
-            .send()
-            .await
-            .expect("put");
-        send(&sqs, &q.url, &cloudtrail("trail-logs", &[&key])).await;
-    }
-    expected.sort();
+    let expected = seed_generated(&moto, &q.url, 12, 700, 60_000).await;
     // Every S3 request of the worker (fetches, puts, the start-up check) goes through the proxy.
     let proxy = common::faults::FaultProxy::start(
         moto.port,
@@ -734,13 +678,7 @@ async fn s3_errors_throttling_and_slow_responses_cost_retries_not_events() {
 
     let injected = proxy.injected.load(std::sync::atomic::Ordering::SeqCst);
     assert!(injected >= 5, "the proxy injected faults ({injected})");
-    let objects = s3_objects(&s3, "trail-out", "ct/").await;
-    let mut got: Vec<String> = split_output(&objects)
-        .events
-        .iter()
-        .map(|(_, l)| id_of(l))
-        .collect();
-    got.sort();
+    let got = written_ids(&s3).await;
     assert_eq!(
         got, expected,
         "every event exactly once despite {injected} injected faults"

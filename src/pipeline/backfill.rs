@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 
 use super::engine::{Engine, Input};
-use super::{PipelineError, Tally, open_geo, open_store};
+use super::{PipelineError, Tally};
 use crate::ack::Hold;
 use crate::config::{BucketConfig, Config};
 use crate::fetch::{S3Fetcher, S3Lister};
@@ -55,12 +55,8 @@ fn marker_key(bucket: &str, key: &str) -> String {
 
 pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineError> {
     let started = Instant::now();
-    cfg.validate()?;
-    let partitioner = Arc::new(cfg.partitioner()?);
-    let codec = cfg.codec()?;
-    let geo = open_geo(cfg)?;
-    let store = Arc::new(open_store(cfg).await?);
-    store.check().await?;
+    let engine = Engine::open(cfg, cfg.workers(), cfg.workers() * 2).await?;
+    let store = engine.store();
 
     // The bucket's region, role and endpoint come from [[source.buckets]] when it is listed
     // there; the operator naming it on the command line allows it for this run either way.
@@ -103,16 +99,6 @@ pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineEr
         spec.prefix
     );
 
-    let max_files = cfg.workers() * 2;
-    let engine = Engine::start(
-        cfg,
-        &geo,
-        partitioner,
-        store.clone(),
-        codec,
-        cfg.workers(),
-        max_files,
-    )?;
     let files = engine.submitter();
     let mut markers = JoinSet::new();
     let mut fetches = JoinSet::new();

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use crossbeam_channel::RecvTimeoutError;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use super::{FileWorker, PipelineError, Tally};
+use super::{FileWorker, PipelineError, Tally, open_geo, open_store};
 use crate::ack::Hold;
 use crate::config::Config;
 use crate::enrich::geo::GeoDb;
@@ -37,15 +37,31 @@ struct FileJob {
 }
 
 pub struct Engine {
+    store: Arc<Store>,
     submitter: Submitter,
     workers: Vec<std::thread::JoinHandle<Tally>>,
     uploader: tokio::task::JoinHandle<Written>,
 }
 
 impl Engine {
-    /// Starts `workers` worker threads; at most `max_files` submitted files wait or are being
-    /// split at once.
-    pub fn start(
+    /// Checks the config, opens the GeoIP databases and the output (failing early when it
+    /// cannot be written), and starts `workers` worker threads; at most `max_files` submitted
+    /// files wait or are being split at once.
+    pub async fn open(
+        cfg: &Config,
+        workers: usize,
+        max_files: usize,
+    ) -> Result<Engine, PipelineError> {
+        cfg.validate()?;
+        let partitioner = Arc::new(cfg.partitioner()?);
+        let codec = cfg.codec()?;
+        let geo = open_geo(cfg)?;
+        let store = Arc::new(open_store(cfg).await?);
+        store.check().await?;
+        Engine::start(cfg, &geo, partitioner, store, codec, workers, max_files)
+    }
+
+    fn start(
         cfg: &Config,
         geo: &Arc<GeoDb>,
         partitioner: Arc<Partitioner>,
@@ -57,7 +73,7 @@ impl Engine {
         let encoder = Encoder::new(codec, cfg.compression_threads());
         let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(workers * 2);
         let uploader = tokio::spawn(write::run_uploader(
-            store,
+            store.clone(),
             codec.kind,
             sealed_rx,
             cfg.output.s3.max_concurrent_puts,
@@ -75,6 +91,7 @@ impl Engine {
             handles.push(handle);
         }
         Ok(Engine {
+            store,
             submitter: Submitter {
                 files,
                 permits: Arc::new(Semaphore::new(max_files.max(1))),
@@ -82,6 +99,11 @@ impl Engine {
             workers: handles,
             uploader,
         })
+    }
+
+    /// The output store, for readiness checks and markers.
+    pub fn store(&self) -> Arc<Store> {
+        self.store.clone()
     }
 
     /// A clonable way in, for the tasks that submit files.

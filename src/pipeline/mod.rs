@@ -483,16 +483,11 @@ pub fn open_geo(cfg: &Config) -> Result<Arc<GeoDb>, PipelineError> {
 pub async fn process(cfg: &Config, inputs: &[PathBuf]) -> Result<Summary, PipelineError> {
     let started = Instant::now();
     cfg.validate()?;
-    let partitioner = Arc::new(cfg.partitioner()?);
-    let codec = cfg.codec()?;
     let files = local::list_inputs(inputs)?;
-    let geo = open_geo(cfg)?;
-    let store = Arc::new(open_store(cfg).await?);
-    store.check().await?;
-    let output = store.describe("");
 
     let workers = cfg.workers().min(files.len().max(1));
-    let engine = engine::Engine::start(cfg, &geo, partitioner, store, codec, workers, workers * 2)?;
+    let engine = engine::Engine::open(cfg, workers, workers * 2).await?;
+    let output = engine.store().describe("");
     let submitter = engine.submitter();
     for path in files {
         let source = path.display().to_string();

@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use super::engine::{Engine, Input, Submitter};
-use super::{PipelineError, Tally, open_geo, open_store};
+use super::{PipelineError, Tally};
 use crate::ack::Hold;
 use crate::config::Config;
 use crate::fetch::S3Fetcher;
@@ -49,13 +49,9 @@ pub async fn run(
     cfg: &Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ServiceReport, PipelineError> {
-    cfg.validate()?;
     let sqs_cfg = cfg.sqs()?.clone();
-    let partitioner = Arc::new(cfg.partitioner()?);
-    let codec = cfg.codec()?;
-    let geo = open_geo(cfg)?;
-    let store = Arc::new(open_store(cfg).await?);
-    store.check().await?;
+    let engine = Engine::open(cfg, cfg.workers(), sqs_cfg.max_files_in_flight).await?;
+    let store = engine.store();
 
     let shared = Arc::new(Shared {
         sqs: Sqs::new(&sqs_cfg).await,
@@ -84,15 +80,6 @@ pub async fn run(
     ];
     let server = tokio::spawn(server::serve(listener, Arc::new(checks)));
 
-    let engine = Engine::start(
-        cfg,
-        &geo,
-        partitioner,
-        store.clone(),
-        codec,
-        cfg.workers(),
-        sqs_cfg.max_files_in_flight,
-    )?;
     let files = engine.submitter();
 
     // Every message task holds a clone of `dispatching` until it has handed on all its files.
