@@ -110,10 +110,27 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("trailhose: error: {e:#}");
+            eprintln!("trailhose: error: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line. Our errors already quote their cause in their own
+/// message (logs print only that), so a cause whose text is already there is not repeated.
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn init_logging(format: LogFormat) {
@@ -271,5 +288,24 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => Ok(trailhose::bench::run(&args)?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_does_not_repeat_quoted_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::new(trailhose::config::ConfigError::Read {
+            path: "c.toml".into(),
+            source: io,
+        })
+        .context("loading");
+        assert_eq!(
+            report(&e),
+            "loading: cannot read config c.toml: No such file or directory"
+        );
     }
 }
