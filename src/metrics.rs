@@ -45,6 +45,8 @@ pub struct Metrics {
     messages_in_flight: IntGauge,
     visibility_extensions: IntCounter,
     lag_seconds: Histogram,
+    open_buffers: IntGauge,
+    buffered_bytes: IntGauge,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -122,7 +124,23 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     r.register(Box::new(messages_in_flight.clone()))
         .expect("metric registered once");
+    let open_buffers = IntGauge::new(
+        "trailhose_open_buffers",
+        "Partition buffers open across workers.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(open_buffers.clone()))
+        .expect("metric registered once");
+    let buffered_bytes = IntGauge::new(
+        "trailhose_buffered_bytes",
+        "Uncompressed bytes held in open buffers across workers.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(buffered_bytes.clone()))
+        .expect("metric registered once");
     Metrics {
+        open_buffers,
+        buffered_bytes,
         s3_request_seconds,
         lag_seconds,
         messages_in_flight,
@@ -664,6 +682,23 @@ pub struct MessagesInFlight(pub i64);
 impl InternalEvent for MessagesInFlight {
     fn emit(self) {
         METRICS.messages_in_flight.add(self.0);
+    }
+}
+
+/// A worker's open buffers changed (reported as deltas: gauges sum over workers).
+pub struct BuffersChanged {
+    pub open: i64,
+    pub bytes: i64,
+}
+
+impl InternalEvent for BuffersChanged {
+    fn emit(self) {
+        if self.open != 0 {
+            METRICS.open_buffers.add(self.open);
+        }
+        if self.bytes != 0 {
+            METRICS.buffered_bytes.add(self.bytes);
+        }
     }
 }
 

@@ -440,6 +440,9 @@ async fn worker_processes_every_notification_shape_acks_and_refuses_then_stops_o
         "trailhose_sqs_messages_deleted_total",
         "trailhose_s3_request_seconds_bucket",
         "trailhose_end_to_end_lag_seconds_bucket",
+        "trailhose_open_buffers ",
+        "trailhose_buffered_bytes ",
+        "trailhose_sqs_messages_in_flight ",
     ] {
         assert!(
             metrics.contains(needle),
@@ -615,6 +618,15 @@ async fn sigterm_mid_run_flushes_open_buffers_and_acknowledges_within_the_grace_
         s3_objects(&s3, "trail-out", "ct/").await.is_empty(),
         "nothing written before the shutdown"
     );
+    let gauge = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let (_, m) = http_get(port, "/metrics").expect("metrics");
+    assert!(gauge(&m, "trailhose_open_buffers ") >= 1.0, "{m}");
+    assert!(gauge(&m, "trailhose_buffered_bytes ") > 100_000.0, "{m}");
     let (v, nv) = depth(&sqs, &q.url).await;
     assert_eq!(v + nv, 6, "nothing acknowledged before the shutdown");
 

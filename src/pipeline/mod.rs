@@ -112,6 +112,8 @@ pub struct FileWorker {
     /// The notification of the file being processed, while it is processed.
     hold: Option<Hold>,
     lag: LagRecorder,
+    /// Open buffers and buffered bytes last reported to the gauges.
+    reported: (i64, i64),
     pub tally: Tally,
 }
 
@@ -140,6 +142,7 @@ impl FileWorker {
             key: String::new(),
             hold: None,
             lag: LagRecorder::new(),
+            reported: (0, 0),
             tally: Tally::default(),
         }
     }
@@ -157,6 +160,7 @@ impl FileWorker {
     ) -> FileOutcome {
         self.hold = hold;
         let outcome = self.process_inner(source, reader, out);
+        self.report_buffers();
         if let Some(h) = self.hold.take() {
             match outcome {
                 FileOutcome::Handled => h.commit(),
@@ -344,6 +348,19 @@ impl FileWorker {
         }
     }
 
+    /// Reports this worker's change in open buffers and buffered bytes.
+    fn report_buffers(&mut self) {
+        let now = (
+            (self.events.open_buffers() + self.errors.open_buffers()) as i64,
+            (self.events.buffered_bytes() + self.errors.buffered_bytes()) as i64,
+        );
+        metrics::emit(BuffersChanged {
+            open: now.0 - self.reported.0,
+            bytes: now.1 - self.reported.1,
+        });
+        self.reported = now;
+    }
+
     /// When the oldest open buffer must be sealed.
     pub fn next_deadline(&self) -> Option<Instant> {
         [self.events.next_deadline(), self.errors.next_deadline()]
@@ -369,6 +386,7 @@ impl FileWorker {
     pub fn seal_all(&mut self, out: &mut impl FnMut(Sealed)) {
         self.events.seal_all().into_iter().for_each(&mut *out);
         self.errors.seal_all().into_iter().for_each(&mut *out);
+        self.report_buffers();
     }
 }
 

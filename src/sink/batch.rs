@@ -142,6 +142,11 @@ impl Batcher {
         self.buffers.len()
     }
 
+    /// Uncompressed bytes held by open buffers (compressed parts included at their input size).
+    pub fn buffered_bytes(&self) -> u64 {
+        self.buffers.values().map(|b| b.bytes).sum()
+    }
+
     fn seal(&mut self, partition: &str) -> Option<Sealed> {
         let mut buf = self.buffers.remove(partition)?;
         if !buf.staging.is_empty() {
