@@ -205,6 +205,29 @@ fn start_worker(moto: &Moto, config: &str, log: &Path) -> Worker {
     Worker(cmd.spawn().expect("start trailhose run"))
 }
 
+/// The value of the first `/metrics` line starting with `name` (include the space or `{` that
+/// ends the name); 0 when the worker does not answer or has no such line yet.
+fn metric(port: u16, name: &str) -> f64 {
+    let text = http_get(port, "/metrics")
+        .map(|(_, m)| m)
+        .unwrap_or_default();
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A fresh moto with the work queue (and its DLQ), the input bucket and the output bucket.
+async fn setup(queue: &str, max_receive: u32) -> (Moto, Queues) {
+    let moto = Moto::start();
+    let q = make_queues(&moto.sqs(), queue, max_receive).await;
+    let s3 = moto.s3();
+    for b in ["trail-logs", "trail-out"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    (moto, q)
+}
+
 fn signal(child: &Child, sig: &str) {
     let ok = Command::new("kill")
         .args([sig, &child.id().to_string()])
@@ -456,13 +479,8 @@ async fn worker_processes_every_notification_shape_acks_and_refuses_then_stops_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_a_queue_and_a_killed_worker_loses_nothing() {
-    let moto = Moto::start();
-    let sqs = moto.sqs();
-    let s3 = moto.s3();
-    let q = make_queues(&sqs, "shared-work", 5).await;
-    for b in ["trail-logs", "trail-out"] {
-        s3.create_bucket().bucket(b).send().await.expect("bucket");
-    }
+    let (moto, q) = setup("shared-work", 5).await;
+    let (sqs, s3) = (moto.sqs(), moto.s3());
     let tmp = TempDir::new("service-share");
     // 40 files of generated events, one notification each.
     let expected = seed_generated(&moto, &q.url, 40, 100, 150_000).await;
@@ -479,12 +497,7 @@ async fn two_workers_share_a_queue_and_a_killed_worker_loses_nothing() {
 
     // Kill worker A without warning as soon as it has deleted some messages.
     eventually(60, "worker A to acknowledge work", || async {
-        http_get(pa, "/metrics").is_some_and(|(_, m)| {
-            m.lines()
-                .find(|l| l.starts_with("trailhose_sqs_messages_deleted_total "))
-                .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .is_some_and(|n| n >= 1.0)
-        })
+        metric(pa, "trailhose_sqs_messages_deleted_total ") >= 1.0
     })
     .await;
     signal(&a, "-KILL");
@@ -528,13 +541,8 @@ async fn two_workers_share_a_queue_and_a_killed_worker_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_are_acknowledged_only_after_their_records_are_written() {
-    let moto = Moto::start();
-    let sqs = moto.sqs();
-    let s3 = moto.s3();
-    let q = make_queues(&sqs, "outage-work", 50).await;
-    for b in ["trail-logs", "trail-out"] {
-        s3.create_bucket().bucket(b).send().await.expect("bucket");
-    }
+    let (moto, q) = setup("outage-work", 50).await;
+    let (sqs, s3) = (moto.sqs(), moto.s3());
     let tmp = TempDir::new("service-outage");
     let port = free_port();
     let config = write_config(tmp.path(), &moto, &q.url, port, 1);
@@ -552,23 +560,14 @@ async fn messages_are_acknowledged_only_after_their_records_are_written() {
         .await
         .expect("delete output bucket");
     let expected = seed_generated(&moto, &q.url, 5, 500, 50_000).await;
-    let metric = |name: &'static str| {
-        let text = http_get(port, "/metrics")
-            .map(|(_, m)| m)
-            .unwrap_or_default();
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
     eventually(30, "a failed put", || async {
-        metric("trailhose_errors_total{reason=\"put_failed\"") >= 1.0
+        metric(port, "trailhose_errors_total{reason=\"put_failed\"") >= 1.0
     })
     .await;
     // Longer than the visibility timeout: redelivered messages fail again, none is deleted.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
-        metric("trailhose_sqs_messages_deleted_total "),
+        metric(port, "trailhose_sqs_messages_deleted_total "),
         0.0,
         "nothing acknowledged while nothing is written"
     );
@@ -595,13 +594,8 @@ async fn messages_are_acknowledged_only_after_their_records_are_written() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_run_flushes_open_buffers_and_acknowledges_within_the_grace_period() {
-    let moto = Moto::start();
-    let sqs = moto.sqs();
-    let s3 = moto.s3();
-    let q = make_queues(&sqs, "term-work", 5).await;
-    for b in ["trail-logs", "trail-out"] {
-        s3.create_bucket().bucket(b).send().await.expect("bucket");
-    }
+    let (moto, q) = setup("term-work", 5).await;
+    let (sqs, s3) = (moto.sqs(), moto.s3());
     let tmp = TempDir::new("service-term");
     let expected = seed_generated(&moto, &q.url, 6, 900, 40_000).await;
     let port = free_port();
@@ -618,15 +612,8 @@ async fn sigterm_mid_run_flushes_open_buffers_and_acknowledges_within_the_grace_
         s3_objects(&s3, "trail-out", "ct/").await.is_empty(),
         "nothing written before the shutdown"
     );
-    let gauge = |text: &str, name: &str| -> f64 {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    };
-    let (_, m) = http_get(port, "/metrics").expect("metrics");
-    assert!(gauge(&m, "trailhose_open_buffers ") >= 1.0, "{m}");
-    assert!(gauge(&m, "trailhose_buffered_bytes ") > 100_000.0, "{m}");
+    assert!(metric(port, "trailhose_open_buffers ") >= 1.0);
+    assert!(metric(port, "trailhose_buffered_bytes ") > 100_000.0);
     let (v, nv) = depth(&sqs, &q.url).await;
     assert_eq!(v + nv, 6, "nothing acknowledged before the shutdown");
 
@@ -648,13 +635,8 @@ async fn sigterm_mid_run_flushes_open_buffers_and_acknowledges_within_the_grace_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_errors_throttling_and_slow_responses_cost_retries_not_events() {
-    let moto = Moto::start();
-    let sqs = moto.sqs();
-    let s3 = moto.s3();
-    let q = make_queues(&sqs, "fault-work", 20).await;
-    for b in ["trail-logs", "trail-out"] {
-        s3.create_bucket().bucket(b).send().await.expect("bucket");
-    }
+    let (moto, q) = setup("fault-work", 20).await;
+    let (sqs, s3) = (moto.sqs(), moto.s3());
     let tmp = TempDir::new("service-faults");
     let expected = seed_generated(&moto, &q.url, 12, 700, 60_000).await;
     // Every S3 request of the worker (fetches, puts, the start-up check) goes through the proxy.

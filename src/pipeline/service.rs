@@ -133,7 +133,7 @@ pub async fn run(
     // and message tasks delete what is committed. All within the grace period.
     tracing::info!("shutting down: flushing buffers");
     let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
-    let deadline = Instant::now() + grace;
+    let stopping = Instant::now();
     drop(dispatching);
     drop(files);
     let drained = tokio::time::timeout(grace, async {
@@ -148,8 +148,7 @@ pub async fn run(
         Ok(Err(e)) => Err(e),
         Ok(Ok((tally, written))) => {
             tracing::info!(
-                took_ms =
-                    (grace - deadline.saturating_duration_since(Instant::now())).as_millis() as u64,
+                took_ms = stopping.elapsed().as_millis() as u64,
                 "shutdown complete"
             );
             Ok(ServiceReport {
