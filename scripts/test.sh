@@ -4,7 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/moto-env.sh
+# The transform modules the tests load (installs the wasm32-wasip2 target and componentize-py).
+scripts/build-transforms.sh
 
+guests=(--manifest-path transforms/Cargo.toml --target-dir target/transforms --locked)
 cargo fmt --all -- --check
+cargo fmt --all --manifest-path transforms/Cargo.toml -- --check
 cargo clippy --all-targets --locked -- -D warnings
+cargo clippy "${guests[@]}" --target wasm32-wasip2 -- -D warnings
+cargo test "${guests[@]}"
 cargo test --all-targets --locked

@@ -87,6 +87,31 @@ pub struct Head<'a> {
     pub event_source: Option<Cow<'a, str>>,
     pub event_type: Option<Cow<'a, str>>,
     pub event_id: Option<Cow<'a, str>>,
+    pub event_name: Option<Cow<'a, str>>,
+    pub read_only: Option<bool>,
+}
+
+impl Head<'_> {
+    /// The same fields, owned: transforms hold events across a batch.
+    pub fn into_owned(self) -> Head<'static> {
+        let own = |c: Option<Cow<'_, str>>| c.map(|c| Cow::Owned(c.into_owned()));
+        Head {
+            event_time: own(self.event_time),
+            source_ip: own(self.source_ip),
+            account: own(self.account),
+            region: own(self.region),
+            event_source: own(self.event_source),
+            event_type: own(self.event_type),
+            event_id: own(self.event_id),
+            event_name: own(self.event_name),
+            read_only: self.read_only,
+        }
+    }
+}
+
+/// The head of one event that must be a JSON object (a transform's output).
+pub fn head_of(event: &[u8]) -> Result<Head<'_>, serde_json::Error> {
+    serde_json::from_slice(event)
 }
 
 /// One element of the `Records` array.
@@ -489,6 +514,7 @@ fn head_slot<'h, 'a>(head: &'h mut Head<'a>, key: &str) -> Option<&'h mut Option
         "eventSource" => &mut head.event_source,
         "eventType" => &mut head.event_type,
         "eventID" => &mut head.event_id,
+        "eventName" => &mut head.event_name,
         _ => return None,
     })
 }
@@ -512,8 +538,20 @@ impl<'de> Visitor<'de> for HeadVisitor {
         let mut head = Head::default();
         // Duplicate keys are valid JSON: the last one wins, as in most readers.
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key == "readOnly" {
+                head.read_only = match map.next_value::<Lenient<'de>>()? {
+                    Lenient::Bool(b) => Some(b),
+                    _ => None,
+                };
+                continue;
+            }
             match head_slot(&mut head, &key) {
-                Some(slot) => *slot = map.next_value::<Lenient<'de>>()?.0,
+                Some(slot) => {
+                    *slot = match map.next_value::<Lenient<'de>>()? {
+                        Lenient::Str(s) => Some(s),
+                        _ => None,
+                    }
+                }
                 None => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -523,9 +561,13 @@ impl<'de> Visitor<'de> for HeadVisitor {
     }
 }
 
-/// A string, or None for any other JSON type: a field of the wrong type is not routed on, but the
-/// event itself is still good.
-struct Lenient<'a>(Option<Cow<'a, str>>);
+/// A string, a bool, or any other JSON value: a field of the wrong type is not routed on, but
+/// the event itself is still good.
+enum Lenient<'a> {
+    Str(Cow<'a, str>),
+    Bool(bool),
+    Other,
+}
 
 impl<'de> Deserialize<'de> for Lenient<'de> {
     fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -542,39 +584,39 @@ impl<'de> Visitor<'de> for LenientVisitor {
         f.write_str("any JSON value")
     }
     fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-        Ok(Lenient(Some(Cow::Borrowed(v))))
+        Ok(Lenient::Str(Cow::Borrowed(v)))
     }
     fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Lenient(Some(Cow::Owned(v.to_owned()))))
+        Ok(Lenient::Str(Cow::Owned(v.to_owned())))
     }
     fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-        Ok(Lenient(Some(Cow::Owned(v))))
+        Ok(Lenient::Str(Cow::Owned(v)))
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Lenient(None))
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(Lenient::Bool(v))
     }
     fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Lenient(None))
+        Ok(Lenient::Other)
     }
     fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Lenient(None))
+        Ok(Lenient::Other)
     }
     fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Lenient(None))
+        Ok(Lenient::Other)
     }
     fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Lenient(None))
+        Ok(Lenient::Other)
     }
     fn visit_none<E>(self) -> Result<Self::Value, E> {
-        Ok(Lenient(None))
+        Ok(Lenient::Other)
     }
     fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Lenient(None))
+        Ok(Lenient::Other)
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Lenient(None))
+        Ok(Lenient::Other)
     }
 }
 
@@ -652,7 +694,7 @@ mod tests {
 
     #[test]
     fn head_extracts_routing_fields_and_last_duplicate_wins() {
-        let input = br#"{"Records":[{"eventTime":"2024-03-18T14:30:07Z","awsRegion":"us-east-1","recipientAccountId":"123456789012","eventSource":"s3.amazonaws.com","eventType":"AwsApiCall","eventID":"x","eventID":"y"}]}"#;
+        let input = br#"{"Records":[{"eventTime":"2024-03-18T14:30:07Z","awsRegion":"us-east-1","recipientAccountId":"123456789012","eventSource":"s3.amazonaws.com","eventType":"AwsApiCall","eventID":"x","eventID":"y","eventName":"GetObject","readOnly":true},{"readOnly":"true","eventName":7}]}"#;
         let mut heads = Vec::new();
         let report = split(&input[..], 1 << 20, |item| {
             if let Item::Event { head, .. } = item {
@@ -663,7 +705,8 @@ mod tests {
         assert_eq!(
             heads,
             vec![
-                r#"Head { event_time: Some("2024-03-18T14:30:07Z"), source_ip: None, account: Some("123456789012"), region: Some("us-east-1"), event_source: Some("s3.amazonaws.com"), event_type: Some("AwsApiCall"), event_id: Some("y") }"#
+                r#"Head { event_time: Some("2024-03-18T14:30:07Z"), source_ip: None, account: Some("123456789012"), region: Some("us-east-1"), event_source: Some("s3.amazonaws.com"), event_type: Some("AwsApiCall"), event_id: Some("y"), event_name: Some("GetObject"), read_only: Some(true) }"#,
+                r#"Head { event_time: None, source_ip: None, account: None, region: None, event_source: None, event_type: None, event_id: None, event_name: None, read_only: None }"#
             ]
         );
     }

@@ -39,6 +39,45 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub source: SourceConfig,
     pub server: ServerConfig,
+    /// Transform modules, run in this order.
+    pub transforms: Vec<TransformConfig>,
+}
+
+/// One `[[transforms]]` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformConfig {
+    /// Names the module in metrics, logs and error records.
+    pub name: String,
+    /// The component file (`.wasm`).
+    pub path: PathBuf,
+    /// Handed to the module's `init`.
+    #[serde(default)]
+    pub config: std::collections::BTreeMap<String, String>,
+    /// Fuel per batch (about one unit per wasm instruction); 0 = not metered.
+    #[serde(default = "default_fuel")]
+    pub fuel: u64,
+    /// Wall time per batch.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_max_memory_mb")]
+    pub max_memory_mb: usize,
+    /// Bytes the outcomes of one batch may carry.
+    #[serde(default = "default_max_output_bytes")]
+    pub max_output_bytes: usize,
+}
+
+fn default_fuel() -> u64 {
+    2_000_000_000
+}
+fn default_timeout_ms() -> u64 {
+    2_000
+}
+fn default_max_memory_mb() -> usize {
+    128
+}
+fn default_max_output_bytes() -> usize {
+    64 << 20
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -207,6 +246,13 @@ pub struct PipelineConfig {
     pub compression_threads: usize,
     /// Largest single event accepted; 0 = 16 MiB.
     pub max_event_bytes: usize,
+    /// Events per transform call; 0 = 256.
+    pub transform_batch_events: usize,
+    /// Where compiled transform modules are cached; unset = `$TMPDIR/trailhose-wasm-cache`,
+    /// empty = no cache.
+    pub transform_cache_dir: Option<PathBuf>,
+    /// How often module files are checked for changes; 0 = only on SIGHUP.
+    pub transform_reload_secs: Option<u64>,
 }
 
 /// Where the output goes.
@@ -372,6 +418,52 @@ impl Config {
                 format!("{:?} is not an address:port", self.server.listen),
             ));
         }
+        let mut names = std::collections::HashSet::new();
+        for t in &self.transforms {
+            let named = |m: &str| format!("{:?}: {m}", t.name);
+            if t.name.is_empty()
+                || t.name.len() > 64
+                || !t
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(invalid(
+                    "transforms.name",
+                    named("must be 1-64 characters of [A-Za-z0-9_-]"),
+                ));
+            }
+            if !names.insert(t.name.as_str()) {
+                return Err(invalid("transforms.name", named("is used twice")));
+            }
+            if t.path.as_os_str().is_empty() {
+                return Err(invalid("transforms.path", named("is empty")));
+            }
+            if !(1..=600_000).contains(&t.timeout_ms) {
+                return Err(invalid(
+                    "transforms.timeout_ms",
+                    named("must be 1..=600000"),
+                ));
+            }
+            if !(1..=4096).contains(&t.max_memory_mb) {
+                return Err(invalid(
+                    "transforms.max_memory_mb",
+                    named("must be 1..=4096"),
+                ));
+            }
+            if t.max_output_bytes < 1024 {
+                return Err(invalid(
+                    "transforms.max_output_bytes",
+                    named("must be at least 1024"),
+                ));
+            }
+        }
+        if self.pipeline.transform_batch_events > 100_000 {
+            return Err(invalid(
+                "pipeline.transform_batch_events",
+                "must be at most 100000",
+            ));
+        }
         if self.geoip.cache_entries == 0 {
             return Err(invalid("geoip.cache_entries", "must be at least 1"));
         }
@@ -452,6 +544,46 @@ impl Config {
 
     pub fn compression_threads(&self) -> usize {
         cores_or(self.pipeline.compression_threads)
+    }
+
+    pub fn transform_batch_events(&self) -> usize {
+        match self.pipeline.transform_batch_events {
+            0 => 256,
+            n => n,
+        }
+    }
+
+    /// The transform modules as the host takes them.
+    pub fn transform_specs(&self) -> Vec<crate::transform::ModuleSpec> {
+        self.transforms
+            .iter()
+            .map(|t| crate::transform::ModuleSpec {
+                name: t.name.clone(),
+                path: t.path.clone(),
+                config: t.config.clone().into_iter().collect(),
+                limits: crate::transform::Limits {
+                    fuel: t.fuel,
+                    timeout: Duration::from_millis(t.timeout_ms),
+                    max_memory_bytes: t.max_memory_mb << 20,
+                    max_output_bytes: t.max_output_bytes,
+                },
+            })
+            .collect()
+    }
+
+    pub fn transform_cache_dir(&self) -> Option<PathBuf> {
+        match &self.pipeline.transform_cache_dir {
+            None => Some(std::env::temp_dir().join("trailhose-wasm-cache")),
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+        }
+    }
+
+    pub fn transform_reload(&self) -> Option<Duration> {
+        match self.pipeline.transform_reload_secs.unwrap_or(2) {
+            0 => None,
+            n => Some(Duration::from_secs(n)),
+        }
     }
 
     pub fn max_event_bytes(&self) -> usize {

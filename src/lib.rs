@@ -16,3 +16,4 @@ pub mod server;
 pub mod sink;
 pub mod source;
 pub mod synth;
+pub mod transform;

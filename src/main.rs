@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -102,6 +103,40 @@ enum Command {
     CheckConfig { file: PathBuf },
     /// Measure throughput on generated CloudTrail data: codec floor vs. the pipeline.
     Bench(trailhose::bench::BenchArgs),
+    /// Work with WASM transform modules.
+    Transform {
+        #[command(subcommand)]
+        command: TransformCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TransformCommand {
+    /// Run a module on sample events and print each outcome as a JSON line (stdout), then
+    /// timing and fuel (stderr): what a team runs before shipping a module.
+    Test {
+        /// The component (`.wasm`).
+        #[arg(long)]
+        module: PathBuf,
+        /// A config entry for the module's init, KEY=VALUE (repeatable).
+        #[arg(long = "config", value_name = "KEY=VALUE")]
+        config: Vec<String>,
+        /// Fuel per batch; 0 = not metered.
+        #[arg(long, default_value_t = 2_000_000_000)]
+        fuel: u64,
+        /// Wall time per batch.
+        #[arg(long, default_value_t = 2_000)]
+        timeout_ms: u64,
+        #[arg(long, default_value_t = 128)]
+        max_memory_mb: usize,
+        #[arg(long, default_value_t = 64 << 20)]
+        max_output_bytes: usize,
+        /// Events per call.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// A CloudTrail file (`{"Records":[…]}`, gzip or not) or JSON lines.
+        events: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -288,6 +323,53 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => Ok(trailhose::bench::run(&args)?),
+        Command::Transform {
+            command:
+                TransformCommand::Test {
+                    module,
+                    config,
+                    fuel,
+                    timeout_ms,
+                    max_memory_mb,
+                    max_output_bytes,
+                    batch,
+                    events,
+                },
+        } => {
+            use trailhose::transform::{Limits, ModuleSpec, trial};
+            let config = config
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .with_context(|| format!("--config {kv:?} is not KEY=VALUE"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let name = module
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "module".to_owned());
+            let spec = ModuleSpec {
+                name,
+                path: module,
+                config,
+                limits: Limits {
+                    fuel,
+                    timeout: std::time::Duration::from_millis(timeout_ms),
+                    max_memory_bytes: max_memory_mb << 20,
+                    max_output_bytes,
+                },
+            };
+            let events = trial::read_events(&events)?;
+            let trial = trial::run(&spec, &events, batch)?;
+            let mut out = std::io::stdout().lock();
+            for r in &trial.results {
+                serde_json::to_writer(&mut out, r)?;
+                writeln!(out)?;
+            }
+            eprintln!("{}", trial.summary());
+            Ok(())
+        }
     }
 }
 

@@ -47,6 +47,13 @@ pub struct Metrics {
     lag_seconds: Histogram,
     open_buffers: IntGauge,
     buffered_bytes: IntGauge,
+    transform_events: IntCounterVec,
+    transform_failures: IntCounterVec,
+    transform_seconds: HistogramVec,
+    transform_fuel: IntCounterVec,
+    transform_counters: IntCounterVec,
+    transform_logs: IntCounterVec,
+    transform_reloads: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
@@ -138,7 +145,59 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     r.register(Box::new(buffered_bytes.clone()))
         .expect("metric registered once");
+    let transform_seconds = HistogramVec::new(
+        HistogramOpts::new(
+            "trailhose_transform_batch_seconds",
+            "Time for one transform module to handle one batch, host overhead included.",
+        )
+        .buckets(vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+        ]),
+        &["module"],
+    )
+    .expect("valid metric");
+    r.register(Box::new(transform_seconds.clone()))
+        .expect("metric registered once");
     Metrics {
+        transform_seconds,
+        transform_events: counter_vec(
+            &r,
+            "trailhose_transform_events_total",
+            "Events out of each transform module call, by outcome (kept, annotated, replaced, \
+             split (the events split), split_into (the events they became), dropped, failed).",
+            &["module", "outcome"],
+        ),
+        transform_failures: counter_vec(
+            &r,
+            "trailhose_transform_failures_total",
+            "Transform module calls that failed (trap, limit, malformed output): their batch went \
+             to the error output and the instance was rebuilt.",
+            &["module", "reason"],
+        ),
+        transform_fuel: counter_vec(
+            &r,
+            "trailhose_transform_fuel_consumed_total",
+            "Fuel (about one unit per wasm instruction) used by metered transform modules.",
+            &["module"],
+        ),
+        transform_counters: counter_vec(
+            &r,
+            "trailhose_transform_counter_total",
+            "Counters incremented by transform modules through the host's count import.",
+            &["module", "name"],
+        ),
+        transform_logs: counter_vec(
+            &r,
+            "trailhose_transform_log_lines_total",
+            "Log lines transform modules emitted through the host's log import.",
+            &["module", "level"],
+        ),
+        transform_reloads: counter_vec(
+            &r,
+            "trailhose_transform_reloads_total",
+            "Transform module reloads after their file changed or SIGHUP, by result.",
+            &["module", "result"],
+        ),
         open_buffers,
         buffered_bytes,
         s3_request_seconds,
@@ -699,6 +758,185 @@ impl InternalEvent for BuffersChanged {
         if self.bytes != 0 {
             METRICS.buffered_bytes.add(self.bytes);
         }
+    }
+}
+
+// ---- transforms --------------------------------------------------------------------------
+
+/// One transform module call's outcomes.
+pub struct TransformBatch<'a> {
+    pub module: &'a str,
+    pub counts: crate::transform::Counts,
+    pub elapsed: Duration,
+    pub fuel: u64,
+}
+
+impl InternalEvent for TransformBatch<'_> {
+    fn emit(self) {
+        let c = self.counts;
+        for (outcome, n) in [
+            ("kept", c.kept),
+            ("annotated", c.annotated),
+            ("replaced", c.replaced),
+            ("split", c.split),
+            ("split_into", c.split_into),
+            ("dropped", c.dropped),
+            ("failed", c.failed),
+        ] {
+            if n > 0 {
+                METRICS
+                    .transform_events
+                    .with_label_values(&[self.module, outcome])
+                    .inc_by(n);
+            }
+        }
+        if c.failed > 0 {
+            METRICS
+                .errors
+                .with_label_values(&["transform", "event_failed"])
+                .inc_by(c.failed);
+            tracing::warn!(
+                module = self.module,
+                events = c.failed,
+                "transform module failed events or returned malformed ones; they went to the error output"
+            );
+        }
+        METRICS
+            .transform_seconds
+            .with_label_values(&[self.module])
+            .observe(self.elapsed.as_secs_f64());
+        if self.fuel > 0 {
+            METRICS
+                .transform_fuel
+                .with_label_values(&[self.module])
+                .inc_by(self.fuel);
+        }
+    }
+}
+
+/// A transform call failed as a whole: its events went to the error output, the instance is
+/// rebuilt for the next batch.
+pub struct TransformFailed<'a> {
+    pub module: &'a str,
+    pub reason: &'a str,
+    pub events: u64,
+    pub detail: &'a str,
+}
+
+impl InternalEvent for TransformFailed<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            module = self.module,
+            reason = self.reason,
+            events = self.events,
+            "transform module failed; its batch went to the error output and the instance will be rebuilt: {}",
+            self.detail
+        );
+        METRICS
+            .transform_failures
+            .with_label_values(&[self.module, self.reason])
+            .inc();
+        METRICS
+            .transform_events
+            .with_label_values(&[self.module, "failed"])
+            .inc_by(self.events);
+        METRICS
+            .errors
+            .with_label_values(&["transform", self.reason])
+            .inc();
+    }
+}
+
+/// A module was reloaded (its file changed, or SIGHUP), or a reload failed and the running
+/// version was kept.
+pub struct TransformReloaded<'a> {
+    pub module: &'a str,
+    pub error: Option<&'a str>,
+}
+
+impl InternalEvent for TransformReloaded<'_> {
+    fn emit(self) {
+        let result = match self.error {
+            None => {
+                tracing::info!(module = self.module, "transform module reloaded");
+                "ok"
+            }
+            Some(e) => {
+                tracing::error!(
+                    module = self.module,
+                    "transform module reload failed; the running version is kept: {e}"
+                );
+                "error"
+            }
+        };
+        METRICS
+            .transform_reloads
+            .with_label_values(&[self.module, result])
+            .inc();
+    }
+}
+
+/// The compiled-module cache could not be used; modules are compiled at each start.
+pub struct TransformCacheUnusable<'a> {
+    pub note: &'a str,
+}
+
+impl InternalEvent for TransformCacheUnusable<'_> {
+    fn emit(self) {
+        tracing::warn!("transform cache not used: {}", self.note);
+        METRICS
+            .errors
+            .with_label_values(&["transform", "cache_unusable"])
+            .inc();
+    }
+}
+
+/// A log line from a module, through the host's `log` import.
+pub struct GuestLogged<'a> {
+    pub module: &'a str,
+    pub level: crate::transform::host::Level,
+    pub message: &'a str,
+}
+
+impl InternalEvent for GuestLogged<'_> {
+    fn emit(self) {
+        use crate::transform::host::Level;
+        let (m, msg) = (self.module, self.message);
+        let level = match self.level {
+            Level::Debug => {
+                tracing::debug!(module = m, "{msg}");
+                "debug"
+            }
+            Level::Info => {
+                tracing::info!(module = m, "{msg}");
+                "info"
+            }
+            Level::Warn => {
+                tracing::warn!(module = m, "{msg}");
+                "warn"
+            }
+            Level::Error => {
+                tracing::error!(module = m, "{msg}");
+                "error"
+            }
+        };
+        METRICS.transform_logs.with_label_values(&[m, level]).inc();
+    }
+}
+
+/// A module's own counter, through the host's `count` import.
+pub struct GuestCounted<'a> {
+    pub module: &'a str,
+    pub name: &'a str,
+    pub delta: u64,
+}
+
+impl InternalEvent for GuestCounted<'_> {
+    fn emit(self) {
+        METRICS
+            .transform_counters
+            .with_label_values(&[self.module, self.name])
+            .inc_by(self.delta);
     }
 }
 

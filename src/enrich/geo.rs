@@ -508,6 +508,15 @@ impl GeoEnricher {
     }
 }
 
+/// The ISO country code in a fragment from [`GeoEnricher::lookup`], for transforms' fields.
+pub fn country_code(fragment: &[u8]) -> Option<&str> {
+    const KEY: &[u8] = b"\"country_isocode\":\"";
+    let start = memchr::memmem::find(fragment, KEY)? + KEY.len();
+    let rest = fragment.get(start..)?;
+    let len = memchr::memchr(b'"', rest)?;
+    std::str::from_utf8(&rest[..len]).ok()
+}
+
 /// Appends `"geo":{...}` built from the city and ASN records; Ok(false) when no key was
 /// written (the caller then discards the partial output).
 fn write_fragment(
@@ -996,6 +1005,12 @@ mod tests {
                 .unwrap();
         }
         w.to_bytes().unwrap()
+    }
+
+    #[test]
+    fn country_code_is_read_back_from_the_fragment() {
+        assert_eq!(country_code(LONDON), Some("GB"));
+        assert_eq!(country_code(br#""geo":{"city":"x"}"#), None);
     }
 
     const LONDON: &[u8] = br#""geo":{"latitude":51.5142,"longitude":-0.0931,"city":"London","subdivision_isocode":"ENG","country":"United Kingdom","country_isocode":"GB""#;

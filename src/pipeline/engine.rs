@@ -19,6 +19,7 @@ use crate::sink::batch::Sealed;
 use crate::sink::encode::{Codec, Encoder};
 use crate::sink::partition::Partitioner;
 use crate::sink::write::{self, Store, Written};
+use crate::transform::Transforms;
 
 /// Where a file's stored bytes are.
 pub enum Input {
@@ -34,6 +35,37 @@ struct FileJob {
     hold: Option<Hold>,
     /// Released when a worker is done with the file: bounds files held in memory.
     _permit: OwnedSemaphorePermit,
+}
+
+/// What the workers share, opened and checked by `Engine::open`.
+struct Parts {
+    geo: Arc<GeoDb>,
+    partitioner: Arc<Partitioner>,
+    transforms: Option<Arc<Transforms>>,
+    store: Arc<Store>,
+    codec: Codec,
+}
+
+/// Compiles and checks the transform modules (a module that fails `init` stops start-up), and
+/// reloads them when their files change or on SIGHUP.
+fn open_transforms(cfg: &Config) -> Result<Option<Arc<Transforms>>, PipelineError> {
+    if cfg.transforms.is_empty() {
+        return Ok(None);
+    }
+    let t = Transforms::open(&cfg.transform_specs(), cfg.transform_cache_dir())?;
+    if let Some(every) = cfg.transform_reload() {
+        t.watch(every);
+    }
+    let weak = Arc::downgrade(&t);
+    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let Some(t) = weak.upgrade() else { break };
+                let _ = tokio::task::spawn_blocking(move || t.reload(true)).await;
+            }
+        });
+    }
+    Ok(Some(t))
 }
 
 pub struct Engine {
@@ -56,20 +88,32 @@ impl Engine {
         let partitioner = Arc::new(cfg.partitioner()?);
         let codec = cfg.codec()?;
         let geo = open_geo(cfg)?;
+        let transforms = open_transforms(cfg)?;
         let store = Arc::new(open_store(cfg).await?);
         store.check().await?;
-        Engine::start(cfg, &geo, partitioner, store, codec, workers, max_files)
+        let parts = Parts {
+            geo,
+            partitioner,
+            transforms,
+            store,
+            codec,
+        };
+        Engine::start(cfg, parts, workers, max_files)
     }
 
     fn start(
         cfg: &Config,
-        geo: &Arc<GeoDb>,
-        partitioner: Arc<Partitioner>,
-        store: Arc<Store>,
-        codec: Codec,
+        parts: Parts,
         workers: usize,
         max_files: usize,
     ) -> Result<Engine, PipelineError> {
+        let Parts {
+            geo,
+            partitioner,
+            transforms,
+            store,
+            codec,
+        } = parts;
         let encoder = Encoder::new(codec, cfg.compression_threads());
         let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(workers * 2);
         let uploader = tokio::spawn(write::run_uploader(
@@ -81,7 +125,13 @@ impl Engine {
         let (files, files_rx) = crossbeam_channel::unbounded::<FileJob>();
         let mut handles = Vec::new();
         for i in 0..workers.max(1) {
-            let mut worker = FileWorker::new(cfg, geo, partitioner.clone(), &encoder);
+            let mut worker = FileWorker::new(
+                cfg,
+                &geo,
+                partitioner.clone(),
+                &encoder,
+                transforms.as_ref(),
+            );
             let rx = files_rx.clone();
             let tx = sealed_tx.clone();
             let handle = std::thread::Builder::new()

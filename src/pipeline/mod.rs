@@ -17,9 +17,10 @@ use serde_json::value::RawValue;
 
 use crate::ack::Hold;
 use crate::clock::Utc;
+use crate::cloudtrail::Head;
 use crate::cloudtrail::{self, FileErrorReason, Item, Kind as SplitKind};
 use crate::config::{Config, ConfigError, OutputUrl};
-use crate::enrich::geo::{GeoDb, GeoEnricher, GeoError};
+use crate::enrich::geo::{self, GeoDb, GeoEnricher, GeoError};
 use crate::fetch::{self, Encoding};
 use crate::metrics::{self, *};
 use crate::sink::batch::{Batcher, Kind, Sealed};
@@ -27,6 +28,7 @@ use crate::sink::encode::{Encoder, encode_event};
 use crate::sink::partition::Partitioner;
 use crate::sink::write::{S3Options, Store, WriteError, Written};
 use crate::source::local::{self, SourceError};
+use crate::transform::{Batch, Chain, Reject, TransformError, Transforms};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -38,6 +40,8 @@ pub enum PipelineError {
     Source(#[from] SourceError),
     #[error("output unusable: {0}")]
     Output(#[from] WriteError),
+    #[error(transparent)]
+    Transform(#[from] TransformError),
     #[error("a worker thread failed: {0}")]
     Worker(String),
 }
@@ -52,6 +56,9 @@ struct ErrorRecord<'a> {
     stage: &'static str,
     reason: &'a str,
     detail: &'a str,
+    /// The transform module that refused the record.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    module: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     events_kept: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -68,6 +75,7 @@ impl<'a> ErrorRecord<'a> {
             stage,
             reason,
             detail,
+            module: None,
             events_kept: None,
             index: None,
             record: None,
@@ -112,6 +120,8 @@ pub struct FileWorker {
     /// The notification of the file being processed, while it is processed.
     hold: Option<Hold>,
     lag: LagRecorder,
+    /// The transform modules, when configured.
+    stage: Option<TransformStage>,
     /// Open buffers and buffered bytes last reported to the gauges.
     reported: (i64, i64),
     pub tally: Tally,
@@ -131,6 +141,7 @@ impl FileWorker {
         geo: &Arc<GeoDb>,
         partitioner: Arc<Partitioner>,
         encoder: &Encoder,
+        transforms: Option<&Arc<Transforms>>,
     ) -> FileWorker {
         FileWorker {
             geo: (!geo.is_empty()).then(|| GeoEnricher::new(geo.clone(), cfg.geoip.cache_entries)),
@@ -142,6 +153,12 @@ impl FileWorker {
             key: String::new(),
             hold: None,
             lag: LagRecorder::new(),
+            stage: transforms.map(|t| TransformStage {
+                chain: t.chain(),
+                pending: Batch::default(),
+                rejects: Vec::new(),
+                batch_events: cfg.transform_batch_events(),
+            }),
             reported: (0, 0),
             tally: Tally::default(),
         }
@@ -205,40 +222,52 @@ impl FileWorker {
             self.error_record(out, ErrorRecord::new(source, "fetch", "not_gzip", detail));
         }
 
-        let mut fallback = 0u64;
         let mut rejected: Vec<(u64, Vec<u8>)> = Vec::new();
-        let report = {
-            let (partitioner, key, geo, events, hold, lag) = (
-                &self.partitioner,
-                &mut self.key,
-                &mut self.geo,
-                &mut self.events,
-                self.hold.as_ref(),
-                &self.lag,
-            );
-            let now = Utc::now().to_unix();
-            cloudtrail::split(decoded, self.max_event_bytes, |item| match item {
-                Item::Event { raw, head } => {
-                    let routed = partitioner.key_for(&head, key);
-                    fallback += u64::from(routed.fallback);
-                    if let Some(t) = routed.time {
-                        lag.observe((now - t.to_unix()) as f64);
-                    }
-                    let geo = geo
-                        .as_mut()
-                        .and_then(|g| g.lookup(head.source_ip.as_deref()));
-                    let sealed = events.append(key, hold, |buf| match geo {
-                        Some(g) => encode_event(buf, raw, &[g]),
-                        None => encode_event(buf, raw, &[]),
-                    });
-                    if let Some(s) = sealed {
-                        out(s);
+        let mut route = Route {
+            partitioner: &self.partitioner,
+            key: &mut self.key,
+            events: &mut self.events,
+            errors: &mut self.errors,
+            error_prefix: &self.error_prefix,
+            hold: self.hold.as_ref(),
+            lag: &self.lag,
+            now: Utc::now().to_unix(),
+            fallback: 0,
+            error_records: 0,
+        };
+        let (geo, stage) = (&mut self.geo, &mut self.stage);
+        let mut next_index = 0u64;
+        let report = cloudtrail::split(decoded, self.max_event_bytes, |item| match item {
+            Item::Event { raw, head } => {
+                let index = next_index;
+                next_index += 1;
+                let fragment = geo
+                    .as_mut()
+                    .and_then(|g| g.lookup(head.source_ip.as_deref()));
+                let additions = fragment.as_slice();
+                match stage {
+                    None => route.event(raw, additions, &head, out),
+                    Some(st) => {
+                        let country = fragment.and_then(geo::country_code).map(Arc::from);
+                        st.pending
+                            .push(raw, additions, head.into_owned(), country, index);
+                        if st.pending.len() >= st.batch_events {
+                            st.flush(&mut route, source, out);
+                        }
                     }
                 }
-                // Rare; kept aside so the error batcher is not borrowed during the split.
-                Item::NotAnObject { index, raw } => rejected.push((index, raw.to_vec())),
-            })
-        };
+            }
+            // Rare; kept aside so the error batcher is not borrowed during the split.
+            Item::NotAnObject { index, raw } => {
+                next_index = index + 1;
+                rejected.push((index, raw.to_vec()));
+            }
+        });
+        if let Some(st) = stage {
+            st.flush(&mut route, source, out);
+        }
+        let fallback = route.fallback;
+        self.tally.error_records += route.error_records;
         for (index, raw) in &rejected {
             metrics::emit(RecordRejected {
                 source,
@@ -330,22 +359,10 @@ impl FileWorker {
         );
     }
 
-    fn error_record(&mut self, out: &mut impl FnMut(Sealed), mut rec: ErrorRecord<'_>) {
+    fn error_record(&mut self, out: &mut impl FnMut(Sealed), rec: ErrorRecord<'_>) {
         self.tally.error_records += 1;
-        let now = Utc::now();
-        rec.time = now.rfc3339();
-        let partition = format!(
-            "{}year={:04}/month={:02}/day={:02}/",
-            self.error_prefix, now.year, now.month, now.day
-        );
-        let sealed = self.errors.append(&partition, self.hold.as_ref(), |buf| {
-            // Serializing plain strings and valid raw JSON into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *buf, &rec);
-            buf.push(b'\n');
-        });
-        if let Some(s) = sealed {
-            out(s);
-        }
+        let hold = self.hold.as_ref();
+        write_error_record(&mut self.errors, &self.error_prefix, hold, out, rec);
     }
 
     /// Reports this worker's change in open buffers and buffered bytes.
@@ -387,6 +404,105 @@ impl FileWorker {
         self.events.seal_all().into_iter().for_each(&mut *out);
         self.errors.seal_all().into_iter().for_each(&mut *out);
         self.report_buffers();
+    }
+}
+
+/// Buffers an error record under `errors/year=/month=/day=/` (the time it was seen).
+fn write_error_record(
+    errors: &mut Batcher,
+    error_prefix: &str,
+    hold: Option<&Hold>,
+    out: &mut impl FnMut(Sealed),
+    mut rec: ErrorRecord<'_>,
+) {
+    let now = Utc::now();
+    rec.time = now.rfc3339();
+    let partition = format!(
+        "{}year={:04}/month={:02}/day={:02}/",
+        error_prefix, now.year, now.month, now.day
+    );
+    let sealed = errors.append(&partition, hold, |buf| {
+        // Serializing plain strings and valid raw JSON into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *buf, &rec);
+        buf.push(b'\n');
+    });
+    if let Some(s) = sealed {
+        out(s);
+    }
+}
+
+/// Where events and rejects of the file being processed go: the worker's buffers, borrowed
+/// for the length of one file.
+struct Route<'w> {
+    partitioner: &'w Partitioner,
+    key: &'w mut String,
+    events: &'w mut Batcher,
+    errors: &'w mut Batcher,
+    error_prefix: &'w str,
+    hold: Option<&'w Hold>,
+    lag: &'w LagRecorder,
+    now: i64,
+    fallback: u64,
+    error_records: u64,
+}
+
+impl Route<'_> {
+    /// Buffers one event under its partition: `raw` with `additions` spliced in.
+    fn event(
+        &mut self,
+        raw: &[u8],
+        additions: &[&[u8]],
+        head: &Head<'_>,
+        out: &mut impl FnMut(Sealed),
+    ) {
+        let routed = self.partitioner.key_for(head, self.key);
+        self.fallback += u64::from(routed.fallback);
+        if let Some(t) = routed.time {
+            self.lag.observe((self.now - t.to_unix()) as f64);
+        }
+        let sealed = self
+            .events
+            .append(self.key, self.hold, |buf| encode_event(buf, raw, additions));
+        if let Some(s) = sealed {
+            out(s);
+        }
+    }
+
+    /// Buffers an event a transform module refused, with the module and the reason.
+    fn reject(&mut self, source: &str, r: &Reject, out: &mut impl FnMut(Sealed)) {
+        self.error_records += 1;
+        let rec = ErrorRecord {
+            module: Some(&r.module),
+            index: Some(r.index),
+            record: serde_json::from_slice::<&RawValue>(&r.event).ok(),
+            ..ErrorRecord::new(source, "transform", r.reason, &r.detail)
+        };
+        write_error_record(self.errors, self.error_prefix, self.hold, out, rec);
+    }
+}
+
+/// A worker's transform modules and the batch of events waiting for them.
+struct TransformStage {
+    chain: Chain,
+    pending: Batch,
+    rejects: Vec<Reject>,
+    batch_events: usize,
+}
+
+impl TransformStage {
+    /// Runs the pending events through the modules and routes what comes out.
+    fn flush(&mut self, route: &mut Route<'_>, source: &str, out: &mut impl FnMut(Sealed)) {
+        if self.pending.is_empty() {
+            return;
+        }
+        self.chain.run(&mut self.pending, &mut self.rejects);
+        for (event, item) in self.pending.items() {
+            route.event(event, &[], &item.head, out);
+        }
+        for r in self.rejects.drain(..) {
+            route.reject(source, &r, out);
+        }
+        self.pending.clear();
     }
 }
 

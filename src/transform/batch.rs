@@ -1,0 +1,414 @@
+//! A batch of events on its way through the transform modules, and the pure step that applies
+//! a module's outcomes to it.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::cloudtrail::{self, Head};
+
+use super::host::{Member, Outcome};
+
+/// Events in one buffer, each with the head fields the host routes on and shows to modules.
+#[derive(Default)]
+pub struct Batch {
+    arena: Vec<u8>,
+    items: Vec<Item>,
+}
+
+pub struct Item {
+    range: Range<usize>,
+    pub head: Head<'static>,
+    /// The GeoIP country found for the original event.
+    pub country: Option<Arc<str>>,
+    /// The position of the original event in its file's `Records`.
+    pub index: u64,
+}
+
+/// An event a module failed or returned malformed: it goes to the error output.
+#[derive(Debug)]
+pub struct Reject {
+    pub module: Arc<str>,
+    pub index: u64,
+    pub reason: &'static str,
+    pub detail: String,
+    /// The event as the module received it.
+    pub event: Vec<u8>,
+}
+
+/// Outcomes of one module call, by kind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub kept: u64,
+    pub annotated: u64,
+    pub replaced: u64,
+    /// Events split, and the events they became.
+    pub split: u64,
+    pub split_into: u64,
+    pub dropped: u64,
+    pub failed: u64,
+}
+
+impl Batch {
+    /// Adds one event: `raw` with `additions` (`"key":value` members) spliced in.
+    pub fn push(
+        &mut self,
+        raw: &[u8],
+        additions: &[&[u8]],
+        head: Head<'static>,
+        country: Option<Arc<str>>,
+        index: u64,
+    ) {
+        let start = self.arena.len();
+        splice(&mut self.arena, raw, additions);
+        self.items.push(Item {
+            range: start..self.arena.len(),
+            head,
+            country,
+            index,
+        });
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.arena.len()
+    }
+
+    pub fn clear(&mut self) {
+        self.arena.clear();
+        self.items.clear();
+    }
+
+    pub fn items(&self) -> impl Iterator<Item = (&[u8], &Item)> {
+        self.items.iter().map(|i| (&self.arena[i.range.clone()], i))
+    }
+
+    /// Every event rejected with the same reason (the module call itself failed).
+    pub fn reject_all(
+        &self,
+        module: &Arc<str>,
+        reason: &'static str,
+        detail: &str,
+        out: &mut Vec<Reject>,
+    ) {
+        out.extend(self.items().map(|(event, item)| Reject {
+            module: module.clone(),
+            index: item.index,
+            reason,
+            detail: detail.to_owned(),
+            event: event.to_vec(),
+        }));
+    }
+}
+
+/// Writes `raw` (a JSON object) with `additions` inserted before its closing brace.
+fn splice(out: &mut Vec<u8>, raw: &[u8], additions: &[&[u8]]) {
+    let Some((&b'}', body)) = raw.split_last() else {
+        out.extend_from_slice(raw);
+        return;
+    };
+    out.extend_from_slice(body);
+    let mut has_members = body
+        .iter()
+        .skip(1)
+        .any(|b| !matches!(b, b' ' | b'\n' | b'\r' | b'\t'));
+    for add in additions {
+        if has_members {
+            out.push(b',');
+        }
+        out.extend_from_slice(add);
+        has_members = true;
+    }
+    out.push(b'}');
+}
+
+/// `"key":value` for an annotation, or why it is malformed.
+fn member_fragment(m: &Member) -> Result<Vec<u8>, String> {
+    if m.key.is_empty() {
+        return Err("an annotation has an empty key".to_owned());
+    }
+    let value = m.value.trim();
+    if serde_json::from_str::<serde::de::IgnoredAny>(value).is_err() {
+        return Err(format!(
+            "annotation {:?}: value {:?} is not JSON text",
+            m.key,
+            truncate(value, 80)
+        ));
+    }
+    let mut frag = Vec::with_capacity(m.key.len() + value.len() + 3);
+    // Serializing a string into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut frag, &m.key);
+    frag.push(b':');
+    frag.extend_from_slice(value.as_bytes());
+    Ok(frag)
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// A rewritten event is routed on its own fields, and on the original's where it has none: a
+/// module that renames keys (lowercase-keys) must not send every event to the fallback
+/// partition.
+fn inherit(mut new: Head<'static>, old: &Head<'static>) -> Head<'static> {
+    let fill = |n: &mut Option<_>, o: &Option<_>| {
+        if n.is_none() {
+            n.clone_from(o);
+        }
+    };
+    fill(&mut new.event_time, &old.event_time);
+    fill(&mut new.source_ip, &old.source_ip);
+    fill(&mut new.account, &old.account);
+    fill(&mut new.region, &old.region);
+    fill(&mut new.event_source, &old.event_source);
+    fill(&mut new.event_type, &old.event_type);
+    fill(&mut new.event_id, &old.event_id);
+    fill(&mut new.event_name, &old.event_name);
+    if new.read_only.is_none() {
+        new.read_only = old.read_only;
+    }
+    new
+}
+
+/// Applies one outcome per event of `input`, appending what is kept to `output` and what is
+/// refused to `rejects`. `outcomes.len() == input.len()` is checked by the caller.
+pub fn apply(
+    module: &Arc<str>,
+    input: &Batch,
+    outcomes: &[Outcome],
+    output: &mut Batch,
+    rejects: &mut Vec<Reject>,
+) -> Counts {
+    let mut counts = Counts::default();
+    for ((event, item), outcome) in input.items().zip(outcomes) {
+        let mut reject = |reason: &'static str, detail: String| {
+            rejects.push(Reject {
+                module: module.clone(),
+                index: item.index,
+                reason,
+                detail,
+                event: event.to_vec(),
+            })
+        };
+        match outcome {
+            Outcome::Keep => {
+                counts.kept += 1;
+                output.push(
+                    event,
+                    &[],
+                    item.head.clone(),
+                    item.country.clone(),
+                    item.index,
+                );
+            }
+            Outcome::Annotate(members) => {
+                match members
+                    .iter()
+                    .map(member_fragment)
+                    .collect::<Result<Vec<_>, _>>()
+                {
+                    Ok(frags) => {
+                        counts.annotated += 1;
+                        let adds: Vec<&[u8]> = frags.iter().map(Vec::as_slice).collect();
+                        output.push(
+                            event,
+                            &adds,
+                            item.head.clone(),
+                            item.country.clone(),
+                            item.index,
+                        );
+                    }
+                    Err(detail) => {
+                        counts.failed += 1;
+                        reject("malformed_output", detail);
+                    }
+                }
+            }
+            Outcome::Replace(bytes) => match cloudtrail::head_of(bytes) {
+                Ok(head) => {
+                    counts.replaced += 1;
+                    let head = inherit(head.into_owned(), &item.head);
+                    output.push(bytes, &[], head, item.country.clone(), item.index);
+                }
+                Err(e) => {
+                    counts.failed += 1;
+                    reject(
+                        "malformed_output",
+                        format!("the replacement is not a JSON object: {e}"),
+                    );
+                }
+            },
+            Outcome::Split(parts) => {
+                let heads: Result<Vec<Head<'static>>, _> = parts
+                    .iter()
+                    .map(|p| cloudtrail::head_of(p).map(|h| inherit(h.into_owned(), &item.head)))
+                    .collect();
+                match heads {
+                    Ok(heads) => {
+                        counts.split += 1;
+                        counts.split_into += parts.len() as u64;
+                        for (p, head) in parts.iter().zip(heads) {
+                            output.push(p, &[], head, item.country.clone(), item.index);
+                        }
+                    }
+                    Err(e) => {
+                        counts.failed += 1;
+                        reject(
+                            "malformed_output",
+                            format!("a split part is not a JSON object: {e}"),
+                        );
+                    }
+                }
+            }
+            Outcome::Drop => counts.dropped += 1,
+            Outcome::Failed(message) => {
+                counts.failed += 1;
+                reject("module_failed", truncate(message, 1024).to_owned());
+            }
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(events: &[&str]) -> Batch {
+        let mut b = Batch::default();
+        for (i, e) in events.iter().enumerate() {
+            let head = cloudtrail::head_of(e.as_bytes()).unwrap().into_owned();
+            b.push(e.as_bytes(), &[], head, Some("US".into()), i as u64);
+        }
+        b
+    }
+
+    fn texts(b: &Batch) -> Vec<String> {
+        b.items()
+            .map(|(e, _)| String::from_utf8(e.to_vec()).unwrap())
+            .collect()
+    }
+
+    fn member(k: &str, v: &str) -> Member {
+        Member {
+            key: k.into(),
+            value: v.into(),
+        }
+    }
+
+    #[test]
+    fn push_splices_additions_into_objects_even_empty_ones() {
+        let mut b = Batch::default();
+        b.push(br#"{"a":1}"#, &[br#""geo":{}"#], Head::default(), None, 0);
+        b.push(b"{ }", &[b"\"x\":1", b"\"y\":2"], Head::default(), None, 1);
+        assert_eq!(texts(&b), [r#"{"a":1,"geo":{}}"#, r#"{ "x":1,"y":2}"#]);
+    }
+
+    #[test]
+    fn every_outcome_kind_is_applied_and_counted() {
+        let input = batch(&[
+            r#"{"eventID":"1"}"#,
+            r#"{"eventID":"2"}"#,
+            r#"{"eventID":"3"}"#,
+            r#"{"eventID":"4"}"#,
+            r#"{"eventID":"5"}"#,
+            r#"{"eventID":"6"}"#,
+        ]);
+        let outcomes = vec![
+            Outcome::Keep,
+            Outcome::Annotate(vec![member("xpriority", "\"HIGH\""), member("n", " 3 ")]),
+            Outcome::Replace(br#"{"eventID":"3b","eventTime":"2024-01-01T00:00:00Z"}"#.to_vec()),
+            Outcome::Split(vec![
+                br#"{"eventID":"4a"}"#.to_vec(),
+                br#"{"eventID":"4b"}"#.to_vec(),
+            ]),
+            Outcome::Drop,
+            Outcome::Failed("no".into()),
+        ];
+        let (mut out, mut rejects) = (Batch::default(), Vec::new());
+        let m: Arc<str> = "m".into();
+        let c = apply(&m, &input, &outcomes, &mut out, &mut rejects);
+        assert_eq!(
+            c,
+            Counts {
+                kept: 1,
+                annotated: 1,
+                replaced: 1,
+                split: 1,
+                split_into: 2,
+                dropped: 1,
+                failed: 1
+            }
+        );
+        assert_eq!(
+            texts(&out),
+            [
+                r#"{"eventID":"1"}"#,
+                r#"{"eventID":"2","xpriority":"HIGH","n":3}"#,
+                r#"{"eventID":"3b","eventTime":"2024-01-01T00:00:00Z"}"#,
+                r#"{"eventID":"4a"}"#,
+                r#"{"eventID":"4b"}"#,
+            ]
+        );
+        // A replacement is routed on its own fields; the original's country and index stay.
+        let third = out.items().nth(2).unwrap().1;
+        assert_eq!(
+            third.head.event_time.as_deref(),
+            Some("2024-01-01T00:00:00Z")
+        );
+        assert_eq!((third.index, third.country.as_deref()), (2, Some("US")));
+        // Fields the replacement lacks are inherited from the original.
+        assert_eq!(
+            out.items().nth(3).unwrap().1.head.event_id.as_deref(),
+            Some("4a")
+        );
+        let lowered = batch(&[r#"{"eventID":"9","eventTime":"2024-05-05T00:00:00Z"}"#]);
+        let (mut out2, mut rej2) = (Batch::default(), Vec::new());
+        let replaced = [Outcome::Replace(
+            br#"{"eventid":"9","eventtime":"x"}"#.to_vec(),
+        )];
+        apply(&m, &lowered, &replaced, &mut out2, &mut rej2);
+        let head = &out2.items().next().unwrap().1.head;
+        assert_eq!(head.event_time.as_deref(), Some("2024-05-05T00:00:00Z"));
+        assert_eq!(rejects.len(), 1);
+        assert_eq!(
+            (
+                rejects[0].index,
+                rejects[0].reason,
+                rejects[0].detail.as_str()
+            ),
+            (5, "module_failed", "no")
+        );
+        assert_eq!(rejects[0].event, br#"{"eventID":"6"}"#);
+    }
+
+    #[test]
+    fn malformed_outputs_reject_only_their_event() {
+        let input = batch(&[r#"{"a":1}"#, r#"{"a":2}"#, r#"{"a":3}"#, r#"{"a":4}"#]);
+        let outcomes = vec![
+            Outcome::Replace(b"[1,2]".to_vec()),
+            Outcome::Annotate(vec![member("k", "not json")]),
+            Outcome::Split(vec![br#"{"ok":1}"#.to_vec(), b"{broken".to_vec()]),
+            Outcome::Annotate(vec![member("", "1")]),
+        ];
+        let (mut out, mut rejects) = (Batch::default(), Vec::new());
+        let c = apply(&"m".into(), &input, &outcomes, &mut out, &mut rejects);
+        assert_eq!(c.failed, 4);
+        assert!(out.is_empty());
+        assert!(rejects.iter().all(|r| r.reason == "malformed_output"));
+        assert!(
+            rejects[1].detail.contains("not JSON"),
+            "{}",
+            rejects[1].detail
+        );
+    }
+}

@@ -1,0 +1,407 @@
+//! The transform stage: teams' WASM components (the `trailhose:transform` world in `wit/`) run
+//! in order over batches of events, between enrichment and the sink.
+//!
+//! [`Transforms`] is shared: the engine, each module compiled once (and cached on disk), and
+//! hot reload. Each worker thread owns a [`Chain`]: one instance per module, built from the
+//! module's pre-linked form and rebuilt after any failure or reload. A failed call sends that
+//! batch's events to the error output with the module's name and the reason; the worker goes on.
+
+pub mod batch;
+pub mod cache;
+pub mod host;
+pub mod trial;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use wasmtime::Engine;
+
+pub use batch::{Batch, Counts, Reject};
+use host::{CallError, Event, Fields, Instance, Prepared};
+
+use crate::metrics::{self, TransformBatch, TransformFailed, TransformReloaded};
+
+/// Per-call limits of one module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Fuel (roughly, wasm instructions) per batch; 0 = not metered.
+    pub fuel: u64,
+    /// Wall time per batch.
+    pub timeout: Duration,
+    pub max_memory_bytes: usize,
+    /// Bytes a batch's outcomes may carry in all.
+    pub max_output_bytes: usize,
+}
+
+/// One configured module.
+#[derive(Debug, Clone)]
+pub struct ModuleSpec {
+    pub name: String,
+    pub path: PathBuf,
+    pub config: Vec<(String, String)>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransformError {
+    #[error("transform {module:?}: cannot read {path}: {source}")]
+    Read {
+        module: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("transform {module:?}: {path} is not a usable trailhose:transform component: {detail}")]
+    Compile {
+        module: String,
+        path: String,
+        detail: String,
+    },
+    #[error("transform {module:?}: {detail}")]
+    Init { module: String, detail: String },
+    #[error("cannot start the WASM engine: {0}")]
+    Engine(String),
+}
+
+/// A module's compiled, linked form.
+struct Loaded {
+    prepared: Prepared,
+    digest: String,
+}
+
+/// What the file looked like when last read: a reload happens when it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+    })
+}
+
+struct Module {
+    spec: ModuleSpec,
+    name: Arc<str>,
+    current: RwLock<Arc<Loaded>>,
+    /// Bumped on every successful reload; workers rebuild their instance when it moves.
+    generation: AtomicU64,
+    stamp: Mutex<Option<Stamp>>,
+}
+
+/// Every configured module, shared by the workers.
+pub struct Transforms {
+    engine: Engine,
+    fuel: bool,
+    modules: Vec<Arc<Module>>,
+    cache_dir: Option<PathBuf>,
+}
+
+impl Transforms {
+    /// Compiles every module and checks that it instantiates and accepts its config: a module
+    /// that fails here stops start-up.
+    pub fn open(
+        specs: &[ModuleSpec],
+        cache_dir: Option<PathBuf>,
+    ) -> Result<Arc<Transforms>, TransformError> {
+        let fuel = specs.iter().any(|s| s.limits.fuel > 0);
+        let engine = host::engine(fuel).map_err(|e| TransformError::Engine(e.to_string()))?;
+        start_epoch_ticker(&engine);
+        let mut t = Transforms {
+            engine,
+            fuel,
+            modules: Vec::new(),
+            cache_dir,
+        };
+        for spec in specs {
+            let name: Arc<str> = spec.name.as_str().into();
+            let st = stamp(&spec.path);
+            let loaded = t.load(spec, &name)?;
+            t.modules.push(Arc::new(Module {
+                spec: spec.clone(),
+                name,
+                current: RwLock::new(Arc::new(loaded)),
+                generation: AtomicU64::new(0),
+                stamp: Mutex::new(st),
+            }));
+        }
+        Ok(Arc::new(t))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+    }
+
+    /// Reads, compiles (or loads from the cache), links, and test-instantiates one module.
+    fn load(&self, spec: &ModuleSpec, name: &Arc<str>) -> Result<Loaded, TransformError> {
+        let path = spec.path.display().to_string();
+        let wasm = std::fs::read(&spec.path).map_err(|source| TransformError::Read {
+            module: spec.name.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        let compile_err = |e: wasmtime::Error| TransformError::Compile {
+            module: spec.name.clone(),
+            path: path.clone(),
+            detail: format!("{e:#}"),
+        };
+        let (component, _, note) =
+            cache::load(&self.engine, &wasm, self.cache_dir.as_deref()).map_err(compile_err)?;
+        if let Some(note) = note {
+            metrics::emit(metrics::TransformCacheUnusable { note: &note });
+        }
+        let prepared = Prepared::new(&self.engine, &component).map_err(compile_err)?;
+        Instance::new(
+            &self.engine,
+            self.fuel,
+            &prepared,
+            name,
+            &spec.config,
+            &spec.limits,
+        )
+        .map_err(|e| TransformError::Init {
+            module: spec.name.clone(),
+            detail: e.detail,
+        })?;
+        Ok(Loaded {
+            prepared,
+            digest: cache::digest(&wasm),
+        })
+    }
+
+    /// Reloads modules whose file changed (`force`: re-reads every file, as on SIGHUP). A
+    /// module that fails to load keeps its running version. Workers switch between batches, so
+    /// no event is dropped.
+    pub fn reload(&self, force: bool) {
+        for m in &self.modules {
+            let now = stamp(&m.spec.path);
+            {
+                let Ok(mut last) = m.stamp.lock() else {
+                    continue;
+                };
+                if !force && *last == now {
+                    continue;
+                }
+                *last = now;
+            }
+            let result = self.load(&m.spec, &m.name);
+            let changed = match &result {
+                Ok(loaded) => m
+                    .current
+                    .read()
+                    .map(|c| c.digest != loaded.digest)
+                    .unwrap_or(true),
+                Err(_) => false,
+            };
+            match result {
+                Ok(loaded) if changed => {
+                    if let Ok(mut cur) = m.current.write() {
+                        *cur = Arc::new(loaded);
+                        m.generation.fetch_add(1, Ordering::SeqCst);
+                    }
+                    metrics::emit(TransformReloaded {
+                        module: &m.name,
+                        error: None,
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => metrics::emit(TransformReloaded {
+                    module: &m.name,
+                    error: Some(&e.to_string()),
+                }),
+            }
+        }
+    }
+
+    /// Checks the module files every `interval` until the `Transforms` is dropped.
+    pub fn watch(self: &Arc<Self>, interval: Duration) {
+        let weak: Weak<Transforms> = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("transform-watch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(interval);
+                    match weak.upgrade() {
+                        Some(t) => t.reload(false),
+                        None => break,
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            metrics::emit(TransformReloaded {
+                module: "*",
+                error: Some(&format!("cannot start the file watcher: {e}")),
+            });
+        }
+    }
+
+    /// A worker's own chain of instances.
+    pub fn chain(self: &Arc<Self>) -> Chain {
+        Chain {
+            transforms: self.clone(),
+            stages: self
+                .modules
+                .iter()
+                .map(|m| Stage {
+                    module: m.clone(),
+                    live: None,
+                })
+                .collect(),
+            scratch: Batch::default(),
+        }
+    }
+}
+
+/// Advances the engine's epoch every tick while the engine lives: the clock behind every
+/// module's time limit.
+fn start_epoch_ticker(engine: &Engine) {
+    let weak = engine.weak();
+    let _ = std::thread::Builder::new()
+        .name("wasm-epoch".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(host::EPOCH_TICK);
+                match weak.upgrade() {
+                    Some(e) => e.increment_epoch(),
+                    None => break,
+                }
+            }
+        });
+}
+
+struct Stage {
+    module: Arc<Module>,
+    /// The instance and the module generation it was built from.
+    live: Option<(u64, Instance)>,
+}
+
+/// One worker's instances of every module, in order.
+pub struct Chain {
+    transforms: Arc<Transforms>,
+    stages: Vec<Stage>,
+    scratch: Batch,
+}
+
+impl Chain {
+    /// Runs every module over `batch` in order; on return `batch` holds the events to write and
+    /// `rejects` the ones for the error output. Returns what each module call did.
+    pub fn run(&mut self, batch: &mut Batch, rejects: &mut Vec<Reject>) -> Vec<StageReport> {
+        let mut reports = Vec::with_capacity(self.stages.len());
+        for stage in &mut self.stages {
+            if batch.is_empty() {
+                break;
+            }
+            let name = stage.module.name.clone();
+            let started = Instant::now();
+            match stage.call(&self.transforms, batch) {
+                Ok(called) => {
+                    let counts =
+                        batch::apply(&name, batch, &called.outcomes, &mut self.scratch, rejects);
+                    std::mem::swap(batch, &mut self.scratch);
+                    self.scratch.clear();
+                    let elapsed = started.elapsed();
+                    metrics::emit(TransformBatch {
+                        module: &name,
+                        counts,
+                        elapsed,
+                        fuel: called.fuel_used,
+                    });
+                    reports.push(StageReport {
+                        module: name,
+                        counts,
+                        elapsed,
+                        fuel: called.fuel_used,
+                        failure: None,
+                    });
+                }
+                Err(e) => {
+                    // The instance may be in any state after a trap: never reuse it.
+                    stage.live = None;
+                    metrics::emit(TransformFailed {
+                        module: &name,
+                        reason: e.reason.as_str(),
+                        events: batch.len() as u64,
+                        detail: &e.detail,
+                    });
+                    batch.reject_all(&name, e.reason.as_str(), &e.detail, rejects);
+                    batch.clear();
+                    reports.push(StageReport {
+                        module: name,
+                        counts: Counts::default(),
+                        elapsed: started.elapsed(),
+                        fuel: 0,
+                        failure: Some(e),
+                    });
+                }
+            }
+        }
+        reports
+    }
+}
+
+/// What one module call did.
+#[derive(Debug)]
+pub struct StageReport {
+    pub module: Arc<str>,
+    pub counts: Counts,
+    pub elapsed: Duration,
+    pub fuel: u64,
+    pub failure: Option<CallError>,
+}
+
+impl Stage {
+    fn call(&mut self, t: &Transforms, batch: &Batch) -> Result<host::Called, CallError> {
+        let generation = self.module.generation.load(Ordering::SeqCst);
+        let inst = match &mut self.live {
+            Some((g, inst)) if *g == generation => inst,
+            slot => {
+                *slot = None;
+                let loaded =
+                    self.module
+                        .current
+                        .read()
+                        .map(|c| c.clone())
+                        .map_err(|_| CallError {
+                            reason: host::FailReason::InitFailed,
+                            detail: "the module's state is poisoned".to_owned(),
+                        })?;
+                let spec = &self.module.spec;
+                let inst = Instance::new(
+                    &t.engine,
+                    t.fuel,
+                    &loaded.prepared,
+                    &self.module.name,
+                    &spec.config,
+                    &spec.limits,
+                )?;
+                &mut slot.insert((generation, inst)).1
+            }
+        };
+        let events: Vec<Event<'_>> = batch
+            .items()
+            .map(|(json, item)| {
+                let h = &item.head;
+                Event {
+                    json,
+                    fields: Fields {
+                        event_source: h.event_source.as_deref(),
+                        event_name: h.event_name.as_deref(),
+                        event_type: h.event_type.as_deref(),
+                        source_ip_address: h.source_ip.as_deref(),
+                        account: h.account.as_deref(),
+                        region: h.region.as_deref(),
+                        country: item.country.as_deref(),
+                        read_only: h.read_only,
+                    },
+                }
+            })
+            .collect();
+        inst.process(&events)
+    }
+}

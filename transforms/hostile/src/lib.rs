@@ -1,0 +1,130 @@
+//! A module that misbehaves on purpose, for the host's containment tests. `mode` picks how:
+//! - `loop`: spins forever (fuel or the time limit must stop it)
+//! - `alloc`: allocates until memory runs out (the memory limit must stop it)
+//! - `trap`: aborts (the `unreachable` instruction)
+//! - `panic`: panics with a message (the host reports the message from stderr)
+//! - `wrong_length`: returns one outcome fewer than events
+//! - `huge`: returns a 1 MiB replacement per event (the output limit must stop it)
+//! - `bad_json`: replaces each event with bytes that are not JSON
+//! - `probe`: tries to read a file, list `/`, read the environment, open a socket to
+//!   `connect` (`host:port`) and read the clock, and annotates each event with what happened
+//! - `refuse`: refuses its config in `init`
+//! - `panic_after`: panics on the batch after `n` events were seen (to test rebuilds)
+
+use std::cell::RefCell;
+
+use trailhose_transform::bindings::{Event, Guest, Member, Outcome, export_world};
+use trailhose_transform::{Config, Value};
+
+thread_local! {
+    static CONFIG: RefCell<Config> = RefCell::new(Config::default());
+    static SEEN: RefCell<u64> = const { RefCell::new(0) };
+}
+
+struct Hostile;
+
+impl Guest for Hostile {
+    fn init(config: Vec<(String, String)>) -> Result<(), String> {
+        let config = Config::new(config);
+        if config.get("mode") == Some("refuse") {
+            return Err("hostile module refuses every config".to_owned());
+        }
+        CONFIG.with(|c| *c.borrow_mut() = config);
+        Ok(())
+    }
+
+    fn process(events: Vec<Event>) -> Vec<Outcome> {
+        let config = CONFIG.with(|c| c.borrow().clone());
+        match config.get("mode").unwrap_or("") {
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            // Aborting is the `unreachable` instruction on wasm: a trap with no message.
+            "trap" => std::process::abort(),
+            "panic" => panic!("hostile module panicked on purpose"),
+            "panic_after" => {
+                let limit: u64 = config.get("n").and_then(|n| n.parse().ok()).unwrap_or(0);
+                let seen = SEEN.with(|s| {
+                    *s.borrow_mut() += events.len() as u64;
+                    *s.borrow()
+                });
+                if seen > limit {
+                    panic!("panicking after {limit} events");
+                }
+                events.iter().map(|_| Outcome::Keep).collect()
+            }
+            "wrong_length" => events.iter().skip(1).map(|_| Outcome::Keep).collect(),
+            "huge" => {
+                let pad = "x".repeat(1 << 20);
+                let big = format!("{{\"pad\":\"{pad}\"}}").into_bytes();
+                events
+                    .iter()
+                    .map(|_| Outcome::Replace(big.clone()))
+                    .collect()
+            }
+            "bad_json" => events
+                .iter()
+                .map(|_| Outcome::Replace(b"{not json".to_vec()))
+                .collect(),
+            "probe" => {
+                let report = probe(config.get("connect"));
+                events
+                    .iter()
+                    .map(|_| {
+                        Outcome::Annotate(vec![Member {
+                            key: "xprobe".to_owned(),
+                            value: report.to_string(),
+                        }])
+                    })
+                    .collect()
+            }
+            other => events
+                .iter()
+                .map(|_| Outcome::Failed(format!("unknown mode {other:?}")))
+                .collect(),
+        }
+    }
+}
+
+fn probe(connect: Option<&str>) -> Value {
+    let read = match std::fs::read("/etc/passwd") {
+        Ok(b) => format!("read {} bytes", b.len()),
+        Err(e) => format!("denied: {e}"),
+    };
+    let write = match std::fs::write("/tmp/trailhose-probe", b"x") {
+        Ok(()) => "wrote".to_owned(),
+        Err(e) => format!("denied: {e}"),
+    };
+    let list = match std::fs::read_dir("/") {
+        Ok(d) => format!("listed {} entries", d.count()),
+        Err(e) => format!("denied: {e}"),
+    };
+    let net = match connect {
+        Some(addr) => match std::net::TcpStream::connect(addr) {
+            Ok(_) => "connected".to_owned(),
+            Err(e) => format!("denied: {e}"),
+        },
+        None => "not tried".to_owned(),
+    };
+    let env = std::env::vars().count();
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    serde_json::json!({
+        "read": read, "write": write, "list": list, "net": net,
+        "env_vars": env, "clock_secs": clock,
+    })
+}
+
+export_world!(Hostile with_types_in trailhose_transform::bindings);
