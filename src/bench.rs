@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Working directory for generated input and output (default: a temp dir).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Where the transform modules are (built by scripts/build-transforms.sh); the transform
+    /// rows are skipped when they are missing.
+    #[arg(long, default_value = "target/transforms/wasm32-wasip2/release")]
+    pub transforms_dir: PathBuf,
     /// Also drive the service path (`trailhose run`) through S3 and SQS at this endpoint, e.g. a
     /// local moto_server: see scripts/bench-service.sh. Credentials come from the environment.
     #[arg(long)]
@@ -122,16 +126,55 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
             args.geoip_db.display()
         );
     }
-    let runs: Vec<(&str, Option<PathBuf>, Compression)> = vec![
-        ("pipeline, no geo, gzip", None, Compression::Gzip),
-        ("pipeline, geo, gzip", geo.clone(), Compression::Gzip),
-        ("pipeline, geo, zstd", geo.clone(), Compression::Zstd),
+    let module = |file: &str| {
+        let p = args.transforms_dir.join(file);
+        p.is_file().then_some(p)
+    };
+    let (identity, priority) = (module("identity.wasm"), module("priority_rules.wasm"));
+    if identity.is_none() || priority.is_none() {
+        println!(
+            "(no modules in {} — the transform rows are skipped; run scripts/build-transforms.sh)",
+            args.transforms_dir.display()
+        );
+    }
+    let runs: Vec<(&str, Option<PathBuf>, Compression, Option<PathBuf>)> = vec![
+        ("pipeline, no geo, gzip", None, Compression::Gzip, None),
+        ("pipeline, geo, gzip", geo.clone(), Compression::Gzip, None),
+        ("pipeline, geo, zstd", geo.clone(), Compression::Zstd, None),
+        (
+            "pipeline, geo, gzip, identity module",
+            geo.clone(),
+            Compression::Gzip,
+            identity,
+        ),
+        (
+            "pipeline, geo, gzip, priority-rules",
+            geo.clone(),
+            Compression::Gzip,
+            priority,
+        ),
     ];
-    for (name, geo, compression) in runs {
+    for (name, geo, compression, module) in runs {
         if name.contains(", geo") && geo.is_none() {
             continue;
         }
-        let mut cfg = Config::default();
+        if name.contains("module") || name.contains("priority") {
+            if module.is_none() {
+                continue;
+            }
+        }
+        let mut cfg = match &module {
+            Some(path) => {
+                let toml = format!(
+                    "[[transforms]]\nname = \"bench\"\npath = {:?}\n",
+                    path.display().to_string()
+                );
+                Config::parse(&toml).map_err(|e| {
+                    BenchError::Io("transform config".into(), std::io::Error::other(e))
+                })?
+            }
+            None => Config::default(),
+        };
         cfg.output.url = Some(work.join("out").display().to_string());
         cfg.output.compression = compression;
         cfg.output.level = (compression == Compression::Gzip).then_some(args.level);
@@ -164,6 +207,20 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         });
     }
 
+    let row = |name: &str| rows.iter().find(|r| r.name == name);
+    let transform_note = match (
+        row("pipeline, geo, gzip"),
+        row("pipeline, geo, gzip, identity module"),
+        row("pipeline, geo, gzip, priority-rules"),
+    ) {
+        (Some(base), Some(id), Some(pr)) => Some(format!(
+            "transforms: priority-rules keeps {:.0}% of the events/s without transforms; \
+             host overhead of a module (identity) {:.2} µs/event of CPU",
+            100.0 * base.wall.as_secs_f64() / pr.wall.as_secs_f64().max(1e-9),
+            (id.cpu - base.cpu) * 1e6 / input.events as f64,
+        )),
+        _ => None,
+    };
     let floor_cpu = rows[0].cpu.max(1e-9);
     println!();
     println!(
@@ -186,6 +243,9 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     println!(
         "(MB = decoded CloudTrail JSON; MB/s/core = MB per CPU-second, i.e. the speed on one core)"
     );
+    if let Some(note) = transform_note {
+        println!("{note}");
+    }
 
     if args.single_file_mb > 0 {
         let big = generate(
