@@ -8,3 +8,4 @@ source scripts/moto-env.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --all-targets --locked
+./scripts/check-chart.sh
