@@ -303,13 +303,21 @@ def check_dashboard(case, docs, tsc_dir):
     variables = (dash.get("templating") or {}).get("list") or []
     if not any(v.get("type") == "datasource" and v.get("name") == "datasource" and v.get("query") == "prometheus" for v in variables):
         fail(case, "dashboard has no `datasource` variable of Prometheus data sources")
-    ids = set()
+    ids, cells = set(), {}
     for p in walk(dash.get("panels", [])):
         if "gridPos" not in p:
             continue
         if p.get("id") in ids:
             fail(case, f"duplicate panel id {p.get('id')}")
         ids.add(p.get("id"))
+        g = p["gridPos"]
+        if g["x"] + g["w"] > 24:
+            fail(case, f"panel {p.get('title')!r} is wider than the 24-column grid")
+        for cell in ((x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])):
+            if cell in cells:
+                fail(case, f"panel {p.get('title')!r} overlaps {cells[cell]!r}")
+                break
+            cells[cell] = p.get("title")
         if p.get("type") != "row":
             if not p.get("targets") or not all(t.get("expr") for t in p["targets"]):
                 fail(case, f"panel {p.get('title')!r} has no query")
