@@ -417,7 +417,8 @@ def main():
     for bad in ({"mode": "file"}, {"transforms": [{"name": "x", "url": "https://a/b.wasm"}]},
                 {"geoip": {"source": "volume"}}, {"terminationGraceMarginSeconds": 0},
                 {"transforms": [{"name": "Bad_Name", "path": "/x.wasm"}]},
-                {"transforms": [{"name": "two", "path": "/x.wasm", "url": "s3://b/x.wasm"}]}):
+                {"transforms": [{"name": "two", "path": "/x.wasm", "url": "s3://b/x.wasm"}]},
+                {"sqs_typo": {}}, {"config": {"server": {"listen": "0.0.0.0:1"}}}):
         try:
             render(bad)
             fail("bad-values", f"rendered despite invalid values {bad}")
