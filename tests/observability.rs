@@ -199,6 +199,17 @@ listen = "127.0.0.1:{port}"
         "the chart queries metrics trailhose does not emit: {missing:?}\n/metrics:\n{exposition}"
     );
 
+    // A histogram is exposed before its first observation: check the queue wait was measured.
+    let waits: f64 = exposition
+        .lines()
+        .find_map(|l| l.strip_prefix("trailhose_sqs_message_age_seconds_count "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        waits >= 2.0,
+        "queue wait observed per message:\n{exposition}"
+    );
+
     let catalogue = std::fs::read_to_string(root.join("src/metrics.rs")).expect("metrics.rs");
     let used_families: BTreeSet<String> = used
         .iter()
