@@ -14,3 +14,4 @@ cargo clippy --all-targets --locked -- -D warnings
 cargo clippy "${guests[@]}" --target wasm32-wasip2 -- -D warnings
 cargo test "${guests[@]}"
 cargo test --all-targets --locked
+./scripts/check-chart.sh

@@ -45,6 +45,7 @@ pub struct Metrics {
     messages_in_flight: IntGauge,
     visibility_extensions: IntCounter,
     lag_seconds: Histogram,
+    sqs_message_age: Histogram,
     open_buffers: IntGauge,
     buffered_bytes: IntGauge,
     transform_events: IntCounterVec,
@@ -124,6 +125,18 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     r.register(Box::new(lag_seconds.clone()))
         .expect("metric registered once");
+    let sqs_message_age = Histogram::with_opts(
+        HistogramOpts::new(
+            "trailhose_sqs_message_age_seconds",
+            "Time a message waited in the queue when it was received (now - SentTimestamp).",
+        )
+        .buckets(vec![
+            1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0, 86400.0,
+        ]),
+    )
+    .expect("valid metric");
+    r.register(Box::new(sqs_message_age.clone()))
+        .expect("metric registered once");
     let messages_in_flight = IntGauge::new(
         "trailhose_sqs_messages_in_flight",
         "SQS messages being worked on.",
@@ -202,6 +215,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         buffered_bytes,
         s3_request_seconds,
         lag_seconds,
+        sqs_message_age,
         messages_in_flight,
         notifications: counter_vec(
             &r,
@@ -724,6 +738,18 @@ impl InternalEvent for SqsCallFailed<'_> {
             .errors
             .with_label_values(&["sqs", self.operation])
             .inc();
+    }
+}
+
+/// A message was received after waiting `age` in the queue: the backlog as trailhose sees it,
+/// without CloudWatch's ApproximateAgeOfOldestMessage.
+pub struct MessageReceived {
+    pub age: Duration,
+}
+
+impl InternalEvent for MessageReceived {
+    fn emit(self) {
+        METRICS.sqs_message_age.observe(self.age.as_secs_f64());
     }
 }
 

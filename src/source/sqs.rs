@@ -1,8 +1,12 @@
 //! The SQS queue that announces delivery files: receive (long polling), delete, extend.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
 use aws_sdk_sqs::error::ProvideErrorMetadata;
+use aws_sdk_sqs::types::MessageSystemAttributeName;
 
 use crate::config::SqsConfig;
+use crate::metrics::{self, MessageReceived};
 
 /// One received message. The receipt handle is a credential for this message only; it is
 /// never logged.
@@ -62,14 +66,19 @@ impl Sqs {
             .wait_time_seconds(self.wait_time_secs)
             .max_number_of_messages(max.clamp(1, self.max_messages))
             .visibility_timeout(self.visibility_timeout_secs)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
             .send()
             .await
             .map_err(|e| describe(&e))?;
+        let now = SystemTime::now();
         Ok(out
             .messages
             .unwrap_or_default()
             .into_iter()
             .filter_map(|m| {
+                if let Some(age) = queue_age(m.attributes.as_ref(), now) {
+                    metrics::emit(MessageReceived { age });
+                }
                 Some(Received {
                     message_id: m.message_id.unwrap_or_default(),
                     receipt: m.receipt_handle?,
@@ -112,5 +121,45 @@ impl Sqs {
             .await
             .map(|_| ())
             .map_err(|e| describe(&e))
+    }
+}
+
+/// How long a message waited in the queue, from its SentTimestamp (epoch milliseconds); a clock
+/// behind SQS's counts as no wait.
+fn queue_age(
+    attributes: Option<&std::collections::HashMap<MessageSystemAttributeName, String>>,
+    now: SystemTime,
+) -> Option<Duration> {
+    let ms: u64 = attributes?
+        .get(&MessageSystemAttributeName::SentTimestamp)?
+        .parse()
+        .ok()?;
+    let sent = UNIX_EPOCH.checked_add(Duration::from_millis(ms))?;
+    Some(now.duration_since(sent).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_age_from_sent_timestamp() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_700_000_100);
+        let attrs = |v: &str| {
+            std::collections::HashMap::from([(
+                MessageSystemAttributeName::SentTimestamp,
+                v.to_owned(),
+            )])
+        };
+        assert_eq!(
+            queue_age(Some(&attrs("1700000040500")), now),
+            Some(Duration::from_millis(59_500))
+        );
+        assert_eq!(
+            queue_age(Some(&attrs("1700000200000")), now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(queue_age(Some(&attrs("soon")), now), None);
+        assert_eq!(queue_age(None, now), None);
     }
 }

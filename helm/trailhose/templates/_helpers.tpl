@@ -1,0 +1,169 @@
+{{- define "trailhose.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "trailhose.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "trailhose.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "trailhose.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "trailhose.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "trailhose.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/component: {{ .Values.mode }}-worker
+{{- end }}
+
+{{- define "trailhose.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "trailhose.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "trailhose.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "trailhose.geoipDir" -}}/var/lib/trailhose/geoip{{- end }}
+{{- define "trailhose.transformsDir" -}}/var/lib/trailhose/transforms{{- end }}
+
+{{/*
+The local path trailhose loads a transform module from; S3 modules land in an emptyDir
+filled by an init container, ConfigMap modules are mounted per module.
+*/}}
+{{- define "trailhose.transformPath" -}}
+{{- $t := . -}}
+{{- if $t.configMap -}}
+{{- printf "/var/lib/trailhose/modules/%s/%s" $t.name $t.configMap.key -}}
+{{- else if $t.url -}}
+{{- printf "%s/%s.wasm" (include "trailhose.transformsDir" .) $t.name -}}
+{{- else -}}
+{{- $t.path -}}
+{{- end -}}
+{{- end }}
+
+{{- define "trailhose.transformsFromS3" -}}
+{{- range .Values.transforms }}{{ if .url }}yes{{ end }}{{ end -}}
+{{- end }}
+
+{{/*
+The whole trailhose.toml as a dict: `config` plus the mode's source, the allowlist, the server
+section the probes and Service depend on, the GeoIP paths and the transforms.
+*/}}
+{{- define "trailhose.configDict" -}}
+{{- $v := .Values -}}
+{{- if not (has $v.mode (list "sqs" "kinesis")) -}}
+{{- fail (printf "mode must be sqs or kinesis, not %q" $v.mode) -}}
+{{- end -}}
+{{- $cfg := deepCopy (default dict $v.config) -}}
+{{- $source := dict "buckets" (default list $v.buckets) -}}
+{{- if eq $v.mode "sqs" -}}
+{{- $_ := set $source "sqs" (deepCopy $v.sqs) -}}
+{{- else -}}
+{{- $_ := set $source "kinesis" (deepCopy $v.kinesis) -}}
+{{- end -}}
+{{- $_ := set $cfg "source" $source -}}
+{{- $_ := set $cfg "server" (dict "listen" (printf "0.0.0.0:%d" (int $v.service.port)) "shutdown_grace_secs" (int $v.shutdownGraceSeconds)) -}}
+{{- if ne $v.geoip.source "none" -}}
+{{- if not (has $v.geoip.source (list "geoipupdate" "volume")) -}}
+{{- fail (printf "geoip.source must be none, geoipupdate or volume, not %q" $v.geoip.source) -}}
+{{- end -}}
+{{- $geo := default dict (get $cfg "geoip") -}}
+{{- $_ := set $geo "city_db" (printf "%s/%s" (include "trailhose.geoipDir" .) $v.geoip.cityDb) -}}
+{{- if $v.geoip.asnDb -}}
+{{- $_ := set $geo "asn_db" (printf "%s/%s" (include "trailhose.geoipDir" .) $v.geoip.asnDb) -}}
+{{- end -}}
+{{- $_ := set $cfg "geoip" $geo -}}
+{{- end -}}
+{{- if $v.transforms -}}
+{{- $list := list -}}
+{{- range $v.transforms -}}
+{{- $sources := 0 -}}
+{{- if .configMap }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if .url }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if .path }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if or (not .name) (ne (int $sources) 1) -}}
+{{- fail (printf "transforms: each entry needs a name and exactly one of configMap, url, path (%v)" .) -}}
+{{- end -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" .name) -}}
+{{- fail (printf "transforms: name %q must be a DNS label (lower-case letters, digits, -)" .name) -}}
+{{- end -}}
+{{- if and .url (not (regexMatch "^s3://[a-z0-9][a-z0-9.-]*/[^'\\s]+$" .url)) -}}
+{{- fail (printf "transforms.%s.url must be an s3://bucket/key URL without quotes or spaces" .name) -}}
+{{- end -}}
+{{- $t := dict "name" .name "path" (include "trailhose.transformPath" .) -}}
+{{- if .config -}}
+{{- $c := dict -}}
+{{- range $k, $val := .config }}{{ $_ := set $c $k (toString $val) }}{{ end -}}
+{{- $_ := set $t "config" $c -}}
+{{- end -}}
+{{- $src := . -}}
+{{- range $k := list "fuel" "timeout_ms" "max_memory_mb" "max_output_bytes" -}}
+{{- if and (hasKey $src $k) (not (kindIs "invalid" (index $src $k))) }}{{ $_ := set $t $k (index $src $k) }}{{ end -}}
+{{- end -}}
+{{- $list = append $list $t -}}
+{{- end -}}
+{{- $_ := set $cfg "transforms" $list -}}
+{{- end -}}
+{{- toJson $cfg -}}
+{{- end }}
+
+{{/* A TOML key: bare when it can be, else a quoted (JSON = TOML basic) string. */}}
+{{- define "trailhose.tomlKey" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . }}{{ . }}{{ else }}{{ toJson . }}{{ end -}}
+{{- end }}
+
+{{- define "trailhose.isTableList" -}}
+{{- if and (kindIs "slice" .) (gt (len .) 0) (kindIs "map" (index . 0)) }}true{{ end -}}
+{{- end }}
+
+{{/*
+Renders a dict as TOML. Scalars and arrays of scalars become `key = <JSON literal>` (JSON
+strings, numbers, booleans and arrays of them are valid TOML), nested dicts [tables], lists of
+dicts [[arrays of tables]]. Nulls are left out so trailhose's defaults apply. Keys of one table
+come before its sub-tables, as TOML requires.
+*/}}
+{{- define "trailhose.toml" -}}
+{{- $prefix := .prefix -}}
+{{- range $k, $v := .table }}
+{{- if not (or (kindIs "invalid" $v) (kindIs "map" $v) (include "trailhose.isTableList" $v)) }}
+{{ include "trailhose.tomlKey" $k }} = {{ toJson $v }}
+{{- end }}
+{{- end }}
+{{- range $k, $v := .table }}
+{{- $name := include "trailhose.tomlKey" $k }}
+{{- if $prefix }}{{ $name = printf "%s.%s" $prefix $name }}{{ end }}
+{{- if kindIs "map" $v }}
+
+[{{ $name }}]
+{{- include "trailhose.toml" (dict "prefix" $name "table" $v) }}
+{{- else if include "trailhose.isTableList" $v }}
+{{- range $v }}
+
+[[{{ $name }}]]
+{{- include "trailhose.toml" (dict "prefix" $name "table" .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "trailhose.configToml" -}}
+# Rendered by the trailhose Helm chart from its values; edit the values, not this file.
+{{- include "trailhose.toml" (dict "prefix" "" "table" (include "trailhose.configDict" . | fromJson)) }}
+{{- end }}

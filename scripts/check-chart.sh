@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Chart, alert and dashboard checks (called by scripts/test.sh). Installs pinned tools under
+# target/ once: a Python venv with the Helm v4 Go SDK and the Kubernetes schemas, promtool from
+# Debian's prometheus package (extracted, never started as a service), and @grafana/schema +
+# TypeScript from npm. Then runs scripts/check_chart.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=target/chart-venv
+REQS=scripts/chart-requirements.txt
+if ! cmp -s "$REQS" "$VENV/.requirements" 2>/dev/null; then
+  echo "installing chart check tools into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQS"
+  cp "$REQS" "$VENV/.requirements"
+fi
+
+PROM_VERSION=2.42.0+ds-5+b6
+PROM_DIR=target/promtool-$PROM_VERSION
+PROMTOOL=$PROM_DIR/usr/bin/promtool
+if [ ! -x "$PROMTOOL" ]; then
+  echo "installing promtool $PROM_VERSION into $PROM_DIR"
+  rm -rf "$PROM_DIR.tmp" && mkdir -p "$PROM_DIR.tmp"
+  (cd "$PROM_DIR.tmp" && { apt-get download -q "prometheus=$PROM_VERSION" 2>/dev/null \
+    || { apt-get update -q && apt-get download -q "prometheus=$PROM_VERSION"; }; })
+  dpkg-deb -x "$PROM_DIR.tmp"/prometheus_*.deb "$PROM_DIR.tmp/root"
+  mv "$PROM_DIR.tmp/root" "$PROM_DIR" && rm -rf "$PROM_DIR.tmp"
+fi
+
+NODE_DIR=target/chart-node
+PACKAGE='{"private": true, "dependencies": {"@grafana/schema": "13.2.3", "typescript": "7.0.2"}}'
+if [ "$(cat "$NODE_DIR/package.json" 2>/dev/null)" != "$PACKAGE" ] || [ ! -x "$NODE_DIR/node_modules/.bin/tsc" ]; then
+  echo "installing @grafana/schema and typescript into $NODE_DIR"
+  rm -rf "$NODE_DIR" && mkdir -p "$NODE_DIR"
+  echo "$PACKAGE" > "$NODE_DIR/package.json"
+  (cd "$NODE_DIR" && npm install --quiet --no-audit --no-fund --ignore-scripts >/dev/null)
+fi
+
+# The binary `cargo test` just built (a no-op build when it is fresh).
+cargo build --quiet --locked --bin trailhose
+"$VENV/bin/python" scripts/check_chart.py target/debug/trailhose "$PROMTOOL" "$NODE_DIR"
