@@ -29,7 +29,6 @@ KUBE_VERSIONS = ["1.25.0", "1.37.0"]
 # one, `check-config` must reject exactly that key. Once it accepts the key this check fails,
 # so the entry is removed here and the case is checked like the others.
 PENDING_CONFIG = {
-    "transforms": "unknown field `transforms`",
     "kinesis": "unknown field `kinesis`",
 }
 

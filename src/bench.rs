@@ -158,10 +158,9 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         if name.contains(", geo") && geo.is_none() {
             continue;
         }
-        if name.contains("module") || name.contains("priority") {
-            if module.is_none() {
-                continue;
-            }
+        let is_transform_row = name.contains("identity") || name.contains("priority");
+        if is_transform_row && module.is_none() {
+            continue;
         }
         let mut cfg = match &module {
             Some(path) => {

@@ -20,13 +20,10 @@ const QUERY_FILES: &[&str] = &[
 ];
 
 /// Metric families the dashboard and alerts use before the code emitting them has landed: the
-/// WASM transforms and the Kinesis source are built on other branches. Each must be used, must
+/// Kinesis source is built on another branch. Each must be used, must
 /// not be in src/metrics.rs yet and must not be emitted; once one is, this test fails until it
 /// is removed here (and the run below exercises it).
 const PENDING: &[&str] = &[
-    "trailhose_transform_events_total",
-    "trailhose_transform_batch_seconds",
-    "trailhose_transform_failures_total",
     "trailhose_kinesis_millis_behind_latest",
     "trailhose_kinesis_leases_held",
 ];
@@ -127,6 +124,18 @@ async fn every_metric_in_the_dashboard_and_alerts_is_emitted() {
             .expect("send");
     }
     let (city, asn) = fixture_dbs(tmp.path());
+    // Transforms: one that works and one that panics after its first events, so that the
+    // per-module throughput and failure metrics get label sets.
+    let modules = root.join("target/transforms/wasm32-wasip2/release");
+    let (priority, hostile) = (
+        modules.join("priority_rules.wasm"),
+        modules.join("hostile.wasm"),
+    );
+    assert!(
+        priority.is_file() && hostile.is_file(),
+        "run scripts/build-transforms.sh (scripts/test.sh does)"
+    );
+    let (priority, hostile) = (priority.display(), hostile.display());
     let port = free_port();
     let config = tmp.path().join("run.toml");
     let ep = &moto.endpoint;
@@ -154,6 +163,17 @@ endpoint_url = "{ep}"
 force_path_style = true
 [server]
 listen = "127.0.0.1:{port}"
+[pipeline]
+transform_batch_events = 8
+[[transforms]]
+name = "priority"
+path = "{priority}"
+[[transforms]]
+name = "flaky"
+path = "{hostile}"
+[transforms.config]
+mode = "panic_after"
+n = "8"
 "#
         ),
     )

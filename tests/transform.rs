@@ -717,3 +717,147 @@ fn modules_reload_when_their_file_changes_and_a_bad_file_keeps_the_running_versi
         [r#"{"eventID":"r1","eventSource":"iam.amazonaws.com","xpriority":"HIGH"}"#]
     );
 }
+
+/// The service mode reloads a module on SIGHUP between batches: files before the reload are
+/// written by the old module, files after by the new one, and every event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
+    use common::{Moto, free_port, http_get};
+    let moto = Moto::start();
+    let (s3, sqs) = (moto.s3(), moto.sqs());
+    s3.create_bucket()
+        .bucket("trail")
+        .send()
+        .await
+        .expect("bucket");
+    let queue = sqs
+        .create_queue()
+        .queue_name("reload")
+        .send()
+        .await
+        .expect("queue")
+        .queue_url
+        .expect("queue url");
+    let tmp = TempDir::new("transform-sighup");
+    let live = tmp.path().join("live.wasm");
+    std::fs::copy(module("identity"), &live).unwrap();
+    let out = tmp.path().join("out");
+    let port = free_port();
+    let ep = &moto.endpoint;
+    let config = tmp.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[output]\nurl = {:?}\n[batch]\nmax_age_secs = 1\n[pipeline]\ntransform_reload_secs = 0\n\
+             transform_cache_dir = {:?}\n[source.sqs]\nqueue_url = {queue:?}\nendpoint_url = {ep:?}\n\
+             wait_time_secs = 1\n[[source.buckets]]\nname = \"trail\"\nendpoint_url = {ep:?}\n\
+             force_path_style = true\n[server]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[transforms]]\nname = \"live\"\npath = {:?}\n",
+            out.display().to_string(),
+            cache_dir(),
+            live.display().to_string()
+        ),
+    )
+    .unwrap();
+    let send_file = |name: &'static str| {
+        let (s3, sqs, queue) = (s3.clone(), sqs.clone(), queue.clone());
+        async move {
+            let evs: Vec<Value> = (1..=3)
+                .map(|i| {
+                    json!({"eventTime": "2024-03-18T10:00:00Z", "eventSource": "iam.amazonaws.com",
+                           "eventID": format!("{name}{i}"), "recipientAccountId": "111122223333"})
+                })
+                .collect();
+            let key =
+                format!("AWSLogs/111122223333/CloudTrail/eu-west-1/2024/03/18/{name}.json.gz");
+            let body = fixtures::gzip(&serde_json::to_vec(&json!({ "Records": evs })).unwrap());
+            s3.put_object()
+                .bucket("trail")
+                .key(&key)
+                .body(body.into())
+                .send()
+                .await
+                .expect("put");
+            let msg = json!({"s3Bucket": "trail", "s3ObjectKey": [key]}).to_string();
+            sqs.send_message()
+                .queue_url(&queue)
+                .message_body(msg)
+                .send()
+                .await
+                .expect("send");
+        }
+    };
+    let written = |n: usize| {
+        let out = out.clone();
+        async move {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let events = if out.exists() {
+                    split_output(&local_objects(&out)).events
+                } else {
+                    Vec::new()
+                };
+                if events.len() >= n || std::time::Instant::now() > deadline {
+                    return events;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trailhose"));
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("TRAILHOSE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in moto.env() {
+        cmd.env(k, v);
+    }
+    let mut worker = cmd.spawn().expect("start trailhose run");
+    let pid = worker.id().to_string();
+
+    send_file("a").await;
+    assert_eq!(
+        written(3).await.len(),
+        3,
+        "file a written by the first module"
+    );
+
+    std::fs::copy(module("priority_rules"), &live).unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status();
+    assert!(hup.unwrap().success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let m = http_get(port, "/metrics")
+            .map(|(_, m)| m)
+            .unwrap_or_default();
+        if m.contains("trailhose_transform_reloads_total{module=\"live\",result=\"ok\"} 1") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no reload after SIGHUP:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    send_file("b").await;
+    let events = written(6).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let _ = worker.wait();
+    let mut by_id: BTreeMap<String, Value> = BTreeMap::new();
+    for (_, line) in &events {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let id = v["eventID"].as_str().unwrap().to_owned();
+        assert!(by_id.insert(id, v).is_none(), "written once: {line}");
+    }
+    assert_eq!(by_id.len(), 6, "{events:?}");
+    for (id, v) in &by_id {
+        let high = v.get("xpriority").is_some();
+        assert_eq!(high, id.starts_with('b'), "{id}: {v}");
+    }
+}
