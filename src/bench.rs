@@ -141,6 +141,13 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         ("pipeline, no geo, gzip", None, Compression::Gzip, None),
         ("pipeline, geo, gzip", geo.clone(), Compression::Gzip, None),
         ("pipeline, geo, zstd", geo.clone(), Compression::Zstd, None),
+        // Parses every event into the fixed schema: the cost of analyst-ready output.
+        (
+            "pipeline, geo, parquet (zstd)",
+            geo.clone(),
+            Compression::Zstd,
+            None,
+        ),
         (
             "pipeline, geo, gzip, identity module",
             geo.clone(),
@@ -175,9 +182,12 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
             None => Config::default(),
         };
         cfg.output.url = Some(work.join("out").display().to_string());
-        cfg.output.compression = compression;
+        cfg.output.compression = Some(compression);
         cfg.output.level = (compression == Compression::Gzip).then_some(args.level);
         cfg.geoip.city_db = geo;
+        if name.contains("parquet") {
+            cfg.output.format = crate::sink::format::Format::Parquet;
+        }
         let files = input.files.clone();
         let cpu0 = cpu_seconds();
         let t0 = Instant::now();

@@ -6,7 +6,10 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::sink::batch::Limits;
+use crate::sink::columnar::{self, ParquetSpec};
 use crate::sink::encode::{Codec, Compression};
+use crate::sink::flat::{Dialect, FlatSpec};
+use crate::sink::format::{Converter, Format};
 use crate::sink::partition::{self, KeyTemplate, Partitioner};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +44,47 @@ pub struct Config {
     pub server: ServerConfig,
     /// Transform modules, run in this order.
     pub transforms: Vec<TransformConfig>,
+    /// Drops repeated eventIDs when the section is present.
+    pub dedup: Option<DedupConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupConfig {
+    /// An eventID seen again within this many seconds is dropped.
+    pub window_secs: u64,
+    /// Most eventIDs remembered; beyond it the oldest part of the window is forgotten early.
+    pub max_events: usize,
+}
+
+impl Default for DedupConfig {
+    fn default() -> Self {
+        DedupConfig {
+            window_secs: 3600,
+            max_events: 2_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParquetConfig {
+    /// Column names in lower case, nested ones too (Glue and Hive lower-case them anyway).
+    pub lowercase_columns: bool,
+    /// Rows per row group; a batch (at most `batch.max_bytes`) is usually one row group.
+    pub row_group_rows: usize,
+    /// Top-level fields added by transform modules, with their types.
+    pub added_columns: std::collections::BTreeMap<String, crate::sink::columnar::AddedType>,
+}
+
+impl Default for ParquetConfig {
+    fn default() -> Self {
+        ParquetConfig {
+            lowercase_columns: false,
+            row_group_rows: 1 << 20,
+            added_columns: Default::default(),
+        }
+    }
 }
 
 /// One `[[transforms]]` entry.
@@ -148,25 +192,37 @@ impl Default for ServerConfig {
 pub struct OutputConfig {
     /// A local directory or `s3://bucket/prefix`.
     pub url: Option<String>,
-    pub compression: Compression,
+    /// json (lines, the original bytes), parquet, csv or tsv.
+    pub format: Format,
+    /// Unset: gzip, or zstd for parquet.
+    pub compression: Option<Compression>,
     /// gzip: 1–12 (libdeflate levels; 6 matches `gzip -6`), zstd: 1–22.
     pub level: Option<i32>,
     pub key_template: String,
     pub fallback_partition: String,
     pub error_prefix: String,
     pub s3: S3OutputConfig,
+    /// csv/tsv: the columns, as dotted paths (`[*]` explodes an array into rows).
+    pub columns: Vec<String>,
+    /// csv/tsv: rows sorted within each object by this path.
+    pub sort: Option<String>,
+    pub parquet: ParquetConfig,
 }
 
 impl Default for OutputConfig {
     fn default() -> Self {
         OutputConfig {
             url: None,
-            compression: Compression::Gzip,
+            format: Format::Json,
+            compression: None,
             level: None,
             key_template: partition::DEFAULT_TEMPLATE.into(),
             fallback_partition: partition::DEFAULT_FALLBACK.into(),
             error_prefix: "errors/".into(),
             s3: S3OutputConfig::default(),
+            columns: Vec::new(),
+            sort: None,
+            parquet: ParquetConfig::default(),
         }
     }
 }
@@ -313,7 +369,16 @@ impl Config {
             OutputUrl::parse(url).map_err(|m| invalid("output.url", m))?;
         }
         self.codec()?;
+        self.converter()?;
         self.partitioner()?;
+        if let Some(d) = &self.dedup {
+            if d.window_secs == 0 {
+                return Err(invalid("dedup.window_secs", "must be at least 1"));
+            }
+            if d.max_events < 1000 {
+                return Err(invalid("dedup.max_events", "must be at least 1000"));
+            }
+        }
         let ep = &self.output.error_prefix;
         if ep.is_empty() || ep.starts_with('/') || ep.split('/').any(|s| s == "..") {
             return Err(invalid(
@@ -497,14 +562,34 @@ impl Config {
     }
 
     pub fn codec(&self) -> Result<Codec, ConfigError> {
-        let kind = self.output.compression;
+        let parquet = self.output.format == Format::Parquet;
+        let kind = match self.output.compression {
+            Some(k) => k,
+            None if parquet => Compression::Zstd,
+            None => Compression::Gzip,
+        };
+        match (parquet, kind) {
+            (true, Compression::Gzip) => {
+                return Err(invalid(
+                    "output.compression",
+                    "parquet takes zstd, snappy or none",
+                ));
+            }
+            (false, Compression::Snappy) => {
+                return Err(invalid(
+                    "output.compression",
+                    "snappy is for format = \"parquet\" only",
+                ));
+            }
+            _ => {}
+        }
         let (default, range) = match kind {
             Compression::Gzip => (6, 1..=12),
             Compression::Zstd => (3, 1..=22),
-            Compression::None => (0, 0..=0),
+            Compression::None | Compression::Snappy => (0, 0..=0),
         };
         let level = match (kind, self.output.level) {
-            (Compression::None, _) => 0,
+            (Compression::None | Compression::Snappy, _) => 0,
             (_, None) => default,
             (_, Some(l)) if range.contains(&l) => l,
             (_, Some(l)) => {
@@ -519,6 +604,63 @@ impl Config {
             }
         };
         Ok(Codec { kind, level })
+    }
+
+    /// How event batches become objects when the format is not JSON lines.
+    pub fn converter(&self) -> Result<Option<Converter>, ConfigError> {
+        let o = &self.output;
+        if o.format != Format::Csv
+            && o.format != Format::Tsv
+            && (!o.columns.is_empty() || o.sort.is_some())
+        {
+            return Err(invalid(
+                "output.columns",
+                "columns and sort apply to format = \"csv\" or \"tsv\" only",
+            ));
+        }
+        Ok(match o.format {
+            Format::Json => None,
+            Format::Parquet => {
+                let codec = self.codec()?;
+                let compression = columnar::parquet_compression(codec.kind, codec.level)
+                    .ok_or_else(|| invalid("output.compression", "not a parquet codec"))?;
+                let p = &o.parquet;
+                let fixed: Vec<String> = columnar::COLUMNS
+                    .iter()
+                    .map(|(n, _)| n.to_ascii_lowercase())
+                    .chain([columnar::EXTRA.to_owned()])
+                    .collect();
+                for n in p.added_columns.keys() {
+                    if n.is_empty() || fixed.contains(&n.to_ascii_lowercase()) {
+                        return Err(invalid(
+                            "output.parquet.added_columns",
+                            format!("{n:?} is empty or a fixed column"),
+                        ));
+                    }
+                }
+                Some(Converter::parquet(ParquetSpec {
+                    lowercase: p.lowercase_columns,
+                    added: columnar::added_columns(&p.added_columns),
+                    compression,
+                    row_group_rows: p.row_group_rows.max(1),
+                }))
+            }
+            Format::Csv | Format::Tsv => {
+                if o.columns.is_empty() {
+                    return Err(invalid(
+                        "output.columns",
+                        "csv and tsv need a list of columns (dotted paths)",
+                    ));
+                }
+                let dialect = match o.format {
+                    Format::Csv => Dialect::Csv,
+                    _ => Dialect::Tsv,
+                };
+                let spec = FlatSpec::new(dialect, &o.columns, o.sort.as_deref())
+                    .map_err(|e| invalid("output.columns", e.to_string()))?;
+                Some(Converter::Flat(spec))
+            }
+        })
     }
 
     pub fn partitioner(&self) -> Result<Partitioner, ConfigError> {
@@ -656,6 +798,34 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("source.buckets")
+        );
+    }
+
+    #[test]
+    fn analyst_output_errors_name_the_bad_key() {
+        let pq = "[output]\nformat = \"parquet\"\n";
+        assert!(err(&format!("{pq}compression = \"gzip\"\n")).contains("output.compression"));
+        assert!(err("[output]\ncompression = \"snappy\"\n").contains("output.compression"));
+        assert!(err("[output]\nformat = \"csv\"\n").contains("output.columns"));
+        assert!(err("[output]\ncolumns = [\"a\"]\n").contains("output.columns"));
+        assert!(
+            err("[output]\nformat = \"tsv\"\ncolumns = [\"a[*].b\", \"c[*].d\"]\n")
+                .contains("output.columns")
+        );
+        assert!(
+            err(&format!(
+                "{pq}[output.parquet.added_columns]\neventName = \"string\"\n"
+            ))
+            .contains("output.parquet.added_columns")
+        );
+        assert!(err("[dedup]\nwindow_secs = 0\n").contains("dedup.window_secs"));
+        assert!(err("[dedup]\nwindo = 1\n").contains("windo"));
+        let c = Config::parse(pq).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.codec().unwrap().kind,
+            Compression::Zstd,
+            "parquet defaults to zstd"
         );
     }
 

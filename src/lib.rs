@@ -3,14 +3,17 @@
 //! `sink` (partition, batch, encode, write), wired in `pipeline`, watched by `metrics`.
 
 pub mod ack;
+pub mod athena;
 pub mod bench;
 pub mod clock;
 pub mod cloudtrail;
 pub mod config;
+pub mod dedup;
 pub mod enrich;
 pub mod fetch;
 pub mod metrics;
 pub mod pipeline;
+pub mod query;
 pub mod retry;
 pub mod server;
 pub mod sink;

@@ -108,6 +108,31 @@ enum Command {
         #[command(subcommand)]
         command: TransformCommand,
     },
+    /// Print the Athena `CREATE EXTERNAL TABLE` for what the configured output writes
+    /// (format, columns, partition projection from the key template).
+    AthenaDdl {
+        #[arg(long)]
+        config: PathBuf,
+        /// Table name.
+        #[arg(long, default_value = "cloudtrail_enriched")]
+        table: String,
+    },
+    /// Run SQL over trailhose output (JSON lines or Parquet, local directory or s3://bucket/prefix).
+    /// The table is `events`; partition columns (year, month, ...) prune what is read.
+    Query {
+        /// The output root: a directory or s3://bucket/prefix.
+        output: String,
+        /// One SQL statement, e.g. "SELECT eventName, count(*) FROM events GROUP BY 1".
+        sql: String,
+        /// S3 region and endpoint, for the s3:// form.
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        endpoint_url: Option<String>,
+        /// Print the result as CSV instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -233,7 +258,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 cfg.geoip.asn_db = asn_db;
             }
             if let Some(c) = compression {
-                cfg.output.compression = c;
+                cfg.output.compression = Some(c);
                 cfg.output.level = None;
             }
             let summary = runtime()?.block_on(trailhose::pipeline::process(&cfg, &inputs))?;
@@ -323,6 +348,29 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => Ok(trailhose::bench::run(&args)?),
+        Command::AthenaDdl { config, table } => {
+            let cfg = Config::load(&config)?;
+            print!("{}", trailhose::athena::ddl(&cfg, &table)?);
+            Ok(())
+        }
+        Command::Query {
+            output,
+            sql,
+            region,
+            endpoint_url,
+            csv,
+        } => {
+            let (text, note) = runtime()?.block_on(trailhose::query::run(
+                &output,
+                &sql,
+                region.as_deref(),
+                endpoint_url.as_deref(),
+                csv,
+            ))?;
+            print!("{text}");
+            eprintln!("trailhose: {note}");
+            Ok(())
+        }
         Command::Transform {
             command:
                 TransformCommand::Test {

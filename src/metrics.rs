@@ -33,6 +33,7 @@ pub struct Metrics {
     errors: IntCounterVec,
     records_rejected: IntCounterVec,
     fallback_partition: IntCounter,
+    events_deduplicated: IntCounter,
     geo_lookups: IntCounterVec,
     geo_cache_hits: IntCounter,
     objects: IntCounterVec,
@@ -278,6 +279,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Single Records entries sent to the error output while their file went on.",
             &["reason"],
         ),
+        events_deduplicated: counter(
+            &r,
+            "trailhose_events_deduplicated_total",
+            "Events dropped because their eventID was seen within the dedup window.",
+        ),
         fallback_partition: counter(
             &r,
             "trailhose_events_fallback_partition_total",
@@ -493,6 +499,38 @@ impl InternalEvent for FallbackPartitioned {
         if self.events > 0 {
             METRICS.fallback_partition.inc_by(self.events);
         }
+    }
+}
+
+/// Events of one file dropped as repeats of an eventID already seen.
+pub struct EventsDeduplicated {
+    pub events: u64,
+}
+
+impl InternalEvent for EventsDeduplicated {
+    fn emit(self) {
+        if self.events > 0 {
+            METRICS.events_deduplicated.inc_by(self.events);
+        }
+    }
+}
+
+/// A sealed batch could not be converted to its output format (Parquet, CSV): it is not
+/// written, so its notifications are delivered again.
+pub struct ConvertFailed<'a> {
+    pub error: &'a dyn std::error::Error,
+}
+
+impl InternalEvent for ConvertFailed<'_> {
+    fn emit(self) {
+        tracing::error!(
+            "cannot convert a batch to the output format: {}",
+            self.error
+        );
+        METRICS
+            .errors
+            .with_label_values(&["encode", "convert_failed"])
+            .inc();
     }
 }
 

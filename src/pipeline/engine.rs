@@ -114,14 +114,19 @@ impl Engine {
             store,
             codec,
         } = parts;
-        let encoder = Encoder::new(codec, cfg.compression_threads());
+        let encoder = Encoder::with_format(codec, cfg.converter()?, cfg.compression_threads());
         let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(workers * 2);
         let uploader = tokio::spawn(write::run_uploader(
             store.clone(),
-            codec.kind,
             sealed_rx,
             cfg.output.s3.max_concurrent_puts,
         ));
+        let dedup = cfg.dedup.as_ref().map(|d| {
+            Arc::new(crate::dedup::Dedup::new(
+                Duration::from_secs(d.window_secs),
+                d.max_events,
+            ))
+        });
         let (files, files_rx) = crossbeam_channel::unbounded::<FileJob>();
         let mut handles = Vec::new();
         for i in 0..workers.max(1) {
@@ -131,7 +136,8 @@ impl Engine {
                 partitioner.clone(),
                 &encoder,
                 transforms.as_ref(),
-            );
+            )
+            .with_dedup(dedup.clone());
             let rx = files_rx.clone();
             let tx = sealed_tx.clone();
             let handle = std::thread::Builder::new()

@@ -20,6 +20,7 @@ use crate::clock::Utc;
 use crate::cloudtrail::Head;
 use crate::cloudtrail::{self, FileErrorReason, Item, Kind as SplitKind};
 use crate::config::{Config, ConfigError, OutputUrl};
+use crate::dedup::Dedup;
 use crate::enrich::geo::{self, GeoDb, GeoEnricher, GeoError};
 use crate::fetch::{self, Encoding};
 use crate::metrics::{self, *};
@@ -124,6 +125,8 @@ pub struct FileWorker {
     stage: Option<TransformStage>,
     /// Open buffers and buffered bytes last reported to the gauges.
     reported: (i64, i64),
+    /// Shared by all workers, when `[dedup]` is configured.
+    dedup: Option<Arc<Dedup>>,
     pub tally: Tally,
 }
 
@@ -147,7 +150,7 @@ impl FileWorker {
             geo: (!geo.is_empty()).then(|| GeoEnricher::new(geo.clone(), cfg.geoip.cache_entries)),
             partitioner,
             events: Batcher::new(Kind::Events, cfg.limits(), encoder.clone()),
-            errors: Batcher::new(Kind::Errors, cfg.limits(), encoder.clone()),
+            errors: Batcher::new(Kind::Errors, cfg.limits(), encoder.json_lines()),
             error_prefix: cfg.output.error_prefix.clone(),
             max_event_bytes: cfg.max_event_bytes(),
             key: String::new(),
@@ -160,8 +163,15 @@ impl FileWorker {
                 batch_events: cfg.transform_batch_events(),
             }),
             reported: (0, 0),
+            dedup: None,
             tally: Tally::default(),
         }
+    }
+
+    /// Drops events whose eventID `dedup` has seen.
+    pub fn with_dedup(mut self, dedup: Option<Arc<Dedup>>) -> FileWorker {
+        self.dedup = dedup;
+        self
     }
 
     /// Splits, enriches and buffers one file. `source` names it (path or s3:// URL) in logs and
@@ -234,6 +244,8 @@ impl FileWorker {
             now: Utc::now().to_unix(),
             fallback: 0,
             error_records: 0,
+            dedup: self.dedup.as_deref(),
+            duplicates: 0,
         };
         let (geo, stage) = (&mut self.geo, &mut self.stage);
         let mut next_index = 0u64;
@@ -267,6 +279,9 @@ impl FileWorker {
             st.flush(&mut route, source, out);
         }
         let fallback = route.fallback;
+        metrics::emit(EventsDeduplicated {
+            events: route.duplicates,
+        });
         self.tally.error_records += route.error_records;
         for (index, raw) in &rejected {
             metrics::emit(RecordRejected {
@@ -444,6 +459,8 @@ struct Route<'w> {
     now: i64,
     fallback: u64,
     error_records: u64,
+    dedup: Option<&'w Dedup>,
+    duplicates: u64,
 }
 
 impl Route<'_> {
@@ -455,6 +472,12 @@ impl Route<'_> {
         head: &Head<'_>,
         out: &mut impl FnMut(Sealed),
     ) {
+        if let (Some(d), Some(id)) = (self.dedup, head.event_id.as_deref())
+            && d.seen(id, Instant::now())
+        {
+            self.duplicates += 1;
+            return;
+        }
         let routed = self.partitioner.key_for(head, self.key);
         self.fallback += u64::from(routed.fallback);
         if let Some(t) = routed.time {

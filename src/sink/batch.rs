@@ -44,6 +44,9 @@ pub struct Sealed {
     pub bytes: u64,
     /// The notifications whose records this batch holds; committed once it is written.
     pub holds: Holds,
+    /// The object name's extension (`.json.gz`, `.parquet`, ...) and its content type.
+    pub extension: &'static str,
+    pub content_type: &'static str,
 }
 
 struct Buffer {
@@ -106,7 +109,7 @@ impl Batcher {
         if buf.records >= limits.max_records || buf.bytes >= limits.max_bytes {
             return self.seal(partition);
         }
-        if buf.staging.len() >= limits.chunk_bytes {
+        if buf.staging.len() >= limits.chunk_bytes && self.encoder.chunked() {
             let chunk = std::mem::replace(&mut buf.staging, Vec::with_capacity(limits.chunk_bytes));
             buf.parts.push(self.encoder.submit(chunk));
         }
@@ -152,7 +155,10 @@ impl Batcher {
         if !buf.staging.is_empty() {
             buf.parts.push(self.encoder.submit(buf.staging));
         }
+        let (extension, content_type) = self.encoder.object_type();
         Some(Sealed {
+            extension,
+            content_type,
             kind: self.kind,
             partition: partition.to_owned(),
             parts: buf.parts,

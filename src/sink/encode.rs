@@ -4,6 +4,7 @@
 //! a fast whole-buffer compressor and every core work on one object.
 
 use std::cell::RefCell;
+use std::sync::Arc;
 use std::thread;
 
 use bytes::Bytes;
@@ -11,11 +12,15 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use serde::Deserialize;
 use tokio::sync::oneshot;
 
+use super::format::Converter;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Compression {
     Gzip,
     Zstd,
+    /// Parquet only (inside the file).
+    Snappy,
     None,
 }
 
@@ -24,7 +29,7 @@ impl Compression {
         match self {
             Compression::Gzip => ".json.gz",
             Compression::Zstd => ".json.zst",
-            Compression::None => ".json",
+            Compression::None | Compression::Snappy => ".json",
         }
     }
 
@@ -32,7 +37,7 @@ impl Compression {
         match self {
             Compression::Gzip => "application/gzip",
             Compression::Zstd => "application/zstd",
-            Compression::None => "application/x-ndjson",
+            Compression::None | Compression::Snappy => "application/x-ndjson",
         }
     }
 }
@@ -86,6 +91,8 @@ fn push_line(out: &mut Vec<u8>, bytes: &[u8]) {
 pub enum Part {
     Ready(Bytes),
     Pending(oneshot::Receiver<Vec<u8>>),
+    /// Conversion failed (already reported).
+    Lost,
 }
 
 impl Part {
@@ -94,6 +101,7 @@ impl Part {
         match self {
             Part::Ready(b) => Some(b),
             Part::Pending(rx) => rx.await.ok().map(Bytes::from),
+            Part::Lost => None,
         }
     }
 }
@@ -101,6 +109,7 @@ impl Part {
 struct Job {
     data: Vec<u8>,
     done: oneshot::Sender<Vec<u8>>,
+    convert: Option<Arc<Converter>>,
 }
 
 /// Handle to the compression pool. Cloning shares the pool; it stops when every handle is gone.
@@ -108,14 +117,41 @@ struct Job {
 pub struct Encoder {
     codec: Codec,
     jobs: Option<Sender<Job>>,
+    /// Set for formats other than JSON lines: sealed batches are converted whole.
+    convert: Option<Arc<Converter>>,
+}
+
+/// Compresses a chunk, or converts a whole batch. A failed conversion yields nothing: the part
+/// is then lost, the batch is not written and its notifications are delivered again.
+fn run(codec: Codec, convert: Option<&Converter>, data: &[u8]) -> Option<Vec<u8>> {
+    match convert {
+        None => Some(compress(codec, data)),
+        Some(c) => match c.encode(codec, data) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                crate::metrics::emit(crate::metrics::ConvertFailed { error: &e });
+                None
+            }
+        },
+    }
 }
 
 impl Encoder {
     /// Starts `threads` compression threads. The job queue is short so that a producer faster
     /// than the compressors waits instead of piling up uncompressed chunks in memory.
     pub fn new(codec: Codec, threads: usize) -> Encoder {
-        if codec.kind == Compression::None {
-            return Encoder { codec, jobs: None };
+        Encoder::with_format(codec, None, threads)
+    }
+
+    /// Like `new`; with a converter, sealed batches become objects of its format.
+    pub fn with_format(codec: Codec, convert: Option<Converter>, threads: usize) -> Encoder {
+        let convert = convert.map(Arc::new);
+        if codec.kind == Compression::None && convert.is_none() {
+            return Encoder {
+                codec,
+                jobs: None,
+                convert,
+            };
         }
         let threads = threads.max(1);
         let (tx, rx) = bounded::<Job>(threads);
@@ -125,17 +161,24 @@ impl Encoder {
                 .name(format!("compress-{i}"))
                 .spawn(move || {
                     for job in rx {
-                        let _ = job.done.send(compress(codec, &job.data));
+                        if let Some(out) = run(codec, job.convert.as_deref(), &job.data) {
+                            let _ = job.done.send(out);
+                        }
                     }
                 });
             if spawned.is_err() {
                 // Without threads, compress on the caller's thread (see `submit`).
-                return Encoder { codec, jobs: None };
+                return Encoder {
+                    codec,
+                    jobs: None,
+                    convert,
+                };
             }
         }
         Encoder {
             codec,
             jobs: Some(tx),
+            convert,
         }
     }
 
@@ -143,17 +186,49 @@ impl Encoder {
         self.codec
     }
 
-    /// Queues a chunk of JSON lines for compression; blocks while the queue is full.
+    /// The same pool writing JSON lines (error records keep that format whatever the events').
+    pub fn json_lines(&self) -> Encoder {
+        Encoder {
+            convert: None,
+            ..self.clone()
+        }
+    }
+
+    /// Whether buffers may be compressed chunk by chunk as they fill; converted formats need
+    /// the whole batch at once.
+    pub fn chunked(&self) -> bool {
+        self.convert.is_none()
+    }
+
+    /// The object name's extension and content type.
+    pub fn object_type(&self) -> (&'static str, &'static str) {
+        match &self.convert {
+            None => (self.codec.kind.extension(), self.codec.kind.content_type()),
+            Some(c) => (c.extension(self.codec), c.content_type(self.codec)),
+        }
+    }
+
+    /// Queues a chunk of JSON lines for compression (or a whole batch for conversion); blocks
+    /// while the queue is full.
     pub fn submit(&self, data: Vec<u8>) -> Part {
+        let inline = |data: &[u8]| match run(self.codec, self.convert.as_deref(), data) {
+            Some(b) => Part::Ready(Bytes::from(b)),
+            None => Part::Lost,
+        };
         match &self.jobs {
             Some(jobs) => {
                 let (done, rx) = oneshot::channel();
-                match jobs.send(Job { data, done }) {
+                let convert = self.convert.clone();
+                match jobs.send(Job {
+                    data,
+                    done,
+                    convert,
+                }) {
                     Ok(()) => Part::Pending(rx),
-                    Err(e) => Part::Ready(Bytes::from(compress(self.codec, &e.into_inner().data))),
+                    Err(e) => inline(&e.into_inner().data),
                 }
             }
-            None => Part::Ready(Bytes::from(compress(self.codec, &data))),
+            None => inline(&data),
         }
     }
 }
@@ -166,7 +241,8 @@ thread_local! {
 /// Compresses one chunk into one self-contained member/frame.
 pub fn compress(codec: Codec, data: &[u8]) -> Vec<u8> {
     match codec.kind {
-        Compression::None => data.to_vec(),
+        // Snappy is Parquet's own codec, refused by the config for text formats.
+        Compression::None | Compression::Snappy => data.to_vec(),
         Compression::Gzip => GZIP.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.as_ref().is_none_or(|(l, _)| *l != codec.level) {
@@ -261,7 +337,7 @@ mod tests {
                     text =
                         String::from_utf8(zstd::stream::decode_all(&whole[..]).unwrap()).unwrap();
                 }
-                Compression::None => text = String::from_utf8(whole).unwrap(),
+                Compression::None | Compression::Snappy => text = String::from_utf8(whole).unwrap(),
             }
             assert_eq!(text, "{\"a\":1}\n{\"b\":2}\n{\"c\":3}\n", "{kind:?}");
         }

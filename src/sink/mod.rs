@@ -1,6 +1,9 @@
 //! Sink: partition, batch, encode, write.
 
 pub mod batch;
+pub mod columnar;
 pub mod encode;
+pub mod flat;
+pub mod format;
 pub mod partition;
 pub mod write;

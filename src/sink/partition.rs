@@ -54,6 +54,13 @@ enum Part {
     Field(Field),
 }
 
+/// A piece of a key template: literal text or a placeholder's name (`year`, `account`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Lit(&'a str),
+    Field(&'static str),
+}
+
 /// A parsed key template; always ends in `/` (a directory of objects).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyTemplate {
@@ -102,6 +109,19 @@ impl KeyTemplate {
             return Err(TemplateError::BadPath);
         }
         Ok(t)
+    }
+
+    /// The template as literal text and placeholder names, in order (for the Athena DDL).
+    pub fn pieces(&self) -> Vec<Piece<'_>> {
+        self.parts
+            .iter()
+            .map(|p| match p {
+                Part::Lit(l) => Piece::Lit(l),
+                Part::Field(f) => {
+                    Piece::Field(FIELDS.iter().find(|(_, x)| x == f).map_or("", |(n, _)| n))
+                }
+            })
+            .collect()
     }
 
     fn uses_time(&self) -> bool {

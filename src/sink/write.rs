@@ -13,7 +13,6 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use super::batch::{Kind, Sealed};
-use super::encode::Compression;
 use crate::clock::Utc;
 use crate::metrics::{self, ObjectWriteFailed, ObjectWritten};
 use crate::retry::Backoff;
@@ -161,6 +160,51 @@ impl Store {
                     }
                 }
                 Ok(out)
+            }
+        }
+    }
+
+    /// Reads one whole object (`trailhose query`).
+    pub async fn get(&self, key: &str) -> Result<Bytes, WriteError> {
+        match self {
+            Store::Local { root } => {
+                let path = root.join(key);
+                tokio::fs::read(&path)
+                    .await
+                    .map(Bytes::from)
+                    .map_err(|source| WriteError::Local {
+                        path: path.display().to_string(),
+                        source,
+                    })
+            }
+            Store::S3 {
+                client,
+                bucket,
+                prefix,
+                ..
+            } => {
+                let full = format!("{prefix}{key}");
+                let fail = |message: String, retryable: bool| WriteError::S3 {
+                    bucket: bucket.clone(),
+                    key: full.clone(),
+                    message,
+                    retryable,
+                };
+                let got = client
+                    .get_object()
+                    .bucket(bucket)
+                    .key(&full)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        let (m, r) = failure(&e);
+                        fail(m, r)
+                    })?;
+                got.body
+                    .collect()
+                    .await
+                    .map(|b| b.into_bytes())
+                    .map_err(|e| fail(e.to_string(), true))
             }
         }
     }
@@ -374,13 +418,9 @@ async fn put_multipart(
 
 /// A unique object name that sorts by time: the write time, then a time-ordered UUID so names
 /// from many workers and runs never collide.
-pub fn object_name(now: Utc, compression: Compression) -> String {
-    format!(
-        "{}-{}{}",
-        now.compact(),
-        uuid::Uuid::now_v7(),
-        compression.extension()
-    )
+/// `extension` names the format and compression (`.json.gz`, `.parquet`).
+pub fn object_name_with(now: Utc, extension: &str) -> String {
+    format!("{}-{}{}", now.compact(), uuid::Uuid::now_v7(), extension)
 }
 
 /// What the uploader did, for the run summary.
@@ -396,7 +436,6 @@ pub struct Written {
 /// Writes sealed batches as they arrive, `concurrency` at a time, until the channel closes.
 pub async fn run_uploader(
     store: Arc<Store>,
-    compression: Compression,
     mut rx: mpsc::Receiver<Sealed>,
     concurrency: usize,
 ) -> Written {
@@ -420,7 +459,7 @@ pub async fn run_uploader(
         };
         let store = store.clone();
         tasks.spawn(async move {
-            let r = write_sealed(&store, compression, sealed).await;
+            let r = write_sealed(&store, sealed).await;
             drop(permit);
             r
         });
@@ -440,15 +479,11 @@ pub async fn run_uploader(
     written
 }
 
-async fn write_sealed(
-    store: &Store,
-    compression: Compression,
-    sealed: Sealed,
-) -> Result<(Kind, u64, u64), String> {
+async fn write_sealed(store: &Store, sealed: Sealed) -> Result<(Kind, u64, u64), String> {
     let key = format!(
         "{}{}",
         sealed.partition,
-        object_name(Utc::now(), compression)
+        object_name_with(Utc::now(), sealed.extension)
     );
     let mut body = BytesMut::new();
     for part in sealed.parts {
@@ -469,7 +504,7 @@ async fn write_sealed(
     let started = Instant::now();
     let put = Backoff::default()
         .run(
-            || store.put(&key, body.clone(), compression.content_type()),
+            || store.put(&key, body.clone(), sealed.content_type),
             |e| {
                 matches!(
                     e,
