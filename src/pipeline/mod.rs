@@ -253,6 +253,9 @@ impl FileWorker {
             Item::Event { raw, head } => {
                 let index = next_index;
                 next_index += 1;
+                if route.duplicate(&head) {
+                    return;
+                }
                 let fragment = geo
                     .as_mut()
                     .and_then(|g| g.lookup(head.source_ip.as_deref()));
@@ -464,6 +467,17 @@ struct Route<'w> {
 }
 
 impl Route<'_> {
+    /// True (and counted) when `[dedup]` has seen this eventID: the event is dropped before
+    /// enrichment and transforms, so events a module splits out of one event all stay.
+    fn duplicate(&mut self, head: &Head<'_>) -> bool {
+        let seen = match (self.dedup, head.event_id.as_deref()) {
+            (Some(d), Some(id)) => d.seen(id, Instant::now()),
+            _ => false,
+        };
+        self.duplicates += u64::from(seen);
+        seen
+    }
+
     /// Buffers one event under its partition: `raw` with `additions` spliced in.
     fn event(
         &mut self,
@@ -472,12 +486,6 @@ impl Route<'_> {
         head: &Head<'_>,
         out: &mut impl FnMut(Sealed),
     ) {
-        if let (Some(d), Some(id)) = (self.dedup, head.event_id.as_deref())
-            && d.seen(id, Instant::now())
-        {
-            self.duplicates += 1;
-            return;
-        }
         let routed = self.partitioner.key_for(head, self.key);
         self.fallback += u64::from(routed.fallback);
         if let Some(t) = routed.time {
