@@ -478,6 +478,10 @@ pub async fn query(store: Store, sql: &str) -> Result<Answer, QueryError> {
 
 /// The answer as CSV (RFC 4180, header row) or an aligned table.
 pub fn render(a: &Answer, csv: bool) -> Result<String, QueryError> {
+    let rows: usize = a.batches.iter().map(|b| b.num_rows()).sum();
+    if !csv && rows == 0 {
+        return Ok("(no rows)\n".to_owned());
+    }
     if !csv {
         return Ok(arrow::util::pretty::pretty_format_batches(&a.batches)
             .map_err(|e| QueryError::Sql(e.into()))?
