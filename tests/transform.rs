@@ -687,13 +687,13 @@ fn modules_reload_when_their_file_changes_and_a_bad_file_keeps_the_running_versi
     let event = br#"{"eventID":"r1","eventSource":"iam.amazonaws.com"}"#;
     let pass = |chain: &mut trailhose::transform::Chain| {
         let mut b = Batch::default();
-        let head = trailhose::cloudtrail::head_of(event).unwrap().into_owned();
-        b.push(event, &[], head, None, 0);
+        let head = trailhose::cloudtrail::head_of(event).unwrap();
+        b.push(event, &[], &head, None, 0);
         let mut rejects = Vec::new();
         chain.run(&mut b, &mut rejects);
         assert!(rejects.is_empty(), "{rejects:?}");
         b.items()
-            .map(|(e, _)| String::from_utf8(e.to_vec()).unwrap())
+            .map(|v| String::from_utf8(v.event.to_vec()).unwrap())
             .collect::<Vec<_>>()
     };
     assert_eq!(

@@ -248,9 +248,8 @@ impl FileWorker {
                 match stage {
                     None => route.event(raw, additions, &head, out),
                     Some(st) => {
-                        let country = fragment.and_then(geo::country_code).map(Arc::from);
-                        st.pending
-                            .push(raw, additions, head.into_owned(), country, index);
+                        let country = fragment.and_then(geo::country_code);
+                        st.pending.push(raw, additions, &head, country, index);
                         if st.pending.len() >= st.batch_events {
                             st.flush(&mut route, source, out);
                         }
@@ -496,8 +495,8 @@ impl TransformStage {
             return;
         }
         self.chain.run(&mut self.pending, &mut self.rejects);
-        for (event, item) in self.pending.items() {
-            route.event(event, &[], &item.head, out);
+        for v in self.pending.items() {
+            route.event(v.event, &[], &v.head(), out);
         }
         for r in self.rejects.drain(..) {
             route.reject(source, &r, out);

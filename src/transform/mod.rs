@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use wasmtime::Engine;
 
-pub use batch::{Batch, Counts, Reject};
+pub use batch::{Batch, Counts, Reject, View};
 use host::{CallError, Event, Fields, Instance, Prepared};
 
 use crate::metrics::{self, TransformBatch, TransformFailed, TransformReloaded};
@@ -385,21 +385,18 @@ impl Stage {
         };
         let events: Vec<Event<'_>> = batch
             .items()
-            .map(|(json, item)| {
-                let h = &item.head;
-                Event {
-                    json,
-                    fields: Fields {
-                        event_source: h.event_source.as_deref(),
-                        event_name: h.event_name.as_deref(),
-                        event_type: h.event_type.as_deref(),
-                        source_ip_address: h.source_ip.as_deref(),
-                        account: h.account.as_deref(),
-                        region: h.region.as_deref(),
-                        country: item.country.as_deref(),
-                        read_only: h.read_only,
-                    },
-                }
+            .map(|v| Event {
+                json: v.event,
+                fields: Fields {
+                    event_source: v.event_source,
+                    event_name: v.event_name,
+                    event_type: v.event_type,
+                    source_ip_address: v.source_ip,
+                    account: v.account,
+                    region: v.region,
+                    country: v.country,
+                    read_only: v.read_only,
+                },
             })
             .collect();
         inst.process(&events)

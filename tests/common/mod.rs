@@ -163,19 +163,26 @@ pub fn decode(name: &str, bytes: &[u8]) -> String {
     out
 }
 
-/// Every object under a local output directory: (relative key, decoded text).
+/// Every object under a local output directory: (relative key, decoded text). Objects still
+/// being written (dot-named temp files, renamed into place when complete) are not objects yet,
+/// so a test may poll this while trailhose writes.
 pub fn local_objects(root: &Path) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for entry in walkdir::WalkDir::new(root).sort_by_file_name() {
         let entry = entry.expect("walk output");
-        if entry.file_type().is_file() {
+        if entry.file_type().is_file() && !entry.file_name().to_string_lossy().starts_with('.') {
             let key = entry
                 .path()
                 .strip_prefix(root)
                 .expect("under root")
                 .to_string_lossy()
                 .into_owned();
-            let bytes = std::fs::read(entry.path()).expect("read object");
+            let bytes = match std::fs::read(entry.path()) {
+                Ok(b) => b,
+                // A temp file renamed away between the walk and the read.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => panic!("read object {key}: {e}"),
+            };
             out.push((key.clone(), decode(&key, &bytes)));
         }
     }
