@@ -210,25 +210,44 @@ fn splice(out: &mut Vec<u8>, raw: &[u8], additions: &[&[u8]]) {
     out.push(b'}');
 }
 
-/// `"key":value` for an annotation, or why it is malformed.
-fn member_fragment(m: &Member) -> Result<Vec<u8>, String> {
-    if m.key.is_empty() {
-        return Err("an annotation has an empty key".to_owned());
+/// Writes the members as `"key":value,"key":value` into `out` (cleared first), or says why
+/// they are malformed.
+fn annotation(members: &[Member], out: &mut Vec<u8>) -> Result<(), String> {
+    out.clear();
+    for (i, m) in members.iter().enumerate() {
+        if m.key.is_empty() {
+            return Err("an annotation has an empty key".to_owned());
+        }
+        let value = m.value.trim();
+        if !is_plain_string(value) && serde_json::from_str::<serde::de::IgnoredAny>(value).is_err()
+        {
+            return Err(format!(
+                "annotation {:?}: value {:?} is not JSON text",
+                m.key,
+                truncate(value, 80)
+            ));
+        }
+        if i > 0 {
+            out.push(b',');
+        }
+        // Serializing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &m.key);
+        out.push(b':');
+        out.extend_from_slice(value.as_bytes());
     }
-    let value = m.value.trim();
-    if serde_json::from_str::<serde::de::IgnoredAny>(value).is_err() {
-        return Err(format!(
-            "annotation {:?}: value {:?} is not JSON text",
-            m.key,
-            truncate(value, 80)
-        ));
-    }
-    let mut frag = Vec::with_capacity(m.key.len() + value.len() + 3);
-    // Serializing a string into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut frag, &m.key);
-    frag.push(b':');
-    frag.extend_from_slice(value.as_bytes());
-    Ok(frag)
+    Ok(())
+}
+
+/// A JSON string with nothing to unescape (`"HIGH"`): valid without a parse, and the common
+/// annotation.
+fn is_plain_string(v: &str) -> bool {
+    let b = v.as_bytes();
+    b.len() >= 2
+        && b[0] == b'"'
+        && b[b.len() - 1] == b'"'
+        && b[1..b.len() - 1]
+            .iter()
+            .all(|&c| c != b'"' && c != b'\\' && c >= 0x20)
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -271,6 +290,7 @@ pub fn apply(
     rejects: &mut Vec<Reject>,
 ) -> Counts {
     let mut counts = Counts::default();
+    let mut members = Vec::new();
     for (view, outcome) in input.items().zip(outcomes) {
         let mut reject = |reason: &'static str, detail: String| {
             rejects.push(Reject {
@@ -287,23 +307,17 @@ pub fn apply(
                 counts.kept += 1;
                 output.push(view.event, &[], &head, view.country, view.index);
             }
-            Outcome::Annotate(members) => {
-                match members
-                    .iter()
-                    .map(member_fragment)
-                    .collect::<Result<Vec<_>, _>>()
-                {
-                    Ok(frags) => {
-                        counts.annotated += 1;
-                        let adds: Vec<&[u8]> = frags.iter().map(Vec::as_slice).collect();
-                        output.push(view.event, &adds, &head, view.country, view.index);
-                    }
-                    Err(detail) => {
-                        counts.failed += 1;
-                        reject("malformed_output", detail);
-                    }
+            Outcome::Annotate(list) => match annotation(list, &mut members) {
+                Ok(()) => {
+                    counts.annotated += 1;
+                    let adds: &[&[u8]] = if list.is_empty() { &[] } else { &[&members] };
+                    output.push(view.event, adds, &head, view.country, view.index);
                 }
-            }
+                Err(detail) => {
+                    counts.failed += 1;
+                    reject("malformed_output", detail);
+                }
+            },
             Outcome::Replace(bytes) => match cloudtrail::head_of(bytes) {
                 Ok(new) => {
                     counts.replaced += 1;
@@ -455,6 +469,21 @@ mod tests {
             (5, "module_failed", "no")
         );
         assert_eq!(rejects[0].event, br#"{"eventID":"6"}"#);
+    }
+
+    #[test]
+    fn plain_strings_skip_the_parse_and_everything_else_is_parsed() {
+        assert!(is_plain_string(r#""HIGH""#) && is_plain_string(r#""""#));
+        assert!(!is_plain_string(r#""a\"b""#) && !is_plain_string("\"a\u{1}\""));
+        assert!(!is_plain_string("3") && !is_plain_string("\""));
+        let mut out = Vec::new();
+        let ok = [
+            member("k\"q", r#""a\"b""#),
+            member("n", "[1, {\"x\":null}]"),
+        ];
+        annotation(&ok, &mut out).unwrap();
+        assert_eq!(out, br#""k\"q":"a\"b","n":[1, {"x":null}]"#);
+        assert!(annotation(&[member("k", "\"open")], &mut out).is_err());
     }
 
     #[test]
