@@ -541,43 +541,28 @@ fn a_failed_instance_is_rebuilt_and_later_batches_pass() {
 
 #[test]
 fn a_module_that_refuses_its_config_stops_start_up() {
-    let r = run(&events(), &[m("noise", "drop_noise", &[])], 256);
-    assert!(!r.ok);
-    assert!(r.stderr.contains("transform \"noise\""), "{}", r.stderr);
-    assert!(
-        r.stderr.contains("services: list the eventSource values"),
-        "{}",
-        r.stderr
-    );
-    let r = run(
-        &events(),
-        &[m(
-            "priority",
+    // (module file, its config, the message start-up must stop with)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 3] = [
+        ("drop_noise", &[], "services: list the eventSource values"),
+        (
             "priority_rules",
             &[("allowed_countries", "usa")],
-        )],
-        256,
-    );
-    assert!(!r.ok);
-    assert!(
-        r.stderr.contains("\"usa\" is not an ISO 3166 alpha-2 code"),
-        "{}",
-        r.stderr
-    );
-    let r = run(
-        &events(),
-        &[m(
-            "priority",
+            "\"usa\" is not an ISO 3166 alpha-2 code",
+        ),
+        (
             "priority_rules",
             &[("alowed_countries", "US")],
-        )],
-        256,
-    );
-    assert!(
-        r.stderr.contains("unknown config key \"alowed_countries\""),
-        "{}",
-        r.stderr
-    );
+            "unknown config key \"alowed_countries\"",
+        ),
+    ];
+    for (file, config, message) in cases {
+        let r = run(&events(), &[m("refusing", file, config)], 256);
+        assert!(!r.ok, "{file} {config:?} must stop start-up");
+        assert!(r.stderr.contains("transform \"refusing\""), "{}", r.stderr);
+        assert!(r.stderr.contains(message), "{}", r.stderr);
+        assert!(r.events.is_empty() && r.errors.is_empty());
+    }
 }
 
 #[test]

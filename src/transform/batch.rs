@@ -6,6 +6,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::cloudtrail::{self, Head};
+use crate::sink::encode::splice;
 
 use super::host::{Member, Outcome};
 
@@ -187,27 +188,6 @@ impl Batch {
             event: v.event.to_vec(),
         }));
     }
-}
-
-/// Writes `raw` (a JSON object) with `additions` inserted before its closing brace.
-fn splice(out: &mut Vec<u8>, raw: &[u8], additions: &[&[u8]]) {
-    let Some((&b'}', body)) = raw.split_last() else {
-        out.extend_from_slice(raw);
-        return;
-    };
-    out.extend_from_slice(body);
-    let mut has_members = body
-        .iter()
-        .skip(1)
-        .any(|b| !matches!(b, b' ' | b'\n' | b'\r' | b'\t'));
-    for add in additions {
-        if has_members {
-            out.push(b',');
-        }
-        out.extend_from_slice(add);
-        has_members = true;
-    }
-    out.push(b'}');
 }
 
 /// Writes the members as `"key":value,"key":value` into `out` (cleared first), or says why
