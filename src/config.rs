@@ -225,6 +225,8 @@ pub struct GeoipConfig {
     pub city_db: Option<PathBuf>,
     pub asn_db: Option<PathBuf>,
     pub cache_entries: usize,
+    /// How often the database files are checked for replacement; 0 = only on SIGHUP.
+    pub reload_secs: u64,
 }
 
 impl Default for GeoipConfig {
@@ -233,6 +235,7 @@ impl Default for GeoipConfig {
             city_db: None,
             asn_db: None,
             cache_entries: 65_536,
+            reload_secs: 60,
         }
     }
 }

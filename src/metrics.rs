@@ -35,6 +35,7 @@ pub struct Metrics {
     fallback_partition: IntCounter,
     geo_lookups: IntCounterVec,
     geo_cache_hits: IntCounter,
+    geo_reloads: IntCounterVec,
     objects: IntCounterVec,
     put_seconds: HistogramVec,
     file_seconds: Histogram,
@@ -289,6 +290,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Geo enrichment outcomes per event (found, not_found, non_address).",
             &["result"],
         ),
+        geo_reloads: counter_vec(
+            &r,
+            "trailhose_geo_reloads_total",
+            "GeoIP database reloads after a file changed or SIGHUP, by result.",
+            &["result"],
+        ),
         geo_cache_hits: counter(
             &r,
             "trailhose_geo_cache_hits_total",
@@ -506,6 +513,28 @@ impl InternalEvent for GeoDisabled {
         tracing::warn!(
             "no GeoIP database configured (geoip.city_db / --geoip-db): events get no geo field"
         );
+    }
+}
+
+/// The GeoIP databases were opened again after their files changed (or SIGHUP), or that failed
+/// and the running databases were kept.
+pub struct GeoReloaded<'a> {
+    pub error: Option<&'a str>,
+}
+
+impl InternalEvent for GeoReloaded<'_> {
+    fn emit(self) {
+        let result = match self.error {
+            None => {
+                tracing::info!("GeoIP databases reloaded");
+                "ok"
+            }
+            Some(e) => {
+                tracing::error!("GeoIP reload failed; the running databases are kept: {e}");
+                "error"
+            }
+        };
+        METRICS.geo_reloads.with_label_values(&[result]).inc();
     }
 }
 

@@ -703,10 +703,11 @@ fn modules_reload_when_their_file_changes_and_a_bad_file_keeps_the_running_versi
     );
 }
 
-/// The service mode reloads a module on SIGHUP between batches: files before the reload are
-/// written by the old module, files after by the new one, and every event exactly once.
+/// The service mode reloads a module and the GeoIP database on SIGHUP between files: files
+/// before the reload are written with the old ones, files after with the new ones, and every
+/// event exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
+async fn sighup_reloads_modules_and_geoip_in_a_running_worker_without_losing_events() {
     use common::{Moto, free_port, http_get};
     let moto = Moto::start();
     let (s3, sqs) = (moto.s3(), moto.sqs());
@@ -726,6 +727,9 @@ async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
     let tmp = TempDir::new("transform-sighup");
     let live = tmp.path().join("live.wasm");
     std::fs::copy(module("identity"), &live).unwrap();
+    // The fixture database does not know 52.94.0.1; the demo database (swapped in later) does.
+    let city = tmp.path().join("city.mmdb");
+    common::mmdb::write_city_db(&city);
     let out = tmp.path().join("out");
     let port = free_port();
     let ep = &moto.endpoint;
@@ -733,12 +737,14 @@ async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
     std::fs::write(
         &config,
         format!(
-            "[output]\nurl = {:?}\n[batch]\nmax_age_secs = 1\n[pipeline]\ntransform_reload_secs = 0\n\
+            "[output]\nurl = {:?}\n[geoip]\ncity_db = {:?}\nreload_secs = 0\n\
+             [batch]\nmax_age_secs = 1\n[pipeline]\ntransform_reload_secs = 0\n\
              transform_cache_dir = {:?}\n[source.sqs]\nqueue_url = {queue:?}\nendpoint_url = {ep:?}\n\
              wait_time_secs = 1\n[[source.buckets]]\nname = \"trail\"\nendpoint_url = {ep:?}\n\
              force_path_style = true\n[server]\nlisten = \"127.0.0.1:{port}\"\n\
              [[transforms]]\nname = \"live\"\npath = {:?}\n",
             out.display().to_string(),
+            city.display().to_string(),
             cache_dir(),
             live.display().to_string()
         ),
@@ -750,7 +756,8 @@ async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
             let evs: Vec<Value> = (1..=3)
                 .map(|i| {
                     json!({"eventTime": "2024-03-18T10:00:00Z", "eventSource": "iam.amazonaws.com",
-                           "eventID": format!("{name}{i}"), "recipientAccountId": "111122223333"})
+                           "eventID": format!("{name}{i}"), "recipientAccountId": "111122223333",
+                           "sourceIPAddress": "52.94.0.1"})
                 })
                 .collect();
             let key =
@@ -809,6 +816,7 @@ async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
     );
 
     std::fs::copy(module("priority_rules"), &live).unwrap();
+    common::mmdb::write_demo_city_db(&city);
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &pid])
         .status();
@@ -818,7 +826,9 @@ async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
         let m = http_get(port, "/metrics")
             .map(|(_, m)| m)
             .unwrap_or_default();
-        if m.contains("trailhose_transform_reloads_total{module=\"live\",result=\"ok\"} 1") {
+        if m.contains("trailhose_transform_reloads_total{module=\"live\",result=\"ok\"} 1")
+            && m.contains("trailhose_geo_reloads_total{result=\"ok\"} 1")
+        {
             break;
         }
         assert!(
@@ -842,7 +852,10 @@ async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
     }
     assert_eq!(by_id.len(), 6, "{events:?}");
     for (id, v) in &by_id {
-        let high = v.get("xpriority").is_some();
-        assert_eq!(high, id.starts_with('b'), "{id}: {v}");
+        let after = id.starts_with('b');
+        // Before: identity module, fixture database. After: priority-rules (IAM is HIGH), demo
+        // database (which covers 52.0.0.0/8).
+        assert_eq!(v.get("xpriority").is_some(), after, "{id}: {v}");
+        assert_eq!(v.get("geo").is_some(), after, "{id}: {v}");
     }
 }
