@@ -45,6 +45,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
     pub sqs: Option<SqsConfig>,
+    pub kinesis: Option<KinesisConfig>,
     /// The only buckets (and key prefixes) workers may fetch from.
     pub buckets: Vec<BucketConfig>,
 }
@@ -71,6 +72,82 @@ impl Default for SqsConfig {
             max_messages: 10,
             visibility_timeout_secs: 300,
             max_files_in_flight: 8,
+        }
+    }
+}
+
+/// Where a shard with no checkpoint yet starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InitialPosition {
+    TrimHorizon,
+    Latest,
+    AtTimestamp,
+}
+
+/// `[source.kinesis]`: read a Kinesis Data Stream, shards shared by leases in DynamoDB.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KinesisConfig {
+    pub stream_name: String,
+    pub region: Option<String>,
+    /// Endpoint for both Kinesis and DynamoDB (tests, VPC endpoints).
+    pub endpoint_url: Option<String>,
+    /// DynamoDB lease table, created if missing; "" = `trailhose-<stream_name>`.
+    pub lease_table: String,
+    /// This worker's name in the lease table; "" = host name, process id and a random suffix.
+    pub worker_id: String,
+    pub initial_position: InitialPosition,
+    /// RFC 3339 time, for `initial_position = "AT_TIMESTAMP"`.
+    pub initial_timestamp: Option<String>,
+    /// A lease whose counter has not moved for this long is taken over.
+    pub lease_duration_millis: u64,
+    /// How often leases are renewed, taken and balanced; 0 = a third of the lease duration.
+    pub lease_renew_interval_millis: u64,
+    /// Most leases taken from busier workers per balancing round.
+    pub max_leases_to_steal: usize,
+    /// How often the shard list is read to find new shards (resharding).
+    pub shard_sync_interval_millis: u64,
+    /// GetRecords `Limit`.
+    pub max_records_per_call: i32,
+    /// Wait between GetRecords calls on a shard that is caught up.
+    pub poll_interval_millis: u64,
+    pub max_files_in_flight: usize,
+}
+
+impl Default for KinesisConfig {
+    fn default() -> Self {
+        KinesisConfig {
+            stream_name: String::new(),
+            region: None,
+            endpoint_url: None,
+            lease_table: String::new(),
+            worker_id: String::new(),
+            initial_position: InitialPosition::TrimHorizon,
+            initial_timestamp: None,
+            lease_duration_millis: 10_000,
+            lease_renew_interval_millis: 0,
+            max_leases_to_steal: 1,
+            shard_sync_interval_millis: 60_000,
+            max_records_per_call: 10_000,
+            poll_interval_millis: 1_000,
+            max_files_in_flight: 8,
+        }
+    }
+}
+
+impl KinesisConfig {
+    pub fn lease_table(&self) -> String {
+        match self.lease_table.as_str() {
+            "" => format!("trailhose-{}", self.stream_name),
+            t => t.to_owned(),
+        }
+    }
+
+    pub fn renew_interval(&self) -> Duration {
+        match self.lease_renew_interval_millis {
+            0 => Duration::from_millis(self.lease_duration_millis / 3),
+            n => Duration::from_millis(n),
         }
     }
 }
@@ -358,6 +435,15 @@ impl Config {
                 ));
             }
         }
+        if let Some(k) = &self.source.kinesis {
+            validate_kinesis(k)?;
+            if self.source.sqs.is_some() {
+                return Err(invalid(
+                    "source.kinesis",
+                    "configure [source.sqs] or [source.kinesis], not both",
+                ));
+            }
+        }
         for b in &self.source.buckets {
             if b.name.is_empty() || b.name.contains('/') {
                 return Err(invalid(
@@ -462,6 +548,58 @@ impl Config {
     }
 }
 
+fn validate_kinesis(k: &KinesisConfig) -> Result<(), ConfigError> {
+    if k.stream_name.is_empty() {
+        return Err(invalid("source.kinesis.stream_name", "is required"));
+    }
+    match (k.initial_position, &k.initial_timestamp) {
+        (InitialPosition::AtTimestamp, None) => {
+            return Err(invalid(
+                "source.kinesis.initial_timestamp",
+                "required with initial_position = \"AT_TIMESTAMP\"",
+            ));
+        }
+        (_, Some(t)) if crate::clock::Utc::parse_rfc3339(t).is_none() => {
+            return Err(invalid(
+                "source.kinesis.initial_timestamp",
+                format!("{t:?} is not an RFC 3339 time"),
+            ));
+        }
+        _ => {}
+    }
+    if k.lease_duration_millis < 300 {
+        return Err(invalid(
+            "source.kinesis.lease_duration_millis",
+            "must be at least 300",
+        ));
+    }
+    if k.renew_interval() >= Duration::from_millis(k.lease_duration_millis) {
+        return Err(invalid(
+            "source.kinesis.lease_renew_interval_millis",
+            "must be shorter than the lease duration",
+        ));
+    }
+    if !(1..=10_000).contains(&k.max_records_per_call) {
+        return Err(invalid(
+            "source.kinesis.max_records_per_call",
+            "must be 1..=10000",
+        ));
+    }
+    if k.max_files_in_flight == 0 {
+        return Err(invalid(
+            "source.kinesis.max_files_in_flight",
+            "must be at least 1",
+        ));
+    }
+    if k.shard_sync_interval_millis == 0 {
+        return Err(invalid(
+            "source.kinesis.shard_sync_interval_millis",
+            "must be at least 1",
+        ));
+    }
+    Ok(())
+}
+
 fn cores_or(n: usize) -> usize {
     match n {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -517,6 +655,14 @@ mod tests {
         assert!(err("[[source.buckets]]\nname = \"a/b\"\n").contains("source.buckets.name"));
         assert!(err("[[source.buckets]]\nname = \"a\"\nbogus = 1\n").contains("bogus"));
         assert!(err("[server]\nlisten = \"nowhere\"\n").contains("server.listen"));
+        assert!(
+            err("[source.kinesis]\nlease_table = \"t\"\n").contains("source.kinesis.stream_name")
+        );
+        assert!(
+            err("[source.kinesis]\nstream_name = \"s\"\ninitial_position = \"AT_TIMESTAMP\"\n")
+                .contains("source.kinesis.initial_timestamp")
+        );
+        assert!(err("[source.kinesis]\nstream_name = \"s\"\nposition = 1\n").contains("position"));
         let no_buckets = Config::parse("[source.sqs]\nqueue_url = \"http://x/q\"\n").unwrap();
         assert!(
             no_buckets

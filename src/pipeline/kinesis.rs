@@ -1,0 +1,822 @@
+//! `trailhose run` with `[source.kinesis]`: workers share a stream's shards through leases in
+//! DynamoDB (`source::lease`), read them with GetRecords, hand each record's events to the
+//! engine, and checkpoint a shard only up to the records that are durably written.
+//!
+//! Tasks:
+//! * the coordinator syncs the shard list into the lease table, renews held leases, takes free,
+//!   expired and (bounded) stolen leases, and starts or stops one reader per held shard;
+//! * a shard reader polls GetRecords, hands each batch on with one `Hold`, and checkpoints the
+//!   contiguous prefix of settled batches (`Progress`); a failed batch rewinds it to the
+//!   checkpoint; at SHARD_END it waits for everything to settle and checkpoints SHARD_END.
+//!
+//! On shutdown readers stop, buffers are flushed, final checkpoints written and leases released.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::PipelineError;
+use super::engine::{Engine, Input, Submitter};
+use super::service::ServiceReport;
+use crate::ack::Hold;
+use crate::config::{Config, KinesisConfig};
+use crate::fetch::S3Fetcher;
+use crate::metrics::{self, *};
+use crate::retry::Backoff;
+use crate::server::{self, Check};
+use crate::sink::write::Written;
+use crate::source::kinesis::{
+    self, Advance, Fetched, Kinesis, KinesisError, Progress, Shape, StartAt, seq_cmp,
+};
+use crate::source::lease::{self, Lease, LeaseError, LeaseTable, Observer, SHARD_END};
+use crate::source::notification::{Notification, is_digest_key};
+
+struct Ctx {
+    cfg: KinesisConfig,
+    kinesis: Kinesis,
+    leases: LeaseTable,
+    fetcher: S3Fetcher,
+    /// Closed shards' last sequence numbers, from the latest shard list.
+    closed: RwLock<HashMap<String, String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Run,
+    /// Finish what is in flight, checkpoint, return.
+    Drain,
+    /// The lease is gone: return at once, write nothing more.
+    Abandon,
+}
+
+/// How a reader ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    ShardEnd,
+    Drained,
+    LeaseLost,
+}
+
+struct Held {
+    counter: u64,
+    renewed: Instant,
+    stop: watch::Sender<Stop>,
+    task: JoinHandle<Ended>,
+}
+
+fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("{host}:{}:{}", std::process::id(), &id[id.len() - 6..])
+}
+
+fn worker_error(what: &str, e: impl std::fmt::Display) -> PipelineError {
+    PipelineError::Worker(format!("{what}: {e}"))
+}
+
+pub async fn run(
+    cfg: &Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<ServiceReport, PipelineError> {
+    let Some(kcfg) = cfg.source.kinesis.clone() else {
+        return Err(worker_error("kinesis", "no [source.kinesis] section"));
+    };
+    let engine = Engine::open(cfg, cfg.workers(), kcfg.max_files_in_flight).await?;
+    let store = engine.store();
+    let shared = kinesis::aws_config(&kcfg).await;
+    let me = match kcfg.worker_id.as_str() {
+        "" => default_worker_id(),
+        id => id.to_owned(),
+    };
+    let ctx = Arc::new(Ctx {
+        kinesis: Kinesis::new(&shared, &kcfg.stream_name),
+        leases: LeaseTable::new(&shared, &kcfg.lease_table(), &me),
+        fetcher: S3Fetcher::new(&cfg.source.buckets).await,
+        closed: RwLock::new(HashMap::new()),
+        cfg: kcfg,
+    });
+    ctx.leases
+        .ensure()
+        .await
+        .map_err(|e| worker_error("lease table", e))?;
+    metrics::emit(LeasesHeld(0));
+    tracing::info!(
+        worker = %me,
+        stream = %ctx.cfg.stream_name,
+        table = %ctx.leases.table,
+        "reading Kinesis"
+    );
+
+    let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
+        .await
+        .map_err(|e| worker_error(&format!("listening on {}", cfg.server.listen), e))?;
+    let checks: Vec<(&'static str, Check)> = vec![
+        ("stream", {
+            let ctx = ctx.clone();
+            Box::new(move || {
+                let ctx = ctx.clone();
+                Box::pin(async move { ctx.kinesis.check().await })
+            })
+        }),
+        ("leases", {
+            let ctx = ctx.clone();
+            Box::new(move || {
+                let ctx = ctx.clone();
+                Box::pin(async move { ctx.leases.check().await })
+            })
+        }),
+        ("output", {
+            let store = store.clone();
+            Box::new(move || {
+                let store = store.clone();
+                Box::pin(async move { store.check().await.map_err(|e| e.to_string()) })
+            })
+        }),
+    ];
+    let server = tokio::spawn(server::serve(listener, Arc::new(checks)));
+
+    let files = engine.submitter();
+    let mut held: HashMap<String, Held> = HashMap::new();
+    let mut observer = Observer::default();
+    let mut shards: HashSet<String> = HashSet::new();
+    let mut last_sync: Option<Instant> = None;
+    let renew_every = ctx.cfg.renew_interval();
+    let lease_duration = Duration::from_millis(ctx.cfg.lease_duration_millis);
+    let sync_every = Duration::from_millis(ctx.cfg.shard_sync_interval_millis);
+
+    tokio::pin!(shutdown);
+    loop {
+        if last_sync.is_none_or(|t| t.elapsed() >= sync_every) {
+            match sync_shards(&ctx).await {
+                Ok(ids) => {
+                    shards = ids;
+                    last_sync = Some(Instant::now());
+                }
+                Err(e) => metrics::emit(KinesisCallFailed {
+                    operation: "list_shards",
+                    shard: "",
+                    error: &e,
+                }),
+            }
+        }
+        coordinate(
+            &ctx,
+            &files,
+            &mut held,
+            &mut observer,
+            &shards,
+            lease_duration,
+            &mut last_sync,
+        )
+        .await;
+        metrics::emit(LeasesHeld(held.len()));
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(renew_every) => {}
+        }
+    }
+
+    // Shutdown: readers stop reading and drop their way into the engine; the engine flushes
+    // every buffer; holds settle; readers write their last checkpoints; leases are released.
+    tracing::info!("shutting down: flushing buffers");
+    let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
+    let stopping = Instant::now();
+    for h in held.values() {
+        let _ = h.stop.send(Stop::Drain);
+    }
+    drop(files);
+    // The stop senders stay alive until the readers are done.
+    let readers: Vec<Held> = held.drain().map(|(_, h)| h).collect();
+    let drained = tokio::time::timeout(grace, async {
+        let finished = engine.finish().await;
+        for h in readers {
+            let _ = h.task.await;
+        }
+        finished
+    })
+    .await;
+    // Whatever happened, give the leases up so that others need not wait for them to expire.
+    if let Ok(all) = ctx.leases.scan().await {
+        for l in all
+            .iter()
+            .filter(|l| l.owner.as_deref() == Some(ctx.leases.me.as_str()))
+        {
+            if let Err(e) = ctx.leases.release(&l.key).await {
+                metrics::emit(KinesisCallFailed {
+                    operation: "release_lease",
+                    shard: &l.key,
+                    error: &e.to_string(),
+                });
+            }
+        }
+    }
+    metrics::emit(LeasesHeld(0));
+    server.abort();
+    match drained {
+        Ok(Err(e)) => Err(e),
+        Ok(Ok((tally, written))) => {
+            tracing::info!(
+                took_ms = stopping.elapsed().as_millis() as u64,
+                "shutdown complete"
+            );
+            Ok(ServiceReport {
+                tally,
+                written,
+                clean: true,
+            })
+        }
+        Err(_) => {
+            tracing::warn!(
+                "grace period over: records after the last checkpoints will be read again"
+            );
+            Ok(ServiceReport {
+                tally: super::Tally::default(),
+                written: Written::default(),
+                clean: false,
+            })
+        }
+    }
+}
+
+/// Lists the stream's shards and creates a lease for each new one. Returns the shard ids.
+async fn sync_shards(ctx: &Ctx) -> Result<HashSet<String>, String> {
+    let list = ctx.kinesis.list_shards().await.map_err(|e| e.to_string())?;
+    let known: HashSet<String> = ctx
+        .leases
+        .scan()
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|l| l.key)
+        .collect();
+    for s in list.iter().filter(|s| !known.contains(&s.id)) {
+        ctx.leases
+            .create(&s.id, &s.parents)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    if let Ok(mut closed) = ctx.closed.write() {
+        closed.clear();
+        closed.extend(
+            list.iter()
+                .filter_map(|s| Some((s.id.clone(), s.ending_seq.clone()?))),
+        );
+    }
+    Ok(list.into_iter().map(|s| s.id).collect())
+}
+
+/// One round of lease work: renew what is held, drop what was lost, take what is due.
+async fn coordinate(
+    ctx: &Arc<Ctx>,
+    files: &Submitter,
+    held: &mut HashMap<String, Held>,
+    observer: &mut Observer,
+    shards: &HashSet<String>,
+    lease_duration: Duration,
+    last_sync: &mut Option<Instant>,
+) {
+    // Readers that ended on their own.
+    let done: Vec<String> = held
+        .iter()
+        .filter(|(_, h)| h.task.is_finished())
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in done {
+        if let Some(h) = held.remove(&k) {
+            let ended = h.task.await.unwrap_or(Ended::LeaseLost);
+            metrics::emit(KinesisBehind {
+                stream: &ctx.kinesis.stream,
+                shard: &k,
+                millis: None,
+            });
+            metrics::emit(CheckpointAge {
+                shard: &k,
+                seconds: None,
+            });
+            if ended == Ended::ShardEnd {
+                // Its children may start now: look for them at once.
+                *last_sync = None;
+                let _ = ctx.leases.release(&k).await;
+            }
+        }
+    }
+
+    let all = match ctx.leases.scan().await {
+        Ok(l) => l,
+        Err(e) => {
+            metrics::emit(KinesisCallFailed {
+                operation: "scan_leases",
+                shard: "",
+                error: &e.to_string(),
+            });
+            // Without the table, a lease not renewed for its whole duration may be another's.
+            drop_stale(held, lease_duration);
+            return;
+        }
+    };
+    let now = Instant::now();
+    observer.observe(&all, now);
+    let by_key: HashMap<&str, &Lease> = all.iter().map(|l| (l.key.as_str(), l)).collect();
+
+    // Renew.
+    let keys: Vec<String> = held.keys().cloned().collect();
+    for k in keys {
+        let Some(h) = held.get_mut(&k) else { continue };
+        let still_ours = by_key.get(k.as_str()).is_some_and(|l| {
+            l.owner.as_deref() == Some(ctx.leases.me.as_str()) && l.counter == h.counter
+        });
+        let outcome = if still_ours {
+            ctx.leases.renew(&k, h.counter).await
+        } else {
+            Err(LeaseError::Conflict)
+        };
+        match outcome {
+            Ok(c) => {
+                h.counter = c;
+                h.renewed = Instant::now();
+            }
+            Err(LeaseError::Conflict) => {
+                metrics::emit(LeaseLost {
+                    shard: &k,
+                    reason: "taken by another worker",
+                });
+                lose(held, &k);
+            }
+            Err(e) => {
+                metrics::emit(KinesisCallFailed {
+                    operation: "renew_lease",
+                    shard: &k,
+                    error: &e.to_string(),
+                });
+            }
+        }
+    }
+    drop_stale(held, lease_duration);
+
+    // Take.
+    let takeable: Vec<(&Lease, bool)> = all
+        .iter()
+        .filter(|l| !l.finished() && lease::parents_done(l, &by_key, shards))
+        .filter(|l| shards.is_empty() || shards.contains(&l.key))
+        .map(|l| (l, observer.expired(l, now, lease_duration)))
+        .collect();
+    let plan = lease::plan(&ctx.leases.me, &takeable, ctx.cfg.max_leases_to_steal);
+    for (key, how) in plan {
+        let Some(l) = by_key.get(key.as_str()) else {
+            continue;
+        };
+        match ctx.leases.take(&key, l.counter).await {
+            Ok(counter) => {
+                metrics::emit(LeaseTaken {
+                    shard: &key,
+                    how: how.as_str(),
+                    previous_owner: l.owner.as_deref().unwrap_or(""),
+                });
+                let start = match l.checkpoint.as_str() {
+                    "" => StartAt::initial(&ctx.cfg),
+                    seq => StartAt::After(seq.to_owned()),
+                };
+                let (stop, stop_rx) = watch::channel(Stop::Run);
+                let task = tokio::spawn(read_shard(
+                    ctx.clone(),
+                    key.clone(),
+                    start,
+                    stop_rx,
+                    files.clone(),
+                ));
+                held.insert(
+                    key,
+                    Held {
+                        counter,
+                        renewed: Instant::now(),
+                        stop,
+                        task,
+                    },
+                );
+            }
+            Err(LeaseError::Conflict) => {} // another worker was quicker
+            Err(e) => metrics::emit(KinesisCallFailed {
+                operation: "take_lease",
+                shard: &key,
+                error: &e.to_string(),
+            }),
+        }
+    }
+}
+
+fn lose(held: &mut HashMap<String, Held>, key: &str) {
+    if let Some(h) = held.remove(key) {
+        let _ = h.stop.send(Stop::Abandon);
+        metrics::emit(CheckpointAge {
+            shard: key,
+            seconds: None,
+        });
+    }
+}
+
+/// Leases not renewed for a whole lease duration may already be someone else's: stop reading.
+fn drop_stale(held: &mut HashMap<String, Held>, lease_duration: Duration) {
+    let stale: Vec<String> = held
+        .iter()
+        .filter(|(_, h)| h.renewed.elapsed() >= lease_duration)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in stale {
+        metrics::emit(LeaseLost {
+            shard: &k,
+            reason: "not renewed within the lease duration",
+        });
+        lose(held, &k);
+    }
+}
+
+/// Reads one shard until it ends, the lease is lost, or the worker drains.
+async fn read_shard(
+    ctx: Arc<Ctx>,
+    shard: String,
+    start: StartAt,
+    mut stop: watch::Receiver<Stop>,
+    files: Submitter,
+) -> Ended {
+    let mut files = Some(files);
+    let stream = ctx.kinesis.stream.clone();
+    let backoff = Backoff {
+        attempts: u32::MAX,
+        base: Duration::from_millis(200),
+        max: Duration::from_secs(5),
+    };
+    let poll = Duration::from_millis(ctx.cfg.poll_interval_millis);
+    // The checkpoint as written, and where reading goes on from.
+    let mut checkpointed = start.clone();
+    let mut position = start;
+    let mut iterator: Option<String> = None;
+    let mut progress = Progress::default();
+    let (mut settled_tx, mut settled_rx) = mpsc::unbounded_channel::<(u64, bool)>();
+    let mut failures = 0u32;
+    let mut at_end = false;
+    let mut last_advance = Instant::now();
+
+    loop {
+        metrics::emit(CheckpointAge {
+            shard: &shard,
+            seconds: Some(last_advance.elapsed().as_secs_f64()),
+        });
+        let state = *stop.borrow();
+        if state == Stop::Abandon {
+            return Ended::LeaseLost;
+        }
+        let draining = state == Stop::Drain;
+        if draining {
+            files = None;
+        }
+        if (draining || at_end) && progress.in_flight() == 0 {
+            if draining && !at_end {
+                return Ended::Drained;
+            }
+            // Everything up to the shard's end is written.
+            return match ctx.leases.checkpoint(&shard, SHARD_END).await {
+                Ok(()) => {
+                    metrics::emit(ShardEnded { shard: &shard });
+                    Ended::ShardEnd
+                }
+                Err(LeaseError::Conflict) => Ended::LeaseLost,
+                Err(e) => {
+                    metrics::emit(KinesisCallFailed {
+                        operation: "checkpoint",
+                        shard: &shard,
+                        error: &e.to_string(),
+                    });
+                    tokio::time::sleep(backoff.delay(3)).await;
+                    continue;
+                }
+            };
+        }
+
+        // Apply settlements: wait for one when there is nothing else to do.
+        let mut outcomes = Vec::new();
+        if draining || at_end {
+            tokio::select! {
+                r = settled_rx.recv() => outcomes.extend(r),
+                _ = stop.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        while let Ok(o) = settled_rx.try_recv() {
+            outcomes.push(o);
+        }
+        let mut advance = Advance::None;
+        for (ticket, ok) in outcomes {
+            match progress.settle(ticket, ok) {
+                Advance::None => {}
+                Advance::Failed => {
+                    advance = Advance::Failed;
+                    break;
+                }
+                a => advance = a,
+            }
+        }
+        match advance {
+            Advance::None => {}
+            Advance::To(seq) => match ctx.leases.checkpoint(&shard, &seq).await {
+                Ok(()) => {
+                    checkpointed = StartAt::After(seq);
+                    last_advance = Instant::now();
+                }
+                Err(LeaseError::Conflict) => return Ended::LeaseLost,
+                // The next advance writes a later checkpoint.
+                Err(e) => metrics::emit(KinesisCallFailed {
+                    operation: "checkpoint",
+                    shard: &shard,
+                    error: &e.to_string(),
+                }),
+            },
+            Advance::Failed => {
+                let at = match &checkpointed {
+                    StartAt::After(s) => s.clone(),
+                    _ => "(initial position)".into(),
+                };
+                metrics::emit(ShardRewound {
+                    shard: &shard,
+                    checkpoint: &at,
+                });
+                position = checkpointed.clone();
+                iterator = None;
+                at_end = false;
+                progress = Progress::default();
+                (settled_tx, settled_rx) = mpsc::unbounded_channel();
+                failures += 1;
+                wait(&mut stop, backoff.delay(failures.min(6))).await;
+                continue;
+            }
+        }
+        if draining || at_end {
+            continue;
+        }
+
+        let Some(files_now) = files.as_ref() else {
+            continue;
+        };
+
+        // Read.
+        let it = match &iterator {
+            Some(it) => it.clone(),
+            None => match ctx.kinesis.iterator(&shard, &position).await {
+                Ok(it) => {
+                    iterator = Some(it.clone());
+                    it
+                }
+                Err(e) => {
+                    failures += 1;
+                    metrics::emit(KinesisCallFailed {
+                        operation: "get_shard_iterator",
+                        shard: &shard,
+                        error: &e.to_string(),
+                    });
+                    wait(&mut stop, backoff.delay(failures.min(6))).await;
+                    continue;
+                }
+            },
+        };
+        let fetched = match ctx
+            .kinesis
+            .get_records(&it, ctx.cfg.max_records_per_call)
+            .await
+        {
+            Ok(f) => {
+                failures = 0;
+                f
+            }
+            Err(e) => {
+                failures += 1;
+                if let KinesisError::ExpiredIterator(_) = e {
+                    // Renewed where reading stopped (never behind the checkpoint).
+                    iterator = None;
+                    continue;
+                }
+                metrics::emit(KinesisCallFailed {
+                    operation: "get_records",
+                    shard: &shard,
+                    error: &e.to_string(),
+                });
+                wait(&mut stop, backoff.delay(failures.min(6))).await;
+                continue;
+            }
+        };
+        let Fetched {
+            records,
+            next,
+            millis_behind,
+        } = fetched;
+        metrics::emit(KinesisBehind {
+            stream: &stream,
+            shard: &shard,
+            millis: Some(millis_behind),
+        });
+        let empty = records.is_empty();
+        if let Some(last) = records.last() {
+            let last_seq = last.seq.clone();
+            let ticket = progress.push(last_seq.clone());
+            let hold = hand_on(&ctx, &shard, records, files_now).await;
+            let tx = settled_tx.clone();
+            match hold {
+                Some(settled) => {
+                    tokio::spawn(async move {
+                        let ok = settled.await.unwrap_or(false);
+                        let _ = tx.send((ticket, ok));
+                    });
+                }
+                None => {
+                    let _ = tx.send((ticket, false));
+                }
+            }
+            position = StartAt::After(last_seq);
+        }
+        iterator = next;
+        if iterator.is_none() || closed_and_read(&ctx, &shard, &position, empty, millis_behind) {
+            at_end = true;
+            continue;
+        }
+        if empty || millis_behind == 0 {
+            wait(&mut stop, poll).await;
+        }
+    }
+}
+
+/// A closed shard (split or merged) whose last record has been read. Kinesis says so with a
+/// missing NextShardIterator; some emulators never do, so the shard list's ending sequence
+/// number is checked too.
+fn closed_and_read(
+    ctx: &Ctx,
+    shard: &str,
+    position: &StartAt,
+    empty: bool,
+    millis_behind: i64,
+) -> bool {
+    if !empty || millis_behind != 0 {
+        return false;
+    }
+    let Some(ending) = ctx.closed.read().ok().and_then(|c| c.get(shard).cloned()) else {
+        return false;
+    };
+    match position {
+        StartAt::After(seq) => seq_cmp(seq, &ending) != std::cmp::Ordering::Less,
+        _ => true,
+    }
+}
+
+async fn wait(stop: &mut watch::Receiver<Stop>, d: Duration) {
+    tokio::select! {
+        _ = stop.changed() => {}
+        _ = tokio::time::sleep(d) => {}
+    }
+}
+
+/// Hands a batch of records to the engine under one hold; returns its outcome, or None when
+/// the engine is gone.
+async fn hand_on(
+    ctx: &Ctx,
+    shard: &str,
+    records: Vec<kinesis::Record>,
+    files: &Submitter,
+) -> Option<crate::ack::Settled> {
+    let (hold, settled) = Hold::new();
+    let stream = &ctx.kinesis.stream;
+    let mut counts: HashMap<&'static str, u64> = HashMap::new();
+    for r in records {
+        let source = format!("kinesis://{stream}/{shard}/{}", r.seq);
+        let mut docs: Vec<Vec<u8>> = Vec::new();
+        match kinesis::classify(&r.data) {
+            Shape::Events {
+                doc,
+                events: _,
+                bad,
+                cwl,
+            } => {
+                *counts
+                    .entry(if cwl { "cwl_data" } else { "event" })
+                    .or_default() += 1;
+                docs.push(doc);
+                if !bad.is_empty() {
+                    metrics::emit(KinesisRecordUnrecognized {
+                        source: &source,
+                        reason: "message_not_json_object",
+                    });
+                    docs.push(kinesis::error_document(&bad));
+                }
+            }
+            Shape::Control => *counts.entry("cwl_control").or_default() += 1,
+            Shape::Notification(n) => {
+                *counts.entry("notification").or_default() += 1;
+                if !notification(ctx, &source, n, &hold, files).await {
+                    hold.fail();
+                    return None;
+                }
+            }
+            Shape::Unrecognized { reason, detail } => {
+                metrics::emit(KinesisRecordUnrecognized {
+                    source: &source,
+                    reason,
+                });
+                docs.push(kinesis::error_document(&[
+                    format!("{reason}: {detail}"),
+                    kinesis::describe_data(&r.data),
+                ]));
+            }
+        }
+        for doc in docs {
+            if !files
+                .submit(
+                    source.clone(),
+                    Input::Bytes(Bytes::from(doc)),
+                    Some(hold.share()),
+                )
+                .await
+            {
+                hold.fail();
+                return None;
+            }
+        }
+    }
+    for (shape, count) in counts {
+        metrics::emit(KinesisRecords { shape, count });
+    }
+    hold.commit();
+    Some(settled)
+}
+
+/// A file notification read from the stream: fetched and split like one from SQS. A refused
+/// one (bucket outside the allowlist) goes to the error output; a failed fetch fails the batch,
+/// so the shard is read again from its checkpoint.
+async fn notification(
+    ctx: &Ctx,
+    source: &str,
+    n: Notification,
+    hold: &Hold,
+    files: &Submitter,
+) -> bool {
+    let objects = match n {
+        Notification::Ignorable { shape, reason } => {
+            metrics::emit(NotificationReceived {
+                shape: shape.as_str(),
+                result: reason,
+            });
+            return true;
+        }
+        Notification::Objects { shape, objects } => {
+            if let Some(bad) = ctx.fetcher.allowlist().first_refused(&objects) {
+                let detail = format!(
+                    "s3://{}/{} is outside the allowed buckets and prefixes",
+                    bad.bucket, bad.key
+                );
+                metrics::emit(KinesisRecordUnrecognized {
+                    source,
+                    reason: "bucket_not_allowed",
+                });
+                let doc = kinesis::error_document(&[format!("bucket_not_allowed: {detail}")]);
+                return files
+                    .submit(
+                        source.to_owned(),
+                        Input::Bytes(Bytes::from(doc)),
+                        Some(hold.share()),
+                    )
+                    .await;
+            }
+            metrics::emit(NotificationReceived {
+                shape: shape.as_str(),
+                result: "files",
+            });
+            objects
+        }
+    };
+    for obj in objects.iter().filter(|o| !is_digest_key(&o.key)) {
+        let Some(permit) = files.permit().await else {
+            return false;
+        };
+        match ctx.fetcher.get(obj).await {
+            Ok(bytes) => {
+                let file = format!("s3://{}/{}", obj.bucket, obj.key);
+                if !files.submit_with(file, Input::Bytes(bytes), Some(hold.share()), permit) {
+                    return false;
+                }
+            }
+            Err(e) => {
+                metrics::emit(FetchFailed {
+                    message_id: source,
+                    error: &e,
+                });
+                return false;
+            }
+        }
+    }
+    true
+}

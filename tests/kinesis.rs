@@ -1,0 +1,587 @@
+//! End to end: `trailhose run` workers reading a Kinesis stream on a real moto_server (Kinesis,
+//! DynamoDB lease table, S3 output), fed with CloudWatch Logs subscription batches; stopped with
+//! SIGTERM or SIGKILL; a shard split mid-stream.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use common::checks::{fixture_dbs, id_of, split_output};
+use common::{Moto, TempDir, eventually, fixtures, free_port, http_get, s3_objects};
+
+const STREAM: &str = "trail-stream";
+const TABLE: &str = "trailhose-trail-stream";
+
+fn kinesis(moto: &Moto) -> aws_sdk_kinesis::Client {
+    let conf = aws_sdk_kinesis::Config::builder()
+        .behavior_version_latest()
+        .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+        .endpoint_url(&moto.endpoint)
+        .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .build();
+    aws_sdk_kinesis::Client::from_conf(conf)
+}
+
+fn dynamodb(moto: &Moto) -> aws_sdk_dynamodb::Client {
+    let conf = aws_sdk_dynamodb::Config::builder()
+        .behavior_version_latest()
+        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+        .endpoint_url(&moto.endpoint)
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(conf)
+}
+
+/// moto's Kinesis differs from Kinesis after a split or merge: new records keep going to the
+/// closed parent (the first shard whose hash range matches), and the parent's records are
+/// re-put (renumbered) instead of staying where they were. This prelude makes it behave as
+/// Kinesis does: records go to open shards only, and a closed shard keeps its records.
+const KINESIS_RESHARDING: &str = r#"
+from moto.kinesis import models as m
+def _route(self, partition_key, explicit_hash_key):
+    key = int(explicit_hash_key) if explicit_hash_key else int(m.md5_hash(partition_key.encode("utf-8")).hexdigest(), 16)
+    for shard in self.shards.values():
+        if shard.is_open and shard.starting_hash <= key <= shard.ending_hash:
+            return shard
+    return None
+m.Stream.get_shard_for_key = _route
+_split = m.Stream.split_shard
+def _split_keeping_records(self, shard_to_split, new_starting_hash_key):
+    parent = self.shards[shard_to_split]
+    kept = parent.records
+    parent.records = m.OrderedDict()
+    _split(self, shard_to_split, new_starting_hash_key)
+    parent.records = kept
+m.Stream.split_shard = _split_keeping_records
+"#;
+
+/// A fresh moto with the stream (`shards` shards), the input and the output bucket.
+async fn setup(shards: i32) -> Moto {
+    setup_on(Moto::start(), shards).await
+}
+
+async fn setup_on(moto: Moto, shards: i32) -> Moto {
+    kinesis(&moto)
+        .create_stream()
+        .stream_name(STREAM)
+        .shard_count(shards)
+        .send()
+        .await
+        .expect("create stream");
+    let s3 = moto.s3();
+    for b in ["trail-logs", "trail-out"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    moto
+}
+
+/// A CloudWatch Logs subscription record: gzip'd DATA_MESSAGE with one event per message.
+fn cwl_batch(events: &[String]) -> Vec<u8> {
+    let log_events: Vec<serde_json::Value> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| serde_json::json!({"id": i.to_string(), "timestamp": 1710772207000u64, "message": e}))
+        .collect();
+    let batch = serde_json::json!({
+        "messageType": "DATA_MESSAGE", "owner": "111122223333",
+        "logGroup": "aws-cloudtrail-logs", "logStream": "111122223333_CloudTrail_us-east-1",
+        "subscriptionFilters": ["to-kinesis"], "logEvents": log_events
+    });
+    fixtures::gzip(batch.to_string().as_bytes())
+}
+
+fn control_message() -> Vec<u8> {
+    fixtures::gzip(br#"{"messageType":"CONTROL_MESSAGE","owner":"CloudwatchLogs","logGroup":"","logStream":"","subscriptionFilters":[],"logEvents":[{"id":"","timestamp":1710772207000,"message":"CWL CONTROL MESSAGE: Checking health of destination Kinesis stream."}]}"#)
+}
+
+/// `n` generated events (JSON text), and their ids.
+fn events(seed: u64, n: usize) -> (Vec<String>, Vec<String>) {
+    let mut g = trailhose::synth::Generator::new(seed);
+    let mut out = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let mut s = String::new();
+        g.event(&mut s);
+        let v: serde_json::Value = serde_json::from_str(&s).expect("event json");
+        ids.push(v["eventID"].as_str().expect("eventID").to_owned());
+        out.push(s);
+    }
+    (out, ids)
+}
+
+/// Puts `batches` CloudWatch Logs batches of `per` events on the stream, spread over shards by
+/// partition key. Returns the eventIDs.
+async fn feed(moto: &Moto, seed: u64, batches: usize, per: usize) -> Vec<String> {
+    let k = kinesis(moto);
+    let mut ids = Vec::new();
+    let mut entries = Vec::new();
+    for b in 0..batches {
+        let (evs, mut batch_ids) = events(seed * 1000 + b as u64, per);
+        ids.append(&mut batch_ids);
+        entries.push(
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(cwl_batch(&evs)))
+                .partition_key(format!("pk-{seed}-{b}"))
+                .build()
+                .expect("entry"),
+        );
+    }
+    put(&k, entries).await;
+    ids
+}
+
+async fn put(k: &aws_sdk_kinesis::Client, entries: Vec<PutRecordsRequestEntry>) {
+    for chunk in entries.chunks(100) {
+        let out = k
+            .put_records()
+            .stream_name(STREAM)
+            .set_records(Some(chunk.to_vec()))
+            .send()
+            .await
+            .expect("put records");
+        assert_eq!(out.failed_record_count(), Some(0));
+    }
+}
+
+async fn put_one(moto: &Moto, data: Vec<u8>, key: &str) {
+    put(
+        &kinesis(moto),
+        vec![
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(data))
+                .partition_key(key)
+                .build()
+                .expect("entry"),
+        ],
+    )
+    .await;
+}
+
+fn write_config(dir: &Path, moto: &Moto, port: u16, worker: &str) -> String {
+    let (city, asn) = fixture_dbs(dir);
+    let ep = &moto.endpoint;
+    let path = dir.join("run.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[output]
+url = "s3://trail-out/ct/"
+[output.s3]
+endpoint_url = "{ep}"
+force_path_style = true
+[batch]
+max_age_secs = 1
+[geoip]
+city_db = "{city}"
+asn_db = "{asn}"
+[source.kinesis]
+stream_name = "{STREAM}"
+endpoint_url = "{ep}"
+worker_id = "{worker}"
+lease_duration_millis = 2000
+lease_renew_interval_millis = 400
+shard_sync_interval_millis = 1000
+poll_interval_millis = 200
+max_records_per_call = 50
+[[source.buckets]]
+name = "trail-logs"
+endpoint_url = "{ep}"
+force_path_style = true
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_grace_secs = 20
+"#
+        ),
+    )
+    .expect("config");
+    path.display().to_string()
+}
+
+/// A `trailhose run` child, killed on drop so a failing test leaves no worker behind.
+struct Worker {
+    child: Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Worker {
+    fn start(moto: &Moto, dir: &Path, name: &str) -> Worker {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).expect("worker dir");
+        let port = free_port();
+        let config = write_config(&dir, moto, port, name);
+        let log = dir.join(format!("log-{}", free_port()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
+        cmd.args(["run", "--config", &config])
+            .env("TRAILHOSE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        for (k, v) in moto.env() {
+            cmd.env(k, v);
+        }
+        Worker {
+            child: cmd.spawn().expect("start trailhose run"),
+            port,
+            log,
+        }
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        metric_sum(self.port, name)
+    }
+
+    /// The worker's log, without terminal colours.
+    fn log(&self) -> String {
+        let raw = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let mut out = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn stop(&mut self) {
+        self.signal("-TERM");
+        let deadline = Instant::now() + Duration::from_secs(25);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "clean exit; log:\n{}", self.log());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The sum of every `/metrics` line starting with `name`; 0 when there is none.
+fn metric_sum(port: u16, name: &str) -> f64 {
+    let text = http_get(port, "/metrics")
+        .map(|(_, m)| m)
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every eventID written under the output prefix, sorted (repeats kept).
+async fn written_ids(s3: &aws_sdk_s3::Client) -> Vec<String> {
+    let objects = s3_objects(s3, "trail-out", "ct/").await;
+    let mut ids: Vec<String> = split_output(&objects)
+        .events
+        .iter()
+        .map(|(_, l)| id_of(l))
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn error_records(s3: &aws_sdk_s3::Client) -> Vec<serde_json::Value> {
+    split_output(&s3_objects(s3, "trail-out", "ct/").await).errors
+}
+
+/// Waits until every expected id is written; returns (written ids, duplicates).
+async fn all_written(
+    s3: &aws_sdk_s3::Client,
+    expected: &[String],
+    secs: u64,
+) -> (Vec<String>, usize) {
+    let want: std::collections::BTreeSet<&String> = expected.iter().collect();
+    eventually(secs, "every event to be written", || async {
+        let got = written_ids(s3).await;
+        let have: std::collections::BTreeSet<&String> = got.iter().collect();
+        want.is_subset(&have)
+    })
+    .await;
+    let got = written_ids(s3).await;
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in &got {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    assert!(
+        counts.keys().all(|id| want.contains(&id.to_string())),
+        "no unexpected events"
+    );
+    let dups = got.len() - counts.len();
+    (got, dups)
+}
+
+struct LeaseRow {
+    key: String,
+    owner: Option<String>,
+    checkpoint: String,
+    parents: String,
+}
+
+async fn leases(moto: &Moto) -> Vec<LeaseRow> {
+    let items = dynamodb(moto)
+        .scan()
+        .table_name(TABLE)
+        .send()
+        .await
+        .expect("scan leases")
+        .items
+        .unwrap_or_default();
+    let get = |i: &std::collections::HashMap<String, AttributeValue>, k: &str| {
+        i.get(k).and_then(|v| v.as_s().ok()).cloned()
+    };
+    let mut rows: Vec<LeaseRow> = items
+        .iter()
+        .map(|i| LeaseRow {
+            key: get(i, "leaseKey").expect("leaseKey"),
+            owner: get(i, "leaseOwner"),
+            checkpoint: get(i, "checkpoint").unwrap_or_default(),
+            parents: get(i, "parentShardIds").unwrap_or_default(),
+        })
+        .collect();
+    rows.sort_by(|a, b| a.key.cmp(&b.key));
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_fed_with_cloudwatch_batches_land_exactly_once_and_resume_from_checkpoints() {
+    let moto = setup(4).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-once");
+    let mut expected = feed(&moto, 1, 40, 25).await;
+    // The other shapes: a control message (skipped), one plain event, a file notification, and
+    // a record that is none of these (error output, named by shard and sequence number).
+    put_one(&moto, control_message(), "control").await;
+    let (plain, plain_ids) = events(777, 1);
+    put_one(&moto, plain[0].clone().into_bytes(), "plain").await;
+    expected.extend(plain_ids);
+    let key = "AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18/gen-kinesis.json.gz";
+    let file = trailhose::synth::Generator::new(4242).delivery_file(20_000);
+    let v: serde_json::Value = serde_json::from_slice(&file).expect("json");
+    expected.extend(
+        v["Records"]
+            .as_array()
+            .expect("records")
+            .iter()
+            .map(|r| r["eventID"].as_str().expect("id").to_owned()),
+    );
+    s3.put_object()
+        .bucket("trail-logs")
+        .key(key)
+        .body(fixtures::gzip(&file).into())
+        .send()
+        .await
+        .expect("put file");
+    put_one(
+        &moto,
+        serde_json::json!({"s3Bucket": "trail-logs", "s3ObjectKey": [key]})
+            .to_string()
+            .into_bytes(),
+        "notification",
+    )
+    .await;
+    put_one(&moto, b"certainly not cloudtrail".to_vec(), "garbage").await;
+    expected.sort();
+
+    let mut w = Worker::start(&moto, tmp.path(), "solo");
+    eventually(30, "/healthz", || async {
+        http_get(w.port, "/healthz").is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    let (_, dups) = all_written(&s3, &expected, 60).await;
+    assert_eq!(dups, 0, "exactly once");
+    assert_eq!(w.metric("trailhose_kinesis_leases_held "), 4.0);
+    let (status, ready) = http_get(w.port, "/readyz").expect("readyz");
+    assert_eq!(status, 200, "{ready}");
+    let (_, m) = http_get(w.port, "/metrics").expect("metrics");
+    for needle in [
+        "trailhose_kinesis_millis_behind_latest{shard=\"shardId-000000000000\",stream=\"trail-stream\"}",
+        "trailhose_kinesis_checkpoint_age_seconds{shard=",
+        "trailhose_kinesis_lease_takeovers_total{how=\"free\"} 4",
+        "trailhose_kinesis_records_total{shape=\"cwl_control\"} 1",
+        "trailhose_kinesis_records_total{shape=\"cwl_data\"} 40",
+        "trailhose_kinesis_records_total{shape=\"event\"} 1",
+        "trailhose_kinesis_records_total{shape=\"notification\"} 1",
+        "trailhose_kinesis_records_total{shape=\"unrecognized\"} 1",
+    ] {
+        assert!(m.contains(needle), "/metrics lacks {needle}:\n{m}");
+    }
+    w.stop();
+
+    // The garbage record reached the error output, named by stream, shard and sequence number.
+    let errors = error_records(&s3).await;
+    let garbage = errors
+        .iter()
+        .find(|e| e["record"] == "certainly not cloudtrail")
+        .unwrap_or_else(|| panic!("garbage in the error output: {errors:?}"));
+    let src = garbage["source"].as_str().expect("source");
+    assert!(src.starts_with("kinesis://trail-stream/shardId-"), "{src}");
+    // Every lease is checkpointed and released.
+    for l in leases(&moto).await {
+        assert!(l.owner.is_none(), "{} released", l.key);
+        assert!(!l.checkpoint.is_empty(), "{} checkpointed", l.key);
+    }
+
+    // More records while no worker runs; a restarted worker resumes at the checkpoints.
+    let more = feed(&moto, 2, 12, 10).await;
+    expected.extend(more);
+    expected.sort();
+    let mut w2 = Worker::start(&moto, tmp.path(), "solo-again");
+    let (_, dups) = all_written(&s3, &expected, 60).await;
+    assert_eq!(dups, 0, "nothing read twice after a clean restart");
+    w2.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_spread_leases_and_a_killed_workers_shards_are_taken_over() {
+    let moto = setup(6).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-kill");
+    let mut expected = feed(&moto, 10, 30, 20).await;
+    let workers: Vec<Worker> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Worker::start(&moto, tmp.path(), n))
+        .collect();
+    eventually(60, "two leases per worker", || async {
+        workers
+            .iter()
+            .all(|w| w.metric("trailhose_kinesis_leases_held ") == 2.0)
+    })
+    .await;
+    let mut workers = workers;
+    // Kill one without warning while records are in flight.
+    expected.extend(feed(&moto, 11, 30, 20).await);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut victim = workers.remove(0);
+    victim.signal("-KILL");
+    let _ = victim.child.wait();
+    let killed_at = Instant::now();
+    expected.extend(feed(&moto, 12, 30, 20).await);
+    eventually(30, "the survivors to hold every lease", || async {
+        workers
+            .iter()
+            .map(|w| w.metric("trailhose_kinesis_leases_held "))
+            .sum::<f64>()
+            == 6.0
+    })
+    .await;
+    let takeover = killed_at.elapsed();
+    expected.sort();
+    let (got, dups) = all_written(&s3, &expected, 90).await;
+    let expired: f64 = workers
+        .iter()
+        .map(|w| w.metric("trailhose_kinesis_lease_takeovers_total{how=\"expired\"}"))
+        .sum();
+    assert_eq!(
+        expired, 2.0,
+        "the killed worker's two leases were taken after expiry"
+    );
+    for w in &mut workers {
+        w.stop();
+    }
+    eprintln!(
+        "SIGKILL test: {} events expected, {} written, {dups} duplicates (records after the killed worker's checkpoints), takeover after {:.1}s",
+        expected.len(),
+        got.len(),
+        takeover.as_secs_f64()
+    );
+    assert!(
+        dups <= 30 * 20 * 3 / 3,
+        "duplicates bounded by what the killed worker had read past its checkpoints: {dups}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_shard_is_drained_before_its_children_start_and_nothing_is_lost() {
+    let moto = setup_on(Moto::start_patched(KINESIS_RESHARDING), 1).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-split");
+    let mut expected = feed(&moto, 20, 10, 20).await;
+    let mut w = Worker::start(&moto, tmp.path(), "solo");
+    // Split while the parent is being read.
+    eventually(30, "reading to start", || async {
+        w.metric("trailhose_kinesis_records_total") > 0.0
+    })
+    .await;
+
+    let k = kinesis(&moto);
+    k.split_shard()
+        .stream_name(STREAM)
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key((u128::MAX / 2).to_string())
+        .send()
+        .await
+        .expect("split");
+    expected.extend(feed(&moto, 21, 10, 20).await);
+    expected.sort();
+    let (got, dups) = all_written(&s3, &expected, 60).await;
+    eventually(20, "both children to be checkpointed", || async {
+        leases(&moto)
+            .await
+            .iter()
+            .filter(|l| l.parents == "shardId-000000000000" && !l.checkpoint.is_empty())
+            .count()
+            == 2
+    })
+    .await;
+    w.stop();
+
+    let rows = leases(&moto).await;
+    let parent = rows
+        .iter()
+        .find(|l| l.key == "shardId-000000000000")
+        .expect("parent lease");
+    assert_eq!(parent.checkpoint, "SHARD_END");
+    let log = w.log();
+    let ended = log
+        .find("shard read to its end")
+        .unwrap_or_else(|| panic!("parent ended; log:\n{log}"));
+    for child in ["shardId-000000000001", "shardId-000000000002"] {
+        let taken = log
+            .find(&format!("lease taken shard=\"{child}\""))
+            .unwrap_or_else(|| panic!("{child} taken; log:\n{log}"));
+        assert!(taken > ended, "{child} started only after its parent ended");
+    }
+    assert_eq!(
+        dups,
+        0,
+        "exactly once across the split ({} events)",
+        got.len()
+    );
+}
