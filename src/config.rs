@@ -193,6 +193,33 @@ pub struct OutputConfig {
     pub fallback_partition: String,
     pub error_prefix: String,
     pub s3: S3OutputConfig,
+    /// Also put every event on a Kinesis stream.
+    pub kinesis: Option<KinesisSinkConfig>,
+}
+
+/// `[output.kinesis]`: every enriched event also goes to a Kinesis stream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KinesisSinkConfig {
+    pub stream_name: String,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    /// The event field whose value is the partition key.
+    pub partition_key: String,
+    /// Attempts per PutRecords call, counting retries of failed entries.
+    pub max_attempts: u32,
+}
+
+impl Default for KinesisSinkConfig {
+    fn default() -> Self {
+        KinesisSinkConfig {
+            stream_name: String::new(),
+            region: None,
+            endpoint_url: None,
+            partition_key: "eventID".into(),
+            max_attempts: 10,
+        }
+    }
 }
 
 impl Default for OutputConfig {
@@ -205,6 +232,7 @@ impl Default for OutputConfig {
             fallback_partition: partition::DEFAULT_FALLBACK.into(),
             error_prefix: "errors/".into(),
             s3: S3OutputConfig::default(),
+            kinesis: None,
         }
     }
 }
@@ -435,6 +463,17 @@ impl Config {
                 ));
             }
         }
+        if let Some(k) = &self.output.kinesis {
+            if k.stream_name.is_empty() {
+                return Err(invalid("output.kinesis.stream_name", "is required"));
+            }
+            if k.partition_key.is_empty() {
+                return Err(invalid("output.kinesis.partition_key", "must name a field"));
+            }
+            if k.max_attempts == 0 {
+                return Err(invalid("output.kinesis.max_attempts", "must be at least 1"));
+            }
+        }
         if let Some(k) = &self.source.kinesis {
             validate_kinesis(k)?;
             if self.source.sqs.is_some() {
@@ -663,6 +702,13 @@ mod tests {
                 .contains("source.kinesis.initial_timestamp")
         );
         assert!(err("[source.kinesis]\nstream_name = \"s\"\nposition = 1\n").contains("position"));
+        assert!(
+            err("[output.kinesis]\npartition_key = \"x\"\n").contains("output.kinesis.stream_name")
+        );
+        assert!(
+            err("[output.kinesis]\nstream_name = \"s\"\nmax_attempts = 0\n")
+                .contains("output.kinesis.max_attempts")
+        );
         let no_buckets = Config::parse("[source.sqs]\nqueue_url = \"http://x/q\"\n").unwrap();
         assert!(
             no_buckets

@@ -735,6 +735,7 @@ pub struct KinesisMetrics {
     lease_takeovers: IntCounterVec,
     checkpoint_age: prometheus::GaugeVec,
     records: IntCounterVec,
+    sink_records: IntCounterVec,
 }
 
 pub static KINESIS: LazyLock<KinesisMetrics> = LazyLock::new(|| {
@@ -775,6 +776,12 @@ pub static KINESIS: LazyLock<KinesisMetrics> = LazyLock::new(|| {
             "trailhose_kinesis_lease_takeovers_total",
             "Shard leases taken by this worker, by how: free (new or released), expired (owner stopped renewing), stolen (rebalancing).",
             &["how"],
+        ),
+        sink_records: counter_vec(
+            r,
+            "trailhose_kinesis_sink_records_total",
+            "Events for the Kinesis output, by outcome: put, retried (failed entries put again), oversize (to the error output).",
+            &["outcome"],
         ),
         records: counter_vec(
             r,
@@ -938,6 +945,81 @@ pub struct ShardEnded<'a> {
 impl InternalEvent for ShardEnded<'_> {
     fn emit(self) {
         tracing::info!(shard = self.shard, "shard read to its end (SHARD_END)");
+    }
+}
+
+/// Events accepted by the Kinesis output.
+pub struct KinesisSinkPut {
+    pub records: usize,
+}
+
+impl InternalEvent for KinesisSinkPut {
+    fn emit(self) {
+        KINESIS
+            .sink_records
+            .with_label_values(&["put"])
+            .inc_by(self.records as u64);
+    }
+}
+
+/// Entries of a PutRecords call that failed (or the whole call) are tried again.
+pub struct KinesisSinkRetry<'a> {
+    pub records: usize,
+    pub error: &'a str,
+}
+
+impl InternalEvent for KinesisSinkRetry<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            records = self.records,
+            "Kinesis output: retrying failed records: {}",
+            self.error
+        );
+        KINESIS
+            .sink_records
+            .with_label_values(&["retried"])
+            .inc_by(self.records as u64);
+    }
+}
+
+/// An event too large for a Kinesis record: written to the error output instead.
+pub struct KinesisSinkOversize<'a> {
+    pub stream: &'a str,
+    pub bytes: usize,
+}
+
+impl InternalEvent for KinesisSinkOversize<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            stream = self.stream,
+            bytes = self.bytes,
+            "event too large for a Kinesis record; written to the error output"
+        );
+        KINESIS.sink_records.with_label_values(&["oversize"]).inc();
+        METRICS
+            .errors
+            .with_label_values(&["sink", "too_large_for_kinesis"])
+            .inc();
+    }
+}
+
+/// A written batch could not be put on the Kinesis output: it is not acknowledged.
+pub struct KinesisSinkFailed<'a> {
+    pub stream: &'a str,
+    pub error: &'a str,
+}
+
+impl InternalEvent for KinesisSinkFailed<'_> {
+    fn emit(self) {
+        tracing::error!(
+            stream = self.stream,
+            "Kinesis output failed; the batch is not acknowledged: {}",
+            self.error
+        );
+        METRICS
+            .errors
+            .with_label_values(&["sink", "kinesis_put_failed"])
+            .inc();
     }
 }
 

@@ -585,3 +585,172 @@ async fn a_split_shard_is_drained_before_its_children_start_and_nothing_is_lost(
         got.len()
     );
 }
+
+/// Every record on the stream, from every shard, oldest first.
+async fn stream_records(moto: &Moto) -> Vec<Vec<u8>> {
+    let k = kinesis(moto);
+    let shards = k
+        .list_shards()
+        .stream_name(STREAM)
+        .send()
+        .await
+        .expect("list shards");
+    let mut out = Vec::new();
+    for s in shards.shards() {
+        let mut it = k
+            .get_shard_iterator()
+            .stream_name(STREAM)
+            .shard_id(s.shard_id())
+            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .expect("iterator")
+            .shard_iterator
+            .expect("iterator");
+        loop {
+            let r = k
+                .get_records()
+                .shard_iterator(&it)
+                .send()
+                .await
+                .expect("get records");
+            if r.records().is_empty() {
+                break;
+            }
+            out.extend(r.records().iter().map(|x| x.data().as_ref().to_vec()));
+            match r.next_shard_iterator() {
+                Some(n) => it = n.to_owned(),
+                None => break,
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_puts_every_event_on_the_stream_and_retries_only_failed_entries() {
+    let moto = setup(2).await;
+    let proxy = common::faults::PartialPutProxy::start(moto.port, 2);
+    let tmp = TempDir::new("kinesis-sink");
+    let day = tmp
+        .path()
+        .join("in/AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18");
+    std::fs::create_dir_all(&day).expect("input dir");
+    let mut expected = Vec::new();
+    for i in 0..3u64 {
+        let file = trailhose::synth::Generator::new(300 + i).delivery_file(400_000);
+        let v: serde_json::Value = serde_json::from_slice(&file).expect("json");
+        expected.extend(
+            v["Records"]
+                .as_array()
+                .expect("records")
+                .iter()
+                .map(|r| r["eventID"].as_str().expect("id").to_owned()),
+        );
+        std::fs::write(day.join(format!("gen-{i}.json.gz")), fixtures::gzip(&file)).expect("file");
+    }
+    // One event over Kinesis's 1 MiB record limit: objects only, plus an error record.
+    let (mut huge, huge_ids) = events(999, 1);
+    let mut v: serde_json::Value = serde_json::from_str(&huge[0]).expect("event");
+    v["requestParameters"] = serde_json::json!({"policy": "x".repeat(1_100_000)});
+    huge[0] = v.to_string();
+    std::fs::write(
+        day.join("huge.json"),
+        format!("{{\"Records\":[{}]}}", huge[0]),
+    )
+    .expect("huge file");
+    expected.sort();
+
+    let (city, asn) = fixture_dbs(tmp.path());
+    let config = tmp.path().join("sink.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[geoip]
+city_db = "{city}"
+asn_db = "{asn}"
+[output.kinesis]
+stream_name = "{STREAM}"
+endpoint_url = "{}"
+max_attempts = 6
+"#,
+            proxy.endpoint()
+        ),
+    )
+    .expect("config");
+    let out = tmp.path().join("out");
+    let metrics = tmp.path().join("metrics.txt");
+    let run = common::trailhose(
+        &[
+            "process",
+            "--config",
+            &config.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+            "--metrics-file",
+            &metrics.display().to_string(),
+            &tmp.path().join("in").display().to_string(),
+        ],
+        &moto.env(),
+    );
+    assert!(
+        run.status.success(),
+        "process: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let mut on_stream: Vec<String> = stream_records(&moto)
+        .await
+        .iter()
+        .map(|d| id_of(std::str::from_utf8(d).expect("utf-8")))
+        .collect();
+    on_stream.sort();
+    let missing = expected
+        .iter()
+        .filter(|id| on_stream.binary_search(id).is_err())
+        .count();
+    let mut distinct = on_stream.clone();
+    distinct.dedup();
+    assert!(
+        missing == 0 && distinct.len() == on_stream.len() && on_stream.len() == expected.len(),
+        "every event on the stream exactly once: {} expected, {} on the stream ({} distinct), {missing} missing",
+        expected.len(),
+        on_stream.len(),
+        distinct.len()
+    );
+    let failed = proxy
+        .failed_entries
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(failed > 0, "the proxy failed some entries");
+    let m = std::fs::read_to_string(&metrics).expect("metrics");
+    let retried = m
+        .lines()
+        .find(|l| l.starts_with("trailhose_kinesis_sink_records_total{outcome=\"retried\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert_eq!(retried, failed, "exactly the failed entries were retried");
+    assert!(
+        m.contains("trailhose_kinesis_sink_records_total{outcome=\"oversize\"} 1"),
+        "{m}"
+    );
+
+    // The objects hold every event, the huge one too; the error output names it.
+    let objects = common::local_objects(&out);
+    let split = split_output(&objects);
+    let mut in_objects: Vec<String> = split.events.iter().map(|(_, l)| id_of(l)).collect();
+    in_objects.sort();
+    let mut all = expected.clone();
+    all.extend(huge_ids.iter().cloned());
+    all.sort();
+    assert_eq!(in_objects, all);
+    let oversize = split
+        .errors
+        .iter()
+        .find(|e| e["reason"] == "too_large_for_kinesis")
+        .expect("oversize error record");
+    assert_eq!(oversize["record"]["eventID"], huge_ids[0].as_str());
+    eprintln!(
+        "sink test: {} events on the stream, {failed} entries failed by the proxy and retried",
+        on_stream.len()
+    );
+}

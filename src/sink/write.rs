@@ -14,8 +14,9 @@ use tokio::task::JoinSet;
 
 use super::batch::{Kind, Sealed};
 use super::encode::Compression;
+use super::kinesis::Forwarder;
 use crate::clock::Utc;
-use crate::metrics::{self, ObjectWriteFailed, ObjectWritten};
+use crate::metrics::{self, KinesisSinkFailed, ObjectWriteFailed, ObjectWritten};
 use crate::retry::Backoff;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,8 @@ pub enum WriteError {
     },
     #[error("object {0}: a compressed part was lost (the encoder stopped)")]
     PartLost(String),
+    #[error("written, but not to the Kinesis output: {0}")]
+    Forward(String),
 }
 
 /// S3 output settings beyond the bucket and prefix.
@@ -399,6 +402,7 @@ pub async fn run_uploader(
     compression: Compression,
     mut rx: mpsc::Receiver<Sealed>,
     concurrency: usize,
+    forwarder: Option<Arc<Forwarder>>,
 ) -> Written {
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = JoinSet::new();
@@ -419,8 +423,9 @@ pub async fn run_uploader(
             break;
         };
         let store = store.clone();
+        let forwarder = forwarder.clone();
         tasks.spawn(async move {
-            let r = write_sealed(&store, compression, sealed).await;
+            let r = write_sealed(&store, compression, sealed, forwarder.as_deref()).await;
             drop(permit);
             r
         });
@@ -444,6 +449,7 @@ async fn write_sealed(
     store: &Store,
     compression: Compression,
     sealed: Sealed,
+    forwarder: Option<&Forwarder>,
 ) -> Result<(Kind, u64, u64), String> {
     let key = format!(
         "{}{}",
@@ -481,6 +487,19 @@ async fn write_sealed(
             },
         )
         .await;
+    // With a Kinesis output, the batch is acknowledged once its events are there too.
+    let put = match (put, forwarder) {
+        (Ok(()), Some(f)) if sealed.kind == Kind::Events => {
+            f.forward(store, body.clone()).await.map_err(|e| {
+                metrics::emit(KinesisSinkFailed {
+                    stream: &f.sink.stream,
+                    error: &e,
+                });
+                WriteError::Forward(e)
+            })
+        }
+        (put, _) => put,
+    };
     match put {
         Ok(()) => {
             sealed.holds.commit();
