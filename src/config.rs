@@ -208,6 +208,9 @@ pub struct KinesisSinkConfig {
     pub partition_key: String,
     /// Attempts per PutRecords call, counting retries of failed entries.
     pub max_attempts: u32,
+    /// Also write events as objects under output.url; false = events go to the stream only
+    /// (error records are always written under output.url).
+    pub write_objects: bool,
 }
 
 impl Default for KinesisSinkConfig {
@@ -218,6 +221,7 @@ impl Default for KinesisSinkConfig {
             endpoint_url: None,
             partition_key: "eventID".into(),
             max_attempts: 10,
+            write_objects: true,
         }
     }
 }

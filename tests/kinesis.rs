@@ -587,11 +587,11 @@ async fn a_split_shard_is_drained_before_its_children_start_and_nothing_is_lost(
 }
 
 /// Every record on the stream, from every shard, oldest first.
-async fn stream_records(moto: &Moto) -> Vec<Vec<u8>> {
+async fn stream_records(moto: &Moto, stream: &str) -> Vec<Vec<u8>> {
     let k = kinesis(moto);
     let shards = k
         .list_shards()
-        .stream_name(STREAM)
+        .stream_name(stream)
         .send()
         .await
         .expect("list shards");
@@ -599,7 +599,7 @@ async fn stream_records(moto: &Moto) -> Vec<Vec<u8>> {
     for s in shards.shards() {
         let mut it = k
             .get_shard_iterator()
-            .stream_name(STREAM)
+            .stream_name(stream)
             .shard_id(s.shard_id())
             .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
             .send()
@@ -699,7 +699,7 @@ max_attempts = 6
         String::from_utf8_lossy(&run.stderr)
     );
 
-    let mut on_stream: Vec<String> = stream_records(&moto)
+    let mut on_stream: Vec<String> = stream_records(&moto, STREAM)
         .await
         .iter()
         .map(|d| id_of(std::str::from_utf8(d).expect("utf-8")))
@@ -753,4 +753,50 @@ max_attempts = 6
         "sink test: {} events on the stream, {failed} entries failed by the proxy and retried",
         on_stream.len()
     );
+
+    // Instead of objects: events only on the stream, errors still under the output.
+    kinesis(&moto)
+        .create_stream()
+        .stream_name("only-stream")
+        .shard_count(1)
+        .send()
+        .await
+        .expect("second stream");
+    let config2 = tmp.path().join("only.toml");
+    std::fs::write(
+        &config2,
+        format!(
+            "[output.kinesis]\nstream_name = \"only-stream\"\nendpoint_url = \"{}\"\nwrite_objects = false\n",
+            // Through the proxy too: it also serialises puts, which moto needs.
+            proxy.endpoint()
+        ),
+    )
+    .expect("config");
+    let out2 = tmp.path().join("out2");
+    let run = common::trailhose(
+        &[
+            "process",
+            "--config",
+            &config2.display().to_string(),
+            "--out",
+            &out2.display().to_string(),
+            &tmp.path().join("in").display().to_string(),
+        ],
+        &moto.env(),
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut only: Vec<String> = stream_records(&moto, "only-stream")
+        .await
+        .iter()
+        .map(|d| id_of(std::str::from_utf8(d).expect("utf-8")))
+        .collect();
+    only.sort();
+    assert!(only == expected, "every event on the second stream");
+    let split2 = split_output(&common::local_objects(&out2));
+    assert!(split2.events.is_empty(), "no event objects");
+    assert_eq!(split2.errors.len(), 1, "the oversize event's error record");
 }

@@ -36,6 +36,9 @@ use crate::source::kinesis::{
 use crate::source::lease::{self, Lease, LeaseError, LeaseTable, Observer, SHARD_END};
 use crate::source::notification::{Notification, is_digest_key};
 
+/// The shortest time between two GetRecords calls on one shard.
+const MIN_CALL_INTERVAL: Duration = Duration::from_millis(200);
+
 struct Ctx {
     cfg: KinesisConfig,
     kinesis: Kinesis,
@@ -465,6 +468,7 @@ async fn read_shard(
     let mut failures = 0u32;
     let mut at_end = false;
     let mut last_advance = Instant::now();
+    let mut last_call: Option<Instant> = None;
 
     loop {
         metrics::emit(CheckpointAge {
@@ -587,6 +591,14 @@ async fn read_shard(
                 }
             },
         };
+        // Kinesis allows five GetRecords calls per second per shard.
+        if let Some(t) = last_call {
+            let since = t.elapsed();
+            if since < MIN_CALL_INTERVAL {
+                tokio::time::sleep(MIN_CALL_INTERVAL - since).await;
+            }
+        }
+        last_call = Some(Instant::now());
         let fetched = match ctx
             .kinesis
             .get_records(&it, ctx.cfg.max_records_per_call)
@@ -670,7 +682,8 @@ fn closed_and_read(
     };
     match position {
         StartAt::After(seq) => seq_cmp(seq, &ending) != std::cmp::Ordering::Less,
-        _ => true,
+        // Nothing read yet: only Kinesis's missing iterator can tell the end.
+        _ => false,
     }
 }
 

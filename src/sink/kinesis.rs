@@ -297,6 +297,8 @@ impl KinesisSink {
 /// writes those too large for a record to the error output.
 pub struct Forwarder {
     pub sink: KinesisSink,
+    /// Whether events are also written as objects (errors always are).
+    pub write_objects: bool,
     codec: Codec,
     error_prefix: String,
 }
@@ -316,6 +318,7 @@ impl Forwarder {
     pub async fn new(cfg: &KinesisSinkConfig, codec: Codec, error_prefix: &str) -> Forwarder {
         Forwarder {
             sink: KinesisSink::new(cfg).await,
+            write_objects: cfg.write_objects,
             codec,
             error_prefix: error_prefix.to_owned(),
         }
@@ -350,7 +353,7 @@ impl Forwarder {
                 stage: "sink",
                 reason: "too_large_for_kinesis",
                 detail: format!(
-                    "the event and its partition key are {} bytes, over Kinesis's {} per record; it was written to the object output only",
+                    "the event and its partition key are {} bytes, over Kinesis's {} per record; it is kept here (and in the event objects when they are written)",
                     e.size(),
                     MAX_RECORD_BYTES
                 ),

@@ -473,20 +473,26 @@ async fn write_sealed(
     let body = body.freeze();
     let len = body.len() as u64;
     let started = Instant::now();
-    let put = Backoff::default()
-        .run(
-            || store.put(&key, body.clone(), compression.content_type()),
-            |e| {
-                matches!(
-                    e,
-                    WriteError::S3 {
-                        retryable: true,
-                        ..
-                    }
-                )
-            },
-        )
-        .await;
+    // With `output.kinesis.write_objects = false`, events go to the stream only.
+    let objects = !(sealed.kind == Kind::Events && forwarder.is_some_and(|f| !f.write_objects));
+    let put = if objects {
+        Backoff::default()
+            .run(
+                || store.put(&key, body.clone(), compression.content_type()),
+                |e| {
+                    matches!(
+                        e,
+                        WriteError::S3 {
+                            retryable: true,
+                            ..
+                        }
+                    )
+                },
+            )
+            .await
+    } else {
+        Ok(())
+    };
     // With a Kinesis output, the batch is acknowledged once its events are there too.
     let put = match (put, forwarder) {
         (Ok(()), Some(f)) if sealed.kind == Kind::Events => {
@@ -501,6 +507,10 @@ async fn write_sealed(
         (put, _) => put,
     };
     match put {
+        Ok(()) if !objects => {
+            sealed.holds.commit();
+            Ok((sealed.kind, sealed.records, 0))
+        }
         Ok(()) => {
             sealed.holds.commit();
             metrics::emit(ObjectWritten {
