@@ -167,7 +167,7 @@ async fn put_one(moto: &Moto, data: Vec<u8>, key: &str) {
     .await;
 }
 
-fn write_config(dir: &Path, moto: &Moto, port: u16, worker: &str) -> String {
+fn write_config(dir: &Path, moto: &Moto, port: u16, worker: &str, max_age_secs: u64) -> String {
     let (city, asn) = fixture_dbs(dir);
     let ep = &moto.endpoint;
     let path = dir.join("run.toml");
@@ -180,7 +180,7 @@ url = "s3://trail-out/ct/"
 endpoint_url = "{ep}"
 force_path_style = true
 [batch]
-max_age_secs = 1
+max_age_secs = {max_age_secs}
 [geoip]
 city_db = "{city}"
 asn_db = "{asn}"
@@ -223,10 +223,15 @@ impl Drop for Worker {
 
 impl Worker {
     fn start(moto: &Moto, dir: &Path, name: &str) -> Worker {
+        Worker::start_with(moto, dir, name, 1)
+    }
+
+    /// A worker whose buffers flush after `max_age_secs`.
+    fn start_with(moto: &Moto, dir: &Path, name: &str, max_age_secs: u64) -> Worker {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).expect("worker dir");
         let port = free_port();
-        let config = write_config(&dir, moto, port, name);
+        let config = write_config(&dir, moto, port, name, max_age_secs);
         let log = dir.join(format!("log-{}", free_port()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
         cmd.args(["run", "--config", &config])
@@ -799,4 +804,93 @@ max_attempts = 6
     let split2 = split_output(&common::local_objects(&out2));
     assert!(split2.events.is_empty(), "no event objects");
     assert_eq!(split2.errors.len(), 1, "the oversize event's error record");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_wait_for_durable_writes_and_an_output_outage_loses_nothing() {
+    let moto = setup(2).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-outage");
+    let w = Worker::start(&moto, tmp.path(), "solo");
+    eventually(30, "/healthz", || async {
+        http_get(w.port, "/healthz").is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    // The output disappears: every put fails, so no batch settles and nothing is checkpointed.
+    s3.delete_bucket()
+        .bucket("trail-out")
+        .send()
+        .await
+        .expect("delete output bucket");
+    let mut expected = feed(&moto, 30, 20, 10).await;
+    eventually(40, "a failed put and a rewind", || async {
+        w.metric("trailhose_errors_total{reason=\"put_failed\"") >= 1.0
+            && w.metric("trailhose_errors_total{reason=\"rewound\"") >= 1.0
+    })
+    .await;
+    for l in leases(&moto).await {
+        assert_eq!(
+            l.checkpoint, "",
+            "{}: no checkpoint while nothing is written",
+            l.key
+        );
+    }
+    // The output comes back: the rewound shards are read again and everything arrives.
+    s3.create_bucket()
+        .bucket("trail-out")
+        .send()
+        .await
+        .expect("recreate output bucket");
+    expected.sort();
+    let (got, dups) = all_written(&s3, &expected, 90).await;
+    eventually(20, "checkpoints to advance", || async {
+        leases(&moto).await.iter().all(|l| !l.checkpoint.is_empty())
+    })
+    .await;
+    let mut w = w;
+    w.stop();
+    eprintln!(
+        "outage test: {} events expected, {} written, {dups} duplicates",
+        expected.len(),
+        got.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_open_buffers_then_checkpoints_and_releases_leases() {
+    let moto = setup(3).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-term");
+    let mut expected = feed(&moto, 40, 15, 10).await;
+    expected.sort();
+    // Buffers would wait five minutes to flush by age: only the shutdown can flush them.
+    let mut w = Worker::start_with(&moto, tmp.path(), "solo", 300);
+    eventually(30, "every record to be read", || async {
+        w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 15.0
+    })
+    .await;
+    assert!(
+        s3_objects(&s3, "trail-out", "ct/").await.is_empty(),
+        "nothing written before the shutdown"
+    );
+    for l in leases(&moto).await {
+        assert_eq!(
+            l.checkpoint, "",
+            "{}: nothing checkpointed before the shutdown",
+            l.key
+        );
+    }
+    let started = Instant::now();
+    w.stop();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let (_, dups) = all_written(&s3, &expected, 5).await;
+    assert_eq!(dups, 0);
+    for l in leases(&moto).await {
+        assert!(l.owner.is_none(), "{} released", l.key);
+        assert!(
+            !l.checkpoint.is_empty(),
+            "{} checkpointed on the way out",
+            l.key
+        );
+    }
 }
