@@ -760,7 +760,7 @@ pub static KINESIS: LazyLock<KinesisMetrics> = LazyLock::new(|| {
     let checkpoint_age = prometheus::GaugeVec::new(
         Opts::new(
             "trailhose_kinesis_checkpoint_age_seconds",
-            "Time since each held shard's checkpoint last advanced (or since the lease was taken).",
+            "Time since each held shard's checkpoint last advanced, or since its reader was last caught up with nothing unwritten.",
         ),
         &["shard"],
     )

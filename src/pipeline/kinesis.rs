@@ -658,6 +658,10 @@ async fn read_shard(
             at_end = true;
             continue;
         }
+        if empty && progress.in_flight() == 0 {
+            // Caught up with nothing owed: the checkpoint is as fresh as it can be.
+            last_advance = Instant::now();
+        }
         if empty || millis_behind == 0 {
             wait(&mut stop, poll).await;
         }
