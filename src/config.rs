@@ -106,6 +106,9 @@ pub struct KinesisConfig {
     pub lease_renew_interval_millis: u64,
     /// Most leases taken from busier workers per balancing round.
     pub max_leases_to_steal: usize,
+    /// How long an owner may drain a shard it is asked to hand over before it hands it over
+    /// anyway; 0 = batch.max_age_secs plus the lease duration.
+    pub handoff_timeout_millis: u64,
     /// How often the shard list is read to find new shards (resharding).
     pub shard_sync_interval_millis: u64,
     /// GetRecords `Limit`.
@@ -128,6 +131,7 @@ impl Default for KinesisConfig {
             lease_duration_millis: 10_000,
             lease_renew_interval_millis: 0,
             max_leases_to_steal: 1,
+            handoff_timeout_millis: 0,
             shard_sync_interval_millis: 60_000,
             max_records_per_call: 10_000,
             poll_interval_millis: 1_000,

@@ -736,6 +736,7 @@ pub struct KinesisMetrics {
     checkpoint_age: prometheus::GaugeVec,
     records: IntCounterVec,
     sink_records: IntCounterVec,
+    handoffs: IntCounterVec,
 }
 
 pub static KINESIS: LazyLock<KinesisMetrics> = LazyLock::new(|| {
@@ -774,8 +775,14 @@ pub static KINESIS: LazyLock<KinesisMetrics> = LazyLock::new(|| {
         lease_takeovers: counter_vec(
             r,
             "trailhose_kinesis_lease_takeovers_total",
-            "Shard leases taken by this worker, by how: free (new or released), expired (owner stopped renewing), stolen (rebalancing).",
+            "Shard leases taken by this worker, by how: free (new or released), expired (owner stopped renewing), handoff (rebalancing), adopted (already this worker's name).",
             &["how"],
+        ),
+        handoffs: counter_vec(
+            r,
+            "trailhose_kinesis_lease_handoffs_total",
+            "Rebalancing handoffs by stage: requested (as the new owner), draining, handed_over, timed_out (as the old owner).",
+            &["stage"],
         ),
         sink_records: counter_vec(
             r,
@@ -869,7 +876,7 @@ impl InternalEvent for KinesisCallFailed<'_> {
     }
 }
 
-/// This worker took a shard lease (`how`: free, expired, stolen).
+/// This worker took a shard lease (`how`: free, expired, handoff, adopted).
 pub struct LeaseTaken<'a> {
     pub shard: &'a str,
     pub how: &'static str,
@@ -905,6 +912,34 @@ impl InternalEvent for LeaseLost<'_> {
             .errors
             .with_label_values(&["kinesis", "lease_lost"])
             .inc();
+    }
+}
+
+/// A rebalancing handoff: `stage` = requested (by this worker), draining (this owner stops
+/// reading), handed_over, or timed_out (handed over before everything read was written).
+pub struct LeaseHandoff<'a> {
+    pub shard: &'a str,
+    pub to: &'a str,
+    pub stage: &'static str,
+}
+
+impl InternalEvent for LeaseHandoff<'_> {
+    fn emit(self) {
+        if self.stage == "timed_out" {
+            tracing::warn!(
+                shard = self.shard,
+                to = self.to,
+                "lease handed over before its records were all written; some will be read twice"
+            );
+        } else {
+            tracing::info!(
+                shard = self.shard,
+                to = self.to,
+                stage = self.stage,
+                "lease handoff"
+            );
+        }
+        KINESIS.handoffs.with_label_values(&[self.stage]).inc();
     }
 }
 

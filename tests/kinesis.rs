@@ -493,6 +493,15 @@ async fn three_workers_spread_leases_and_a_killed_workers_shards_are_taken_over(
     // Rebalancing repeats what a stolen shard's first owner had read past its checkpoint.
     expected.sort();
     let (_, dups_rebalance) = all_written(&s3, &expected, 60).await;
+    let sum = |name: &str| workers.iter().map(|w| w.metric(name)).sum::<f64>();
+    let handed_over = sum("trailhose_kinesis_lease_handoffs_total{stage=\"handed_over\"}");
+    let timed_out = sum("trailhose_kinesis_lease_handoffs_total{stage=\"timed_out\"}");
+    if timed_out == 0.0 {
+        assert_eq!(
+            dups_rebalance, 0,
+            "handoffs drain before the lease moves: rebalancing repeats nothing"
+        );
+    }
 
     // Kill one without warning while records are in flight.
     let in_flight = feed(&moto, 11, 30, 20).await;
@@ -528,7 +537,7 @@ async fn three_workers_spread_leases_and_a_killed_workers_shards_are_taken_over(
     }
     let dups_kill = dups - dups_rebalance;
     eprintln!(
-        "SIGKILL test: {} events expected, {} written; duplicates: {dups_rebalance} from start-up rebalancing, {dups_kill} from the kill (of {fed_before_kill} fed just before it); takeover {:.1}s after the kill (lease 2 s)",
+        "SIGKILL test: {} events expected, {} written; {handed_over} leases handed over at start-up ({timed_out} timed out); duplicates: {dups_rebalance} from start-up rebalancing, {dups_kill} from the kill (of {fed_before_kill} fed just before it); takeover {:.1}s after the kill (lease 2 s)",
         expected.len(),
         got.len(),
         takeover.as_secs_f64()

@@ -4,7 +4,8 @@
 //!
 //! Tasks:
 //! * the coordinator syncs the shard list into the lease table, renews held leases, takes free,
-//!   expired and (bounded) stolen leases, and starts or stops one reader per held shard;
+//!   expired leases, asks busier workers to hand over a bounded number (and hands over what
+//!   others ask for once drained), and starts or stops one reader per held shard;
 //! * a shard reader polls GetRecords, hands each batch on with one `Hold`, and checkpoints the
 //!   contiguous prefix of settled batches (`Progress`); a failed batch rewinds it to the
 //!   checkpoint; at SHARD_END it waits for everything to settle and checkpoints SHARD_END.
@@ -70,6 +71,8 @@ struct Held {
     renewed: Instant,
     stop: watch::Sender<Stop>,
     task: JoinHandle<Ended>,
+    /// Being handed to this worker since then (its reader drains first).
+    handoff: Option<(String, Instant)>,
 }
 
 fn default_worker_id() -> String {
@@ -156,6 +159,12 @@ pub async fn run(
     let renew_every = ctx.cfg.renew_interval();
     let lease_duration = Duration::from_millis(ctx.cfg.lease_duration_millis);
     let sync_every = Duration::from_millis(ctx.cfg.shard_sync_interval_millis);
+    // A handoff waits for the reader's records to be written: up to a batch's age.
+    let handoff_timeout = match ctx.cfg.handoff_timeout_millis {
+        0 => Duration::from_secs(cfg.batch.max_age_secs) + lease_duration,
+        n => Duration::from_millis(n),
+    };
+    let mut requested: HashSet<String> = HashSet::new();
 
     tokio::pin!(shutdown);
     loop {
@@ -172,15 +181,17 @@ pub async fn run(
                 }),
             }
         }
-        coordinate(
-            &ctx,
-            &files,
-            &mut held,
-            &mut observer,
-            &shards,
+        coordinate(Round {
+            ctx: &ctx,
+            files: &files,
+            held: &mut held,
+            observer: &mut observer,
+            shards: &shards,
             lease_duration,
-            &mut last_sync,
-        )
+            handoff_timeout,
+            last_sync: &mut last_sync,
+            requested: &mut requested,
+        })
         .await;
         metrics::emit(LeasesHeld(held.len()));
         tokio::select! {
@@ -278,34 +289,44 @@ async fn sync_shards(ctx: &Ctx) -> Result<HashSet<String>, String> {
     Ok(list.into_iter().map(|s| s.id).collect())
 }
 
-/// One round of lease work: renew what is held, drop what was lost, take what is due.
-async fn coordinate(
-    ctx: &Arc<Ctx>,
-    files: &Submitter,
-    held: &mut HashMap<String, Held>,
-    observer: &mut Observer,
-    shards: &HashSet<String>,
+/// The coordinator's view between rounds.
+struct Round<'a> {
+    ctx: &'a Arc<Ctx>,
+    files: &'a Submitter,
+    held: &'a mut HashMap<String, Held>,
+    observer: &'a mut Observer,
+    shards: &'a HashSet<String>,
     lease_duration: Duration,
-    last_sync: &mut Option<Instant>,
-) {
-    // Readers that ended on their own.
+    handoff_timeout: Duration,
+    last_sync: &'a mut Option<Instant>,
+    /// Leases this worker asked to be handed over, not yet received.
+    requested: &'a mut HashSet<String>,
+}
+
+/// One round of lease work: renew what is held, drop what was lost, hand over what others
+/// asked for, take what is due.
+async fn coordinate(r: Round<'_>) {
+    let Round {
+        ctx,
+        files,
+        held,
+        observer,
+        shards,
+        lease_duration,
+        handoff_timeout,
+        last_sync,
+        requested,
+    } = r;
+    // Readers that ended on their own (a reader draining for a handoff is dealt with below).
     let done: Vec<String> = held
         .iter()
-        .filter(|(_, h)| h.task.is_finished())
+        .filter(|(_, h)| h.task.is_finished() && h.handoff.is_none())
         .map(|(k, _)| k.clone())
         .collect();
     for k in done {
         if let Some(h) = held.remove(&k) {
             let ended = h.task.await.unwrap_or(Ended::LeaseLost);
-            metrics::emit(KinesisBehind {
-                stream: &ctx.kinesis.stream,
-                shard: &k,
-                millis: None,
-            });
-            metrics::emit(CheckpointAge {
-                shard: &k,
-                seconds: None,
-            });
+            forget_shard(ctx, &k);
             if ended == Ended::ShardEnd {
                 // Its children may start now: look for them at once.
                 *last_sync = None;
@@ -323,21 +344,22 @@ async fn coordinate(
                 error: &e.to_string(),
             });
             // Without the table, a lease not renewed for its whole duration may be another's.
-            drop_stale(held, lease_duration);
+            drop_stale(ctx, held, lease_duration);
             return;
         }
     };
     let now = Instant::now();
     observer.observe(&all, now);
     let by_key: HashMap<&str, &Lease> = all.iter().map(|l| (l.key.as_str(), l)).collect();
+    let me = ctx.leases.me.as_str();
 
-    // Renew.
+    // Renew, and start handoffs others asked for.
     let keys: Vec<String> = held.keys().cloned().collect();
     for k in keys {
         let Some(h) = held.get_mut(&k) else { continue };
-        let still_ours = by_key.get(k.as_str()).is_some_and(|l| {
-            l.owner.as_deref() == Some(ctx.leases.me.as_str()) && l.counter == h.counter
-        });
+        let seen = by_key.get(k.as_str());
+        let still_ours =
+            seen.is_some_and(|l| l.owner.as_deref() == Some(me) && l.counter == h.counter);
         let outcome = if still_ours {
             ctx.leases.renew(&k, h.counter).await
         } else {
@@ -347,13 +369,24 @@ async fn coordinate(
             Ok(c) => {
                 h.counter = c;
                 h.renewed = Instant::now();
+                let asked = seen.and_then(|l| l.next_owner.clone());
+                if let (Some(to), None) = (asked, &h.handoff) {
+                    // Stop reading; what was read gets written and checkpointed first.
+                    let _ = h.stop.send(Stop::Drain);
+                    metrics::emit(LeaseHandoff {
+                        shard: &k,
+                        to: &to,
+                        stage: "draining",
+                    });
+                    h.handoff = Some((to, Instant::now()));
+                }
             }
             Err(LeaseError::Conflict) => {
                 metrics::emit(LeaseLost {
                     shard: &k,
                     reason: "taken by another worker",
                 });
-                lose(held, &k);
+                lose(ctx, held, &k);
             }
             Err(e) => {
                 metrics::emit(KinesisCallFailed {
@@ -364,7 +397,75 @@ async fn coordinate(
             }
         }
     }
-    drop_stale(held, lease_duration);
+    drop_stale(ctx, held, lease_duration);
+
+    // Hand over leases whose readers are drained (or that waited too long).
+    let ready: Vec<(String, String, u64, bool)> = held
+        .iter()
+        .filter_map(|(k, h)| {
+            let (to, since) = h.handoff.as_ref()?;
+            let timed_out = since.elapsed() >= handoff_timeout;
+            (h.task.is_finished() || timed_out)
+                .then(|| (k.clone(), to.clone(), h.counter, timed_out))
+        })
+        .collect();
+    for (k, to, counter, timed_out) in ready {
+        match ctx.leases.hand_over(&k, counter, &to).await {
+            Ok(()) => {
+                metrics::emit(LeaseHandoff {
+                    shard: &k,
+                    to: &to,
+                    stage: if timed_out {
+                        "timed_out"
+                    } else {
+                        "handed_over"
+                    },
+                });
+                lose(ctx, held, &k);
+            }
+            Err(LeaseError::Conflict) => {
+                metrics::emit(LeaseLost {
+                    shard: &k,
+                    reason: "changed during the handoff",
+                });
+                lose(ctx, held, &k);
+            }
+            Err(e) => metrics::emit(KinesisCallFailed {
+                operation: "hand_over_lease",
+                shard: &k,
+                error: &e.to_string(),
+            }),
+        }
+    }
+
+    // Leases handed to this worker (or left to it by an earlier run under the same name).
+    let adopt: Vec<&Lease> = all
+        .iter()
+        .filter(|l| {
+            l.owner.as_deref() == Some(me)
+                && !l.finished()
+                && !held.contains_key(&l.key)
+                && lease::parents_done(l, &by_key, shards)
+        })
+        .collect();
+    for l in adopt {
+        let how = if requested.remove(&l.key) {
+            "handoff"
+        } else {
+            "adopted"
+        };
+        metrics::emit(LeaseTaken {
+            shard: &l.key,
+            how,
+            previous_owner: "",
+        });
+        start_reader(ctx, files, held, l, l.counter);
+    }
+    requested.retain(|k| {
+        by_key
+            .get(k.as_str())
+            .is_some_and(|l| l.next_owner.as_deref() == Some(me))
+    });
 
     // Take.
     let takeable: Vec<(&Lease, bool)> = all
@@ -373,39 +474,39 @@ async fn coordinate(
         .filter(|l| shards.is_empty() || shards.contains(&l.key))
         .map(|l| (l, observer.expired(l, now, lease_duration)))
         .collect();
-    let plan = lease::plan(&ctx.leases.me, &takeable, ctx.cfg.max_leases_to_steal);
+    let plan = lease::plan(me, &takeable, ctx.cfg.max_leases_to_steal);
     for (key, how) in plan {
         let Some(l) = by_key.get(key.as_str()) else {
             continue;
         };
+        if how == lease::How::Stolen {
+            match ctx.leases.request_handoff(&key, l.counter).await {
+                Ok(()) => {
+                    requested.insert(key.clone());
+                    metrics::emit(LeaseHandoff {
+                        shard: &key,
+                        to: me,
+                        stage: "requested",
+                    });
+                }
+                Err(LeaseError::Conflict) => {}
+                Err(e) => metrics::emit(KinesisCallFailed {
+                    operation: "request_handoff",
+                    shard: &key,
+                    error: &e.to_string(),
+                }),
+            }
+            continue;
+        }
         match ctx.leases.take(&key, l.counter).await {
             Ok(counter) => {
+                requested.remove(&key);
                 metrics::emit(LeaseTaken {
                     shard: &key,
                     how: how.as_str(),
                     previous_owner: l.owner.as_deref().unwrap_or(""),
                 });
-                let start = match l.checkpoint.as_str() {
-                    "" => StartAt::initial(&ctx.cfg),
-                    seq => StartAt::After(seq.to_owned()),
-                };
-                let (stop, stop_rx) = watch::channel(Stop::Run);
-                let task = tokio::spawn(read_shard(
-                    ctx.clone(),
-                    key.clone(),
-                    start,
-                    stop_rx,
-                    files.clone(),
-                ));
-                held.insert(
-                    key,
-                    Held {
-                        counter,
-                        renewed: Instant::now(),
-                        stop,
-                        task,
-                    },
-                );
+                start_reader(ctx, files, held, l, counter);
             }
             Err(LeaseError::Conflict) => {} // another worker was quicker
             Err(e) => metrics::emit(KinesisCallFailed {
@@ -417,18 +518,60 @@ async fn coordinate(
     }
 }
 
-fn lose(held: &mut HashMap<String, Held>, key: &str) {
+/// Starts reading a shard whose lease this worker now holds at `counter`.
+fn start_reader(
+    ctx: &Arc<Ctx>,
+    files: &Submitter,
+    held: &mut HashMap<String, Held>,
+    l: &Lease,
+    counter: u64,
+) {
+    let start = match l.checkpoint.as_str() {
+        "" => StartAt::initial(&ctx.cfg),
+        seq => StartAt::After(seq.to_owned()),
+    };
+    let (stop, stop_rx) = watch::channel(Stop::Run);
+    let task = tokio::spawn(read_shard(
+        ctx.clone(),
+        l.key.clone(),
+        start,
+        stop_rx,
+        files.clone(),
+    ));
+    held.insert(
+        l.key.clone(),
+        Held {
+            counter,
+            renewed: Instant::now(),
+            stop,
+            task,
+            handoff: None,
+        },
+    );
+}
+
+/// Drops a shard's per-shard metric series (its lease went elsewhere or ended).
+fn forget_shard(ctx: &Ctx, shard: &str) {
+    metrics::emit(KinesisBehind {
+        stream: &ctx.kinesis.stream,
+        shard,
+        millis: None,
+    });
+    metrics::emit(CheckpointAge {
+        shard,
+        seconds: None,
+    });
+}
+
+fn lose(ctx: &Ctx, held: &mut HashMap<String, Held>, key: &str) {
     if let Some(h) = held.remove(key) {
         let _ = h.stop.send(Stop::Abandon);
-        metrics::emit(CheckpointAge {
-            shard: key,
-            seconds: None,
-        });
+        forget_shard(ctx, key);
     }
 }
 
 /// Leases not renewed for a whole lease duration may already be someone else's: stop reading.
-fn drop_stale(held: &mut HashMap<String, Held>, lease_duration: Duration) {
+fn drop_stale(ctx: &Ctx, held: &mut HashMap<String, Held>, lease_duration: Duration) {
     let stale: Vec<String> = held
         .iter()
         .filter(|(_, h)| h.renewed.elapsed() >= lease_duration)
@@ -439,7 +582,7 @@ fn drop_stale(held: &mut HashMap<String, Held>, lease_duration: Duration) {
             shard: &k,
             reason: "not renewed within the lease duration",
         });
-        lose(held, &k);
+        lose(ctx, held, &k);
     }
 }
 

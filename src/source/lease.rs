@@ -3,8 +3,10 @@
 //! two workers never both believe they hold a lease. A lease whose counter has not moved for
 //! the lease duration (by the observer's own clock, so clocks need not agree) is expired and
 //! may be taken; workers below their fair share take free and expired leases, then steal a
-//! bounded number from the busiest worker. A child shard's lease is taken only once every
-//! parent is checkpointed at SHARD_END.
+//! bounded number from the busiest worker. Stealing is a handoff: the thief names itself the
+//! lease's next owner, the owner stops reading, lets what it read be written and checkpointed,
+//! then passes the lease on, so a rebalance repeats nothing (unless the handoff times out).
+//! A child shard's lease is taken only once every parent is checkpointed at SHARD_END.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -20,6 +22,7 @@ const OWNER: &str = "leaseOwner";
 const COUNTER: &str = "leaseCounter";
 const CHECKPOINT: &str = "checkpoint";
 const PARENTS: &str = "parentShardIds";
+const NEXT: &str = "nextOwner";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -30,6 +33,8 @@ pub struct Lease {
     /// "" (not started: the configured initial position), a sequence number, or SHARD_END.
     pub checkpoint: String,
     pub parents: Vec<String>,
+    /// A worker waiting for the owner to hand the lease over (rebalancing).
+    pub next_owner: Option<String>,
 }
 
 impl Lease {
@@ -96,9 +101,11 @@ impl How {
 /// The leases `me` should try to take now. `takeable` holds the leases that are not finished
 /// and whose parents are done, with whether each is expired.
 pub fn plan(me: &str, takeable: &[(&Lease, bool)], max_steal: usize) -> Vec<(String, How)> {
-    let live_owner = |l: &Lease, expired: bool| match &l.owner {
-        Some(o) if !expired => Some(o.clone()),
-        _ => None,
+    // A lease being handed over counts for its next owner.
+    let live_owner = |l: &Lease, expired: bool| match (&l.next_owner, &l.owner) {
+        _ if expired => None,
+        (Some(n), Some(_)) => Some(n.clone()),
+        (_, o) => o.clone(),
     };
     let mut per_worker: BTreeMap<String, usize> = BTreeMap::new();
     per_worker.insert(me.to_owned(), 0);
@@ -157,7 +164,7 @@ pub fn plan(me: &str, takeable: &[(&Lease, bool)], max_steal: usize) -> Vec<(Str
         if out.len() >= steal {
             break;
         }
-        if l.owner.as_deref() == Some(busiest.as_str()) {
+        if l.owner.as_deref() == Some(busiest.as_str()) && l.next_owner.is_none() {
             out.push((l.key.clone(), How::Stolen));
         }
     }
@@ -224,12 +231,18 @@ fn from_item(item: &HashMap<String, AttributeValue>) -> Option<Lease> {
                 .collect()
         })
         .unwrap_or_default();
+    let next_owner = item
+        .get(NEXT)
+        .and_then(|v| v.as_s().ok())
+        .filter(|o| !o.is_empty())
+        .cloned();
     Some(Lease {
         key,
         owner,
         counter,
         checkpoint,
         parents,
+        next_owner,
     })
 }
 
@@ -364,11 +377,12 @@ impl LeaseTable {
             .update_item()
             .table_name(&self.table)
             .key(KEY, s(shard))
-            .update_expression("SET #o = :me, #c = :next")
+            .update_expression("SET #o = :me, #c = :next REMOVE #n")
             .condition_expression("attribute_exists(#k) AND #c = :c")
             .expression_attribute_names("#k", KEY)
             .expression_attribute_names("#o", OWNER)
             .expression_attribute_names("#c", COUNTER)
+            .expression_attribute_names("#n", NEXT)
             .expression_attribute_values(":me", s(&self.me))
             .expression_attribute_values(":c", n(counter))
             .expression_attribute_values(":next", n(counter + 1))
@@ -376,6 +390,46 @@ impl LeaseTable {
             .await
             .map_err(|e| describe(&e))?;
         Ok(counter + 1)
+    }
+
+    /// Asks the owner of a lease (as last seen, `counter`) to hand it over to this worker.
+    pub async fn request_handoff(&self, shard: &str, counter: u64) -> Result<(), LeaseError> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key(KEY, s(shard))
+            .update_expression("SET #n = :me")
+            .condition_expression("attribute_exists(#o) AND #c = :c AND attribute_not_exists(#n)")
+            .expression_attribute_names("#o", OWNER)
+            .expression_attribute_names("#c", COUNTER)
+            .expression_attribute_names("#n", NEXT)
+            .expression_attribute_values(":me", s(&self.me))
+            .expression_attribute_values(":c", n(counter))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| describe(&e))
+    }
+
+    /// Passes a held lease to the worker that asked for it; returns nothing to keep.
+    pub async fn hand_over(&self, shard: &str, counter: u64, to: &str) -> Result<(), LeaseError> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key(KEY, s(shard))
+            .update_expression("SET #o = :to, #c = :next REMOVE #n")
+            .condition_expression("#o = :me AND #c = :c AND #n = :to")
+            .expression_attribute_names("#o", OWNER)
+            .expression_attribute_names("#c", COUNTER)
+            .expression_attribute_names("#n", NEXT)
+            .expression_attribute_values(":me", s(&self.me))
+            .expression_attribute_values(":to", s(to))
+            .expression_attribute_values(":c", n(counter))
+            .expression_attribute_values(":next", n(counter + 1))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| describe(&e))
     }
 
     /// Renews a held lease; returns the new counter. Conflict = the lease is no longer ours.
@@ -421,10 +475,11 @@ impl LeaseTable {
             .update_item()
             .table_name(&self.table)
             .key(KEY, s(shard))
-            .update_expression("REMOVE #o SET #c = #c + :one")
+            .update_expression("REMOVE #o, #n SET #c = #c + :one")
             .condition_expression("#o = :me")
             .expression_attribute_names("#o", OWNER)
             .expression_attribute_names("#c", COUNTER)
+            .expression_attribute_names("#n", NEXT)
             .expression_attribute_values(":me", s(&self.me))
             .expression_attribute_values(":one", n(1))
             .send()
@@ -456,6 +511,7 @@ mod tests {
             counter: 1,
             checkpoint: String::new(),
             parents: Vec::new(),
+            next_owner: None,
         }
     }
 
@@ -500,6 +556,17 @@ mod tests {
             lease("s3", Some("b")),
         ];
         assert_eq!(run("c", &four, &[], 1).len(), 1);
+    }
+
+    #[test]
+    fn leases_being_handed_over_count_for_their_next_owner_and_are_not_stolen_twice() {
+        let mut ls: Vec<Lease> = (0..4).map(|i| lease(&format!("s{i}"), Some("a"))).collect();
+        ls[0].next_owner = Some("b".into());
+        // b already has one coming: it needs one more (target 2), stolen from a, not s0.
+        assert_eq!(run("b", &ls, &[], 1), vec![("s1".into(), How::Stolen)]);
+        ls[1].next_owner = Some("b".into());
+        assert!(run("b", &ls, &[], 1).is_empty());
+        assert!(run("a", &ls, &[], 1).is_empty(), "a keeps its fair share");
     }
 
     #[test]
