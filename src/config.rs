@@ -79,7 +79,7 @@ impl Default for SqsConfig {
 /// Where a shard with no checkpoint yet starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum InitialPosition {
+pub enum StartPosition {
     TrimHorizon,
     Latest,
     AtTimestamp,
@@ -89,17 +89,17 @@ pub enum InitialPosition {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KinesisConfig {
-    pub stream_name: String,
+    pub stream: String,
     pub region: Option<String>,
     /// Endpoint for both Kinesis and DynamoDB (tests, VPC endpoints).
     pub endpoint_url: Option<String>,
-    /// DynamoDB lease table, created if missing; "" = `trailhose-<stream_name>`.
+    /// DynamoDB lease table, created if missing; "" = `trailhose-<stream>`.
     pub lease_table: String,
     /// This worker's name in the lease table; "" = host name, process id and a random suffix.
     pub worker_id: String,
-    pub initial_position: InitialPosition,
-    /// RFC 3339 time, for `initial_position = "AT_TIMESTAMP"`.
-    pub initial_timestamp: Option<String>,
+    pub start_position: StartPosition,
+    /// RFC 3339 time, for `start_position = "AT_TIMESTAMP"`.
+    pub start_timestamp: Option<String>,
     /// A lease whose counter has not moved for this long is taken over.
     pub lease_duration_millis: u64,
     /// How often leases are renewed, taken and balanced; 0 = a third of the lease duration.
@@ -121,13 +121,13 @@ pub struct KinesisConfig {
 impl Default for KinesisConfig {
     fn default() -> Self {
         KinesisConfig {
-            stream_name: String::new(),
+            stream: String::new(),
             region: None,
             endpoint_url: None,
             lease_table: String::new(),
             worker_id: String::new(),
-            initial_position: InitialPosition::TrimHorizon,
-            initial_timestamp: None,
+            start_position: StartPosition::TrimHorizon,
+            start_timestamp: None,
             lease_duration_millis: 10_000,
             lease_renew_interval_millis: 0,
             max_leases_to_steal: 1,
@@ -143,7 +143,7 @@ impl Default for KinesisConfig {
 impl KinesisConfig {
     pub fn lease_table(&self) -> String {
         match self.lease_table.as_str() {
-            "" => format!("trailhose-{}", self.stream_name),
+            "" => format!("trailhose-{}", self.stream),
             t => t.to_owned(),
         }
     }
@@ -205,7 +205,7 @@ pub struct OutputConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KinesisSinkConfig {
-    pub stream_name: String,
+    pub stream: String,
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
     /// The event field whose value is the partition key.
@@ -220,7 +220,7 @@ pub struct KinesisSinkConfig {
 impl Default for KinesisSinkConfig {
     fn default() -> Self {
         KinesisSinkConfig {
-            stream_name: String::new(),
+            stream: String::new(),
             region: None,
             endpoint_url: None,
             partition_key: "eventID".into(),
@@ -472,8 +472,8 @@ impl Config {
             }
         }
         if let Some(k) = &self.output.kinesis {
-            if k.stream_name.is_empty() {
-                return Err(invalid("output.kinesis.stream_name", "is required"));
+            if k.stream.is_empty() {
+                return Err(invalid("output.kinesis.stream", "is required"));
             }
             if k.partition_key.is_empty() {
                 return Err(invalid("output.kinesis.partition_key", "must name a field"));
@@ -596,19 +596,19 @@ impl Config {
 }
 
 fn validate_kinesis(k: &KinesisConfig) -> Result<(), ConfigError> {
-    if k.stream_name.is_empty() {
-        return Err(invalid("source.kinesis.stream_name", "is required"));
+    if k.stream.is_empty() {
+        return Err(invalid("source.kinesis.stream", "is required"));
     }
-    match (k.initial_position, &k.initial_timestamp) {
-        (InitialPosition::AtTimestamp, None) => {
+    match (k.start_position, &k.start_timestamp) {
+        (StartPosition::AtTimestamp, None) => {
             return Err(invalid(
-                "source.kinesis.initial_timestamp",
-                "required with initial_position = \"AT_TIMESTAMP\"",
+                "source.kinesis.start_timestamp",
+                "required with start_position = \"AT_TIMESTAMP\"",
             ));
         }
         (_, Some(t)) if crate::clock::Utc::parse_rfc3339(t).is_none() => {
             return Err(invalid(
-                "source.kinesis.initial_timestamp",
+                "source.kinesis.start_timestamp",
                 format!("{t:?} is not an RFC 3339 time"),
             ));
         }
@@ -702,19 +702,15 @@ mod tests {
         assert!(err("[[source.buckets]]\nname = \"a/b\"\n").contains("source.buckets.name"));
         assert!(err("[[source.buckets]]\nname = \"a\"\nbogus = 1\n").contains("bogus"));
         assert!(err("[server]\nlisten = \"nowhere\"\n").contains("server.listen"));
+        assert!(err("[source.kinesis]\nlease_table = \"t\"\n").contains("source.kinesis.stream"));
         assert!(
-            err("[source.kinesis]\nlease_table = \"t\"\n").contains("source.kinesis.stream_name")
+            err("[source.kinesis]\nstream = \"s\"\nstart_position = \"AT_TIMESTAMP\"\n")
+                .contains("source.kinesis.start_timestamp")
         );
+        assert!(err("[source.kinesis]\nstream = \"s\"\nposition = 1\n").contains("position"));
+        assert!(err("[output.kinesis]\npartition_key = \"x\"\n").contains("output.kinesis.stream"));
         assert!(
-            err("[source.kinesis]\nstream_name = \"s\"\ninitial_position = \"AT_TIMESTAMP\"\n")
-                .contains("source.kinesis.initial_timestamp")
-        );
-        assert!(err("[source.kinesis]\nstream_name = \"s\"\nposition = 1\n").contains("position"));
-        assert!(
-            err("[output.kinesis]\npartition_key = \"x\"\n").contains("output.kinesis.stream_name")
-        );
-        assert!(
-            err("[output.kinesis]\nstream_name = \"s\"\nmax_attempts = 0\n")
+            err("[output.kinesis]\nstream = \"s\"\nmax_attempts = 0\n")
                 .contains("output.kinesis.max_attempts")
         );
         let no_buckets = Config::parse("[source.sqs]\nqueue_url = \"http://x/q\"\n").unwrap();
@@ -725,6 +721,21 @@ mod tests {
                 .to_string()
                 .contains("source.buckets")
         );
+    }
+
+    #[test]
+    fn the_helm_charts_kinesis_section_is_valid() {
+        // helm/trailhose renders these keys from `kinesis:` in its values.
+        let c = Config::parse(
+            "[source.kinesis]\nstream = \"org-cloudtrail-events\"\nlease_table = \"trailhose-org-cloudtrail\"\nstart_position = \"LATEST\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let k = c.source.kinesis.unwrap();
+        assert_eq!(k.start_position, StartPosition::Latest);
+        assert_eq!(k.lease_table(), "trailhose-org-cloudtrail");
+        assert_eq!(k.lease_duration_millis, 10_000);
+        assert_eq!(k.renew_interval(), Duration::from_millis(3_333));
     }
 
     #[test]

@@ -185,7 +185,7 @@ max_age_secs = {max_age_secs}
 city_db = "{city}"
 asn_db = "{asn}"
 [source.kinesis]
-stream_name = "{STREAM}"
+stream = "{STREAM}"
 endpoint_url = "{ep}"
 worker_id = "{worker}"
 lease_duration_millis = 2000
@@ -691,7 +691,7 @@ async fn the_sink_puts_every_event_on_the_stream_and_retries_only_failed_entries
 city_db = "{city}"
 asn_db = "{asn}"
 [output.kinesis]
-stream_name = "{STREAM}"
+stream = "{STREAM}"
 endpoint_url = "{}"
 max_attempts = 6
 "#,
@@ -787,7 +787,7 @@ max_attempts = 6
     std::fs::write(
         &config2,
         format!(
-            "[output.kinesis]\nstream_name = \"only-stream\"\nendpoint_url = \"{}\"\nwrite_objects = false\n",
+            "[output.kinesis]\nstream = \"only-stream\"\nendpoint_url = \"{}\"\nwrite_objects = false\n",
             // Through the proxy too: it also serialises puts, which moto needs.
             proxy.endpoint()
         ),

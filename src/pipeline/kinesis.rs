@@ -3,8 +3,8 @@
 //! engine, and checkpoint a shard only up to the records that are durably written.
 //!
 //! Tasks:
-//! * the coordinator syncs the shard list into the lease table, renews held leases, takes free,
-//!   expired leases, asks busier workers to hand over a bounded number (and hands over what
+//! * the coordinator syncs the shard list into the lease table, renews held leases, takes free
+//!   and expired leases, asks busier workers to hand over a bounded number (and hands over what
 //!   others ask for once drained), and starts or stops one reader per held shard;
 //! * a shard reader polls GetRecords, hands each batch on with one `Hold`, and checkpoints the
 //!   contiguous prefix of settled batches (`Progress`); a failed batch rewinds it to the
@@ -105,7 +105,7 @@ pub async fn run(
         id => id.to_owned(),
     };
     let ctx = Arc::new(Ctx {
-        kinesis: Kinesis::new(&shared, &kcfg.stream_name),
+        kinesis: Kinesis::new(&shared, &kcfg.stream),
         leases: LeaseTable::new(&shared, &kcfg.lease_table(), &me),
         fetcher: S3Fetcher::new(&cfg.source.buckets).await,
         closed: RwLock::new(HashMap::new()),
@@ -118,7 +118,7 @@ pub async fn run(
     metrics::emit(LeasesHeld(0));
     tracing::info!(
         worker = %me,
-        stream = %ctx.cfg.stream_name,
+        stream = %ctx.cfg.stream,
         table = %ctx.leases.table,
         "reading Kinesis"
     );

@@ -156,7 +156,7 @@ impl KinesisSink {
         let shared = loader.load().await;
         KinesisSink {
             client: aws_sdk_kinesis::Client::new(&shared),
-            stream: cfg.stream_name.clone(),
+            stream: cfg.stream.clone(),
             key_field: cfg.partition_key.clone(),
             max_attempts: cfg.max_attempts,
             backoff: Backoff {

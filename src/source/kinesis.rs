@@ -9,7 +9,7 @@ use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::config::{InitialPosition, KinesisConfig};
+use crate::config::{KinesisConfig, StartPosition};
 use crate::source::notification::{self, Notification};
 
 /// Largest decompressed record accepted (Kinesis records are at most 1 MiB stored; CloudWatch
@@ -257,11 +257,11 @@ pub enum StartAt {
 
 impl StartAt {
     pub fn initial(cfg: &KinesisConfig) -> StartAt {
-        match cfg.initial_position {
-            InitialPosition::TrimHorizon => StartAt::TrimHorizon,
-            InitialPosition::Latest => StartAt::Latest,
-            InitialPosition::AtTimestamp => StartAt::AtTimestamp(
-                cfg.initial_timestamp
+        match cfg.start_position {
+            StartPosition::TrimHorizon => StartAt::TrimHorizon,
+            StartPosition::Latest => StartAt::Latest,
+            StartPosition::AtTimestamp => StartAt::AtTimestamp(
+                cfg.start_timestamp
                     .as_deref()
                     .and_then(crate::clock::Utc::parse_rfc3339)
                     .map_or(0, |t| t.to_unix()),
