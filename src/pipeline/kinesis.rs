@@ -661,20 +661,21 @@ async fn read_shard(
         while let Ok(o) = settled_rx.try_recv() {
             outcomes.push(o);
         }
-        let mut advance = Advance::None;
+        // How far the checkpoint may go, and whether a batch failed after that point.
+        let mut to = None;
+        let mut failed = false;
         for (ticket, ok) in outcomes {
             match progress.settle(ticket, ok) {
                 Advance::None => {}
+                Advance::To(seq) => to = Some(seq),
                 Advance::Failed => {
-                    advance = Advance::Failed;
+                    failed = true;
                     break;
                 }
-                a => advance = a,
             }
         }
-        match advance {
-            Advance::None => {}
-            Advance::To(seq) => match ctx.leases.checkpoint(&shard, &seq).await {
+        if let Some(seq) = to {
+            match ctx.leases.checkpoint(&shard, &seq).await {
                 Ok(()) => {
                     checkpointed = StartAt::After(seq);
                     last_advance = Instant::now();
@@ -686,25 +687,25 @@ async fn read_shard(
                     shard: &shard,
                     error: &e.to_string(),
                 }),
-            },
-            Advance::Failed => {
-                let at = match &checkpointed {
-                    StartAt::After(s) => s.clone(),
-                    _ => "(initial position)".into(),
-                };
-                metrics::emit(ShardRewound {
-                    shard: &shard,
-                    checkpoint: &at,
-                });
-                position = checkpointed.clone();
-                iterator = None;
-                at_end = false;
-                progress = Progress::default();
-                (settled_tx, settled_rx) = mpsc::unbounded_channel();
-                failures += 1;
-                wait(&mut stop, backoff.delay(failures.min(6))).await;
-                continue;
             }
+        }
+        if failed {
+            let at = match &checkpointed {
+                StartAt::After(s) => s.clone(),
+                _ => "(initial position)".into(),
+            };
+            metrics::emit(ShardRewound {
+                shard: &shard,
+                checkpoint: &at,
+            });
+            position = checkpointed.clone();
+            iterator = None;
+            at_end = false;
+            progress = Progress::default();
+            (settled_tx, settled_rx) = mpsc::unbounded_channel();
+            failures += 1;
+            wait(&mut stop, backoff.delay(failures.min(6))).await;
+            continue;
         }
         if draining || at_end {
             continue;
