@@ -167,7 +167,14 @@ async fn put_one(moto: &Moto, data: Vec<u8>, key: &str) {
     .await;
 }
 
-fn write_config(dir: &Path, moto: &Moto, port: u16, worker: &str, max_age_secs: u64) -> String {
+fn write_config(
+    dir: &Path,
+    moto: &Moto,
+    port: u16,
+    worker: &str,
+    max_age_secs: u64,
+    kinesis_ep: &str,
+) -> String {
     let (city, asn) = fixture_dbs(dir);
     let ep = &moto.endpoint;
     let path = dir.join("run.toml");
@@ -186,7 +193,7 @@ city_db = "{city}"
 asn_db = "{asn}"
 [source.kinesis]
 stream = "{STREAM}"
-endpoint_url = "{ep}"
+endpoint_url = "{kinesis_ep}"
 worker_id = "{worker}"
 lease_duration_millis = 2000
 lease_renew_interval_millis = 400
@@ -228,10 +235,21 @@ impl Worker {
 
     /// A worker whose buffers flush after `max_age_secs`.
     fn start_with(moto: &Moto, dir: &Path, name: &str, max_age_secs: u64) -> Worker {
+        Worker::start_via(moto, dir, name, max_age_secs, &moto.endpoint)
+    }
+
+    /// A worker reaching Kinesis and DynamoDB at `kinesis_ep` (moto, or a proxy).
+    fn start_via(
+        moto: &Moto,
+        dir: &Path,
+        name: &str,
+        max_age_secs: u64,
+        kinesis_ep: &str,
+    ) -> Worker {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).expect("worker dir");
         let port = free_port();
-        let config = write_config(&dir, moto, port, name, max_age_secs);
+        let config = write_config(&dir, moto, port, name, max_age_secs, kinesis_ep);
         let log = dir.join(format!("log-{}", free_port()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
         cmd.args(["run", "--config", &config])
@@ -909,4 +927,36 @@ async fn sigterm_flushes_open_buffers_then_checkpoints_and_releases_leases() {
             l.key
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_expired_iterators_cost_retries_not_records() {
+    let moto = setup(2).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-throttle");
+    let proxy = common::faults::GetRecordsFaultProxy::start(moto.port, 3, 5);
+    let mut expected = feed(&moto, 50, 30, 10).await;
+    let mut w = Worker::start_via(&moto, tmp.path(), "solo", 1, &proxy.endpoint());
+    // More records while the worker reads, so iterators expire mid-stream.
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        expected.extend(feed(&moto, 51 + round, 10, 10).await);
+    }
+    expected.sort();
+    let (got, dups) = all_written(&s3, &expected, 90).await;
+    w.stop();
+    let throttled = proxy.throttled.load(std::sync::atomic::Ordering::SeqCst);
+    let expired = proxy.expired.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        throttled >= 2 && expired >= 1,
+        "faults injected: {throttled} throttled, {expired} expired"
+    );
+    assert_eq!(
+        dups, 0,
+        "an expired iterator is renewed after the last record read"
+    );
+    eprintln!(
+        "throttle test: {} events, {throttled} throttled and {expired} expired GetRecords calls, {dups} duplicates",
+        got.len()
+    );
 }

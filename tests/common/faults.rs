@@ -277,3 +277,116 @@ fn relay_put_records(
     )?;
     client.flush()
 }
+
+/// A proxy in front of moto's Kinesis (and DynamoDB, passed through) that answers some
+/// GetRecords calls itself: every `throttle_every`-th with ProvisionedThroughputExceeded, every
+/// `expire_every`-th with ExpiredIterator, as Kinesis does under load or after a pause.
+pub struct GetRecordsFaultProxy {
+    pub port: u16,
+    pub throttled: Arc<AtomicU64>,
+    pub expired: Arc<AtomicU64>,
+}
+
+impl GetRecordsFaultProxy {
+    pub fn start(
+        upstream_port: u16,
+        throttle_every: u64,
+        expire_every: u64,
+    ) -> GetRecordsFaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let throttled = Arc::new(AtomicU64::new(0));
+        let expired = Arc::new(AtomicU64::new(0));
+        let calls = Arc::new(AtomicU64::new(0));
+        let (t, e) = (throttled.clone(), expired.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let (t, e, calls) = (t.clone(), e.clone(), calls.clone());
+                std::thread::spawn(move || {
+                    let _ = relay_get_records(
+                        conn,
+                        upstream_port,
+                        (throttle_every, expire_every),
+                        &calls,
+                        (&t, &e),
+                    );
+                });
+            }
+        });
+        GetRecordsFaultProxy {
+            port,
+            throttled,
+            expired,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+fn relay_get_records(
+    client: TcpStream,
+    upstream: u16,
+    (throttle_every, expire_every): (u64, u64),
+    calls: &AtomicU64,
+    (throttled, expired): (&AtomicU64, &AtomicU64),
+) -> std::io::Result<()> {
+    client.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(client.try_clone()?);
+    let mut head = Vec::new();
+    let mut content_length = 0usize;
+    let mut is_get_records = false;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let lower = line.to_ascii_lowercase();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            content_length = v.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("x-amz-target:") && lower.contains(".getrecords") {
+            is_get_records = true;
+        }
+        if !lower.starts_with("connection:") {
+            head.extend_from_slice(line.as_bytes());
+        }
+    }
+    head.extend_from_slice(b"Connection: close\r\n\r\n");
+    let mut body = vec![0; content_length];
+    reader.read_exact(&mut body)?;
+    let mut client = client;
+    if is_get_records {
+        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let fault = if throttle_every > 0 && n.is_multiple_of(throttle_every) {
+            throttled.fetch_add(1, Ordering::SeqCst);
+            Some("ProvisionedThroughputExceededException")
+        } else if expire_every > 0 && n.is_multiple_of(expire_every) {
+            expired.fetch_add(1, Ordering::SeqCst);
+            Some("ExpiredIteratorException")
+        } else {
+            None
+        };
+        if let Some(code) = fault {
+            let json = format!(r#"{{"__type":"{code}","message":"injected by the test proxy"}}"#);
+            write!(
+                client,
+                "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nx-amzn-ErrorType: {code}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+                json.len()
+            )?;
+            return client.flush();
+        }
+    }
+    let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
+    up.write_all(&head)?;
+    up.write_all(&body)?;
+    let mut response = Vec::new();
+    up.read_to_end(&mut response)?;
+    client.write_all(&response)?;
+    client.flush()
+}
