@@ -17,7 +17,6 @@ use crate::enrich::geo::GeoDb;
 use crate::metrics::{self, FileUnreadable};
 use crate::sink::batch::Sealed;
 use crate::sink::encode::{Codec, Encoder};
-use crate::sink::kinesis::Forwarder;
 use crate::sink::partition::Partitioner;
 use crate::sink::write::{self, Store, Written};
 
@@ -59,28 +58,14 @@ impl Engine {
         let geo = open_geo(cfg)?;
         let store = Arc::new(open_store(cfg).await?);
         store.check().await?;
-        let forwarder = match &cfg.output.kinesis {
-            Some(k) => Some(Arc::new(
-                Forwarder::new(k, codec, &cfg.output.error_prefix).await,
-            )),
-            None => None,
-        };
-        Engine::start(
-            cfg,
-            &geo,
-            partitioner,
-            (store, forwarder),
-            codec,
-            workers,
-            max_files,
-        )
+        Engine::start(cfg, &geo, partitioner, store, codec, workers, max_files)
     }
 
     fn start(
         cfg: &Config,
         geo: &Arc<GeoDb>,
         partitioner: Arc<Partitioner>,
-        (store, forwarder): (Arc<Store>, Option<Arc<Forwarder>>),
+        store: Arc<Store>,
         codec: Codec,
         workers: usize,
         max_files: usize,
@@ -92,7 +77,7 @@ impl Engine {
             codec.kind,
             sealed_rx,
             cfg.output.s3.max_concurrent_puts,
-            forwarder,
+            crate::sink::kinesis::forward_to(cfg, codec),
         ));
         let (files, files_rx) = crossbeam_channel::unbounded::<FileJob>();
         let mut handles = Vec::new();

@@ -12,7 +12,7 @@ use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use serde_json::value::RawValue;
 
 use crate::clock::Utc;
-use crate::config::KinesisSinkConfig;
+use crate::config::{Config, KinesisSinkConfig};
 use crate::metrics::{self, *};
 use crate::retry::Backoff;
 use crate::sink::encode::{Codec, Compression, compress};
@@ -290,6 +290,27 @@ impl KinesisSink {
             pending = failed;
             tokio::time::sleep(self.backoff.delay(attempt)).await;
         }
+    }
+}
+
+/// What the uploader needs to start the Kinesis output, when one is configured.
+pub struct ForwardTo {
+    cfg: KinesisSinkConfig,
+    codec: Codec,
+    error_prefix: String,
+}
+
+pub fn forward_to(cfg: &Config, codec: Codec) -> Option<ForwardTo> {
+    cfg.output.kinesis.as_ref().map(|k| ForwardTo {
+        cfg: k.clone(),
+        codec,
+        error_prefix: cfg.output.error_prefix.clone(),
+    })
+}
+
+impl ForwardTo {
+    pub async fn open(self) -> Forwarder {
+        Forwarder::new(&self.cfg, self.codec, &self.error_prefix).await
     }
 }
 

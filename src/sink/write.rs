@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 
 use super::batch::{Kind, Sealed};
 use super::encode::Compression;
-use super::kinesis::Forwarder;
+use super::kinesis::{ForwardTo, Forwarder};
 use crate::clock::Utc;
 use crate::metrics::{self, KinesisSinkFailed, ObjectWriteFailed, ObjectWritten};
 use crate::retry::Backoff;
@@ -402,8 +402,12 @@ pub async fn run_uploader(
     compression: Compression,
     mut rx: mpsc::Receiver<Sealed>,
     concurrency: usize,
-    forwarder: Option<Arc<Forwarder>>,
+    forward: Option<ForwardTo>,
 ) -> Written {
+    let forwarder = match forward {
+        Some(f) => Some(Arc::new(f.open().await)),
+        None => None,
+    };
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = JoinSet::new();
     let mut written = Written::default();
