@@ -1038,6 +1038,26 @@ impl InternalEvent for KinesisSinkOversize<'_> {
     }
 }
 
+/// The Kinesis output's stream could not be described at start-up.
+pub struct KinesisSinkUnreachable<'a> {
+    pub stream: &'a str,
+    pub error: &'a str,
+}
+
+impl InternalEvent for KinesisSinkUnreachable<'_> {
+    fn emit(self) {
+        tracing::error!(
+            stream = self.stream,
+            "Kinesis output stream not reachable at start-up; batches stay unacknowledged until it is: {}",
+            self.error
+        );
+        METRICS
+            .errors
+            .with_label_values(&["sink", "kinesis_unreachable"])
+            .inc();
+    }
+}
+
 /// A written batch could not be put on the Kinesis output: it is not acknowledged.
 pub struct KinesisSinkFailed<'a> {
     pub stream: &'a str,

@@ -309,8 +309,17 @@ pub fn forward_to(cfg: &Config, codec: Codec) -> Option<ForwardTo> {
 }
 
 impl ForwardTo {
+    /// The output, checked once: a stream that cannot be seen is reported at start-up (batches
+    /// then fail, unacknowledged, until it can).
     pub async fn open(self) -> Forwarder {
-        Forwarder::new(&self.cfg, self.codec, &self.error_prefix).await
+        let f = Forwarder::new(&self.cfg, self.codec, &self.error_prefix).await;
+        if let Err(e) = f.sink.check().await {
+            metrics::emit(KinesisSinkUnreachable {
+                stream: &f.sink.stream,
+                error: &e,
+            });
+        }
+        f
     }
 }
 

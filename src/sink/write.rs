@@ -527,6 +527,8 @@ async fn write_sealed(
             });
             Ok((sealed.kind, sealed.records, len))
         }
+        // Reported as KinesisSinkFailed; the holds drop uncommitted.
+        Err(e @ WriteError::Forward(_)) => Err(e.to_string()),
         Err(e) => {
             metrics::emit(ObjectWriteFailed {
                 target: &store.describe(&key),
