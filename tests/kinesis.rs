@@ -174,6 +174,7 @@ fn write_config(
     worker: &str,
     max_age_secs: u64,
     kinesis_ep: &str,
+    extra: &str,
 ) -> String {
     let (city, asn) = fixture_dbs(dir);
     let ep = &moto.endpoint;
@@ -200,6 +201,7 @@ lease_renew_interval_millis = 400
 shard_sync_interval_millis = 1000
 poll_interval_millis = 200
 max_records_per_call = 50
+{extra}
 [[source.buckets]]
 name = "trail-logs"
 endpoint_url = "{ep}"
@@ -238,6 +240,11 @@ impl Worker {
         Worker::start_via(moto, dir, name, max_age_secs, &moto.endpoint)
     }
 
+    /// A worker with more `[source.kinesis]` lines.
+    fn start_configured(moto: &Moto, dir: &Path, name: &str, extra: &str) -> Worker {
+        Worker::spawn(moto, dir, name, 1, &moto.endpoint, extra)
+    }
+
     /// A worker reaching Kinesis and DynamoDB at `kinesis_ep` (moto, or a proxy).
     fn start_via(
         moto: &Moto,
@@ -246,10 +253,21 @@ impl Worker {
         max_age_secs: u64,
         kinesis_ep: &str,
     ) -> Worker {
+        Worker::spawn(moto, dir, name, max_age_secs, kinesis_ep, "")
+    }
+
+    fn spawn(
+        moto: &Moto,
+        dir: &Path,
+        name: &str,
+        max_age_secs: u64,
+        kinesis_ep: &str,
+        extra: &str,
+    ) -> Worker {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).expect("worker dir");
         let port = free_port();
-        let config = write_config(&dir, moto, port, name, max_age_secs, kinesis_ep);
+        let config = write_config(&dir, moto, port, name, max_age_secs, kinesis_ep, extra);
         let log = dir.join(format!("log-{}", free_port()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
         cmd.args(["run", "--config", &config])
@@ -959,4 +977,72 @@ async fn throttling_and_expired_iterators_cost_retries_not_records() {
         "throttle test: {} events, {throttled} throttled and {expired} expired GetRecords calls, {dups} duplicates",
         got.len()
     );
+}
+
+/// Every id in `ids`, whether it was written: (written, not written).
+async fn partition_written(s3: &aws_sdk_s3::Client, ids: &[String]) -> (usize, usize) {
+    let got = written_ids(s3).await;
+    let n = ids
+        .iter()
+        .filter(|id| got.binary_search(id).is_ok())
+        .count();
+    (n, ids.len() - n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_shards_start_at_latest_or_at_a_timestamp_when_configured() {
+    // LATEST: records put before the readers start are skipped.
+    let moto = setup(2).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-start");
+    let old = feed(&moto, 70, 10, 10).await;
+    let mut w =
+        Worker::start_configured(&moto, tmp.path(), "latest", "start_position = \"LATEST\"");
+    eventually(30, "both readers to poll", || async {
+        http_get(w.port, "/metrics")
+            .is_some_and(|(_, m)| m.matches("trailhose_kinesis_millis_behind_latest{").count() == 2)
+    })
+    .await;
+    let mut new = feed(&moto, 71, 10, 10).await;
+    new.sort();
+    let (_, dups) = all_written(&s3, &new, 60).await;
+    assert_eq!(dups, 0);
+    assert_eq!(
+        partition_written(&s3, &old).await,
+        (0, old.len()),
+        "LATEST skips older records"
+    );
+    w.stop();
+    drop(moto);
+
+    // AT_TIMESTAMP: records put before the time are skipped.
+    let moto = setup(2).await;
+    let s3 = moto.s3();
+    let before = feed(&moto, 72, 10, 10).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    let at = now.as_secs() as i64 + 1;
+    tokio::time::sleep(
+        Duration::from_secs(1) - Duration::from_nanos(now.subsec_nanos().into())
+            + Duration::from_millis(300),
+    )
+    .await;
+    let mut after = feed(&moto, 73, 10, 10).await;
+    after.sort();
+    let stamp = trailhose::clock::Utc::from_unix(at).rfc3339();
+    let mut w = Worker::start_configured(
+        &moto,
+        tmp.path(),
+        "at-timestamp",
+        &format!("start_position = \"AT_TIMESTAMP\"\nstart_timestamp = \"{stamp}\""),
+    );
+    let (_, dups) = all_written(&s3, &after, 60).await;
+    assert_eq!(dups, 0);
+    assert_eq!(
+        partition_written(&s3, &before).await,
+        (0, before.len()),
+        "records before {stamp} are skipped"
+    );
+    w.stop();
 }
