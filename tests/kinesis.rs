@@ -43,8 +43,8 @@ fn dynamodb(moto: &Moto) -> aws_sdk_dynamodb::Client {
 }
 
 /// moto's Kinesis differs from Kinesis after a split or merge: new records keep going to the
-/// closed parent (the first shard whose hash range matches), and the parent's records are
-/// re-put (renumbered) instead of staying where they were. This prelude makes it behave as
+/// closed parent (the first shard whose hash range matches), and the parents' records are
+/// re-put (renumbered) or moved instead of staying where they were. This prelude makes it behave as
 /// Kinesis does: records go to open shards only, and a closed shard keeps its records.
 const KINESIS_RESHARDING: &str = r#"
 from moto.kinesis import models as m
@@ -63,6 +63,14 @@ def _split_keeping_records(self, shard_to_split, new_starting_hash_key):
     _split(self, shard_to_split, new_starting_hash_key)
     parent.records = kept
 m.Stream.split_shard = _split_keeping_records
+_merge = m.Stream.merge_shards
+def _merge_keeping_records(self, shard_to_merge, adjacent_shard_to_merge):
+    a, b = self.shards[shard_to_merge], self.shards[adjacent_shard_to_merge]
+    kept = (a.records, b.records)
+    a.records, b.records = m.OrderedDict(), m.OrderedDict()
+    _merge(self, shard_to_merge, adjacent_shard_to_merge)
+    a.records, b.records = kept
+m.Stream.merge_shards = _merge_keeping_records
 "#;
 
 /// A fresh moto with the stream (`shards` shards), the input and the output bucket.
@@ -1045,4 +1053,60 @@ async fn new_shards_start_at_latest_or_at_a_timestamp_when_configured() {
         "records before {stamp} are skipped"
     );
     w.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_shard_starts_only_after_both_parents_are_drained() {
+    let moto = setup_on(Moto::start_patched(KINESIS_RESHARDING), 2).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-merge");
+    let mut expected = feed(&moto, 80, 20, 10).await;
+    let mut w = Worker::start(&moto, tmp.path(), "solo");
+    eventually(30, "reading to start", || async {
+        w.metric("trailhose_kinesis_records_total") > 0.0
+    })
+    .await;
+    kinesis(&moto)
+        .merge_shards()
+        .stream_name(STREAM)
+        .shard_to_merge("shardId-000000000000")
+        .adjacent_shard_to_merge("shardId-000000000001")
+        .send()
+        .await
+        .expect("merge");
+    expected.extend(feed(&moto, 81, 20, 10).await);
+    expected.sort();
+    let (got, dups) = all_written(&s3, &expected, 60).await;
+    assert_eq!(
+        dups,
+        0,
+        "exactly once across the merge ({} events)",
+        got.len()
+    );
+    let child = "shardId-000000000002";
+    eventually(20, "the merged shard to be checkpointed", || async {
+        leases(&moto)
+            .await
+            .iter()
+            .any(|l| l.key == child && !l.checkpoint.is_empty() && l.checkpoint != "SHARD_END")
+    })
+    .await;
+    w.stop();
+    let rows = leases(&moto).await;
+    let c = rows.iter().find(|l| l.key == child).expect("child lease");
+    assert_eq!(c.parents, "shardId-000000000000,shardId-000000000001");
+    let log = w.log();
+    let taken = log
+        .find(&format!("lease taken shard=\"{child}\""))
+        .unwrap_or_else(|| panic!("{child} taken; log:\n{log}"));
+    for parent in ["shardId-000000000000", "shardId-000000000001"] {
+        let row = rows.iter().find(|l| l.key == parent).expect("parent lease");
+        assert_eq!(row.checkpoint, "SHARD_END", "{parent}");
+        let ended = log
+            .find(&format!(
+                "shard read to its end (SHARD_END) shard=\"{parent}\""
+            ))
+            .unwrap_or_else(|| panic!("{parent} ended; log:\n{log}"));
+        assert!(ended < taken, "{child} started after {parent} ended");
+    }
 }
