@@ -175,17 +175,25 @@ async fn put_one(moto: &Moto, data: Vec<u8>, key: &str) {
     .await;
 }
 
-fn write_config(
-    dir: &Path,
-    moto: &Moto,
-    port: u16,
-    worker: &str,
+/// How a test worker is set up.
+struct Settings<'a> {
     max_age_secs: u64,
-    kinesis_ep: &str,
-    extra: &str,
-) -> String {
+    /// Where Kinesis and DynamoDB are reached (moto, or a proxy).
+    kinesis_ep: &'a str,
+    /// Where S3 (input and output) is reached.
+    s3_ep: &'a str,
+    /// More `[source.kinesis]` lines.
+    extra: &'a str,
+}
+
+fn write_config(dir: &Path, port: u16, worker: &str, s: &Settings) -> String {
     let (city, asn) = fixture_dbs(dir);
-    let ep = &moto.endpoint;
+    let Settings {
+        max_age_secs,
+        kinesis_ep,
+        s3_ep: ep,
+        extra,
+    } = *s;
     let path = dir.join("run.toml");
     std::fs::write(
         &path,
@@ -250,7 +258,17 @@ impl Worker {
 
     /// A worker with more `[source.kinesis]` lines.
     fn start_configured(moto: &Moto, dir: &Path, name: &str, extra: &str) -> Worker {
-        Worker::spawn(moto, dir, name, 1, &moto.endpoint, extra)
+        Worker::spawn(
+            moto,
+            dir,
+            name,
+            &Settings {
+                max_age_secs: 1,
+                kinesis_ep: &moto.endpoint,
+                s3_ep: &moto.endpoint,
+                extra,
+            },
+        )
     }
 
     /// A worker reaching Kinesis and DynamoDB at `kinesis_ep` (moto, or a proxy).
@@ -261,21 +279,24 @@ impl Worker {
         max_age_secs: u64,
         kinesis_ep: &str,
     ) -> Worker {
-        Worker::spawn(moto, dir, name, max_age_secs, kinesis_ep, "")
+        Worker::spawn(
+            moto,
+            dir,
+            name,
+            &Settings {
+                max_age_secs,
+                kinesis_ep,
+                s3_ep: &moto.endpoint,
+                extra: "",
+            },
+        )
     }
 
-    fn spawn(
-        moto: &Moto,
-        dir: &Path,
-        name: &str,
-        max_age_secs: u64,
-        kinesis_ep: &str,
-        extra: &str,
-    ) -> Worker {
+    fn spawn(moto: &Moto, dir: &Path, name: &str, settings: &Settings) -> Worker {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).expect("worker dir");
         let port = free_port();
-        let config = write_config(&dir, moto, port, name, max_age_secs, kinesis_ep, extra);
+        let config = write_config(&dir, port, name, settings);
         let log = dir.join(format!("log-{}", free_port()));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
         cmd.args(["run", "--config", &config])
@@ -1109,4 +1130,62 @@ async fn a_merged_shard_starts_only_after_both_parents_are_drained() {
             .unwrap_or_else(|| panic!("{parent} ended; log:\n{log}"));
         assert!(ended < taken, "{child} started after {parent} ended");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_stay_renewed_through_a_slow_shutdown_and_pass_on_without_repeats() {
+    let moto = setup(2).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-slow-term");
+    // Every S3 request of the first worker takes 3 s: its shutdown flush outlasts a lease (2 s).
+    let slow = common::faults::FaultProxy::start(
+        moto.port,
+        common::faults::Plan {
+            fail_every: 0,
+            slow_every: 1,
+            delay: Duration::from_secs(3),
+        },
+    );
+    let mut expected = feed(&moto, 90, 10, 10).await;
+    expected.sort();
+    let mut a = Worker::spawn(
+        &moto,
+        tmp.path(),
+        "a",
+        &Settings {
+            max_age_secs: 300,
+            kinesis_ep: &moto.endpoint,
+            s3_ep: &slow.endpoint(),
+            extra: "",
+        },
+    );
+    eventually(60, "every record to be read", || async {
+        a.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 10.0
+    })
+    .await;
+    let b = Worker::start(&moto, tmp.path(), "b");
+    eventually(30, "b to ask for a lease", || async {
+        b.metric("trailhose_kinesis_lease_handoffs_total{stage=\"requested\"}") >= 1.0
+    })
+    .await;
+    let started = Instant::now();
+    a.stop();
+    let took = started.elapsed();
+    assert!(
+        took > Duration::from_secs(2),
+        "the flush outlasted a lease ({took:?})"
+    );
+    let (_, dups) = all_written(&s3, &expected, 30).await;
+    assert_eq!(dups, 0, "nothing read twice");
+    eventually(20, "b to hold both leases", || async {
+        b.metric("trailhose_kinesis_leases_held ") == 2.0
+    })
+    .await;
+    assert_eq!(
+        b.metric("trailhose_kinesis_lease_takeovers_total{how=\"expired\"}"),
+        0.0,
+        "a's leases were released, never left to expire"
+    );
+    let mut b = b;
+    b.stop();
 }

@@ -209,6 +209,12 @@ pub async fn run(
         let _ = h.stop.send(Stop::Drain);
     }
     drop(files);
+    // Leases stay renewed while the buffers flush, so no one takes them over mid-drain.
+    let renewing = tokio::spawn(keep_renewing(
+        ctx.clone(),
+        held.iter().map(|(k, h)| (k.clone(), h.counter)).collect(),
+        renew_every,
+    ));
     // The stop senders stay alive until the readers are done.
     let readers: Vec<Held> = held.drain().map(|(_, h)| h).collect();
     let drained = tokio::time::timeout(grace, async {
@@ -219,6 +225,7 @@ pub async fn run(
         finished
     })
     .await;
+    renewing.abort();
     // Whatever happened, give the leases up so that others need not wait for them to expire.
     if let Ok(all) = ctx.leases.scan().await {
         for l in all
@@ -259,6 +266,30 @@ pub async fn run(
                 clean: false,
             })
         }
+    }
+}
+
+/// Renews `leases` (shard, counter) every `every` until aborted; a lease taken meanwhile is
+/// left alone.
+async fn keep_renewing(ctx: Arc<Ctx>, mut leases: Vec<(String, u64)>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let mut kept = Vec::with_capacity(leases.len());
+        for (shard, counter) in leases {
+            match ctx.leases.renew(&shard, counter).await {
+                Ok(c) => kept.push((shard, c)),
+                Err(LeaseError::Conflict) => {}
+                Err(e) => {
+                    metrics::emit(KinesisCallFailed {
+                        operation: "renew_lease",
+                        shard: &shard,
+                        error: &e.to_string(),
+                    });
+                    kept.push((shard, counter));
+                }
+            }
+        }
+        leases = kept;
     }
 }
 
