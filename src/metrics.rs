@@ -831,6 +831,24 @@ impl InternalEvent for KinesisRecordUnrecognized<'_> {
     }
 }
 
+/// A file named by a notification on the stream cannot be read for good (gone, forbidden): the
+/// record goes to the error output so that the shard goes on.
+pub struct NotifiedFileUnreadable<'a> {
+    pub source: &'a str,
+    pub error: &'a dyn std::error::Error,
+}
+
+impl InternalEvent for NotifiedFileUnreadable<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            "file named on the stream cannot be fetched; the record goes to the error output: {}",
+            self.error
+        );
+        METRICS.errors.with_label_values(&["fetch", "s3_get"]).inc();
+    }
+}
+
 /// A GetRecords answer: how far behind the shard's tip the reader is.
 pub struct KinesisBehind<'a> {
     pub stream: &'a str,

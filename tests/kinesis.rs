@@ -487,6 +487,15 @@ async fn shards_fed_with_cloudwatch_batches_land_exactly_once_and_resume_from_ch
     )
     .await;
     put_one(&moto, b"certainly not cloudtrail".to_vec(), "garbage").await;
+    // A notification naming a file that does not exist must not stall its shard.
+    put_one(
+        &moto,
+        serde_json::json!({"s3Bucket": "trail-logs", "s3ObjectKey": ["AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18/gone.json.gz"]})
+            .to_string()
+            .into_bytes(),
+        "gone",
+    )
+    .await;
     expected.sort();
 
     let mut w = Worker::start(&moto, tmp.path(), "solo");
@@ -507,7 +516,7 @@ async fn shards_fed_with_cloudwatch_batches_land_exactly_once_and_resume_from_ch
         "trailhose_kinesis_records_total{shape=\"cwl_control\"} 1",
         "trailhose_kinesis_records_total{shape=\"cwl_data\"} 40",
         "trailhose_kinesis_records_total{shape=\"event\"} 1",
-        "trailhose_kinesis_records_total{shape=\"notification\"} 1",
+        "trailhose_kinesis_records_total{shape=\"notification\"} 2",
         "trailhose_kinesis_records_total{shape=\"unrecognized\"} 1",
     ] {
         assert!(m.contains(needle), "/metrics lacks {needle}:\n{m}");
@@ -522,6 +531,19 @@ async fn shards_fed_with_cloudwatch_batches_land_exactly_once_and_resume_from_ch
         .unwrap_or_else(|| panic!("garbage in the error output: {errors:?}"));
     let src = garbage["source"].as_str().expect("source");
     assert!(src.starts_with("kinesis://trail-stream/shardId-"), "{src}");
+    let gone = errors
+        .iter()
+        .find(|e| {
+            e["record"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("fetch_failed:") && r.contains("gone.json.gz"))
+        })
+        .unwrap_or_else(|| panic!("the unreadable file in the error output: {errors:?}"));
+    assert!(
+        gone["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("kinesis://"))
+    );
     // Every lease is checkpointed and released.
     for l in leases(&moto).await {
         assert!(l.owner.is_none(), "{} released", l.key);

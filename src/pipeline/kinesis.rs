@@ -26,7 +26,7 @@ use super::engine::{Engine, Input, Submitter};
 use super::service::ServiceReport;
 use crate::ack::Hold;
 use crate::config::{Config, KinesisConfig};
-use crate::fetch::S3Fetcher;
+use crate::fetch::{FetchError, S3Fetcher};
 use crate::metrics::{self, *};
 use crate::retry::Backoff;
 use crate::server::{self, Check};
@@ -1001,6 +1001,26 @@ async fn notification(
                     return false;
                 }
             }
+            // Gone or forbidden: the record goes to the error output rather than stall the
+            // shard (there is no dead-letter queue here).
+            Err(
+                e @ (FetchError::NotAllowed { .. }
+                | FetchError::S3 {
+                    retryable: false, ..
+                }),
+            ) => {
+                metrics::emit(NotifiedFileUnreadable { source, error: &e });
+                let doc = kinesis::error_document(&[format!("fetch_failed: {e}")]);
+                if !files.submit_with(
+                    source.to_owned(),
+                    Input::Bytes(Bytes::from(doc)),
+                    Some(hold.share()),
+                    permit,
+                ) {
+                    return false;
+                }
+            }
+            // Retried by the fetcher already: read the shard again from its checkpoint.
             Err(e) => {
                 metrics::emit(FetchFailed {
                     message_id: source,
