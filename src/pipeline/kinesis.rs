@@ -71,7 +71,7 @@ struct Held {
     renewed: Instant,
     stop: watch::Sender<Stop>,
     task: JoinHandle<Ended>,
-    /// Being handed to this worker since then (its reader drains first).
+    /// Being handed over to (worker, since when): its reader drains first.
     handoff: Option<(String, Instant)>,
 }
 
