@@ -137,6 +137,7 @@ impl Engine {
             codec.kind,
             sealed_rx,
             cfg.output.s3.max_concurrent_puts,
+            crate::sink::kinesis::forward_to(cfg, codec),
         ));
         let (files, files_rx) = crossbeam_channel::unbounded::<FileJob>();
         let mut handles = Vec::new();

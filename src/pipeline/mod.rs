@@ -4,6 +4,7 @@
 
 pub mod backfill;
 pub mod engine;
+pub mod kinesis;
 pub mod service;
 
 use std::cell::Cell;

@@ -2,5 +2,6 @@
 
 pub mod batch;
 pub mod encode;
+pub mod kinesis;
 pub mod partition;
 pub mod write;
