@@ -36,6 +36,8 @@ if [ "$(cat "$NODE_DIR/package.json" 2>/dev/null)" != "$PACKAGE" ] || [ ! -x "$N
   (cd "$NODE_DIR" && npm install --quiet --no-audit --no-fund --ignore-scripts >/dev/null)
 fi
 
-# The binary `cargo test` just built (a no-op build when it is fresh).
-cargo build --quiet --locked --bin trailhose
+# The binary `cargo test` just built. `cargo test --no-run` is a no-op when it is fresh; a plain
+# `cargo build --bin` would resolve features without the dev-dependencies and rebuild every
+# shared dependency a second time.
+cargo test --no-run --all-targets --quiet --locked
 "$VENV/bin/python" scripts/check_chart.py target/debug/trailhose "$PROMTOOL" "$NODE_DIR"

@@ -223,9 +223,11 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         row("pipeline, geo, gzip, priority-rules"),
     ) {
         (Some(base), Some(id), Some(pr)) => Some(format!(
-            "transforms: priority-rules keeps {:.0}% of the events/s without transforms; \
-             host overhead of a module (identity) {:.2} µs/event of CPU",
+            "transforms: priority-rules keeps {:.0}% of the events/s without transforms \
+             ({:.0}% of the events per CPU-second); host overhead of a module (identity) \
+             {:.2} µs/event of CPU",
             100.0 * base.wall.as_secs_f64() / pr.wall.as_secs_f64().max(1e-9),
+            100.0 * base.cpu / pr.cpu.max(1e-9),
             (id.cpu - base.cpu) * 1e6 / input.events as f64,
         )),
         _ => None,

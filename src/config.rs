@@ -128,6 +128,7 @@ fn default_max_output_bytes() -> usize {
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
     pub sqs: Option<SqsConfig>,
+    pub kinesis: Option<KinesisConfig>,
     /// The only buckets (and key prefixes) workers may fetch from.
     pub buckets: Vec<BucketConfig>,
 }
@@ -154,6 +155,86 @@ impl Default for SqsConfig {
             max_messages: 10,
             visibility_timeout_secs: 300,
             max_files_in_flight: 8,
+        }
+    }
+}
+
+/// Where a shard with no checkpoint yet starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum StartPosition {
+    TrimHorizon,
+    Latest,
+    AtTimestamp,
+}
+
+/// `[source.kinesis]`: read a Kinesis Data Stream, shards shared by leases in DynamoDB.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KinesisConfig {
+    pub stream: String,
+    pub region: Option<String>,
+    /// Endpoint for both Kinesis and DynamoDB (tests, VPC endpoints).
+    pub endpoint_url: Option<String>,
+    /// DynamoDB lease table, created if missing; "" = `trailhose-<stream>`.
+    pub lease_table: String,
+    /// This worker's name in the lease table; "" = host name, process id and a random suffix.
+    pub worker_id: String,
+    pub start_position: StartPosition,
+    /// RFC 3339 time, for `start_position = "AT_TIMESTAMP"`.
+    pub start_timestamp: Option<String>,
+    /// A lease whose counter has not moved for this long is taken over.
+    pub lease_duration_millis: u64,
+    /// How often leases are renewed, taken and balanced; 0 = a third of the lease duration.
+    pub lease_renew_interval_millis: u64,
+    /// Most leases taken from busier workers per balancing round.
+    pub max_leases_to_steal: usize,
+    /// How long an owner may drain a shard it is asked to hand over before it hands it over
+    /// anyway; 0 = batch.max_age_secs plus the lease duration.
+    pub handoff_timeout_millis: u64,
+    /// How often the shard list is read to find new shards (resharding).
+    pub shard_sync_interval_millis: u64,
+    /// GetRecords `Limit`.
+    pub max_records_per_call: i32,
+    /// Wait between GetRecords calls on a shard that is caught up.
+    pub poll_interval_millis: u64,
+    pub max_files_in_flight: usize,
+}
+
+impl Default for KinesisConfig {
+    fn default() -> Self {
+        KinesisConfig {
+            stream: String::new(),
+            region: None,
+            endpoint_url: None,
+            lease_table: String::new(),
+            worker_id: String::new(),
+            start_position: StartPosition::TrimHorizon,
+            start_timestamp: None,
+            lease_duration_millis: 10_000,
+            lease_renew_interval_millis: 0,
+            max_leases_to_steal: 1,
+            handoff_timeout_millis: 0,
+            shard_sync_interval_millis: 60_000,
+            max_records_per_call: 10_000,
+            poll_interval_millis: 1_000,
+            max_files_in_flight: 8,
+        }
+    }
+}
+
+impl KinesisConfig {
+    pub fn lease_table(&self) -> String {
+        match self.lease_table.as_str() {
+            "" => format!("trailhose-{}", self.stream),
+            t => t.to_owned(),
+        }
+    }
+
+    pub fn renew_interval(&self) -> Duration {
+        match self.lease_renew_interval_millis {
+            0 => Duration::from_millis(self.lease_duration_millis / 3),
+            n => Duration::from_millis(n),
         }
     }
 }
@@ -207,6 +288,37 @@ pub struct OutputConfig {
     /// csv/tsv: rows sorted within each object by this path.
     pub sort: Option<String>,
     pub parquet: ParquetConfig,
+    /// Also put every event on a Kinesis stream.
+    pub kinesis: Option<KinesisSinkConfig>,
+}
+
+/// `[output.kinesis]`: every enriched event also goes to a Kinesis stream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KinesisSinkConfig {
+    pub stream: String,
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    /// The event field whose value is the partition key.
+    pub partition_key: String,
+    /// Attempts per PutRecords call, counting retries of failed entries.
+    pub max_attempts: u32,
+    /// Also write events as objects under output.url; false = events go to the stream only
+    /// (error records are always written under output.url).
+    pub write_objects: bool,
+}
+
+impl Default for KinesisSinkConfig {
+    fn default() -> Self {
+        KinesisSinkConfig {
+            stream: String::new(),
+            region: None,
+            endpoint_url: None,
+            partition_key: "eventID".into(),
+            max_attempts: 10,
+            write_objects: true,
+        }
+    }
 }
 
 impl Default for OutputConfig {
@@ -223,6 +335,7 @@ impl Default for OutputConfig {
             columns: Vec::new(),
             sort: None,
             parquet: ParquetConfig::default(),
+            kinesis: None,
         }
     }
 }
@@ -281,6 +394,8 @@ pub struct GeoipConfig {
     pub city_db: Option<PathBuf>,
     pub asn_db: Option<PathBuf>,
     pub cache_entries: usize,
+    /// How often the database files are checked for replacement; 0 = only on SIGHUP.
+    pub reload_secs: u64,
 }
 
 impl Default for GeoipConfig {
@@ -289,6 +404,7 @@ impl Default for GeoipConfig {
             city_db: None,
             asn_db: None,
             cache_entries: 65_536,
+            reload_secs: 60,
         }
     }
 }
@@ -466,6 +582,33 @@ impl Config {
                 return Err(invalid(
                     "source.sqs.max_files_in_flight",
                     "must be at least 1",
+                ));
+            }
+        }
+        if let Some(k) = &self.output.kinesis {
+            if k.stream.is_empty() {
+                return Err(invalid("output.kinesis.stream", "is required"));
+            }
+            if k.partition_key.is_empty() {
+                return Err(invalid("output.kinesis.partition_key", "must name a field"));
+            }
+            if k.max_attempts == 0 {
+                return Err(invalid("output.kinesis.max_attempts", "must be at least 1"));
+            }
+            // The stream gets the batch's object body: JSON lines, one record per event.
+            if self.output.format != Format::Json {
+                return Err(invalid(
+                    "output.kinesis",
+                    "needs output.format = \"json\" (events go to the stream as JSON lines)",
+                ));
+            }
+        }
+        if let Some(k) = &self.source.kinesis {
+            validate_kinesis(k)?;
+            if self.source.sqs.is_some() {
+                return Err(invalid(
+                    "source.kinesis",
+                    "configure [source.sqs] or [source.kinesis], not both",
                 ));
             }
         }
@@ -736,6 +879,58 @@ impl Config {
     }
 }
 
+fn validate_kinesis(k: &KinesisConfig) -> Result<(), ConfigError> {
+    if k.stream.is_empty() {
+        return Err(invalid("source.kinesis.stream", "is required"));
+    }
+    match (k.start_position, &k.start_timestamp) {
+        (StartPosition::AtTimestamp, None) => {
+            return Err(invalid(
+                "source.kinesis.start_timestamp",
+                "required with start_position = \"AT_TIMESTAMP\"",
+            ));
+        }
+        (_, Some(t)) if crate::clock::Utc::parse_rfc3339(t).is_none() => {
+            return Err(invalid(
+                "source.kinesis.start_timestamp",
+                format!("{t:?} is not an RFC 3339 time"),
+            ));
+        }
+        _ => {}
+    }
+    if k.lease_duration_millis < 300 {
+        return Err(invalid(
+            "source.kinesis.lease_duration_millis",
+            "must be at least 300",
+        ));
+    }
+    if k.renew_interval() >= Duration::from_millis(k.lease_duration_millis) {
+        return Err(invalid(
+            "source.kinesis.lease_renew_interval_millis",
+            "must be shorter than the lease duration",
+        ));
+    }
+    if !(1..=10_000).contains(&k.max_records_per_call) {
+        return Err(invalid(
+            "source.kinesis.max_records_per_call",
+            "must be 1..=10000",
+        ));
+    }
+    if k.max_files_in_flight == 0 {
+        return Err(invalid(
+            "source.kinesis.max_files_in_flight",
+            "must be at least 1",
+        ));
+    }
+    if k.shard_sync_interval_millis == 0 {
+        return Err(invalid(
+            "source.kinesis.shard_sync_interval_millis",
+            "must be at least 1",
+        ));
+    }
+    Ok(())
+}
+
 fn cores_or(n: usize) -> usize {
     match n {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -791,6 +986,21 @@ mod tests {
         assert!(err("[[source.buckets]]\nname = \"a/b\"\n").contains("source.buckets.name"));
         assert!(err("[[source.buckets]]\nname = \"a\"\nbogus = 1\n").contains("bogus"));
         assert!(err("[server]\nlisten = \"nowhere\"\n").contains("server.listen"));
+        assert!(err("[source.kinesis]\nlease_table = \"t\"\n").contains("source.kinesis.stream"));
+        assert!(
+            err("[source.kinesis]\nstream = \"s\"\nstart_position = \"AT_TIMESTAMP\"\n")
+                .contains("source.kinesis.start_timestamp")
+        );
+        assert!(err("[source.kinesis]\nstream = \"s\"\nposition = 1\n").contains("position"));
+        assert!(err("[output.kinesis]\npartition_key = \"x\"\n").contains("output.kinesis.stream"));
+        assert!(
+            err("[output.kinesis]\nstream = \"s\"\nmax_attempts = 0\n")
+                .contains("output.kinesis.max_attempts")
+        );
+        assert!(
+            err("[output]\nformat = \"parquet\"\n[output.kinesis]\nstream = \"s\"\n")
+                .contains("output.kinesis: needs output.format")
+        );
         let no_buckets = Config::parse("[source.sqs]\nqueue_url = \"http://x/q\"\n").unwrap();
         assert!(
             no_buckets
@@ -827,6 +1037,21 @@ mod tests {
             Compression::Zstd,
             "parquet defaults to zstd"
         );
+    }
+
+    #[test]
+    fn the_helm_charts_kinesis_section_is_valid() {
+        // helm/trailhose renders these keys from `kinesis:` in its values.
+        let c = Config::parse(
+            "[source.kinesis]\nstream = \"org-cloudtrail-events\"\nlease_table = \"trailhose-org-cloudtrail\"\nstart_position = \"LATEST\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let k = c.source.kinesis.unwrap();
+        assert_eq!(k.start_position, StartPosition::Latest);
+        assert_eq!(k.lease_table(), "trailhose-org-cloudtrail");
+        assert_eq!(k.lease_duration_millis, 10_000);
+        assert_eq!(k.renew_interval(), Duration::from_millis(3_333));
     }
 
     #[test]

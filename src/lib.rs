@@ -20,3 +20,4 @@ pub mod sink;
 pub mod source;
 pub mod synth;
 pub mod transform;
+pub mod watch;

@@ -60,7 +60,8 @@ enum Command {
     /// Service mode: share CloudTrail notifications from SQS with other workers, fetch from
     /// S3, write to the output, acknowledge only what is written. Stops cleanly on SIGTERM.
     Run {
-        /// TOML configuration file (needs [source.sqs] and [[source.buckets]]).
+        /// TOML configuration file (needs [source.sqs] and [[source.buckets]], or
+        /// [source.kinesis]).
         #[arg(long)]
         config: PathBuf,
     },
@@ -279,7 +280,11 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Run { config } => {
             let cfg = Config::load(&config)?;
             let report = runtime()?.block_on(async {
-                trailhose::pipeline::service::run(&cfg, shutdown_signal()).await
+                if cfg.source.kinesis.is_some() {
+                    trailhose::pipeline::kinesis::run(&cfg, shutdown_signal()).await
+                } else {
+                    trailhose::pipeline::service::run(&cfg, shutdown_signal()).await
+                }
             })?;
             tracing::info!(
                 files = report.tally.files,

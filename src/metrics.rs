@@ -36,6 +36,7 @@ pub struct Metrics {
     events_deduplicated: IntCounter,
     geo_lookups: IntCounterVec,
     geo_cache_hits: IntCounter,
+    geo_reloads: IntCounterVec,
     objects: IntCounterVec,
     put_seconds: HistogramVec,
     file_seconds: Histogram,
@@ -295,6 +296,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Geo enrichment outcomes per event (found, not_found, non_address).",
             &["result"],
         ),
+        geo_reloads: counter_vec(
+            &r,
+            "trailhose_geo_reloads_total",
+            "GeoIP database reloads after a file changed or SIGHUP, by result.",
+            &["result"],
+        ),
         geo_cache_hits: counter(
             &r,
             "trailhose_geo_cache_hits_total",
@@ -544,6 +551,28 @@ impl InternalEvent for GeoDisabled {
         tracing::warn!(
             "no GeoIP database configured (geoip.city_db / --geoip-db): events get no geo field"
         );
+    }
+}
+
+/// The GeoIP databases were opened again after their files changed (or SIGHUP), or that failed
+/// and the running databases were kept.
+pub struct GeoReloaded<'a> {
+    pub error: Option<&'a str>,
+}
+
+impl InternalEvent for GeoReloaded<'_> {
+    fn emit(self) {
+        let result = match self.error {
+            None => {
+                tracing::info!("GeoIP databases reloaded");
+                "ok"
+            }
+            Some(e) => {
+                tracing::error!("GeoIP reload failed; the running databases are kept: {e}");
+                "error"
+            }
+        };
+        METRICS.geo_reloads.with_label_values(&[result]).inc();
     }
 }
 
@@ -1025,6 +1054,396 @@ impl LagRecorder {
 impl Default for LagRecorder {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+// ---- Kinesis source ----------------------------------------------------------------------
+
+/// The Kinesis source's metrics, registered in the one registry the first time one is used.
+pub struct KinesisMetrics {
+    millis_behind_latest: prometheus::IntGaugeVec,
+    leases_held: IntGauge,
+    lease_takeovers: IntCounterVec,
+    checkpoint_age: prometheus::GaugeVec,
+    records: IntCounterVec,
+    sink_records: IntCounterVec,
+    handoffs: IntCounterVec,
+}
+
+pub static KINESIS: LazyLock<KinesisMetrics> = LazyLock::new(|| {
+    let r = METRICS.registry();
+    let millis_behind_latest = prometheus::IntGaugeVec::new(
+        Opts::new(
+            "trailhose_kinesis_millis_behind_latest",
+            "How far this worker's reader is behind the tip of each shard it holds (GetRecords MillisBehindLatest).",
+        ),
+        &["stream", "shard"],
+    )
+    .expect("valid metric");
+    r.register(Box::new(millis_behind_latest.clone()))
+        .expect("metric registered once");
+    let leases_held = IntGauge::new(
+        "trailhose_kinesis_leases_held",
+        "Shard leases this worker holds.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(leases_held.clone()))
+        .expect("metric registered once");
+    let checkpoint_age = prometheus::GaugeVec::new(
+        Opts::new(
+            "trailhose_kinesis_checkpoint_age_seconds",
+            "Time since each held shard's checkpoint last advanced, or since its reader was last caught up with nothing unwritten.",
+        ),
+        &["shard"],
+    )
+    .expect("valid metric");
+    r.register(Box::new(checkpoint_age.clone()))
+        .expect("metric registered once");
+    KinesisMetrics {
+        millis_behind_latest,
+        leases_held,
+        checkpoint_age,
+        lease_takeovers: counter_vec(
+            r,
+            "trailhose_kinesis_lease_takeovers_total",
+            "Shard leases taken by this worker, by how: free (new or released), expired (owner stopped renewing), handoff (rebalancing), adopted (already this worker's name).",
+            &["how"],
+        ),
+        handoffs: counter_vec(
+            r,
+            "trailhose_kinesis_lease_handoffs_total",
+            "Rebalancing handoffs by stage: requested (as the new owner), draining, handed_over, timed_out (as the old owner).",
+            &["stage"],
+        ),
+        sink_records: counter_vec(
+            r,
+            "trailhose_kinesis_sink_records_total",
+            "Events for the Kinesis output, by outcome: put, retried (failed entries put again), oversize (to the error output).",
+            &["outcome"],
+        ),
+        records: counter_vec(
+            r,
+            "trailhose_kinesis_records_total",
+            "Kinesis records read, by shape (cwl_data, cwl_control, notification, event, unrecognized).",
+            &["shape"],
+        ),
+    }
+});
+
+/// Records read from a shard, by their recognised shape.
+pub struct KinesisRecords<'a> {
+    pub shape: &'a str,
+    pub count: u64,
+}
+
+impl InternalEvent for KinesisRecords<'_> {
+    fn emit(self) {
+        KINESIS
+            .records
+            .with_label_values(&[self.shape])
+            .inc_by(self.count);
+    }
+}
+
+/// A Kinesis record that is none of the known shapes: it goes to the error output.
+pub struct KinesisRecordUnrecognized<'a> {
+    pub source: &'a str,
+    pub reason: &'a str,
+}
+
+impl InternalEvent for KinesisRecordUnrecognized<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            reason = self.reason,
+            "Kinesis record not recognised; written to the error output"
+        );
+        KINESIS.records.with_label_values(&["unrecognized"]).inc();
+    }
+}
+
+/// A file named by a notification on the stream cannot be read for good (gone, forbidden): the
+/// record goes to the error output so that the shard goes on.
+pub struct NotifiedFileUnreadable<'a> {
+    pub source: &'a str,
+    pub error: &'a dyn std::error::Error,
+}
+
+impl InternalEvent for NotifiedFileUnreadable<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            "file named on the stream cannot be fetched; the record goes to the error output: {}",
+            self.error
+        );
+        METRICS.errors.with_label_values(&["fetch", "s3_get"]).inc();
+    }
+}
+
+/// A GetRecords answer: how far behind the shard's tip the reader is.
+pub struct KinesisBehind<'a> {
+    pub stream: &'a str,
+    pub shard: &'a str,
+    /// None removes the shard's series (its lease went elsewhere).
+    pub millis: Option<i64>,
+}
+
+impl InternalEvent for KinesisBehind<'_> {
+    fn emit(self) {
+        let labels = [self.stream, self.shard];
+        match self.millis {
+            Some(m) => KINESIS
+                .millis_behind_latest
+                .with_label_values(&labels)
+                .set(m),
+            None => {
+                let _ = KINESIS.millis_behind_latest.remove_label_values(&labels);
+            }
+        }
+    }
+}
+
+/// A Kinesis or DynamoDB (lease table) call failed; `retrying` when it is retried with backoff.
+pub struct KinesisCallFailed<'a> {
+    pub operation: &'static str,
+    pub shard: &'a str,
+    pub error: &'a str,
+}
+
+impl InternalEvent for KinesisCallFailed<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            operation = self.operation,
+            shard = self.shard,
+            "Kinesis source call failed: {}",
+            self.error
+        );
+        METRICS
+            .errors
+            .with_label_values(&["kinesis", self.operation])
+            .inc();
+    }
+}
+
+/// This worker took a shard lease (`how`: free, expired, handoff, adopted).
+pub struct LeaseTaken<'a> {
+    pub shard: &'a str,
+    pub how: &'static str,
+    pub previous_owner: &'a str,
+}
+
+impl InternalEvent for LeaseTaken<'_> {
+    fn emit(self) {
+        tracing::info!(
+            shard = self.shard,
+            how = self.how,
+            previous_owner = self.previous_owner,
+            "lease taken"
+        );
+        KINESIS.lease_takeovers.with_label_values(&[self.how]).inc();
+    }
+}
+
+/// This worker lost a lease it held (another worker took it, or renewal failed too long).
+pub struct LeaseLost<'a> {
+    pub shard: &'a str,
+    pub reason: &'a str,
+}
+
+impl InternalEvent for LeaseLost<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            shard = self.shard,
+            reason = self.reason,
+            "lease lost; reading of the shard stopped"
+        );
+        METRICS
+            .errors
+            .with_label_values(&["kinesis", "lease_lost"])
+            .inc();
+    }
+}
+
+/// A rebalancing handoff: `stage` = requested (by this worker), draining (this owner stops
+/// reading), handed_over, or timed_out (handed over before everything read was written).
+pub struct LeaseHandoff<'a> {
+    pub shard: &'a str,
+    pub to: &'a str,
+    pub stage: &'static str,
+}
+
+impl InternalEvent for LeaseHandoff<'_> {
+    fn emit(self) {
+        if self.stage == "timed_out" {
+            tracing::warn!(
+                shard = self.shard,
+                to = self.to,
+                "lease handed over before its records were all written; some will be read twice"
+            );
+        } else {
+            tracing::info!(
+                shard = self.shard,
+                to = self.to,
+                stage = self.stage,
+                "lease handoff"
+            );
+        }
+        KINESIS.handoffs.with_label_values(&[self.stage]).inc();
+    }
+}
+
+/// Shard leases held by this worker now.
+pub struct LeasesHeld(pub usize);
+
+impl InternalEvent for LeasesHeld {
+    fn emit(self) {
+        KINESIS.leases_held.set(self.0 as i64);
+    }
+}
+
+/// Seconds since a held shard's checkpoint last advanced; `None` removes the shard's series.
+pub struct CheckpointAge<'a> {
+    pub shard: &'a str,
+    pub seconds: Option<f64>,
+}
+
+impl InternalEvent for CheckpointAge<'_> {
+    fn emit(self) {
+        match self.seconds {
+            Some(s) => KINESIS
+                .checkpoint_age
+                .with_label_values(&[self.shard])
+                .set(s),
+            None => {
+                let _ = KINESIS.checkpoint_age.remove_label_values(&[self.shard]);
+            }
+        }
+    }
+}
+
+/// A shard was read to its end and checkpointed at SHARD_END: its children may start.
+pub struct ShardEnded<'a> {
+    pub shard: &'a str,
+}
+
+impl InternalEvent for ShardEnded<'_> {
+    fn emit(self) {
+        tracing::info!(shard = self.shard, "shard read to its end (SHARD_END)");
+    }
+}
+
+/// Events accepted by the Kinesis output.
+pub struct KinesisSinkPut {
+    pub records: usize,
+}
+
+impl InternalEvent for KinesisSinkPut {
+    fn emit(self) {
+        KINESIS
+            .sink_records
+            .with_label_values(&["put"])
+            .inc_by(self.records as u64);
+    }
+}
+
+/// Entries of a PutRecords call that failed (or the whole call) are tried again.
+pub struct KinesisSinkRetry<'a> {
+    pub records: usize,
+    pub error: &'a str,
+}
+
+impl InternalEvent for KinesisSinkRetry<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            records = self.records,
+            "Kinesis output: retrying failed records: {}",
+            self.error
+        );
+        KINESIS
+            .sink_records
+            .with_label_values(&["retried"])
+            .inc_by(self.records as u64);
+    }
+}
+
+/// An event too large for a Kinesis record: written to the error output instead.
+pub struct KinesisSinkOversize<'a> {
+    pub stream: &'a str,
+    pub bytes: usize,
+}
+
+impl InternalEvent for KinesisSinkOversize<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            stream = self.stream,
+            bytes = self.bytes,
+            "event too large for a Kinesis record; written to the error output"
+        );
+        KINESIS.sink_records.with_label_values(&["oversize"]).inc();
+        METRICS
+            .errors
+            .with_label_values(&["sink", "too_large_for_kinesis"])
+            .inc();
+    }
+}
+
+/// The Kinesis output's stream could not be described at start-up.
+pub struct KinesisSinkUnreachable<'a> {
+    pub stream: &'a str,
+    pub error: &'a str,
+}
+
+impl InternalEvent for KinesisSinkUnreachable<'_> {
+    fn emit(self) {
+        tracing::error!(
+            stream = self.stream,
+            "Kinesis output stream not reachable at start-up; batches stay unacknowledged until it is: {}",
+            self.error
+        );
+        METRICS
+            .errors
+            .with_label_values(&["sink", "kinesis_unreachable"])
+            .inc();
+    }
+}
+
+/// A written batch could not be put on the Kinesis output: it is not acknowledged.
+pub struct KinesisSinkFailed<'a> {
+    pub stream: &'a str,
+    pub error: &'a str,
+}
+
+impl InternalEvent for KinesisSinkFailed<'_> {
+    fn emit(self) {
+        tracing::error!(
+            stream = self.stream,
+            "Kinesis output failed; the batch is not acknowledged: {}",
+            self.error
+        );
+        METRICS
+            .errors
+            .with_label_values(&["sink", "kinesis_put_failed"])
+            .inc();
+    }
+}
+
+/// Records of a shard were not all written: reading restarts from the last checkpoint.
+pub struct ShardRewound<'a> {
+    pub shard: &'a str,
+    pub checkpoint: &'a str,
+}
+
+impl InternalEvent for ShardRewound<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            shard = self.shard,
+            checkpoint = self.checkpoint,
+            "records not written; reading the shard again from its checkpoint"
+        );
+        METRICS
+            .errors
+            .with_label_values(&["kinesis", "rewound"])
+            .inc();
     }
 }
 

@@ -19,14 +19,11 @@ const QUERY_FILES: &[&str] = &[
     "helm/trailhose/templates/prometheusrule.yaml",
 ];
 
-/// Metric families the dashboard and alerts use before the code emitting them has landed: the
-/// Kinesis source is built on another branch. Each must be used, must
+/// Metric families the dashboard and alerts use before the code emitting them has landed
+/// (none at the moment). Each must be used, must
 /// not be in src/metrics.rs yet and must not be emitted; once one is, this test fails until it
 /// is removed here (and the run below exercises it).
-const PENDING: &[&str] = &[
-    "trailhose_kinesis_millis_behind_latest",
-    "trailhose_kinesis_leases_held",
-];
+const PENDING: &[&str] = &[];
 
 /// Every `trailhose_*` token in `text`.
 fn metric_names(text: &str) -> BTreeSet<String> {
@@ -188,13 +185,17 @@ n = "8"
         cmd.env(k, v);
     }
     let mut worker = cmd.spawn().expect("start trailhose run");
+    let (mut kinesis_worker, kinesis_port) = start_kinesis_worker(&moto, tmp.path()).await;
 
-    // Wait until every non-pending family is exposed (or time out and report what is not).
+    // Wait until every non-pending family is exposed by one of the two workers (or time out and
+    // report what is not).
     let deadline = Instant::now() + Duration::from_secs(60);
     let (exposition, missing) = loop {
-        let text = http_get(port, "/metrics")
-            .map(|(_, m)| m)
-            .unwrap_or_default();
+        let text: String = [port, kinesis_port]
+            .iter()
+            .filter_map(|p| http_get(*p, "/metrics").map(|(_, m)| m))
+            .collect::<Vec<_>>()
+            .join("\n");
         let fams = families(&text);
         let exposed: BTreeSet<String> = fams.iter().map(|(n, _)| n.clone()).collect();
         let histograms: BTreeSet<String> = fams
@@ -212,8 +213,10 @@ n = "8"
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    let _ = worker.kill();
-    let _ = worker.wait();
+    for w in [&mut worker, &mut kinesis_worker] {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
     assert!(
         missing.is_empty(),
         "the chart queries metrics trailhose does not emit: {missing:?}\n/metrics:\n{exposition}"
@@ -245,4 +248,81 @@ n = "8"
             "{p} is in the metrics catalogue now: remove it from PENDING"
         );
     }
+}
+
+/// A Kinesis-mode worker on a one-shard stream holding one CloudWatch Logs batch: the lease,
+/// lag and checkpoint metrics get values. Returns the child and its metrics port.
+async fn start_kinesis_worker(moto: &Moto, dir: &Path) -> (std::process::Child, u16) {
+    let conf = aws_sdk_kinesis::Config::builder()
+        .behavior_version_latest()
+        .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+        .endpoint_url(&moto.endpoint)
+        .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .build();
+    let kinesis = aws_sdk_kinesis::Client::from_conf(conf);
+    kinesis
+        .create_stream()
+        .stream_name("observability")
+        .shard_count(1)
+        .send()
+        .await
+        .expect("stream");
+    let event = serde_json::json!({"eventVersion": "1.09", "eventTime": "2024-03-18T14:30:07Z",
+        "eventSource": "iam.amazonaws.com", "eventID": "k1", "recipientAccountId": "111122223333"});
+    let batch = serde_json::json!({"messageType": "DATA_MESSAGE", "owner": "111122223333",
+        "logGroup": "g", "logStream": "s", "subscriptionFilters": ["f"],
+        "logEvents": [{"id": "1", "timestamp": 1710772207000u64, "message": event.to_string()}]});
+    kinesis
+        .put_record()
+        .stream_name("observability")
+        .partition_key("k")
+        .data(aws_sdk_kinesis::primitives::Blob::new(fixtures::gzip(
+            batch.to_string().as_bytes(),
+        )))
+        .send()
+        .await
+        .expect("put record");
+    let port = free_port();
+    let ep = &moto.endpoint;
+    let config = dir.join("kinesis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[output]
+url = "s3://trail-out/kinesis/"
+[output.s3]
+endpoint_url = "{ep}"
+force_path_style = true
+[batch]
+max_age_secs = 1
+[source.kinesis]
+stream = "observability"
+endpoint_url = "{ep}"
+worker_id = "observer"
+lease_duration_millis = 2000
+lease_renew_interval_millis = 400
+shard_sync_interval_millis = 1000
+poll_interval_millis = 200
+[[source.buckets]]
+name = "trail-logs"
+endpoint_url = "{ep}"
+force_path_style = true
+[server]
+listen = "127.0.0.1:{port}"
+"#
+        ),
+    )
+    .expect("config");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("TRAILHOSE_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in moto.env() {
+        cmd.env(k, v);
+    }
+    (cmd.spawn().expect("start the Kinesis worker"), port)
 }

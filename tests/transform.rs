@@ -541,43 +541,28 @@ fn a_failed_instance_is_rebuilt_and_later_batches_pass() {
 
 #[test]
 fn a_module_that_refuses_its_config_stops_start_up() {
-    let r = run(&events(), &[m("noise", "drop_noise", &[])], 256);
-    assert!(!r.ok);
-    assert!(r.stderr.contains("transform \"noise\""), "{}", r.stderr);
-    assert!(
-        r.stderr.contains("services: list the eventSource values"),
-        "{}",
-        r.stderr
-    );
-    let r = run(
-        &events(),
-        &[m(
-            "priority",
+    // (module file, its config, the message start-up must stop with)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 3] = [
+        ("drop_noise", &[], "services: list the eventSource values"),
+        (
             "priority_rules",
             &[("allowed_countries", "usa")],
-        )],
-        256,
-    );
-    assert!(!r.ok);
-    assert!(
-        r.stderr.contains("\"usa\" is not an ISO 3166 alpha-2 code"),
-        "{}",
-        r.stderr
-    );
-    let r = run(
-        &events(),
-        &[m(
-            "priority",
+            "\"usa\" is not an ISO 3166 alpha-2 code",
+        ),
+        (
             "priority_rules",
             &[("alowed_countries", "US")],
-        )],
-        256,
-    );
-    assert!(
-        r.stderr.contains("unknown config key \"alowed_countries\""),
-        "{}",
-        r.stderr
-    );
+            "unknown config key \"alowed_countries\"",
+        ),
+    ];
+    for (file, config, message) in cases {
+        let r = run(&events(), &[m("refusing", file, config)], 256);
+        assert!(!r.ok, "{file} {config:?} must stop start-up");
+        assert!(r.stderr.contains("transform \"refusing\""), "{}", r.stderr);
+        assert!(r.stderr.contains(message), "{}", r.stderr);
+        assert!(r.events.is_empty() && r.errors.is_empty());
+    }
 }
 
 #[test]
@@ -687,13 +672,13 @@ fn modules_reload_when_their_file_changes_and_a_bad_file_keeps_the_running_versi
     let event = br#"{"eventID":"r1","eventSource":"iam.amazonaws.com"}"#;
     let pass = |chain: &mut trailhose::transform::Chain| {
         let mut b = Batch::default();
-        let head = trailhose::cloudtrail::head_of(event).unwrap().into_owned();
-        b.push(event, &[], head, None, 0);
+        let head = trailhose::cloudtrail::head_of(event).unwrap();
+        b.push(event, &[], &head, None, 0);
         let mut rejects = Vec::new();
         chain.run(&mut b, &mut rejects);
         assert!(rejects.is_empty(), "{rejects:?}");
         b.items()
-            .map(|(e, _)| String::from_utf8(e.to_vec()).unwrap())
+            .map(|v| String::from_utf8(v.event.to_vec()).unwrap())
             .collect::<Vec<_>>()
     };
     assert_eq!(
@@ -718,10 +703,11 @@ fn modules_reload_when_their_file_changes_and_a_bad_file_keeps_the_running_versi
     );
 }
 
-/// The service mode reloads a module on SIGHUP between batches: files before the reload are
-/// written by the old module, files after by the new one, and every event exactly once.
+/// The service mode reloads a module and the GeoIP database on SIGHUP between files: files
+/// before the reload are written with the old ones, files after with the new ones, and every
+/// event exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
+async fn sighup_reloads_modules_and_geoip_in_a_running_worker_without_losing_events() {
     use common::{Moto, free_port, http_get};
     let moto = Moto::start();
     let (s3, sqs) = (moto.s3(), moto.sqs());
@@ -741,6 +727,9 @@ async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
     let tmp = TempDir::new("transform-sighup");
     let live = tmp.path().join("live.wasm");
     std::fs::copy(module("identity"), &live).unwrap();
+    // The fixture database does not know 52.94.0.1; the demo database (swapped in later) does.
+    let city = tmp.path().join("city.mmdb");
+    common::mmdb::write_city_db(&city);
     let out = tmp.path().join("out");
     let port = free_port();
     let ep = &moto.endpoint;
@@ -748,12 +737,14 @@ async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
     std::fs::write(
         &config,
         format!(
-            "[output]\nurl = {:?}\n[batch]\nmax_age_secs = 1\n[pipeline]\ntransform_reload_secs = 0\n\
+            "[output]\nurl = {:?}\n[geoip]\ncity_db = {:?}\nreload_secs = 0\n\
+             [batch]\nmax_age_secs = 1\n[pipeline]\ntransform_reload_secs = 0\n\
              transform_cache_dir = {:?}\n[source.sqs]\nqueue_url = {queue:?}\nendpoint_url = {ep:?}\n\
              wait_time_secs = 1\n[[source.buckets]]\nname = \"trail\"\nendpoint_url = {ep:?}\n\
              force_path_style = true\n[server]\nlisten = \"127.0.0.1:{port}\"\n\
              [[transforms]]\nname = \"live\"\npath = {:?}\n",
             out.display().to_string(),
+            city.display().to_string(),
             cache_dir(),
             live.display().to_string()
         ),
@@ -765,7 +756,8 @@ async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
             let evs: Vec<Value> = (1..=3)
                 .map(|i| {
                     json!({"eventTime": "2024-03-18T10:00:00Z", "eventSource": "iam.amazonaws.com",
-                           "eventID": format!("{name}{i}"), "recipientAccountId": "111122223333"})
+                           "eventID": format!("{name}{i}"), "recipientAccountId": "111122223333",
+                           "sourceIPAddress": "52.94.0.1"})
                 })
                 .collect();
             let key =
@@ -824,6 +816,7 @@ async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
     );
 
     std::fs::copy(module("priority_rules"), &live).unwrap();
+    common::mmdb::write_demo_city_db(&city);
     let hup = std::process::Command::new("kill")
         .args(["-HUP", &pid])
         .status();
@@ -833,7 +826,9 @@ async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
         let m = http_get(port, "/metrics")
             .map(|(_, m)| m)
             .unwrap_or_default();
-        if m.contains("trailhose_transform_reloads_total{module=\"live\",result=\"ok\"} 1") {
+        if m.contains("trailhose_transform_reloads_total{module=\"live\",result=\"ok\"} 1")
+            && m.contains("trailhose_geo_reloads_total{result=\"ok\"} 1")
+        {
             break;
         }
         assert!(
@@ -857,7 +852,10 @@ async fn sighup_reloads_a_module_in_a_running_worker_without_losing_events() {
     }
     assert_eq!(by_id.len(), 6, "{events:?}");
     for (id, v) in &by_id {
-        let high = v.get("xpriority").is_some();
-        assert_eq!(high, id.starts_with('b'), "{id}: {v}");
+        let after = id.starts_with('b');
+        // Before: identity module, fixture database. After: priority-rules (IAM is HIGH), demo
+        // database (which covers 52.0.0.0/8).
+        assert_eq!(v.get("xpriority").is_some(), after, "{id}: {v}");
+        assert_eq!(v.get("geo").is_some(), after, "{id}: {v}");
     }
 }

@@ -1,3 +1,4 @@
 //! Enrichment: fields added to each event before transforms see it.
 
 pub mod geo;
+pub mod live;

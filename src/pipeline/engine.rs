@@ -13,7 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use super::{FileWorker, PipelineError, Tally, open_geo, open_store};
 use crate::ack::Hold;
 use crate::config::Config;
-use crate::enrich::geo::GeoDb;
+use crate::enrich::live::LiveGeo;
 use crate::metrics::{self, FileUnreadable};
 use crate::sink::batch::Sealed;
 use crate::sink::encode::{Codec, Encoder};
@@ -39,11 +39,35 @@ struct FileJob {
 
 /// What the workers share, opened and checked by `Engine::open`.
 struct Parts {
-    geo: Arc<GeoDb>,
+    geo: Arc<LiveGeo>,
     partitioner: Arc<Partitioner>,
     transforms: Option<Arc<Transforms>>,
     store: Arc<Store>,
     codec: Codec,
+}
+
+/// SIGHUP re-reads the GeoIP databases and the transform modules (each keeps its running
+/// version when the new file is unusable).
+fn reload_on_hangup(geo: &Arc<LiveGeo>, transforms: Option<&Arc<Transforms>>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    let (geo, transforms) = (Arc::downgrade(geo), transforms.map(Arc::downgrade));
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let (geo, transforms) = (geo.clone(), transforms.clone());
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(g) = geo.upgrade() {
+                    g.reload(true);
+                }
+                if let Some(t) = transforms.and_then(|t| t.upgrade()) {
+                    t.reload(true);
+                }
+            })
+            .await;
+        }
+    });
 }
 
 /// Compiles and checks the transform modules (a module that fails `init` stops start-up), and
@@ -55,15 +79,6 @@ fn open_transforms(cfg: &Config) -> Result<Option<Arc<Transforms>>, PipelineErro
     let t = Transforms::open(&cfg.transform_specs(), cfg.transform_cache_dir())?;
     if let Some(every) = cfg.transform_reload() {
         t.watch(every);
-    }
-    let weak = Arc::downgrade(&t);
-    if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        tokio::spawn(async move {
-            while hup.recv().await.is_some() {
-                let Some(t) = weak.upgrade() else { break };
-                let _ = tokio::task::spawn_blocking(move || t.reload(true)).await;
-            }
-        });
     }
     Ok(Some(t))
 }
@@ -89,6 +104,7 @@ impl Engine {
         let codec = cfg.codec()?;
         let geo = open_geo(cfg)?;
         let transforms = open_transforms(cfg)?;
+        reload_on_hangup(&geo, transforms.as_ref());
         let store = Arc::new(open_store(cfg).await?);
         store.check().await?;
         let parts = Parts {
@@ -120,6 +136,7 @@ impl Engine {
             store.clone(),
             sealed_rx,
             cfg.output.s3.max_concurrent_puts,
+            crate::sink::kinesis::forward_to(cfg, codec),
         ));
         let dedup = cfg.dedup.as_ref().map(|d| {
             Arc::new(crate::dedup::Dedup::new(

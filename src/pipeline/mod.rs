@@ -4,6 +4,7 @@
 
 pub mod backfill;
 pub mod engine;
+pub mod kinesis;
 pub mod service;
 
 use std::cell::Cell;
@@ -21,7 +22,8 @@ use crate::cloudtrail::Head;
 use crate::cloudtrail::{self, FileErrorReason, Item, Kind as SplitKind};
 use crate::config::{Config, ConfigError, OutputUrl};
 use crate::dedup::Dedup;
-use crate::enrich::geo::{self, GeoDb, GeoEnricher, GeoError};
+use crate::enrich::geo::{self, GeoEnricher, GeoError};
+use crate::enrich::live::LiveGeo;
 use crate::fetch::{self, Encoding};
 use crate::metrics::{self, *};
 use crate::sink::batch::{Batcher, Kind, Sealed};
@@ -111,6 +113,10 @@ pub fn is_digest_name(name: &str) -> bool {
 
 /// The per-thread core: one file in, sealed batches out through `out`.
 pub struct FileWorker {
+    /// The databases as they are now, and the generation `geo` was built from.
+    live_geo: Arc<LiveGeo>,
+    geo_generation: u64,
+    geo_cache_entries: usize,
     geo: Option<GeoEnricher>,
     partitioner: Arc<Partitioner>,
     events: Batcher,
@@ -141,13 +147,17 @@ pub enum FileOutcome {
 impl FileWorker {
     pub fn new(
         cfg: &Config,
-        geo: &Arc<GeoDb>,
+        live_geo: &Arc<LiveGeo>,
         partitioner: Arc<Partitioner>,
         encoder: &Encoder,
         transforms: Option<&Arc<Transforms>>,
     ) -> FileWorker {
+        let (geo_generation, db) = live_geo.current();
         FileWorker {
-            geo: (!geo.is_empty()).then(|| GeoEnricher::new(geo.clone(), cfg.geoip.cache_entries)),
+            live_geo: live_geo.clone(),
+            geo_generation,
+            geo_cache_entries: cfg.geoip.cache_entries,
+            geo: (!db.is_empty()).then(|| GeoEnricher::new(db, cfg.geoip.cache_entries)),
             partitioner,
             events: Batcher::new(Kind::Events, cfg.limits(), encoder.clone()),
             errors: Batcher::new(Kind::Errors, cfg.limits(), encoder.json_lines()),
@@ -205,6 +215,7 @@ impl FileWorker {
     ) -> FileOutcome {
         let started = Instant::now();
         self.tally.files += 1;
+        self.follow_geo();
         if is_digest_name(source) {
             self.tally.digests += 1;
             metrics::emit(DigestSkipped { source });
@@ -263,9 +274,8 @@ impl FileWorker {
                 match stage {
                     None => route.event(raw, additions, &head, out),
                     Some(st) => {
-                        let country = fragment.and_then(geo::country_code).map(Arc::from);
-                        st.pending
-                            .push(raw, additions, head.into_owned(), country, index);
+                        let country = fragment.and_then(geo::country_code);
+                        st.pending.push(raw, additions, &head, country, index);
                         if st.pending.len() >= st.batch_events {
                             st.flush(&mut route, source, out);
                         }
@@ -337,6 +347,16 @@ impl FileWorker {
             }
         }
         FileOutcome::Handled
+    }
+
+    /// Switches to reloaded GeoIP databases between files (the cache goes with the old ones).
+    fn follow_geo(&mut self) {
+        if self.live_geo.generation() == self.geo_generation {
+            return;
+        }
+        let (generation, db) = self.live_geo.current();
+        self.geo = (!db.is_empty()).then(|| GeoEnricher::new(db, self.geo_cache_entries));
+        self.geo_generation = generation;
     }
 
     /// The source broke mid-read (not the file's fault): nothing is routed to the error output,
@@ -527,8 +547,8 @@ impl TransformStage {
             return;
         }
         self.chain.run(&mut self.pending, &mut self.rejects);
-        for (event, item) in self.pending.items() {
-            route.event(event, &[], &item.head, out);
+        for v in self.pending.items() {
+            route.event(v.event, &[], &v.head(), out);
         }
         for r in self.rejects.drain(..) {
             route.reject(source, &r, out);
@@ -636,12 +656,15 @@ impl Summary {
 }
 
 /// Opens the geo databases named in the config; warns once when there are none.
-pub fn open_geo(cfg: &Config) -> Result<Arc<GeoDb>, PipelineError> {
-    let db = GeoDb::open(cfg.geoip.city_db.as_deref(), cfg.geoip.asn_db.as_deref())?;
-    if db.is_empty() {
+pub fn open_geo(cfg: &Config) -> Result<Arc<LiveGeo>, PipelineError> {
+    let live = LiveGeo::open(cfg.geoip.city_db.clone(), cfg.geoip.asn_db.clone())?;
+    if live.current().1.is_empty() {
         metrics::emit(GeoDisabled);
     }
-    Ok(Arc::new(db))
+    if cfg.geoip.reload_secs > 0 {
+        live.watch(Duration::from_secs(cfg.geoip.reload_secs));
+    }
+    Ok(live)
 }
 
 /// The `process` job: local delivery files in, objects out.

@@ -52,15 +52,23 @@ pub struct Codec {
 /// Appends one JSON line: the event's original bytes with each addition (`"key":value`) spliced
 /// in before the closing brace. `raw` is a complete JSON object as the splitter hands it on.
 pub fn encode_event(out: &mut Vec<u8>, raw: &[u8], additions: &[&[u8]]) {
+    let start = out.len();
+    splice(out, raw, additions);
+    one_line(&mut out[start..]);
+    out.push(b'\n');
+}
+
+/// Appends `raw` (a JSON object) with `additions` inserted before its closing brace. Bytes that
+/// are not an object (never from the splitter) are kept as they are rather than lost.
+pub fn splice(out: &mut Vec<u8>, raw: &[u8], additions: &[&[u8]]) {
     let Some((&b'}', body)) = raw.split_last() else {
-        // Not an object: cannot happen for splitter output; keep the bytes rather than lose them.
-        push_line(out, raw);
-        out.push(b'\n');
+        out.extend_from_slice(raw);
         return;
     };
-    push_line(out, body);
-    let mut has_members = body[1..]
+    out.extend_from_slice(body);
+    let mut has_members = body
         .iter()
+        .skip(1)
         .any(|b| !matches!(b, b' ' | b'\n' | b'\r' | b'\t'));
     for add in additions {
         if has_members {
@@ -69,16 +77,14 @@ pub fn encode_event(out: &mut Vec<u8>, raw: &[u8], additions: &[&[u8]]) {
         out.extend_from_slice(add);
         has_members = true;
     }
-    out.extend_from_slice(b"}\n");
+    out.push(b'}');
 }
 
-/// Copies JSON bytes so they stay on one line. Raw CR/LF can only be insignificant whitespace in
-/// valid JSON (strings must escape them), so replacing them by spaces changes no value.
-fn push_line(out: &mut Vec<u8>, bytes: &[u8]) {
-    let start = out.len();
-    out.extend_from_slice(bytes);
+/// Keeps JSON bytes on one line. Raw CR/LF can only be insignificant whitespace in valid JSON
+/// (strings must escape them), so replacing them by spaces changes no value.
+fn one_line(bytes: &mut [u8]) {
     if memchr::memchr2(b'\n', b'\r', bytes).is_some() {
-        for b in &mut out[start..] {
+        for b in bytes {
             if matches!(*b, b'\n' | b'\r') {
                 *b = b' ';
             }

@@ -5,5 +5,6 @@ pub mod columnar;
 pub mod encode;
 pub mod flat;
 pub mod format;
+pub mod kinesis;
 pub mod partition;
 pub mod write;

@@ -13,8 +13,9 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
 use super::batch::{Kind, Sealed};
+use super::kinesis::{ForwardTo, Forwarder};
 use crate::clock::Utc;
-use crate::metrics::{self, ObjectWriteFailed, ObjectWritten};
+use crate::metrics::{self, KinesisSinkFailed, ObjectWriteFailed, ObjectWritten};
 use crate::retry::Backoff;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,8 @@ pub enum WriteError {
     },
     #[error("object {0}: a compressed part was lost (the encoder stopped)")]
     PartLost(String),
+    #[error("written, but not to the Kinesis output: {0}")]
+    Forward(String),
 }
 
 /// S3 output settings beyond the bucket and prefix.
@@ -438,7 +441,12 @@ pub async fn run_uploader(
     store: Arc<Store>,
     mut rx: mpsc::Receiver<Sealed>,
     concurrency: usize,
+    forward: Option<ForwardTo>,
 ) -> Written {
+    let forwarder = match forward {
+        Some(f) => Some(Arc::new(f.open().await)),
+        None => None,
+    };
     let permits = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut tasks = JoinSet::new();
     let mut written = Written::default();
@@ -458,8 +466,9 @@ pub async fn run_uploader(
             break;
         };
         let store = store.clone();
+        let forwarder = forwarder.clone();
         tasks.spawn(async move {
-            let r = write_sealed(&store, sealed).await;
+            let r = write_sealed(&store, sealed, forwarder.as_deref()).await;
             drop(permit);
             r
         });
@@ -479,7 +488,11 @@ pub async fn run_uploader(
     written
 }
 
-async fn write_sealed(store: &Store, sealed: Sealed) -> Result<(Kind, u64, u64), String> {
+async fn write_sealed(
+    store: &Store,
+    sealed: Sealed,
+    forwarder: Option<&Forwarder>,
+) -> Result<(Kind, u64, u64), String> {
     let key = format!(
         "{}{}",
         sealed.partition,
@@ -502,21 +515,44 @@ async fn write_sealed(store: &Store, sealed: Sealed) -> Result<(Kind, u64, u64),
     let body = body.freeze();
     let len = body.len() as u64;
     let started = Instant::now();
-    let put = Backoff::default()
-        .run(
-            || store.put(&key, body.clone(), sealed.content_type),
-            |e| {
-                matches!(
-                    e,
-                    WriteError::S3 {
-                        retryable: true,
-                        ..
-                    }
-                )
-            },
-        )
-        .await;
+    // With `output.kinesis.write_objects = false`, events go to the stream only.
+    let objects = !(sealed.kind == Kind::Events && forwarder.is_some_and(|f| !f.write_objects));
+    let put = if objects {
+        Backoff::default()
+            .run(
+                || store.put(&key, body.clone(), sealed.content_type),
+                |e| {
+                    matches!(
+                        e,
+                        WriteError::S3 {
+                            retryable: true,
+                            ..
+                        }
+                    )
+                },
+            )
+            .await
+    } else {
+        Ok(())
+    };
+    // With a Kinesis output, the batch is acknowledged once its events are there too.
+    let put = match (put, forwarder) {
+        (Ok(()), Some(f)) if sealed.kind == Kind::Events => {
+            f.forward(store, body.clone()).await.map_err(|e| {
+                metrics::emit(KinesisSinkFailed {
+                    stream: &f.sink.stream,
+                    error: &e,
+                });
+                WriteError::Forward(e)
+            })
+        }
+        (put, _) => put,
+    };
     match put {
+        Ok(()) if !objects => {
+            sealed.holds.commit();
+            Ok((sealed.kind, sealed.records, 0))
+        }
         Ok(()) => {
             sealed.holds.commit();
             metrics::emit(ObjectWritten {
@@ -529,6 +565,8 @@ async fn write_sealed(store: &Store, sealed: Sealed) -> Result<(Kind, u64, u64),
             });
             Ok((sealed.kind, sealed.records, len))
         }
+        // Reported as KinesisSinkFailed; the holds drop uncommitted.
+        Err(e @ WriteError::Forward(_)) => Err(e.to_string()),
         Err(e) => {
             metrics::emit(ObjectWriteFailed {
                 target: &store.describe(&key),

@@ -1,6 +1,8 @@
 //! Sources: where the list of delivery files to process comes from.
 
 pub mod backfill;
+pub mod kinesis;
+pub mod lease;
 pub mod local;
 pub mod notification;
 pub mod sqs;

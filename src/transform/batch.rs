@@ -1,27 +1,72 @@
 //! A batch of events on its way through the transform modules, and the pure step that applies
 //! a module's outcomes to it.
 
+use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
 use crate::cloudtrail::{self, Head};
+use crate::sink::encode::splice;
 
 use super::host::{Member, Outcome};
 
 /// Events in one buffer, each with the head fields the host routes on and shows to modules.
+/// Event bytes and field strings live in two arenas: pushing an event allocates nothing once
+/// the buffers have grown.
 #[derive(Default)]
 pub struct Batch {
     arena: Vec<u8>,
+    text: String,
     items: Vec<Item>,
 }
 
-pub struct Item {
+/// Where one event's strings are in the text arena.
+type Span = Option<(u32, u32)>;
+
+struct Item {
     range: Range<usize>,
-    pub head: Head<'static>,
+    /// event_time, source_ip, account, region, event_source, event_type, event_id, event_name.
+    fields: [Span; 8],
+    read_only: Option<bool>,
+    country: Span,
+    index: u64,
+}
+
+/// One event of a batch, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    pub event: &'a [u8],
+    pub event_time: Option<&'a str>,
+    pub source_ip: Option<&'a str>,
+    pub account: Option<&'a str>,
+    pub region: Option<&'a str>,
+    pub event_source: Option<&'a str>,
+    pub event_type: Option<&'a str>,
+    pub event_id: Option<&'a str>,
+    pub event_name: Option<&'a str>,
+    pub read_only: Option<bool>,
     /// The GeoIP country found for the original event.
-    pub country: Option<Arc<str>>,
+    pub country: Option<&'a str>,
     /// The position of the original event in its file's `Records`.
     pub index: u64,
+}
+
+impl<'a> View<'a> {
+    /// The routing fields, borrowed.
+    pub fn head(&self) -> Head<'a> {
+        let b = |s: Option<&'a str>| s.map(Cow::Borrowed);
+        Head {
+            event_time: b(self.event_time),
+            source_ip: b(self.source_ip),
+            account: b(self.account),
+            region: b(self.region),
+            event_source: b(self.event_source),
+            event_type: b(self.event_type),
+            event_id: b(self.event_id),
+            event_name: b(self.event_name),
+            read_only: self.read_only,
+        }
+    }
 }
 
 /// An event a module failed or returned malformed: it goes to the error output.
@@ -54,15 +99,33 @@ impl Batch {
         &mut self,
         raw: &[u8],
         additions: &[&[u8]],
-        head: Head<'static>,
-        country: Option<Arc<str>>,
+        head: &Head<'_>,
+        country: Option<&str>,
         index: u64,
     ) {
         let start = self.arena.len();
         splice(&mut self.arena, raw, additions);
+        let mut put = |s: Option<&str>| -> Span {
+            let s = s?;
+            let at = u32::try_from(self.text.len()).ok()?;
+            self.text.push_str(s);
+            Some((at, u32::try_from(s.len()).ok()?))
+        };
+        let fields = [
+            put(head.event_time.as_deref()),
+            put(head.source_ip.as_deref()),
+            put(head.account.as_deref()),
+            put(head.region.as_deref()),
+            put(head.event_source.as_deref()),
+            put(head.event_type.as_deref()),
+            put(head.event_id.as_deref()),
+            put(head.event_name.as_deref()),
+        ];
+        let country = put(country);
         self.items.push(Item {
             range: start..self.arena.len(),
-            head,
+            fields,
+            read_only: head.read_only,
             country,
             index,
         });
@@ -82,11 +145,31 @@ impl Batch {
 
     pub fn clear(&mut self) {
         self.arena.clear();
+        self.text.clear();
         self.items.clear();
     }
 
-    pub fn items(&self) -> impl Iterator<Item = (&[u8], &Item)> {
-        self.items.iter().map(|i| (&self.arena[i.range.clone()], i))
+    pub fn items(&self) -> impl Iterator<Item = View<'_>> {
+        self.items.iter().map(|i| {
+            let text = |span: Span| {
+                span.and_then(|(at, len)| self.text.get(at as usize..(at + len) as usize))
+            };
+            let [t, ip, acct, reg, src, typ, id, name] = i.fields.map(text);
+            View {
+                event: &self.arena[i.range.clone()],
+                event_time: t,
+                source_ip: ip,
+                account: acct,
+                region: reg,
+                event_source: src,
+                event_type: typ,
+                event_id: id,
+                event_name: name,
+                read_only: i.read_only,
+                country: text(i.country),
+                index: i.index,
+            }
+        })
     }
 
     /// Every event rejected with the same reason (the module call itself failed).
@@ -97,56 +180,54 @@ impl Batch {
         detail: &str,
         out: &mut Vec<Reject>,
     ) {
-        out.extend(self.items().map(|(event, item)| Reject {
+        out.extend(self.items().map(|v| Reject {
             module: module.clone(),
-            index: item.index,
+            index: v.index,
             reason,
             detail: detail.to_owned(),
-            event: event.to_vec(),
+            event: v.event.to_vec(),
         }));
     }
 }
 
-/// Writes `raw` (a JSON object) with `additions` inserted before its closing brace.
-fn splice(out: &mut Vec<u8>, raw: &[u8], additions: &[&[u8]]) {
-    let Some((&b'}', body)) = raw.split_last() else {
-        out.extend_from_slice(raw);
-        return;
-    };
-    out.extend_from_slice(body);
-    let mut has_members = body
-        .iter()
-        .skip(1)
-        .any(|b| !matches!(b, b' ' | b'\n' | b'\r' | b'\t'));
-    for add in additions {
-        if has_members {
+/// Writes the members as `"key":value,"key":value` into `out` (cleared first), or says why
+/// they are malformed.
+fn annotation(members: &[Member], out: &mut Vec<u8>) -> Result<(), String> {
+    out.clear();
+    for (i, m) in members.iter().enumerate() {
+        if m.key.is_empty() {
+            return Err("an annotation has an empty key".to_owned());
+        }
+        let value = m.value.trim();
+        if !is_plain_string(value) && serde_json::from_str::<serde::de::IgnoredAny>(value).is_err()
+        {
+            return Err(format!(
+                "annotation {:?}: value {:?} is not JSON text",
+                m.key,
+                truncate(value, 80)
+            ));
+        }
+        if i > 0 {
             out.push(b',');
         }
-        out.extend_from_slice(add);
-        has_members = true;
+        // Serializing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, &m.key);
+        out.push(b':');
+        out.extend_from_slice(value.as_bytes());
     }
-    out.push(b'}');
+    Ok(())
 }
 
-/// `"key":value` for an annotation, or why it is malformed.
-fn member_fragment(m: &Member) -> Result<Vec<u8>, String> {
-    if m.key.is_empty() {
-        return Err("an annotation has an empty key".to_owned());
-    }
-    let value = m.value.trim();
-    if serde_json::from_str::<serde::de::IgnoredAny>(value).is_err() {
-        return Err(format!(
-            "annotation {:?}: value {:?} is not JSON text",
-            m.key,
-            truncate(value, 80)
-        ));
-    }
-    let mut frag = Vec::with_capacity(m.key.len() + value.len() + 3);
-    // Serializing a string into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut frag, &m.key);
-    frag.push(b':');
-    frag.extend_from_slice(value.as_bytes());
-    Ok(frag)
+/// A JSON string with nothing to unescape (`"HIGH"`): valid without a parse, and the common
+/// annotation.
+fn is_plain_string(v: &str) -> bool {
+    let b = v.as_bytes();
+    b.len() >= 2
+        && b[0] == b'"'
+        && b[b.len() - 1] == b'"'
+        && b[1..b.len() - 1]
+            .iter()
+            .all(|&c| c != b'"' && c != b'\\' && c >= 0x20)
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -159,7 +240,7 @@ fn truncate(s: &str, max: usize) -> &str {
 /// A rewritten event is routed on its own fields, and on the original's where it has none: a
 /// module that renames keys (lowercase-keys) must not send every event to the fallback
 /// partition.
-fn inherit(mut new: Head<'static>, old: &Head<'static>) -> Head<'static> {
+fn inherit<'a>(mut new: Head<'a>, old: &Head<'a>) -> Head<'a> {
     let fill = |n: &mut Option<_>, o: &Option<_>| {
         if n.is_none() {
             n.clone_from(o);
@@ -189,55 +270,39 @@ pub fn apply(
     rejects: &mut Vec<Reject>,
 ) -> Counts {
     let mut counts = Counts::default();
-    for ((event, item), outcome) in input.items().zip(outcomes) {
+    let mut members = Vec::new();
+    for (view, outcome) in input.items().zip(outcomes) {
         let mut reject = |reason: &'static str, detail: String| {
             rejects.push(Reject {
                 module: module.clone(),
-                index: item.index,
+                index: view.index,
                 reason,
                 detail,
-                event: event.to_vec(),
+                event: view.event.to_vec(),
             })
         };
+        let head = view.head();
         match outcome {
             Outcome::Keep => {
                 counts.kept += 1;
-                output.push(
-                    event,
-                    &[],
-                    item.head.clone(),
-                    item.country.clone(),
-                    item.index,
-                );
+                output.push(view.event, &[], &head, view.country, view.index);
             }
-            Outcome::Annotate(members) => {
-                match members
-                    .iter()
-                    .map(member_fragment)
-                    .collect::<Result<Vec<_>, _>>()
-                {
-                    Ok(frags) => {
-                        counts.annotated += 1;
-                        let adds: Vec<&[u8]> = frags.iter().map(Vec::as_slice).collect();
-                        output.push(
-                            event,
-                            &adds,
-                            item.head.clone(),
-                            item.country.clone(),
-                            item.index,
-                        );
-                    }
-                    Err(detail) => {
-                        counts.failed += 1;
-                        reject("malformed_output", detail);
-                    }
+            Outcome::Annotate(list) => match annotation(list, &mut members) {
+                Ok(()) => {
+                    counts.annotated += 1;
+                    let adds: &[&[u8]] = if list.is_empty() { &[] } else { &[&members] };
+                    output.push(view.event, adds, &head, view.country, view.index);
                 }
-            }
+                Err(detail) => {
+                    counts.failed += 1;
+                    reject("malformed_output", detail);
+                }
+            },
             Outcome::Replace(bytes) => match cloudtrail::head_of(bytes) {
-                Ok(head) => {
+                Ok(new) => {
                     counts.replaced += 1;
-                    let head = inherit(head.into_owned(), &item.head);
-                    output.push(bytes, &[], head, item.country.clone(), item.index);
+                    let new = inherit(new, &head);
+                    output.push(bytes, &[], &new, view.country, view.index);
                 }
                 Err(e) => {
                     counts.failed += 1;
@@ -248,16 +313,16 @@ pub fn apply(
                 }
             },
             Outcome::Split(parts) => {
-                let heads: Result<Vec<Head<'static>>, _> = parts
+                let heads: Result<Vec<Head<'_>>, _> = parts
                     .iter()
-                    .map(|p| cloudtrail::head_of(p).map(|h| inherit(h.into_owned(), &item.head)))
+                    .map(|p| cloudtrail::head_of(p).map(|h| inherit(h, &head)))
                     .collect();
                 match heads {
                     Ok(heads) => {
                         counts.split += 1;
                         counts.split_into += parts.len() as u64;
-                        for (p, head) in parts.iter().zip(heads) {
-                            output.push(p, &[], head, item.country.clone(), item.index);
+                        for (p, h) in parts.iter().zip(heads) {
+                            output.push(p, &[], &h, view.country, view.index);
                         }
                     }
                     Err(e) => {
@@ -286,15 +351,15 @@ mod tests {
     fn batch(events: &[&str]) -> Batch {
         let mut b = Batch::default();
         for (i, e) in events.iter().enumerate() {
-            let head = cloudtrail::head_of(e.as_bytes()).unwrap().into_owned();
-            b.push(e.as_bytes(), &[], head, Some("US".into()), i as u64);
+            let head = cloudtrail::head_of(e.as_bytes()).unwrap();
+            b.push(e.as_bytes(), &[], &head, Some("US"), i as u64);
         }
         b
     }
 
     fn texts(b: &Batch) -> Vec<String> {
         b.items()
-            .map(|(e, _)| String::from_utf8(e.to_vec()).unwrap())
+            .map(|v| String::from_utf8(v.event.to_vec()).unwrap())
             .collect()
     }
 
@@ -308,8 +373,8 @@ mod tests {
     #[test]
     fn push_splices_additions_into_objects_even_empty_ones() {
         let mut b = Batch::default();
-        b.push(br#"{"a":1}"#, &[br#""geo":{}"#], Head::default(), None, 0);
-        b.push(b"{ }", &[b"\"x\":1", b"\"y\":2"], Head::default(), None, 1);
+        b.push(br#"{"a":1}"#, &[br#""geo":{}"#], &Head::default(), None, 0);
+        b.push(b"{ }", &[b"\"x\":1", b"\"y\":2"], &Head::default(), None, 1);
         assert_eq!(texts(&b), [r#"{"a":1,"geo":{}}"#, r#"{ "x":1,"y":2}"#]);
     }
 
@@ -360,25 +425,20 @@ mod tests {
             ]
         );
         // A replacement is routed on its own fields; the original's country and index stay.
-        let third = out.items().nth(2).unwrap().1;
-        assert_eq!(
-            third.head.event_time.as_deref(),
-            Some("2024-01-01T00:00:00Z")
-        );
-        assert_eq!((third.index, third.country.as_deref()), (2, Some("US")));
+        let third = out.items().nth(2).unwrap();
+        assert_eq!(third.event_time, Some("2024-01-01T00:00:00Z"));
+        assert_eq!((third.index, third.country), (2, Some("US")));
+        let split_part = out.items().nth(4).unwrap();
+        assert_eq!((split_part.event_id, split_part.index), (Some("4b"), 3));
         // Fields the replacement lacks are inherited from the original.
-        assert_eq!(
-            out.items().nth(3).unwrap().1.head.event_id.as_deref(),
-            Some("4a")
-        );
         let lowered = batch(&[r#"{"eventID":"9","eventTime":"2024-05-05T00:00:00Z"}"#]);
         let (mut out2, mut rej2) = (Batch::default(), Vec::new());
         let replaced = [Outcome::Replace(
             br#"{"eventid":"9","eventtime":"x"}"#.to_vec(),
         )];
         apply(&m, &lowered, &replaced, &mut out2, &mut rej2);
-        let head = &out2.items().next().unwrap().1.head;
-        assert_eq!(head.event_time.as_deref(), Some("2024-05-05T00:00:00Z"));
+        let view = out2.items().next().unwrap();
+        assert_eq!(view.event_time, Some("2024-05-05T00:00:00Z"));
         assert_eq!(rejects.len(), 1);
         assert_eq!(
             (
@@ -389,6 +449,21 @@ mod tests {
             (5, "module_failed", "no")
         );
         assert_eq!(rejects[0].event, br#"{"eventID":"6"}"#);
+    }
+
+    #[test]
+    fn plain_strings_skip_the_parse_and_everything_else_is_parsed() {
+        assert!(is_plain_string(r#""HIGH""#) && is_plain_string(r#""""#));
+        assert!(!is_plain_string(r#""a\"b""#) && !is_plain_string("\"a\u{1}\""));
+        assert!(!is_plain_string("3") && !is_plain_string("\""));
+        let mut out = Vec::new();
+        let ok = [
+            member("k\"q", r#""a\"b""#),
+            member("n", "[1, {\"x\":null}]"),
+        ];
+        annotation(&ok, &mut out).unwrap();
+        assert_eq!(out, br#""k\"q":"a\"b","n":[1, {"x":null}]"#);
+        assert!(annotation(&[member("k", "\"open")], &mut out).is_err());
     }
 
     #[test]

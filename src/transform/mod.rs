@@ -11,17 +11,18 @@ pub mod cache;
 pub mod host;
 pub mod trial;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use wasmtime::Engine;
 
-pub use batch::{Batch, Counts, Reject};
+pub use batch::{Batch, Counts, Reject, View};
 use host::{CallError, Event, Fields, Instance, Prepared};
 
 use crate::metrics::{self, TransformBatch, TransformFailed, TransformReloaded};
+use crate::watch::{self, Stamp, stamp};
 
 /// Per-call limits of one module.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,21 +70,6 @@ pub enum TransformError {
 struct Loaded {
     prepared: Prepared,
     digest: String,
-}
-
-/// What the file looked like when last read: a reload happens when it changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    modified: Option<SystemTime>,
-    len: u64,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    let m = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        modified: m.modified().ok(),
-        len: m.len(),
-    })
 }
 
 struct Module {
@@ -221,19 +207,7 @@ impl Transforms {
 
     /// Checks the module files every `interval` until the `Transforms` is dropped.
     pub fn watch(self: &Arc<Self>, interval: Duration) {
-        let weak: Weak<Transforms> = Arc::downgrade(self);
-        let spawned = std::thread::Builder::new()
-            .name("transform-watch".into())
-            .spawn(move || {
-                loop {
-                    std::thread::sleep(interval);
-                    match weak.upgrade() {
-                        Some(t) => t.reload(false),
-                        None => break,
-                    }
-                }
-            });
-        if let Err(e) = spawned {
+        if let Err(e) = watch::poll("transform-watch", self, interval, |t| t.reload(false)) {
             metrics::emit(TransformReloaded {
                 module: "*",
                 error: Some(&format!("cannot start the file watcher: {e}")),
@@ -385,21 +359,18 @@ impl Stage {
         };
         let events: Vec<Event<'_>> = batch
             .items()
-            .map(|(json, item)| {
-                let h = &item.head;
-                Event {
-                    json,
-                    fields: Fields {
-                        event_source: h.event_source.as_deref(),
-                        event_name: h.event_name.as_deref(),
-                        event_type: h.event_type.as_deref(),
-                        source_ip_address: h.source_ip.as_deref(),
-                        account: h.account.as_deref(),
-                        region: h.region.as_deref(),
-                        country: item.country.as_deref(),
-                        read_only: h.read_only,
-                    },
-                }
+            .map(|v| Event {
+                json: v.event,
+                fields: Fields {
+                    event_source: v.event_source,
+                    event_name: v.event_name,
+                    event_type: v.event_type,
+                    source_ip_address: v.source_ip,
+                    account: v.account,
+                    region: v.region,
+                    country: v.country,
+                    read_only: v.read_only,
+                },
             })
             .collect();
         inst.process(&events)

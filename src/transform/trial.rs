@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -115,7 +114,7 @@ pub fn read_events(path: &Path) -> Result<Vec<Vec<u8>>, TrialError> {
 
 /// The GeoIP country an event already carries (`geo.country_isocode`), as the pipeline would
 /// have found it.
-fn country_in(event: &[u8]) -> Option<Arc<str>> {
+fn country_in(event: &[u8]) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Ev {
         geo: Option<Geo>,
@@ -125,7 +124,7 @@ fn country_in(event: &[u8]) -> Option<Arc<str>> {
         country_isocode: Option<String>,
     }
     let ev: Ev = serde_json::from_slice(event).ok()?;
-    ev.geo?.country_isocode.map(Arc::from)
+    ev.geo?.country_isocode
 }
 
 /// Runs `spec` over `events` in batches of `batch_events`.
@@ -143,13 +142,12 @@ pub fn run(
         let base = (chunk_no * batch_events.max(1)) as u64;
         let mut batch = Batch::default();
         for (i, e) in chunk.iter().enumerate() {
-            let head = cloudtrail::head_of(e)
-                .map_err(|err| TrialError::Events {
-                    path: format!("event {}", base + i as u64),
-                    detail: err.to_string(),
-                })?
-                .into_owned();
-            batch.push(e, &[], head, country_in(e), base + i as u64);
+            let head = cloudtrail::head_of(e).map_err(|err| TrialError::Events {
+                path: format!("event {}", base + i as u64),
+                detail: err.to_string(),
+            })?;
+            let country = country_in(e);
+            batch.push(e, &[], &head, country.as_deref(), base + i as u64);
         }
         reports.extend(chain.run(&mut batch, &mut rejects));
         for (i, input) in chunk.iter().enumerate() {
@@ -166,8 +164,8 @@ pub fn run(
             }
             let outs: Vec<&[u8]> = batch
                 .items()
-                .filter(|(_, item)| item.index == index)
-                .map(|(e, _)| e)
+                .filter(|v| v.index == index)
+                .map(|v| v.event)
                 .collect();
             let outcome = match outs.as_slice() {
                 [] => "dropped",

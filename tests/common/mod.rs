@@ -49,6 +49,25 @@ impl Moto {
                     .spawn()
             })
             .expect("moto_server (PyPI moto[server]; scripts/test.sh installs it)");
+        Moto::wait_for(child, port)
+    }
+
+    /// moto_server with `prelude` (Python) run first, to correct an emulation gap for one test.
+    pub fn start_patched(prelude: &str) -> Moto {
+        let port = free_port();
+        let script = format!(
+            "{prelude}\nfrom moto.server import main\nmain(['-H', '127.0.0.1', '-p', '{port}'])\n"
+        );
+        let child = Command::new("python3")
+            .args(["-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 with moto (scripts/test.sh installs it)");
+        Moto::wait_for(child, port)
+    }
+
+    fn wait_for(child: Child, port: u16) -> Moto {
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(

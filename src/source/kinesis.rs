@@ -1,0 +1,574 @@
+//! A Kinesis Data Stream as a source: what a record holds (a CloudWatch Logs subscription batch,
+//! a delivery-file notification, or one CloudTrail event), GetRecords polling, and the
+//! contiguous-prefix tracking that decides how far a shard may be checkpointed.
+
+use std::collections::VecDeque;
+use std::io::Read;
+
+use aws_sdk_kinesis::error::ProvideErrorMetadata;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::config::{KinesisConfig, StartPosition};
+use crate::source::notification::{self, Notification};
+
+/// Largest decompressed record accepted (Kinesis records are at most 1 MiB stored; CloudWatch
+/// Logs batches compress well, but not a thousandfold).
+const MAX_DECODED: u64 = 64 << 20;
+
+/// What one record's data is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// Events to split: a `{"Records":[…]}` document built from a CloudWatch Logs batch's
+    /// messages (`events` of them), or around one plain event. `bad` holds messages that are
+    /// not JSON objects.
+    Events {
+        doc: Vec<u8>,
+        events: usize,
+        bad: Vec<String>,
+        cwl: bool,
+    },
+    /// A CloudWatch Logs `CONTROL_MESSAGE` (destination health check): skipped.
+    Control,
+    /// A delivery-file notification, handled as an SQS message would be.
+    Notification(Notification),
+    /// None of the above; `reason` is a snake_case label.
+    Unrecognized {
+        reason: &'static str,
+        detail: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct CwlBatch<'a> {
+    #[serde(rename = "messageType")]
+    message_type: &'a str,
+    #[serde(rename = "logEvents", default)]
+    log_events: Vec<LogEvent>,
+}
+
+#[derive(Deserialize)]
+struct LogEvent {
+    #[serde(default)]
+    message: String,
+}
+
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(rename = "messageType")]
+    message_type: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "eventVersion")]
+    event_version: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "eventID")]
+    event_id: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "eventTime")]
+    event_time: Option<serde::de::IgnoredAny>,
+}
+
+fn unrecognized(reason: &'static str, detail: impl Into<String>) -> Shape {
+    Shape::Unrecognized {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+/// Recognises a record's data: gzip is undone first (CloudWatch Logs always gzips).
+pub fn classify(data: &[u8]) -> Shape {
+    let decoded;
+    let text: &[u8] = if data.starts_with(&[0x1f, 0x8b]) {
+        let mut out = Vec::new();
+        let read = flate2::read::MultiGzDecoder::new(data)
+            .take(MAX_DECODED)
+            .read_to_end(&mut out);
+        if let Err(e) = read {
+            return unrecognized("bad_gzip", format!("gzip data does not decode: {e}"));
+        }
+        decoded = out;
+        &decoded
+    } else {
+        data
+    };
+    let Ok(text) = std::str::from_utf8(text) else {
+        return unrecognized("not_utf8", "record data is not UTF-8 text");
+    };
+    let probe: Probe = match serde_json::from_str(text) {
+        Ok(p) => p,
+        Err(e) => return unrecognized("not_json_object", format!("not a JSON object: {e}")),
+    };
+    if probe.message_type.is_some() {
+        return cloudwatch_batch(text);
+    }
+    if probe.event_version.is_some() && (probe.event_id.is_some() || probe.event_time.is_some()) {
+        let mut doc = Vec::with_capacity(text.len() + 14);
+        doc.extend_from_slice(b"{\"Records\":[");
+        doc.extend_from_slice(text.trim().as_bytes());
+        doc.extend_from_slice(b"]}");
+        return Shape::Events {
+            doc,
+            events: 1,
+            bad: Vec::new(),
+            cwl: false,
+        };
+    }
+    match notification::parse(text) {
+        Ok(n) => Shape::Notification(n),
+        Err(e) => unrecognized(e.reason(), e.to_string()),
+    }
+}
+
+fn cloudwatch_batch(text: &str) -> Shape {
+    let batch: CwlBatch = match serde_json::from_str(text) {
+        Ok(b) => b,
+        Err(e) => {
+            return unrecognized(
+                "bad_cwl_batch",
+                format!("malformed CloudWatch Logs batch: {e}"),
+            );
+        }
+    };
+    match batch.message_type {
+        "DATA_MESSAGE" => {}
+        "CONTROL_MESSAGE" => return Shape::Control,
+        other => {
+            return unrecognized(
+                "unknown_message_type",
+                format!("CloudWatch Logs messageType {other:?}"),
+            );
+        }
+    }
+    let mut doc = Vec::with_capacity(text.len());
+    doc.extend_from_slice(b"{\"Records\":[");
+    let mut events = 0;
+    let mut bad = Vec::new();
+    for ev in batch.log_events {
+        let m = ev.message.trim();
+        let is_object = m.starts_with('{') && serde_json::from_str::<&RawValue>(m).is_ok();
+        if !is_object {
+            bad.push(ev.message);
+            continue;
+        }
+        if events > 0 {
+            doc.push(b',');
+        }
+        doc.extend_from_slice(m.as_bytes());
+        events += 1;
+    }
+    doc.extend_from_slice(b"]}");
+    Shape::Events {
+        doc,
+        events,
+        bad,
+        cwl: true,
+    }
+}
+
+/// A document the splitter turns into one error record per entry: used for record data that
+/// is not events, so it reaches the error output whole, named by its source.
+pub fn error_document(items: &[String]) -> Vec<u8> {
+    // Each item becomes a JSON string inside Records: not an object, so the splitter routes it
+    // to the error output with its index and the text kept.
+    let strings: Vec<&str> = items.iter().map(String::as_str).collect();
+    let mut doc = b"{\"Records\":".to_vec();
+    doc.extend_from_slice(
+        serde_json::to_string(&strings)
+            .unwrap_or_else(|_| "[]".into())
+            .as_bytes(),
+    );
+    doc.push(b'}');
+    doc
+}
+
+/// Record data as text for the error output: UTF-8 as is, anything else as hex of its
+/// first 256 bytes (the record is named by shard and sequence number, so it can be read again).
+pub fn describe_data(data: &[u8]) -> String {
+    match std::str::from_utf8(data) {
+        Ok(t) => t.to_owned(),
+        Err(_) => {
+            let mut s = String::from("binary:");
+            for b in data.iter().take(256) {
+                s.push_str(&format!("{b:02x}"));
+            }
+            s
+        }
+    }
+}
+
+/// Progress of one shard: batches of records handed to the pipeline in order, each settled
+/// (durably written, or failed) in any order. The checkpoint may advance to the last record of
+/// the longest prefix of batches that all settled OK.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// (ticket, last sequence number, outcome), in the order the batches were read.
+    pending: VecDeque<(u64, String, Option<bool>)>,
+    next_ticket: u64,
+}
+
+/// What settling told the caller.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Advance {
+    /// Nothing new to checkpoint.
+    None,
+    /// Checkpoint up to and including this sequence number.
+    To(String),
+    /// A batch failed: what follows the checkpoint must be read again.
+    Failed,
+}
+
+impl Progress {
+    /// A batch ending at `last_seq` was handed on; returns its ticket.
+    pub fn push(&mut self, last_seq: String) -> u64 {
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        self.pending.push_back((t, last_seq, None));
+        t
+    }
+
+    /// Records the outcome of a batch and reports how far the checkpoint may go.
+    pub fn settle(&mut self, ticket: u64, ok: bool) -> Advance {
+        if let Some(entry) = self.pending.iter_mut().find(|e| e.0 == ticket) {
+            entry.2 = Some(ok);
+        }
+        let mut to = None;
+        while let Some((_, _, Some(outcome))) = self.pending.front() {
+            if !outcome {
+                return Advance::Failed;
+            }
+            if let Some((_, seq, _)) = self.pending.pop_front() {
+                to = Some(seq);
+            }
+        }
+        to.map_or(Advance::None, Advance::To)
+    }
+
+    /// Batches handed on and not yet settled.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+/// Where a shard's reading starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAt {
+    After(String),
+    TrimHorizon,
+    Latest,
+    AtTimestamp(i64),
+}
+
+impl StartAt {
+    pub fn initial(cfg: &KinesisConfig) -> StartAt {
+        match cfg.start_position {
+            StartPosition::TrimHorizon => StartAt::TrimHorizon,
+            StartPosition::Latest => StartAt::Latest,
+            StartPosition::AtTimestamp => StartAt::AtTimestamp(
+                cfg.start_timestamp
+                    .as_deref()
+                    .and_then(crate::clock::Utc::parse_rfc3339)
+                    .map_or(0, |t| t.to_unix()),
+            ),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KinesisError {
+    #[error("{0}")]
+    Throttled(String),
+    #[error("{0}")]
+    ExpiredIterator(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    e: &aws_sdk_kinesis::error::SdkError<E>,
+) -> KinesisError {
+    let text = match (e.code(), e.message()) {
+        (Some(c), Some(m)) => format!("{c}: {m}"),
+        (Some(c), None) => c.to_owned(),
+        _ => aws_sdk_kinesis::error::DisplayErrorContext(e)
+            .to_string()
+            .chars()
+            .take(300)
+            .collect(),
+    };
+    match e.code() {
+        Some("ProvisionedThroughputExceededException" | "LimitExceededException") => {
+            KinesisError::Throttled(text)
+        }
+        Some("ExpiredIteratorException") => KinesisError::ExpiredIterator(text),
+        _ => KinesisError::Other(text),
+    }
+}
+
+/// One shard as ListShards describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardInfo {
+    pub id: String,
+    pub parents: Vec<String>,
+    /// Set once the shard is closed (split or merged): its last sequence number.
+    pub ending_seq: Option<String>,
+}
+
+/// One record read.
+pub struct Record {
+    pub seq: String,
+    pub data: Vec<u8>,
+}
+
+pub struct Fetched {
+    pub records: Vec<Record>,
+    /// None at SHARD_END.
+    pub next: Option<String>,
+    pub millis_behind: i64,
+}
+
+pub struct Kinesis {
+    client: aws_sdk_kinesis::Client,
+    pub stream: String,
+}
+
+/// The shared AWS config for the Kinesis source's clients.
+pub async fn aws_config(cfg: &KinesisConfig) -> aws_config::SdkConfig {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(r) = &cfg.region {
+        loader = loader.region(aws_config::Region::new(r.clone()));
+    }
+    if let Some(e) = &cfg.endpoint_url {
+        loader = loader.endpoint_url(e);
+    }
+    loader.load().await
+}
+
+/// Compares Kinesis sequence numbers (decimal strings of up to 128 bits).
+pub fn seq_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    a.len().cmp(&b.len()).then_with(|| a.cmp(b))
+}
+
+impl Kinesis {
+    pub fn new(shared: &aws_config::SdkConfig, stream: &str) -> Kinesis {
+        Kinesis {
+            client: aws_sdk_kinesis::Client::new(shared),
+            stream: stream.to_owned(),
+        }
+    }
+
+    pub async fn list_shards(&self) -> Result<Vec<ShardInfo>, KinesisError> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let req = match &token {
+                Some(t) => self.client.list_shards().next_token(t),
+                None => self.client.list_shards().stream_name(&self.stream),
+            };
+            let resp = req.send().await.map_err(|e| describe(&e))?;
+            for s in resp.shards() {
+                let parents = [s.parent_shard_id(), s.adjacent_parent_shard_id()]
+                    .into_iter()
+                    .flatten()
+                    .map(str::to_owned)
+                    .collect();
+                out.push(ShardInfo {
+                    id: s.shard_id().to_owned(),
+                    parents,
+                    ending_seq: s
+                        .sequence_number_range()
+                        .and_then(|r| r.ending_sequence_number())
+                        .map(str::to_owned),
+                });
+            }
+            token = resp.next_token().map(str::to_owned);
+            if token.is_none() {
+                return Ok(out);
+            }
+        }
+    }
+
+    pub async fn iterator(&self, shard: &str, at: &StartAt) -> Result<String, KinesisError> {
+        use aws_sdk_kinesis::types::ShardIteratorType as T;
+        let req = self
+            .client
+            .get_shard_iterator()
+            .stream_name(&self.stream)
+            .shard_id(shard);
+        let req = match at {
+            StartAt::After(seq) => req
+                .shard_iterator_type(T::AfterSequenceNumber)
+                .starting_sequence_number(seq),
+            StartAt::TrimHorizon => req.shard_iterator_type(T::TrimHorizon),
+            StartAt::Latest => req.shard_iterator_type(T::Latest),
+            StartAt::AtTimestamp(t) => req
+                .shard_iterator_type(T::AtTimestamp)
+                .timestamp(aws_sdk_kinesis::primitives::DateTime::from_secs(*t)),
+        };
+        let resp = req.send().await.map_err(|e| describe(&e))?;
+        resp.shard_iterator()
+            .map(str::to_owned)
+            .ok_or_else(|| KinesisError::Other("GetShardIterator returned no iterator".into()))
+    }
+
+    pub async fn get_records(&self, iterator: &str, limit: i32) -> Result<Fetched, KinesisError> {
+        let resp = self
+            .client
+            .get_records()
+            .shard_iterator(iterator)
+            .limit(limit)
+            .send()
+            .await
+            .map_err(|e| describe(&e))?;
+        let millis_behind = resp.millis_behind_latest().unwrap_or(0);
+        let next = resp.next_shard_iterator().map(str::to_owned);
+        let records = resp
+            .records
+            .into_iter()
+            .map(|r| Record {
+                seq: r.sequence_number,
+                data: r.data.into_inner(),
+            })
+            .collect();
+        Ok(Fetched {
+            records,
+            next,
+            millis_behind,
+        })
+    }
+
+    /// Readiness: the stream exists and these credentials can see it.
+    pub async fn check(&self) -> Result<(), String> {
+        self.client
+            .describe_stream_summary()
+            .stream_name(&self.stream)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| describe(&e).to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLES: &str = "../shared/samples/kinesis";
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn cloudwatch_data_batch_becomes_a_records_document() {
+        let batch = serde_json::json!({
+            "messageType": "DATA_MESSAGE", "owner": "1", "logGroup": "g", "logStream": "s",
+            "subscriptionFilters": ["f"],
+            "logEvents": [
+                {"id": "1", "timestamp": 1, "message": "{\"eventVersion\":\"1.09\",\"eventID\":\"a\"}"},
+                {"id": "2", "timestamp": 2, "message": "not json"},
+                {"id": "3", "timestamp": 3, "message": " {\"eventID\":\"b\"} "},
+                {"id": "4", "timestamp": 4, "message": "[1]"}
+            ]
+        });
+        let Shape::Events {
+            doc,
+            events,
+            bad,
+            cwl,
+        } = classify(&gzip(batch.to_string().as_bytes()))
+        else {
+            panic!("events")
+        };
+        assert!(cwl);
+        assert_eq!(events, 2);
+        assert_eq!(bad, vec!["not json".to_owned(), "[1]".to_owned()]);
+        let v: serde_json::Value = serde_json::from_slice(&doc).unwrap();
+        assert_eq!(v["Records"][0]["eventID"], "a");
+        assert_eq!(v["Records"][1]["eventID"], "b");
+    }
+
+    #[test]
+    fn shapes_of_the_shared_samples() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(SAMPLES);
+        let Ok(control) = std::fs::read(dir.join("cwl-control-message.bin")) else {
+            return; // samples live outside the repository
+        };
+        assert_eq!(classify(&control), Shape::Control);
+        let data = std::fs::read(dir.join("cwl-data-message.bin")).unwrap();
+        assert!(matches!(classify(&data), Shape::Events { cwl: true, events, .. } if events > 0));
+        let one = std::fs::read(dir.join("single-event.json")).unwrap();
+        let Shape::Events {
+            doc, events, cwl, ..
+        } = classify(&one)
+        else {
+            panic!("single event")
+        };
+        assert_eq!((events, cwl), (1, false));
+        let v: serde_json::Value = serde_json::from_slice(&doc).unwrap();
+        assert!(v["Records"][0]["eventID"].is_string());
+    }
+
+    #[test]
+    fn notifications_and_garbage() {
+        let n = br#"{"s3Bucket":"b","s3ObjectKey":["AWSLogs/1/CloudTrail/us-east-1/2024/03/18/f.json.gz"]}"#;
+        assert!(matches!(
+            classify(n),
+            Shape::Notification(Notification::Objects { .. })
+        ));
+        assert!(matches!(
+            classify(&gzip(n)),
+            Shape::Notification(Notification::Objects { .. })
+        ));
+        for (data, reason) in [
+            (&b"hello"[..], "not_json_object"),
+            (b"[1,2]", "not_json_object"),
+            (b"{\"x\":1}", "unknown_shape"),
+            (b"\xff\xfe", "not_utf8"),
+            (b"\x1f\x8bnot really", "bad_gzip"),
+            (b"{\"messageType\":\"OTHER\"}", "unknown_message_type"),
+        ] {
+            match classify(data) {
+                Shape::Unrecognized { reason: r, .. } => assert_eq!(r, reason, "{data:?}"),
+                other => panic!("{data:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn error_documents_keep_each_item_as_a_string() {
+        let doc = error_document(&["a\"b".into(), "{x".into()]);
+        let v: serde_json::Value = serde_json::from_slice(&doc).unwrap();
+        assert_eq!(v["Records"][0], "a\"b");
+        assert_eq!(v["Records"][1], "{x");
+    }
+
+    #[test]
+    fn checkpoint_follows_the_contiguous_settled_prefix() {
+        let mut p = Progress::default();
+        let a = p.push("10".into());
+        let b = p.push("20".into());
+        let c = p.push("30".into());
+        assert_eq!(p.settle(b, true), Advance::None, "b waits for a");
+        assert_eq!(p.settle(a, true), Advance::To("20".into()));
+        assert_eq!(p.in_flight(), 1);
+        assert_eq!(p.settle(c, true), Advance::To("30".into()));
+        let d = p.push("40".into());
+        let e = p.push("50".into());
+        assert_eq!(p.settle(e, true), Advance::None);
+        assert_eq!(p.settle(d, false), Advance::Failed);
+    }
+
+    #[test]
+    fn sequence_numbers_compare_numerically() {
+        use std::cmp::Ordering::*;
+        assert_eq!(seq_cmp("9", "10"), Less);
+        assert_eq!(
+            seq_cmp(
+                "49590338271490256608559692538361571095921575989136588898",
+                "49590338271490256608559692538361571095921575989136588899"
+            ),
+            Less
+        );
+        assert_eq!(seq_cmp("5", "5"), Equal);
+    }
+}

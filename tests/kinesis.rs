@@ -1,0 +1,1213 @@
+//! End to end: `trailhose run` workers reading a Kinesis stream on a real moto_server (Kinesis,
+//! DynamoDB lease table, S3 output), fed with CloudWatch Logs subscription batches; stopped with
+//! SIGTERM or SIGKILL; a shard split mid-stream.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_kinesis::primitives::Blob;
+use aws_sdk_kinesis::types::PutRecordsRequestEntry;
+use common::checks::{fixture_dbs, id_of, split_output};
+use common::{Moto, TempDir, eventually, fixtures, free_port, http_get, s3_objects};
+
+const STREAM: &str = "trail-stream";
+const TABLE: &str = "trailhose-trail-stream";
+
+fn kinesis(moto: &Moto) -> aws_sdk_kinesis::Client {
+    let conf = aws_sdk_kinesis::Config::builder()
+        .behavior_version_latest()
+        .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+        .endpoint_url(&moto.endpoint)
+        .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .build();
+    aws_sdk_kinesis::Client::from_conf(conf)
+}
+
+fn dynamodb(moto: &Moto) -> aws_sdk_dynamodb::Client {
+    let conf = aws_sdk_dynamodb::Config::builder()
+        .behavior_version_latest()
+        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+        .endpoint_url(&moto.endpoint)
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(conf)
+}
+
+/// moto's Kinesis differs from Kinesis after a split or merge: new records keep going to the
+/// closed parent (the first shard whose hash range matches), and the parents' records are
+/// re-put (renumbered) or moved instead of staying where they were. This prelude makes it behave as
+/// Kinesis does: records go to open shards only, and a closed shard keeps its records.
+const KINESIS_RESHARDING: &str = r#"
+from moto.kinesis import models as m
+def _route(self, partition_key, explicit_hash_key):
+    key = int(explicit_hash_key) if explicit_hash_key else int(m.md5_hash(partition_key.encode("utf-8")).hexdigest(), 16)
+    for shard in self.shards.values():
+        if shard.is_open and shard.starting_hash <= key <= shard.ending_hash:
+            return shard
+    return None
+m.Stream.get_shard_for_key = _route
+_split = m.Stream.split_shard
+def _split_keeping_records(self, shard_to_split, new_starting_hash_key):
+    parent = self.shards[shard_to_split]
+    kept = parent.records
+    parent.records = m.OrderedDict()
+    _split(self, shard_to_split, new_starting_hash_key)
+    parent.records = kept
+m.Stream.split_shard = _split_keeping_records
+_merge = m.Stream.merge_shards
+def _merge_keeping_records(self, shard_to_merge, adjacent_shard_to_merge):
+    a, b = self.shards[shard_to_merge], self.shards[adjacent_shard_to_merge]
+    kept = (a.records, b.records)
+    a.records, b.records = m.OrderedDict(), m.OrderedDict()
+    _merge(self, shard_to_merge, adjacent_shard_to_merge)
+    a.records, b.records = kept
+m.Stream.merge_shards = _merge_keeping_records
+"#;
+
+/// A fresh moto with the stream (`shards` shards), the input and the output bucket.
+async fn setup(shards: i32) -> Moto {
+    setup_on(Moto::start(), shards).await
+}
+
+async fn setup_on(moto: Moto, shards: i32) -> Moto {
+    kinesis(&moto)
+        .create_stream()
+        .stream_name(STREAM)
+        .shard_count(shards)
+        .send()
+        .await
+        .expect("create stream");
+    let s3 = moto.s3();
+    for b in ["trail-logs", "trail-out"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    moto
+}
+
+/// A CloudWatch Logs subscription record: gzip'd DATA_MESSAGE with one event per message.
+fn cwl_batch(events: &[String]) -> Vec<u8> {
+    let log_events: Vec<serde_json::Value> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| serde_json::json!({"id": i.to_string(), "timestamp": 1710772207000u64, "message": e}))
+        .collect();
+    let batch = serde_json::json!({
+        "messageType": "DATA_MESSAGE", "owner": "111122223333",
+        "logGroup": "aws-cloudtrail-logs", "logStream": "111122223333_CloudTrail_us-east-1",
+        "subscriptionFilters": ["to-kinesis"], "logEvents": log_events
+    });
+    fixtures::gzip(batch.to_string().as_bytes())
+}
+
+fn control_message() -> Vec<u8> {
+    fixtures::gzip(br#"{"messageType":"CONTROL_MESSAGE","owner":"CloudwatchLogs","logGroup":"","logStream":"","subscriptionFilters":[],"logEvents":[{"id":"","timestamp":1710772207000,"message":"CWL CONTROL MESSAGE: Checking health of destination Kinesis stream."}]}"#)
+}
+
+/// `n` generated events (JSON text), and their ids.
+fn events(seed: u64, n: usize) -> (Vec<String>, Vec<String>) {
+    let mut g = trailhose::synth::Generator::new(seed);
+    let mut out = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let mut s = String::new();
+        g.event(&mut s);
+        let v: serde_json::Value = serde_json::from_str(&s).expect("event json");
+        ids.push(v["eventID"].as_str().expect("eventID").to_owned());
+        out.push(s);
+    }
+    (out, ids)
+}
+
+/// Puts `batches` CloudWatch Logs batches of `per` events on the stream, spread over shards by
+/// partition key. Returns the eventIDs.
+async fn feed(moto: &Moto, seed: u64, batches: usize, per: usize) -> Vec<String> {
+    let k = kinesis(moto);
+    let mut ids = Vec::new();
+    let mut entries = Vec::new();
+    for b in 0..batches {
+        let (evs, mut batch_ids) = events(seed * 1000 + b as u64, per);
+        ids.append(&mut batch_ids);
+        entries.push(
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(cwl_batch(&evs)))
+                .partition_key(format!("pk-{seed}-{b}"))
+                .build()
+                .expect("entry"),
+        );
+    }
+    put(&k, entries).await;
+    ids
+}
+
+async fn put(k: &aws_sdk_kinesis::Client, entries: Vec<PutRecordsRequestEntry>) {
+    for chunk in entries.chunks(100) {
+        let out = k
+            .put_records()
+            .stream_name(STREAM)
+            .set_records(Some(chunk.to_vec()))
+            .send()
+            .await
+            .expect("put records");
+        assert_eq!(out.failed_record_count(), Some(0));
+    }
+}
+
+async fn put_one(moto: &Moto, data: Vec<u8>, key: &str) {
+    put(
+        &kinesis(moto),
+        vec![
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(data))
+                .partition_key(key)
+                .build()
+                .expect("entry"),
+        ],
+    )
+    .await;
+}
+
+/// How a test worker is set up.
+struct Settings<'a> {
+    max_age_secs: u64,
+    /// Where Kinesis and DynamoDB are reached (moto, or a proxy).
+    kinesis_ep: &'a str,
+    /// Where S3 (input and output) is reached.
+    s3_ep: &'a str,
+    /// More `[source.kinesis]` lines.
+    extra: &'a str,
+}
+
+fn write_config(dir: &Path, port: u16, worker: &str, s: &Settings) -> String {
+    let (city, asn) = fixture_dbs(dir);
+    let Settings {
+        max_age_secs,
+        kinesis_ep,
+        s3_ep: ep,
+        extra,
+    } = *s;
+    let path = dir.join("run.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[output]
+url = "s3://trail-out/ct/"
+[output.s3]
+endpoint_url = "{ep}"
+force_path_style = true
+[batch]
+max_age_secs = {max_age_secs}
+[geoip]
+city_db = "{city}"
+asn_db = "{asn}"
+[source.kinesis]
+stream = "{STREAM}"
+endpoint_url = "{kinesis_ep}"
+worker_id = "{worker}"
+lease_duration_millis = 2000
+lease_renew_interval_millis = 400
+shard_sync_interval_millis = 1000
+poll_interval_millis = 200
+max_records_per_call = 50
+{extra}
+[[source.buckets]]
+name = "trail-logs"
+endpoint_url = "{ep}"
+force_path_style = true
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_grace_secs = 20
+"#
+        ),
+    )
+    .expect("config");
+    path.display().to_string()
+}
+
+/// A `trailhose run` child, killed on drop so a failing test leaves no worker behind.
+struct Worker {
+    child: Child,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Worker {
+    fn start(moto: &Moto, dir: &Path, name: &str) -> Worker {
+        Worker::start_with(moto, dir, name, 1)
+    }
+
+    /// A worker whose buffers flush after `max_age_secs`.
+    fn start_with(moto: &Moto, dir: &Path, name: &str, max_age_secs: u64) -> Worker {
+        Worker::start_via(moto, dir, name, max_age_secs, &moto.endpoint)
+    }
+
+    /// A worker with more `[source.kinesis]` lines.
+    fn start_configured(moto: &Moto, dir: &Path, name: &str, extra: &str) -> Worker {
+        Worker::spawn(
+            moto,
+            dir,
+            name,
+            &Settings {
+                max_age_secs: 1,
+                kinesis_ep: &moto.endpoint,
+                s3_ep: &moto.endpoint,
+                extra,
+            },
+        )
+    }
+
+    /// A worker reaching Kinesis and DynamoDB at `kinesis_ep` (moto, or a proxy).
+    fn start_via(
+        moto: &Moto,
+        dir: &Path,
+        name: &str,
+        max_age_secs: u64,
+        kinesis_ep: &str,
+    ) -> Worker {
+        Worker::spawn(
+            moto,
+            dir,
+            name,
+            &Settings {
+                max_age_secs,
+                kinesis_ep,
+                s3_ep: &moto.endpoint,
+                extra: "",
+            },
+        )
+    }
+
+    fn spawn(moto: &Moto, dir: &Path, name: &str, settings: &Settings) -> Worker {
+        let dir = dir.join(name);
+        std::fs::create_dir_all(&dir).expect("worker dir");
+        let port = free_port();
+        let config = write_config(&dir, port, name, settings);
+        let log = dir.join(format!("log-{}", free_port()));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
+        cmd.args(["run", "--config", &config])
+            .env("TRAILHOSE_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        for (k, v) in moto.env() {
+            cmd.env(k, v);
+        }
+        Worker {
+            child: cmd.spawn().expect("start trailhose run"),
+            port,
+            log,
+        }
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        metric_sum(self.port, name)
+    }
+
+    /// The worker's log, without terminal colours.
+    fn log(&self) -> String {
+        let raw = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let mut out = String::with_capacity(raw.len());
+        let mut chars = raw.chars();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    fn stop(&mut self) {
+        self.signal("-TERM");
+        let deadline = Instant::now() + Duration::from_secs(25);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "clean exit; log:\n{}", self.log());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// The sum of every `/metrics` line starting with `name`; 0 when there is none.
+fn metric_sum(port: u16, name: &str) -> f64 {
+    let text = http_get(port, "/metrics")
+        .map(|(_, m)| m)
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Every eventID written under the output prefix, sorted (repeats kept).
+async fn written_ids(s3: &aws_sdk_s3::Client) -> Vec<String> {
+    let objects = s3_objects(s3, "trail-out", "ct/").await;
+    let mut ids: Vec<String> = split_output(&objects)
+        .events
+        .iter()
+        .map(|(_, l)| id_of(l))
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn error_records(s3: &aws_sdk_s3::Client) -> Vec<serde_json::Value> {
+    split_output(&s3_objects(s3, "trail-out", "ct/").await).errors
+}
+
+/// Waits until every expected id is written; returns (written ids, duplicates).
+async fn all_written(
+    s3: &aws_sdk_s3::Client,
+    expected: &[String],
+    secs: u64,
+) -> (Vec<String>, usize) {
+    let want: std::collections::BTreeSet<&String> = expected.iter().collect();
+    eventually(secs, "every event to be written", || async {
+        let got = written_ids(s3).await;
+        let have: std::collections::BTreeSet<&String> = got.iter().collect();
+        want.is_subset(&have)
+    })
+    .await;
+    let got = written_ids(s3).await;
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for id in &got {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    assert!(
+        counts.keys().all(|id| want.contains(&id.to_string())),
+        "no unexpected events"
+    );
+    let dups = got.len() - counts.len();
+    (got, dups)
+}
+
+struct LeaseRow {
+    key: String,
+    owner: Option<String>,
+    checkpoint: String,
+    parents: String,
+}
+
+async fn leases(moto: &Moto) -> Vec<LeaseRow> {
+    let items = dynamodb(moto)
+        .scan()
+        .table_name(TABLE)
+        .send()
+        .await
+        .expect("scan leases")
+        .items
+        .unwrap_or_default();
+    let get = |i: &std::collections::HashMap<String, AttributeValue>, k: &str| {
+        i.get(k).and_then(|v| v.as_s().ok()).cloned()
+    };
+    let mut rows: Vec<LeaseRow> = items
+        .iter()
+        .map(|i| LeaseRow {
+            key: get(i, "leaseKey").expect("leaseKey"),
+            owner: get(i, "leaseOwner"),
+            checkpoint: get(i, "checkpoint").unwrap_or_default(),
+            parents: get(i, "parentShardIds").unwrap_or_default(),
+        })
+        .collect();
+    rows.sort_by(|a, b| a.key.cmp(&b.key));
+    rows
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_fed_with_cloudwatch_batches_land_exactly_once_and_resume_from_checkpoints() {
+    let moto = setup(4).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-once");
+    let mut expected = feed(&moto, 1, 40, 25).await;
+    // The other shapes: a control message (skipped), one plain event, a file notification, and
+    // a record that is none of these (error output, named by shard and sequence number).
+    put_one(&moto, control_message(), "control").await;
+    let (plain, plain_ids) = events(777, 1);
+    put_one(&moto, plain[0].clone().into_bytes(), "plain").await;
+    expected.extend(plain_ids);
+    let key = "AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18/gen-kinesis.json.gz";
+    let file = trailhose::synth::Generator::new(4242).delivery_file(20_000);
+    let v: serde_json::Value = serde_json::from_slice(&file).expect("json");
+    expected.extend(
+        v["Records"]
+            .as_array()
+            .expect("records")
+            .iter()
+            .map(|r| r["eventID"].as_str().expect("id").to_owned()),
+    );
+    s3.put_object()
+        .bucket("trail-logs")
+        .key(key)
+        .body(fixtures::gzip(&file).into())
+        .send()
+        .await
+        .expect("put file");
+    put_one(
+        &moto,
+        serde_json::json!({"s3Bucket": "trail-logs", "s3ObjectKey": [key]})
+            .to_string()
+            .into_bytes(),
+        "notification",
+    )
+    .await;
+    put_one(&moto, b"certainly not cloudtrail".to_vec(), "garbage").await;
+    // A notification naming a file that does not exist must not stall its shard.
+    put_one(
+        &moto,
+        serde_json::json!({"s3Bucket": "trail-logs", "s3ObjectKey": ["AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18/gone.json.gz"]})
+            .to_string()
+            .into_bytes(),
+        "gone",
+    )
+    .await;
+    expected.sort();
+
+    let mut w = Worker::start(&moto, tmp.path(), "solo");
+    eventually(30, "/healthz", || async {
+        http_get(w.port, "/healthz").is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    let (_, dups) = all_written(&s3, &expected, 60).await;
+    assert_eq!(dups, 0, "exactly once");
+    assert_eq!(w.metric("trailhose_kinesis_leases_held "), 4.0);
+    let (status, ready) = http_get(w.port, "/readyz").expect("readyz");
+    assert_eq!(status, 200, "{ready}");
+    let (_, m) = http_get(w.port, "/metrics").expect("metrics");
+    for needle in [
+        "trailhose_kinesis_millis_behind_latest{shard=\"shardId-000000000000\",stream=\"trail-stream\"}",
+        "trailhose_kinesis_checkpoint_age_seconds{shard=",
+        "trailhose_kinesis_lease_takeovers_total{how=\"free\"} 4",
+        "trailhose_kinesis_records_total{shape=\"cwl_control\"} 1",
+        "trailhose_kinesis_records_total{shape=\"cwl_data\"} 40",
+        "trailhose_kinesis_records_total{shape=\"event\"} 1",
+        "trailhose_kinesis_records_total{shape=\"notification\"} 2",
+        "trailhose_kinesis_records_total{shape=\"unrecognized\"} 1",
+    ] {
+        assert!(m.contains(needle), "/metrics lacks {needle}:\n{m}");
+    }
+    w.stop();
+
+    // The garbage record reached the error output, named by stream, shard and sequence number.
+    let errors = error_records(&s3).await;
+    let garbage = errors
+        .iter()
+        .find(|e| e["record"] == "certainly not cloudtrail")
+        .unwrap_or_else(|| panic!("garbage in the error output: {errors:?}"));
+    let src = garbage["source"].as_str().expect("source");
+    assert!(src.starts_with("kinesis://trail-stream/shardId-"), "{src}");
+    let gone = errors
+        .iter()
+        .find(|e| {
+            e["record"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("fetch_failed:") && r.contains("gone.json.gz"))
+        })
+        .unwrap_or_else(|| panic!("the unreadable file in the error output: {errors:?}"));
+    assert!(
+        gone["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("kinesis://"))
+    );
+    // Every lease is checkpointed and released.
+    for l in leases(&moto).await {
+        assert!(l.owner.is_none(), "{} released", l.key);
+        assert!(!l.checkpoint.is_empty(), "{} checkpointed", l.key);
+    }
+
+    // More records while no worker runs; a restarted worker resumes at the checkpoints.
+    let more = feed(&moto, 2, 12, 10).await;
+    expected.extend(more);
+    expected.sort();
+    let mut w2 = Worker::start(&moto, tmp.path(), "solo-again");
+    let (_, dups) = all_written(&s3, &expected, 60).await;
+    assert_eq!(dups, 0, "nothing read twice after a clean restart");
+    w2.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_workers_spread_leases_and_a_killed_workers_shards_are_taken_over() {
+    let moto = setup(6).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-kill");
+    let mut expected = feed(&moto, 10, 30, 20).await;
+    let workers: Vec<Worker> = ["a", "b", "c"]
+        .iter()
+        .map(|n| Worker::start(&moto, tmp.path(), n))
+        .collect();
+    eventually(60, "two leases per worker", || async {
+        workers
+            .iter()
+            .all(|w| w.metric("trailhose_kinesis_leases_held ") == 2.0)
+    })
+    .await;
+    let mut workers = workers;
+    // Rebalancing repeats what a stolen shard's first owner had read past its checkpoint.
+    expected.sort();
+    let (_, dups_rebalance) = all_written(&s3, &expected, 60).await;
+    let sum = |name: &str| workers.iter().map(|w| w.metric(name)).sum::<f64>();
+    let handed_over = sum("trailhose_kinesis_lease_handoffs_total{stage=\"handed_over\"}");
+    let timed_out = sum("trailhose_kinesis_lease_handoffs_total{stage=\"timed_out\"}");
+    if timed_out == 0.0 {
+        assert_eq!(
+            dups_rebalance, 0,
+            "handoffs drain before the lease moves: rebalancing repeats nothing"
+        );
+    }
+
+    // Kill one without warning while records are in flight.
+    let in_flight = feed(&moto, 11, 30, 20).await;
+    let fed_before_kill = in_flight.len();
+    expected.extend(in_flight);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut victim = workers.remove(0);
+    victim.signal("-KILL");
+    let _ = victim.child.wait();
+    let killed_at = Instant::now();
+    expected.extend(feed(&moto, 12, 30, 20).await);
+    eventually(30, "the survivors to hold every lease", || async {
+        workers
+            .iter()
+            .map(|w| w.metric("trailhose_kinesis_leases_held "))
+            .sum::<f64>()
+            == 6.0
+    })
+    .await;
+    let takeover = killed_at.elapsed();
+    expected.sort();
+    let (got, dups) = all_written(&s3, &expected, 90).await;
+    let expired: f64 = workers
+        .iter()
+        .map(|w| w.metric("trailhose_kinesis_lease_takeovers_total{how=\"expired\"}"))
+        .sum();
+    assert_eq!(
+        expired, 2.0,
+        "the killed worker's two leases were taken after expiry"
+    );
+    for w in &mut workers {
+        w.stop();
+    }
+    let dups_kill = dups - dups_rebalance;
+    eprintln!(
+        "SIGKILL test: {} events expected, {} written; {handed_over} leases handed over at start-up ({timed_out} timed out); duplicates: {dups_rebalance} from start-up rebalancing, {dups_kill} from the kill (of {fed_before_kill} fed just before it); takeover {:.1}s after the kill (lease 2 s)",
+        expected.len(),
+        got.len(),
+        takeover.as_secs_f64()
+    );
+    assert!(
+        dups_kill <= fed_before_kill,
+        "only records the killed worker read past its checkpoints are repeated: {dups_kill}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_shard_is_drained_before_its_children_start_and_nothing_is_lost() {
+    let moto = setup_on(Moto::start_patched(KINESIS_RESHARDING), 1).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-split");
+    let mut expected = feed(&moto, 20, 10, 20).await;
+    let mut w = Worker::start(&moto, tmp.path(), "solo");
+    // Split while the parent is being read.
+    eventually(30, "reading to start", || async {
+        w.metric("trailhose_kinesis_records_total") > 0.0
+    })
+    .await;
+
+    let k = kinesis(&moto);
+    k.split_shard()
+        .stream_name(STREAM)
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key((u128::MAX / 2).to_string())
+        .send()
+        .await
+        .expect("split");
+    expected.extend(feed(&moto, 21, 10, 20).await);
+    expected.sort();
+    let (got, dups) = all_written(&s3, &expected, 60).await;
+    eventually(20, "both children to be checkpointed", || async {
+        leases(&moto)
+            .await
+            .iter()
+            .filter(|l| l.parents == "shardId-000000000000" && !l.checkpoint.is_empty())
+            .count()
+            == 2
+    })
+    .await;
+    w.stop();
+
+    let rows = leases(&moto).await;
+    let parent = rows
+        .iter()
+        .find(|l| l.key == "shardId-000000000000")
+        .expect("parent lease");
+    assert_eq!(parent.checkpoint, "SHARD_END");
+    let log = w.log();
+    let ended = log
+        .find("shard read to its end")
+        .unwrap_or_else(|| panic!("parent ended; log:\n{log}"));
+    for child in ["shardId-000000000001", "shardId-000000000002"] {
+        let taken = log
+            .find(&format!("lease taken shard=\"{child}\""))
+            .unwrap_or_else(|| panic!("{child} taken; log:\n{log}"));
+        assert!(taken > ended, "{child} started only after its parent ended");
+    }
+    assert_eq!(
+        dups,
+        0,
+        "exactly once across the split ({} events)",
+        got.len()
+    );
+}
+
+/// Every record on the stream, from every shard, oldest first.
+async fn stream_records(moto: &Moto, stream: &str) -> Vec<Vec<u8>> {
+    let k = kinesis(moto);
+    let shards = k
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .expect("list shards");
+    let mut out = Vec::new();
+    for s in shards.shards() {
+        let mut it = k
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(s.shard_id())
+            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .expect("iterator")
+            .shard_iterator
+            .expect("iterator");
+        loop {
+            let r = k
+                .get_records()
+                .shard_iterator(&it)
+                .send()
+                .await
+                .expect("get records");
+            if r.records().is_empty() {
+                break;
+            }
+            out.extend(r.records().iter().map(|x| x.data().as_ref().to_vec()));
+            match r.next_shard_iterator() {
+                Some(n) => it = n.to_owned(),
+                None => break,
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_puts_every_event_on_the_stream_and_retries_only_failed_entries() {
+    let moto = setup(2).await;
+    let proxy = common::faults::PartialPutProxy::start(moto.port, 2);
+    let tmp = TempDir::new("kinesis-sink");
+    let day = tmp
+        .path()
+        .join("in/AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18");
+    std::fs::create_dir_all(&day).expect("input dir");
+    let mut expected = Vec::new();
+    for i in 0..3u64 {
+        let file = trailhose::synth::Generator::new(300 + i).delivery_file(400_000);
+        let v: serde_json::Value = serde_json::from_slice(&file).expect("json");
+        expected.extend(
+            v["Records"]
+                .as_array()
+                .expect("records")
+                .iter()
+                .map(|r| r["eventID"].as_str().expect("id").to_owned()),
+        );
+        std::fs::write(day.join(format!("gen-{i}.json.gz")), fixtures::gzip(&file)).expect("file");
+    }
+    // One event over Kinesis's 1 MiB record limit: objects only, plus an error record.
+    let (mut huge, huge_ids) = events(999, 1);
+    let mut v: serde_json::Value = serde_json::from_str(&huge[0]).expect("event");
+    v["requestParameters"] = serde_json::json!({"policy": "x".repeat(1_100_000)});
+    huge[0] = v.to_string();
+    std::fs::write(
+        day.join("huge.json"),
+        format!("{{\"Records\":[{}]}}", huge[0]),
+    )
+    .expect("huge file");
+    expected.sort();
+
+    let (city, asn) = fixture_dbs(tmp.path());
+    let config = tmp.path().join("sink.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[geoip]
+city_db = "{city}"
+asn_db = "{asn}"
+[output.kinesis]
+stream = "{STREAM}"
+endpoint_url = "{}"
+max_attempts = 6
+"#,
+            proxy.endpoint()
+        ),
+    )
+    .expect("config");
+    let out = tmp.path().join("out");
+    let metrics = tmp.path().join("metrics.txt");
+    let run = common::trailhose(
+        &[
+            "process",
+            "--config",
+            &config.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+            "--metrics-file",
+            &metrics.display().to_string(),
+            &tmp.path().join("in").display().to_string(),
+        ],
+        &moto.env(),
+    );
+    assert!(
+        run.status.success(),
+        "process: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    let mut on_stream: Vec<String> = stream_records(&moto, STREAM)
+        .await
+        .iter()
+        .map(|d| id_of(std::str::from_utf8(d).expect("utf-8")))
+        .collect();
+    on_stream.sort();
+    let missing = expected
+        .iter()
+        .filter(|id| on_stream.binary_search(id).is_err())
+        .count();
+    let mut distinct = on_stream.clone();
+    distinct.dedup();
+    assert!(
+        missing == 0 && distinct.len() == on_stream.len() && on_stream.len() == expected.len(),
+        "every event on the stream exactly once: {} expected, {} on the stream ({} distinct), {missing} missing",
+        expected.len(),
+        on_stream.len(),
+        distinct.len()
+    );
+    let failed = proxy
+        .failed_entries
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(failed > 0, "the proxy failed some entries");
+    let m = std::fs::read_to_string(&metrics).expect("metrics");
+    let retried = m
+        .lines()
+        .find(|l| l.starts_with("trailhose_kinesis_sink_records_total{outcome=\"retried\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert_eq!(retried, failed, "exactly the failed entries were retried");
+    assert!(
+        m.contains("trailhose_kinesis_sink_records_total{outcome=\"oversize\"} 1"),
+        "{m}"
+    );
+
+    // The objects hold every event, the huge one too; the error output names it.
+    let objects = common::local_objects(&out);
+    let split = split_output(&objects);
+    let mut in_objects: Vec<String> = split.events.iter().map(|(_, l)| id_of(l)).collect();
+    in_objects.sort();
+    let mut all = expected.clone();
+    all.extend(huge_ids.iter().cloned());
+    all.sort();
+    assert_eq!(in_objects, all);
+    let oversize = split
+        .errors
+        .iter()
+        .find(|e| e["reason"] == "too_large_for_kinesis")
+        .expect("oversize error record");
+    assert_eq!(oversize["record"]["eventID"], huge_ids[0].as_str());
+    eprintln!(
+        "sink test: {} events on the stream, {failed} entries failed by the proxy and retried",
+        on_stream.len()
+    );
+
+    // Instead of objects: events only on the stream, errors still under the output.
+    kinesis(&moto)
+        .create_stream()
+        .stream_name("only-stream")
+        .shard_count(1)
+        .send()
+        .await
+        .expect("second stream");
+    let config2 = tmp.path().join("only.toml");
+    std::fs::write(
+        &config2,
+        format!(
+            "[output.kinesis]\nstream = \"only-stream\"\nendpoint_url = \"{}\"\nwrite_objects = false\n",
+            // Through the proxy too: it also serialises puts, which moto needs.
+            proxy.endpoint()
+        ),
+    )
+    .expect("config");
+    let out2 = tmp.path().join("out2");
+    let run = common::trailhose(
+        &[
+            "process",
+            "--config",
+            &config2.display().to_string(),
+            "--out",
+            &out2.display().to_string(),
+            &tmp.path().join("in").display().to_string(),
+        ],
+        &moto.env(),
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mut only: Vec<String> = stream_records(&moto, "only-stream")
+        .await
+        .iter()
+        .map(|d| id_of(std::str::from_utf8(d).expect("utf-8")))
+        .collect();
+    only.sort();
+    assert!(only == expected, "every event on the second stream");
+    let split2 = split_output(&common::local_objects(&out2));
+    assert!(split2.events.is_empty(), "no event objects");
+    assert_eq!(split2.errors.len(), 1, "the oversize event's error record");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_wait_for_durable_writes_and_an_output_outage_loses_nothing() {
+    let moto = setup(2).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-outage");
+    let w = Worker::start(&moto, tmp.path(), "solo");
+    eventually(30, "/healthz", || async {
+        http_get(w.port, "/healthz").is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    // The output disappears: every put fails, so no batch settles and nothing is checkpointed.
+    s3.delete_bucket()
+        .bucket("trail-out")
+        .send()
+        .await
+        .expect("delete output bucket");
+    let mut expected = feed(&moto, 30, 20, 10).await;
+    eventually(40, "a failed put and a rewind", || async {
+        w.metric("trailhose_errors_total{reason=\"put_failed\"") >= 1.0
+            && w.metric("trailhose_errors_total{reason=\"rewound\"") >= 1.0
+    })
+    .await;
+    for l in leases(&moto).await {
+        assert_eq!(
+            l.checkpoint, "",
+            "{}: no checkpoint while nothing is written",
+            l.key
+        );
+    }
+    // The output comes back: the rewound shards are read again and everything arrives.
+    s3.create_bucket()
+        .bucket("trail-out")
+        .send()
+        .await
+        .expect("recreate output bucket");
+    expected.sort();
+    let (got, dups) = all_written(&s3, &expected, 90).await;
+    eventually(20, "checkpoints to advance", || async {
+        leases(&moto).await.iter().all(|l| !l.checkpoint.is_empty())
+    })
+    .await;
+    let mut w = w;
+    w.stop();
+    eprintln!(
+        "outage test: {} events expected, {} written, {dups} duplicates",
+        expected.len(),
+        got.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_open_buffers_then_checkpoints_and_releases_leases() {
+    let moto = setup(3).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-term");
+    let mut expected = feed(&moto, 40, 15, 10).await;
+    expected.sort();
+    // Buffers would wait five minutes to flush by age: only the shutdown can flush them.
+    let mut w = Worker::start_with(&moto, tmp.path(), "solo", 300);
+    eventually(30, "every record to be read", || async {
+        w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 15.0
+    })
+    .await;
+    assert!(
+        s3_objects(&s3, "trail-out", "ct/").await.is_empty(),
+        "nothing written before the shutdown"
+    );
+    for l in leases(&moto).await {
+        assert_eq!(
+            l.checkpoint, "",
+            "{}: nothing checkpointed before the shutdown",
+            l.key
+        );
+    }
+    let started = Instant::now();
+    w.stop();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let (_, dups) = all_written(&s3, &expected, 5).await;
+    assert_eq!(dups, 0);
+    for l in leases(&moto).await {
+        assert!(l.owner.is_none(), "{} released", l.key);
+        assert!(
+            !l.checkpoint.is_empty(),
+            "{} checkpointed on the way out",
+            l.key
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_expired_iterators_cost_retries_not_records() {
+    let moto = setup(2).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-throttle");
+    let proxy = common::faults::GetRecordsFaultProxy::start(moto.port, 3, 5);
+    let mut expected = feed(&moto, 50, 30, 10).await;
+    let mut w = Worker::start_via(&moto, tmp.path(), "solo", 1, &proxy.endpoint());
+    // More records while the worker reads, so iterators expire mid-stream.
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        expected.extend(feed(&moto, 51 + round, 10, 10).await);
+    }
+    expected.sort();
+    let (got, dups) = all_written(&s3, &expected, 90).await;
+    w.stop();
+    let throttled = proxy.throttled.load(std::sync::atomic::Ordering::SeqCst);
+    let expired = proxy.expired.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        throttled >= 2 && expired >= 1,
+        "faults injected: {throttled} throttled, {expired} expired"
+    );
+    assert_eq!(
+        dups, 0,
+        "an expired iterator is renewed after the last record read"
+    );
+    eprintln!(
+        "throttle test: {} events, {throttled} throttled and {expired} expired GetRecords calls, {dups} duplicates",
+        got.len()
+    );
+}
+
+/// Every id in `ids`, whether it was written: (written, not written).
+async fn partition_written(s3: &aws_sdk_s3::Client, ids: &[String]) -> (usize, usize) {
+    let got = written_ids(s3).await;
+    let n = ids
+        .iter()
+        .filter(|id| got.binary_search(id).is_ok())
+        .count();
+    (n, ids.len() - n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_shards_start_at_latest_or_at_a_timestamp_when_configured() {
+    // LATEST: records put before the readers start are skipped.
+    let moto = setup(2).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-start");
+    let old = feed(&moto, 70, 10, 10).await;
+    let mut w =
+        Worker::start_configured(&moto, tmp.path(), "latest", "start_position = \"LATEST\"");
+    eventually(30, "both readers to poll", || async {
+        http_get(w.port, "/metrics")
+            .is_some_and(|(_, m)| m.matches("trailhose_kinesis_millis_behind_latest{").count() == 2)
+    })
+    .await;
+    let mut new = feed(&moto, 71, 10, 10).await;
+    new.sort();
+    let (_, dups) = all_written(&s3, &new, 60).await;
+    assert_eq!(dups, 0);
+    assert_eq!(
+        partition_written(&s3, &old).await,
+        (0, old.len()),
+        "LATEST skips older records"
+    );
+    w.stop();
+    drop(moto);
+
+    // AT_TIMESTAMP: records put before the time are skipped.
+    let moto = setup(2).await;
+    let s3 = moto.s3();
+    let before = feed(&moto, 72, 10, 10).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    let at = now.as_secs() as i64 + 1;
+    tokio::time::sleep(
+        Duration::from_secs(1) - Duration::from_nanos(now.subsec_nanos().into())
+            + Duration::from_millis(300),
+    )
+    .await;
+    let mut after = feed(&moto, 73, 10, 10).await;
+    after.sort();
+    let stamp = trailhose::clock::Utc::from_unix(at).rfc3339();
+    let mut w = Worker::start_configured(
+        &moto,
+        tmp.path(),
+        "at-timestamp",
+        &format!("start_position = \"AT_TIMESTAMP\"\nstart_timestamp = \"{stamp}\""),
+    );
+    let (_, dups) = all_written(&s3, &after, 60).await;
+    assert_eq!(dups, 0);
+    assert_eq!(
+        partition_written(&s3, &before).await,
+        (0, before.len()),
+        "records before {stamp} are skipped"
+    );
+    w.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merged_shard_starts_only_after_both_parents_are_drained() {
+    let moto = setup_on(Moto::start_patched(KINESIS_RESHARDING), 2).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-merge");
+    let mut expected = feed(&moto, 80, 20, 10).await;
+    let mut w = Worker::start(&moto, tmp.path(), "solo");
+    eventually(30, "reading to start", || async {
+        w.metric("trailhose_kinesis_records_total") > 0.0
+    })
+    .await;
+    kinesis(&moto)
+        .merge_shards()
+        .stream_name(STREAM)
+        .shard_to_merge("shardId-000000000000")
+        .adjacent_shard_to_merge("shardId-000000000001")
+        .send()
+        .await
+        .expect("merge");
+    expected.extend(feed(&moto, 81, 20, 10).await);
+    expected.sort();
+    let (got, dups) = all_written(&s3, &expected, 60).await;
+    assert_eq!(
+        dups,
+        0,
+        "exactly once across the merge ({} events)",
+        got.len()
+    );
+    let child = "shardId-000000000002";
+    eventually(20, "the merged shard to be checkpointed", || async {
+        leases(&moto)
+            .await
+            .iter()
+            .any(|l| l.key == child && !l.checkpoint.is_empty() && l.checkpoint != "SHARD_END")
+    })
+    .await;
+    w.stop();
+    let rows = leases(&moto).await;
+    let c = rows.iter().find(|l| l.key == child).expect("child lease");
+    assert_eq!(c.parents, "shardId-000000000000,shardId-000000000001");
+    let log = w.log();
+    let taken = log
+        .find(&format!("lease taken shard=\"{child}\""))
+        .unwrap_or_else(|| panic!("{child} taken; log:\n{log}"));
+    for parent in ["shardId-000000000000", "shardId-000000000001"] {
+        let row = rows.iter().find(|l| l.key == parent).expect("parent lease");
+        assert_eq!(row.checkpoint, "SHARD_END", "{parent}");
+        let ended = log
+            .find(&format!(
+                "shard read to its end (SHARD_END) shard=\"{parent}\""
+            ))
+            .unwrap_or_else(|| panic!("{parent} ended; log:\n{log}"));
+        assert!(ended < taken, "{child} started after {parent} ended");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_stay_renewed_through_a_slow_shutdown_and_pass_on_without_repeats() {
+    let moto = setup(2).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-slow-term");
+    // Every S3 request of the first worker takes 3 s: its shutdown flush outlasts a lease (2 s).
+    let slow = common::faults::FaultProxy::start(
+        moto.port,
+        common::faults::Plan {
+            fail_every: 0,
+            slow_every: 1,
+            delay: Duration::from_secs(3),
+        },
+    );
+    let mut expected = feed(&moto, 90, 10, 10).await;
+    expected.sort();
+    let mut a = Worker::spawn(
+        &moto,
+        tmp.path(),
+        "a",
+        &Settings {
+            max_age_secs: 300,
+            kinesis_ep: &moto.endpoint,
+            s3_ep: &slow.endpoint(),
+            extra: "",
+        },
+    );
+    eventually(60, "every record to be read", || async {
+        a.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 10.0
+    })
+    .await;
+    let b = Worker::start(&moto, tmp.path(), "b");
+    eventually(30, "b to ask for a lease", || async {
+        b.metric("trailhose_kinesis_lease_handoffs_total{stage=\"requested\"}") >= 1.0
+    })
+    .await;
+    let started = Instant::now();
+    a.stop();
+    let took = started.elapsed();
+    assert!(
+        took > Duration::from_secs(2),
+        "the flush outlasted a lease ({took:?})"
+    );
+    let (_, dups) = all_written(&s3, &expected, 30).await;
+    assert_eq!(dups, 0, "nothing read twice");
+    eventually(20, "b to hold both leases", || async {
+        b.metric("trailhose_kinesis_leases_held ") == 2.0
+    })
+    .await;
+    assert_eq!(
+        b.metric("trailhose_kinesis_lease_takeovers_total{how=\"expired\"}"),
+        0.0,
+        "a's leases were released, never left to expire"
+    );
+    let mut b = b;
+    b.stop();
+}
