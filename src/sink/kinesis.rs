@@ -16,7 +16,7 @@ use crate::config::{Config, KinesisSinkConfig};
 use crate::metrics::{self, *};
 use crate::retry::Backoff;
 use crate::sink::encode::{Codec, Compression, compress};
-use crate::sink::write::{Store, WriteError, object_name};
+use crate::sink::write::{Store, WriteError, object_name_with};
 use bytes::Bytes;
 
 pub const MAX_RECORDS: usize = 500;
@@ -107,6 +107,12 @@ pub fn events_of(body: &[u8], compression: Compression) -> Result<Vec<Vec<u8>>, 
         }
         Compression::Zstd => {
             zstd::stream::decode_all(body).map_err(|e| SinkError::Decode(e.to_string()))?
+        }
+        // Only Parquet uses snappy, and the Kinesis output requires JSON lines (config check).
+        Compression::Snappy => {
+            return Err(SinkError::Decode(
+                "snappy objects are Parquet, not JSON lines".to_owned(),
+            ));
         }
     };
     Ok(text
@@ -398,7 +404,7 @@ impl Forwarder {
             now.year,
             now.month,
             now.day,
-            object_name(now, kind)
+            object_name_with(now, kind.extension())
         );
         let body = Bytes::from(compress(self.codec, &lines));
         Backoff::default()
