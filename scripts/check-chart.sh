@@ -15,17 +15,32 @@ if ! cmp -s "$REQS" "$VENV/.requirements" 2>/dev/null; then
   cp "$REQS" "$VENV/.requirements"
 fi
 
-PROM_VERSION=2.42.0+ds-5+b6
-PROM_DIR=target/promtool-$PROM_VERSION
+# promtool: whatever revision of Debian's `prometheus` the archive offers now. An exact revision
+# pin breaks every fresh machine once the archive moves on (2.42.0+ds-5+b6 became +deb12u1), so
+# take the candidate, refresh the package lists once when it cannot be downloaded, and print it.
+PROM_DIR=target/promtool
 PROMTOOL=$PROM_DIR/usr/bin/promtool
-if [ ! -x "$PROMTOOL" ]; then
-  echo "installing promtool $PROM_VERSION into $PROM_DIR"
-  rm -rf "$PROM_DIR.tmp" && mkdir -p "$PROM_DIR.tmp"
-  (cd "$PROM_DIR.tmp" && { apt-get download -q "prometheus=$PROM_VERSION" 2>/dev/null \
-    || { apt-get update -q && apt-get download -q "prometheus=$PROM_VERSION"; }; })
+candidate() { apt-cache policy prometheus | awk '/Candidate:/ {print $2}'; }
+fetch_prometheus() {
+  local version
+  version=$(candidate)
+  [ -n "$version" ] && [ "$version" != "(none)" ] && apt-get download -q "prometheus=$version" >/dev/null 2>&1 \
+    && echo "$version"
+}
+if ! "$PROMTOOL" --version >/dev/null 2>&1; then
+  rm -rf "$PROM_DIR" "$PROM_DIR.tmp" && mkdir -p "$PROM_DIR.tmp"
+  if ! version=$(cd "$PROM_DIR.tmp" && fetch_prometheus); then
+    echo "prometheus $(candidate) is not downloadable: refreshing the package lists"
+    apt-get update -q >/dev/null
+    version=$(cd "$PROM_DIR.tmp" && fetch_prometheus) \
+      || { echo "error: cannot download Debian's prometheus package (candidate: $(candidate))" >&2; exit 1; }
+  fi
+  echo "installing promtool from Debian's prometheus $version into $PROM_DIR"
   dpkg-deb -x "$PROM_DIR.tmp"/prometheus_*.deb "$PROM_DIR.tmp/root"
+  echo "$version" > "$PROM_DIR.tmp/root/.version"
   mv "$PROM_DIR.tmp/root" "$PROM_DIR" && rm -rf "$PROM_DIR.tmp"
 fi
+echo "promtool: Debian prometheus $(cat "$PROM_DIR/.version" 2>/dev/null || echo unknown)"
 
 NODE_DIR=target/chart-node
 PACKAGE='{"private": true, "dependencies": {"@grafana/schema": "13.2.3", "typescript": "7.0.2"}}'
