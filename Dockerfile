@@ -11,8 +11,8 @@ COPY src ./src
 # cached target dir in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin trailhose \
-    && install -D -m 0755 target/release/trailhose /out/trailhose
+    cargo build --profile dist --locked --bin trailhose \
+    && install -D -m 0755 target/dist/trailhose /out/trailhose
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/trailhose /usr/local/bin/trailhose

@@ -1,11 +1,13 @@
-# Sourced by scripts/test.sh and scripts/bench-service.sh: puts a pinned moto_server on PATH.
+# Sourced by scripts/test.sh and scripts/bench-service.sh: puts a pinned moto_server on PATH, and
+# the readers the tests check our output with (DuckDB), in one venv.
 # moto is pinned in its own venv: 5.2.1 (preinstalled on some images) answers
 # CompleteMultipartUpload with the wrong XML root, which the Rust SDK rightly rejects.
 MOTO_VERSION=5.2.5
+DUCKDB_VERSION=2.0.1
 VENV=target/test-venv
-if ! "$VENV/bin/python" -c "import moto, flask, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null; then
-  echo "installing moto[server]==$MOTO_VERSION into $VENV"
+if ! "$VENV/bin/python" -c "import moto, flask, duckdb, sys; sys.exit(moto.__version__ != '$MOTO_VERSION' or duckdb.__version__ != '$DUCKDB_VERSION')" 2>/dev/null; then
+  echo "installing moto[server]==$MOTO_VERSION duckdb==$DUCKDB_VERSION into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" "duckdb==$DUCKDB_VERSION"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"

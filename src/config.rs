@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sink::batch::Limits;
 use crate::sink::columnar::{self, ParquetSpec};
@@ -33,7 +33,7 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub output: OutputConfig,
@@ -48,7 +48,7 @@ pub struct Config {
     pub dedup: Option<DedupConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DedupConfig {
     /// An eventID seen again within this many seconds is dropped.
@@ -66,7 +66,7 @@ impl Default for DedupConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ParquetConfig {
     /// Column names in lower case, nested ones too (Glue and Hive lower-case them anyway).
@@ -88,7 +88,7 @@ impl Default for ParquetConfig {
 }
 
 /// One `[[transforms]]` entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TransformConfig {
     /// Names the module in metrics, logs and error records.
@@ -124,7 +124,7 @@ fn default_max_output_bytes() -> usize {
     64 << 20
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SourceConfig {
     pub sqs: Option<SqsConfig>,
@@ -133,7 +133,7 @@ pub struct SourceConfig {
     pub buckets: Vec<BucketConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SqsConfig {
     pub queue_url: String,
@@ -160,7 +160,7 @@ impl Default for SqsConfig {
 }
 
 /// Where a shard with no checkpoint yet starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum StartPosition {
     TrimHorizon,
@@ -169,7 +169,7 @@ pub enum StartPosition {
 }
 
 /// `[source.kinesis]`: read a Kinesis Data Stream, shards shared by leases in DynamoDB.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KinesisConfig {
     pub stream: String,
@@ -239,7 +239,7 @@ impl KinesisConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BucketConfig {
     pub name: String,
@@ -252,7 +252,7 @@ pub struct BucketConfig {
     pub force_path_style: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub listen: String,
@@ -268,7 +268,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutputConfig {
     /// A local directory or `s3://bucket/prefix`.
@@ -293,7 +293,7 @@ pub struct OutputConfig {
 }
 
 /// `[output.kinesis]`: every enriched event also goes to a Kinesis stream.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KinesisSinkConfig {
     pub stream: String,
@@ -340,7 +340,7 @@ impl Default for OutputConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3OutputConfig {
     pub region: Option<String>,
@@ -368,7 +368,7 @@ impl Default for S3OutputConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
     pub max_records: u64,
@@ -388,7 +388,7 @@ impl Default for BatchConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GeoipConfig {
     pub city_db: Option<PathBuf>,
@@ -409,7 +409,7 @@ impl Default for GeoipConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
     /// Threads splitting and enriching files; 0 = one per core.
@@ -460,6 +460,39 @@ impl OutputUrl {
     }
 }
 
+pub const MASKED: &str = "<masked>";
+
+/// Masks secrets in a serialized config: every value under a `config` table of a transform
+/// (`under_module_config`), and the password of URLs (`scheme://user:password@host`).
+fn mask(v: &mut toml::Value, under_module_config: bool) {
+    match v {
+        toml::Value::String(s) if under_module_config => *s = MASKED.to_owned(),
+        toml::Value::String(s) => {
+            if let Some(masked) = mask_url_password(s) {
+                *s = masked;
+            }
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(|i| mask(i, under_module_config)),
+        toml::Value::Table(t) => {
+            for (k, item) in t.iter_mut() {
+                mask(item, under_module_config || k == "config");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:<masked>@host/…`; None when there is none.
+fn mask_url_password(s: &str) -> Option<String> {
+    let (scheme, rest) = s.split_once("://")?;
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = rest.get(..authority_end)?;
+    let (userinfo, host) = authority.rsplit_once('@')?;
+    let (user, _password) = userinfo.split_once(':')?;
+    let path = rest.get(authority_end..)?;
+    Some(format!("{scheme}://{user}:{MASKED}@{host}{path}"))
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -472,6 +505,15 @@ impl Config {
         })?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The effective configuration as TOML, defaults filled in (unset options are left out),
+    /// with whatever may be secret masked: module config values (a redact module's salt) and
+    /// the password of any URL.
+    pub fn effective_toml(&self) -> Result<String, String> {
+        let mut v = toml::Value::try_from(self).map_err(|e| e.to_string())?;
+        mask(&mut v, false);
+        toml::to_string_pretty(&v).map_err(|e| e.to_string())
     }
 
     /// Parses TOML; unknown keys are errors (a typo must not silently fall back to a default).
@@ -809,8 +851,10 @@ impl Config {
     pub fn partitioner(&self) -> Result<Partitioner, ConfigError> {
         let t = KeyTemplate::parse(&self.output.key_template)
             .map_err(|e| invalid("output.key_template", e.to_string()))?;
-        KeyTemplate::parse(&self.output.fallback_partition)
-            .map_err(|e| invalid("output.fallback_partition", e.to_string()))?;
+        if !self.output.fallback_partition.is_empty() {
+            KeyTemplate::parse(&self.output.fallback_partition)
+                .map_err(|e| invalid("output.fallback_partition", e.to_string()))?;
+        }
         Ok(Partitioner::new(t, &self.output.fallback_partition))
     }
 
@@ -940,6 +984,31 @@ fn cores_or(n: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_effective_config_has_defaults_and_masks_secrets() {
+        let cfg = Config::parse(
+            "[output]\nurl = \"s3://out/p/\"\n[output.s3]\nendpoint_url = \"http://key:hunter2@127.0.0.1:9000/\"\n\
+             [[transforms]]\nname = \"redact\"\npath = \"r.wasm\"\nconfig = { salt = \"s3cr3t\" }\n",
+        )
+        .unwrap();
+        let text = cfg.effective_toml().unwrap();
+        assert!(
+            !text.contains("hunter2") && !text.contains("s3cr3t"),
+            "{text}"
+        );
+        assert!(
+            text.contains("http://key:<masked>@127.0.0.1:9000/"),
+            "{text}"
+        );
+        assert!(text.contains("salt = \"<masked>\""), "{text}");
+        // Defaults filled in, and the text is a config that loads to the same settings.
+        assert!(text.contains("max_age_secs = 300"), "{text}");
+        let again = Config::parse(&text).unwrap();
+        assert_eq!(again.batch.max_age_secs, cfg.batch.max_age_secs);
+        assert_eq!(mask_url_password("s3://bucket/a@b:c"), None);
+        assert_eq!(mask_url_password("http://user@host/"), None);
+    }
     use super::*;
 
     fn err(text: &str) -> String {

@@ -10,7 +10,7 @@ use trailhose::sink::encode::Compression;
 /// trailhose: AWS CloudTrail delivery files in; geo-enriched, time-partitioned, compressed
 /// objects out.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = env!("TRAILHOSE_VERSION_LINE"), about)]
 struct Cli {
     /// Log format.
     #[arg(
@@ -101,7 +101,12 @@ enum Command {
         out: Option<String>,
     },
     /// Validate a configuration file; errors name the bad key.
-    CheckConfig { file: PathBuf },
+    CheckConfig {
+        file: PathBuf,
+        /// Also print the effective configuration (defaults filled in, secrets masked).
+        #[arg(long)]
+        print: bool,
+    },
     /// Measure throughput on generated CloudTrail data: codec floor vs. the pipeline.
     Bench(trailhose::bench::BenchArgs),
     /// Work with WASM transform modules.
@@ -197,8 +202,11 @@ fn report(e: &anyhow::Error) -> String {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TRAILHOSE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    // Colour codes only for a person at a terminal: a file or a log collector gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -347,9 +355,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::CheckConfig { file } => {
-            Config::load(&file)?;
-            println!("{}: ok", file.display());
+        Command::CheckConfig { file, print } => {
+            let cfg = Config::load(&file)?;
+            if print {
+                let text = cfg.effective_toml().map_err(anyhow::Error::msg)?;
+                println!("# {}: ok; effective configuration\n{text}", file.display());
+            } else {
+                println!("{}: ok", file.display());
+            }
             Ok(())
         }
         Command::Bench(args) => Ok(trailhose::bench::run(&args)?),

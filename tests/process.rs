@@ -423,3 +423,141 @@ async fn missing_output_bucket_fails_before_any_work() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("no-such-bucket"), "{stderr}");
 }
+
+/// Events without a usable eventTime stay in the one Hive shape: DuckDB's Hive reader takes the
+/// whole event tree and sees them, flagged with the arrival time they were partitioned by.
+#[test]
+fn events_without_a_usable_time_are_readable_by_a_hive_reader() {
+    let tmp = TempDir::new("untimed");
+    let input = tmp.path().join("in");
+    let out = tmp.path().join("out");
+    let exp = fixtures::write_all(&input);
+    let run = trailhose(
+        &[
+            "process",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let events = exp.events.len() + exp.pretty_ids.len();
+
+    // The table's one layout, as its DDL projects it (the error output is outside it).
+    let script = format!(
+        r#"
+import duckdb
+rows = duckdb.sql("""
+  SELECT eventID, trailhoseArrivalTime, year, month, day, hour
+  FROM read_json('{root}/year=*/*/*/*/*.json.gz', hive_partitioning = true,
+                 columns = {{'eventID': 'VARCHAR', 'eventTime': 'VARCHAR',
+                             'trailhoseArrivalTime': 'VARCHAR'}})
+""").fetchall()
+print(len(rows))
+for r in rows:
+    if r[1] is not None:
+        print("|".join(str(x) for x in r))
+"#,
+        root = out.display()
+    );
+    // The test venv's python when the suite runs outside scripts/test.sh's PATH.
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-venv/bin/python3");
+    let python = if std::path::Path::new(venv).exists() {
+        venv
+    } else {
+        "python3"
+    };
+    let py = std::process::Command::new(python)
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    assert!(
+        py.status.success(),
+        "DuckDB (PyPI duckdb, installed by scripts/moto-env.sh) read the tree: {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&py.stdout);
+    let mut lines = stdout.lines();
+    let total: usize = lines.next().and_then(|l| l.parse().ok()).expect("count");
+    assert!(
+        total >= events,
+        "DuckDB saw {total} of at least {events} events"
+    );
+    let mut untimed: Vec<&str> = lines.collect();
+    untimed.sort();
+    assert_eq!(untimed.len(), 2, "{untimed:?}");
+    for (line, id) in untimed.iter().zip(["ev-bad-time", "ev-no-time"]) {
+        let f: Vec<&str> = line.split('|').collect();
+        assert_eq!(f.len(), 6, "{line}");
+        assert_eq!(f[0], id);
+        // The Hive partition columns are the arrival time's hour.
+        let t = f[1];
+        assert_eq!(
+            (f[2], f[3], f[4], f[5]),
+            (&t[0..4], &t[5..7], &t[8..10], &t[11..13]),
+            "{line}"
+        );
+    }
+    assert!(!out.join("unknown-time").exists());
+}
+
+/// Logs to a pipe or file are plain text (no colour codes); `--version` names the commit;
+/// `check-config --print` shows defaults and masks secrets.
+#[test]
+fn cli_habits_plain_logs_version_and_effective_config() {
+    let tmp = TempDir::new("cli");
+    let input = tmp.path().join("in");
+    fixtures::write_all(&input);
+    let out = tmp.path().join("out");
+    let run = trailhose(
+        &[
+            "process",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        stderr.contains("WARN"),
+        "the bad fixture files log warnings: {stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in piped logs: {stderr:?}"
+    );
+
+    let v = trailhose(&["--version"], &[]);
+    let v = String::from_utf8_lossy(&v.stdout);
+    assert!(
+        v.starts_with(concat!(
+            "trailhose ",
+            env!("CARGO_PKG_VERSION"),
+            " (commit "
+        )),
+        "{v}"
+    );
+    assert!(v.contains("features: ") && v.contains("profile: "), "{v}");
+
+    let cfg = tmp.path().join("t.toml");
+    std::fs::write(
+        &cfg,
+        "[[transforms]]\nname = \"redact\"\npath = \"r.wasm\"\nconfig = { salt = \"s3cr3t\" }\n",
+    )
+    .unwrap();
+    let p = trailhose(&["check-config", cfg.to_str().unwrap(), "--print"], &[]);
+    let text = String::from_utf8_lossy(&p.stdout);
+    assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
+    assert!(
+        text.contains("max_age_secs = 300") && text.contains("<masked>"),
+        "{text}"
+    );
+    assert!(!text.contains("s3cr3t"), "{text}");
+}

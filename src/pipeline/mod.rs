@@ -506,11 +506,23 @@ impl Route<'_> {
         head: &Head<'_>,
         out: &mut impl FnMut(Sealed),
     ) {
-        let routed = self.partitioner.key_for(head, self.key);
+        let routed = self
+            .partitioner
+            .key_for(head, Utc::from_unix(self.now), self.key);
         self.fallback += u64::from(routed.fallback);
         if let Some(t) = routed.time {
             self.lag.observe((self.now - t.to_unix()) as f64);
         }
+        // Rare: an event partitioned by arrival says so, so that queries can tell it apart.
+        let (field, mut flagged);
+        let additions = if routed.arrival {
+            field = arrival_field(self.now);
+            flagged = additions.to_vec();
+            flagged.push(field.as_slice());
+            flagged.as_slice()
+        } else {
+            additions
+        };
         let sealed = self
             .events
             .append(self.key, self.hold, |buf| encode_event(buf, raw, additions));
@@ -530,6 +542,16 @@ impl Route<'_> {
         };
         write_error_record(self.errors, self.error_prefix, self.hold, out, rec);
     }
+}
+
+/// `"trailhoseArrivalTime":"<rfc3339>"`, spliced into an event partitioned by arrival.
+fn arrival_field(now: i64) -> Vec<u8> {
+    format!(
+        "\"{}\":\"{}\"",
+        crate::sink::partition::ARRIVAL_FIELD,
+        Utc::from_unix(now).rfc3339()
+    )
+    .into_bytes()
 }
 
 /// A worker's transform modules and the batch of events waiting for them.

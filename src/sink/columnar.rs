@@ -12,7 +12,7 @@ use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression as PqCompression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::clock::Utc;
@@ -33,7 +33,7 @@ pub enum Col {
 }
 
 /// The type of a column added by a transform module (`output.parquet.added_columns`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AddedType {
     String,
@@ -103,7 +103,7 @@ const GEO: &[(&str, Col)] = &[
     ("as_org", Col::Str),
 ];
 
-/// CloudTrail's record fields in the order of its documentation, then `geo`. Added columns
+/// CloudTrail's record fields in the order of its documentation, then `geo` and the arrival time. Added columns
 /// and `extra` follow.
 pub const COLUMNS: &[(&str, Col)] = &[
     ("eventVersion", Col::Str),
@@ -133,6 +133,8 @@ pub const COLUMNS: &[(&str, Col)] = &[
     ("eventCategory", Col::Str),
     ("tlsDetails", Col::Struct(TLS_DETAILS)),
     ("geo", Col::Struct(GEO)),
+    // Set only on events partitioned by arrival because their eventTime was unusable.
+    (crate::sink::partition::ARRIVAL_FIELD, Col::Time),
 ];
 
 /// Unknown keys, as one JSON object keyed by their dotted path.

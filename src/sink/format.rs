@@ -2,13 +2,13 @@
 //! encoder pool: JSON lines (the buffer the batcher fills anyway) in, one object out. JSON lines
 //! stay the fast path: nothing here runs unless another format is configured.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::columnar::{self, ColumnarError, Layout, ParquetSpec};
 use super::encode::{Codec, Compression, compress};
 use super::flat::{Dialect, FlatSpec};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     #[default]

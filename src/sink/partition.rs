@@ -7,8 +7,12 @@ use crate::cloudtrail::Head;
 
 /// Athena/Hive layout by event hour.
 pub const DEFAULT_TEMPLATE: &str = "year={year}/month={month}/day={day}/hour={hour}/";
-/// Events whose `eventTime` is missing or malformed when the template needs the time.
-pub const DEFAULT_FALLBACK: &str = "unknown-time/";
+/// Events whose `eventTime` is missing or malformed when the template needs the time: empty
+/// means "partition them by arrival time", so the tree keeps one shape that every Hive-style
+/// reader (Athena's projection, DuckDB, Spark) accepts.
+pub const DEFAULT_FALLBACK: &str = "";
+/// The field spliced into an event partitioned by its arrival time instead of its `eventTime`.
+pub const ARRIVAL_FIELD: &str = "trailhoseArrivalTime";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TemplateError {
@@ -203,15 +207,20 @@ fn push_sanitized(out: &mut String, v: &str) {
 pub struct Partitioner {
     template: KeyTemplate,
     uses_time: bool,
-    fallback: String,
+    /// None: events without a usable time are partitioned by their arrival time.
+    fallback: Option<String>,
 }
 
 impl Partitioner {
+    /// `fallback` empty: untimed events go under the template at their arrival time.
     pub fn new(template: KeyTemplate, fallback: &str) -> Partitioner {
-        let mut fallback = fallback.to_owned();
-        if !fallback.ends_with('/') {
-            fallback.push('/');
-        }
+        let fallback = (!fallback.is_empty()).then(|| {
+            let mut f = fallback.to_owned();
+            if !f.ends_with('/') {
+                f.push('/');
+            }
+            f
+        });
         Partitioner {
             uses_time: template.uses_time(),
             template,
@@ -220,15 +229,23 @@ impl Partitioner {
     }
 
     /// Writes the event's partition into `out` (cleared first) and returns how it was routed.
-    pub fn key_for(&self, head: &Head<'_>, out: &mut String) -> Routed {
+    /// `arrival` is when the event reached trailhose: the time used when its own is unusable.
+    pub fn key_for(&self, head: &Head<'_>, arrival: Utc, out: &mut String) -> Routed {
         out.clear();
         let time = head.event_time.as_deref().and_then(Utc::parse_rfc3339);
+        let mut render_time = time;
         if self.uses_time && time.is_none() {
-            out.push_str(&self.fallback);
-            return Routed {
-                fallback: true,
-                time,
-            };
+            match &self.fallback {
+                Some(prefix) => {
+                    out.push_str(prefix);
+                    return Routed {
+                        fallback: true,
+                        arrival: false,
+                        time,
+                    };
+                }
+                None => render_time = Some(arrival),
+            }
         }
         let value = |f: Field| -> &str {
             let v = match f {
@@ -240,9 +257,11 @@ impl Partitioner {
             };
             v.as_deref().unwrap_or("unknown")
         };
-        self.template.render_into(out, value, time);
+        self.template.render_into(out, value, render_time);
+        let arrival = render_time.is_some() && time.is_none();
         Routed {
-            fallback: false,
+            fallback: arrival,
+            arrival,
             time,
         }
     }
@@ -251,8 +270,10 @@ impl Partitioner {
 /// How one event was routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Routed {
-    /// It went to the fallback partition (its time was missing or malformed).
+    /// Its time was missing or malformed while the template needs one (counted).
     pub fallback: bool,
+    /// It was partitioned by its arrival time, so it must carry `ARRIVAL_FIELD`.
+    pub arrival: bool,
     /// Its `eventTime`, when well-formed.
     pub time: Option<Utc>,
 }
@@ -273,11 +294,20 @@ mod tests {
         }
     }
 
-    fn key(template: &str, h: &Head<'_>) -> (String, bool) {
-        let p = Partitioner::new(KeyTemplate::parse(template).unwrap(), DEFAULT_FALLBACK);
+    fn arrival() -> Utc {
+        Utc::parse_rfc3339("2026-12-01T09:15:00Z").unwrap()
+    }
+
+    fn key_with(template: &str, fallback: &str, h: &Head<'_>) -> (String, Routed) {
+        let p = Partitioner::new(KeyTemplate::parse(template).unwrap(), fallback);
         let mut out = String::new();
-        let routed = p.key_for(h, &mut out);
-        (out, !routed.fallback)
+        let routed = p.key_for(h, arrival(), &mut out);
+        (out, routed)
+    }
+
+    fn key(template: &str, h: &Head<'_>) -> (String, bool) {
+        let (k, routed) = key_with(template, DEFAULT_FALLBACK, h);
+        (k, !routed.fallback)
     }
 
     #[test]
@@ -300,19 +330,30 @@ mod tests {
     }
 
     #[test]
-    fn bad_or_missing_time_goes_to_the_fallback_only_when_time_is_used() {
-        assert_eq!(
-            key(DEFAULT_TEMPLATE, &head(None)),
-            ("unknown-time/".into(), false)
+    fn bad_or_missing_time_is_partitioned_by_arrival_only_when_time_is_used() {
+        for h in [head(None), head(Some("yesterday"))] {
+            let (k, routed) = key_with(DEFAULT_TEMPLATE, DEFAULT_FALLBACK, &h);
+            assert_eq!(k, "year=2026/month=12/day=01/hour=09/");
+            assert!(routed.fallback && routed.arrival, "{routed:?}");
+            assert_eq!(routed.time, None);
+        }
+        let (k, routed) = key_with("acct={account}", DEFAULT_FALLBACK, &head(None));
+        assert_eq!(k, "acct=123456789012/");
+        assert!(!routed.fallback && !routed.arrival);
+        let (k, routed) = key_with(
+            DEFAULT_TEMPLATE,
+            DEFAULT_FALLBACK,
+            &head(Some("2024-03-18T14:30:07Z")),
         );
-        assert_eq!(
-            key(DEFAULT_TEMPLATE, &head(Some("yesterday"))),
-            ("unknown-time/".into(), false)
-        );
-        assert_eq!(
-            key("acct={account}", &head(None)),
-            ("acct=123456789012/".into(), true)
-        );
+        assert_eq!(k, "year=2024/month=03/day=18/hour=14/");
+        assert!(!routed.fallback && !routed.arrival);
+    }
+
+    #[test]
+    fn an_explicit_fallback_prefix_keeps_untimed_events_apart() {
+        let (k, routed) = key_with(DEFAULT_TEMPLATE, "unknown-time", &head(None));
+        assert_eq!(k, "unknown-time/");
+        assert!(routed.fallback && !routed.arrival);
     }
 
     #[test]

@@ -87,11 +87,34 @@ pub fn check_fixture_output(exp: &fixtures::Expected, objects: &[(String, String
     );
 
     // Original bytes are preserved exactly; geo is spliced in before the closing brace.
+    // Events without a usable eventTime also carry the arrival time they were partitioned by.
+    let untimed = ["ev-no-time", "ev-bad-time"];
     for (id, raw) in &exp.events {
         let line = &seen[id].1;
         let body = &raw[..raw.len() - 1];
         assert!(line.starts_with(body), "{id}: original bytes preserved");
-        let added = &line[body.len()..];
+        let mut added = &line[body.len()..];
+        let arrival = added.find(",\"trailhoseArrivalTime\":\"");
+        assert_eq!(
+            arrival.is_some(),
+            untimed.contains(&id.as_str()),
+            "{id}: {added}"
+        );
+        if let Some(at) = arrival {
+            let rest = &added[at + ",\"trailhoseArrivalTime\":\"".len()..];
+            let time = &rest[..rest.find('"').expect("closing quote")];
+            assert!(time.len() == 20 && time.ends_with('Z'), "{id}: {time}");
+            added = &added[..at];
+            assert!(
+                line.ends_with(&format!("\"{time}\"}}")),
+                "{id}: arrival field last"
+            );
+        }
+        let added = if arrival.is_some() {
+            &format!("{added}}}")
+        } else {
+            added
+        };
         assert!(
             added == "}" || (added.starts_with(",\"geo\":{") && added.ends_with("}}")),
             "{id}: only geo added: {added}"
@@ -122,8 +145,19 @@ pub fn check_fixture_output(exp: &fixtures::Expected, objects: &[(String, String
     assert!(key("ev-london").starts_with("year=2024/month=03/day=18/hour=14/"));
     assert!(key("ev-org-1").starts_with("year=2024/month=03/day=18/hour=15/"));
     assert!(key("ev-offset-time").starts_with("year=2024/month=03/day=18/hour=14/"));
-    assert!(key("ev-no-time").starts_with("unknown-time/"));
-    assert!(key("ev-bad-time").starts_with("unknown-time/"));
+    // Missing or malformed times: the partition of the arrival hour, in the same Hive shape.
+    for id in untimed {
+        let v: Value = serde_json::from_str(&seen[id].1).expect("json");
+        let t = v["trailhoseArrivalTime"].as_str().expect("arrival time");
+        let hour = format!(
+            "year={}/month={}/day={}/hour={}/",
+            &t[0..4],
+            &t[5..7],
+            &t[8..10],
+            &t[11..13]
+        );
+        assert!(key(id).starts_with(&hour), "{id}: {} vs {t}", key(id));
+    }
 
     // Errors: one record per bad file (three for the mixed file), naming source and reason.
     let mut by_file: BTreeMap<String, Vec<&Value>> = BTreeMap::new();

@@ -1,0 +1,53 @@
+//! Stamps the binary with the commit it was built from, for `trailhose --version`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git").args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .filter(|s| !s.is_empty())
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=TRAILHOSE_COMMIT");
+    // An image build has no .git: it passes the commit in.
+    let commit = std::env::var("TRAILHOSE_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]));
+    // Rebuild when HEAD moves, but only watch files that exist (a missing one reruns always).
+    if let (Some(dir), Some(common)) = (
+        git(&["rev-parse", "--git-dir"]),
+        git(&["rev-parse", "--git-common-dir"]),
+    ) {
+        let (dir, common) = (PathBuf::from(dir), PathBuf::from(common));
+        for p in [
+            dir.join("HEAD"),
+            common.join("refs/heads"),
+            common.join("packed-refs"),
+        ] {
+            if p.exists() {
+                println!("cargo:rerun-if-changed={}", p.display());
+            }
+        }
+    }
+    let mut features: Vec<String> = std::env::vars()
+        .filter_map(|(k, _)| k.strip_prefix("CARGO_FEATURE_").map(|f| f.to_lowercase()))
+        .collect();
+    features.sort();
+    let features = if features.is_empty() {
+        "none".to_owned()
+    } else {
+        features.join(",")
+    };
+    println!(
+        "cargo:rustc-env=TRAILHOSE_VERSION_LINE={} (commit {}, features: {features}, profile: {})",
+        std::env::var("CARGO_PKG_VERSION").unwrap_or_default(),
+        commit.as_deref().unwrap_or("unknown"),
+        std::env::var("PROFILE").unwrap_or_default(),
+    );
+}
