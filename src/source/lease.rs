@@ -23,6 +23,14 @@ const COUNTER: &str = "leaseCounter";
 const CHECKPOINT: &str = "checkpoint";
 const PARENTS: &str = "parentShardIds";
 const NEXT: &str = "nextOwner";
+/// Expression aliases of the attributes above, for `LeaseTable::update`.
+const ALIASES: [(&str, &str); 5] = [
+    ("#k", KEY),
+    ("#o", OWNER),
+    ("#c", COUNTER),
+    ("#p", CHECKPOINT),
+    ("#n", NEXT),
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -371,121 +379,113 @@ impl LeaseTable {
         }
     }
 
-    /// Takes a lease as last seen (`counter`); returns the new counter.
-    pub async fn take(&self, shard: &str, counter: u64) -> Result<u64, LeaseError> {
-        self.client
+    /// One conditional update of a shard's lease. `set` and `when` name attributes by alias
+    /// (`#k` key, `#o` owner, `#c` counter, `#p` checkpoint, `#n` next owner); only the aliases
+    /// used are sent, as DynamoDB rejects unused ones. A failed condition is `Conflict`.
+    async fn update(
+        &self,
+        shard: &str,
+        set: &str,
+        when: &str,
+        values: Vec<(&str, AttributeValue)>,
+    ) -> Result<(), LeaseError> {
+        let mut req = self
+            .client
             .update_item()
             .table_name(&self.table)
             .key(KEY, s(shard))
-            .update_expression("SET #o = :me, #c = :next REMOVE #n")
-            .condition_expression("attribute_exists(#k) AND #c = :c")
-            .expression_attribute_names("#k", KEY)
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#c", COUNTER)
-            .expression_attribute_names("#n", NEXT)
-            .expression_attribute_values(":me", s(&self.me))
-            .expression_attribute_values(":c", n(counter))
-            .expression_attribute_values(":next", n(counter + 1))
-            .send()
-            .await
-            .map_err(|e| describe(&e))?;
+            .update_expression(set)
+            .condition_expression(when);
+        for (alias, attr) in ALIASES {
+            if set.contains(alias) || when.contains(alias) {
+                req = req.expression_attribute_names(alias, attr);
+            }
+        }
+        for (k, v) in values {
+            req = req.expression_attribute_values(k, v);
+        }
+        req.send().await.map(|_| ()).map_err(|e| describe(&e))
+    }
+
+    /// Takes a lease as last seen (`counter`); returns the new counter.
+    pub async fn take(&self, shard: &str, counter: u64) -> Result<u64, LeaseError> {
+        self.update(
+            shard,
+            "SET #o = :me, #c = :next REMOVE #n",
+            "attribute_exists(#k) AND #c = :c",
+            vec![
+                (":me", s(&self.me)),
+                (":c", n(counter)),
+                (":next", n(counter + 1)),
+            ],
+        )
+        .await?;
         Ok(counter + 1)
     }
 
     /// Asks the owner of a lease (as last seen, `counter`) to hand it over to this worker.
     pub async fn request_handoff(&self, shard: &str, counter: u64) -> Result<(), LeaseError> {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .key(KEY, s(shard))
-            .update_expression("SET #n = :me")
-            .condition_expression("attribute_exists(#o) AND #c = :c AND attribute_not_exists(#n)")
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#c", COUNTER)
-            .expression_attribute_names("#n", NEXT)
-            .expression_attribute_values(":me", s(&self.me))
-            .expression_attribute_values(":c", n(counter))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| describe(&e))
+        self.update(
+            shard,
+            "SET #n = :me",
+            "attribute_exists(#o) AND #c = :c AND attribute_not_exists(#n)",
+            vec![(":me", s(&self.me)), (":c", n(counter))],
+        )
+        .await
     }
 
     /// Passes a held lease to the worker that asked for it; returns nothing to keep.
     pub async fn hand_over(&self, shard: &str, counter: u64, to: &str) -> Result<(), LeaseError> {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .key(KEY, s(shard))
-            .update_expression("SET #o = :to, #c = :next REMOVE #n")
-            .condition_expression("#o = :me AND #c = :c AND #n = :to")
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#c", COUNTER)
-            .expression_attribute_names("#n", NEXT)
-            .expression_attribute_values(":me", s(&self.me))
-            .expression_attribute_values(":to", s(to))
-            .expression_attribute_values(":c", n(counter))
-            .expression_attribute_values(":next", n(counter + 1))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| describe(&e))
+        self.update(
+            shard,
+            "SET #o = :to, #c = :next REMOVE #n",
+            "#o = :me AND #c = :c AND #n = :to",
+            vec![
+                (":me", s(&self.me)),
+                (":to", s(to)),
+                (":c", n(counter)),
+                (":next", n(counter + 1)),
+            ],
+        )
+        .await
     }
 
     /// Renews a held lease; returns the new counter. Conflict = the lease is no longer ours.
     pub async fn renew(&self, shard: &str, counter: u64) -> Result<u64, LeaseError> {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .key(KEY, s(shard))
-            .update_expression("SET #c = :next")
-            .condition_expression("#o = :me AND #c = :c")
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#c", COUNTER)
-            .expression_attribute_values(":me", s(&self.me))
-            .expression_attribute_values(":c", n(counter))
-            .expression_attribute_values(":next", n(counter + 1))
-            .send()
-            .await
-            .map_err(|e| describe(&e))?;
+        self.update(
+            shard,
+            "SET #c = :next",
+            "#o = :me AND #c = :c",
+            vec![
+                (":me", s(&self.me)),
+                (":c", n(counter)),
+                (":next", n(counter + 1)),
+            ],
+        )
+        .await?;
         Ok(counter + 1)
     }
 
     /// Records how far a shard is durably processed. Conflict = the lease is no longer ours.
     pub async fn checkpoint(&self, shard: &str, checkpoint: &str) -> Result<(), LeaseError> {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .key(KEY, s(shard))
-            .update_expression("SET #p = :p")
-            .condition_expression("#o = :me")
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#p", CHECKPOINT)
-            .expression_attribute_values(":me", s(&self.me))
-            .expression_attribute_values(":p", s(checkpoint))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| describe(&e))
+        self.update(
+            shard,
+            "SET #p = :p",
+            "#o = :me",
+            vec![(":me", s(&self.me)), (":p", s(checkpoint))],
+        )
+        .await
     }
 
     /// Gives a lease up (shutdown, or its shard ended) so another worker takes it at once.
     pub async fn release(&self, shard: &str) -> Result<(), LeaseError> {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .key(KEY, s(shard))
-            .update_expression("REMOVE #o, #n SET #c = #c + :one")
-            .condition_expression("#o = :me")
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#c", COUNTER)
-            .expression_attribute_names("#n", NEXT)
-            .expression_attribute_values(":me", s(&self.me))
-            .expression_attribute_values(":one", n(1))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| describe(&e))
+        self.update(
+            shard,
+            "REMOVE #o, #n SET #c = #c + :one",
+            "#o = :me",
+            vec![(":me", s(&self.me)), (":one", n(1))],
+        )
+        .await
     }
 
     /// Readiness: the table answers.
