@@ -8,13 +8,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::reader::read_shard;
-use super::{Ctx, Held, Stop, Ended};
+use super::{Ctx, Ended, Held, Stop};
 use crate::metrics::{self, *};
 use crate::pipeline::engine::Submitter;
 use crate::source::kinesis::StartAt;
-use crate::source::lease::{self, Lease, LeaseError, Observer};
+use crate::source::lease::{self, Claim, Lease, LeaseError, Observer, TRIM_HORIZON};
 
-/// Lists the stream's shards and creates a lease for each new one. Returns the shard ids.
+/// Lists the stream's shards and creates a lease for each new one. Returns the shard ids. A
+/// shard whose parent already has a lease is a child of a reshard this stream's workers read
+/// through: it starts at TRIM_HORIZON, so nothing written to it while the parent drained is
+/// skipped (the KCL's rule). Other new shards start at the configured position.
 pub(super) async fn sync_shards(ctx: &Ctx) -> Result<HashSet<String>, String> {
     let list = ctx.kinesis.list_shards().await.map_err(|e| e.to_string())?;
     let known: HashSet<String> = ctx
@@ -26,8 +29,12 @@ pub(super) async fn sync_shards(ctx: &Ctx) -> Result<HashSet<String>, String> {
         .map(|l| l.key)
         .collect();
     for s in list.iter().filter(|s| !known.contains(&s.id)) {
+        let start = match s.parents.iter().any(|p| known.contains(p)) {
+            true => TRIM_HORIZON,
+            false => "",
+        };
         ctx.leases
-            .create(&s.id, &s.parents)
+            .create(&s.id, &s.parents, start)
             .await
             .map_err(|e| e.to_string())?;
     }
@@ -49,6 +56,8 @@ pub(super) struct Round<'a> {
     pub(super) observer: &'a mut Observer,
     pub(super) shards: &'a HashSet<String>,
     pub(super) lease_duration: Duration,
+    /// How long the round waits for its renewals (they run concurrently).
+    pub(super) renew_deadline: Duration,
     pub(super) handoff_timeout: Duration,
     pub(super) last_sync: &'a mut Option<Instant>,
     /// Leases this worker asked to be handed over, not yet received.
@@ -65,6 +74,7 @@ pub(super) async fn coordinate(r: Round<'_>) {
         observer,
         shards,
         lease_duration,
+        renew_deadline,
         handoff_timeout,
         last_sync,
         requested,
@@ -105,23 +115,44 @@ pub(super) async fn coordinate(r: Round<'_>) {
     let by_key: HashMap<&str, &Lease> = all.iter().map(|l| (l.key.as_str(), l)).collect();
     let me = ctx.leases.me.as_str();
 
-    // Renew, and start handoffs others asked for.
-    let keys: Vec<String> = held.keys().cloned().collect();
-    for k in keys {
-        let Some(h) = held.get_mut(&k) else { continue };
-        let seen = by_key.get(k.as_str());
-        let still_ours =
-            seen.is_some_and(|l| l.owner.as_deref() == Some(me) && l.counter == h.counter);
-        let outcome = if still_ours {
-            ctx.leases.renew(&k, h.counter).await
+    // Renew, all at once and under a deadline, and start handoffs others asked for. A renewal
+    // still unanswered at the deadline goes on in its task and updates the claim when it ends.
+    let mut renewals = Vec::with_capacity(held.len());
+    let mut gone = Vec::new();
+    for (k, h) in held.iter() {
+        if by_key
+            .get(k.as_str())
+            .is_some_and(|l| l.owner.as_deref() == Some(me))
+        {
+            let (ctx, key, claim) = (ctx.clone(), k.clone(), h.claim.clone());
+            let task = tokio::spawn(async move { ctx.leases.renew(&key, &claim).await });
+            renewals.push((k.clone(), task));
         } else {
-            Err(LeaseError::Conflict)
-        };
+            gone.push(k.clone());
+        }
+    }
+    let until = tokio::time::Instant::now() + renew_deadline;
+    let mut outcomes: Vec<(String, Result<(), LeaseError>)> = gone
+        .into_iter()
+        .map(|k| (k, Err(LeaseError::Conflict)))
+        .collect();
+    for (k, task) in renewals {
+        match tokio::time::timeout_at(until, task).await {
+            Ok(Ok(r)) => outcomes.push((k, r)),
+            Ok(Err(e)) => outcomes.push((k, Err(LeaseError::Call(e.to_string())))),
+            Err(_) => outcomes.push((
+                k,
+                Err(LeaseError::Call(
+                    "no answer within the renewal deadline".into(),
+                )),
+            )),
+        }
+    }
+    for (k, outcome) in outcomes {
+        let Some(h) = held.get_mut(&k) else { continue };
         match outcome {
-            Ok(c) => {
-                h.counter = c;
-                h.renewed = Instant::now();
-                let asked = seen.and_then(|l| l.next_owner.clone());
+            Ok(()) => {
+                let asked = by_key.get(k.as_str()).and_then(|l| l.next_owner.clone());
                 if let (Some(to), None) = (asked, &h.handoff) {
                     // Stop reading; what was read gets written and checkpointed first.
                     let _ = h.stop.send(Stop::Drain);
@@ -152,17 +183,17 @@ pub(super) async fn coordinate(r: Round<'_>) {
     drop_stale(ctx, held, lease_duration);
 
     // Hand over leases whose readers are drained (or that waited too long).
-    let ready: Vec<(String, String, u64, bool)> = held
+    let ready: Vec<(String, String, Arc<Claim>, bool)> = held
         .iter()
         .filter_map(|(k, h)| {
             let (to, since) = h.handoff.as_ref()?;
             let timed_out = since.elapsed() >= handoff_timeout;
             (h.task.is_finished() || timed_out)
-                .then(|| (k.clone(), to.clone(), h.counter, timed_out))
+                .then(|| (k.clone(), to.clone(), h.claim.clone(), timed_out))
         })
         .collect();
-    for (k, to, counter, timed_out) in ready {
-        match ctx.leases.hand_over(&k, counter, &to).await {
+    for (k, to, claim, timed_out) in ready {
+        match ctx.leases.hand_over(&k, &claim, &to).await {
             Ok(()) => {
                 metrics::emit(LeaseHandoff {
                     shard: &k,
@@ -278,14 +309,13 @@ fn start_reader(
     l: &Lease,
     counter: u64,
 ) {
-    let start = match l.checkpoint.as_str() {
-        "" => StartAt::initial(&ctx.cfg),
-        seq => StartAt::After(seq.to_owned()),
-    };
+    let start = l.start_at(StartAt::initial(&ctx.cfg));
+    let claim = Arc::new(Claim::new(counter));
     let (stop, stop_rx) = watch::channel(Stop::Run);
     let task = tokio::spawn(read_shard(
         ctx.clone(),
         l.key.clone(),
+        claim.clone(),
         start,
         stop_rx,
         files.clone(),
@@ -293,8 +323,7 @@ fn start_reader(
     held.insert(
         l.key.clone(),
         Held {
-            counter,
-            renewed: Instant::now(),
+            claim,
             stop,
             task,
             handoff: None,
@@ -326,7 +355,7 @@ fn lose(ctx: &Ctx, held: &mut HashMap<String, Held>, key: &str) {
 fn drop_stale(ctx: &Ctx, held: &mut HashMap<String, Held>, lease_duration: Duration) {
     let stale: Vec<String> = held
         .iter()
-        .filter(|(_, h)| h.renewed.elapsed() >= lease_duration)
+        .filter(|(_, h)| h.claim.renewed().elapsed() >= lease_duration)
         .map(|(k, _)| k.clone())
         .collect();
     for k in stale {
@@ -337,4 +366,3 @@ fn drop_stale(ctx: &Ctx, held: &mut HashMap<String, Held>, lease_duration: Durat
         lose(ctx, held, &k);
     }
 }
-

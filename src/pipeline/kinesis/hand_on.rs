@@ -14,7 +14,8 @@ use crate::source::kinesis::{self, Shape};
 use crate::source::notification::{Notification, is_digest_key};
 
 /// Hands a batch of records to the engine under one hold; returns its outcome, or None when
-/// the engine is gone.
+/// the engine is gone. Classification (the gunzip and parse of CloudWatch Logs batches) runs
+/// on the blocking pool, off the runtime that renews leases.
 pub(super) async fn hand_on(
     ctx: &Ctx,
     shard: &str,
@@ -24,10 +25,29 @@ pub(super) async fn hand_on(
     let (hold, settled) = Hold::new();
     let stream = &ctx.kinesis.stream;
     let mut counts: HashMap<&'static str, u64> = HashMap::new();
-    for r in records {
-        let source = format!("kinesis://{stream}/{shard}/{}", r.seq);
+    let classified = tokio::task::spawn_blocking(move || {
+        records
+            .into_iter()
+            .map(|r| {
+                let shape = kinesis::classify(&r.data);
+                let data = match shape {
+                    Shape::Unrecognized { .. } => kinesis::describe_data(&r.data),
+                    _ => String::new(),
+                };
+                (r.seq, shape, data)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let Ok(classified) = classified else {
+        // A panic while classifying: the batch fails and is read again.
+        hold.fail();
+        return None;
+    };
+    for (seq, shape, data) in classified {
+        let source = format!("kinesis://{stream}/{shard}/{seq}");
         let mut docs: Vec<Vec<u8>> = Vec::new();
-        match kinesis::classify(&r.data) {
+        match shape {
             Shape::Events {
                 doc,
                 events: _,
@@ -61,7 +81,7 @@ pub(super) async fn hand_on(
                 });
                 docs.push(kinesis::error_document(&[
                     format!("{reason}: {detail}"),
-                    kinesis::describe_data(&r.data),
+                    data,
                 ]));
             }
         }
@@ -172,4 +192,3 @@ async fn notification(
     }
     true
 }
-

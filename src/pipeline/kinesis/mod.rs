@@ -29,7 +29,7 @@ use crate::metrics::{self, *};
 use crate::server::{self, Check};
 use crate::sink::write::Written;
 use crate::source::kinesis::{self, Kinesis};
-use crate::source::lease::{LeaseError, LeaseTable, Observer};
+use crate::source::lease::{Claim, LeaseError, LeaseTable, Observer};
 use coordinate::{Round, coordinate, sync_shards};
 
 mod coordinate;
@@ -63,8 +63,7 @@ enum Ended {
 }
 
 struct Held {
-    counter: u64,
-    renewed: Instant,
+    claim: Arc<Claim>,
     stop: watch::Sender<Stop>,
     task: JoinHandle<Ended>,
     /// Being handed over to (worker, since when): its reader drains first.
@@ -184,6 +183,7 @@ pub async fn run(
             observer: &mut observer,
             shards: &shards,
             lease_duration,
+            renew_deadline: renew_every,
             handoff_timeout,
             last_sync: &mut last_sync,
             requested: &mut requested,
@@ -208,7 +208,9 @@ pub async fn run(
     // Leases stay renewed while the buffers flush, so no one takes them over mid-drain.
     let renewing = tokio::spawn(keep_renewing(
         ctx.clone(),
-        held.iter().map(|(k, h)| (k.clone(), h.counter)).collect(),
+        held.iter()
+            .map(|(k, h)| (k.clone(), h.claim.clone()))
+            .collect(),
         renew_every,
     ));
     // The stop senders stay alive until the readers are done.
@@ -265,15 +267,14 @@ pub async fn run(
     }
 }
 
-/// Renews `leases` (shard, counter) every `every` until aborted; a lease taken meanwhile is
-/// left alone.
-async fn keep_renewing(ctx: Arc<Ctx>, mut leases: Vec<(String, u64)>, every: Duration) {
+/// Renews `leases` every `every` until aborted; a lease taken meanwhile is left alone.
+async fn keep_renewing(ctx: Arc<Ctx>, mut leases: Vec<(String, Arc<Claim>)>, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         let mut kept = Vec::with_capacity(leases.len());
-        for (shard, counter) in leases {
-            match ctx.leases.renew(&shard, counter).await {
-                Ok(c) => kept.push((shard, c)),
+        for (shard, claim) in leases {
+            match ctx.leases.renew(&shard, &claim).await {
+                Ok(()) => kept.push((shard, claim)),
                 Err(LeaseError::Conflict) => {}
                 Err(e) => {
                     metrics::emit(KinesisCallFailed {
@@ -281,11 +282,10 @@ async fn keep_renewing(ctx: Arc<Ctx>, mut leases: Vec<(String, u64)>, every: Dur
                         shard: &shard,
                         error: &e.to_string(),
                     });
-                    kept.push((shard, counter));
+                    kept.push((shard, claim));
                 }
             }
         }
         leases = kept;
     }
 }
-

@@ -1,5 +1,7 @@
 //! One shard's reader: GetRecords polling, batches handed on, the settled prefix checkpointed,
-//! a rewind to the checkpoint on failure, SHARD_END once everything read is written.
+//! a rewind to the checkpoint on failure, SHARD_END once everything read is written. A shard
+//! without a checkpoint is pinned at its first record read before that record is handed on, so
+//! the rewind point (here, and for whoever takes the lease over) is never the configured LATEST.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,7 +14,7 @@ use crate::metrics::{self, *};
 use crate::pipeline::engine::Submitter;
 use crate::retry::Backoff;
 use crate::source::kinesis::{Advance, Fetched, KinesisError, Progress, StartAt, seq_cmp};
-use crate::source::lease::{LeaseError, SHARD_END};
+use crate::source::lease::{Claim, LeaseError, SHARD_END};
 
 /// The shortest time between two GetRecords calls on one shard.
 const MIN_CALL_INTERVAL: Duration = Duration::from_millis(200);
@@ -21,6 +23,7 @@ const MIN_CALL_INTERVAL: Duration = Duration::from_millis(200);
 pub(super) async fn read_shard(
     ctx: Arc<Ctx>,
     shard: String,
+    claim: Arc<Claim>,
     start: StartAt,
     mut stop: watch::Receiver<Stop>,
     files: Submitter,
@@ -33,7 +36,8 @@ pub(super) async fn read_shard(
         max: Duration::from_secs(5),
     };
     let poll = Duration::from_millis(ctx.cfg.poll_interval_millis);
-    // The checkpoint as written, and where reading goes on from.
+    // The checkpoint as written (or the pinned first record), and where reading goes on from.
+    let mut pinned = matches!(start, StartAt::After(_) | StartAt::At(_));
     let mut checkpointed = start.clone();
     let mut position = start;
     let mut iterator: Option<String> = None;
@@ -62,7 +66,7 @@ pub(super) async fn read_shard(
                 return Ended::Drained;
             }
             // Everything up to the shard's end is written.
-            return match ctx.leases.checkpoint(&shard, SHARD_END).await {
+            return match ctx.leases.checkpoint(&shard, &claim, SHARD_END).await {
                 Ok(()) => {
                     metrics::emit(ShardEnded { shard: &shard });
                     Ended::ShardEnd
@@ -106,7 +110,7 @@ pub(super) async fn read_shard(
             }
         }
         if let Some(seq) = to {
-            match ctx.leases.checkpoint(&shard, &seq).await {
+            match ctx.leases.checkpoint(&shard, &claim, &seq).await {
                 Ok(()) => {
                     checkpointed = StartAt::After(seq);
                     last_advance = Instant::now();
@@ -123,6 +127,7 @@ pub(super) async fn read_shard(
         if failed {
             let at = match &checkpointed {
                 StartAt::After(s) => s.clone(),
+                StartAt::At(s) => format!("(the first record read, {s})"),
                 _ => "(initial position)".into(),
             };
             metrics::emit(ShardRewound {
@@ -210,6 +215,32 @@ pub(super) async fn read_shard(
             millis: Some(millis_behind),
         });
         let empty = records.is_empty();
+        if let (false, Some(first)) = (pinned, records.first()) {
+            // Pinned before anything is handed on: a rewind or a takeover comes back here.
+            let seq = first.seq.clone();
+            let first = StartAt::At(seq.clone());
+            match ctx.leases.pin(&shard, &claim, &seq).await {
+                Ok(()) => {
+                    pinned = true;
+                    checkpointed = first;
+                }
+                Err(LeaseError::Conflict) => return Ended::LeaseLost,
+                Err(e) => {
+                    metrics::emit(KinesisCallFailed {
+                        operation: "pin_start",
+                        shard: &shard,
+                        error: &e.to_string(),
+                    });
+                    // Read these records again once the pin is written.
+                    position = first.clone();
+                    checkpointed = first;
+                    iterator = None;
+                    failures += 1;
+                    wait(&mut stop, backoff.delay(failures.min(6))).await;
+                    continue;
+                }
+            }
+        }
         if let Some(last) = records.last() {
             let last_seq = last.seq.clone();
             let ticket = progress.push(last_seq.clone());
@@ -272,4 +303,3 @@ async fn wait(stop: &mut watch::Receiver<Stop>, d: Duration) {
         _ = tokio::time::sleep(d) => {}
     }
 }
-
