@@ -1211,3 +1211,135 @@ async fn leases_stay_renewed_through_a_slow_shutdown_and_pass_on_without_repeats
     let mut b = b;
     b.stop();
 }
+
+/// A worker reading from LATEST, with the shipped batch defaults unless `max_age_secs` says
+/// otherwise.
+fn latest_worker(moto: &Moto, dir: &Path, name: &str, max_age_secs: u64) -> Worker {
+    Worker::spawn(
+        moto,
+        dir,
+        name,
+        &Settings {
+            max_age_secs,
+            kinesis_ep: &moto.endpoint,
+            s3_ep: &moto.endpoint,
+            extra: "start_position = \"LATEST\"",
+        },
+    )
+}
+
+async fn readers_polling(w: &Worker, n: usize) {
+    eventually(30, "the readers to poll", || async {
+        http_get(w.port, "/metrics")
+            .is_some_and(|(_, m)| m.matches("trailhose_kinesis_millis_behind_latest{").count() == n)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_a_failed_write_before_the_first_checkpoint_rewinds_to_the_first_record_read() {
+    let moto = setup(2).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-latest-rewind");
+    // A write must fail while the worker runs: at the default age the first write is the
+    // shutdown's, so buffers flush after a second here.
+    let mut w = latest_worker(&moto, tmp.path(), "solo", 1);
+    readers_polling(&w, 2).await;
+    s3.delete_bucket()
+        .bucket("trail-out")
+        .send()
+        .await
+        .expect("delete output bucket");
+    let mut expected = feed(&moto, 100, 20, 10).await;
+    eventually(40, "a failed put and a rewind", || async {
+        w.metric("trailhose_errors_total{reason=\"put_failed\"") >= 1.0
+            && w.metric("trailhose_errors_total{reason=\"rewound\"") >= 1.0
+    })
+    .await;
+    s3.create_bucket()
+        .bucket("trail-out")
+        .send()
+        .await
+        .expect("recreate output bucket");
+    expected.sort();
+    // The rewind goes back to the first record read, not to LATEST.
+    all_written(&s3, &expected, 90).await;
+    w.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_a_lease_taken_over_before_the_first_checkpoint_resumes_at_the_first_record_read() {
+    let moto = setup(2).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-latest-takeover");
+    let a = latest_worker(&moto, tmp.path(), "a", 300);
+    readers_polling(&a, 2).await;
+    let mut expected = feed(&moto, 110, 10, 10).await;
+    expected.sort();
+    eventually(30, "a to read every record", || async {
+        a.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 10.0
+    })
+    .await;
+    // Killed before anything is written or checkpointed.
+    a.signal("-KILL");
+    drop(a);
+    for l in leases(&moto).await {
+        assert_eq!(l.checkpoint, "", "{}: nothing checkpointed", l.key);
+    }
+    let mut b = latest_worker(&moto, tmp.path(), "b", 300);
+    eventually(
+        60,
+        "b to take both leases and read every record",
+        || async {
+            b.metric("trailhose_kinesis_leases_held ") == 2.0
+                && b.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 10.0
+        },
+    )
+    .await;
+    b.stop();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_children_of_a_split_start_at_trim_horizon_and_keep_what_arrived_while_the_parent_drained()
+ {
+    let moto = setup_on(Moto::start_patched(KINESIS_RESHARDING), 1).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-latest-split");
+    let mut a = latest_worker(&moto, tmp.path(), "a", 300);
+    readers_polling(&a, 1).await;
+    let mut expected = feed(&moto, 120, 10, 10).await;
+    eventually(30, "a to read the parent's records", || async {
+        a.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 10.0
+    })
+    .await;
+    kinesis(&moto)
+        .split_shard()
+        .stream_name(STREAM)
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key((u128::MAX / 2).to_string())
+        .send()
+        .await
+        .expect("split");
+    // Written to the children while the parent's records wait for their batch to age.
+    expected.extend(feed(&moto, 121, 10, 10).await);
+    expected.sort();
+    eventually(20, "the children's leases", || async {
+        leases(&moto).await.len() == 3
+    })
+    .await;
+    // The shutdown writes the parent's records and checkpoints them; the next worker ends the
+    // parent and reads its children from their first record.
+    a.stop();
+    let mut b = latest_worker(&moto, tmp.path(), "b", 300);
+    eventually(60, "b to read the children's records", || async {
+        b.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 10.0
+    })
+    .await;
+    b.stop();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0);
+    let rows = leases(&moto).await;
+    assert_eq!(rows[0].checkpoint, "SHARD_END", "the parent ended");
+}

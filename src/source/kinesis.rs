@@ -250,6 +250,8 @@ impl Progress {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartAt {
     After(String),
+    /// At this record (the first read of a shard that has no checkpoint yet).
+    At(String),
     TrimHorizon,
     Latest,
     AtTimestamp(i64),
@@ -394,6 +396,9 @@ impl Kinesis {
         let req = match at {
             StartAt::After(seq) => req
                 .shard_iterator_type(T::AfterSequenceNumber)
+                .starting_sequence_number(seq),
+            StartAt::At(seq) => req
+                .shard_iterator_type(T::AtSequenceNumber)
                 .starting_sequence_number(seq),
             StartAt::TrimHorizon => req.shard_iterator_type(T::TrimHorizon),
             StartAt::Latest => req.shard_iterator_type(T::Latest),

@@ -6,13 +6,23 @@
 //! bounded number from the busiest worker. Stealing is a handoff: the thief names itself the
 //! lease's next owner, the owner stops reading, lets what it read be written and checkpointed,
 //! then passes the lease on, so a rebalance repeats nothing (unless the handoff times out).
-//! A child shard's lease is taken only once every parent is checkpointed at SHARD_END.
+//! A child shard's lease is taken only once every parent is checkpointed at SHARD_END, and it
+//! starts at TRIM_HORIZON, so what was written to it while its parents drained is read.
+//!
+//! A shard's start is pinned in its lease (`startPosition`) the moment its first record is read,
+//! so a rewind or a takeover before the first checkpoint goes back to that record, never to the
+//! configured LATEST or AT_TIMESTAMP (which would skip what was read but not written).
+//! Renewals, checkpoints and pins are all conditional on owner and counter and bump the counter,
+//! serialised through the holder's `Claim`: a stale reader can never move a checkpoint back.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::AttributeValue;
+
+use crate::source::kinesis::StartAt;
 
 /// The checkpoint of a shard read to its end.
 pub const SHARD_END: &str = "SHARD_END";
@@ -23,6 +33,20 @@ const COUNTER: &str = "leaseCounter";
 const CHECKPOINT: &str = "checkpoint";
 const PARENTS: &str = "parentShardIds";
 const NEXT: &str = "nextOwner";
+const START: &str = "startPosition";
+/// `startPosition` of a child shard's lease.
+pub const TRIM_HORIZON: &str = "TRIM_HORIZON";
+/// `startPosition` prefix of a shard pinned at its first record read.
+const PINNED: &str = "AT_SEQUENCE_NUMBER:";
+/// Expression aliases of the attributes above, for `LeaseTable::update`.
+const ALIASES: [(&str, &str); 6] = [
+    ("#k", KEY),
+    ("#o", OWNER),
+    ("#c", COUNTER),
+    ("#p", CHECKPOINT),
+    ("#n", NEXT),
+    ("#s", START),
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -35,11 +59,60 @@ pub struct Lease {
     pub parents: Vec<String>,
     /// A worker waiting for the owner to hand the lease over (rebalancing).
     pub next_owner: Option<String>,
+    /// Where reading starts while there is no checkpoint: "" (the configured initial
+    /// position), TRIM_HORIZON (a child shard), or the first record read (pinned).
+    pub start: String,
 }
 
 impl Lease {
     pub fn finished(&self) -> bool {
         self.checkpoint == SHARD_END
+    }
+
+    /// Where a new holder reads from: after the checkpoint, else the pinned first record, else
+    /// the lease's own start, else `initial` (the configured position).
+    pub fn start_at(&self, initial: StartAt) -> StartAt {
+        if !self.checkpoint.is_empty() {
+            return StartAt::After(self.checkpoint.clone());
+        }
+        if let Some(seq) = self.start.strip_prefix(PINNED).filter(|s| !s.is_empty()) {
+            return StartAt::At(seq.to_owned());
+        }
+        match self.start.as_str() {
+            TRIM_HORIZON => StartAt::TrimHorizon,
+            _ => initial,
+        }
+    }
+}
+
+/// A held lease's counter, shared by the coordinator (renewals, handoffs) and the shard's
+/// reader (pins, checkpoints). Every write is conditional on the counter and bumps it, one at
+/// a time, so the two never race each other into a false conflict; a new holding gets a new
+/// claim, so an old reader's writes fail.
+#[derive(Debug)]
+pub struct Claim {
+    counter: tokio::sync::Mutex<u64>,
+    /// When a write last proved the lease ours.
+    renewed: Mutex<Instant>,
+}
+
+impl Claim {
+    pub fn new(counter: u64) -> Claim {
+        Claim {
+            counter: tokio::sync::Mutex::new(counter),
+            renewed: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// When the lease was last renewed (or checkpointed).
+    pub fn renewed(&self) -> Instant {
+        self.renewed.lock().map_or_else(|e| *e.into_inner(), |t| *t)
+    }
+
+    fn touch(&self, at: Instant) {
+        if let Ok(mut t) = self.renewed.lock() {
+            *t = at;
+        }
     }
 }
 
@@ -236,6 +309,11 @@ fn from_item(item: &HashMap<String, AttributeValue>) -> Option<Lease> {
         .and_then(|v| v.as_s().ok())
         .filter(|o| !o.is_empty())
         .cloned();
+    let start = item
+        .get(START)
+        .and_then(|v| v.as_s().ok())
+        .cloned()
+        .unwrap_or_default();
     Some(Lease {
         key,
         owner,
@@ -243,6 +321,7 @@ fn from_item(item: &HashMap<String, AttributeValue>) -> Option<Lease> {
         checkpoint,
         parents,
         next_owner,
+        start,
     })
 }
 
@@ -348,16 +427,26 @@ impl LeaseTable {
         }
     }
 
-    /// A lease for a newly seen shard; Ok(false) when it already exists.
-    pub async fn create(&self, shard: &str, parents: &[String]) -> Result<bool, LeaseError> {
-        let r = self
+    /// A lease for a newly seen shard, starting at `start` ("" = the configured position,
+    /// or TRIM_HORIZON); Ok(false) when it already exists.
+    pub async fn create(
+        &self,
+        shard: &str,
+        parents: &[String],
+        start: &str,
+    ) -> Result<bool, LeaseError> {
+        let mut req = self
             .client
             .put_item()
             .table_name(&self.table)
             .item(KEY, s(shard))
             .item(COUNTER, n(0))
             .item(CHECKPOINT, s(""))
-            .item(PARENTS, s(&parents.join(",")))
+            .item(PARENTS, s(&parents.join(",")));
+        if !start.is_empty() {
+            req = req.item(START, s(start));
+        }
+        let r = req
             .condition_expression("attribute_not_exists(#k)")
             .expression_attribute_names("#k", KEY)
             .send()
@@ -371,121 +460,143 @@ impl LeaseTable {
         }
     }
 
-    /// Takes a lease as last seen (`counter`); returns the new counter.
-    pub async fn take(&self, shard: &str, counter: u64) -> Result<u64, LeaseError> {
-        self.client
+    /// One conditional update of a shard's lease. `set` and `when` name attributes by alias
+    /// (`#k` key, `#o` owner, `#c` counter, `#p` checkpoint, `#n` next owner); only the aliases
+    /// used are sent, as DynamoDB rejects unused ones. A failed condition is `Conflict`.
+    async fn update(
+        &self,
+        shard: &str,
+        set: &str,
+        when: &str,
+        values: Vec<(&str, AttributeValue)>,
+    ) -> Result<(), LeaseError> {
+        let mut req = self
+            .client
             .update_item()
             .table_name(&self.table)
             .key(KEY, s(shard))
-            .update_expression("SET #o = :me, #c = :next REMOVE #n")
-            .condition_expression("attribute_exists(#k) AND #c = :c")
-            .expression_attribute_names("#k", KEY)
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#c", COUNTER)
-            .expression_attribute_names("#n", NEXT)
-            .expression_attribute_values(":me", s(&self.me))
-            .expression_attribute_values(":c", n(counter))
-            .expression_attribute_values(":next", n(counter + 1))
-            .send()
-            .await
-            .map_err(|e| describe(&e))?;
+            .update_expression(set)
+            .condition_expression(when);
+        for (alias, attr) in ALIASES {
+            if set.contains(alias) || when.contains(alias) {
+                req = req.expression_attribute_names(alias, attr);
+            }
+        }
+        for (k, v) in values {
+            req = req.expression_attribute_values(k, v);
+        }
+        req.send().await.map(|_| ()).map_err(|e| describe(&e))
+    }
+
+    /// Takes a lease as last seen (`counter`); returns the new counter.
+    pub async fn take(&self, shard: &str, counter: u64) -> Result<u64, LeaseError> {
+        self.update(
+            shard,
+            "SET #o = :me, #c = :next REMOVE #n",
+            "attribute_exists(#k) AND #c = :c",
+            vec![
+                (":me", s(&self.me)),
+                (":c", n(counter)),
+                (":next", n(counter + 1)),
+            ],
+        )
+        .await?;
         Ok(counter + 1)
     }
 
     /// Asks the owner of a lease (as last seen, `counter`) to hand it over to this worker.
     pub async fn request_handoff(&self, shard: &str, counter: u64) -> Result<(), LeaseError> {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .key(KEY, s(shard))
-            .update_expression("SET #n = :me")
-            .condition_expression("attribute_exists(#o) AND #c = :c AND attribute_not_exists(#n)")
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#c", COUNTER)
-            .expression_attribute_names("#n", NEXT)
-            .expression_attribute_values(":me", s(&self.me))
-            .expression_attribute_values(":c", n(counter))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| describe(&e))
+        self.update(
+            shard,
+            "SET #n = :me",
+            "attribute_exists(#o) AND #c = :c AND attribute_not_exists(#n)",
+            vec![(":me", s(&self.me)), (":c", n(counter))],
+        )
+        .await
+    }
+
+    /// A conditional write on a held lease: owner and `claim`'s counter must match, and the
+    /// counter is bumped (so every write also renews).
+    async fn claimed(
+        &self,
+        shard: &str,
+        claim: &Claim,
+        set: &str,
+        when: &str,
+        mut values: Vec<(&str, AttributeValue)>,
+    ) -> Result<(), LeaseError> {
+        let mut counter = claim.counter.lock().await;
+        // Renewed as of the send: others count the lease's duration from their first sight of
+        // the new counter, which is no earlier.
+        let sent = Instant::now();
+        values.extend([
+            (":me", s(&self.me)),
+            (":c", n(*counter)),
+            (":next", n(*counter + 1)),
+        ]);
+        let set = format!(
+            "SET #c = :next{}{set}",
+            if set.is_empty() { "" } else { ", " }
+        );
+        let when = format!(
+            "#o = :me AND #c = :c{}{when}",
+            if when.is_empty() { "" } else { " AND " }
+        );
+        self.update(shard, &set, &when, values).await?;
+        *counter += 1;
+        claim.touch(sent);
+        Ok(())
     }
 
     /// Passes a held lease to the worker that asked for it; returns nothing to keep.
-    pub async fn hand_over(&self, shard: &str, counter: u64, to: &str) -> Result<(), LeaseError> {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .key(KEY, s(shard))
-            .update_expression("SET #o = :to, #c = :next REMOVE #n")
-            .condition_expression("#o = :me AND #c = :c AND #n = :to")
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#c", COUNTER)
-            .expression_attribute_names("#n", NEXT)
-            .expression_attribute_values(":me", s(&self.me))
-            .expression_attribute_values(":to", s(to))
-            .expression_attribute_values(":c", n(counter))
-            .expression_attribute_values(":next", n(counter + 1))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| describe(&e))
+    pub async fn hand_over(&self, shard: &str, claim: &Claim, to: &str) -> Result<(), LeaseError> {
+        self.claimed(
+            shard,
+            claim,
+            "#o = :to REMOVE #n",
+            "#n = :to",
+            vec![(":to", s(to))],
+        )
+        .await
     }
 
-    /// Renews a held lease; returns the new counter. Conflict = the lease is no longer ours.
-    pub async fn renew(&self, shard: &str, counter: u64) -> Result<u64, LeaseError> {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .key(KEY, s(shard))
-            .update_expression("SET #c = :next")
-            .condition_expression("#o = :me AND #c = :c")
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#c", COUNTER)
-            .expression_attribute_values(":me", s(&self.me))
-            .expression_attribute_values(":c", n(counter))
-            .expression_attribute_values(":next", n(counter + 1))
-            .send()
-            .await
-            .map_err(|e| describe(&e))?;
-        Ok(counter + 1)
+    /// Renews a held lease. Conflict = the lease is no longer ours.
+    pub async fn renew(&self, shard: &str, claim: &Claim) -> Result<(), LeaseError> {
+        self.claimed(shard, claim, "", "", Vec::new()).await
     }
 
     /// Records how far a shard is durably processed. Conflict = the lease is no longer ours.
-    pub async fn checkpoint(&self, shard: &str, checkpoint: &str) -> Result<(), LeaseError> {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .key(KEY, s(shard))
-            .update_expression("SET #p = :p")
-            .condition_expression("#o = :me")
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#p", CHECKPOINT)
-            .expression_attribute_values(":me", s(&self.me))
-            .expression_attribute_values(":p", s(checkpoint))
-            .send()
+    pub async fn checkpoint(
+        &self,
+        shard: &str,
+        claim: &Claim,
+        checkpoint: &str,
+    ) -> Result<(), LeaseError> {
+        self.claimed(shard, claim, "#p = :p", "", vec![(":p", s(checkpoint))])
             .await
-            .map(|_| ())
-            .map_err(|e| describe(&e))
+    }
+
+    /// Pins a shard without a checkpoint at its first record read (`seq`).
+    pub async fn pin(&self, shard: &str, claim: &Claim, seq: &str) -> Result<(), LeaseError> {
+        self.claimed(
+            shard,
+            claim,
+            "#s = :s",
+            "#p = :none",
+            vec![(":s", s(&format!("{PINNED}{seq}"))), (":none", s(""))],
+        )
+        .await
     }
 
     /// Gives a lease up (shutdown, or its shard ended) so another worker takes it at once.
     pub async fn release(&self, shard: &str) -> Result<(), LeaseError> {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .key(KEY, s(shard))
-            .update_expression("REMOVE #o, #n SET #c = #c + :one")
-            .condition_expression("#o = :me")
-            .expression_attribute_names("#o", OWNER)
-            .expression_attribute_names("#c", COUNTER)
-            .expression_attribute_names("#n", NEXT)
-            .expression_attribute_values(":me", s(&self.me))
-            .expression_attribute_values(":one", n(1))
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| describe(&e))
+        self.update(
+            shard,
+            "REMOVE #o, #n SET #c = #c + :one",
+            "#o = :me",
+            vec![(":me", s(&self.me)), (":one", n(1))],
+        )
+        .await
     }
 
     /// Readiness: the table answers.
@@ -512,7 +623,20 @@ mod tests {
             checkpoint: String::new(),
             parents: Vec::new(),
             next_owner: None,
+            start: String::new(),
         }
+    }
+
+    #[test]
+    fn a_new_holder_starts_after_the_checkpoint_else_at_the_pin_else_the_leases_own_start() {
+        let mut l = lease("s", None);
+        assert_eq!(l.start_at(StartAt::Latest), StartAt::Latest);
+        l.start = TRIM_HORIZON.into();
+        assert_eq!(l.start_at(StartAt::Latest), StartAt::TrimHorizon);
+        l.start = format!("{PINNED}42");
+        assert_eq!(l.start_at(StartAt::Latest), StartAt::At("42".into()));
+        l.checkpoint = "50".into();
+        assert_eq!(l.start_at(StartAt::Latest), StartAt::After("50".into()));
     }
 
     fn run(me: &str, leases: &[Lease], expired: &[&str], steal: usize) -> Vec<(String, How)> {
