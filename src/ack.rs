@@ -6,22 +6,35 @@
 //! A hold must be committed explicitly. One that is dropped uncommitted (an upload failed, a
 //! buffer was discarded, a task panicked) marks the notification failed, so nothing that was
 //! not written can ever cause a delete.
+//!
+//! A hold also carries its unit's side effects that may happen only once it is durable: the
+//! eventIDs `[dedup]` is to remember. They are recorded when the last share commits, never
+//! before, so a unit that fails and is delivered again is not mistaken for its own repeat.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
+
+use crate::dedup::Dedup;
 
 struct Ack {
     pending: AtomicUsize,
     failed: AtomicBool,
     done: Mutex<Option<oneshot::Sender<bool>>>,
+    /// eventID hashes to remember once the unit is durable, and where.
+    remember: Mutex<Option<(Arc<Dedup>, Vec<u64>)>>,
 }
 
 impl Ack {
     fn release(&self) {
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             let ok = !self.failed.load(Ordering::Acquire);
+            let remember = self.remember.lock().ok().and_then(|mut r| r.take());
+            if ok && let Some((dedup, ids)) = remember {
+                dedup.record(&ids, Instant::now());
+            }
             if let Some(tx) = self.done.lock().ok().and_then(|mut d| d.take()) {
                 let _ = tx.send(ok);
             }
@@ -46,6 +59,7 @@ impl Hold {
             pending: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
             done: Mutex::new(Some(tx)),
+            remember: Mutex::new(None),
         });
         (
             Hold {
@@ -68,6 +82,17 @@ impl Hold {
     /// Whether two holds belong to the same notification.
     pub fn same(&self, other: &Hold) -> bool {
         Arc::ptr_eq(&self.ack, &other.ack)
+    }
+
+    /// eventIDs (hashed) `dedup` is to remember once every share of this unit is committed;
+    /// forgotten if any share fails.
+    pub fn remember(&self, dedup: &Arc<Dedup>, ids: impl IntoIterator<Item = u64>) {
+        let Ok(mut r) = self.ack.remember.lock() else {
+            return;
+        };
+        r.get_or_insert_with(|| (dedup.clone(), Vec::new()))
+            .1
+            .extend(ids);
     }
 
     /// This share of the work is done and durable.
@@ -160,6 +185,28 @@ mod tests {
         h.commit();
         other.fail();
         assert_eq!(settled(&mut rx), Some(false));
+    }
+
+    #[test]
+    fn dedup_ids_are_remembered_only_when_the_unit_commits() {
+        let dedup = Arc::new(Dedup::new(std::time::Duration::from_secs(60), 1000));
+        let t = Instant::now();
+        let (a, b) = (Dedup::hash("a"), Dedup::hash("b"));
+
+        let (h, _rx) = Hold::new();
+        let buffer = h.share();
+        h.remember(&dedup, [a]);
+        h.commit();
+        assert!(!dedup.contains(a, t), "not before the buffer is written");
+        drop(buffer); // the write failed
+        assert!(!dedup.contains(a, t), "a failed unit remembers nothing");
+
+        let (h, _rx) = Hold::new();
+        let buffer = h.share();
+        h.remember(&dedup, [b]);
+        h.commit();
+        buffer.commit();
+        assert!(dedup.contains(b, t), "remembered once durable");
     }
 
     #[test]

@@ -206,14 +206,24 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         let _ = std::fs::remove_dir_all(work.join("out"));
     }
 
+    let mut service_rows = Vec::new();
     if let Some(endpoint) = &args.service_endpoint {
-        let (written, wall, cpu) = rt.block_on(service_run(endpoint, &input, geo.clone()))?;
-        assert_eq!(written, input.events, "every generated event is written");
-        rows.push(Row {
-            name: "service: S3 + SQS (moto), geo, gzip".to_owned(),
-            wall,
-            cpu,
-        });
+        // The shipped batch age first, then a 1 s one: files/s must not depend on it.
+        for max_age in [Config::default().batch.max_age_secs, 1] {
+            let run = rt.block_on(service_run(endpoint, &input, geo.clone(), max_age))?;
+            assert_eq!(
+                run.written, input.events,
+                "every generated event is written"
+            );
+            if max_age == 1 {
+                rows.push(Row {
+                    name: "service: S3 + SQS (moto), geo, gzip".to_owned(),
+                    wall: run.drained,
+                    cpu: run.cpu,
+                });
+            }
+            service_rows.push(run);
+        }
     }
 
     let row = |name: &str| rows.iter().find(|r| r.name == name);
@@ -257,6 +267,37 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     if let Some(note) = transform_note {
         println!("{note}");
     }
+    if !service_rows.is_empty() {
+        println!();
+        println!(
+            "{:<24} {:>8} {:>8} {:>10} {:>13} {:>10} {:>10} {:>10}",
+            "service (S3 + SQS)",
+            "max_age",
+            "files/s",
+            "events/s",
+            "peak unacked",
+            "ack p50 s",
+            "ack p99 s",
+            "drained s"
+        );
+        for r in &service_rows {
+            let split = r.split.as_secs_f64().max(1e-9);
+            println!(
+                "{:<24} {:>8} {:>8.1} {:>10.0} {:>13} {:>10.1} {:>10.1} {:>10.1}",
+                "geo, gzip",
+                r.max_age,
+                input.files.len() as f64 / split,
+                input.events as f64 / split,
+                r.peak_unacked,
+                r.ack_p50,
+                r.ack_p99,
+                r.drained.as_secs_f64()
+            );
+        }
+        println!(
+            "(files/s, events/s: until every file is received, split and buffered; ack: receive to delete; drained: until the queue is empty)"
+        );
+    }
 
     if args.single_file_mb > 0 {
         let big = generate(
@@ -278,14 +319,98 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// Uploads the files to S3 and announces each on SQS (untimed), then runs the service until
-/// the queue is drained (timed). Returns events written, wall time and CPU seconds; the CPU
-/// seconds include the in-process AWS clients but not the server.
+/// One service run of the benchmark.
+struct ServiceRun {
+    max_age: u64,
+    written: u64,
+    /// Until every file was split and buffered.
+    split: Duration,
+    /// Until the queue was empty (every message acknowledged).
+    drained: Duration,
+    cpu: f64,
+    peak_unacked: i64,
+    ack_p50: f64,
+    ack_p99: f64,
+}
+
+/// What the benchmark reads from the process's own metrics while the service runs.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Gauges {
+    files: f64,
+    unacked: i64,
+    /// Acknowledgement latency histogram: (upper bound, cumulative count).
+    ack: Vec<(f64, f64)>,
+}
+
+fn gauges(text: &str) -> Gauges {
+    let mut g = Gauges::default();
+    for line in text.lines() {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(v) = value.parse::<f64>() else {
+            continue;
+        };
+        if name.starts_with("trailhose_files_total{") {
+            g.files += v;
+        } else if name == "trailhose_sqs_messages_in_flight" {
+            g.unacked = v as i64;
+        } else if let Some(le) = name
+            .strip_prefix("trailhose_sqs_ack_seconds_bucket{le=\"")
+            .and_then(|r| r.strip_suffix("\"}"))
+        {
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap_or(f64::INFINITY)
+            };
+            g.ack.push((bound, v));
+        }
+    }
+    g
+}
+
+/// The `q` quantile of the latencies observed between two snapshots of the histogram,
+/// interpolated within its bucket as Prometheus' histogram_quantile does.
+fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let counts: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| {
+            let b = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, c - b)
+        })
+        .collect();
+    let total = counts.last().map_or(0.0, |(_, c)| *c);
+    if total <= 0.0 {
+        return 0.0;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (le, c) in counts {
+        if c >= rank {
+            if le.is_infinite() {
+                return lower;
+            }
+            let within = (c - below).max(1e-9);
+            return lower + (le - lower) * (rank - below) / within;
+        }
+        (lower, below) = (le, c);
+    }
+    lower
+}
+
+/// Uploads the files to S3 and announces each on SQS (untimed), then runs the service at
+/// `max_age` until the queue is drained (timed), sampling the ledger. The CPU seconds include
+/// the in-process AWS clients but not the server.
 async fn service_run(
     endpoint: &str,
     input: &Input,
     geo: Option<PathBuf>,
-) -> Result<(u64, Duration, f64), BenchError> {
+    max_age: u64,
+) -> Result<ServiceRun, BenchError> {
     use crate::config::{BucketConfig, SqsConfig};
     let fail = |what: &str, e: String| BenchError::Io(what.to_owned(), std::io::Error::other(e));
     let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
@@ -345,7 +470,7 @@ async fn service_run(
     cfg.output.s3.endpoint_url = Some(endpoint.to_owned());
     cfg.output.s3.force_path_style = true;
     cfg.geoip.city_db = geo;
-    cfg.batch.max_age_secs = 1;
+    cfg.batch.max_age_secs = max_age;
     cfg.server.listen = "127.0.0.1:0".into();
     cfg.server.shutdown_grace_secs = 60;
     cfg.source.sqs = Some(SqsConfig {
@@ -360,9 +485,21 @@ async fn service_run(
         force_path_style: true,
         ..BucketConfig::default()
     }];
+    let files = input.files.len() as f64;
+    let base = gauges(&crate::metrics::METRICS.render());
+    let t0 = Instant::now();
+    let sampled = std::sync::Mutex::new((None::<Duration>, 0i64, base.clone()));
     let drained = async {
         loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = gauges(&crate::metrics::METRICS.render());
+            if let Ok(mut s) = sampled.lock() {
+                s.1 = s.1.max(now.unacked);
+                if s.0.is_none() && now.files - base.files >= files {
+                    s.0 = Some(t0.elapsed());
+                }
+                s.2 = now;
+            }
             let attrs = sqs
                 .get_queue_attributes()
                 .queue_url(&queue_url)
@@ -389,13 +526,21 @@ async fn service_run(
         }
     };
     let cpu0 = cpu_seconds();
-    let t0 = Instant::now();
     let report = crate::pipeline::service::run(&cfg, drained).await?;
-    Ok((
-        report.written.event_records,
-        t0.elapsed(),
-        cpu_seconds() - cpu0,
-    ))
+    let drained = t0.elapsed();
+    let cpu = cpu_seconds() - cpu0;
+    let (split, peak_unacked, _) = sampled.into_inner().unwrap_or((None, 0, Gauges::default()));
+    let end = gauges(&crate::metrics::METRICS.render());
+    Ok(ServiceRun {
+        max_age,
+        written: report.written.event_records,
+        split: split.unwrap_or(drained),
+        drained,
+        cpu,
+        peak_unacked,
+        ack_p50: quantile(&base.ack, &end.ack, 0.5),
+        ack_p99: quantile(&base.ack, &end.ack, 0.99),
+    })
 }
 
 /// Writes delivery files (gzip, as CloudTrail does) under `dir` in the delivery layout.
@@ -544,4 +689,24 @@ fn child_peak_rss(input: &Path, out: &Path, geo: &Path) -> Result<(Duration, u64
     let _ = std::io::stdout().flush();
     let _ = std::fs::remove_dir_all(out);
     Ok((t0.elapsed(), peak))
+}
+
+#[cfg(test)]
+mod service_tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_from_histogram_deltas() {
+        let before = vec![(1.0, 2.0), (10.0, 2.0), (f64::INFINITY, 2.0)];
+        let after = vec![(1.0, 2.0), (10.0, 102.0), (f64::INFINITY, 102.0)];
+        let p50 = quantile(&before, &after, 0.5);
+        assert!((p50 - 5.5).abs() < 1e-9, "{p50}");
+        assert_eq!(quantile(&before, &before, 0.5), 0.0);
+        let g = gauges(
+            "trailhose_files_total{outcome=\"ok\"} 3\ntrailhose_files_total{outcome=\"error\"} 1\ntrailhose_sqs_messages_in_flight 7\ntrailhose_sqs_ack_seconds_bucket{le=\"0.5\"} 4\ntrailhose_sqs_ack_seconds_bucket{le=\"+Inf\"} 9\n",
+        );
+        assert_eq!(g.files, 4.0);
+        assert_eq!(g.unacked, 7);
+        assert_eq!(g.ack, vec![(0.5, 4.0), (f64::INFINITY, 9.0)]);
+    }
 }

@@ -133,6 +133,9 @@ pub struct SourceConfig {
     pub buckets: Vec<BucketConfig>,
 }
 
+/// The longest batch age with an SQS source: an hour inside SQS's 12-hour visibility limit.
+pub const MAX_AGE_WITH_SQS: u64 = 11 * 3600;
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SqsConfig {
@@ -143,6 +146,9 @@ pub struct SqsConfig {
     pub max_messages: i32,
     pub visibility_timeout_secs: i32,
     pub max_files_in_flight: usize,
+    /// Messages received and not yet acknowledged (waiting for their buffers to be written);
+    /// receiving pauses at this many. SQS allows 120,000 in flight per queue.
+    pub max_unacked_messages: usize,
 }
 
 impl Default for SqsConfig {
@@ -155,6 +161,7 @@ impl Default for SqsConfig {
             max_messages: 10,
             visibility_timeout_secs: 300,
             max_files_in_flight: 8,
+            max_unacked_messages: 5000,
         }
     }
 }
@@ -626,6 +633,20 @@ impl Config {
                     "must be at least 1",
                 ));
             }
+            if !(1..=120_000).contains(&sqs.max_unacked_messages) {
+                return Err(invalid(
+                    "source.sqs.max_unacked_messages",
+                    "must be 1..=120000 (SQS's in-flight limit)",
+                ));
+            }
+            // A message waits for its buffers to age out, invisible by heartbeat; SQS keeps it
+            // invisible for at most 12 hours from receipt, so buffers must seal well before.
+            if self.batch.max_age_secs > MAX_AGE_WITH_SQS {
+                return Err(invalid(
+                    "batch.max_age_secs",
+                    "must be at most 39600 (11 hours) with [source.sqs]: SQS keeps a message invisible for at most 12 hours",
+                ));
+            }
         }
         if let Some(k) = &self.output.kinesis {
             if k.stream.is_empty() {
@@ -1048,6 +1069,14 @@ mod tests {
         assert!(err("[output.s3]\nstorage_class = \"COLD\"\n").contains("output.s3.storage_class"));
         assert!(err("[output]\nerror_prefix = \"year=\"\n").contains("output.error_prefix"));
         assert!(err("[source.sqs]\nqueue_url = \"q\"\n").contains("source.sqs.queue_url"));
+        assert!(
+            err("[source.sqs]\nqueue_url = \"http://x/q\"\nmax_unacked_messages = 0\n")
+                .contains("source.sqs.max_unacked_messages")
+        );
+        assert!(
+            err("[batch]\nmax_age_secs = 50000\n[source.sqs]\nqueue_url = \"http://x/q\"\n")
+                .contains("batch.max_age_secs")
+        );
         assert!(
             err("[source.sqs]\nqueue_url = \"http://x/q\"\nmax_messages = 11\n")
                 .contains("source.sqs.max_messages")

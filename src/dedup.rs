@@ -7,6 +7,10 @@
 //! share a hash with probability about n / 2^64 per lookup (n remembered events): about 1e-13
 //! at the default 2 million, so a distinct event is practically never dropped. The set is shared
 //! by all workers (sharded locks): a repeat is caught whichever worker sees it.
+//!
+//! An eventID is remembered only once the unit that carried it (message, batch, file) is
+//! durably written (`Hold::remember`): a unit that fails and comes back is not its own repeat.
+//! Copies of one event in two units in flight at the same time are both kept (at-least-once).
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
@@ -40,17 +44,19 @@ impl Dedup {
         }
     }
 
-    /// True when `event_id` was seen within the window (the event is a repeat); otherwise
-    /// remembers it.
-    pub fn seen(&self, event_id: &str, now: Instant) -> bool {
-        // A fixed-key hasher: the same id hashes the same in every worker.
-        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(event_id);
-        let bucket = (now.saturating_duration_since(self.epoch).as_nanos()
-            / self.span.as_nanos().max(1)) as u64;
-        let Ok(mut shard) = self.shards[(h as usize) % SHARDS].lock() else {
-            // A worker panicked holding the lock: keep the event (at-least-once).
-            return false;
-        };
+    /// The 64-bit key an eventID is remembered by. A fixed-key hasher: the same id hashes the
+    /// same in every worker.
+    pub fn hash(event_id: &str) -> u64 {
+        BuildHasherDefault::<DefaultHasher>::default().hash_one(event_id)
+    }
+
+    fn bucket(&self, now: Instant) -> u64 {
+        (now.saturating_duration_since(self.epoch).as_nanos() / self.span.as_nanos().max(1)) as u64
+    }
+
+    fn shard(&self, h: u64, bucket: u64) -> Option<std::sync::MutexGuard<'_, Shard>> {
+        // A worker panicked holding the lock: the caller keeps the event (at-least-once).
+        let mut shard = self.shards[(h as usize) % SHARDS].lock().ok()?;
         while let Some((b, set)) = shard.buckets.front() {
             if b + BUCKETS > bucket && shard.len < self.max_per_shard {
                 break;
@@ -59,16 +65,42 @@ impl Dedup {
             shard.buckets.pop_front();
             shard.len -= n;
         }
-        if shard.buckets.iter().any(|(_, s)| s.contains(&h)) {
+        Some(shard)
+    }
+
+    /// True when the event with this hash was remembered within the window (it is a repeat of
+    /// an event already written).
+    pub fn contains(&self, h: u64, now: Instant) -> bool {
+        self.shard(h, self.bucket(now))
+            .is_some_and(|s| s.buckets.iter().any(|(_, set)| set.contains(&h)))
+    }
+
+    /// Remembers events that are now durably written.
+    pub fn record(&self, hashes: &[u64], now: Instant) {
+        let bucket = self.bucket(now);
+        for &h in hashes {
+            let Some(mut shard) = self.shard(h, bucket) else {
+                continue;
+            };
+            if shard.buckets.back().is_none_or(|(b, _)| *b != bucket) {
+                shard.buckets.push_back((bucket, HashSet::new()));
+            }
+            if let Some((_, set)) = shard.buckets.back_mut()
+                && set.insert(h)
+            {
+                shard.len += 1;
+            }
+        }
+    }
+
+    /// True when `event_id` was seen within the window (the event is a repeat); otherwise
+    /// remembers it at once (for runs without acknowledgement, such as tests).
+    pub fn seen(&self, event_id: &str, now: Instant) -> bool {
+        let h = Dedup::hash(event_id);
+        if self.contains(h, now) {
             return true;
         }
-        if shard.buckets.back().is_none_or(|(b, _)| *b != bucket) {
-            shard.buckets.push_back((bucket, HashSet::new()));
-        }
-        if let Some((_, set)) = shard.buckets.back_mut() {
-            set.insert(h);
-        }
-        shard.len += 1;
+        self.record(&[h], now);
         false
     }
 }

@@ -48,6 +48,7 @@ pub struct Metrics {
     visibility_extensions: IntCounter,
     lag_seconds: Histogram,
     sqs_message_age: Histogram,
+    sqs_ack_seconds: Histogram,
     open_buffers: IntGauge,
     buffered_bytes: IntGauge,
     transform_events: IntCounterVec,
@@ -139,9 +140,21 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     r.register(Box::new(sqs_message_age.clone()))
         .expect("metric registered once");
+    let sqs_ack_seconds = Histogram::with_opts(
+        HistogramOpts::new(
+            "trailhose_sqs_ack_seconds",
+            "Time from receiving an SQS message to deleting it (about batch.max_age_secs).",
+        )
+        .buckets(vec![
+            0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 400.0, 600.0, 1800.0, 3600.0,
+        ]),
+    )
+    .expect("valid metric");
+    r.register(Box::new(sqs_ack_seconds.clone()))
+        .expect("metric registered once");
     let messages_in_flight = IntGauge::new(
         "trailhose_sqs_messages_in_flight",
-        "SQS messages being worked on.",
+        "SQS messages received and not yet acknowledged (the ledger's entries).",
     )
     .expect("valid metric");
     r.register(Box::new(messages_in_flight.clone()))
@@ -218,6 +231,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         s3_request_seconds,
         lag_seconds,
         sqs_message_age,
+        sqs_ack_seconds,
         messages_in_flight,
         notifications: counter_vec(
             &r,
@@ -761,12 +775,35 @@ impl InternalEvent for MarkerWriteFailed<'_> {
     }
 }
 
-/// Every record of a message is written: the message was deleted.
-pub struct MessageDeleted;
+/// Every record of a message is written: the message was deleted, `latency` after it was
+/// received.
+pub struct MessageDeleted {
+    pub latency: Duration,
+}
 
 impl InternalEvent for MessageDeleted {
     fn emit(self) {
         METRICS.messages_deleted.inc();
+        METRICS.sqs_ack_seconds.observe(self.latency.as_secs_f64());
+    }
+}
+
+/// A message waited so long that SQS's 12-hour visibility limit is near: its heartbeat stops
+/// and it will be delivered again.
+pub struct VisibilityLimitReached<'a> {
+    pub message_id: &'a str,
+}
+
+impl InternalEvent for VisibilityLimitReached<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            message_id = self.message_id,
+            "message near SQS's 12-hour visibility limit; it will be redelivered"
+        );
+        METRICS
+            .errors
+            .with_label_values(&["ack", "visibility_limit"])
+            .inc();
     }
 }
 

@@ -3,300 +3,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::types::QueueAttributeName;
-use common::checks::{check_fixture_output, fixture_dbs, id_of, split_output};
+use common::checks::{check_fixture_output, split_output};
+use common::sqs::*;
 use common::{Moto, TempDir, eventually, fixtures, free_port, http_get, s3_objects, upload_tree};
-
-const DAY: &str = "AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18";
-
-struct Queues {
-    url: String,
-    dlq_url: String,
-}
-
-async fn make_queues(sqs: &aws_sdk_sqs::Client, name: &str, max_receive: u32) -> Queues {
-    let dlq_url = sqs
-        .create_queue()
-        .queue_name(format!("{name}-dlq"))
-        .send()
-        .await
-        .expect("create dlq")
-        .queue_url
-        .expect("dlq url");
-    let dlq_arn = sqs
-        .get_queue_attributes()
-        .queue_url(&dlq_url)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .expect("dlq attrs")
-        .attributes
-        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-        .expect("dlq arn");
-    let url = sqs
-        .create_queue()
-        .queue_name(name)
-        .attributes(
-            QueueAttributeName::RedrivePolicy,
-            format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{max_receive}"}}"#),
-        )
-        .send()
-        .await
-        .expect("create queue")
-        .queue_url
-        .expect("queue url");
-    Queues { url, dlq_url }
-}
-
-async fn depth(sqs: &aws_sdk_sqs::Client, url: &str) -> (u64, u64) {
-    let attrs = sqs
-        .get_queue_attributes()
-        .queue_url(url)
-        .attribute_names(QueueAttributeName::All)
-        .send()
-        .await
-        .expect("attrs")
-        .attributes
-        .unwrap_or_default();
-    let get = |k: QueueAttributeName| attrs.get(&k).and_then(|v| v.parse().ok()).unwrap_or(0);
-    (
-        get(QueueAttributeName::ApproximateNumberOfMessages),
-        get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-    )
-}
-
-async fn send(sqs: &aws_sdk_sqs::Client, url: &str, body: &str) {
-    sqs.send_message()
-        .queue_url(url)
-        .message_body(body)
-        .send()
-        .await
-        .expect("send");
-}
-
-fn sns(message: &str) -> String {
-    serde_json::json!({
-        "Type": "Notification",
-        "MessageId": "5b2c3f0e-0000-4000-8000-000000000001",
-        "TopicArn": "arn:aws:sns:us-east-1:111122223333:cloudtrail-topic",
-        "Message": message,
-        "Timestamp": "2024-03-18T14:20:00.000Z",
-        "SignatureVersion": "1"
-    })
-    .to_string()
-}
-
-fn cloudtrail(bucket: &str, keys: &[&str]) -> String {
-    serde_json::json!({"s3Bucket": bucket, "s3ObjectKey": keys}).to_string()
-}
-
-fn s3_event(bucket: &str, encoded_key: &str) -> String {
-    serde_json::json!({"Records": [{
-        "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
-        "eventTime": "2024-03-18T14:20:00.000Z", "eventName": "ObjectCreated:Put",
-        "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket, "arn": format!("arn:aws:s3:::{bucket}")},
-               "object": {"key": encoded_key, "size": 100}}
-    }]})
-    .to_string()
-}
-
-fn eventbridge(bucket: &str, key: &str) -> String {
-    serde_json::json!({
-        "version": "0", "id": "17793124-05d4-b198-2fde-7ededc63b103", "detail-type": "Object Created",
-        "source": "aws.s3", "account": "111122223333", "time": "2024-03-18T14:20:00Z", "region": "us-east-1",
-        "resources": [format!("arn:aws:s3:::{bucket}")],
-        "detail": {"version": "0", "bucket": {"name": bucket}, "object": {"key": key, "size": 100}, "reason": "PutObject"}
-    })
-    .to_string()
-}
-
-fn write_config(dir: &Path, moto: &Moto, queue_url: &str, port: u16, max_age_secs: u64) -> String {
-    write_config_via(
-        dir,
-        &moto.endpoint,
-        &moto.endpoint,
-        queue_url,
-        port,
-        max_age_secs,
-    )
-}
-
-/// `s3_ep` is where both the input and the output buckets are reached (moto, or a proxy).
-fn write_config_via(
-    dir: &Path,
-    s3_ep: &str,
-    sqs_ep: &str,
-    queue_url: &str,
-    port: u16,
-    max_age_secs: u64,
-) -> String {
-    let (city, asn) = fixture_dbs(dir);
-    let path = dir.join("run.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[output]
-url = "s3://trail-out/ct/"
-[output.s3]
-endpoint_url = "{s3_ep}"
-force_path_style = true
-[batch]
-max_age_secs = {max_age_secs}
-[geoip]
-city_db = "{city}"
-asn_db = "{asn}"
-[source.sqs]
-queue_url = "{queue_url}"
-endpoint_url = "{sqs_ep}"
-wait_time_secs = 1
-visibility_timeout_secs = 3
-max_files_in_flight = 4
-[[source.buckets]]
-name = "trail-logs"
-endpoint_url = "{s3_ep}"
-force_path_style = true
-[server]
-listen = "127.0.0.1:{port}"
-shutdown_grace_secs = 20
-"#
-        ),
-    )
-    .expect("config");
-    path.display().to_string()
-}
-
-/// A `trailhose run` child, killed on drop so a failing test leaves no worker behind.
-struct Worker(Child);
-
-impl std::ops::Deref for Worker {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Worker {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_worker(moto: &Moto, config: &str, log: &Path) -> Worker {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
-    cmd.args(["run", "--config", config])
-        .env("TRAILHOSE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log file"));
-    for (k, v) in moto.env() {
-        cmd.env(k, v);
-    }
-    Worker(cmd.spawn().expect("start trailhose run"))
-}
-
-/// The value of the first `/metrics` line starting with `name` (include the space or `{` that
-/// ends the name); 0 when the worker does not answer or has no such line yet.
-fn metric(port: u16, name: &str) -> f64 {
-    let text = http_get(port, "/metrics")
-        .map(|(_, m)| m)
-        .unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// A fresh moto with the work queue (and its DLQ), the input bucket and the output bucket.
-async fn setup(queue: &str, max_receive: u32) -> (Moto, Queues) {
-    let moto = Moto::start();
-    let q = make_queues(&moto.sqs(), queue, max_receive).await;
-    let s3 = moto.s3();
-    for b in ["trail-logs", "trail-out"] {
-        s3.create_bucket().bucket(b).send().await.expect("bucket");
-    }
-    (moto, q)
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
-/// Waits for the child to exit within `secs`; returns whether it exited successfully.
-fn wait_exit(child: &mut Child, secs: u64) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status.success();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "worker did not exit within {secs}s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Uploads `n` generated delivery files to `trail-logs` and announces each on the queue with a
-/// CloudTrail notification. Returns their eventIDs, sorted.
-async fn seed_generated(
-    moto: &Moto,
-    queue_url: &str,
-    n: u64,
-    seed: u64,
-    bytes: usize,
-) -> Vec<String> {
-    let (s3, sqs) = (moto.s3(), moto.sqs());
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let json = trailhose::synth::Generator::new(seed + i).delivery_file(bytes);
-        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
-        let records = v["Records"].as_array().expect("records");
-        ids.extend(
-            records
-                .iter()
-                .map(|r| r["eventID"].as_str().expect("id").to_owned()),
-        );
-        let key = format!("{DAY}/gen-{seed}-{i:03}.json.gz");
-        s3.put_object()
-            .bucket("trail-logs")
-            .key(&key)
-            .body(fixtures::gzip(&json).into())
-            .send()
-            .await
-            .expect("put");
-        send(&sqs, queue_url, &cloudtrail("trail-logs", &[&key])).await;
-    }
-    ids.sort();
-    ids
-}
-
-/// Every eventID written under the output prefix, sorted (repeats kept).
-async fn written_ids(s3: &aws_sdk_s3::Client) -> Vec<String> {
-    let objects = s3_objects(s3, "trail-out", "ct/").await;
-    let mut ids: Vec<String> = split_output(&objects)
-        .events
-        .iter()
-        .map(|(_, l)| id_of(l))
-        .collect();
-    ids.sort();
-    ids
-}
 
 /// Uploads the fixture set to `trail-logs` and announces every file, in every notification
 /// shape, plus messages that must be refused. Returns what the fixtures expect.
@@ -477,6 +189,9 @@ async fn worker_processes_every_notification_shape_acks_and_refuses_then_stops_o
     assert!(!log_text.contains("testing"), "no credential in logs");
 }
 
+/// At the default batch age: worker A is killed without warning while it holds messages whose
+/// records are only buffered; a restarted A and worker B take them over once their visibility
+/// lapses, and SIGTERM writes everything. Nothing is lost; repeats are counted and printed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_share_a_queue_and_a_killed_worker_loses_nothing() {
     let (moto, q) = setup("shared-work", 5).await;
@@ -490,39 +205,38 @@ async fn two_workers_share_a_queue_and_a_killed_worker_loses_nothing() {
     let dir_b = tmp.path().join("b");
     std::fs::create_dir_all(&dir_a).expect("a");
     std::fs::create_dir_all(&dir_b).expect("b");
-    let cfg_a = write_config(&dir_a, &moto, &q.url, pa, 1);
-    let cfg_b = write_config(&dir_b, &moto, &q.url, pb, 1);
+    let defaults = Settings::default();
+    let eps = (moto.endpoint.as_str(), moto.endpoint.as_str());
+    let cfg_a = write_config_with(&dir_a, eps, &q.url, pa, &defaults);
+    let cfg_b = write_config_with(&dir_b, eps, &q.url, pb, &defaults);
     let mut a = start_worker(&moto, &cfg_a, &dir_a.join("log"));
     let mut b = start_worker(&moto, &cfg_b, &dir_b.join("log"));
 
-    // Kill worker A without warning as soon as it has deleted some messages.
-    eventually(60, "worker A to acknowledge work", || async {
-        metric(pa, "trailhose_sqs_messages_deleted_total ") >= 1.0
+    // Kill worker A without warning once it has split some files (buffered, not written).
+    eventually(60, "worker A to split files", || async {
+        metric(pa, "trailhose_files_total{outcome=\"ok\"}") >= 3.0
     })
     .await;
     signal(&a, "-KILL");
     let _ = a.wait();
-    // Restart it: together with B it finishes the queue, including A's unacknowledged messages
-    // once their visibility timeout passes.
+    // Restart it: together with B it takes every message, A's once their visibility lapses.
     let mut a2 = start_worker(&moto, &cfg_a, &dir_a.join("log2"));
-    eventually(120, "the queue to drain", || async {
-        depth(&sqs, &q.url).await == (0, 0)
+    eventually(120, "every message to be held by a live worker", || async {
+        let held = metric(pa, "trailhose_sqs_messages_in_flight ")
+            + metric(pb, "trailhose_sqs_messages_in_flight ")
+            + metric(pa, "trailhose_sqs_messages_deleted_total ")
+            + metric(pb, "trailhose_sqs_messages_deleted_total ");
+        depth(&sqs, &q.url).await.0 == 0 && held >= 40.0
     })
     .await;
     signal(&a2, "-TERM");
     signal(&b, "-TERM");
     assert!(wait_exit(&mut a2, 25));
     assert!(wait_exit(&mut b, 25));
+    assert_eq!(depth(&sqs, &q.url).await, (0, 0), "every message deleted");
 
     let got = written_ids(&s3).await;
-    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-    for id in &got {
-        *counts.entry(id.as_str()).or_default() += 1;
-    }
-    let missing: Vec<&String> = expected
-        .iter()
-        .filter(|id| !counts.contains_key(id.as_str()))
-        .collect();
+    let (counts, missing) = tally(&got, &expected);
     assert!(
         missing.is_empty(),
         "{} events lost, e.g. {:?}",
@@ -531,7 +245,7 @@ async fn two_workers_share_a_queue_and_a_killed_worker_loses_nothing() {
     );
     let duplicates = got.len() - counts.len();
     eprintln!(
-        "SIGKILL test: {} events expected, {} written, {duplicates} duplicates (files in flight at the kill)",
+        "SIGKILL test: {} events expected, {} written, {duplicates} repeats",
         expected.len(),
         got.len()
     );

@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
-use super::engine::{Engine, Input};
+use super::dispatch;
+use super::engine::Engine;
 use super::{PipelineError, Tally};
 use crate::ack::Hold;
 use crate::config::{BucketConfig, Config};
 use crate::fetch::{S3Fetcher, S3Lister};
-use crate::metrics::{self, FileFetchFailed, MarkerWriteFailed};
+use crate::metrics::{self, MarkerWriteFailed};
 use crate::sink::write::{Store, Written};
 use crate::source::backfill::{self, Spec};
 use crate::source::notification::ObjectRef;
@@ -100,10 +101,12 @@ pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineEr
     );
 
     let files = engine.submitter();
+    let fetch_slots = Arc::new(tokio::sync::Semaphore::new(cfg.workers() * 2));
     let mut markers = JoinSet::new();
     let mut fetches = JoinSet::new();
     for key in todo {
-        let Some(permit) = files.permit().await else {
+        // Bounds fetches in flight (the dispatch then waits for room in the engine).
+        let Ok(slot) = fetch_slots.clone().acquire_owned().await else {
             break;
         };
         let (files, fetcher, store, bucket) = (
@@ -120,21 +123,12 @@ pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineEr
                 key,
                 size: None,
             };
-            match fetcher.get(&obj).await {
-                Ok(bytes) => {
-                    let source = format!("s3://{}/{}", obj.bucket, obj.key);
-                    files.submit_with(source, Input::Bytes(bytes), Some(hold), permit);
-                    true
-                }
-                Err(e) => {
-                    metrics::emit(FileFetchFailed {
-                        source: &format!("s3://{}/{}", obj.bucket, obj.key),
-                        error: &e,
-                    });
-                    hold.fail();
-                    false
-                }
-            }
+            let source = format!("s3://{}/{}", obj.bucket, obj.key);
+            let done = dispatch::fetch_and_submit(&fetcher, &files, &source, &[obj], hold).await;
+            drop(slot);
+            // A file that cannot be read for good is in the error output and gets its marker;
+            // it still counts as failed in the report.
+            matches!(done, Ok(d) if d.unreadable == 0)
         });
     }
     drop(files);

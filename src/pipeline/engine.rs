@@ -27,6 +27,8 @@ pub enum Input {
     Bytes(Bytes),
     /// A local file, streamed so that memory never follows its size.
     Path(PathBuf),
+    /// A notified file that cannot be read for good (gone, forbidden): an error record says so.
+    Unreadable(String),
 }
 
 struct FileJob {
@@ -272,6 +274,9 @@ fn worker_loop(
             Ok(job) => match job.input {
                 Input::Bytes(b) => {
                     worker.process(&job.source, &b[..], job.hold, &mut out);
+                }
+                Input::Unreadable(detail) => {
+                    worker.unreadable(&job.source, &detail, job.hold, &mut out);
                 }
                 Input::Path(p) => match std::fs::File::open(&p) {
                     Ok(f) => {

@@ -3,11 +3,14 @@
 //! reads local files; `service` is the SQS-driven production mode.
 
 pub mod backfill;
+pub mod dispatch;
 pub mod engine;
 pub mod kinesis;
+pub mod ledger;
 pub mod service;
 
 use std::cell::Cell;
+use std::collections::HashSet;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -133,6 +136,8 @@ pub struct FileWorker {
     reported: (i64, i64),
     /// Shared by all workers, when `[dedup]` is configured.
     dedup: Option<Arc<Dedup>>,
+    /// eventID hashes of the file being processed, remembered when its unit is acknowledged.
+    fresh: HashSet<u64>,
     pub tally: Tally,
 }
 
@@ -174,6 +179,7 @@ impl FileWorker {
             }),
             reported: (0, 0),
             dedup: None,
+            fresh: HashSet::new(),
             tally: Tally::default(),
         }
     }
@@ -196,8 +202,18 @@ impl FileWorker {
         out: &mut impl FnMut(Sealed),
     ) -> FileOutcome {
         self.hold = hold;
+        self.fresh.clear();
         let outcome = self.process_inner(source, reader, out);
         self.report_buffers();
+        if let Some(d) = &self.dedup
+            && outcome == FileOutcome::Handled
+        {
+            // Remembered when the unit is durable; without a unit (local files), at once.
+            match &self.hold {
+                Some(h) => h.remember(d, self.fresh.drain()),
+                None => d.record(&self.fresh.drain().collect::<Vec<_>>(), Instant::now()),
+            }
+        }
         if let Some(h) = self.hold.take() {
             match outcome {
                 FileOutcome::Handled => h.commit(),
@@ -205,6 +221,28 @@ impl FileWorker {
             }
         }
         outcome
+    }
+
+    /// Records a notified file that cannot be fetched for good (see `dispatch`) in the error
+    /// output; its unit goes on.
+    pub fn unreadable(
+        &mut self,
+        source: &str,
+        detail: &str,
+        hold: Option<Hold>,
+        out: &mut impl FnMut(Sealed),
+    ) {
+        self.hold = hold;
+        self.tally.files += 1;
+        self.tally.failed_files += 1;
+        self.error_record(
+            out,
+            ErrorRecord::new(source, "fetch", "object_unreadable", detail),
+        );
+        self.report_buffers();
+        if let Some(h) = self.hold.take() {
+            h.commit();
+        }
     }
 
     fn process_inner(
@@ -256,6 +294,7 @@ impl FileWorker {
             fallback: 0,
             error_records: 0,
             dedup: self.dedup.as_deref(),
+            fresh: &mut self.fresh,
             duplicates: 0,
         };
         let (geo, stage) = (&mut self.geo, &mut self.stage);
@@ -483,15 +522,20 @@ struct Route<'w> {
     fallback: u64,
     error_records: u64,
     dedup: Option<&'w Dedup>,
+    fresh: &'w mut HashSet<u64>,
     duplicates: u64,
 }
 
 impl Route<'_> {
-    /// True (and counted) when `[dedup]` has seen this eventID: the event is dropped before
-    /// enrichment and transforms, so events a module splits out of one event all stay.
+    /// True (and counted) when `[dedup]` has this eventID from an acknowledged unit, or this
+    /// file carried it already: the event is dropped before enrichment and transforms, so events
+    /// a module splits out of one event all stay.
     fn duplicate(&mut self, head: &Head<'_>) -> bool {
         let seen = match (self.dedup, head.event_id.as_deref()) {
-            (Some(d), Some(id)) => d.seen(id, Instant::now()),
+            (Some(d), Some(id)) => {
+                let h = Dedup::hash(id);
+                d.contains(h, Instant::now()) || !self.fresh.insert(h)
+            }
             _ => false,
         };
         self.duplicates += u64::from(seen);

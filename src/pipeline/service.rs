@@ -3,23 +3,28 @@
 //! file it names is durably written.
 //!
 //! Tasks and threads:
-//! * the receive loop long-polls SQS while there is room for more messages;
-//! * one task per message parses it, keeps it invisible (heartbeat), fetches its files and hands
-//!   them to the workers, then waits for its `Hold` to settle and deletes or abandons it;
+//! * the receive loop long-polls SQS while the ledger has room (`ledger`);
+//! * one short task per message parses it, puts it in the ledger and hands its files on
+//!   (`dispatch`); its receive slot is free as soon as its files are handed on, not when they
+//!   are written, so throughput does not depend on `batch.max_age_secs`;
 //! * worker threads split, enrich and buffer files (`FileWorker`), sealing buffers by size and
-//!   age; the uploader writes sealed batches and commits their holds.
+//!   age; the uploader writes sealed batches and commits their holds;
+//! * the ledger's driver heartbeats waiting messages and deletes settled ones, ten per call.
 //!
 //! Memory is bounded by configuration: at most `max_files_in_flight` fetched files wait or are
-//! being split, and buffers are bounded by the batch limits, whatever the queue's depth.
+//! being split, at most `max_unacked_messages` messages are tracked, and buffers are bounded by
+//! the batch limits, whatever the queue's depth.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::engine::{Engine, Input, Submitter};
+use super::dispatch;
+use super::engine::{Engine, Submitter};
+use super::ledger::{Ledger, Pressure, Room};
 use super::{PipelineError, Tally};
 use crate::ack::Hold;
 use crate::config::Config;
@@ -27,7 +32,7 @@ use crate::fetch::S3Fetcher;
 use crate::metrics::{self, *};
 use crate::server::{self, Check};
 use crate::sink::write::Written;
-use crate::source::notification::{self, Notification, is_digest_key};
+use crate::source::notification::{self, Notification};
 use crate::source::sqs::{Received, Sqs};
 
 /// What a service run did, for its last log line.
@@ -39,7 +44,7 @@ pub struct ServiceReport {
 }
 
 struct Shared {
-    sqs: Sqs,
+    sqs: Arc<Sqs>,
     fetcher: S3Fetcher,
 }
 
@@ -49,15 +54,26 @@ pub async fn run(
     cfg: &Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ServiceReport, PipelineError> {
+    run_with(cfg, shutdown, None).await
+}
+
+/// `run`, with receiving also paused while `pressure` says the buffered-bytes budget is
+/// reached.
+pub async fn run_with(
+    cfg: &Config,
+    shutdown: impl Future<Output = ()>,
+    pressure: Option<Pressure>,
+) -> Result<ServiceReport, PipelineError> {
     let sqs_cfg = cfg.sqs()?.clone();
     let engine = Engine::open(cfg, cfg.workers(), sqs_cfg.max_files_in_flight).await?;
     let store = engine.store();
 
     let shared = Arc::new(Shared {
-        sqs: Sqs::new(&sqs_cfg).await,
+        sqs: Arc::new(Sqs::new(&sqs_cfg).await),
         fetcher: S3Fetcher::new(&cfg.source.buckets).await,
     });
-
+    let (ledger, driver) =
+        Ledger::start(shared.sqs.clone(), sqs_cfg.max_unacked_messages, pressure);
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .map_err(|e| PipelineError::Worker(format!("listening on {}: {e}", cfg.server.listen)))?;
@@ -82,35 +98,42 @@ pub async fn run(
 
     let files = engine.submitter();
 
-    // Every message task holds a clone of `dispatching` until it has handed on all its files.
-    let (dispatching, mut dispatched) = mpsc::channel::<()>(1);
     let mut messages = JoinSet::new();
-    let max_in_flight = sqs_cfg
-        .max_files_in_flight
-        .max(sqs_cfg.max_messages as usize);
-    let message_slots = Arc::new(Semaphore::new(max_in_flight));
+    // Messages parsed and fetched at once; each slot is free once its files are handed on.
+    let slots = Arc::new(Semaphore::new(
+        sqs_cfg
+            .max_files_in_flight
+            .max(sqs_cfg.max_messages as usize),
+    ));
 
     tokio::pin!(shutdown);
     loop {
-        // Receive only when there is room, so memory never follows the queue's depth.
-        let room = tokio::select! {
+        // Receive only when the ledger has room, so memory never follows the queue's depth.
+        let mut rooms = tokio::select! {
             _ = &mut shutdown => break,
-            p = message_slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            r = ledger.reserve(sqs_cfg.max_messages as usize) => r,
         };
-        let want = (message_slots.available_permits() + 1).min(10) as i32;
+        if rooms.is_empty() {
+            break;
+        }
+        let received_at = Instant::now();
         let received = tokio::select! {
             _ = &mut shutdown => break,
-            r = shared.sqs.receive(want) => r,
+            r = shared.sqs.receive(rooms.len() as i32) => r,
         };
-        drop(room);
         match received {
             Ok(batch) => {
                 for msg in batch {
-                    let Ok(slot) = message_slots.clone().acquire_owned().await else {
+                    let (Some(room), Ok(slot)) = (rooms.pop(), slots.clone().acquire_owned().await)
+                    else {
                         break;
                     };
-                    let task =
-                        handle_message(shared.clone(), msg, files.clone(), dispatching.clone());
+                    let task = handle_message(
+                        shared.clone(),
+                        ledger.clone(),
+                        (msg, received_at, room),
+                        files.clone(),
+                    );
                     messages.spawn(async move {
                         task.await;
                         drop(slot);
@@ -130,19 +153,22 @@ pub async fn run(
 
     // Shutdown: stop receiving (done), let in-flight messages hand on their files, then close
     // the workers' input so they seal every buffer; the uploader writes them, holds settle,
-    // and message tasks delete what is committed. All within the grace period.
+    // and the ledger deletes what is committed. All within the grace period.
     tracing::info!("shutting down: flushing buffers");
     let grace = Duration::from_secs(cfg.server.shutdown_grace_secs);
     let stopping = Instant::now();
-    drop(dispatching);
     drop(files);
+    let driver_abort = driver.abort_handle();
     let drained = tokio::time::timeout(grace, async {
-        while dispatched.recv().await.is_some() {}
-        let finished = engine.finish().await;
         while messages.join_next().await.is_some() {}
+        drop(ledger);
+        let finished = engine.finish().await;
+        // Every hold has settled: the ledger deletes what is written and stops.
+        driver.finish().await;
         finished
     })
     .await;
+    driver_abort.abort();
     server.abort();
     match drained {
         Ok(Err(e)) => Err(e),
@@ -172,22 +198,20 @@ pub async fn run(
 
 async fn handle_message(
     shared: Arc<Shared>,
-    msg: Received,
+    ledger: Ledger,
+    (msg, received_at, room): (Received, Instant, Room),
     files: Submitter,
-    dispatching: mpsc::Sender<()>,
 ) {
-    metrics::emit(MessagesInFlight(1));
-    let id = msg.message_id.as_str();
+    let id = msg.message_id.clone();
     let objects = match notification::parse(&msg.body) {
         Err(e) => {
             // Left undeleted: it comes back after its visibility timeout and, after the queue's
             // maxReceiveCount, lands in the DLQ. Never retried in a hot loop.
             metrics::emit(MessageRefused {
-                message_id: id,
+                message_id: &id,
                 reason: e.reason(),
                 detail: &e.to_string(),
             });
-            metrics::emit(MessagesInFlight(-1));
             return;
         }
         Ok(Notification::Ignorable { shape, reason }) => {
@@ -195,21 +219,22 @@ async fn handle_message(
                 shape: shape.as_str(),
                 result: reason,
             });
-            delete(&shared, &msg).await;
-            metrics::emit(MessagesInFlight(-1));
+            // Nothing to write: acknowledged at once (in the ledger's next delete batch).
+            let (hold, settled) = Hold::new();
+            hold.commit();
+            ledger.track(msg, received_at, settled, room);
             return;
         }
         Ok(Notification::Objects { shape, objects }) => {
             if let Some(bad) = shared.fetcher.allowlist().first_refused(&objects) {
                 metrics::emit(MessageRefused {
-                    message_id: id,
+                    message_id: &id,
                     reason: "bucket_not_allowed",
                     detail: &format!(
                         "s3://{}/{} is outside the allowed buckets and prefixes",
                         bad.bucket, bad.key
                     ),
                 });
-                metrics::emit(MessagesInFlight(-1));
                 return;
             }
             metrics::emit(NotificationReceived {
@@ -220,74 +245,9 @@ async fn handle_message(
         }
     };
 
+    // In the ledger from here: heartbeated until its hold settles, then deleted or handed back.
     let (hold, settled) = Hold::new();
-    let heartbeat = tokio::spawn(heartbeat(shared.clone(), msg.receipt.clone()));
-    for obj in objects.iter().filter(|o| !is_digest_key(&o.key)) {
-        let Some(permit) = files.permit().await else {
-            break;
-        };
-        match shared.fetcher.get(obj).await {
-            Ok(bytes) => {
-                let source = format!("s3://{}/{}", obj.bucket, obj.key);
-                if !files.submit_with(source, Input::Bytes(bytes), Some(hold.share()), permit) {
-                    break;
-                }
-            }
-            Err(e) => {
-                metrics::emit(FetchFailed {
-                    message_id: id,
-                    error: &e,
-                });
-                hold.share().fail();
-                break;
-            }
-        }
-    }
-    drop(files);
-    drop(dispatching);
-    hold.commit();
-
-    let ok = settled.await.unwrap_or(false);
-    heartbeat.abort();
-    if ok {
-        delete(&shared, &msg).await;
-    } else {
-        metrics::emit(MessageAbandoned { message_id: id });
-        // Come back soon rather than after the full timeout, but not in a hot loop.
-        let retry_in = shared.sqs.visibility_timeout_secs.min(30);
-        if let Err(e) = shared.sqs.set_visibility(&msg.receipt, retry_in).await {
-            metrics::emit(SqsCallFailed {
-                operation: "change_message_visibility",
-                error: &e,
-            });
-        }
-    }
-    metrics::emit(MessagesInFlight(-1));
-}
-
-async fn delete(shared: &Shared, msg: &Received) {
-    match shared.sqs.delete(&msg.receipt).await {
-        Ok(()) => metrics::emit(MessageDeleted),
-        Err(e) => metrics::emit(SqsCallFailed {
-            operation: "delete_message",
-            error: &e,
-        }),
-    }
-}
-
-/// Keeps a message invisible while it is worked on: extends its visibility timeout at a third
-/// of the timeout, until aborted.
-async fn heartbeat(shared: Arc<Shared>, receipt: String) {
-    let vis = shared.sqs.visibility_timeout_secs;
-    let period = Duration::from_secs((vis as u64 / 3).max(1));
-    loop {
-        tokio::time::sleep(period).await;
-        match shared.sqs.set_visibility(&receipt, vis).await {
-            Ok(()) => metrics::emit(VisibilityExtended),
-            Err(e) => metrics::emit(SqsCallFailed {
-                operation: "change_message_visibility",
-                error: &e,
-            }),
-        }
-    }
+    ledger.track(msg, received_at, settled, room);
+    // A failure has failed the hold (and said why); the ledger hands the message back.
+    let _ = dispatch::fetch_and_submit(&shared.fetcher, &files, &id, &objects, hold).await;
 }

@@ -1,9 +1,13 @@
-//! The SQS queue that announces delivery files: receive (long polling), delete, extend.
+//! The SQS queue that announces delivery files: receive (long polling), and deletes and
+//! visibility changes in batches of up to ten, with an outcome per entry.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_sdk_sqs::error::ProvideErrorMetadata;
-use aws_sdk_sqs::types::MessageSystemAttributeName;
+use aws_sdk_sqs::types::{
+    BatchResultErrorEntry, ChangeMessageVisibilityBatchRequestEntry,
+    DeleteMessageBatchRequestEntry, MessageSystemAttributeName,
+};
 
 use crate::config::SqsConfig;
 use crate::metrics::{self, MessageReceived};
@@ -15,6 +19,59 @@ pub struct Received {
     pub message_id: String,
     pub receipt: String,
     pub body: String,
+}
+
+/// SQS takes at most ten entries per batch call.
+pub const BATCH: usize = 10;
+
+/// What became of one entry of a batch call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EntryOutcome {
+    Done,
+    /// The receipt handle is no longer valid (the message was received again elsewhere, or it
+    /// was deleted): nothing more can be done with it.
+    Gone(String),
+    /// Worth retrying (throttling, a server error, the whole call failed).
+    Failed(String),
+}
+
+fn entry_outcome(e: &BatchResultErrorEntry) -> EntryOutcome {
+    let detail = format!("{}: {}", e.code(), e.message().unwrap_or_default());
+    if receipt_gone(e.code()) {
+        EntryOutcome::Gone(detail)
+    } else {
+        EntryOutcome::Failed(detail)
+    }
+}
+
+/// Error codes that mean the receipt handle cannot be used again.
+fn receipt_gone(code: &str) -> bool {
+    matches!(
+        code,
+        "ReceiptHandleIsInvalid"
+            | "AWS.SimpleQueueService.ReceiptHandleIsInvalid"
+            | "InvalidReceiptHandle"
+            | "MessageNotInflight"
+            | "AWS.SimpleQueueService.MessageNotInflight"
+    )
+}
+
+/// Pairs each entry (by its index as batch id) with its outcome.
+fn outcomes(
+    n: usize,
+    failed: &[BatchResultErrorEntry],
+    call: Result<(), String>,
+) -> Vec<EntryOutcome> {
+    if let Err(e) = call {
+        return vec![EntryOutcome::Failed(e); n];
+    }
+    let mut out = vec![EntryOutcome::Done; n];
+    for f in failed {
+        if let Some(slot) = f.id().parse::<usize>().ok().and_then(|i| out.get_mut(i)) {
+            *slot = entry_outcome(f);
+        }
+    }
+    out
 }
 
 pub struct Sqs {
@@ -88,27 +145,62 @@ impl Sqs {
             .collect())
     }
 
-    pub async fn delete(&self, receipt: &str) -> Result<(), String> {
-        self.client
-            .delete_message()
+    /// Deletes up to `BATCH` messages in one call; one outcome per receipt, in order.
+    pub async fn delete_batch(&self, receipts: &[&str]) -> Vec<EntryOutcome> {
+        let entries: Vec<DeleteMessageBatchRequestEntry> = receipts
+            .iter()
+            .take(BATCH)
+            .enumerate()
+            .filter_map(|(i, r)| {
+                DeleteMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(*r)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        let n = entries.len();
+        let resp = self
+            .client
+            .delete_message_batch()
             .queue_url(&self.queue_url)
-            .receipt_handle(receipt)
+            .set_entries(Some(entries))
             .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| describe(&e))
+            .await;
+        match resp {
+            Ok(r) => outcomes(n, r.failed(), Ok(())),
+            Err(e) => outcomes(n, &[], Err(describe(&e))),
+        }
     }
 
-    pub async fn set_visibility(&self, receipt: &str, secs: i32) -> Result<(), String> {
-        self.client
-            .change_message_visibility()
+    /// Sets the visibility timeout of up to `BATCH` messages in one call; one outcome per
+    /// entry, in order.
+    pub async fn set_visibility_batch(&self, entries: &[(&str, i32)]) -> Vec<EntryOutcome> {
+        let entries: Vec<ChangeMessageVisibilityBatchRequestEntry> = entries
+            .iter()
+            .take(BATCH)
+            .enumerate()
+            .filter_map(|(i, (r, secs))| {
+                ChangeMessageVisibilityBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .receipt_handle(*r)
+                    .visibility_timeout(*secs)
+                    .build()
+                    .ok()
+            })
+            .collect();
+        let n = entries.len();
+        let resp = self
+            .client
+            .change_message_visibility_batch()
             .queue_url(&self.queue_url)
-            .receipt_handle(receipt)
-            .visibility_timeout(secs)
+            .set_entries(Some(entries))
             .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| describe(&e))
+            .await;
+        match resp {
+            Ok(r) => outcomes(n, r.failed(), Ok(())),
+            Err(e) => outcomes(n, &[], Err(describe(&e))),
+        }
     }
 
     /// Readiness: the queue exists and these credentials can see it.
@@ -141,6 +233,33 @@ fn queue_age(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_failures_map_to_their_entries() {
+        let fail = |id: &str, code: &str| {
+            BatchResultErrorEntry::builder()
+                .id(id)
+                .code(code)
+                .sender_fault(true)
+                .build()
+                .unwrap()
+        };
+        let got = outcomes(
+            4,
+            &[
+                fail("1", "ReceiptHandleIsInvalid"),
+                fail("3", "InternalError"),
+                fail("9", "InternalError"),
+            ],
+            Ok(()),
+        );
+        assert_eq!(got[0], EntryOutcome::Done);
+        assert!(matches!(got[1], EntryOutcome::Gone(_)));
+        assert_eq!(got[2], EntryOutcome::Done);
+        assert!(matches!(got[3], EntryOutcome::Failed(_)));
+        let all = outcomes(2, &[], Err("throttled".into()));
+        assert_eq!(all, vec![EntryOutcome::Failed("throttled".into()); 2]);
+    }
 
     #[test]
     fn queue_age_from_sent_timestamp() {

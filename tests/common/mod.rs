@@ -6,6 +6,7 @@ pub mod checks;
 pub mod faults;
 pub mod fixtures;
 pub mod mmdb;
+pub mod sqs;
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
