@@ -206,9 +206,11 @@ fn twenty_thousand_hours_in_one_file_stay_under_the_buffer_budget() {
         grown >> 10,
         BUDGET >> 10
     );
-    // The budget, plus allocator slack and what is sealed but not yet written.
+    // The budget bounds open buffers; on top come fixed working memory (compressor state,
+    // batches sealed and being written, allocator slack): 8 MiB. The same file with buffers
+    // allocated up front and no budget grows by about 90 MiB.
     assert!(
-        grown < BUDGET * 2,
+        grown < BUDGET + (8 << 20),
         "memory grew by {grown} bytes over a {BUDGET}-byte budget"
     );
 
