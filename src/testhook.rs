@@ -5,7 +5,9 @@
 //! `TRAILHOSE_TEST_FAULT` holds comma-separated `kind:needle` pairs, read once:
 //! - `worker_panic:NEEDLE`: a worker panics on the first file whose source contains NEEDLE;
 //! - `compress_panic:NEEDLE`: a compression thread panics on the first chunk containing NEEDLE;
-//! - `compress_fail:NEEDLE`: compressing the first chunk containing NEEDLE fails.
+//! - `compress_fail:NEEDLE`: compressing the first chunk containing NEEDLE fails;
+//! - `rebuild_panic:NEEDLE`: rebuilding a worker after a panic on a file whose source contains
+//!   NEEDLE panics too, so the worker is lost (`/healthz` then fails).
 //!
 //! Each fault fires once per process, so the redelivered unit then passes.
 
@@ -63,6 +65,17 @@ pub fn worker(source: &str) {
     #[cfg(debug_assertions)]
     if hooks::fires("worker_panic", source.as_bytes()) {
         panic!("test hook: worker_panic on {source}");
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = source;
+}
+
+/// `rebuild_panic`: called when a worker is rebuilt after a panic on `source`.
+#[inline]
+pub fn rebuild(source: &str) {
+    #[cfg(debug_assertions)]
+    if hooks::fires("rebuild_panic", source.as_bytes()) {
+        panic!("test hook: rebuild_panic on {source}");
     }
     #[cfg(not(debug_assertions))]
     let _ = source;

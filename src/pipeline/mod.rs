@@ -468,6 +468,7 @@ impl FileWorker {
             source,
             message,
         });
+        crate::testhook::rebuild(source);
         self.geo = None;
         self.geo_generation = u64::MAX;
         self.follow_geo();
