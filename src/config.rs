@@ -382,6 +382,9 @@ pub struct BatchConfig {
     pub max_bytes: u64,
     pub max_age_secs: u64,
     pub chunk_bytes: usize,
+    /// What all open buffers of the process may hold together; when reached, the oldest are
+    /// sealed early and sources stop receiving.
+    pub max_buffered_bytes: u64,
 }
 
 impl Default for BatchConfig {
@@ -391,6 +394,7 @@ impl Default for BatchConfig {
             max_bytes: 64 << 20,
             max_age_secs: 300,
             chunk_bytes: 4 << 20,
+            max_buffered_bytes: 256 << 20,
         }
     }
 }
@@ -603,6 +607,12 @@ impl Config {
             return Err(invalid(
                 "batch.chunk_bytes",
                 "must be between 64 KiB and 64 MiB",
+            ));
+        }
+        if b.max_buffered_bytes < 1 << 20 {
+            return Err(invalid(
+                "batch.max_buffered_bytes",
+                "must be at least 1 MiB",
             ));
         }
         if let Some(sqs) = &self.source.sqs {
@@ -1045,6 +1055,7 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.batch.max_records, 10_000);
         assert_eq!(c.batch.max_bytes, 64 << 20);
+        assert_eq!(c.batch.max_buffered_bytes, 256 << 20);
         assert_eq!(c.batch.max_age_secs, 300);
         assert_eq!(
             c.codec().unwrap(),
@@ -1062,6 +1073,7 @@ mod tests {
         assert!(err("[nope]\n").contains("nope"));
         assert!(err("[batch]\nmax_records = \"many\"\n").contains("max_records"));
         assert!(err("[batch]\nmax_records = 0\n").contains("batch.max_records"));
+        assert!(err("[batch]\nmax_buffered_bytes = 1000\n").contains("batch.max_buffered_bytes"));
         assert!(err("[output]\nkey_template = \"y={yr}/\"\n").contains("output.key_template"));
         assert!(err("[output]\ncompression = \"lz4\"\n").contains("compression"));
         assert!(err("[output]\nlevel = 40\n").contains("output.level"));

@@ -19,5 +19,6 @@ pub mod server;
 pub mod sink;
 pub mod source;
 pub mod synth;
+pub mod testhook;
 pub mod transform;
 pub mod watch;

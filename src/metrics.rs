@@ -51,6 +51,9 @@ pub struct Metrics {
     sqs_ack_seconds: Histogram,
     open_buffers: IntGauge,
     buffered_bytes: IntGauge,
+    budget_seals: IntCounter,
+    panics: IntCounterVec,
+    workers_lost: IntGauge,
     transform_events: IntCounterVec,
     transform_failures: IntCounterVec,
     transform_seconds: HistogramVec,
@@ -186,7 +189,27 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     r.register(Box::new(transform_seconds.clone()))
         .expect("metric registered once");
+    let workers_lost = IntGauge::new(
+        "trailhose_workers_lost",
+        "Worker threads that panicked and could not be rebuilt; /healthz fails while it is above 0.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(workers_lost.clone()))
+        .expect("metric registered once");
     Metrics {
+        workers_lost,
+        budget_seals: counter(
+            &r,
+            "trailhose_buffers_sealed_early_total",
+            "Buffers sealed before their limits because batch.max_buffered_bytes was reached.",
+        ),
+        panics: counter_vec(
+            &r,
+            "trailhose_panics_total",
+            "Panics caught on worker and compression threads: the unit being processed failed \
+             (it is delivered again) and the thread went on with rebuilt state.",
+            &["thread"],
+        ),
         transform_seconds,
         transform_events: counter_vec(
             &r,
@@ -552,6 +575,76 @@ impl InternalEvent for ConvertFailed<'_> {
             .errors
             .with_label_values(&["encode", "convert_failed"])
             .inc();
+    }
+}
+
+/// Compressing a chunk failed: the batch holding it is not written (delivered again).
+pub struct CompressFailed<'a> {
+    pub error: &'a dyn std::error::Error,
+}
+
+impl InternalEvent for CompressFailed<'_> {
+    fn emit(self) {
+        tracing::error!("cannot compress a batch: {}", self.error);
+        METRICS
+            .errors
+            .with_label_values(&["encode", "compress_failed"])
+            .inc();
+    }
+}
+
+/// A worker or compression thread panicked; the unit it was on failed and the thread went on.
+pub struct ThreadPanicked<'a> {
+    /// `worker` or `compress`.
+    pub thread: &'static str,
+    /// The file being processed, when known.
+    pub source: &'a str,
+    pub message: &'a str,
+}
+
+impl InternalEvent for ThreadPanicked<'_> {
+    fn emit(self) {
+        tracing::error!(
+            thread = self.thread,
+            source = self.source,
+            "a {} thread panicked: {}; the unit it was on will be delivered again",
+            self.thread,
+            self.message
+        );
+        METRICS.panics.with_label_values(&[self.thread]).inc();
+    }
+}
+
+/// A worker could not be rebuilt after a panic: one fewer worker, `/healthz` fails.
+pub struct WorkerLost<'a> {
+    pub message: &'a str,
+}
+
+impl InternalEvent for WorkerLost<'_> {
+    fn emit(self) {
+        tracing::error!(
+            "a worker thread could not be rebuilt after a panic ({}); the process is unhealthy",
+            self.message
+        );
+        METRICS.workers_lost.inc();
+    }
+}
+
+/// Whether every worker thread is running (`/healthz`).
+pub fn workers_healthy() -> bool {
+    METRICS.workers_lost.get() == 0
+}
+
+/// `batch.max_buffered_bytes` was reached: buffers were sealed early.
+pub struct BuffersSealedEarly {
+    pub buffers: u64,
+}
+
+impl InternalEvent for BuffersSealedEarly {
+    fn emit(self) {
+        if self.buffers > 0 {
+            METRICS.budget_seals.inc_by(self.buffers);
+        }
     }
 }
 

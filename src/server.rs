@@ -1,5 +1,5 @@
-//! The operations endpoint: `/metrics` (Prometheus text), `/healthz` (the process is alive) and
-//! `/readyz` (the queue and the output are reachable).
+//! The operations endpoint: `/metrics` (Prometheus text), `/healthz` (the process is alive and
+//! every worker thread runs) and `/readyz` (the queue and the output are reachable).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -64,7 +64,12 @@ async fn route(
             "text/plain; version=0.0.4; charset=utf-8",
             METRICS.render(),
         ),
-        "/healthz" => text(StatusCode::OK, PLAIN, "ok\n"),
+        "/healthz" if crate::metrics::workers_healthy() => text(StatusCode::OK, PLAIN, "ok\n"),
+        "/healthz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            PLAIN,
+            "a worker thread panicked and could not be rebuilt\n",
+        ),
         "/readyz" => {
             let mut report = String::new();
             let mut ready = true;

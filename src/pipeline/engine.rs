@@ -2,6 +2,7 @@
 //! encoder pool, and the uploader. Modes differ only in where files come from and what they do
 //! once a file's records are durable (nothing, delete an SQS message, write a backfill marker).
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,11 +15,13 @@ use super::{FileWorker, PipelineError, Tally, open_geo, open_store};
 use crate::ack::Hold;
 use crate::config::Config;
 use crate::enrich::live::LiveGeo;
-use crate::metrics::{self, FileUnreadable};
+use crate::metrics::{self, FileUnreadable, WorkerLost};
 use crate::sink::batch::Sealed;
+use crate::sink::budget::Budget;
 use crate::sink::encode::{Codec, Encoder};
 use crate::sink::partition::Partitioner;
 use crate::sink::write::{self, Store, Written};
+use crate::testhook;
 use crate::transform::Transforms;
 
 /// Where a file's stored bytes are.
@@ -87,6 +90,7 @@ fn open_transforms(cfg: &Config) -> Result<Option<Arc<Transforms>>, PipelineErro
 
 pub struct Engine {
     store: Arc<Store>,
+    budget: Arc<Budget>,
     submitter: Submitter,
     workers: Vec<std::thread::JoinHandle<Tally>>,
     uploader: tokio::task::JoinHandle<Written>,
@@ -146,6 +150,7 @@ impl Engine {
                 d.max_events,
             ))
         });
+        let budget = Budget::new(cfg.batch.max_buffered_bytes);
         let (files, files_rx) = crossbeam_channel::unbounded::<FileJob>();
         let mut handles = Vec::new();
         for i in 0..workers.max(1) {
@@ -155,6 +160,7 @@ impl Engine {
                 partitioner.clone(),
                 &encoder,
                 transforms.as_ref(),
+                &budget,
             )
             .with_dedup(dedup.clone());
             let rx = files_rx.clone();
@@ -167,6 +173,7 @@ impl Engine {
         }
         Ok(Engine {
             store,
+            budget,
             submitter: Submitter {
                 files,
                 permits: Arc::new(Semaphore::new(max_files.max(1))),
@@ -179,6 +186,12 @@ impl Engine {
     /// The output store, for readiness checks and markers.
     pub fn store(&self) -> Arc<Store> {
         self.store.clone()
+    }
+
+    /// The process-wide buffer budget (`batch.max_buffered_bytes`): sources stop receiving
+    /// while `budget.over()` is true; workers are then sealing buffers early to make room.
+    pub fn budget(&self) -> Arc<Budget> {
+        self.budget.clone()
     }
 
     /// A clonable way in, for the tasks that submit files.
@@ -253,6 +266,10 @@ impl Submitter {
     }
 }
 
+/// One worker thread: files in, sealed batches out, until the input closes. A panic while on a
+/// file fails that file (its hold drops uncommitted, so it is delivered again), is counted, and
+/// the worker goes on with its per-file state rebuilt (`FileWorker::recover`). Only when the
+/// rebuild itself panics does the thread stop; `/healthz` then fails.
 fn worker_loop(
     worker: &mut FileWorker,
     rx: &crossbeam_channel::Receiver<FileJob>,
@@ -270,33 +287,59 @@ fn worker_loop(
                 d.saturating_duration_since(Instant::now())
             })
             .min(Duration::from_secs(1));
-        match rx.recv_timeout(wait) {
-            Ok(job) => match job.input {
-                Input::Bytes(b) => {
-                    worker.process(&job.source, &b[..], job.hold, &mut out);
-                }
-                Input::Unreadable(detail) => {
-                    worker.unreadable(&job.source, &detail, job.hold, &mut out);
-                }
-                Input::Path(p) => match std::fs::File::open(&p) {
-                    Ok(f) => {
-                        worker.process(&job.source, f, job.hold, &mut out);
-                    }
-                    Err(e) => {
-                        worker.tally.files += 1;
-                        worker.tally.failed_files += 1;
-                        metrics::emit(FileUnreadable {
-                            source: &job.source,
-                            error: &e,
-                        });
-                    }
-                },
-            },
-            Err(RecvTimeoutError::Timeout) => {}
+        let job = match rx.recv_timeout(wait) {
+            Ok(job) => Some(job),
+            Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let source = job.as_ref().map_or("", |j| j.source.as_str()).to_owned();
+        let ran = catch_unwind(AssertUnwindSafe(|| {
+            if let Some(job) = job {
+                run_job(worker, job, &mut out);
+            }
+            worker.seal_expired(&mut out);
+            worker.relieve(&mut out);
+        }));
+        let Err(panic) = ran else {
+            continue;
+        };
+        let message = testhook::panic_message(&*panic);
+        let rebuilt = catch_unwind(AssertUnwindSafe(|| {
+            worker.recover(&source, &message, &mut out);
+        }));
+        if let Err(again) = rebuilt {
+            metrics::emit(WorkerLost {
+                message: &testhook::panic_message(&*again),
+            });
+            // Save what is buffered if that still works; else the holds drop uncommitted.
+            let _ = catch_unwind(AssertUnwindSafe(|| worker.seal_all(&mut out)));
+            return worker.tally;
         }
-        worker.seal_expired(&mut out);
     }
     worker.seal_all(&mut out);
     worker.tally
+}
+
+fn run_job(worker: &mut FileWorker, job: FileJob, out: &mut impl FnMut(Sealed)) {
+    match job.input {
+        Input::Bytes(b) => {
+            worker.process(&job.source, &b[..], job.hold, out);
+        }
+        Input::Unreadable(detail) => {
+            worker.unreadable(&job.source, &detail, job.hold, out);
+        }
+        Input::Path(p) => match std::fs::File::open(&p) {
+            Ok(f) => {
+                worker.process(&job.source, f, job.hold, out);
+            }
+            Err(e) => {
+                worker.tally.files += 1;
+                worker.tally.failed_files += 1;
+                metrics::emit(FileUnreadable {
+                    source: &job.source,
+                    error: &e,
+                });
+            }
+        },
+    }
 }

@@ -30,6 +30,7 @@ use crate::enrich::live::LiveGeo;
 use crate::fetch::{self, Encoding};
 use crate::metrics::{self, *};
 use crate::sink::batch::{Batcher, Kind, Sealed};
+use crate::sink::budget::Budget;
 use crate::sink::encode::{Encoder, encode_event};
 use crate::sink::partition::Partitioner;
 use crate::sink::write::{S3Options, Store, WriteError, Written};
@@ -132,6 +133,8 @@ pub struct FileWorker {
     lag: LagRecorder,
     /// The transform modules, when configured.
     stage: Option<TransformStage>,
+    /// Where `stage`'s chain comes from, to rebuild it after a panic.
+    transforms: Option<Arc<Transforms>>,
     /// Open buffers and buffered bytes last reported to the gauges.
     reported: (i64, i64),
     /// Shared by all workers, when `[dedup]` is configured.
@@ -156,6 +159,7 @@ impl FileWorker {
         partitioner: Arc<Partitioner>,
         encoder: &Encoder,
         transforms: Option<&Arc<Transforms>>,
+        budget: &Arc<Budget>,
     ) -> FileWorker {
         let (geo_generation, db) = live_geo.current();
         FileWorker {
@@ -164,8 +168,14 @@ impl FileWorker {
             geo_cache_entries: cfg.geoip.cache_entries,
             geo: (!db.is_empty()).then(|| GeoEnricher::new(db, cfg.geoip.cache_entries)),
             partitioner,
-            events: Batcher::new(Kind::Events, cfg.limits(), encoder.clone()),
-            errors: Batcher::new(Kind::Errors, cfg.limits(), encoder.json_lines()),
+            events: Batcher::new(Kind::Events, cfg.limits(), encoder.clone(), budget.clone()),
+            errors: Batcher::new(
+                Kind::Errors,
+                cfg.limits(),
+                encoder.json_lines(),
+                budget.clone(),
+            ),
+            transforms: transforms.cloned(),
             error_prefix: cfg.output.error_prefix.clone(),
             max_event_bytes: cfg.max_event_bytes(),
             key: String::new(),
@@ -203,6 +213,7 @@ impl FileWorker {
     ) -> FileOutcome {
         self.hold = hold;
         self.fresh.clear();
+        crate::testhook::worker(source);
         let outcome = self.process_inner(source, reader, out);
         self.report_buffers();
         if let Some(d) = &self.dedup
@@ -456,7 +467,7 @@ impl FileWorker {
     }
 
     /// When the oldest open buffer must be sealed.
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub fn next_deadline(&mut self) -> Option<Instant> {
         [self.events.next_deadline(), self.errors.next_deadline()]
             .into_iter()
             .flatten()
@@ -474,6 +485,49 @@ impl FileWorker {
             .seal_expired(now)
             .into_iter()
             .for_each(&mut *out);
+    }
+
+    /// Seals buffers early while the process-wide budget is full (other workers may have
+    /// filled it); called when idle.
+    pub fn relieve(&mut self, out: &mut impl FnMut(Sealed)) {
+        self.events.relieve(out);
+        self.errors.relieve(out);
+    }
+
+    /// After a panic while processing `source`: fails its hold (so it is delivered again),
+    /// counts it, and rebuilds the per-file state, which may be half-updated. The buffers
+    /// stay: they hold only whole records (see `Batcher::append`), whose own notifications
+    /// are still owed them. Records of the failed file that were buffered are written too,
+    /// and repeated when it is delivered again (at-least-once).
+    pub fn recover(&mut self, source: &str, message: &str, out: &mut impl FnMut(Sealed)) {
+        let redelivered = self.hold.take().is_some();
+        self.tally.failed_files += 1;
+        metrics::emit(ThreadPanicked {
+            thread: "worker",
+            source,
+            message,
+        });
+        crate::testhook::rebuild(source);
+        self.geo = None;
+        self.geo_generation = u64::MAX;
+        self.follow_geo();
+        self.key.clear();
+        self.lag = LagRecorder::new();
+        if let Some(st) = self.stage.as_mut() {
+            st.pending.clear();
+            st.rejects.clear();
+            if let Some(t) = &self.transforms {
+                st.chain = t.chain();
+            }
+        }
+        // Nothing will deliver a local file again: say where it is, in the error output.
+        if !redelivered {
+            let detail = format!(
+                "trailhose panicked while processing this file ({message}); events buffered before the panic were kept"
+            );
+            self.error_record(out, ErrorRecord::new(source, "worker", "panic", &detail));
+        }
+        self.report_buffers();
     }
 
     /// Seals everything (end of input or shutdown).
@@ -498,14 +552,12 @@ fn write_error_record(
         "{}year={:04}/month={:02}/day={:02}/",
         error_prefix, now.year, now.month, now.day
     );
-    let sealed = errors.append(&partition, hold, |buf| {
+    let write = |buf: &mut Vec<u8>| {
         // Serializing plain strings and valid raw JSON into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *buf, &rec);
         buf.push(b'\n');
-    });
-    if let Some(s) = sealed {
-        out(s);
-    }
+    };
+    errors.append(&partition, hold, write, out);
 }
 
 /// Where events and rejects of the file being processed go: the worker's buffers, borrowed
@@ -567,12 +619,12 @@ impl Route<'_> {
         } else {
             additions
         };
-        let sealed = self
-            .events
-            .append(self.key, self.hold, |buf| encode_event(buf, raw, additions));
-        if let Some(s) = sealed {
-            out(s);
-        }
+        self.events.append(
+            self.key,
+            self.hold,
+            |buf| encode_event(buf, raw, additions),
+            out,
+        );
     }
 
     /// Buffers an event a transform module refused, with the module and the reason.

@@ -1,10 +1,16 @@
 //! Per-partition buffers that flush by record count, uncompressed bytes or age, like Firehose's
 //! buffering hints. A buffer compresses as it fills (chunk by chunk on the encoder pool), so an
-//! open buffer holds at most one uncompressed chunk.
+//! open buffer holds at most one uncompressed chunk. Buffers allocate on their first record and
+//! are charged against the process-wide budget (`budget`); when it is reached, the oldest
+//! buffers are sealed early. Age deadlines come from a heap, so sealing by age costs
+//! O(log n) per sealed buffer, not a scan of every buffer.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::budget::{BUFFER_OVERHEAD, Budget, Share};
 use super::encode::{Encoder, Part};
 use crate::ack::{Hold, Holds};
 
@@ -54,8 +60,38 @@ struct Buffer {
     parts: Vec<Part>,
     records: u64,
     bytes: u64,
-    opened: Instant,
     holds: Holds,
+    /// Tells this buffer's deadline entry from a stale one of an earlier buffer.
+    seq: u64,
+    /// What the buffer is charged against the budget.
+    charged: u64,
+}
+
+impl Buffer {
+    /// What the buffer holds: its staging allocation, its compressed parts (at their
+    /// uncompressed size, an upper bound) and a fixed overhead.
+    fn cost(&self, partition: &str) -> u64 {
+        BUFFER_OVERHEAD
+            + partition.len() as u64
+            + self.staging.capacity() as u64
+            + (self.bytes - self.staging.len() as u64)
+    }
+}
+
+/// Truncates `staging` back to `len` unless disarmed: a record whose encoding panicked is
+/// never left half-written in a buffer that will still be sealed and written.
+struct Whole<'a> {
+    staging: &'a mut Vec<u8>,
+    len: usize,
+    done: bool,
+}
+
+impl Drop for Whole<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.staging.truncate(self.len);
+        }
+    }
 }
 
 pub struct Batcher {
@@ -63,82 +99,175 @@ pub struct Batcher {
     limits: Limits,
     encoder: Encoder,
     buffers: HashMap<String, Buffer>,
+    /// Age deadlines, oldest first; entries of buffers sealed earlier are skipped when met.
+    deadlines: BinaryHeap<Reverse<(Instant, u64, String)>>,
+    next_seq: u64,
+    /// Uncompressed bytes in open buffers.
+    bytes: u64,
+    share: Share,
 }
 
 impl Batcher {
-    pub fn new(kind: Kind, limits: Limits, encoder: Encoder) -> Batcher {
+    pub fn new(kind: Kind, limits: Limits, encoder: Encoder, budget: Arc<Budget>) -> Batcher {
         Batcher {
             kind,
             limits,
             encoder,
             buffers: HashMap::new(),
+            deadlines: BinaryHeap::new(),
+            next_seq: 0,
+            bytes: 0,
+            share: Share::new(budget),
         }
     }
 
     /// Appends one record to `partition`'s buffer: `write` appends the record's bytes, `hold`
-    /// is the notification it came from, if any. Returns the sealed batch when this record
-    /// filled the buffer.
+    /// is the notification it came from, if any. Batches sealed because this record filled
+    /// its buffer, or because the budget is reached, go to `out`.
     pub fn append(
         &mut self,
         partition: &str,
         hold: Option<&Hold>,
         write: impl FnOnce(&mut Vec<u8>),
-    ) -> Option<Sealed> {
+        out: &mut impl FnMut(Sealed),
+    ) {
         let limits = self.limits;
-        let buf = match self.buffers.get_mut(partition) {
-            Some(b) => b,
-            None => self
-                .buffers
-                .entry(partition.to_owned())
-                .or_insert_with(|| Buffer {
-                    staging: Vec::with_capacity(limits.chunk_bytes.min(1 << 20)),
-                    parts: Vec::new(),
-                    records: 0,
-                    bytes: 0,
-                    opened: Instant::now(),
-                    holds: Holds::default(),
-                }),
+        if !self.buffers.contains_key(partition) {
+            self.open(partition);
+        }
+        let Some(buf) = self.buffers.get_mut(partition) else {
+            return;
         };
         if let Some(h) = hold {
             buf.holds.add(h);
         }
         let before = buf.staging.len();
-        write(&mut buf.staging);
+        let mut whole = Whole {
+            staging: &mut buf.staging,
+            len: before,
+            done: false,
+        };
+        write(&mut *whole.staging);
+        whole.done = true;
+        drop(whole);
+        let added = (buf.staging.len() - before) as u64;
         buf.records += 1;
-        buf.bytes += (buf.staging.len() - before) as u64;
-        if buf.records >= limits.max_records || buf.bytes >= limits.max_bytes {
-            return self.seal(partition);
-        }
-        if buf.staging.len() >= limits.chunk_bytes && self.encoder.chunked() {
+        buf.bytes += added;
+        self.bytes += added;
+        let full = buf.records >= limits.max_records || buf.bytes >= limits.max_bytes;
+        if !full && buf.staging.len() >= limits.chunk_bytes && self.encoder.chunked() {
+            // This buffer has proven large: its next chunk gets its whole room at once.
             let chunk = std::mem::replace(&mut buf.staging, Vec::with_capacity(limits.chunk_bytes));
             buf.parts.push(self.encoder.submit(chunk));
         }
-        None
+        let cost = buf.cost(partition);
+        if cost >= buf.charged {
+            self.share.charge(cost - buf.charged);
+        } else {
+            self.share.release(buf.charged - cost);
+        }
+        buf.charged = cost;
+        if full && let Some(s) = self.seal(partition) {
+            out(s);
+        }
+        if self.share.over() {
+            self.seal_early(out);
+        }
+    }
+
+    /// A new, empty buffer: nothing is allocated until its first record.
+    fn open(&mut self, partition: &str) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let buf = Buffer {
+            staging: Vec::new(),
+            parts: Vec::new(),
+            records: 0,
+            bytes: 0,
+            holds: Holds::default(),
+            seq,
+            charged: 0,
+        };
+        self.buffers.insert(partition.to_owned(), buf);
+        let deadline = Instant::now() + self.limits.max_age;
+        self.deadlines
+            .push(Reverse((deadline, seq, partition.to_owned())));
+    }
+
+    /// The budget is reached: seals this batcher's oldest buffers until an eighth of the
+    /// budget is free again or none is left open.
+    fn seal_early(&mut self, out: &mut impl FnMut(Sealed)) {
+        let mut sealed = 0;
+        while !self.share.relieved() {
+            let Some(partition) = self.pop_oldest() else {
+                break;
+            };
+            if let Some(s) = self.seal(&partition) {
+                out(s);
+                sealed += 1;
+            }
+        }
+        self.share.publish();
+        crate::metrics::emit(crate::metrics::BuffersSealedEarly { buffers: sealed });
+    }
+
+    /// Seals buffers early while the process-wide budget is nearly full (another batcher may
+    /// have filled it, and is then sealing each of its records alone): called between files
+    /// and when idle, so that the oldest buffers of every batcher make the room.
+    pub fn relieve(&mut self, out: &mut impl FnMut(Sealed)) {
+        self.share.publish();
+        if !self.share.relieved() {
+            self.seal_early(out);
+        }
+    }
+
+    /// Drops deadline entries of buffers that are gone.
+    fn prune(&mut self) {
+        while let Some(Reverse((_, seq, partition))) = self.deadlines.peek() {
+            if self.buffers.get(partition).is_some_and(|b| b.seq == *seq) {
+                return;
+            }
+            self.deadlines.pop();
+        }
+    }
+
+    /// The oldest open buffer's partition, taken off the deadline heap.
+    fn pop_oldest(&mut self) -> Option<String> {
+        self.prune();
+        self.deadlines.pop().map(|Reverse((_, _, p))| p)
     }
 
     /// Seals every buffer older than the age limit.
     pub fn seal_expired(&mut self, now: Instant) -> Vec<Sealed> {
-        let old: Vec<String> = self
-            .buffers
-            .iter()
-            .filter(|(_, b)| now.duration_since(b.opened) >= self.limits.max_age)
-            .map(|(k, _)| k.clone())
-            .collect();
-        old.iter().filter_map(|k| self.seal(k)).collect()
+        let mut out = Vec::new();
+        loop {
+            self.prune();
+            match self.deadlines.peek() {
+                Some(Reverse((deadline, _, _))) if *deadline <= now => {}
+                _ => break,
+            }
+            if let Some(partition) = self.pop_oldest()
+                && let Some(s) = self.seal(&partition)
+            {
+                out.push(s);
+            }
+        }
+        out
     }
 
     /// Seals everything (shutdown, end of input).
     pub fn seal_all(&mut self) -> Vec<Sealed> {
+        self.deadlines.clear();
         let keys: Vec<String> = self.buffers.keys().cloned().collect();
-        keys.iter().filter_map(|k| self.seal(k)).collect()
+        let sealed = keys.iter().filter_map(|k| self.seal(k)).collect();
+        self.share.publish();
+        sealed
     }
 
     /// When the oldest open buffer reaches the age limit, if any is open.
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.buffers
-            .values()
-            .map(|b| b.opened + self.limits.max_age)
-            .min()
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        self.prune();
+        self.deadlines.peek().map(|Reverse((d, _, _))| *d)
     }
 
     pub fn open_buffers(&self) -> usize {
@@ -147,11 +276,23 @@ impl Batcher {
 
     /// Uncompressed bytes held by open buffers (compressed parts included at their input size).
     pub fn buffered_bytes(&self) -> u64 {
-        self.buffers.values().map(|b| b.bytes).sum()
+        self.bytes
+    }
+
+    /// What this batcher's open buffers are charged against the budget.
+    pub fn charged(&self) -> u64 {
+        self.share.local()
+    }
+
+    /// Publishes this batcher's charge to the process-wide budget.
+    pub fn publish(&mut self) {
+        self.share.publish();
     }
 
     fn seal(&mut self, partition: &str) -> Option<Sealed> {
         let mut buf = self.buffers.remove(partition)?;
+        self.share.release(buf.charged);
+        self.bytes -= buf.bytes;
         if !buf.staging.is_empty() {
             buf.parts.push(self.encoder.submit(buf.staging));
         }
@@ -174,21 +315,37 @@ mod tests {
     use super::*;
     use crate::sink::encode::{Codec, Compression};
 
-    fn batcher(max_records: u64, max_bytes: u64, chunk_bytes: usize) -> Batcher {
-        let limits = Limits {
+    fn limits(max_records: u64, max_bytes: u64, chunk_bytes: usize) -> Limits {
+        Limits {
             max_records,
             max_bytes,
             max_age: Duration::from_secs(60),
             chunk_bytes,
-        };
-        let enc = Encoder::new(
+        }
+    }
+
+    fn encoder() -> Encoder {
+        Encoder::new(
             Codec {
                 kind: Compression::None,
                 level: 0,
             },
             1,
-        );
-        Batcher::new(Kind::Events, limits, enc)
+        )
+    }
+
+    fn batcher(max_records: u64, max_bytes: u64, chunk_bytes: usize) -> Batcher {
+        let limits = limits(max_records, max_bytes, chunk_bytes);
+        Batcher::new(Kind::Events, limits, encoder(), Budget::unlimited())
+    }
+
+    /// Appends and returns what sealed.
+    fn put(b: &mut Batcher, partition: &str, hold: Option<&Hold>, rec: &[u8]) -> Vec<Sealed> {
+        let mut out = Vec::new();
+        b.append(partition, hold, |o| o.extend_from_slice(rec), &mut |s| {
+            out.push(s)
+        });
+        out
     }
 
     fn text(s: Sealed) -> String {
@@ -205,35 +362,24 @@ mod tests {
     #[test]
     fn seals_at_the_record_limit_per_partition() {
         let mut b = batcher(2, 1 << 20, 1 << 20);
-        assert!(
-            b.append("p1/", None, |o| o.extend_from_slice(b"a\n"))
-                .is_none()
-        );
-        assert!(
-            b.append("p2/", None, |o| o.extend_from_slice(b"x\n"))
-                .is_none()
-        );
-        let s = b
-            .append("p1/", None, |o| o.extend_from_slice(b"b\n"))
-            .unwrap();
+        assert!(put(&mut b, "p1/", None, b"a\n").is_empty());
+        assert!(put(&mut b, "p2/", None, b"x\n").is_empty());
+        let s = put(&mut b, "p1/", None, b"b\n").pop().unwrap();
         assert_eq!((s.partition.as_str(), s.records, s.bytes), ("p1/", 2, 4));
         assert_eq!(text(s), "a\nb\n");
         assert_eq!(b.open_buffers(), 1);
+        assert_eq!(b.buffered_bytes(), 2);
         let rest = b.seal_all();
         assert_eq!(rest.len(), 1);
         assert_eq!(text(rest.into_iter().next().unwrap()), "x\n");
+        assert_eq!((b.buffered_bytes(), b.charged()), (0, 0));
     }
 
     #[test]
     fn seals_at_the_byte_limit_and_chunks_in_between() {
         let mut b = batcher(1000, 10, 4);
-        assert!(
-            b.append("p/", None, |o| o.extend_from_slice(b"aaaa\n"))
-                .is_none()
-        );
-        let s = b
-            .append("p/", None, |o| o.extend_from_slice(b"bbbbb\n"))
-            .unwrap();
+        assert!(put(&mut b, "p/", None, b"aaaa\n").is_empty());
+        let s = put(&mut b, "p/", None, b"bbbbb\n").pop().unwrap();
         assert_eq!(
             s.parts.len(),
             2,
@@ -247,9 +393,9 @@ mod tests {
         let mut b = batcher(3, 1 << 20, 1 << 20);
         let (h1, mut r1) = Hold::new();
         let (h2, mut r2) = Hold::new();
-        b.append("p/", Some(&h1), |o| o.push(b'a'));
-        b.append("p/", Some(&h1), |o| o.push(b'b'));
-        let s = b.append("p/", Some(&h2), |o| o.push(b'c')).unwrap();
+        put(&mut b, "p/", Some(&h1), b"a");
+        put(&mut b, "p/", Some(&h1), b"b");
+        let s = put(&mut b, "p/", Some(&h2), b"c").pop().unwrap();
         assert_eq!(s.holds.len(), 2);
         h1.commit();
         h2.commit();
@@ -263,14 +409,113 @@ mod tests {
     }
 
     #[test]
-    fn seals_by_age() {
-        let mut b = batcher(1000, 1 << 20, 1 << 20);
-        b.append("p/", None, |o| o.push(b'a'));
+    fn seals_by_age_from_the_deadline_heap() {
+        let mut b = batcher(2, 1 << 20, 1 << 20);
+        put(&mut b, "p/", None, b"a");
         let now = Instant::now();
+        put(&mut b, "q/", None, b"a");
+        // p/ seals by size and opens again: its first deadline entry is stale.
+        put(&mut b, "p/", None, b"b");
+        put(&mut b, "p/", None, b"c");
         assert!(b.seal_expired(now).is_empty());
-        assert!(b.next_deadline().unwrap() > now);
+        let first = b.next_deadline().unwrap();
+        assert!(first > now);
+        let sealed = b.seal_expired(first);
+        assert_eq!(sealed.len(), 1);
+        assert_eq!(sealed[0].partition, "q/");
         assert_eq!(b.seal_expired(now + Duration::from_secs(61)).len(), 1);
         assert_eq!(b.open_buffers(), 0);
         assert!(b.next_deadline().is_none());
+    }
+
+    #[test]
+    fn a_record_whose_encoding_panics_leaves_no_bytes_behind() {
+        let mut b = batcher(100, 1 << 20, 1 << 20);
+        put(&mut b, "p/", None, b"a\n");
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            b.append(
+                "p/",
+                None,
+                |o| {
+                    o.extend_from_slice(b"half");
+                    panic!("encoding failed");
+                },
+                &mut |_| {},
+            )
+        }));
+        assert!(r.is_err());
+        put(&mut b, "p/", None, b"b\n");
+        let s = b.seal_all().pop().unwrap();
+        assert_eq!(s.records, 2);
+        assert_eq!(text(s), "a\nb\n");
+    }
+
+    /// One file whose 20,000 events fall in 20,000 different hours: buffers are allocated on
+    /// their first record and the budget seals the oldest ones early, so what is open stays
+    /// under the budget and every record comes out exactly once.
+    #[test]
+    fn twenty_thousand_partitions_stay_under_the_budget_and_lose_nothing() {
+        let budget = Budget::new(1 << 20);
+        let lim = limits(10_000, 64 << 20, 4 << 20);
+        let mut b = Batcher::new(Kind::Events, lim, encoder(), budget.clone());
+        let mut sealed = Vec::new();
+        let mut peak = 0;
+        for i in 0..20_000 {
+            let partition = format!("year=2024/month=01/day=01/hour={i:05}/");
+            let record = format!("{{\"n\":{i},\"pad\":\"{}\"}}\n", "x".repeat(200));
+            b.append(
+                &partition,
+                None,
+                |o| o.extend_from_slice(record.as_bytes()),
+                &mut |s| sealed.push(s),
+            );
+            peak = peak.max(b.charged());
+            assert!(budget.used() <= budget.limit(), "{}", budget.used());
+        }
+        assert!(peak <= budget.limit(), "peak {peak}");
+        assert!(b.open_buffers() > 100, "{}", b.open_buffers());
+        assert!(b.open_buffers() < 20_000, "the budget sealed buffers early");
+        sealed.extend(b.seal_all());
+        assert_eq!(b.charged(), 0);
+        assert_eq!(budget.used(), 0);
+        let mut seen: Vec<u64> = sealed
+            .into_iter()
+            .flat_map(|s| {
+                text(s)
+                    .lines()
+                    .map(|l| {
+                        serde_json::from_str::<serde_json::Value>(l).unwrap()["n"]
+                            .as_u64()
+                            .unwrap()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..20_000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_full_budget_is_relieved_by_a_batcher_that_did_not_fill_it() {
+        let budget = Budget::new(64 << 10);
+        let lim = limits(10_000, 64 << 20, 4 << 20);
+        let mut idle = Batcher::new(Kind::Events, lim, encoder(), budget.clone());
+        let mut busy = Batcher::new(Kind::Events, lim, encoder(), budget.clone());
+        for i in 0..40 {
+            put(&mut idle, &format!("p{i}/"), None, &[b'x'; 1000]);
+        }
+        idle.publish();
+        let before = budget.used();
+        // The busy batcher hits the limit: it seals its own buffers only.
+        let mut early = 0;
+        for i in 0..40 {
+            early += put(&mut busy, &format!("q{i}/"), None, &[b'y'; 1000]).len();
+        }
+        assert!(early > 0);
+        assert!(budget.used() >= before);
+        let mut relieved = Vec::new();
+        idle.relieve(&mut |s| relieved.push(s));
+        assert!(!relieved.is_empty());
+        assert!(budget.used() <= budget.limit() - budget.limit() / 8);
     }
 }

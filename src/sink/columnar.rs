@@ -146,6 +146,8 @@ pub enum ColumnarError {
     Arrow(#[from] arrow::error::ArrowError),
     #[error("parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
+    #[error(transparent)]
+    Compress(#[from] super::encode::CompressError),
 }
 
 /// Parquet output settings, checked.

@@ -127,11 +127,31 @@ pub struct Encoder {
     convert: Option<Arc<Converter>>,
 }
 
-/// Compresses a chunk, or converts a whole batch. A failed conversion yields nothing: the part
-/// is then lost, the batch is not written and its notifications are delivered again.
+/// Why a chunk could not be compressed. The part is then lost: the batch is not written and
+/// its notifications are delivered again (never an empty or short object).
+#[derive(Debug, thiserror::Error)]
+pub enum CompressError {
+    #[error("gzip: {0}")]
+    Gzip(String),
+    #[error("zstd: {0}")]
+    Zstd(String),
+    /// Only from `crate::testhook` (debug builds, set by a test).
+    #[error("{0}")]
+    Injected(String),
+}
+
+/// Compresses a chunk, or converts a whole batch. A failure (reported here) yields nothing:
+/// the part is then lost, the batch is not written and its notifications are delivered again.
 fn run(codec: Codec, convert: Option<&Converter>, data: &[u8]) -> Option<Vec<u8>> {
+    crate::testhook::compress(data);
     match convert {
-        None => Some(compress(codec, data)),
+        None => match compress(codec, data) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                crate::metrics::emit(crate::metrics::CompressFailed { error: &e });
+                None
+            }
+        },
         Some(c) => match c.encode(codec, data) {
             Ok(b) => Some(b),
             Err(e) => {
@@ -139,6 +159,36 @@ fn run(codec: Codec, convert: Option<&Converter>, data: &[u8]) -> Option<Vec<u8>
                 None
             }
         },
+    }
+}
+
+/// One compression thread: a job that panics is lost (its part then fails the batch), is
+/// counted, and the thread goes on with fresh compressor state.
+fn compress_thread(codec: Codec, rx: Receiver<Job>) {
+    for job in rx {
+        let Job {
+            data,
+            done,
+            convert,
+        } = job;
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(codec, convert.as_deref(), &data)
+        }));
+        match ran {
+            Ok(Some(out)) => {
+                let _ = done.send(out);
+            }
+            // Dropping `done` loses the part: the batch is not written.
+            Ok(None) => {}
+            Err(panic) => {
+                crate::metrics::emit(crate::metrics::ThreadPanicked {
+                    thread: "compress",
+                    source: "",
+                    message: &crate::testhook::panic_message(&*panic),
+                });
+                reset_compressors();
+            }
+        }
     }
 }
 
@@ -165,13 +215,7 @@ impl Encoder {
             let rx: Receiver<Job> = rx.clone();
             let spawned = thread::Builder::new()
                 .name(format!("compress-{i}"))
-                .spawn(move || {
-                    for job in rx {
-                        if let Some(out) = run(codec, job.convert.as_deref(), &job.data) {
-                            let _ = job.done.send(out);
-                        }
-                    }
-                });
+                .spawn(move || compress_thread(codec, rx));
             if spawned.is_err() {
                 // Without threads, compress on the caller's thread (see `submit`).
                 return Encoder {
@@ -244,11 +288,18 @@ thread_local! {
     static ZSTD: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
 }
 
+/// Drops this thread's compressors (after a panic their state is unknown).
+fn reset_compressors() {
+    let _ = GZIP.try_with(|c| c.try_borrow_mut().map(|mut c| *c = None));
+    let _ = ZSTD.try_with(|c| c.try_borrow_mut().map(|mut c| *c = None));
+}
+
 /// Compresses one chunk into one self-contained member/frame.
-pub fn compress(codec: Codec, data: &[u8]) -> Vec<u8> {
+pub fn compress(codec: Codec, data: &[u8]) -> Result<Vec<u8>, CompressError> {
+    crate::testhook::compress_error(data).map_err(CompressError::Injected)?;
     match codec.kind {
         // Snappy is Parquet's own codec, refused by the config for text formats.
-        Compression::None | Compression::Snappy => data.to_vec(),
+        Compression::None | Compression::Snappy => Ok(data.to_vec()),
         Compression::Gzip => GZIP.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.as_ref().is_none_or(|(l, _)| *l != codec.level) {
@@ -256,24 +307,27 @@ pub fn compress(codec: Codec, data: &[u8]) -> Vec<u8> {
                 *slot = Some((codec.level, libdeflater::Compressor::new(lvl)));
             }
             let Some((_, c)) = slot.as_mut() else {
-                return Vec::new();
+                return Err(CompressError::Gzip("no compressor".into()));
             };
             let mut out = vec![0; c.gzip_compress_bound(data.len())];
-            // The bound is a hard upper bound, so this cannot run out of space.
-            let n = c.gzip_compress(data, &mut out).unwrap_or(0);
+            let n = c
+                .gzip_compress(data, &mut out)
+                .map_err(|e| CompressError::Gzip(e.to_string()))?;
             out.truncate(n);
-            out
+            Ok(out)
         }),
         Compression::Zstd => ZSTD.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.as_ref().is_none_or(|(l, _)| *l != codec.level) {
-                *slot = zstd::bulk::Compressor::new(codec.level)
-                    .ok()
-                    .map(|c| (codec.level, c));
+                let c = zstd::bulk::Compressor::new(codec.level)
+                    .map_err(|e| CompressError::Zstd(e.to_string()))?;
+                *slot = Some((codec.level, c));
             }
             match slot.as_mut() {
-                Some((_, c)) => c.compress(data).unwrap_or_default(),
-                None => Vec::new(),
+                Some((_, c)) => c
+                    .compress(data)
+                    .map_err(|e| CompressError::Zstd(e.to_string())),
+                None => Err(CompressError::Zstd("no compressor".into())),
             }
         }),
     }

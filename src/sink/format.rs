@@ -35,7 +35,7 @@ impl Converter {
     pub fn encode(&self, codec: Codec, lines: &[u8]) -> Result<Vec<u8>, ColumnarError> {
         match self {
             Converter::Parquet { spec, layout } => columnar::encode_parquet(spec, layout, lines),
-            Converter::Flat(f) => Ok(compress(codec, &f.encode(lines))),
+            Converter::Flat(f) => Ok(compress(codec, &f.encode(lines))?),
         }
     }
 

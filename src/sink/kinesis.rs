@@ -406,7 +406,7 @@ impl Forwarder {
             now.day,
             object_name_with(now, kind.extension())
         );
-        let body = Bytes::from(compress(self.codec, &lines));
+        let body = Bytes::from(compress(self.codec, &lines).map_err(|e| e.to_string())?);
         Backoff::default()
             .run(
                 || store.put(&key, body.clone(), kind.content_type()),
@@ -490,8 +490,8 @@ mod tests {
         let text = b"{\"a\":1}\n{\"b\":2}\n";
         for kind in [Compression::None, Compression::Gzip, Compression::Zstd] {
             let level = if kind == Compression::None { 0 } else { 3 };
-            let mut body = compress(Codec { kind, level }, &text[..8]);
-            body.extend(compress(Codec { kind, level }, &text[8..]));
+            let mut body = compress(Codec { kind, level }, &text[..8]).unwrap();
+            body.extend(compress(Codec { kind, level }, &text[8..]).unwrap());
             assert_eq!(
                 events_of(&body, kind).unwrap(),
                 vec![b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()],

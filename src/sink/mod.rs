@@ -1,6 +1,7 @@
 //! Sink: partition, batch, encode, write.
 
 pub mod batch;
+pub mod budget;
 pub mod columnar;
 pub mod encode;
 pub mod flat;

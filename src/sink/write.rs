@@ -33,7 +33,7 @@ pub enum WriteError {
         message: String,
         retryable: bool,
     },
-    #[error("object {0}: a compressed part was lost (the encoder stopped)")]
+    #[error("object {0}: a part could not be compressed or converted (or the encoder stopped)")]
     PartLost(String),
     #[error("written, but not to the Kinesis output: {0}")]
     Forward(String),
@@ -212,8 +212,8 @@ impl Store {
         }
     }
 
-    /// Writes one whole object durably: a local file is synced and renamed into place, an S3
-    /// object exists once the call returns.
+    /// Writes one whole object durably: a local file is synced, renamed into place and its
+    /// directory synced; an S3 object exists once the call returns.
     pub async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), WriteError> {
         match self {
             Store::Local { root } => {
@@ -257,7 +257,7 @@ impl Store {
 fn write_local(path: &Path, body: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    create_dirs_durably(dir)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -273,7 +273,30 @@ fn write_local(path: &Path, body: &[u8]) -> std::io::Result<()> {
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result
+    result?;
+    // The rename lives in the directory: until the directory is synced, a crash may lose the
+    // name (and so the object) after its messages were acknowledged.
+    sync_dir(dir)
+}
+
+/// `create_dir_all`, then syncs the parent of each directory it created so the new names
+/// survive a crash too (a new partition directory is as much a part of the object as its name).
+fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    std::fs::create_dir_all(dir)?;
+    for created in missing.iter().rev() {
+        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// A one-line description of an SDK error: the service's code and message when it sent one,

@@ -1,0 +1,578 @@
+//! End to end: the sink holds under faults and pressure. A worker or compression thread that
+//! panics fails only its unit, which is delivered again while the process keeps serving; a
+//! failed compression is a failed write (never a short object); one process-wide buffer budget
+//! (`batch.max_buffered_bytes`) bounds memory whatever the partitions. Faults are injected with
+//! the debug-build test hook `TRAILHOSE_TEST_FAULT` (src/testhook.rs).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_sqs::types::QueueAttributeName;
+use common::checks::{id_of, split_output};
+use common::{Moto, TempDir, eventually, fixtures, free_port, http_get, local_objects, s3_objects};
+
+const DAY: &str = "AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18";
+
+/// One CloudTrail event at `time` with id `id`; `note` lands in its requestParameters.
+fn event(id: &str, time: &str, note: &str) -> serde_json::Value {
+    serde_json::json!({
+        "eventVersion": "1.08",
+        "eventID": id,
+        "eventTime": time,
+        "eventSource": "s3.amazonaws.com",
+        "eventName": "GetObject",
+        "awsRegion": "us-east-1",
+        "sourceIPAddress": "203.0.113.7",
+        "recipientAccountId": "111122223333",
+        "requestParameters": {"note": note, "pad": "x".repeat(120)},
+    })
+}
+
+fn write_file(path: &Path, events: Vec<serde_json::Value>) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let json = serde_json::json!({ "Records": events }).to_string();
+    std::fs::write(path, fixtures::gzip(json.as_bytes())).unwrap();
+}
+
+fn metric_in(text: &str, needle: &[&str]) -> f64 {
+    text.lines()
+        .find(|l| !l.starts_with('#') && needle.iter().all(|n| l.contains(n)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_failed_compression_fails_the_write_instead_of_writing_a_short_object() {
+    let tmp = TempDir::new("compress-fail");
+    let input = tmp.path().join("in");
+    let out = tmp.path().join("out");
+    let events = (0..50)
+        .map(|i| {
+            let note = if i == 25 { "COMPRESS-FAILS-HERE" } else { "ok" };
+            event(&format!("id-{i:03}"), "2024-03-18T14:00:00Z", note)
+        })
+        .collect();
+    write_file(&input.join(DAY).join("a.json.gz"), events);
+    let metrics = tmp.path().join("metrics.prom");
+    let run = common::trailhose(
+        &[
+            "process",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--metrics-file",
+            metrics.to_str().unwrap(),
+        ],
+        &[(
+            "TRAILHOSE_TEST_FAULT",
+            "compress_fail:COMPRESS-FAILS-HERE".into(),
+        )],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "the run must fail: {stderr}");
+    assert!(stderr.contains("could not be written"), "{stderr}");
+    let objects = local_objects(&out);
+    let output = split_output(&objects);
+    assert!(
+        output.events.is_empty(),
+        "no event object is written from a batch that failed to compress: {objects:?}"
+    );
+    let m = std::fs::read_to_string(&metrics).expect("metrics file");
+    assert_eq!(
+        metric_in(
+            &m,
+            &[
+                "trailhose_errors_total",
+                "reason=\"compress_failed\"",
+                "stage=\"encode\""
+            ]
+        ),
+        1.0,
+        "{m}"
+    );
+}
+
+/// Peak RSS of a child, by polling its `VmHWM` (a high-water mark) until it exits.
+fn run_measured(mut cmd: Command) -> (std::process::ExitStatus, u64, String) {
+    let stderr_path = std::env::temp_dir().join(format!(
+        "trailhose-rss-{}-{}.log",
+        std::process::id(),
+        free_port()
+    ));
+    cmd.stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap());
+    let mut child = cmd.spawn().expect("spawn trailhose");
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Ok(s) = std::fs::read_to_string(&status_path)
+            && let Some(kib) = s
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak_kib = peak_kib.max(kib);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&stderr_path);
+    (status, peak_kib << 10, stderr)
+}
+
+fn process_cmd(input: &Path, out: &Path, config: &Path, metrics: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
+    cmd.args([
+        "process",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--metrics-file",
+        metrics.to_str().unwrap(),
+    ])
+    .env("TRAILHOSE_LOG", "warn");
+    cmd
+}
+
+/// Output on tmpfs when there is one: 20,000 objects each synced twice would otherwise take
+/// minutes on a slow disk, and the disk is not what this test is about.
+fn fast_dir(name: &str) -> TempDir {
+    let shm = PathBuf::from("/dev/shm");
+    if shm.is_dir() {
+        let p = shm.join(format!("trailhose-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        return TempDir(p);
+    }
+    TempDir::new(name)
+}
+
+/// One file whose 20,000 events fall in 20,000 different hours: with a 4 MiB budget, the
+/// buffers are sealed early, memory stays under the budget (peak RSS against a one-event run
+/// of the same binary), and every event is written exactly once.
+#[test]
+fn twenty_thousand_hours_in_one_file_stay_under_the_buffer_budget() {
+    const BUDGET: u64 = 4 << 20;
+    let tmp = fast_dir("budget");
+    let config = tmp.path().join("budget.toml");
+    std::fs::write(
+        &config,
+        format!("[batch]\nmax_buffered_bytes = {BUDGET}\n[pipeline]\nworkers = 1\ncompression_threads = 1\n"),
+    )
+    .unwrap();
+    let start = 1_577_836_800i64; // 2020-01-01T00:00:00Z
+    let time = |h: i64| {
+        let t = start + h * 3600;
+        let days = t.div_euclid(86_400);
+        let (y, m, d) = civil(days);
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:00:00Z",
+            t.rem_euclid(86_400) / 3600
+        )
+    };
+    let many = tmp.path().join("many");
+    write_file(
+        &many.join(DAY).join("hours.json.gz"),
+        (0..20_000)
+            .map(|h| event(&format!("h-{h:05}"), &time(h), "ok"))
+            .collect(),
+    );
+    let one = tmp.path().join("one");
+    write_file(
+        &one.join(DAY).join("one.json.gz"),
+        vec![event("only", &time(0), "ok")],
+    );
+
+    // The one-event run's RSS varies by a few MiB from run to run: take the larger of two.
+    let mut baseline = 0;
+    for i in 0..2 {
+        let out_one = tmp.path().join(format!("out-one-{i}"));
+        let m_one = tmp.path().join(format!("one-{i}.prom"));
+        let (status, rss, stderr) = run_measured(process_cmd(&one, &out_one, &config, &m_one));
+        assert!(status.success(), "{stderr}");
+        baseline = baseline.max(rss);
+    }
+    let (out, metrics) = (tmp.path().join("out"), tmp.path().join("many.prom"));
+    let (status, peak, stderr) = run_measured(process_cmd(&many, &out, &config, &metrics));
+    assert!(status.success(), "{stderr}");
+    let grown = peak.saturating_sub(baseline);
+    eprintln!(
+        "peak RSS {} KiB, one-event run {} KiB, grown {} KiB, budget {} KiB",
+        peak >> 10,
+        baseline >> 10,
+        grown >> 10,
+        BUDGET >> 10
+    );
+    // The budget bounds open buffers; on top come fixed working memory (compressor state,
+    // batches sealed and being written, allocator slack) and run-to-run noise: 12 MiB. The
+    // same file with buffers allocated up front and no budget grows by about 90 MiB.
+    assert!(
+        grown < BUDGET + (12 << 20),
+        "memory grew by {grown} bytes over a {BUDGET}-byte budget"
+    );
+
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    assert!(
+        metric_in(&m, &["trailhose_buffers_sealed_early_total"]) > 0.0,
+        "the budget sealed buffers early\n{m}"
+    );
+    let objects = local_objects(&out);
+    let mut ids: Vec<String> = split_output(&objects)
+        .events
+        .iter()
+        .map(|(_, l)| id_of(l))
+        .collect();
+    ids.sort();
+    let want: Vec<String> = (0..20_000).map(|h| format!("h-{h:05}")).collect();
+    assert_eq!(ids.len(), want.len(), "every event once");
+    assert_eq!(ids, want);
+}
+
+/// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).
+fn civil(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+// ---- service mode ------------------------------------------------------------------------
+
+/// A `trailhose run` child, killed on drop so a failing test leaves no worker behind.
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Service {
+    moto: Moto,
+    queue: String,
+    port: u16,
+    config: String,
+}
+
+/// moto with the buckets and a queue (redrive after 5 receives), and a config for one worker
+/// at the shipped batch defaults plus `extra` TOML.
+async fn service(tmp: &Path, extra: &str) -> Service {
+    let moto = Moto::start();
+    let (s3, sqs) = (moto.s3(), moto.sqs());
+    for b in ["trail-logs", "trail-out"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    let dlq = sqs
+        .create_queue()
+        .queue_name("work-dlq")
+        .send()
+        .await
+        .expect("dlq")
+        .queue_url
+        .expect("dlq url");
+    let dlq_arn = sqs
+        .get_queue_attributes()
+        .queue_url(&dlq)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .expect("dlq attrs")
+        .attributes
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .expect("dlq arn");
+    let queue = sqs
+        .create_queue()
+        .queue_name("work")
+        .attributes(
+            QueueAttributeName::RedrivePolicy,
+            format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"5"}}"#),
+        )
+        .send()
+        .await
+        .expect("queue")
+        .queue_url
+        .expect("queue url");
+    let port = free_port();
+    let ep = &moto.endpoint;
+    let path = tmp.join("run.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"[output]
+url = "s3://trail-out/ct/"
+[output.s3]
+endpoint_url = "{ep}"
+force_path_style = true
+[source.sqs]
+queue_url = "{queue}"
+endpoint_url = "{ep}"
+wait_time_secs = 1
+visibility_timeout_secs = 3
+max_files_in_flight = 4
+[[source.buckets]]
+name = "trail-logs"
+endpoint_url = "{ep}"
+force_path_style = true
+[server]
+listen = "127.0.0.1:{port}"
+shutdown_grace_secs = 20
+{extra}
+"#
+        ),
+    )
+    .expect("config");
+    Service {
+        moto,
+        queue,
+        port,
+        config: path.display().to_string(),
+    }
+}
+
+impl Service {
+    fn start(&self, fault: &str, log: &Path) -> Worker {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
+        cmd.args(["run", "--config", &self.config])
+            .env("TRAILHOSE_LOG", "info")
+            .env("TRAILHOSE_TEST_FAULT", fault)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("log"));
+        for (k, v) in self.moto.env() {
+            cmd.env(k, v);
+        }
+        Worker(cmd.spawn().expect("start trailhose run"))
+    }
+
+    fn metric(&self, needle: &[&str]) -> f64 {
+        let text = http_get(self.port, "/metrics")
+            .map(|(_, m)| m)
+            .unwrap_or_default();
+        metric_in(&text, needle)
+    }
+
+    /// Uploads `n` generated files, one message each; returns their eventIDs, sorted.
+    async fn seed(&self, n: u64, bytes: usize) -> Vec<String> {
+        let (s3, sqs) = (self.moto.s3(), self.moto.sqs());
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let json = trailhose::synth::Generator::new(100 + i).delivery_file(bytes);
+            let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+            for r in v["Records"].as_array().expect("records") {
+                ids.push(r["eventID"].as_str().expect("id").to_owned());
+            }
+            let key = format!("{DAY}/file-{i:03}.json.gz");
+            s3.put_object()
+                .bucket("trail-logs")
+                .key(&key)
+                .body(fixtures::gzip(&json).into())
+                .send()
+                .await
+                .expect("put");
+            let body = serde_json::json!({"s3Bucket": "trail-logs", "s3ObjectKey": [key]});
+            sqs.send_message()
+                .queue_url(&self.queue)
+                .message_body(body.to_string())
+                .send()
+                .await
+                .expect("send");
+        }
+        ids.sort();
+        ids
+    }
+
+    /// (visible, in flight) messages.
+    async fn depth(&self) -> (u64, u64) {
+        let attrs = self
+            .moto
+            .sqs()
+            .get_queue_attributes()
+            .queue_url(&self.queue)
+            .attribute_names(QueueAttributeName::All)
+            .send()
+            .await
+            .expect("attrs")
+            .attributes
+            .unwrap_or_default();
+        let get = |k: QueueAttributeName| {
+            attrs
+                .get(&k)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        (
+            get(QueueAttributeName::ApproximateNumberOfMessages),
+            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
+        )
+    }
+
+    async fn queue_empty(&self) -> bool {
+        self.depth().await == (0, 0)
+    }
+
+    async fn written_ids(&self) -> Vec<String> {
+        let objects = s3_objects(&self.moto.s3(), "trail-out", "ct/").await;
+        let mut ids: Vec<String> = split_output(&objects)
+            .events
+            .iter()
+            .map(|(_, l)| id_of(l))
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+fn sigterm_and_wait(w: &mut Worker, log: &Path) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &w.0.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = w.0.try_wait().expect("wait") {
+            assert!(
+                status.success(),
+                "{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+            return;
+        }
+        assert!(Instant::now() < deadline, "worker did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One worker thread, batch defaults (`max_age_secs = 300`): the worker panics on one file;
+/// the file's message is not deleted, comes back, and is processed by the same worker, which
+/// went on serving the other files meanwhile. SIGTERM then writes every event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_panics_on_a_file_redelivers_it_and_keeps_serving() {
+    let tmp = TempDir::new("worker-panic");
+    let svc = service(tmp.path(), "[pipeline]\nworkers = 1\n").await;
+    let ids = svc.seed(6, 20_000).await;
+    let log = tmp.path().join("worker.log");
+    let mut w = svc.start("worker_panic:file-002.json.gz", &log);
+    eventually(60, "every file split, the panicking one again", || async {
+        svc.metric(&["trailhose_files_total", "outcome=\"ok\""]) >= 6.0
+    })
+    .await;
+    assert_eq!(
+        svc.metric(&["trailhose_panics_total", "thread=\"worker\""]),
+        1.0
+    );
+    let (status, _) = http_get(svc.port, "/healthz").expect("healthz");
+    assert_eq!(status, 200, "a rebuilt worker keeps the process healthy");
+    sigterm_and_wait(&mut w, &log);
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        log_text.contains("test hook: worker_panic on") && log_text.contains("file-002"),
+        "{log_text}"
+    );
+    assert_eq!(svc.written_ids().await, ids, "every event exactly once");
+    eventually(30, "the queue to be empty", || svc.queue_empty()).await;
+}
+
+/// A compression thread panics on one chunk: the batch holding it is not written (no short
+/// object) and its messages stay on the queue. A second run (without the fault) then writes
+/// them: every event arrives, and the queue drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compression_thread_that_panics_fails_its_batch_and_its_messages_come_again() {
+    let tmp = TempDir::new("compress-panic");
+    // Small batches so that batches seal (and compress) while the worker runs; the first
+    // batch compressed panics (every event has an eventVersion).
+    let svc = service(
+        tmp.path(),
+        "[batch]\nmax_records = 5\n[pipeline]\nworkers = 1\ncompression_threads = 1\n",
+    )
+    .await;
+    let ids = svc.seed(6, 20_000).await;
+    let log = tmp.path().join("first.log");
+    let mut w = svc.start("compress_panic:eventVersion", &log);
+    eventually(60, "the compression thread to panic", || async {
+        svc.metric(&["trailhose_panics_total", "thread=\"compress\""]) >= 1.0
+    })
+    .await;
+    eventually(60, "every file split", || async {
+        svc.metric(&["trailhose_files_total", "outcome=\"ok\""]) >= 6.0
+    })
+    .await;
+    let split_first = svc.metric(&["trailhose_files_total", "outcome=\"ok\""]);
+    sigterm_and_wait(&mut w, &log);
+    drop(w);
+    let first = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(first.contains("test hook: compress_panic"), "{first}");
+    for (key, text) in s3_objects(&svc.moto.s3(), "trail-out", "ct/").await {
+        assert!(!text.is_empty(), "no empty or short object: {key}");
+    }
+    // The failed batch's messages were not deleted: they come back once their visibility
+    // runs out (or already came back to the first run, if all their batches sealed in it).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let left = loop {
+        let (visible, hidden) = svc.depth().await;
+        if hidden == 0 {
+            break visible;
+        }
+        assert!(Instant::now() < deadline, "messages stay in flight");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        left > 0 || split_first > 6.0,
+        "the failed batch's messages were delivered again"
+    );
+    if left > 0 {
+        let log = tmp.path().join("second.log");
+        let mut w = svc.start("", &log);
+        eventually(60, "the second run to split what came back", || async {
+            svc.metric(&["trailhose_files_total", "outcome=\"ok\""]) >= left as f64
+                && svc.depth().await.0 == 0
+        })
+        .await;
+        sigterm_and_wait(&mut w, &log);
+    }
+    let written = svc.written_ids().await;
+    let unique: BTreeSet<&String> = written.iter().collect();
+    let want: BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(unique, want, "every event arrives (repeats allowed)");
+    eventually(30, "the queue to be empty", || svc.queue_empty()).await;
+}
+
+/// A worker that cannot be rebuilt after a panic is lost: `/healthz` turns unhealthy (so
+/// Kubernetes restarts the pod) and the file's message is not deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_be_rebuilt_makes_healthz_fail() {
+    let tmp = TempDir::new("worker-lost");
+    let svc = service(tmp.path(), "[pipeline]\nworkers = 1\n").await;
+    svc.seed(1, 5_000).await;
+    let log = tmp.path().join("worker.log");
+    let _w = svc.start("worker_panic:file-000,rebuild_panic:file-000", &log);
+    eventually(60, "the process to be up", || async {
+        http_get(svc.port, "/metrics").is_some()
+    })
+    .await;
+    eventually(60, "/healthz to fail", || async {
+        http_get(svc.port, "/healthz").is_some_and(|(status, _)| status == 503)
+    })
+    .await;
+    assert_eq!(svc.metric(&["trailhose_workers_lost "]), 1.0);
+    assert_eq!(
+        svc.metric(&["trailhose_panics_total", "thread=\"worker\""]),
+        1.0
+    );
+    assert!(!svc.queue_empty().await, "the message is not deleted");
+}
