@@ -6,6 +6,8 @@ pub mod checks;
 pub mod faults;
 pub mod fixtures;
 pub mod mmdb;
+pub mod observed;
+pub mod prometheus;
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
