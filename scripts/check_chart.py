@@ -62,9 +62,9 @@ def fail(case, msg):
     failures.append(f"[{case}] {msg}")
 
 
-def render(values):
+def render(values, name=RELEASE):
     chart = helm.Chart.load(str(CHART))
-    out = chart.render(copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE)
+    out = chart.render(copy.deepcopy(values), name=name, namespace=NAMESPACE)
     docs = []
     for name, text in sorted(out.items()):
         if name.endswith("NOTES.txt"):

@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/moto-env.sh
+# The Helm SDK, promtool and the real Prometheus server, and the chart's rendered alert rules:
+# tests/prometheus.rs evaluates every dashboard query and alert on a live Prometheus.
+source scripts/chart-env.sh
 # The transform modules the tests load (installs the wasm32-wasip2 target and componentize-py).
 scripts/build-transforms.sh
 

@@ -6,11 +6,10 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::checks::fixture_dbs;
-use common::{Moto, TempDir, fixtures, free_port, http_get, upload_tree};
+use common::http_get;
+use common::observed::Workers;
 
 /// The files whose queries are checked; raw template text is scanned, so names in alerts that
 /// only some values render (Kinesis, transforms) are checked too.
@@ -92,106 +91,17 @@ async fn every_metric_in_the_dashboard_and_alerts_is_emitted() {
         used.extend(names);
     }
 
-    // A worker on moto with the fixture set (good, digest and bad files, a mixed Records
-    // array) and a garbage message: every labelled metric the chart uses gets a label set.
-    let moto = Moto::start();
-    let (s3, sqs) = (moto.s3(), moto.sqs());
-    for b in ["trail-logs", "trail-out"] {
-        s3.create_bucket().bucket(b).send().await.expect("bucket");
-    }
-    let queue = sqs
-        .create_queue()
-        .queue_name("observability")
-        .send()
-        .await
-        .expect("queue")
-        .queue_url
-        .expect("queue url");
-    let tmp = TempDir::new("observability");
-    let input = tmp.path().join("in");
-    fixtures::write_all(&input);
-    let keys = upload_tree(&s3, "trail-logs", &input).await;
-    let body = serde_json::json!({"s3Bucket": "trail-logs", "s3ObjectKey": keys}).to_string();
-    for b in [body.as_str(), "not a notification"] {
-        sqs.send_message()
-            .queue_url(&queue)
-            .message_body(b)
-            .send()
-            .await
-            .expect("send");
-    }
-    let (city, asn) = fixture_dbs(tmp.path());
-    // Transforms: one that works and one that panics after its first events, so that the
-    // per-module throughput and failure metrics get label sets.
-    let modules = root.join("target/transforms/wasm32-wasip2/release");
-    let (priority, hostile) = (
-        modules.join("priority_rules.wasm"),
-        modules.join("hostile.wasm"),
-    );
-    assert!(
-        priority.is_file() && hostile.is_file(),
-        "run scripts/build-transforms.sh (scripts/test.sh does)"
-    );
-    let (priority, hostile) = (priority.display(), hostile.display());
-    let port = free_port();
-    let config = tmp.path().join("run.toml");
-    let ep = &moto.endpoint;
-    std::fs::write(
-        &config,
-        format!(
-            r#"[output]
-url = "s3://trail-out/ct/"
-[output.s3]
-endpoint_url = "{ep}"
-force_path_style = true
-[batch]
-max_age_secs = 1
-[geoip]
-city_db = "{city}"
-asn_db = "{asn}"
-[source.sqs]
-queue_url = "{queue}"
-endpoint_url = "{ep}"
-wait_time_secs = 1
-visibility_timeout_secs = 5
-[[source.buckets]]
-name = "trail-logs"
-endpoint_url = "{ep}"
-force_path_style = true
-[server]
-listen = "127.0.0.1:{port}"
-[pipeline]
-transform_batch_events = 8
-[[transforms]]
-name = "priority"
-path = "{priority}"
-[[transforms]]
-name = "flaky"
-path = "{hostile}"
-[transforms.config]
-mode = "panic_after"
-n = "8"
-"#
-        ),
-    )
-    .expect("config");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
-    cmd.args(["run", "--config"])
-        .arg(&config)
-        .env("TRAILHOSE_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in moto.env() {
-        cmd.env(k, v);
-    }
-    let mut worker = cmd.spawn().expect("start trailhose run");
-    let (mut kinesis_worker, kinesis_port) = start_kinesis_worker(&moto, tmp.path()).await;
+    // Both kinds of worker on moto and one round of traffic (the fixture set and a garbage
+    // message): every labelled metric the chart uses gets a label set.
+    let workers = Workers::start("observability").await;
+    workers.feed(0).await;
 
     // Wait until every non-pending family is exposed by one of the two workers (or time out and
     // report what is not).
     let deadline = Instant::now() + Duration::from_secs(60);
     let (exposition, missing) = loop {
-        let text: String = [port, kinesis_port]
+        let text: String = workers
+            .ports()
             .iter()
             .filter_map(|p| http_get(*p, "/metrics").map(|(_, m)| m))
             .collect::<Vec<_>>()
@@ -213,10 +123,7 @@ n = "8"
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    for w in [&mut worker, &mut kinesis_worker] {
-        let _ = w.kill();
-        let _ = w.wait();
-    }
+    drop(workers);
     assert!(
         missing.is_empty(),
         "the chart queries metrics trailhose does not emit: {missing:?}\n/metrics:\n{exposition}"
@@ -248,81 +155,4 @@ n = "8"
             "{p} is in the metrics catalogue now: remove it from PENDING"
         );
     }
-}
-
-/// A Kinesis-mode worker on a one-shard stream holding one CloudWatch Logs batch: the lease,
-/// lag and checkpoint metrics get values. Returns the child and its metrics port.
-async fn start_kinesis_worker(moto: &Moto, dir: &Path) -> (std::process::Child, u16) {
-    let conf = aws_sdk_kinesis::Config::builder()
-        .behavior_version_latest()
-        .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
-        .endpoint_url(&moto.endpoint)
-        .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
-            "testing", "testing", None, None, "test",
-        ))
-        .build();
-    let kinesis = aws_sdk_kinesis::Client::from_conf(conf);
-    kinesis
-        .create_stream()
-        .stream_name("observability")
-        .shard_count(1)
-        .send()
-        .await
-        .expect("stream");
-    let event = serde_json::json!({"eventVersion": "1.09", "eventTime": "2024-03-18T14:30:07Z",
-        "eventSource": "iam.amazonaws.com", "eventID": "k1", "recipientAccountId": "111122223333"});
-    let batch = serde_json::json!({"messageType": "DATA_MESSAGE", "owner": "111122223333",
-        "logGroup": "g", "logStream": "s", "subscriptionFilters": ["f"],
-        "logEvents": [{"id": "1", "timestamp": 1710772207000u64, "message": event.to_string()}]});
-    kinesis
-        .put_record()
-        .stream_name("observability")
-        .partition_key("k")
-        .data(aws_sdk_kinesis::primitives::Blob::new(fixtures::gzip(
-            batch.to_string().as_bytes(),
-        )))
-        .send()
-        .await
-        .expect("put record");
-    let port = free_port();
-    let ep = &moto.endpoint;
-    let config = dir.join("kinesis.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"[output]
-url = "s3://trail-out/kinesis/"
-[output.s3]
-endpoint_url = "{ep}"
-force_path_style = true
-[batch]
-max_age_secs = 1
-[source.kinesis]
-stream = "observability"
-endpoint_url = "{ep}"
-worker_id = "observer"
-lease_duration_millis = 2000
-lease_renew_interval_millis = 400
-shard_sync_interval_millis = 1000
-poll_interval_millis = 200
-[[source.buckets]]
-name = "trail-logs"
-endpoint_url = "{ep}"
-force_path_style = true
-[server]
-listen = "127.0.0.1:{port}"
-"#
-        ),
-    )
-    .expect("config");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
-    cmd.args(["run", "--config"])
-        .arg(&config)
-        .env("TRAILHOSE_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in moto.env() {
-        cmd.env(k, v);
-    }
-    (cmd.spawn().expect("start the Kinesis worker"), port)
 }

@@ -6,6 +6,8 @@ pub mod checks;
 pub mod faults;
 pub mod fixtures;
 pub mod mmdb;
+pub mod observed;
+pub mod prometheus;
 pub mod sqs;
 
 use std::io::Read;
