@@ -109,6 +109,9 @@ pub struct TransformConfig {
     /// Bytes the outcomes of one batch may carry.
     #[serde(default = "default_max_output_bytes")]
     pub max_output_bytes: usize,
+    /// What happens to the events of a failed call.
+    #[serde(default)]
+    pub on_failure: crate::transform::OnFailure,
 }
 
 fn default_fuel() -> u64 {
@@ -431,8 +434,8 @@ pub struct PipelineConfig {
     pub max_event_bytes: usize,
     /// Events per transform call; 0 = 256.
     pub transform_batch_events: usize,
-    /// Where compiled transform modules are cached; unset = `$TMPDIR/trailhose-wasm-cache`,
-    /// empty = no cache.
+    /// Where compiled transform modules are cached; unset = `$XDG_CACHE_HOME/trailhose/wasm`
+    /// (or `$HOME/.cache/trailhose/wasm`; no cache without either), empty = no cache.
     pub transform_cache_dir: Option<PathBuf>,
     /// How often module files are checked for changes; 0 = only on SIGHUP.
     pub transform_reload_secs: Option<u64>,
@@ -927,13 +930,23 @@ impl Config {
                     max_memory_bytes: t.max_memory_mb << 20,
                     max_output_bytes: t.max_output_bytes,
                 },
+                on_failure: t.on_failure,
             })
             .collect()
     }
 
     pub fn transform_cache_dir(&self) -> Option<PathBuf> {
         match &self.pipeline.transform_cache_dir {
-            None => Some(std::env::temp_dir().join("trailhose-wasm-cache")),
+            // A directory of our own, never the shared $TMPDIR: the cache holds native code.
+            None => std::env::var_os("XDG_CACHE_HOME")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| {
+                    std::env::var_os("HOME")
+                        .filter(|v| !v.is_empty())
+                        .map(|h| PathBuf::from(h).join(".cache"))
+                })
+                .map(|base| base.join("trailhose/wasm")),
             Some(p) if p.as_os_str().is_empty() => None,
             Some(p) => Some(p.clone()),
         }

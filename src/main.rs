@@ -425,6 +425,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     max_memory_bytes: max_memory_mb << 20,
                     max_output_bytes,
                 },
+                on_failure: trailhose::transform::OnFailure::ErrorOutput,
             };
             let events = trial::read_events(&events)?;
             let trial = trial::run(&spec, &events, batch)?;

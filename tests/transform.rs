@@ -13,6 +13,18 @@ use common::{TempDir, fixtures, local_objects, trailhose};
 use serde_json::{Value, json};
 
 fn module(name: &str) -> PathBuf {
+    if let Some(stem) = name.strip_suffix(".wat") {
+        // Hand-written components (transforms/hostile/wat/), assembled here.
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("transforms/hostile/wat")
+            .join(name);
+        let wasm = wat::parse_file(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("wat");
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join(format!("{stem}.{}.wasm", std::process::id()));
+        std::fs::write(&out, wasm).unwrap();
+        return out;
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/transforms");
     let path = if name == "tag_account" {
         root.join("python/tag_account.wasm")
@@ -128,6 +140,8 @@ fn m<'a>(name: &'a str, file: &'a str, config: &'a [(&'a str, &'a str)]) -> Mod<
 
 struct Run {
     ok: bool,
+    /// Every output object's bytes, raw and decompressed.
+    out_text: String,
     stderr: String,
     /// eventID (any key case) → output event.
     events: BTreeMap<String, Value>,
@@ -146,6 +160,30 @@ impl Run {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0.0)
     }
+}
+
+/// Every byte under `dir`, each file's lossily decoded (gunzipped where it is gzip), joined.
+fn all_text(dir: &Path) -> String {
+    let mut text = String::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+                continue;
+            }
+            let raw = std::fs::read(&p).unwrap();
+            let mut plain = Vec::new();
+            let mut gz = flate2::read::MultiGzDecoder::new(&raw[..]);
+            if std::io::Read::read_to_end(&mut gz, &mut plain).is_err() {
+                plain = raw.clone();
+            }
+            text.push_str(&String::from_utf8_lossy(&raw));
+            text.push_str(&String::from_utf8_lossy(&plain));
+        }
+    }
+    text
 }
 
 /// Runs `trailhose process` over `events` with `modules`, `batch` events per call.
@@ -213,6 +251,11 @@ fn run(events: &[Value], modules: &[Mod<'_>], batch: usize) -> Run {
     }
     Run {
         ok: r.status.success(),
+        out_text: if out.exists() {
+            all_text(&out)
+        } else {
+            String::new()
+        },
         stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
         events: by_id,
         lines: output.events,
@@ -521,6 +564,13 @@ fn hostile_modules_are_contained_reported_and_the_worker_goes_on() {
         detail.contains("hostile module panicked on purpose"),
         "{detail}"
     );
+    // The result is stopped while it is copied out of the module, at max_output_bytes.
+    let r = hostile("huge", "max_output_bytes = 100000");
+    let detail = r.errors[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("more than max_output_bytes = 100000"),
+        "{detail}"
+    );
 }
 
 #[test]
@@ -567,24 +617,179 @@ fn a_module_that_refuses_its_config_stops_start_up() {
 
 #[test]
 fn modules_cannot_reach_files_network_environment_or_clock() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let config = [("mode", "probe"), ("connect", addr.as_str())];
-    let r = run(&events()[..1], &[m("probe", "hostile", &config)], 256);
+    let r = run(
+        &events()[..1],
+        &[m("probe", "hostile", &[("mode", "probe")])],
+        256,
+    );
     assert!(r.ok, "{}", r.stderr);
     let probe = &r.events["e1"]["xprobe"];
-    for key in ["read", "write", "list", "net"] {
+    for key in ["read", "write", "list"] {
         let v = probe[key].as_str().unwrap();
         assert!(v.starts_with("denied"), "{key}: {v}");
     }
     assert_eq!(probe["env_vars"], 0);
+    // Both clocks read zero: the wall clock is 1970-01-01, and no time passes.
     assert_eq!(probe["clock_secs"], 0);
+    assert_eq!(probe["monotonic_nanos"], 0);
+    assert!(!Path::new("/tmp/trailhose-probe").exists());
+
+    // Sockets are not linked at all: the first socket call traps the batch.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let config = [("mode", "connect"), ("connect", addr.as_str())];
+    let r = run(&events()[..2], &[m("net", "hostile", &config)], 256);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.events.is_empty());
+    assert_eq!(r.errors.len(), 2, "{:?}", r.errors);
+    for e in &r.errors {
+        assert_eq!(e["reason"], "trap", "{e}");
+        let detail = e["detail"].as_str().unwrap();
+        assert!(detail.contains("wasi:sockets"), "{detail}");
+    }
     assert!(
         listener.accept().is_err(),
         "no connection may reach the host"
     );
-    assert!(!Path::new("/tmp/trailhose-probe").exists());
+}
+
+#[test]
+fn sleeping_traps_at_once_instead_of_blocking_the_worker() {
+    // The time limit only interrupts wasm code, not a host call: a timer would block the worker
+    // for the hour, so timers are not linked and the call traps.
+    let r = hostile("sleep", "timeout_ms = 600000");
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.events.is_empty());
+    assert_eq!(r.errors.len(), 6);
+    for e in &r.errors {
+        assert_eq!(e["reason"], "trap", "{e}");
+        let detail = e["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("timers are not available to transforms"),
+            "{detail}"
+        );
+    }
+}
+
+#[test]
+fn wasi_random_is_a_fixed_sequence_the_same_in_every_run() {
+    let values = || {
+        let r = run(
+            &events(),
+            &[m("random", "hostile", &[("mode", "random")])],
+            2,
+        );
+        assert!(r.ok, "{}", r.stderr);
+        assert_eq!(r.events.len(), 6, "{:?}", r.errors);
+        r.events
+            .iter()
+            .map(|(id, v)| (id.clone(), v["xrandom"].clone()))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let first = values();
+    assert_eq!(
+        first,
+        values(),
+        "another run, other instances: the same bytes"
+    );
+    // Not zeros, and one call's bytes are the same for each event it annotated.
+    assert_ne!(first["e1"]["bytes"], "00000000000000000000000000000000");
+    assert_eq!(first["e1"], first["e2"]);
+}
+
+#[test]
+fn two_memories_are_limited_together() {
+    // Each of the module's two memories grows by 48 MiB: allowed one by one under 64 MiB, but
+    // not together.
+    let two = |mb: u32| {
+        let extra = format!("max_memory_mb = {mb}");
+        let md = Mod {
+            name: "twomem",
+            file: "two-memories.wat",
+            config: &[],
+            extra: &extra,
+        };
+        // One call per instance: the memories grow on every call.
+        run(&events(), &[md], 256)
+    };
+    let r = two(64);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.events.is_empty(), "{:?}", r.events);
+    assert_eq!(r.errors.len(), 6);
+    for e in &r.errors {
+        assert_eq!(e["reason"], "memory_limit", "{e}");
+        let detail = e["detail"].as_str().unwrap();
+        assert!(detail.contains("all linear memories together"), "{detail}");
+    }
+    let r = two(128);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(
+        ids(&r),
+        ["e1", "e2", "e3", "e4", "e5", "e6"],
+        "{:?}",
+        r.errors
+    );
+}
+
+#[test]
+fn drop_body_keeps_the_event_and_the_module_words_out_of_the_error_output() {
+    // The module panics with the event (a password in it) in its message and on stderr.
+    let careless = |extra: &'static str| {
+        let md = Mod {
+            name: "redact",
+            file: "hostile",
+            config: &[("mode", "panic_echo")],
+            extra,
+        };
+        run(&events(), &[md], 2)
+    };
+    // Today's default writes the event, secret and all, and the message quoting it.
+    let r = careless("");
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.out_text.contains("hunter2"), "the check below can fail");
+
+    let r = careless("on_failure = \"drop_body\"");
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.events.is_empty());
+    assert_eq!(r.errors.len(), 6, "{:?}", r.errors);
+    let mut ids: Vec<&str> = Vec::new();
+    for e in &r.errors {
+        assert_eq!(e["stage"], "transform", "{e}");
+        assert_eq!(e["module"], "redact", "{e}");
+        assert_eq!(e["reason"], "panic", "{e}");
+        assert!(e.get("record").is_none(), "no event body: {e}");
+        assert!(e["source"].as_str().unwrap().ends_with(".json.gz"), "{e}");
+        ids.push(e["eventID"].as_str().unwrap());
+    }
+    ids.sort();
+    assert_eq!(ids, ["e1", "e2", "e3", "e4", "e5", "e6"]);
+    assert!(
+        !r.out_text.contains("hunter2"),
+        "the secret is nowhere in the output tree"
+    );
+    assert!(
+        !r.stderr.contains("hunter2"),
+        "nor in the logs: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn guest_log_lines_are_cut_before_they_are_logged() {
+    let r = run(
+        &events()[..1],
+        &[m("chatty", "hostile", &[("mode", "log_long")])],
+        256,
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("chatty") && l.contains("yyyy"))
+        .unwrap_or_else(|| panic!("the guest's line is logged: {}", r.stderr));
+    assert!(line.contains("(100000 bytes, cut at 2048)"), "{line}");
+    assert!(line.len() < 4096, "{} bytes", line.len());
 }
 
 #[test]
@@ -666,6 +871,7 @@ fn modules_reload_when_their_file_changes_and_a_bad_file_keeps_the_running_versi
             max_memory_bytes: 64 << 20,
             max_output_bytes: 1 << 20,
         },
+        on_failure: Default::default(),
     };
     let t = Transforms::open(&[spec], None).unwrap();
     let mut chain = t.chain();
@@ -858,4 +1064,136 @@ async fn sighup_reloads_modules_and_geoip_in_a_running_worker_without_losing_eve
         assert_eq!(v.get("xpriority").is_some(), after, "{id}: {v}");
         assert_eq!(v.get("geo").is_some(), after, "{id}: {v}");
     }
+}
+
+/// `on_failure = "retry"` through the service: a module that fails leaves nothing written and
+/// the notification unacknowledged, so SQS delivers it again (and again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_retry_leaves_the_message_on_the_queue_to_come_again() {
+    use common::{Moto, free_port, http_get};
+    let moto = Moto::start();
+    let (s3, sqs) = (moto.s3(), moto.sqs());
+    s3.create_bucket()
+        .bucket("trail")
+        .send()
+        .await
+        .expect("bucket");
+    let queue = sqs
+        .create_queue()
+        .queue_name("retry")
+        .send()
+        .await
+        .expect("queue")
+        .queue_url
+        .expect("queue url");
+    let tmp = TempDir::new("transform-retry");
+    let out = tmp.path().join("out");
+    let port = free_port();
+    let ep = &moto.endpoint;
+    let config = tmp.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[output]\nurl = {:?}\n[pipeline]\ntransform_cache_dir = {:?}\n\
+             [source.sqs]\nqueue_url = {queue:?}\nendpoint_url = {ep:?}\nwait_time_secs = 1\n\
+             visibility_timeout_secs = 2\n[[source.buckets]]\nname = \"trail\"\n\
+             endpoint_url = {ep:?}\nforce_path_style = true\n[server]\nlisten = \"127.0.0.1:{port}\"\n\
+             [[transforms]]\nname = \"redact\"\npath = {:?}\non_failure = \"retry\"\n\
+             [transforms.config]\nmode = \"panic\"\n",
+            out.display().to_string(),
+            cache_dir(),
+            module("hostile").display().to_string()
+        ),
+    )
+    .unwrap();
+    let key = "AWSLogs/111122223333/CloudTrail/eu-west-1/2024/03/18/retry.json.gz";
+    let body = fixtures::gzip(&serde_json::to_vec(&json!({ "Records": events() })).unwrap());
+    s3.put_object()
+        .bucket("trail")
+        .key(key)
+        .body(body.into())
+        .send()
+        .await
+        .expect("put");
+    let msg = json!({"s3Bucket": "trail", "s3ObjectKey": [key]}).to_string();
+    sqs.send_message()
+        .queue_url(&queue)
+        .message_body(msg)
+        .send()
+        .await
+        .expect("send");
+
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trailhose"));
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("TRAILHOSE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in moto.env() {
+        cmd.env(k, v);
+    }
+    let mut worker = cmd.spawn().expect("start trailhose run");
+    let pid = worker.id().to_string();
+
+    // Each delivery fails the batches of the file; three deliveries' worth means it came back.
+    let failures = |m: &str| {
+        m.lines()
+            .find(|l| {
+                l.starts_with("trailhose_transform_failures_total")
+                    && l.contains("module=\"redact\"")
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let metrics = loop {
+        let m = http_get(port, "/metrics")
+            .map(|(_, m)| m)
+            .unwrap_or_default();
+        // One call per delivery (256 events per batch): three failures = delivered three times.
+        if failures(&m) >= 3.0 {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file did not come back:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let _ = worker.wait();
+    assert!(
+        metrics.contains("reason=\"panic\""),
+        "the failure is counted with its reason:\n{metrics}"
+    );
+    // Nothing was written, the error output included, and the message is still queued.
+    let objects = if out.exists() {
+        local_objects(&out)
+    } else {
+        Vec::new()
+    };
+    assert!(objects.is_empty(), "{:?}", objects.len());
+    let attrs = sqs
+        .get_queue_attributes()
+        .queue_url(&queue)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+        .send()
+        .await
+        .expect("attributes");
+    let count = |name: aws_sdk_sqs::types::QueueAttributeName| {
+        attrs
+            .attributes()
+            .and_then(|a| a.get(&name))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    assert_eq!(
+        count(A::ApproximateNumberOfMessages) + count(A::ApproximateNumberOfMessagesNotVisible),
+        1,
+        "the notification is not deleted"
+    );
 }

@@ -35,7 +35,7 @@ use crate::sink::encode::{Encoder, encode_event};
 use crate::sink::partition::Partitioner;
 use crate::sink::write::{S3Options, Store, WriteError, Written};
 use crate::source::local::{self, SourceError};
-use crate::transform::{Batch, Chain, Reject, TransformError, Transforms};
+use crate::transform::{Batch, Chain, OnFailure, Reject, TransformError, Transforms};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -66,6 +66,9 @@ struct ErrorRecord<'a> {
     /// The transform module that refused the record.
     #[serde(skip_serializing_if = "Option::is_none")]
     module: Option<&'a str>,
+    /// The refused record's eventID (kept when its body is not, `on_failure = "drop_body"`).
+    #[serde(rename = "eventID", skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     events_kept: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,6 +86,7 @@ impl<'a> ErrorRecord<'a> {
             reason,
             detail,
             module: None,
+            event_id: None,
             events_kept: None,
             index: None,
             record: None,
@@ -307,6 +311,7 @@ impl FileWorker {
             dedup: self.dedup.as_deref(),
             fresh: &mut self.fresh,
             duplicates: 0,
+            retry: false,
         };
         let (geo, stage) = (&mut self.geo, &mut self.stage);
         let mut next_index = 0u64;
@@ -341,7 +346,7 @@ impl FileWorker {
         if let Some(st) = stage {
             st.flush(&mut route, source, out);
         }
-        let fallback = route.fallback;
+        let (fallback, retry) = (route.fallback, route.retry);
         metrics::emit(EventsDeduplicated {
             events: route.duplicates,
         });
@@ -368,6 +373,12 @@ impl FileWorker {
         metrics::emit(FallbackPartitioned { events: fallback });
         self.lag.flush();
         self.tally.events_in += report.events;
+        if retry {
+            // A module with on_failure = "retry" failed: its events were not written, so the
+            // file must come again (what was written may repeat: at-least-once).
+            self.tally.failed_files += 1;
+            return FileOutcome::Retry;
+        }
         match report.result {
             Ok(SplitKind::Events) => metrics::emit(FileProcessed {
                 source,
@@ -576,6 +587,8 @@ struct Route<'w> {
     dedup: Option<&'w Dedup>,
     fresh: &'w mut HashSet<u64>,
     duplicates: u64,
+    /// A module with `on_failure = "retry"` failed on this file.
+    retry: bool,
 }
 
 impl Route<'_> {
@@ -629,9 +642,14 @@ impl Route<'_> {
 
     /// Buffers an event a transform module refused, with the module and the reason.
     fn reject(&mut self, source: &str, r: &Reject, out: &mut impl FnMut(Sealed)) {
+        if r.on_failure == OnFailure::Retry {
+            self.retry = true;
+            return;
+        }
         self.error_records += 1;
         let rec = ErrorRecord {
             module: Some(&r.module),
+            event_id: r.event_id.as_deref(),
             index: Some(r.index),
             record: serde_json::from_slice::<&RawValue>(&r.event).ok(),
             ..ErrorRecord::new(source, "transform", r.reason, &r.detail)

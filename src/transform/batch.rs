@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::cloudtrail::{self, Head};
 use crate::sink::encode::splice;
 
+use super::OnFailure;
 use super::host::{Member, Outcome};
 
 /// Events in one buffer, each with the head fields the host routes on and shows to modules.
@@ -69,15 +70,38 @@ impl<'a> View<'a> {
     }
 }
 
-/// An event a module failed or returned malformed: it goes to the error output.
+/// An event a module failed or returned malformed: it goes to the error output (or, by the
+/// module's `on_failure`, without its body, or back to the source).
 #[derive(Debug)]
 pub struct Reject {
     pub module: Arc<str>,
     pub index: u64,
     pub reason: &'static str,
     pub detail: String,
-    /// The event as the module received it.
+    /// The event's `eventID`, kept when the body is dropped.
+    pub event_id: Option<String>,
+    /// The event as the module received it; empty under `on_failure = "drop_body"`.
     pub event: Vec<u8>,
+    pub on_failure: OnFailure,
+}
+
+impl Reject {
+    /// Applies the module's failure policy: `drop_body` forgets the event and the module's
+    /// words about it.
+    pub fn apply(&mut self, policy: OnFailure) {
+        self.on_failure = policy;
+        if policy == OnFailure::DropBody {
+            self.event = Vec::new();
+            self.detail = dropped_detail(self.reason);
+        }
+    }
+}
+
+/// The detail of a failure under `on_failure = "drop_body"`: the reason only.
+pub fn dropped_detail(reason: &str) -> String {
+    format!(
+        "the module failed ({reason}); on_failure = \"drop_body\" keeps neither the event nor the module's output"
+    )
 }
 
 /// Outcomes of one module call, by kind.
@@ -185,7 +209,9 @@ impl Batch {
             index: v.index,
             reason,
             detail: detail.to_owned(),
+            event_id: v.event_id.map(str::to_owned),
             event: v.event.to_vec(),
+            on_failure: OnFailure::ErrorOutput,
         }));
     }
 }
@@ -278,7 +304,9 @@ pub fn apply(
                 index: view.index,
                 reason,
                 detail,
+                event_id: view.event_id.map(str::to_owned),
                 event: view.event.to_vec(),
+                on_failure: OnFailure::ErrorOutput,
             })
         };
         let head = view.head();

@@ -1,10 +1,13 @@
 //! The wasmtime side: one sandboxed instance of a module, and the calls into it under limits.
 //!
-//! A module gets no ambient authority: no preopened directories, no sockets or name lookups, no
-//! environment or arguments, and frozen clocks. Only stdout/stderr exist, captured into a small
-//! tail so that a panicking guest's message reaches the error record. Each call runs with a fuel
-//! budget (instructions), an epoch deadline (wall time) and `StoreLimits` (memory, tables,
-//! instances).
+//! A module gets no ambient authority. The linker holds only what a language runtime needs to
+//! start (see [`Prepared::new`] and `wit/README.md`): stdout/stderr, captured into a small tail
+//! so that a panicking guest's message reaches the error record; an empty environment; frozen
+//! clocks that cannot sleep; a fixed "random" byte sequence; and a filesystem with no directory
+//! in it. Anything else a module imports (sockets, name lookups) traps when called. Each call
+//! runs with a fuel budget (instructions), an epoch deadline (wall time), a [`Limiter`] that sums
+//! every linear memory and table of the instance, and a host-copy budget that stops the result
+//! from being copied out of the module once it passes `max_output_bytes`.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -13,13 +16,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder, Trap};
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
-use wasmtime_wasi::{
-    HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView,
-};
+use wasmtime::component::{Component, HasData, HasSelf, Linker, Resource, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream, WasiCli, WasiCliView};
+use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
+use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView};
+use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, random, sync};
+use wasmtime_wasi::p2::{DynPollable, OutputStream, Pollable, StreamError};
+use wasmtime_wasi::random::WasiRandom;
+use wasmtime_wasi::{Deterministic, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::Limits;
 use crate::metrics::{self, GuestCounted, GuestLogged};
@@ -46,6 +51,22 @@ const LOGS_PER_CALL: u32 = 20;
 const COUNTER_NAMES: usize = 64;
 /// Bytes of guest stdout/stderr kept (the tail).
 const OUTPUT_TAIL: usize = 4096;
+/// Bytes of one guest log line that are logged; the rest is cut, marked with an ellipsis.
+pub const LOG_LINE_BYTES: usize = 2048;
+/// Linear memories, tables and core instances one instance of a module may create. A Rust
+/// module has 1 memory and 2 tables; the componentize-py example too.
+const MAX_MEMORIES: usize = 2;
+const MAX_TABLES: usize = 16;
+const MAX_CORE_INSTANCES: usize = 32;
+/// Table elements of all tables together (a pointer each): a Rust module has 56, the
+/// componentize-py example about 5 800.
+const MAX_TABLE_ELEMENTS: usize = 65_536;
+/// Bytes of host bookkeeping charged for each outcome copied out of a module, on top of
+/// `max_output_bytes` (the copy budget is `max_output_bytes + events × this`).
+const OUTCOME_OVERHEAD: usize = std::mem::size_of::<Outcome>();
+/// What every `wasi:random` call returns, repeated: runtimes seed hash tables from it, and a
+/// transform must be deterministic (the same input gives the same output on every instance).
+const RANDOM_BYTES: &[u8] = b"trailhose: wasi:random is fixed";
 
 /// The engine shared by every module: fuel metering when any module asks for it, epoch
 /// interruption always.
@@ -100,18 +121,109 @@ pub struct Prepared {
 impl Prepared {
     pub fn new(engine: &Engine, component: &Component) -> wasmtime::Result<Prepared> {
         let mut linker = Linker::<State>::new(engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        Transform::add_to_linker::<State, wasmtime::component::HasSelf<State>>(&mut linker, |s| s)?;
+        link_wasi(&mut linker)?;
+        Transform::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+        stub_unlinked(&mut linker, engine, component)?;
         let pre = TransformPre::new(linker.instantiate_pre(component)?)?;
         Ok(Prepared { pre })
     }
+}
+
+/// The WASI interfaces a transform gets: what Rust std and CPython import to start, with nothing
+/// granted (see the module doc). Not linked: `wasi:sockets/*`.
+fn link_wasi(l: &mut Linker<State>) -> wasmtime::Result<()> {
+    wasmtime_wasi_io::bindings::wasi::io::error::add_to_linker::<State, Io>(l, |s| &mut s.table)?;
+    sync::io::poll::add_to_linker::<State, Io>(l, |s| &mut s.table)?;
+    sync::io::streams::add_to_linker::<State, Io>(l, |s| &mut s.table)?;
+    cli::exit::add_to_linker::<State, WasiCli>(l, State::cli)?;
+    cli::environment::add_to_linker::<State, WasiCli>(l, State::cli)?;
+    cli::stdin::add_to_linker::<State, WasiCli>(l, State::cli)?;
+    cli::stdout::add_to_linker::<State, WasiCli>(l, State::cli)?;
+    cli::stderr::add_to_linker::<State, WasiCli>(l, State::cli)?;
+    cli::terminal_input::add_to_linker::<State, WasiCli>(l, State::cli)?;
+    cli::terminal_output::add_to_linker::<State, WasiCli>(l, State::cli)?;
+    cli::terminal_stdin::add_to_linker::<State, WasiCli>(l, State::cli)?;
+    cli::terminal_stdout::add_to_linker::<State, WasiCli>(l, State::cli)?;
+    cli::terminal_stderr::add_to_linker::<State, WasiCli>(l, State::cli)?;
+    clocks::wall_clock::add_to_linker::<State, WasiClocks>(l, State::clocks)?;
+    clocks::monotonic_clock::add_to_linker::<State, HasSelf<State>>(l, |s| s)?;
+    random::random::add_to_linker::<State, WasiRandom>(l, |s| s.wasi.random())?;
+    random::insecure::add_to_linker::<State, WasiRandom>(l, |s| s.wasi.random())?;
+    random::insecure_seed::add_to_linker::<State, WasiRandom>(l, |s| s.wasi.random())?;
+    // No directory is preopened, so no path can be opened: std's file calls get an error.
+    filesystem::preopens::add_to_linker::<State, WasiFilesystem>(l, State::filesystem)?;
+    sync::filesystem::types::add_to_linker::<State, WasiFilesystem>(l, State::filesystem)?;
+    Ok(())
+}
+
+/// Interfaces [`link_wasi`] and the host world provide; every other imported interface
+/// (sockets, name lookups, anything else) is linked as functions that trap when called, so that
+/// the module instantiates and fails only if it reaches for them.
+const LINKED: &[&str] = &[
+    "wasi:io/",
+    "wasi:cli/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:filesystem/",
+    "trailhose:transform/",
+];
+
+fn stub_unlinked(
+    linker: &mut Linker<State>,
+    engine: &Engine,
+    component: &Component,
+) -> wasmtime::Result<()> {
+    use wasmtime::component::types::ComponentItem;
+    let ty = component.component_type();
+    for (name, import) in ty.imports(engine) {
+        if LINKED.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let ComponentItem::ComponentInstance(instance) = import.ty else {
+            continue;
+        };
+        let mut stubs = linker.instance(name)?;
+        for (item, export) in instance.exports(engine) {
+            match export.ty {
+                ComponentItem::ComponentFunc(_) => {
+                    let what = format!("{name}#{item}");
+                    stubs.func_new(item, move |_, _, _, _| {
+                        Err(wasmtime::format_err!(
+                            "unknown import: `{what}` is not available to transforms"
+                        ))
+                    })?;
+                }
+                // Stubbed interfaces name resources of wasi:io (sockets use `pollable` and the
+                // streams): those must be the linked types; their own are never created.
+                ComponentItem::Resource(_) => {
+                    use wasmtime::component::ResourceType;
+                    use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
+                    let ty = match item {
+                        "pollable" => ResourceType::host::<DynPollable>(),
+                        "input-stream" => ResourceType::host::<DynInputStream>(),
+                        "output-stream" => ResourceType::host::<DynOutputStream>(),
+                        _ => ResourceType::host::<()>(),
+                    };
+                    stubs.resource(item, ty, |_, _| Ok(()))?;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+struct Io;
+
+impl HasData for Io {
+    type Data<'a> = &'a mut ResourceTable;
 }
 
 /// Per-store data: the WASI context (nothing granted), limits, and the host imports' state.
 pub struct State {
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: Limiter,
     module: Arc<str>,
     logs_left: u32,
     counter_names: Vec<String>,
@@ -127,6 +239,92 @@ impl WasiView for State {
     }
 }
 
+/// The monotonic clock reads zero and cannot be waited on: a blocked host call would not be
+/// interrupted by the epoch deadline, so sleeping traps instead.
+impl clocks::monotonic_clock::Host for State {
+    fn now(&mut self) -> wasmtime::Result<u64> {
+        Ok(0)
+    }
+    fn resolution(&mut self) -> wasmtime::Result<u64> {
+        Ok(1_000_000_000)
+    }
+    fn subscribe_instant(&mut self, _when: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        Err(wasmtime::format_err!(
+            "timers are not available to transforms (wasi:clocks/monotonic-clock.subscribe-instant)"
+        ))
+    }
+    fn subscribe_duration(&mut self, _d: u64) -> wasmtime::Result<Resource<DynPollable>> {
+        Err(wasmtime::format_err!(
+            "timers are not available to transforms (wasi:clocks/monotonic-clock.subscribe-duration)"
+        ))
+    }
+}
+
+/// Memory and table elements summed over every memory and table of one instance, and small
+/// caps on how many it may create. Exceeding the memory or table budget traps.
+struct Limiter {
+    memory_left: usize,
+    table_elements_left: usize,
+}
+
+/// The trap a [`Limiter`] raises, recognized by [`classify`].
+#[derive(Debug, thiserror::Error)]
+#[error("{what} limit reached: growing to {desired} would pass the instance's budget")]
+struct LimitReached {
+    what: &'static str,
+    desired: usize,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let more = desired.saturating_sub(current);
+        match self.memory_left.checked_sub(more) {
+            Some(left) => {
+                self.memory_left = left;
+                Ok(true)
+            }
+            None => Err(wasmtime::Error::new(LimitReached {
+                what: "memory",
+                desired,
+            })),
+        }
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let more = desired.saturating_sub(current);
+        match self.table_elements_left.checked_sub(more) {
+            Some(left) => {
+                self.table_elements_left = left;
+                Ok(true)
+            }
+            None => Err(wasmtime::Error::new(LimitReached {
+                what: "table",
+                desired,
+            })),
+        }
+    }
+
+    fn instances(&self) -> usize {
+        MAX_CORE_INSTANCES
+    }
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
+}
+
 impl bindings::trailhose::transform::host::Host for State {
     fn log(&mut self, level: Level, message: String) {
         if self.logs_left == 0 {
@@ -136,7 +334,7 @@ impl bindings::trailhose::transform::host::Host for State {
         metrics::emit(GuestLogged {
             module: &self.module,
             level,
-            message: &message,
+            message: &log_line(&message),
         });
     }
 
@@ -155,6 +353,24 @@ impl bindings::trailhose::transform::host::Host for State {
             delta,
         });
     }
+}
+
+/// A guest log line cut to [`LOG_LINE_BYTES`] (at a character boundary), so that one line cannot
+/// fill the logs.
+fn log_line(message: &str) -> std::borrow::Cow<'_, str> {
+    if message.len() <= LOG_LINE_BYTES {
+        return message.into();
+    }
+    let mut end = LOG_LINE_BYTES;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… ({} bytes, cut at {LOG_LINE_BYTES})",
+        &message[..end],
+        message.len()
+    )
+    .into()
 }
 
 fn valid_counter_name(name: &str) -> bool {
@@ -198,19 +414,17 @@ impl Instance {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .wall_clock(Frozen)
-            .monotonic_clock(Frozen)
+            .secure_random(Deterministic::new(RANDOM_BYTES.to_vec()))
+            .insecure_random(Deterministic::new(RANDOM_BYTES.to_vec()))
+            .insecure_random_seed(0)
             .build();
         let state = State {
             wasi,
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.max_memory_bytes)
-                .memories(16)
-                .tables(64)
-                .table_elements(1 << 20)
-                .instances(64)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: Limiter {
+                memory_left: limits.max_memory_bytes,
+                table_elements_left: MAX_TABLE_ELEMENTS,
+            },
             module: module.clone(),
             logs_left: LOGS_PER_CALL,
             counter_names: Vec::new(),
@@ -218,6 +432,8 @@ impl Instance {
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
+        // The copy budget for `init`'s result (a refusal message); `process` sets its own.
+        store.set_hostcall_fuel(limits.max_output_bytes);
         store.epoch_deadline_trap();
         arm(&mut store, limits, fuel);
         let bindings = prepared
@@ -247,6 +463,13 @@ impl Instance {
     /// Runs one batch. An error means the instance must be discarded.
     pub fn process(&mut self, events: &[Event<'_>]) -> Result<Called, CallError> {
         arm(&mut self.store, &self.limits, self.fuel);
+        // Wasmtime counts the bytes it copies out of the module as it lifts the result and
+        // stops at this budget, before allocating: the result is never copied whole first.
+        self.store.set_hostcall_fuel(
+            self.limits
+                .max_output_bytes
+                .saturating_add(events.len().saturating_mul(OUTCOME_OVERHEAD)),
+        );
         let outcomes = self
             .bindings
             .call_process(&mut self.store, events)
@@ -311,7 +534,11 @@ fn classify(store: &Store<State>, limits: &Limits, e: &wasmtime::Error, during: 
     let reason = match trap {
         Some(Trap::OutOfFuel) => FailReason::FuelExhausted,
         Some(Trap::Interrupt) => FailReason::Timeout,
-        _ if message.contains("forcing trap when growing memory") => FailReason::MemoryLimit,
+        _ if e.downcast_ref::<LimitReached>().is_some() => FailReason::MemoryLimit,
+        // Wasmtime's copy budget (set from max_output_bytes) ran out while lifting the result.
+        _ if message.contains("fuel allocated for hostcalls has been exhausted") => {
+            FailReason::OutputTooLarge
+        }
         _ if output.contains("panicked at") => FailReason::Panic,
         _ => FailReason::Trap,
     };
@@ -327,15 +554,25 @@ fn classify(store: &Store<State>, limits: &Limits, e: &wasmtime::Error, during: 
             "{during} exceeded the time limit (timeout_ms = {})",
             limits.timeout.as_millis()
         ),
-        FailReason::MemoryLimit => format!(
-            "{during} exceeded the memory limit (max_memory_mb = {})",
-            limits.max_memory_bytes >> 20
+        FailReason::MemoryLimit => match e.downcast_ref::<LimitReached>() {
+            Some(l) if l.what == "table" => format!(
+                "{during} exceeded the table limit ({MAX_TABLE_ELEMENTS} elements in all tables)"
+            ),
+            _ => format!(
+                "{during} exceeded the memory limit (max_memory_mb = {}, all linear memories together)",
+                limits.max_memory_bytes >> 20
+            ),
+        },
+        FailReason::OutputTooLarge => format!(
+            "{during} returned more than max_output_bytes = {} (the copy out of the module stopped there)",
+            limits.max_output_bytes
         ),
         FailReason::Panic => format!("{during} panicked: {output}"),
         _ => {
             let first = match trap {
                 Some(t) => t.to_string(),
-                None => message.lines().next().unwrap_or("").to_owned(),
+                // The cause, not the "error while executing at wasm backtrace" context.
+                None => e.root_cause().to_string(),
             };
             if output.is_empty() {
                 format!("{during} trapped: {first}")
@@ -357,7 +594,8 @@ fn outcome_bytes(o: &Outcome) -> usize {
     }
 }
 
-/// Clocks frozen at zero: a transform must not depend on time, and time is a side channel.
+/// The wall clock frozen at zero: a transform must not depend on time, and time is a side
+/// channel.
 struct Frozen;
 
 impl HostWallClock for Frozen {
@@ -366,15 +604,6 @@ impl HostWallClock for Frozen {
     }
     fn now(&self) -> Duration {
         Duration::ZERO
-    }
-}
-
-impl HostMonotonicClock for Frozen {
-    fn resolution(&self) -> u64 {
-        1_000_000_000
-    }
-    fn now(&self) -> u64 {
-        0
     }
 }
 

@@ -36,6 +36,31 @@ pub struct Limits {
     pub max_output_bytes: usize,
 }
 
+/// What happens to the events of a module call that failed (a trap, a limit, malformed output,
+/// or a `failed` outcome).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Each event goes to the error output whole, with the module, reason and detail.
+    #[default]
+    ErrorOutput,
+    /// Nothing is written: the file is not acknowledged, so it is delivered and read again.
+    Retry,
+    /// The error record keeps the source, eventID, module and reason, but neither the event
+    /// nor anything the module said (its panic message or `failed` text may quote the event).
+    DropBody,
+}
+
+impl OnFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::ErrorOutput => "error_output",
+            OnFailure::Retry => "retry",
+            OnFailure::DropBody => "drop_body",
+        }
+    }
+}
+
 /// One configured module.
 #[derive(Debug, Clone)]
 pub struct ModuleSpec {
@@ -43,6 +68,7 @@ pub struct ModuleSpec {
     pub path: PathBuf,
     pub config: Vec<(String, String)>,
     pub limits: Limits,
+    pub on_failure: OnFailure,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,7 +298,9 @@ impl Chain {
                 break;
             }
             let name = stage.module.name.clone();
+            let policy = stage.module.spec.on_failure;
             let started = Instant::now();
+            let first_reject = rejects.len();
             match stage.call(&self.transforms, batch) {
                 Ok(called) => {
                     let counts =
@@ -294,9 +322,13 @@ impl Chain {
                         failure: None,
                     });
                 }
-                Err(e) => {
+                Err(mut e) => {
                     // The instance may be in any state after a trap: never reuse it.
                     stage.live = None;
+                    if policy == OnFailure::DropBody {
+                        // The module's output (a panic message) may quote the event.
+                        e.detail = batch::dropped_detail(e.reason.as_str());
+                    }
                     metrics::emit(TransformFailed {
                         module: &name,
                         reason: e.reason.as_str(),
@@ -313,6 +345,9 @@ impl Chain {
                         failure: Some(e),
                     });
                 }
+            }
+            if let Some(new) = rejects.get_mut(first_reject..) {
+                new.iter_mut().for_each(|r| r.apply(policy));
             }
         }
         reports

@@ -114,12 +114,19 @@ section the probes and Service depend on, the GeoIP paths and the transforms.
 {{- $_ := set $t "config" $c -}}
 {{- end -}}
 {{- $src := . -}}
-{{- range $k := list "fuel" "timeout_ms" "max_memory_mb" "max_output_bytes" -}}
+{{- range $k := list "fuel" "timeout_ms" "max_memory_mb" "max_output_bytes" "on_failure" -}}
 {{- if and (hasKey $src $k) (not (kindIs "invalid" (index $src $k))) }}{{ $_ := set $t $k (index $src $k) }}{{ end -}}
 {{- end -}}
 {{- $list = append $list $t -}}
 {{- end -}}
 {{- $_ := set $cfg "transforms" $list -}}
+{{- /* Compiled native code is cached on a volume only the trailhose container mounts; trailhose
+  creates the 0700 subdirectory itself (an emptyDir's own root is world-writable). */ -}}
+{{- $pipeline := default dict (get $cfg "pipeline") -}}
+{{- if not (hasKey $pipeline "transform_cache_dir") -}}
+{{- $_ := set $pipeline "transform_cache_dir" "/var/cache/trailhose/wasm" -}}
+{{- end -}}
+{{- $_ := set $cfg "pipeline" $pipeline -}}
 {{- end -}}
 {{- toJson $cfg -}}
 {{- end }}

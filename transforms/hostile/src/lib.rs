@@ -6,8 +6,13 @@
 //! - `wrong_length`: returns one outcome fewer than events
 //! - `huge`: returns a 1 MiB replacement per event (the output limit must stop it)
 //! - `bad_json`: replaces each event with bytes that are not JSON
-//! - `probe`: tries to read a file, list `/`, read the environment, open a socket to
-//!   `connect` (`host:port`) and read the clock, and annotates each event with what happened
+//! - `probe`: tries to read a file, list `/`, read the environment and the clocks, and
+//!   annotates each event with what happened
+//! - `connect`: opens a TCP connection to `connect` (`host:port`); sockets are not linked
+//! - `random`: annotates each event with 16 bytes from `wasi:random` and a `HashMap` seed
+//! - `sleep`: sleeps for an hour (timers are not linked: it must trap, not block the worker)
+//! - `panic_echo`: panics with the event in the message, as a careless module might
+//! - `log_long`: logs one warning of 100 000 bytes, then keeps every event
 //! - `refuse`: refuses its config in `init`
 //! - `panic_after`: panics on the batch after `n` events were seen (to test rebuilds)
 
@@ -52,6 +57,50 @@ impl Guest for Hostile {
             // Aborting is the `unreachable` instruction on wasm: a trap with no message.
             "trap" => std::process::abort(),
             "panic" => panic!("hostile module panicked on purpose"),
+            "panic_echo" => {
+                let first = events
+                    .first()
+                    .map(|e| String::from_utf8_lossy(&e.json).into_owned());
+                eprintln!("about to fail on {first:?}");
+                panic!("cannot handle {first:?}")
+            }
+            "connect" => {
+                let addr = config.get("connect").unwrap_or("127.0.0.1:9");
+                let said = match std::net::TcpStream::connect(addr) {
+                    Ok(_) => "connected".to_owned(),
+                    Err(e) => format!("denied: {e}"),
+                };
+                events
+                    .iter()
+                    .map(|_| Outcome::Failed(said.clone()))
+                    .collect()
+            }
+            "log_long" => {
+                trailhose_transform::warn(&"y".repeat(100_000));
+                events.iter().map(|_| Outcome::Keep).collect()
+            }
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                events.iter().map(|_| Outcome::Keep).collect()
+            }
+            "random" => {
+                let bytes = wasi::random::random::get_random_bytes(16);
+                let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+                let seed = {
+                    use std::hash::BuildHasher;
+                    std::collections::hash_map::RandomState::new().hash_one("x")
+                };
+                let value = serde_json::json!({ "bytes": hex, "hash_seed": seed.to_string() });
+                events
+                    .iter()
+                    .map(|_| {
+                        Outcome::Annotate(vec![Member {
+                            key: "xrandom".to_owned(),
+                            value: value.to_string(),
+                        }])
+                    })
+                    .collect()
+            }
             "panic_after" => {
                 let limit: u64 = config.get("n").and_then(|n| n.parse().ok()).unwrap_or(0);
                 let seen = SEEN.with(|s| {
@@ -77,7 +126,7 @@ impl Guest for Hostile {
                 .map(|_| Outcome::Replace(b"{not json".to_vec()))
                 .collect(),
             "probe" => {
-                let report = probe(config.get("connect"));
+                let report = probe();
                 events
                     .iter()
                     .map(|_| {
@@ -96,7 +145,7 @@ impl Guest for Hostile {
     }
 }
 
-fn probe(connect: Option<&str>) -> Value {
+fn probe() -> Value {
     let read = match std::fs::read("/etc/passwd") {
         Ok(b) => format!("read {} bytes", b.len()),
         Err(e) => format!("denied: {e}"),
@@ -109,22 +158,39 @@ fn probe(connect: Option<&str>) -> Value {
         Ok(d) => format!("listed {} entries", d.count()),
         Err(e) => format!("denied: {e}"),
     };
-    let net = match connect {
-        Some(addr) => match std::net::TcpStream::connect(addr) {
-            Ok(_) => "connected".to_owned(),
-            Err(e) => format!("denied: {e}"),
-        },
-        None => "not tried".to_owned(),
-    };
     let env = std::env::vars().count();
     let clock = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    let started = std::time::Instant::now();
+    let mut spin: u64 = 0;
+    for i in 0..1_000_000u64 {
+        spin = std::hint::black_box(spin.wrapping_add(i));
+    }
+    let monotonic_nanos = started.elapsed().as_nanos() as u64;
     serde_json::json!({
-        "read": read, "write": write, "list": list, "net": net,
-        "env_vars": env, "clock_secs": clock,
+        "read": read, "write": write, "list": list,
+        "env_vars": env, "clock_secs": clock, "monotonic_nanos": monotonic_nanos,
     })
 }
 
 export_world!(Hostile with_types_in trailhose_transform::bindings);
+
+/// `wasi:random`, imported directly (std reads it only for hash seeds).
+mod wasi {
+    wit_bindgen::generate!({
+        inline: "
+            package wasi:random@0.2.0;
+            interface random {
+                get-random-bytes: func(len: u64) -> list<u8>;
+                get-random-u64: func() -> u64;
+            }
+            world probe {
+                import random;
+            }
+        ",
+        world: "probe",
+    });
+    pub use self::wasi::*;
+}
