@@ -282,7 +282,15 @@ impl Chain {
                     let elapsed = started.elapsed();
                     metrics::emit(TransformBatch {
                         module: &name,
-                        counts,
+                        outcomes: [
+                            ("kept", counts.kept),
+                            ("annotated", counts.annotated),
+                            ("replaced", counts.replaced),
+                            ("split", counts.split),
+                            ("split_into", counts.split_into),
+                            ("dropped", counts.dropped),
+                            ("failed", counts.failed),
+                        ],
                         elapsed,
                         fuel: called.fuel_used,
                     });
