@@ -413,10 +413,7 @@ async fn service_run(
 ) -> Result<ServiceRun, BenchError> {
     use crate::config::{BucketConfig, SqsConfig};
     let fail = |what: &str, e: String| BenchError::Io(what.to_owned(), std::io::Error::other(e));
-    let shared = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .load()
-        .await;
+    let shared = crate::aws::config(None, Some(endpoint)).await;
     let s3 = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(true)

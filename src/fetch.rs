@@ -202,14 +202,7 @@ async fn get_once(client: &aws_sdk_s3::Client, obj: &ObjectRef) -> Result<Bytes,
 }
 
 async fn bucket_client(b: &BucketConfig) -> aws_sdk_s3::Client {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(r) = &b.region {
-        loader = loader.region(aws_config::Region::new(r.clone()));
-    }
-    if let Some(e) = &b.endpoint_url {
-        loader = loader.endpoint_url(e);
-    }
-    let mut shared = loader.load().await;
+    let mut shared = crate::aws::config(b.region.as_deref(), b.endpoint_url.as_deref()).await;
     if let Some(role) = &b.role_arn {
         let provider = aws_config::sts::AssumeRoleProvider::builder(role.clone())
             .session_name("trailhose")

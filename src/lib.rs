@@ -4,6 +4,7 @@
 
 pub mod ack;
 pub mod athena;
+pub mod aws;
 pub mod bench;
 pub mod clock;
 pub mod cloudtrail;

@@ -10,10 +10,6 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::cloudtrail::FileErrorReason;
-use crate::enrich::geo::GeoStats;
-use crate::sink::batch::Kind;
-
 /// An occurrence worth counting and, where it matters, logging.
 pub trait InternalEvent {
     fn emit(self);
@@ -425,7 +421,8 @@ impl InternalEvent for DigestSkipped<'_> {
 /// A file that could not be split (whole or in part); it goes to the error output.
 pub struct FileFailed<'a> {
     pub source: &'a str,
-    pub reason: FileErrorReason,
+    /// The file error's snake_case reason.
+    pub reason: &'static str,
     pub detail: &'a str,
     pub events_kept: u64,
     pub stored_bytes: u64,
@@ -437,16 +434,14 @@ impl InternalEvent for FileFailed<'_> {
     fn emit(self) {
         tracing::warn!(
             source = self.source,
-            reason = self.reason.as_str(),
+            reason = self.reason,
             events_kept = self.events_kept,
             "bad input file: {}",
             self.detail
         );
         let m = &*METRICS;
         m.files.with_label_values(&["error"]).inc();
-        m.errors
-            .with_label_values(&["split", self.reason.as_str()])
-            .inc();
+        m.errors.with_label_values(&["split", self.reason]).inc();
         count_input(
             self.stored_bytes,
             self.decoded_bytes,
@@ -684,12 +679,17 @@ impl InternalEvent for GeoReloaded<'_> {
 }
 
 /// Geo outcomes accumulated over a file.
-pub struct GeoLookups(pub GeoStats);
+pub struct GeoLookups {
+    pub found: u64,
+    pub not_found: u64,
+    pub non_address: u64,
+    pub cache_hits: u64,
+}
 
 impl InternalEvent for GeoLookups {
     fn emit(self) {
         let m = &*METRICS;
-        let s = self.0;
+        let s = self;
         for (label, n) in [
             ("found", s.found),
             ("not_found", s.not_found),
@@ -709,7 +709,8 @@ impl InternalEvent for GeoLookups {
 
 pub struct ObjectWritten<'a> {
     pub target: &'a str,
-    pub kind: Kind,
+    /// "events" or "errors".
+    pub kind: &'static str,
     pub records: u64,
     pub uncompressed_bytes: u64,
     pub bytes: u64,
@@ -720,19 +721,19 @@ impl InternalEvent for ObjectWritten<'_> {
     fn emit(self) {
         tracing::debug!(
             target_object = self.target,
-            kind = self.kind.as_str(),
+            kind = self.kind,
             records = self.records,
             uncompressed = self.uncompressed_bytes,
             bytes = self.bytes,
             "object written"
         );
         let m = &*METRICS;
-        m.objects.with_label_values(&[self.kind.as_str()]).inc();
+        m.objects.with_label_values(&[self.kind]).inc();
         m.output_bytes.inc_by(self.bytes);
         m.put_seconds
-            .with_label_values(&[self.kind.as_str()])
+            .with_label_values(&[self.kind])
             .observe(self.elapsed.as_secs_f64());
-        if self.kind == Kind::Events {
+        if self.kind == "events" {
             m.events_out.inc_by(self.records);
         }
     }
@@ -989,23 +990,21 @@ impl InternalEvent for BuffersChanged {
 /// One transform module call's outcomes.
 pub struct TransformBatch<'a> {
     pub module: &'a str,
-    pub counts: crate::transform::Counts,
+    /// Events by outcome label (kept, annotated, replaced, split, split_into, dropped, failed).
+    pub outcomes: [(&'static str, u64); 7],
     pub elapsed: Duration,
     pub fuel: u64,
 }
 
 impl InternalEvent for TransformBatch<'_> {
     fn emit(self) {
-        let c = self.counts;
-        for (outcome, n) in [
-            ("kept", c.kept),
-            ("annotated", c.annotated),
-            ("replaced", c.replaced),
-            ("split", c.split),
-            ("split_into", c.split_into),
-            ("dropped", c.dropped),
-            ("failed", c.failed),
-        ] {
+        let failed: u64 = self
+            .outcomes
+            .iter()
+            .filter(|(o, _)| *o == "failed")
+            .map(|(_, n)| n)
+            .sum();
+        for (outcome, n) in self.outcomes {
             if n > 0 {
                 METRICS
                     .transform_events
@@ -1013,14 +1012,14 @@ impl InternalEvent for TransformBatch<'_> {
                     .inc_by(n);
             }
         }
-        if c.failed > 0 {
+        if failed > 0 {
             METRICS
                 .errors
                 .with_label_values(&["transform", "event_failed"])
-                .inc_by(c.failed);
+                .inc_by(failed);
             tracing::warn!(
                 module = self.module,
-                events = c.failed,
+                events = failed,
                 "transform module failed events or returned malformed ones; they went to the error output"
             );
         }
@@ -1117,30 +1116,30 @@ impl InternalEvent for TransformCacheUnusable<'_> {
 /// A log line from a module, through the host's `log` import.
 pub struct GuestLogged<'a> {
     pub module: &'a str,
-    pub level: crate::transform::host::Level,
+    pub level: tracing::Level,
     pub message: &'a str,
 }
 
 impl InternalEvent for GuestLogged<'_> {
     fn emit(self) {
-        use crate::transform::host::Level;
+        use tracing::Level;
         let (m, msg) = (self.module, self.message);
         let level = match self.level {
-            Level::Debug => {
-                tracing::debug!(module = m, "{msg}");
-                "debug"
+            Level::ERROR => {
+                tracing::error!(module = m, "{msg}");
+                "error"
             }
-            Level::Info => {
-                tracing::info!(module = m, "{msg}");
-                "info"
-            }
-            Level::Warn => {
+            Level::WARN => {
                 tracing::warn!(module = m, "{msg}");
                 "warn"
             }
-            Level::Error => {
-                tracing::error!(module = m, "{msg}");
-                "error"
+            Level::INFO => {
+                tracing::info!(module = m, "{msg}");
+                "info"
+            }
+            _ => {
+                tracing::debug!(module = m, "{msg}");
+                "debug"
             }
         };
         METRICS.transform_logs.with_label_values(&[m, level]).inc();

@@ -368,7 +368,13 @@ impl FileWorker {
             );
         }
         if let Some(g) = self.geo.as_mut() {
-            metrics::emit(GeoLookups(g.take_stats()));
+            let s = g.take_stats();
+            metrics::emit(GeoLookups {
+                found: s.found,
+                not_found: s.not_found,
+                non_address: s.non_address,
+                cache_hits: s.cache_hits,
+            });
         }
         metrics::emit(FallbackPartitioned { events: fallback });
         self.lag.flush();
@@ -442,7 +448,7 @@ impl FileWorker {
         self.tally.failed_files += 1;
         metrics::emit(FileFailed {
             source,
-            reason,
+            reason: reason.as_str(),
             detail,
             events_kept,
             stored_bytes: stored,
@@ -743,14 +749,7 @@ pub async fn s3_client(
     endpoint: Option<&str>,
     path_style: bool,
 ) -> aws_sdk_s3::Client {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(r) = region {
-        loader = loader.region(aws_config::Region::new(r.to_owned()));
-    }
-    if let Some(e) = endpoint {
-        loader = loader.endpoint_url(e);
-    }
-    let shared = loader.load().await;
+    let shared = crate::aws::config(region, endpoint).await;
     let conf = aws_sdk_s3::config::Builder::from(&shared)
         .force_path_style(path_style)
         .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(5))

@@ -152,14 +152,7 @@ fn retryable_code(code: Option<&str>) -> bool {
 
 impl KinesisSink {
     pub async fn new(cfg: &KinesisSinkConfig) -> KinesisSink {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(r) = &cfg.region {
-            loader = loader.region(aws_config::Region::new(r.clone()));
-        }
-        if let Some(e) = &cfg.endpoint_url {
-            loader = loader.endpoint_url(e);
-        }
-        let shared = loader.load().await;
+        let shared = crate::aws::config(cfg.region.as_deref(), cfg.endpoint_url.as_deref()).await;
         KinesisSink {
             client: aws_sdk_kinesis::Client::new(&shared),
             stream: cfg.stream.clone(),

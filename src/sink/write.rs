@@ -580,7 +580,7 @@ async fn write_sealed(
             sealed.holds.commit();
             metrics::emit(ObjectWritten {
                 target: &store.describe(&key),
-                kind: sealed.kind,
+                kind: sealed.kind.as_str(),
                 records: sealed.records,
                 uncompressed_bytes: sealed.bytes,
                 bytes: len,

@@ -330,16 +330,9 @@ pub struct Kinesis {
     pub stream: String,
 }
 
-/// The shared AWS config for the Kinesis source's clients.
+/// The AWS config for the Kinesis source's clients (Kinesis and the DynamoDB lease table).
 pub async fn aws_config(cfg: &KinesisConfig) -> aws_config::SdkConfig {
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-    if let Some(r) = &cfg.region {
-        loader = loader.region(aws_config::Region::new(r.clone()));
-    }
-    if let Some(e) = &cfg.endpoint_url {
-        loader = loader.endpoint_url(e);
-    }
-    loader.load().await
+    crate::aws::config(cfg.region.as_deref(), cfg.endpoint_url.as_deref()).await
 }
 
 /// Compares Kinesis sequence numbers (decimal strings of up to 128 bits).

@@ -97,14 +97,7 @@ fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
 
 impl Sqs {
     pub async fn new(cfg: &SqsConfig) -> Sqs {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(r) = &cfg.region {
-            loader = loader.region(aws_config::Region::new(r.clone()));
-        }
-        if let Some(e) = &cfg.endpoint_url {
-            loader = loader.endpoint_url(e);
-        }
-        let shared = loader.load().await;
+        let shared = crate::aws::config(cfg.region.as_deref(), cfg.endpoint_url.as_deref()).await;
         Sqs {
             client: aws_sdk_sqs::Client::new(&shared),
             queue_url: cfg.queue_url.clone(),

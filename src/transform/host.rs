@@ -333,7 +333,12 @@ impl bindings::trailhose::transform::host::Host for State {
         self.logs_left -= 1;
         metrics::emit(GuestLogged {
             module: &self.module,
-            level,
+            level: match level {
+                Level::Debug => tracing::Level::DEBUG,
+                Level::Info => tracing::Level::INFO,
+                Level::Warn => tracing::Level::WARN,
+                Level::Error => tracing::Level::ERROR,
+            },
             message: &log_line(&message),
         });
     }

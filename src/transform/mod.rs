@@ -38,7 +38,7 @@ pub struct Limits {
 
 /// What happens to the events of a module call that failed (a trap, a limit, malformed output,
 /// or a `failed` outcome).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnFailure {
     /// Each event goes to the error output whole, with the module, reason and detail.
@@ -310,7 +310,15 @@ impl Chain {
                     let elapsed = started.elapsed();
                     metrics::emit(TransformBatch {
                         module: &name,
-                        counts,
+                        outcomes: [
+                            ("kept", counts.kept),
+                            ("annotated", counts.annotated),
+                            ("replaced", counts.replaced),
+                            ("split", counts.split),
+                            ("split_into", counts.split_into),
+                            ("dropped", counts.dropped),
+                            ("failed", counts.failed),
+                        ],
                         elapsed,
                         fuel: called.fuel_used,
                     });
