@@ -220,14 +220,11 @@ impl FileWorker {
         crate::testhook::worker(source);
         let outcome = self.process_inner(source, reader, out);
         self.report_buffers();
-        if let Some(d) = &self.dedup
+        // Remembered when the unit is durable (without a unit, `Route::duplicate` did at once).
+        if let (Some(d), Some(h)) = (&self.dedup, &self.hold)
             && outcome == FileOutcome::Handled
         {
-            // Remembered when the unit is durable; without a unit (local files), at once.
-            match &self.hold {
-                Some(h) => h.remember(d, self.fresh.drain()),
-                None => d.record(&self.fresh.drain().collect::<Vec<_>>(), Instant::now()),
-            }
+            h.remember(d, self.fresh.drain());
         }
         if let Some(h) = self.hold.take() {
             match outcome {
@@ -603,6 +600,8 @@ impl Route<'_> {
     /// a module splits out of one event all stay.
     fn duplicate(&mut self, head: &Head<'_>) -> bool {
         let seen = match (self.dedup, head.event_id.as_deref()) {
+            // Without a unit to acknowledge (local files), remembered at once.
+            (Some(d), Some(id)) if self.hold.is_none() => d.seen(id, Instant::now()),
             (Some(d), Some(id)) => {
                 let h = Dedup::hash(id);
                 d.contains(h, Instant::now()) || !self.fresh.insert(h)
