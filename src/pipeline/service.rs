@@ -49,23 +49,16 @@ struct Shared {
 }
 
 /// Runs until `shutdown` resolves, then stops receiving, flushes every buffer, deletes what is
-/// committed and returns, within the configured grace period.
+/// committed and returns, within the configured grace period. Receiving also pauses while the
+/// engine's buffered-bytes budget is reached (its workers seal the oldest buffers to make room).
 pub async fn run(
     cfg: &Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<ServiceReport, PipelineError> {
-    run_with(cfg, shutdown, None).await
-}
-
-/// `run`, with receiving also paused while `pressure` says the buffered-bytes budget is
-/// reached.
-pub async fn run_with(
-    cfg: &Config,
-    shutdown: impl Future<Output = ()>,
-    pressure: Option<Pressure>,
-) -> Result<ServiceReport, PipelineError> {
     let sqs_cfg = cfg.sqs()?.clone();
     let engine = Engine::open(cfg, cfg.workers(), sqs_cfg.max_files_in_flight).await?;
+    let budget = engine.budget();
+    let pressure: Pressure = Arc::new(move || budget.over());
     let store = engine.store();
 
     let shared = Arc::new(Shared {
@@ -73,7 +66,7 @@ pub async fn run_with(
         fetcher: S3Fetcher::new(&cfg.source.buckets).await,
     });
     let (ledger, driver) =
-        Ledger::start(shared.sqs.clone(), sqs_cfg.max_unacked_messages, pressure);
+        Ledger::start(shared.sqs.clone(), sqs_cfg.max_unacked_messages, Some(pressure));
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .map_err(|e| PipelineError::Worker(format!("listening on {}: {e}", cfg.server.listen)))?;
