@@ -14,4 +14,6 @@ cargo clippy --all-targets --locked -- -D warnings
 cargo clippy "${guests[@]}" --target wasm32-wasip2 -- -D warnings
 cargo test "${guests[@]}"
 cargo test --all-targets --locked
+# A short smoke run of every fuzz target (long runs: scripts/fuzz.sh TARGET SECONDS).
+./scripts/fuzz.sh all 10
 ./scripts/check-chart.sh

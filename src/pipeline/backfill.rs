@@ -121,9 +121,9 @@ pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineEr
                 size: None,
             };
             match fetcher.get(&obj).await {
-                Ok(bytes) => {
+                Ok(body) => {
                     let source = format!("s3://{}/{}", obj.bucket, obj.key);
-                    files.submit_with(source, Input::Bytes(bytes), Some(hold), permit);
+                    files.submit_with(source, Input::Stream(body), Some(hold), permit);
                     true
                 }
                 Err(e) => {

@@ -23,8 +23,11 @@ use crate::transform::Transforms;
 
 /// Where a file's stored bytes are.
 pub enum Input {
-    /// Fetched whole (S3): compressed delivery files are small.
+    /// Already in memory (documents built from a stream record).
     Bytes(Bytes),
+    /// An S3 object, streamed from the fetcher (`S3Fetcher::get`): memory never follows its
+    /// size, and a declared size over `pipeline.max_file_bytes` is refused unread.
+    Stream(crate::fetch::Body),
     /// A local file, streamed so that memory never follows its size.
     Path(PathBuf),
 }
@@ -273,9 +276,14 @@ fn worker_loop(
                 Input::Bytes(b) => {
                     worker.process(&job.source, &b[..], job.hold, &mut out);
                 }
+                Input::Stream(body) => {
+                    let declared = body.declared_size();
+                    worker.process_sized(&job.source, body, declared, job.hold, &mut out);
+                }
                 Input::Path(p) => match std::fs::File::open(&p) {
                     Ok(f) => {
-                        worker.process(&job.source, f, job.hold, &mut out);
+                        let declared = f.metadata().ok().map(|m| m.len());
+                        worker.process_sized(&job.source, f, declared, job.hold, &mut out);
                     }
                     Err(e) => {
                         worker.tally.files += 1;

@@ -229,7 +229,7 @@ async fn handle_message(
         match shared.fetcher.get(obj).await {
             Ok(bytes) => {
                 let source = format!("s3://{}/{}", obj.bucket, obj.key);
-                if !files.submit_with(source, Input::Bytes(bytes), Some(hold.share()), permit) {
+                if !files.submit_with(source, Input::Stream(bytes), Some(hold.share()), permit) {
                     break;
                 }
             }
