@@ -512,7 +512,13 @@ impl<R: Read> Splitter<R> {
     /// One event object starting at `pos`.
     fn event<F: FnMut(Item<'_>)>(&mut self, on_item: &mut F) -> Result<(), Bad> {
         loop {
-            let slice = &self.win.buf[self.win.pos..self.win.end];
+            // No further than the size limit: what lies beyond cannot change the outcome, and
+            // the outcome does not depend on how much the window happens to hold.
+            let end = self
+                .win
+                .end
+                .min(self.win.pos.saturating_add(self.max_event_bytes + 1));
+            let slice = &self.win.buf[self.win.pos..end];
             let mut stream = serde_json::Deserializer::from_slice(slice).into_iter::<Head<'_>>();
             match stream.next() {
                 Some(Ok(_)) if stream.byte_offset() > self.max_event_bytes => {
@@ -577,10 +583,17 @@ impl<R: Read> Splitter<R> {
             let fresh = pending.get(scanned..).unwrap_or_default();
             match scan.feed(fresh) {
                 scan::Step::End(n) => break scanned + n,
-                scan::Step::Broken(at) if sk.preview.is_some() => {
+                // Over the size limit before the break: accounted for like any element over
+                // it (whether its bytes were let go of yet depends only on the window).
+                scan::Step::Broken(at)
+                    if sk.preview.is_some() || scanned + at > self.max_event_bytes =>
+                {
+                    sk.reason = RecordReason::TooLarge;
                     // The part already let go of is accounted for before the raw rest.
                     let upto = scanned + at;
-                    sk.look_for_id(pending.get(..upto).unwrap_or_default());
+                    let part = pending.get(..upto).unwrap_or_default();
+                    sk.keep_preview(part);
+                    sk.look_for_id(part);
                     let size = sk.dropped + upto as u64;
                     let why = format!("{detail}; its first {size} bytes, then no end was found");
                     self.skipped += 1;
@@ -598,10 +611,8 @@ impl<R: Read> Splitter<R> {
             }
             if sk.preview.is_some() || scanned > self.max_event_bytes {
                 let pending = self.win.pending();
-                if sk.preview.is_none() {
-                    sk.preview = Some(pending.get(..PREVIEW_BYTES).unwrap_or(pending).to_vec());
-                    sk.reason = RecordReason::TooLarge;
-                }
+                sk.reason = RecordReason::TooLarge;
+                sk.keep_preview(pending);
                 sk.look_for_id(pending);
                 sk.dropped += scanned as u64;
                 self.win.pos = self.win.end;
@@ -627,6 +638,9 @@ impl<R: Read> Splitter<R> {
         };
         let pending = self.win.pending();
         let whole = pending.get(..len).unwrap_or(pending);
+        if sk.preview.is_some() {
+            sk.keep_preview(whole);
+        }
         sk.look_for_id(whole);
         let size = sk.dropped + len as u64;
         if size > self.max_event_bytes as u64 {
@@ -700,14 +714,19 @@ impl<R: Read> Splitter<R> {
     /// offset in `buf` (valid until the next fill).
     fn parse_value<T: de::DeserializeOwned>(&mut self) -> Result<(T, usize), Bad> {
         loop {
-            let mut stream =
-                serde_json::Deserializer::from_slice(self.win.pending()).into_iter::<T>();
+            let pending = self.win.pending();
+            let capped = pending.get(..self.max_event_bytes + 1).unwrap_or(pending);
+            let mut stream = serde_json::Deserializer::from_slice(capped).into_iter::<T>();
             match stream.next() {
                 // A number at the very end of what was read may continue in the next read.
                 Some(Ok(_))
                     if self.win.pos + stream.byte_offset() == self.win.end && !self.win.eof =>
                 {
-                    self.more_for_value()?;
+                    if self.win.end - self.win.pos > self.max_event_bytes {
+                        return Err(Bad::TooLarge);
+                    }
+                    // At the end of the input the number is complete: the next pass takes it.
+                    self.fill()?;
                 }
                 Some(Ok(_)) if stream.byte_offset() > self.max_event_bytes => {
                     return Err(Bad::TooLarge);
@@ -719,7 +738,8 @@ impl<R: Read> Splitter<R> {
                 }
                 Some(Err(e)) if e.is_eof() => self.more_for_value()?,
                 Some(Err(e)) => return Err(Bad::Syntax(e.to_string())),
-                None => return Err(Bad::File(self.truncated("a value"))),
+                // Nothing but whitespace (or nothing) read yet: the value is in the next read.
+                None => self.more_for_value()?,
             }
         }
     }
@@ -814,23 +834,40 @@ const EVENT_ID_KEY: &[u8] = b"\"eventID\":\"";
 const EVENT_ID_MAX: usize = 128;
 
 impl Stepping {
-    /// Looks for the first eventID in the next piece of the element's bytes.
+    /// Adds the next bytes of the element to the preview, up to `PREVIEW_BYTES` in all, so the
+    /// preview does not depend on where the window happened to end.
+    fn keep_preview(&mut self, piece: &[u8]) {
+        let p = self.preview.get_or_insert_with(Vec::new);
+        let need = PREVIEW_BYTES.saturating_sub(p.len());
+        p.extend_from_slice(piece.get(..need.min(piece.len())).unwrap_or_default());
+    }
+
+    /// Looks for the first eventID in the next piece of the element's bytes; one that runs
+    /// across pieces is found in the seam, so the result does not depend on the pieces.
     fn look_for_id(&mut self, piece: &[u8]) {
         if self.event_id.is_some() {
             return;
         }
         let window = EVENT_ID_KEY.len() + EVENT_ID_MAX;
-        if !self.carry.is_empty() {
-            let mut seam = std::mem::take(&mut self.carry);
-            seam.extend_from_slice(piece.get(..window).unwrap_or(piece));
-            self.event_id = find_event_id(&seam);
-            if self.event_id.is_some() {
-                return;
+        let mut seam = std::mem::take(&mut self.carry);
+        let head = piece.get(..window.min(piece.len())).unwrap_or_default();
+        seam.extend_from_slice(head);
+        let found = match find_event_id(&seam) {
+            IdSearch::Absent | IdSearch::Cut if piece.len() > head.len() => find_event_id(piece),
+            other => other,
+        };
+        match found {
+            IdSearch::Found(id) => self.event_id = Some(id),
+            // Keep the last bytes (a cut-off key is among them) for the next piece.
+            _ if piece.len() > head.len() => {
+                let tail = piece.len().saturating_sub(window);
+                self.carry = piece.get(tail..).unwrap_or_default().to_vec();
+            }
+            _ => {
+                let tail = seam.len().saturating_sub(window);
+                self.carry = seam.get(tail..).unwrap_or_default().to_vec();
             }
         }
-        self.event_id = find_event_id(piece);
-        let tail = piece.len().saturating_sub(window);
-        self.carry = piece.get(tail..).unwrap_or_default().to_vec();
     }
 
     /// The item for the error output: the preview when the bytes were let go of, else `kept`.
@@ -847,20 +884,38 @@ impl Stepping {
     }
 }
 
-/// The value of the first complete `"eventID":"…"` in `bytes`, when it is short and plain.
-fn find_event_id(bytes: &[u8]) -> Option<String> {
+enum IdSearch {
+    Found(String),
+    /// A key whose value runs past the end of the bytes: the next piece may complete it.
+    Cut,
+    Absent,
+}
+
+/// The value of the first `"eventID":"…"` in `bytes` that is short and plain.
+fn find_event_id(bytes: &[u8]) -> IdSearch {
     let mut from = 0;
-    while let Some(at) = memchr::memmem::find(bytes.get(from..)?, EVENT_ID_KEY) {
+    while let Some(at) = bytes
+        .get(from..)
+        .and_then(|b| memchr::memmem::find(b, EVENT_ID_KEY))
+    {
         let start = from + at + EVENT_ID_KEY.len();
-        let rest = bytes.get(start..)?;
-        let end = memchr::memchr(b'"', rest.get(..rest.len().min(EVENT_ID_MAX + 1))?);
-        if let Some(end) = end {
-            let id = std::str::from_utf8(rest.get(..end)?).ok()?;
-            return (!id.contains('\\')).then(|| id.to_owned());
+        let rest = bytes.get(start..).unwrap_or_default();
+        let look = rest
+            .get(..rest.len().min(EVENT_ID_MAX + 1))
+            .unwrap_or_default();
+        match memchr::memchr(b'"', look) {
+            Some(end) => {
+                let id = rest.get(..end).and_then(|v| std::str::from_utf8(v).ok());
+                if let Some(id) = id.filter(|id| !id.contains('\\')) {
+                    return IdSearch::Found(id.to_owned());
+                }
+            }
+            None if rest.len() <= EVENT_ID_MAX => return IdSearch::Cut,
+            None => {}
         }
         from = start;
     }
-    None
+    IdSearch::Absent
 }
 
 /// Maps a reader error: decoders report corrupt data as `InvalidInput`/`InvalidData` and a cut-off
