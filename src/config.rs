@@ -432,6 +432,10 @@ pub struct PipelineConfig {
     pub compression_threads: usize,
     /// Largest single event accepted; 0 = 16 MiB.
     pub max_event_bytes: usize,
+    /// Largest stored (compressed) file accepted; 0 = 256 MiB.
+    pub max_file_bytes: u64,
+    /// Most bytes one file may decompress to; 0 = 1 GiB.
+    pub max_decompressed_bytes: u64,
     /// Events per transform call; 0 = 256.
     pub transform_batch_events: usize,
     /// Where compiled transform modules are cached; unset = `$XDG_CACHE_HOME/trailhose/wasm`
@@ -963,6 +967,31 @@ impl Config {
         match self.pipeline.max_event_bytes {
             0 => 16 << 20,
             n => n,
+        }
+    }
+
+    /// `pipeline.max_file_bytes`: CloudTrail's own files are tens of MB at most.
+    pub fn max_file_bytes(&self) -> u64 {
+        match self.pipeline.max_file_bytes {
+            0 => 256 << 20,
+            n => n,
+        }
+    }
+
+    /// `pipeline.max_decompressed_bytes`: well above any real delivery file, far below what a
+    /// gzip bomb inflates to.
+    pub fn max_decompressed_bytes(&self) -> u64 {
+        match self.pipeline.max_decompressed_bytes {
+            0 => 1 << 30,
+            n => n,
+        }
+    }
+
+    /// The per-file work limits the splitter applies.
+    pub fn split_limits(&self) -> crate::cloudtrail::Limits {
+        crate::cloudtrail::Limits {
+            max_event_bytes: self.max_event_bytes(),
+            max_decompressed_bytes: self.max_decompressed_bytes(),
         }
     }
 }

@@ -49,6 +49,161 @@ pub fn decode<'a, R: Read + 'a>(source: R) -> io::Result<(Encoding, Box<dyn Read
     }
 }
 
+/// The stored bytes of a file went past `pipeline.max_file_bytes` while it was read (the size
+/// was not declared up front, or the declaration was wrong). Carried inside an `io::Error`.
+#[derive(Debug, thiserror::Error)]
+#[error("the stored file is larger than {limit} bytes (pipeline.max_file_bytes)")]
+pub struct StoredLimit {
+    pub limit: u64,
+}
+
+/// True when a read failed because of `StoredLimit`.
+pub fn is_stored_limit(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<StoredLimit>())
+}
+
+/// How far a download reads ahead of the worker splitting it. Most delivery files are smaller,
+/// so they are downloaded at once as before (a connection is not held open while the file
+/// waits for a worker); larger ones stream with memory bounded by this, not by their size.
+pub const READ_AHEAD_BYTES: usize = 16 << 20;
+
+enum Chunk {
+    Data(Bytes),
+    End,
+    Failed(io::Error),
+}
+
+/// The stored bytes of one S3 object, as a blocking `Read` fed by a download task: the object
+/// is never collected whole. Read it on a worker thread, never on the async runtime.
+pub struct Body {
+    /// The size the notification or the response declared, when either did.
+    declared: Option<u64>,
+    rx: Option<crossbeam_channel::Receiver<Chunk>>,
+    room: Option<std::sync::Arc<tokio::sync::Semaphore>>,
+    chunk: Bytes,
+    /// Bytes of `chunk` still counted against the read-ahead.
+    held: usize,
+}
+
+impl Body {
+    /// Bytes already in memory.
+    pub fn from_bytes(bytes: Bytes) -> Body {
+        Body {
+            declared: Some(bytes.len() as u64),
+            rx: None,
+            room: None,
+            chunk: bytes,
+            held: 0,
+        }
+    }
+
+    /// An object not downloaded because its declared size is over the limit: no bytes.
+    fn refused(declared: u64) -> Body {
+        let mut body = Body::from_bytes(Bytes::new());
+        body.declared = Some(declared);
+        body
+    }
+
+    /// The size the notification or the response declared (the worker refuses a file whose
+    /// declared size is over `pipeline.max_file_bytes` before reading any of it).
+    pub fn declared_size(&self) -> Option<u64> {
+        self.declared
+    }
+
+    /// Streams `stream` through a download task on the current runtime.
+    fn stream(declared: Option<u64>, mut stream: aws_sdk_s3::primitives::ByteStream) -> Body {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let room = std::sync::Arc::new(tokio::sync::Semaphore::new(READ_AHEAD_BYTES));
+        let task_room = room.clone();
+        tokio::spawn(async move {
+            let mut received = 0u64;
+            loop {
+                let msg = match stream.next().await {
+                    Some(Ok(b)) => {
+                        received += b.len() as u64;
+                        let need = b.len().min(READ_AHEAD_BYTES) as u32;
+                        // Waits while the worker is that far behind; gone when the body is.
+                        match task_room.acquire_many(need).await {
+                            Ok(p) => p.forget(),
+                            Err(_) => return,
+                        }
+                        Chunk::Data(b)
+                    }
+                    Some(Err(e)) => {
+                        Chunk::Failed(io::Error::other(format!("reading the body: {e}")))
+                    }
+                    None => match declared {
+                        Some(n) if n != received => Chunk::Failed(io::Error::other(format!(
+                            "the body ended after {received} of {n} bytes"
+                        ))),
+                        _ => Chunk::End,
+                    },
+                };
+                let last = !matches!(msg, Chunk::Data(_));
+                if tx.send(msg).is_err() || last {
+                    return;
+                }
+            }
+        });
+        Body {
+            declared,
+            rx: Some(rx),
+            room: Some(room),
+            chunk: Bytes::new(),
+            held: 0,
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(room) = &self.room {
+            room.add_permits(std::mem::take(&mut self.held));
+        }
+    }
+}
+
+impl Read for Body {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            self.release();
+            let Some(rx) = &self.rx else {
+                return Ok(0);
+            };
+            match rx.recv() {
+                Ok(Chunk::Data(b)) => {
+                    self.held = b.len().min(READ_AHEAD_BYTES);
+                    self.chunk = b;
+                }
+                Ok(Chunk::End) => {
+                    self.rx = None;
+                    return Ok(0);
+                }
+                Ok(Chunk::Failed(e)) => {
+                    self.rx = None;
+                    return Err(e);
+                }
+                // The download task went away without an end: not a complete file.
+                Err(_) => {
+                    self.rx = None;
+                    return Err(io::Error::other("the download stopped before the end"));
+                }
+            }
+        }
+        let n = self.chunk.len().min(out.len());
+        out[..n].copy_from_slice(&self.chunk[..n]);
+        bytes::Buf::advance(&mut self.chunk, n);
+        Ok(n)
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        // Wakes a download task waiting for room so that it sees the channel is gone.
+        if let Some(room) = &self.room {
+            room.close();
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("s3://{bucket}/{key} is outside the allowed buckets and prefixes")]
@@ -68,6 +223,8 @@ pub struct S3Fetcher {
     clients: HashMap<String, aws_sdk_s3::Client>,
     allow: Allowlist,
     backoff: Backoff,
+    /// `pipeline.max_file_bytes`: an object declared larger is not downloaded.
+    max_file_bytes: u64,
 }
 
 impl S3Fetcher {
@@ -85,17 +242,25 @@ impl S3Fetcher {
             clients,
             allow,
             backoff: Backoff::default(),
+            max_file_bytes: u64::MAX,
         }
+    }
+
+    /// Objects whose notification declares a larger size are not requested, and a response
+    /// whose Content-Length is larger is dropped before its body is read; the worker then
+    /// records the file as `file_too_large`.
+    pub fn with_max_file_bytes(mut self, limit: u64) -> S3Fetcher {
+        self.max_file_bytes = limit;
+        self
     }
 
     pub fn allowlist(&self) -> &Allowlist {
         &self.allow
     }
 
-    /// The whole stored object. Compressed delivery files are small (CloudTrail caps them at a
-    /// few tens of MB), and a complete download separates network failures (retried) from bad
-    /// content (sent to the error output).
-    pub async fn get(&self, obj: &ObjectRef) -> Result<Bytes, FetchError> {
+    /// The stored object as a stream. Only the request is retried here: a failure while the
+    /// body is read surfaces as a source error on the worker, which has the file tried again.
+    pub async fn get(&self, obj: &ObjectRef) -> Result<Body, FetchError> {
         let client = match self.clients.get(&obj.bucket) {
             Some(c) if self.allow.allows(obj) => c,
             _ => {
@@ -105,9 +270,13 @@ impl S3Fetcher {
                 });
             }
         };
+        if let Some(size) = obj.size.filter(|&n| n > self.max_file_bytes) {
+            return Ok(Body::refused(size));
+        }
+        let limit = self.max_file_bytes;
         self.backoff
             .run(
-                || get_once(client, obj),
+                || get_once(client, obj, limit),
                 |e| {
                     matches!(
                         e,
@@ -170,14 +339,12 @@ impl crate::source::backfill::Lister for S3Lister<'_> {
     }
 }
 
-async fn get_once(client: &aws_sdk_s3::Client, obj: &ObjectRef) -> Result<Bytes, FetchError> {
+async fn get_once(
+    client: &aws_sdk_s3::Client,
+    obj: &ObjectRef,
+    max_file_bytes: u64,
+) -> Result<Body, FetchError> {
     let started = Instant::now();
-    let fail = |message: String, retryable: bool| FetchError::S3 {
-        bucket: obj.bucket.clone(),
-        key: obj.key.clone(),
-        message,
-        retryable,
-    };
     let resp = client
         .get_object()
         .bucket(&obj.bucket)
@@ -191,14 +358,22 @@ async fn get_once(client: &aws_sdk_s3::Client, obj: &ObjectRef) -> Result<Bytes,
     });
     let resp = resp.map_err(|e| {
         let (message, retryable) = crate::sink::write::failure(&e);
-        fail(message, retryable)
+        FetchError::S3 {
+            bucket: obj.bucket.clone(),
+            key: obj.key.clone(),
+            message,
+            retryable,
+        }
     })?;
-    let body = resp
-        .body
-        .collect()
-        .await
-        .map_err(|e| fail(format!("reading the body: {e}"), true))?;
-    Ok(body.into_bytes())
+    let declared = resp
+        .content_length()
+        .and_then(|n| u64::try_from(n).ok())
+        .or(obj.size);
+    match declared {
+        // Dropping the response closes the connection before the body is read.
+        Some(n) if n > max_file_bytes => Ok(Body::refused(n)),
+        _ => Ok(Body::stream(declared, resp.body)),
+    }
 }
 
 async fn bucket_client(b: &BucketConfig) -> aws_sdk_s3::Client {
@@ -227,6 +402,7 @@ impl<R: Read> Read for SourceReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.read(buf).map_err(|e| match e.kind() {
             io::ErrorKind::Interrupted => e,
+            _ if is_stored_limit(&e) => e,
             _ => io::Error::other(format!("reading the source: {e}")),
         })
     }
@@ -294,6 +470,46 @@ mod tests {
         }
         let err = decode(Failing).err().unwrap();
         assert_eq!(read_error(&err).reason, FileErrorReason::Read);
+    }
+
+    #[test]
+    fn a_streamed_body_reads_whole_and_a_short_one_fails_as_a_source_error() {
+        use aws_sdk_s3::primitives::ByteStream;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let _guard = rt.enter();
+        let mut body = Body::stream(Some(data.len() as u64), ByteStream::from(data.clone()));
+        let mut got = Vec::new();
+        body.read_to_end(&mut got).unwrap();
+        assert_eq!(got, data);
+
+        // Fewer bytes than declared: not a complete file, so the file is tried again.
+        let mut short = Body::stream(Some(10), ByteStream::from(vec![1u8; 4]));
+        let err = short.read_to_end(&mut Vec::new()).unwrap_err();
+        let reason = crate::cloudtrail::read_error(&err).reason;
+        assert_eq!(reason, crate::cloudtrail::FileErrorReason::Read);
+
+        // Dropped unread: the download task ends instead of waiting for room forever.
+        let big = vec![0u8; READ_AHEAD_BYTES * 2];
+        drop(Body::stream(None, ByteStream::from(big)));
+        assert_eq!(Body::refused(5).declared_size(), Some(5));
+    }
+
+    #[test]
+    fn the_stored_limit_is_told_apart_from_source_errors() {
+        use crate::cloudtrail::{FileErrorReason, read_error};
+        let e = io::Error::other(StoredLimit { limit: 9 });
+        assert_eq!(read_error(&e).reason, FileErrorReason::FileTooLarge);
+        let mut r = SourceReader(LimitAfter);
+        let err = r.read(&mut [0u8; 4]).unwrap_err();
+        assert_eq!(read_error(&err).reason, FileErrorReason::FileTooLarge);
+
+        struct LimitAfter;
+        impl Read for LimitAfter {
+            fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+                Err(io::Error::other(StoredLimit { limit: 1 }))
+            }
+        }
     }
 
     #[test]

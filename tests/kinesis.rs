@@ -1342,4 +1342,40 @@ async fn latest_children_of_a_split_start_at_trim_horizon_and_keep_what_arrived_
     assert_eq!(dups, 0);
     let rows = leases(&moto).await;
     assert_eq!(rows[0].checkpoint, "SHARD_END", "the parent ended");
+
+/// Issue 14: every CloudWatch Logs message that is not a JSON object becomes a string entry of
+/// a synthetic `Records` array; 300 KB of plain-text messages in one batch straddle the
+/// splitter's 256 KiB read window, which used to panic every worker reading the shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_plain_text_messages_larger_than_the_read_window_goes_to_errors() {
+    let moto = setup(1).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-plain");
+    let (evs, mut ids) = events(1414, 5);
+    let texts: Vec<String> = (0..30)
+        .map(|i| format!("plain text line {i:02}: {}", "t".repeat(10_000)))
+        .collect();
+    let mut messages = evs.clone();
+    messages.extend(texts.iter().cloned());
+    put_one(&moto, cwl_batch(&messages), "plain-batch").await;
+    let mut w = Worker::start_with(&moto, tmp.path(), "w1", 300);
+    eventually(60, "the batch to be split", || async {
+        w.metric("trailhose_records_rejected_total{reason=\"not_an_object\"}") >= 30.0
+    })
+    .await;
+    w.stop();
+    assert!(!w.log().contains("panicked"), "{}", w.log());
+    ids.sort();
+    assert_eq!(written_ids(&s3).await, ids);
+    let errors = error_records(&s3).await;
+    let rejected: Vec<&serde_json::Value> = errors
+        .iter()
+        .filter(|e| e["reason"] == "not_an_object")
+        .collect();
+    assert_eq!(rejected.len(), 30, "{errors:?}");
+    for (n, r) in rejected.iter().enumerate() {
+        assert_eq!(r["index"], n as u64);
+        assert_eq!(r["record"], texts[n].as_str());
+    }
+    assert_eq!(errors.len(), 30, "{errors:?}");
 }

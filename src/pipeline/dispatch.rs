@@ -65,9 +65,9 @@ pub async fn fetch_and_submit(
         let permit = files.permit().await.ok_or(DispatchError::Stopped)?;
         let source = format!("s3://{}/{}", obj.bucket, obj.key);
         let input = match fetcher.get(obj).await {
-            Ok(bytes) => {
+            Ok(body) => {
                 done.files += 1;
-                Input::Bytes(bytes)
+                Input::Stream(body)
             }
             Err(e) if is_permanent(&e) => {
                 metrics::emit(NotifiedFileUnreadable {

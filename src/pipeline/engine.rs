@@ -26,8 +26,11 @@ use crate::transform::Transforms;
 
 /// Where a file's stored bytes are.
 pub enum Input {
-    /// Fetched whole (S3): compressed delivery files are small.
+    /// Already in memory (documents built from a stream record).
     Bytes(Bytes),
+    /// An S3 object, streamed from the fetcher (`S3Fetcher::get`): memory never follows its
+    /// size, and a declared size over `pipeline.max_file_bytes` is refused unread.
+    Stream(crate::fetch::Body),
     /// A local file, streamed so that memory never follows its size.
     Path(PathBuf),
     /// A notified file that cannot be read for good (gone, forbidden): an error record says so.
@@ -325,12 +328,17 @@ fn run_job(worker: &mut FileWorker, job: FileJob, out: &mut impl FnMut(Sealed)) 
         Input::Bytes(b) => {
             worker.process(&job.source, &b[..], job.hold, out);
         }
+        Input::Stream(body) => {
+            let declared = body.declared_size();
+            worker.process_sized(&job.source, body, declared, job.hold, out);
+        }
         Input::Unreadable(detail) => {
             worker.unreadable(&job.source, &detail, job.hold, out);
         }
         Input::Path(p) => match std::fs::File::open(&p) {
             Ok(f) => {
-                worker.process(&job.source, f, job.hold, out);
+                let declared = f.metadata().ok().map(|m| m.len());
+                worker.process_sized(&job.source, f, declared, job.hold, out);
             }
             Err(e) => {
                 worker.tally.files += 1;

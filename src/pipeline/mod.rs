@@ -75,6 +75,20 @@ struct ErrorRecord<'a> {
     index: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     record: Option<&'a RawValue>,
+    /// Where the bytes in `raw` start in the decompressed file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    /// The full size of an element stepped over (`raw` may hold only its first bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<u64>,
+    #[serde(rename = "eventID", skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'a str>,
+    /// Bytes that are not a JSON value, as text (invalid UTF-8 replaced)…
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw: Option<std::borrow::Cow<'a, str>>,
+    /// …and exactly, when they are not UTF-8.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    raw_base64: Option<String>,
 }
 
 impl<'a> ErrorRecord<'a> {
@@ -90,8 +104,41 @@ impl<'a> ErrorRecord<'a> {
             events_kept: None,
             index: None,
             record: None,
+            offset: None,
+            size: None,
+            event_id: None,
+            raw: None,
+            raw_base64: None,
         }
     }
+
+    /// Raw bytes as text, plus base64 when the text is not exact.
+    fn with_raw(mut self, bytes: &'a [u8]) -> Self {
+        if std::str::from_utf8(bytes).is_err() {
+            self.raw_base64 = Some(base64(bytes));
+        }
+        self.raw = Some(String::from_utf8_lossy(bytes));
+        self
+    }
+}
+
+/// Standard base64 with padding (RFC 4648), for the rare error record whose bytes are not
+/// UTF-8.
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for group in bytes.chunks(3) {
+        let b = |i: usize| u32::from(group.get(i).copied().unwrap_or(0));
+        let n = (b(0) << 16) | (b(1) << 8) | b(2);
+        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            if i <= group.len() {
+                out.push(char::from(ABC[((n >> shift) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// What one worker saw, summed into the run summary.
@@ -130,7 +177,8 @@ pub struct FileWorker {
     events: Batcher,
     errors: Batcher,
     error_prefix: String,
-    max_event_bytes: usize,
+    limits: cloudtrail::Limits,
+    max_file_bytes: u64,
     key: String,
     /// The notification of the file being processed, while it is processed.
     hold: Option<Hold>,
@@ -181,7 +229,8 @@ impl FileWorker {
             ),
             transforms: transforms.cloned(),
             error_prefix: cfg.output.error_prefix.clone(),
-            max_event_bytes: cfg.max_event_bytes(),
+            limits: cfg.split_limits(),
+            max_file_bytes: cfg.max_file_bytes(),
             key: String::new(),
             hold: None,
             lag: LagRecorder::new(),
@@ -215,10 +264,35 @@ impl FileWorker {
         hold: Option<Hold>,
         out: &mut impl FnMut(Sealed),
     ) -> FileOutcome {
+        self.process_sized(source, reader, None, hold, out)
+    }
+
+    /// `process` for a file whose stored size was declared up front (file metadata, an S3
+    /// notification or Content-Length): over `pipeline.max_file_bytes`, none of it is read.
+    pub fn process_sized(
+        &mut self,
+        source: &str,
+        reader: impl Read,
+        declared: Option<u64>,
+        hold: Option<Hold>,
+        out: &mut impl FnMut(Sealed),
+    ) -> FileOutcome {
         self.hold = hold;
         self.fresh.clear();
         crate::testhook::worker(source);
-        let outcome = self.process_inner(source, reader, out);
+        let outcome = match declared.filter(|&n| n > self.max_file_bytes) {
+            Some(size) if !is_digest_name(source) => {
+                self.tally.files += 1;
+                let detail = format!(
+                    "the stored file is {size} bytes, over the {}-byte limit (pipeline.max_file_bytes); it was not read",
+                    self.max_file_bytes
+                );
+                let reason = FileErrorReason::FileTooLarge;
+                self.file_failed(source, reason, &detail, (0, 0, 0), Instant::now(), out);
+                FileOutcome::Handled
+            }
+            _ => self.process_inner(source, reader, out),
+        };
         self.report_buffers();
         // Remembered when the unit is durable (without a unit, `Route::duplicate` did at once).
         if let (Some(d), Some(h)) = (&self.dedup, &self.hold)
@@ -275,6 +349,7 @@ impl FileWorker {
         let decoded = fetch::decode(CountingReader {
             inner: reader,
             n: &stored,
+            limit: self.max_file_bytes,
         });
         let (encoding, decoded) = match decoded {
             Ok(d) => d,
@@ -293,7 +368,6 @@ impl FileWorker {
             self.error_record(out, ErrorRecord::new(source, "fetch", "not_gzip", detail));
         }
 
-        let mut rejected: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut route = Route {
             partitioner: &self.partitioner,
             key: &mut self.key,
@@ -312,7 +386,7 @@ impl FileWorker {
         };
         let (geo, stage) = (&mut self.geo, &mut self.stage);
         let mut next_index = 0u64;
-        let report = cloudtrail::split(decoded, self.max_event_bytes, |item| match item {
+        let report = cloudtrail::split_limited(decoded, self.limits, |item| match item {
             Item::Event { raw, head } => {
                 let index = next_index;
                 next_index += 1;
@@ -334,10 +408,51 @@ impl FileWorker {
                     }
                 }
             }
-            // Rare; kept aside so the error batcher is not borrowed during the split.
             Item::NotAnObject { index, raw } => {
                 next_index = index + 1;
-                rejected.push((index, raw.to_vec()));
+                metrics::emit(RecordRejected {
+                    source,
+                    index,
+                    reason: "not_an_object",
+                });
+                let detail =
+                    "a Records entry is not a JSON object; the file's other entries were kept";
+                route.split_error(
+                    out,
+                    ErrorRecord {
+                        index: Some(index),
+                        record: serde_json::from_slice::<&RawValue>(raw).ok(),
+                        ..ErrorRecord::new(source, "split", "not_an_object", detail)
+                    },
+                );
+            }
+            Item::Skipped(sk) => {
+                next_index = sk.index + 1;
+                let reason = sk.reason.as_str();
+                metrics::emit(RecordRejected {
+                    source,
+                    index: sk.index,
+                    reason,
+                });
+                let detail = format!("{}; the file's other entries were kept", sk.detail);
+                // A small malformed element is kept whole as text; the limit keeps the rest.
+                let rec = ErrorRecord {
+                    index: Some(sk.index),
+                    offset: Some(sk.offset),
+                    size: Some(sk.size),
+                    event_id: sk.event_id.as_deref(),
+                    ..ErrorRecord::new(source, "split", reason, &detail)
+                };
+                route.split_error(out, rec.with_raw(sk.raw));
+            }
+            Item::Unsplit { offset, raw } => {
+                let detail = "bytes after a point where the Records entries could not be told apart, kept raw";
+                let rec = ErrorRecord {
+                    offset: Some(offset),
+                    size: Some(raw.len() as u64),
+                    ..ErrorRecord::new(source, "split", "unsplittable", detail)
+                };
+                route.split_error(out, rec.with_raw(raw));
             }
         });
         if let Some(st) = stage {
@@ -348,22 +463,6 @@ impl FileWorker {
             events: route.duplicates,
         });
         self.tally.error_records += route.error_records;
-        for (index, raw) in &rejected {
-            metrics::emit(RecordRejected {
-                source,
-                index: *index,
-                reason: "not_an_object",
-            });
-            let detail = "a Records entry is not a JSON object; the file's other entries were kept";
-            self.error_record(
-                out,
-                ErrorRecord {
-                    index: Some(*index),
-                    record: serde_json::from_slice::<&RawValue>(raw).ok(),
-                    ..ErrorRecord::new(source, "split", "not_an_object", detail)
-                },
-            );
-        }
         if let Some(g) = self.geo.as_mut() {
             let s = g.take_stats();
             metrics::emit(GeoLookups {
@@ -645,6 +744,12 @@ impl Route<'_> {
         );
     }
 
+    /// Buffers an error record for one element of the file being split.
+    fn split_error(&mut self, out: &mut impl FnMut(Sealed), rec: ErrorRecord<'_>) {
+        self.error_records += 1;
+        write_error_record(self.errors, self.error_prefix, self.hold, out, rec);
+    }
+
     /// Buffers an event a transform module refused, with the module and the reason.
     fn reject(&mut self, source: &str, r: &Reject, out: &mut impl FnMut(Sealed)) {
         if r.on_failure == OnFailure::Retry {
@@ -698,15 +803,23 @@ impl TransformStage {
     }
 }
 
+/// Counts the stored bytes read, and stops at `pipeline.max_file_bytes` for sources whose
+/// size was not declared (or was declared wrongly).
 struct CountingReader<'a, R> {
     inner: R,
     n: &'a Cell<u64>,
+    limit: u64,
 }
 
 impl<R: Read> Read for CountingReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.n.set(self.n.get() + n as u64);
+        let total = self.n.get() + n as u64;
+        self.n.set(total);
+        if total > self.limit {
+            let limit = self.limit;
+            return Err(std::io::Error::other(fetch::StoredLimit { limit }));
+        }
         Ok(n)
     }
 }
@@ -828,4 +941,23 @@ pub async fn process(cfg: &Config, inputs: &[PathBuf]) -> Result<Summary, Pipeli
         elapsed: started.elapsed(),
         output,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_rfc_4648() {
+        for (plain, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(super::base64(plain.as_bytes()), enc);
+        }
+        assert_eq!(super::base64(&[0xff, 0xfe, 0x00]), "//4A");
+    }
 }

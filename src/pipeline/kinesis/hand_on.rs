@@ -157,7 +157,7 @@ async fn notification(
         match ctx.fetcher.get(obj).await {
             Ok(bytes) => {
                 let file = format!("s3://{}/{}", obj.bucket, obj.key);
-                if !files.submit_with(file, Input::Bytes(bytes), Some(hold.share()), permit) {
+                if !files.submit_with(file, Input::Stream(bytes), Some(hold.share()), permit) {
                     return false;
                 }
             }
