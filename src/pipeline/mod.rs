@@ -81,8 +81,6 @@ struct ErrorRecord<'a> {
     /// The full size of an element stepped over (`raw` may hold only its first bytes).
     #[serde(skip_serializing_if = "Option::is_none")]
     size: Option<u64>,
-    #[serde(rename = "eventID", skip_serializing_if = "Option::is_none")]
-    event_id: Option<&'a str>,
     /// Bytes that are not a JSON value, as text (invalid UTF-8 replaced)…
     #[serde(skip_serializing_if = "Option::is_none")]
     raw: Option<std::borrow::Cow<'a, str>>,
@@ -106,7 +104,6 @@ impl<'a> ErrorRecord<'a> {
             record: None,
             offset: None,
             size: None,
-            event_id: None,
             raw: None,
             raw_base64: None,
         }
