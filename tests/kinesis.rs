@@ -1343,3 +1343,44 @@ async fn latest_children_of_a_split_start_at_trim_horizon_and_keep_what_arrived_
     let rows = leases(&moto).await;
     assert_eq!(rows[0].checkpoint, "SHARD_END", "the parent ended");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_a_shard_closed_before_the_first_start_is_not_waited_for_its_children_read_at_once()
+{
+    let moto = setup_on(Moto::start_patched(KINESIS_RESHARDING), 1).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-latest-closed");
+    // On the parent before the worker ever ran: not read at LATEST.
+    feed(&moto, 130, 5, 10).await;
+    kinesis(&moto)
+        .split_shard()
+        .stream_name(STREAM)
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key((u128::MAX / 2).to_string())
+        .send()
+        .await
+        .expect("split");
+    let mut w = latest_worker(&moto, tmp.path(), "solo", 300);
+    readers_polling(&w, 2).await;
+    let mut expected = feed(&moto, 131, 10, 10).await;
+    expected.sort();
+    eventually(30, "the children's records to be read", || async {
+        w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 10.0
+    })
+    .await;
+    w.stop();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0);
+    let rows = leases(&moto).await;
+    assert_eq!(
+        rows[0].checkpoint, "SHARD_END",
+        "the closed parent is ended"
+    );
+    // Had the children waited for the parent to be read to its end, what reached them
+    // meanwhile would have been skipped (they start at LATEST).
+    let log = w.log();
+    assert!(
+        !log.contains("lease taken shard=\"shardId-000000000000\""),
+        "the closed parent is never read; log:\n{log}"
+    );
+}
