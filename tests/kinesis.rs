@@ -1384,3 +1384,57 @@ async fn latest_a_shard_closed_before_the_first_start_is_not_waited_for_its_chil
         "the closed parent is never read; log:\n{log}"
     );
 }
+
+/// Fails the first four checkpoint writes of a sequence number (not pins, not SHARD_END).
+const FAILING_CHECKPOINTS: &str = r##"
+from moto.core.exceptions import JsonRESTError
+from moto.dynamodb.models import DynamoDBBackend
+_update = DynamoDBBackend.update_item
+_failures = [4]
+def _update_failing(self, table_name, key, update_expression, expression_attribute_names, expression_attribute_values, *args, **kwargs):
+    p = (expression_attribute_values or {}).get(":p", {}).get("S", "")
+    if "#p = :p" in update_expression and p not in ("", "SHARD_END") and _failures[0] > 0:
+        _failures[0] -= 1
+        raise JsonRESTError("InternalFailure", "injected checkpoint failure")
+    return _update(self, table_name, key, update_expression, expression_attribute_names, expression_attribute_values, *args, **kwargs)
+DynamoDBBackend.update_item = _update_failing
+"##;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_write_that_fails_while_draining_is_written_before_the_lease_is_released() {
+    let moto = setup_on(Moto::start_patched(FAILING_CHECKPOINTS), 1).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-owed-checkpoint");
+    let mut expected = feed(&moto, 140, 10, 10).await;
+    expected.sort();
+    // At the default age the records are written by the shutdown.
+    let mut a = Worker::start_with(&moto, tmp.path(), "a", 300);
+    eventually(30, "a to read every record", || async {
+        a.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 10.0
+    })
+    .await;
+    // The shutdown writes the records; their checkpoint fails at first.
+    a.stop();
+    let log = a.log();
+    assert!(
+        log.contains("injected checkpoint failure"),
+        "a checkpoint failed; log:\n{log}"
+    );
+    all_written(&s3, &expected, 10).await;
+    for l in leases(&moto).await {
+        assert!(
+            !l.checkpoint.is_empty() && l.owner.is_none(),
+            "{}: checkpointed, then released; log:\n{log}",
+            l.key
+        );
+    }
+    // So the next worker repeats nothing.
+    let mut b = Worker::start(&moto, tmp.path(), "b");
+    eventually(30, "b to hold the lease", || async {
+        b.metric("trailhose_kinesis_leases_held ") == 1.0
+    })
+    .await;
+    b.stop();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0);
+}
