@@ -379,9 +379,12 @@ async fn get_once(
 async fn bucket_client(b: &BucketConfig) -> aws_sdk_s3::Client {
     let mut shared = crate::aws::config(b.region.as_deref(), b.endpoint_url.as_deref()).await;
     if let Some(role) = &b.role_arn {
+        // STS in the bucket's region, never at the bucket's S3 endpoint (an S3-compatible
+        // store or an S3 VPC endpoint does not answer AssumeRole).
+        let sts = crate::aws::config(b.region.as_deref(), None).await;
         let provider = aws_config::sts::AssumeRoleProvider::builder(role.clone())
             .session_name("trailhose")
-            .configure(&shared)
+            .configure(&sts)
             .build()
             .await;
         shared = shared

@@ -1379,3 +1379,98 @@ async fn a_batch_of_plain_text_messages_larger_than_the_read_window_goes_to_erro
     }
     assert_eq!(errors.len(), 30, "{errors:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_a_shard_closed_before_the_first_start_is_not_waited_for_its_children_read_at_once()
+{
+    let moto = setup_on(Moto::start_patched(KINESIS_RESHARDING), 1).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-latest-closed");
+    // On the parent before the worker ever ran: not read at LATEST.
+    feed(&moto, 130, 5, 10).await;
+    kinesis(&moto)
+        .split_shard()
+        .stream_name(STREAM)
+        .shard_to_split("shardId-000000000000")
+        .new_starting_hash_key((u128::MAX / 2).to_string())
+        .send()
+        .await
+        .expect("split");
+    let mut w = latest_worker(&moto, tmp.path(), "solo", 300);
+    readers_polling(&w, 2).await;
+    let mut expected = feed(&moto, 131, 10, 10).await;
+    expected.sort();
+    eventually(30, "the children's records to be read", || async {
+        w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 10.0
+    })
+    .await;
+    w.stop();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0);
+    let rows = leases(&moto).await;
+    assert_eq!(
+        rows[0].checkpoint, "SHARD_END",
+        "the closed parent is ended"
+    );
+    // Had the children waited for the parent to be read to its end, what reached them
+    // meanwhile would have been skipped (they start at LATEST).
+    let log = w.log();
+    assert!(
+        !log.contains("lease taken shard=\"shardId-000000000000\""),
+        "the closed parent is never read; log:\n{log}"
+    );
+}
+
+/// Fails the first four checkpoint writes of a sequence number (not pins, not SHARD_END).
+const FAILING_CHECKPOINTS: &str = r##"
+from moto.core.exceptions import JsonRESTError
+from moto.dynamodb.models import DynamoDBBackend
+_update = DynamoDBBackend.update_item
+_failures = [4]
+def _update_failing(self, table_name, key, update_expression, expression_attribute_names, expression_attribute_values, *args, **kwargs):
+    p = (expression_attribute_values or {}).get(":p", {}).get("S", "")
+    if "#p = :p" in update_expression and p not in ("", "SHARD_END") and _failures[0] > 0:
+        _failures[0] -= 1
+        raise JsonRESTError("InternalFailure", "injected checkpoint failure")
+    return _update(self, table_name, key, update_expression, expression_attribute_names, expression_attribute_values, *args, **kwargs)
+DynamoDBBackend.update_item = _update_failing
+"##;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_write_that_fails_while_draining_is_written_before_the_lease_is_released() {
+    let moto = setup_on(Moto::start_patched(FAILING_CHECKPOINTS), 1).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-owed-checkpoint");
+    let mut expected = feed(&moto, 140, 10, 10).await;
+    expected.sort();
+    // At the default age the records are written by the shutdown.
+    let mut a = Worker::start_with(&moto, tmp.path(), "a", 300);
+    eventually(30, "a to read every record", || async {
+        a.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 10.0
+    })
+    .await;
+    // The shutdown writes the records; their checkpoint fails at first.
+    a.stop();
+    let log = a.log();
+    assert!(
+        log.contains("injected checkpoint failure"),
+        "a checkpoint failed; log:\n{log}"
+    );
+    all_written(&s3, &expected, 10).await;
+    for l in leases(&moto).await {
+        assert!(
+            !l.checkpoint.is_empty() && l.owner.is_none(),
+            "{}: checkpointed, then released; log:\n{log}",
+            l.key
+        );
+    }
+    // So the next worker repeats nothing.
+    let mut b = Worker::start(&moto, tmp.path(), "b");
+    eventually(30, "b to hold the lease", || async {
+        b.metric("trailhose_kinesis_leases_held ") == 1.0
+    })
+    .await;
+    b.stop();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0);
+}

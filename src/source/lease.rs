@@ -428,12 +428,13 @@ impl LeaseTable {
     }
 
     /// A lease for a newly seen shard, starting at `start` ("" = the configured position,
-    /// or TRIM_HORIZON); Ok(false) when it already exists.
+    /// or TRIM_HORIZON), with `checkpoint` ("" or SHARD_END); Ok(false) when it already exists.
     pub async fn create(
         &self,
         shard: &str,
         parents: &[String],
         start: &str,
+        checkpoint: &str,
     ) -> Result<bool, LeaseError> {
         let mut req = self
             .client
@@ -441,7 +442,7 @@ impl LeaseTable {
             .table_name(&self.table)
             .item(KEY, s(shard))
             .item(COUNTER, n(0))
-            .item(CHECKPOINT, s(""))
+            .item(CHECKPOINT, s(checkpoint))
             .item(PARENTS, s(&parents.join(",")));
         if !start.is_empty() {
             req = req.item(START, s(start));

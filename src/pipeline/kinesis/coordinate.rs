@@ -11,13 +11,11 @@ use super::reader::read_shard;
 use super::{Ctx, Ended, Held, Stop};
 use crate::metrics::{self, *};
 use crate::pipeline::engine::Submitter;
-use crate::source::kinesis::StartAt;
-use crate::source::lease::{self, Claim, Lease, LeaseError, Observer, TRIM_HORIZON};
+use crate::source::kinesis::{ShardInfo, StartAt};
+use crate::source::lease::{self, Claim, Lease, LeaseError, Observer, SHARD_END, TRIM_HORIZON};
 
-/// Lists the stream's shards and creates a lease for each new one. Returns the shard ids. A
-/// shard whose parent already has a lease is a child of a reshard this stream's workers read
-/// through: it starts at TRIM_HORIZON, so nothing written to it while the parent drained is
-/// skipped (the KCL's rule). Other new shards start at the configured position.
+/// Lists the stream's shards and creates a lease for each new one (see `new_leases`).
+/// Returns the shard ids.
 pub(super) async fn sync_shards(ctx: &Ctx) -> Result<HashSet<String>, String> {
     let list = ctx.kinesis.list_shards().await.map_err(|e| e.to_string())?;
     let known: HashSet<String> = ctx
@@ -28,13 +26,15 @@ pub(super) async fn sync_shards(ctx: &Ctx) -> Result<HashSet<String>, String> {
         .into_iter()
         .map(|l| l.key)
         .collect();
-    for s in list.iter().filter(|s| !known.contains(&s.id)) {
-        let start = match s.parents.iter().any(|p| known.contains(p)) {
-            true => TRIM_HORIZON,
-            false => "",
+    let latest = StartAt::initial(&ctx.cfg) == StartAt::Latest;
+    for (s, how) in new_leases(&list, &known, latest) {
+        let (start, checkpoint) = match how {
+            NewLease::Configured => ("", ""),
+            NewLease::TrimHorizon => (TRIM_HORIZON, ""),
+            NewLease::Ended => ("", SHARD_END),
         };
         ctx.leases
-            .create(&s.id, &s.parents, start)
+            .create(&s.id, &s.parents, start, checkpoint)
             .await
             .map_err(|e| e.to_string())?;
     }
@@ -46,6 +46,58 @@ pub(super) async fn sync_shards(ctx: &Ctx) -> Result<HashSet<String>, String> {
         );
     }
     Ok(list.into_iter().map(|s| s.id).collect())
+}
+
+/// How a new shard's lease starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum NewLease {
+    /// At the configured position.
+    Configured,
+    /// At TRIM_HORIZON: a descendant of a shard this stream's workers read (the KCL's rule), so
+    /// nothing written to it while its parents drained is skipped.
+    TrimHorizon,
+    /// Already at SHARD_END: a shard closed before reading began at LATEST has nothing after
+    /// LATEST, and its children must not wait for it (they would skip what arrives meanwhile).
+    Ended,
+}
+
+/// The leases to create for the shards in `list` not in `known`. Descent is followed through
+/// shards new in the same list (a reshard of a reshard between two syncs), in any list order.
+pub(super) fn new_leases<'a>(
+    list: &'a [ShardInfo],
+    known: &HashSet<String>,
+    latest: bool,
+) -> Vec<(&'a ShardInfo, NewLease)> {
+    let fresh: Vec<&ShardInfo> = list.iter().filter(|s| !known.contains(&s.id)).collect();
+    let mut descendants: HashSet<&str> = HashSet::new();
+    // Each pass adds at least one shard or ends: at most `fresh.len()` passes.
+    loop {
+        let before = descendants.len();
+        for s in &fresh {
+            if s.parents
+                .iter()
+                .any(|p| known.contains(p) || descendants.contains(p.as_str()))
+            {
+                descendants.insert(s.id.as_str());
+            }
+        }
+        if descendants.len() == before {
+            break;
+        }
+    }
+    fresh
+        .into_iter()
+        .map(|s| {
+            let how = if descendants.contains(s.id.as_str()) {
+                NewLease::TrimHorizon
+            } else if latest && s.ending_seq.is_some() {
+                NewLease::Ended
+            } else {
+                NewLease::Configured
+            };
+            (s, how)
+        })
+        .collect()
 }
 
 /// The coordinator's view between rounds.
@@ -364,5 +416,74 @@ fn drop_stale(ctx: &Ctx, held: &mut HashMap<String, Held>, lease_duration: Durat
             reason: "not renewed within the lease duration",
         });
         lose(ctx, held, &k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shard(id: &str, parents: &[&str], closed: bool) -> ShardInfo {
+        ShardInfo {
+            id: id.into(),
+            parents: parents.iter().map(|p| (*p).to_owned()).collect(),
+            ending_seq: closed.then(|| "99".to_owned()),
+        }
+    }
+
+    fn plan(list: &[ShardInfo], known: &[&str], latest: bool) -> Vec<(String, NewLease)> {
+        let known: HashSet<String> = known.iter().map(|k| (*k).to_owned()).collect();
+        new_leases(list, &known, latest)
+            .into_iter()
+            .map(|(s, h)| (s.id.clone(), h))
+            .collect()
+    }
+
+    #[test]
+    fn children_of_a_known_shard_start_at_trim_horizon_through_reshards_new_in_the_same_list() {
+        // 0 is known; 1 and 2 split from it; 3 and 4 split from 1 before the next sync; the
+        // list names the grandchildren first.
+        let list = [
+            shard("3", &["1"], false),
+            shard("4", &["1"], false),
+            shard("0", &[], true),
+            shard("1", &["0"], true),
+            shard("2", &["0"], false),
+        ];
+        for latest in [true, false] {
+            assert_eq!(
+                plan(&list, &["0"], latest),
+                vec![
+                    ("3".into(), NewLease::TrimHorizon),
+                    ("4".into(), NewLease::TrimHorizon),
+                    ("1".into(), NewLease::TrimHorizon),
+                    ("2".into(), NewLease::TrimHorizon),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn at_latest_a_shard_closed_before_reading_began_is_ended_so_its_children_start_at_once() {
+        let list = [
+            shard("0", &[], true),
+            shard("1", &["0"], false),
+            shard("2", &["0"], false),
+        ];
+        assert_eq!(
+            plan(&list, &[], true),
+            vec![
+                ("0".into(), NewLease::Ended),
+                ("1".into(), NewLease::Configured),
+                ("2".into(), NewLease::Configured),
+            ]
+        );
+        // From TRIM_HORIZON or a timestamp the parent is read first, its children at the same
+        // configured position (nothing in them precedes it).
+        assert!(
+            plan(&list, &[], false)
+                .iter()
+                .all(|(_, h)| *h == NewLease::Configured)
+        );
     }
 }

@@ -42,6 +42,8 @@ pub(super) async fn read_shard(
     let mut position = start;
     let mut iterator: Option<String> = None;
     let mut progress = Progress::default();
+    // An advance whose checkpoint write failed: written again before the shard is handed on.
+    let mut owed: Option<String> = None;
     let (mut settled_tx, mut settled_rx) = mpsc::unbounded_channel::<(u64, bool)>();
     let mut failures = 0u32;
     let mut at_end = false;
@@ -61,10 +63,11 @@ pub(super) async fn read_shard(
         if draining {
             files = None;
         }
-        if (draining || at_end) && progress.in_flight() == 0 {
-            if draining && !at_end {
-                return Ended::Drained;
-            }
+        // Drained, unless a checkpoint is still owed: it is retried below first.
+        if draining && !at_end && progress.in_flight() == 0 && owed.is_none() {
+            return Ended::Drained;
+        }
+        if at_end && progress.in_flight() == 0 {
             // Everything up to the shard's end is written.
             return match ctx.leases.checkpoint(&shard, &claim, SHARD_END).await {
                 Ok(()) => {
@@ -109,19 +112,22 @@ pub(super) async fn read_shard(
                 }
             }
         }
-        if let Some(seq) = to {
+        if let Some(seq) = furthest(to, owed.take()) {
             match ctx.leases.checkpoint(&shard, &claim, &seq).await {
                 Ok(()) => {
                     checkpointed = StartAt::After(seq);
                     last_advance = Instant::now();
                 }
                 Err(LeaseError::Conflict) => return Ended::LeaseLost,
-                // The next advance writes a later checkpoint.
-                Err(e) => metrics::emit(KinesisCallFailed {
-                    operation: "checkpoint",
-                    shard: &shard,
-                    error: &e.to_string(),
-                }),
+                // Written again with the next advance, or on its own before draining ends.
+                Err(e) => {
+                    metrics::emit(KinesisCallFailed {
+                        operation: "checkpoint",
+                        shard: &shard,
+                        error: &e.to_string(),
+                    });
+                    owed = Some(seq);
+                }
             }
         }
         if failed {
@@ -274,6 +280,14 @@ pub(super) async fn read_shard(
     }
 }
 
+/// The later of two checkpoints (every one of them is a settled prefix).
+fn furthest(a: Option<String>, b: Option<String>) -> Option<String> {
+    match (a, b) {
+        (Some(a), Some(b)) if seq_cmp(&a, &b) == std::cmp::Ordering::Less => Some(b),
+        (a, b) => a.or(b),
+    }
+}
+
 /// A closed shard (split or merged) whose last record has been read. Kinesis says so with a
 /// missing NextShardIterator; some emulators never do, so the shard list's ending sequence
 /// number is checked too.
@@ -301,5 +315,20 @@ async fn wait(stop: &mut watch::Receiver<Stop>, d: Duration) {
     tokio::select! {
         _ = stop.changed() => {}
         _ = tokio::time::sleep(d) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::furthest;
+
+    #[test]
+    fn an_owed_checkpoint_is_written_unless_a_later_one_supersedes_it() {
+        let s = |v: &str| Some(v.to_owned());
+        assert_eq!(furthest(s("9"), s("10")), s("10"));
+        assert_eq!(furthest(s("11"), s("10")), s("11"));
+        assert_eq!(furthest(None, s("10")), s("10"));
+        assert_eq!(furthest(s("9"), None), s("9"));
+        assert_eq!(furthest(None, None), None);
     }
 }
