@@ -568,9 +568,32 @@ fn hostile_modules_are_contained_reported_and_the_worker_goes_on() {
     let r = hostile("huge", "max_output_bytes = 100000");
     let detail = r.errors[0]["detail"].as_str().unwrap();
     assert!(
-        detail.contains("more than max_output_bytes = 100000"),
+        detail.contains("more than max_output_bytes = 100000")
+            && detail.contains("the copy out of the module stopped there"),
         "{detail}"
     );
+}
+
+#[test]
+fn a_huge_random_request_cannot_make_the_host_allocate_past_the_memory_limit() {
+    // 48 MiB asked of wasi:random by a module allowed 2 MiB: the host must refuse before it
+    // builds the bytes, not build them and fail only when copying them in.
+    let len = (48u64 << 20).to_string();
+    let md = Mod {
+        name: "greedy",
+        file: "hostile",
+        config: &[("mode", "random_huge"), ("len", &len)],
+        extra: "max_memory_mb = 2",
+    };
+    let r = run(&events()[..2], &[md], 256);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.events.is_empty(), "{:?}", r.events);
+    assert_eq!(r.errors.len(), 2, "{:?}", r.errors);
+    for e in &r.errors {
+        assert_eq!(e["reason"], "trap", "{e}");
+        let detail = e["detail"].as_str().unwrap();
+        assert!(detail.contains("exceeds limit 2097152"), "{detail}");
+    }
 }
 
 #[test]
