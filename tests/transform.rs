@@ -1093,6 +1093,18 @@ async fn sighup_reloads_modules_and_geoip_in_a_running_worker_without_losing_eve
 /// the notification unacknowledged, so SQS delivers it again (and again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_failure_retry_leaves_the_message_on_the_queue_to_come_again() {
+    retry_comes_again("").await;
+}
+
+/// With `[dedup]`, the events of a retried file were remembered when first split: the next
+/// delivery must not drop them as repeats (and then acknowledge a file whose events were never
+/// written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_retry_with_dedup_does_not_drop_the_retried_events_as_repeats() {
+    retry_comes_again("[dedup]\n").await;
+}
+
+async fn retry_comes_again(extra: &str) {
     use common::{Moto, free_port, http_get};
     let moto = Moto::start();
     let (s3, sqs) = (moto.s3(), moto.sqs());
@@ -1117,7 +1129,7 @@ async fn on_failure_retry_leaves_the_message_on_the_queue_to_come_again() {
     std::fs::write(
         &config,
         format!(
-            "[output]\nurl = {:?}\n[pipeline]\ntransform_cache_dir = {:?}\n\
+            "{extra}[output]\nurl = {:?}\n[pipeline]\ntransform_cache_dir = {:?}\n\
              [source.sqs]\nqueue_url = {queue:?}\nendpoint_url = {ep:?}\nwait_time_secs = 1\n\
              visibility_timeout_secs = 2\n[[source.buckets]]\nname = \"trail\"\n\
              endpoint_url = {ep:?}\nforce_path_style = true\n[server]\nlisten = \"127.0.0.1:{port}\"\n\
