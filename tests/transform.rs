@@ -796,6 +796,12 @@ fn drop_body_keeps_the_event_and_the_module_words_out_of_the_error_output() {
         "nor in the logs: {}",
         r.stderr
     );
+    assert!(
+        r.stderr
+            .contains("its batch went to the error output without the events"),
+        "the warning says where the batch went: {}",
+        r.stderr
+    );
 }
 
 #[test]
