@@ -821,6 +821,23 @@ fn guest_log_lines_are_cut_before_they_are_logged() {
     assert!(line.len() < 4096, "{} bytes", line.len());
 }
 
+/// The copy budget bounds each import call too: a 100 000-byte log line is more than
+/// `max_output_bytes = 50000` may carry, so the batch fails before the host copies it.
+#[test]
+fn a_log_line_longer_than_max_output_bytes_fails_the_batch() {
+    let md = Mod {
+        name: "chatty",
+        file: "hostile",
+        config: &[("mode", "log_long")],
+        extra: "max_output_bytes = 50000",
+    };
+    let r = run(&events()[..1], &[md], 256);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.events.is_empty(), "{:?}", r.events);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert_eq!(r.errors[0]["reason"], "output_too_large", "{}", r.errors[0]);
+}
+
 #[test]
 fn transform_test_prints_each_outcome_with_timing_and_fuel() {
     let tmp = TempDir::new("transform-cli");
