@@ -1110,6 +1110,23 @@ mod tests {
     }
 
     #[test]
+    fn on_failure_takes_the_three_documented_values_and_names_a_bad_one() {
+        let with = |v: &str| {
+            format!("[[transforms]]\nname = \"m\"\npath = \"/m.wasm\"\non_failure = \"{v}\"\n")
+        };
+        for (v, want) in [
+            ("error_output", crate::transform::OnFailure::ErrorOutput),
+            ("drop_body", crate::transform::OnFailure::DropBody),
+            ("retry", crate::transform::OnFailure::Retry),
+        ] {
+            let c = Config::parse(&with(v)).unwrap();
+            assert_eq!(c.transforms[0].on_failure, want, "{v}");
+        }
+        let e = err(&with("retyr"));
+        assert!(e.contains("on_failure") && e.contains("retyr"), "{e}");
+    }
+
+    #[test]
     fn errors_name_the_bad_key() {
         assert!(err("[batch]\nmax_recordz = 5\n").contains("max_recordz"));
         assert!(err("[nope]\n").contains("nope"));

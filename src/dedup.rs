@@ -103,11 +103,38 @@ impl Dedup {
         self.record(&[h], now);
         false
     }
+
+    /// Forgets `event_id`: its event was not written after all (its file comes again), so the
+    /// next delivery must not drop it as a repeat.
+    pub fn forget(&self, event_id: &str) {
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(event_id);
+        let Ok(mut shard) = self.shards[(h as usize) % SHARDS].lock() else {
+            return;
+        };
+        let removed = shard
+            .buckets
+            .iter_mut()
+            .map(|(_, set)| usize::from(set.remove(&h)))
+            .sum::<usize>();
+        shard.len -= removed;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forgotten_id_is_new_again() {
+        let d = Dedup::new(Duration::from_secs(60), 1000);
+        let now = Instant::now();
+        assert!(!d.seen("a", now));
+        assert!(d.seen("a", now));
+        d.forget("a");
+        assert!(!d.seen("a", now), "forgotten");
+        assert!(d.seen("a", now));
+        d.forget("never-seen");
+    }
 
     #[test]
     fn repeats_within_the_window_are_seen() {

@@ -1043,15 +1043,23 @@ pub struct TransformFailed<'a> {
     pub reason: &'a str,
     pub events: u64,
     pub detail: &'a str,
+    /// Where the batch's events went (`error_output`, `drop_body`, `retry`).
+    pub on_failure: &'a str,
 }
 
 impl InternalEvent for TransformFailed<'_> {
     fn emit(self) {
+        let then = match self.on_failure {
+            "retry" => "nothing of its batch was written and its file will come again",
+            "drop_body" => "its batch went to the error output without the events",
+            _ => "its batch went to the error output",
+        };
         tracing::warn!(
             module = self.module,
             reason = self.reason,
             events = self.events,
-            "transform module failed; its batch went to the error output and the instance will be rebuilt: {}",
+            on_failure = self.on_failure,
+            "transform module failed; {then}, and the instance will be rebuilt: {}",
             self.detail
         );
         METRICS

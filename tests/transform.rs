@@ -568,9 +568,32 @@ fn hostile_modules_are_contained_reported_and_the_worker_goes_on() {
     let r = hostile("huge", "max_output_bytes = 100000");
     let detail = r.errors[0]["detail"].as_str().unwrap();
     assert!(
-        detail.contains("more than max_output_bytes = 100000"),
+        detail.contains("more than max_output_bytes = 100000")
+            && detail.contains("the copy out of the module stopped there"),
         "{detail}"
     );
+}
+
+#[test]
+fn a_huge_random_request_cannot_make_the_host_allocate_past_the_memory_limit() {
+    // 48 MiB asked of wasi:random by a module allowed 2 MiB: the host must refuse before it
+    // builds the bytes, not build them and fail only when copying them in.
+    let len = (48u64 << 20).to_string();
+    let md = Mod {
+        name: "greedy",
+        file: "hostile",
+        config: &[("mode", "random_huge"), ("len", &len)],
+        extra: "max_memory_mb = 2",
+    };
+    let r = run(&events()[..2], &[md], 256);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.events.is_empty(), "{:?}", r.events);
+    assert_eq!(r.errors.len(), 2, "{:?}", r.errors);
+    for e in &r.errors {
+        assert_eq!(e["reason"], "trap", "{e}");
+        let detail = e["detail"].as_str().unwrap();
+        assert!(detail.contains("exceeds limit 2097152"), "{detail}");
+    }
 }
 
 #[test]
@@ -773,6 +796,12 @@ fn drop_body_keeps_the_event_and_the_module_words_out_of_the_error_output() {
         "nor in the logs: {}",
         r.stderr
     );
+    assert!(
+        r.stderr
+            .contains("its batch went to the error output without the events"),
+        "the warning says where the batch went: {}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -790,6 +819,23 @@ fn guest_log_lines_are_cut_before_they_are_logged() {
         .unwrap_or_else(|| panic!("the guest's line is logged: {}", r.stderr));
     assert!(line.contains("(100000 bytes, cut at 2048)"), "{line}");
     assert!(line.len() < 4096, "{} bytes", line.len());
+}
+
+/// The copy budget bounds each import call too: a 100 000-byte log line is more than
+/// `max_output_bytes = 50000` may carry, so the batch fails before the host copies it.
+#[test]
+fn a_log_line_longer_than_max_output_bytes_fails_the_batch() {
+    let md = Mod {
+        name: "chatty",
+        file: "hostile",
+        config: &[("mode", "log_long")],
+        extra: "max_output_bytes = 50000",
+    };
+    let r = run(&events()[..1], &[md], 256);
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.events.is_empty(), "{:?}", r.events);
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert_eq!(r.errors[0]["reason"], "output_too_large", "{}", r.errors[0]);
 }
 
 #[test]
@@ -1070,6 +1116,18 @@ async fn sighup_reloads_modules_and_geoip_in_a_running_worker_without_losing_eve
 /// the notification unacknowledged, so SQS delivers it again (and again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_failure_retry_leaves_the_message_on_the_queue_to_come_again() {
+    retry_comes_again("").await;
+}
+
+/// With `[dedup]`, the events of a retried file were remembered when first split: the next
+/// delivery must not drop them as repeats (and then acknowledge a file whose events were never
+/// written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_retry_with_dedup_does_not_drop_the_retried_events_as_repeats() {
+    retry_comes_again("[dedup]\n").await;
+}
+
+async fn retry_comes_again(extra: &str) {
     use common::{Moto, free_port, http_get};
     let moto = Moto::start();
     let (s3, sqs) = (moto.s3(), moto.sqs());
@@ -1094,7 +1152,7 @@ async fn on_failure_retry_leaves_the_message_on_the_queue_to_come_again() {
     std::fs::write(
         &config,
         format!(
-            "[output]\nurl = {:?}\n[pipeline]\ntransform_cache_dir = {:?}\n\
+            "{extra}[output]\nurl = {:?}\n[pipeline]\ntransform_cache_dir = {:?}\n\
              [source.sqs]\nqueue_url = {queue:?}\nendpoint_url = {ep:?}\nwait_time_secs = 1\n\
              visibility_timeout_secs = 2\n[[source.buckets]]\nname = \"trail\"\n\
              endpoint_url = {ep:?}\nforce_path_style = true\n[server]\nlisten = \"127.0.0.1:{port}\"\n\

@@ -751,6 +751,10 @@ impl Route<'_> {
     fn reject(&mut self, source: &str, r: &Reject, out: &mut impl FnMut(Sealed)) {
         if r.on_failure == OnFailure::Retry {
             self.retry = true;
+            // Remembered at the split, but not written: it must pass dedup when it comes again.
+            if let (Some(d), Some(id)) = (self.dedup, r.event_id.as_deref()) {
+                d.forget(id);
+            }
             return;
         }
         self.error_records += 1;

@@ -9,7 +9,7 @@ use std::fs::{File, Metadata, OpenOptions};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
@@ -39,12 +39,16 @@ pub fn load(
     let Some(dir) = dir else {
         return Ok((Component::new(engine, wasm)?, Source::Compiled, None));
     };
-    if let Err(note) = private_dir(dir) {
-        return Ok((Component::new(engine, wasm)?, Source::Compiled, Some(note)));
-    }
-    let path = artifact_path(engine, wasm, dir);
+    // Every later step works relative to this descriptor, checked as opened: swapping the
+    // directory's path (or a parent) for a symlink afterwards changes nothing.
+    let dir_fd = match private_dir(dir) {
+        Ok(fd) => fd,
+        Err(note) => return Ok((Component::new(engine, wasm)?, Source::Compiled, Some(note))),
+    };
+    let name = artifact_name(engine, wasm);
+    let path = dir.join(&name);
     let mut note = None;
-    match read_artifact(&path) {
+    match read_artifact(&dir_fd, &name, &path) {
         Ok(Some(bytes)) => {
             // SAFETY: the bytes were written by `Component::serialize` of this engine build (the
             // name carries its compatibility hash), read through a descriptor that is not a
@@ -52,7 +56,7 @@ pub fn load(
             match unsafe { Component::deserialize(engine, &bytes) } {
                 Ok(c) => return Ok((c, Source::Cached, None)),
                 Err(_) => {
-                    let _ = std::fs::remove_file(&path);
+                    let _ = unlink_at(&dir_fd, &name);
                 }
             }
         }
@@ -63,7 +67,7 @@ pub fn load(
     let written = component
         .serialize()
         .map_err(|e| e.to_string())
-        .and_then(|bytes| write_atomic(&path, &bytes).map_err(|e| e.to_string()));
+        .and_then(|bytes| write_atomic(&dir_fd, &name, &bytes).map_err(|e| e.to_string()));
     if let Err(e) = written {
         note.get_or_insert(format!(
             "cannot write the compiled module to {}: {e}",
@@ -73,10 +77,10 @@ pub fn load(
     Ok((component, Source::Compiled, note))
 }
 
-fn artifact_path(engine: &Engine, wasm: &[u8], dir: &Path) -> PathBuf {
+fn artifact_name(engine: &Engine, wasm: &[u8]) -> String {
     let mut h = DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut h);
-    dir.join(format!("{}-{:016x}.cwasm", digest(wasm), h.finish()))
+    format!("{}-{:016x}.cwasm", digest(wasm), h.finish())
 }
 
 fn euid() -> u32 {
@@ -109,39 +113,94 @@ fn refuse(meta: &Metadata, what: &str, path: &Path) -> Option<String> {
     }
 }
 
-/// Creates `dir` (0700) if needed; refuses a symlink, a directory owned by another user, or
-/// one that group or others can write.
-fn private_dir(dir: &Path) -> Result<(), String> {
+/// Creates `dir` (0700) if needed and opens it without following a symlink; refuses, on the
+/// open descriptor, a directory owned by another user or one that group or others can write.
+fn private_dir(dir: &Path) -> Result<File, String> {
     use std::os::unix::fs::DirBuilderExt;
-    let meta = match std::fs::symlink_metadata(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| format!("cannot create cache directory {}: {e}", dir.display()))?;
-            std::fs::symlink_metadata(dir)
+    if let Err(e) = std::fs::symlink_metadata(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Err(format!("cannot use cache directory {}: {e}", dir.display()));
         }
-        m => m,
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("cannot create cache directory {}: {e}", dir.display()))?;
     }
-    .map_err(|e| format!("cannot use cache directory {}: {e}", dir.display()))?;
+    let fd = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(dir)
+        .map_err(|e| match e.raw_os_error() {
+            // O_DIRECTORY with O_NOFOLLOW reports a symlink as ENOTDIR (or ELOOP).
+            Some(libc::ELOOP | libc::ENOTDIR)
+                if std::fs::symlink_metadata(dir).is_ok_and(|m| m.file_type().is_symlink()) =>
+            {
+                format!(
+                    "cache directory {} is a symlink; not loading native code through it",
+                    dir.display()
+                )
+            }
+            Some(libc::ENOTDIR) => format!("cache path {} is not a directory", dir.display()),
+            _ => format!("cannot use cache directory {}: {e}", dir.display()),
+        })?;
+    let meta = fd
+        .metadata()
+        .map_err(|e| format!("cannot use cache directory {}: {e}", dir.display()))?;
     if let Some(why) = refuse(&meta, "cache directory", dir) {
         return Err(why);
     }
     if !meta.is_dir() {
         return Err(format!("cache path {} is not a directory", dir.display()));
     }
+    Ok(fd)
+}
+
+fn c_name(name: &str) -> std::io::Result<std::ffi::CString> {
+    std::ffi::CString::new(name).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+}
+
+/// `openat(dir, name)` without following a symlink, as a `File`.
+fn open_at(
+    dir: &File,
+    name: &str,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> std::io::Result<File> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let name = c_name(name)?;
+    let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name` is a valid C string and `dir` an open descriptor, both alive for the call.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags,
+            libc::c_uint::from(mode),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nothing else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+fn unlink_at(dir: &File, name: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let name = c_name(name)?;
+    // SAFETY: as in `open_at`.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
 }
 
-/// The artifact's bytes, `None` when there is none, or why it is refused. Opened without
-/// following a symlink and checked on the open descriptor, so it cannot be swapped in between.
-fn read_artifact(path: &Path) -> Result<Option<Vec<u8>>, String> {
-    let mut file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)
-    {
+/// The artifact's bytes, `None` when there is none, or why it is refused. Opened in the checked
+/// directory without following a symlink and checked on the open descriptor, so it cannot be
+/// swapped in between. `path` only names it in messages.
+fn read_artifact(dir: &File, name: &str, path: &Path) -> Result<Option<Vec<u8>>, String> {
+    let mut file = match open_at(dir, name, libc::O_RDONLY, 0) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         // ELOOP: the name is a symlink.
@@ -173,25 +232,63 @@ fn read_artifact(path: &Path) -> Result<Option<Vec<u8>>, String> {
     Ok(Some(bytes))
 }
 
-/// Writes a new file 0600 next to `path` and renames it over `path` (replacing whatever was
-/// there, a refused artifact included).
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    let mut f: File = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)?;
+/// Writes a new file 0600 next to `name` in `dir` and renames it over `name` (replacing
+/// whatever was there, a refused artifact included).
+fn write_atomic(dir: &File, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let tmp = format!("{name}.tmp{}", std::process::id());
+    let _ = unlink_at(dir, &tmp);
+    let mut f = open_at(
+        dir,
+        &tmp,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+        0o600,
+    )?;
     f.write_all(bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let (from, to) = (c_name(&tmp)?, c_name(name)?);
+    let fd = dir.as_raw_fd();
+    // SAFETY: valid C strings and an open directory descriptor, alive for the call.
+    if unsafe { libc::renameat(fd, from.as_ptr(), fd, to.as_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
+
+    fn artifact_path(engine: &Engine, wasm: &[u8], dir: &Path) -> PathBuf {
+        dir.join(artifact_name(engine, wasm))
+    }
+
+    /// The directory is checked once, on its descriptor; the artifact is then opened relative
+    /// to that descriptor. Swapping the directory's path for a symlink to another (here, one
+    /// holding an artifact) after the check must not redirect the read.
+    #[test]
+    fn the_artifact_is_read_from_the_checked_directory_not_its_path() {
+        let engine = Engine::default();
+        let wasm = wat::parse_str("(component (core module))").unwrap();
+        let base =
+            std::env::temp_dir().join(format!("trailhose-cache-swap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let (dir, other) = (base.join("cache"), base.join("other"));
+        // `other` holds a good artifact for this module.
+        load(&engine, &wasm, Some(&other)).unwrap();
+        let name = artifact_name(&engine, &wasm);
+        let checked = private_dir(&dir).unwrap();
+        // After the check: the path now leads elsewhere.
+        std::fs::rename(&dir, base.join("moved")).unwrap();
+        std::os::unix::fs::symlink(&other, &dir).unwrap();
+        let got = read_artifact(&checked, &name, &dir.join(&name)).unwrap();
+        assert!(got.is_none(), "read through the swapped path");
+        // And a write lands in the checked directory too.
+        write_atomic(&checked, &name, b"x").unwrap();
+        assert_eq!(std::fs::read(base.join("moved").join(&name)).unwrap(), b"x");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn digest_is_sha256_hex() {
@@ -207,7 +304,7 @@ mod tests {
         let base =
             std::env::temp_dir().join(format!("trailhose-cache-test-{}", std::process::id()));
         let fresh = base.join("fresh");
-        assert_eq!(private_dir(&fresh), Ok(()));
+        assert!(private_dir(&fresh).is_ok());
         let mode = std::fs::metadata(&fresh).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o777)).unwrap();

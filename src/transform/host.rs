@@ -422,6 +422,13 @@ impl Instance {
             .secure_random(Deterministic::new(RANDOM_BYTES.to_vec()))
             .insecure_random(Deterministic::new(RANDOM_BYTES.to_vec()))
             .insecure_random_seed(0)
+            // The host builds the bytes before copying them in: a request may not make it
+            // allocate more than the module's whole memory budget.
+            .max_random_size(
+                u64::try_from(limits.max_memory_bytes)
+                    .unwrap_or(u64::MAX)
+                    .min(wasmtime_wasi::random::DEFAULT_MAX_SIZE),
+            )
             .build();
         let state = State {
             wasi,

@@ -342,6 +342,7 @@ impl Chain {
                         reason: e.reason.as_str(),
                         events: batch.len() as u64,
                         detail: &e.detail,
+                        on_failure: policy.as_str(),
                     });
                     batch.reject_all(&name, e.reason.as_str(), &e.detail, rejects);
                     batch.clear();

@@ -10,6 +10,8 @@
 //!   annotates each event with what happened
 //! - `connect`: opens a TCP connection to `connect` (`host:port`); sockets are not linked
 //! - `random`: annotates each event with 16 bytes from `wasi:random` and a `HashMap` seed
+//! - `random_huge`: asks `wasi:random` for `len` bytes at once (the host must refuse to
+//!   allocate more than the module's memory budget)
 //! - `sleep`: sleeps for an hour (timers are not linked: it must trap, not block the worker)
 //! - `panic_echo`: panics with the event in the message, as a careless module might
 //! - `log_long`: logs one warning of 100 000 bytes, then keeps every event
@@ -100,6 +102,12 @@ impl Guest for Hostile {
                         }])
                     })
                     .collect()
+            }
+            "random_huge" => {
+                let len = config.get("len").and_then(|l| l.parse().ok()).unwrap_or(0);
+                let bytes = wasi::random::random::get_random_bytes(len);
+                std::hint::black_box(&bytes);
+                events.iter().map(|_| Outcome::Keep).collect()
             }
             "panic_after" => {
                 let limit: u64 = config.get("n").and_then(|n| n.parse().ok()).unwrap_or(0);
