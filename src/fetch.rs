@@ -59,6 +59,8 @@ pub enum FetchError {
         key: String,
         message: String,
         retryable: bool,
+        /// S3 said the object does not exist (404 `NoSuchKey`): no retry brings it back.
+        gone: bool,
     },
 }
 
@@ -172,11 +174,12 @@ impl crate::source::backfill::Lister for S3Lister<'_> {
 
 async fn get_once(client: &aws_sdk_s3::Client, obj: &ObjectRef) -> Result<Bytes, FetchError> {
     let started = Instant::now();
-    let fail = |message: String, retryable: bool| FetchError::S3 {
+    let fail = |message: String, retryable: bool, gone: bool| FetchError::S3 {
         bucket: obj.bucket.clone(),
         key: obj.key.clone(),
         message,
         retryable,
+        gone,
     };
     let resp = client
         .get_object()
@@ -191,14 +194,26 @@ async fn get_once(client: &aws_sdk_s3::Client, obj: &ObjectRef) -> Result<Bytes,
     });
     let resp = resp.map_err(|e| {
         let (message, retryable) = crate::sink::write::failure(&e);
-        fail(message, retryable)
+        let status = e.raw_response().map(|r| r.status().as_u16());
+        let gone = is_gone(status, aws_sdk_s3::error::ProvideErrorMetadata::code(&e));
+        fail(message, retryable, gone)
     })?;
     let body = resp
         .body
         .collect()
         .await
-        .map_err(|e| fail(format!("reading the body: {e}"), true))?;
+        .map_err(|e| fail(format!("reading the body: {e}"), true, false))?;
     Ok(body.into_bytes())
+}
+
+/// Whether a GET's failure means the object no longer exists. Only a 404 `NoSuchKey`: S3 reads
+/// are strongly consistent, so a notified key that is missing was deleted and cannot come back.
+/// A 403 is not "gone": an expired or rotated credential, a role or KMS key policy, a skewed
+/// clock or an archived object (`InvalidObjectState`) all answer 403 for a file that exists and
+/// can be read once fixed; nor is any other 4xx (`ExpiredToken`, a wrong-region
+/// `AuthorizationHeaderMalformed`) or a 301 redirect.
+pub fn is_gone(status: Option<u16>, code: Option<&str>) -> bool {
+    status == Some(404) && code == Some("NoSuchKey")
 }
 
 async fn bucket_client(b: &BucketConfig) -> aws_sdk_s3::Client {
