@@ -298,3 +298,55 @@ async fn a_notified_file_that_is_forbidden_is_not_acknowledged() {
     let errors = common::checks::split_output(&objects).errors;
     assert!(errors.is_empty(), "no error record stands in: {errors:?}");
 }
+
+/// `source.sqs.max_unacked_messages` is a real bound: at the default batch age the ledger
+/// fills to it and receiving pauses (the rest stays on the queue, visible) until something is
+/// acknowledged; SIGTERM then writes and deletes exactly those messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiving_pauses_at_max_unacked_messages() {
+    let (moto, q) = setup("ledger-full", 5).await;
+    let (sqs, s3) = (moto.sqs(), moto.s3());
+    let tmp = TempDir::new("ledger-full");
+    let (expected, messages) = seed_grouped(&moto, &q.url, 20, 1, 5200, 4_000).await;
+    assert_eq!(messages, 20);
+    let port = free_port();
+    let eps = (moto.endpoint.as_str(), moto.endpoint.as_str());
+    let settings = Settings {
+        sqs: "max_unacked_messages = 5\n".into(),
+        ..Settings::default()
+    };
+    let config = write_config_with(tmp.path(), eps, &q.url, port, &settings);
+    let log = tmp.path().join("worker.log");
+    let mut worker = start_worker(&moto, &config, &log);
+    eventually(60, "the ledger to fill", || async {
+        metric(port, "trailhose_files_total{outcome=\"ok\"}") >= 5.0
+    })
+    .await;
+    // Several visibility timeouts and long polls: it stays full, nothing more is received.
+    for _ in 0..6 {
+        assert_eq!(metric(port, "trailhose_sqs_messages_in_flight "), 5.0);
+        assert_eq!(metric(port, "trailhose_files_total{outcome=\"ok\"}"), 5.0);
+        assert_eq!(depth(&sqs, &q.url).await, (15, 5));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    signal(&worker, "-TERM");
+    assert!(
+        wait_exit(&mut worker, 25),
+        "clean exit; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(
+        depth(&sqs, &q.url).await,
+        (15, 0),
+        "the five deleted, the rest kept"
+    );
+    let got = written_ids(&s3).await;
+    let (counts, _) = tally(&got, &expected);
+    assert!(!got.is_empty());
+    assert!(counts.values().all(|&n| n == 1), "written once");
+    assert!(
+        counts
+            .keys()
+            .all(|id| expected.binary_search(&id.to_string()).is_ok())
+    );
+}
