@@ -86,6 +86,12 @@ impl Driver {
         let _ = self.0.await;
     }
 
+    /// True once the driver has ended. Before shutdown only a bug does that; without it
+    /// nothing is ever acknowledged.
+    pub fn stopped(&self) -> bool {
+        self.0.is_finished()
+    }
+
     /// Stops the driver when the grace period is over: what it still tracks comes back after
     /// its visibility timeout.
     pub fn abort_handle(&self) -> tokio::task::AbortHandle {
