@@ -214,6 +214,8 @@ pub enum FetchError {
         key: String,
         message: String,
         retryable: bool,
+        /// S3 said the object does not exist (404 `NoSuchKey`): no retry brings it back.
+        gone: bool,
     },
 }
 
@@ -345,6 +347,13 @@ async fn get_once(
     max_file_bytes: u64,
 ) -> Result<Body, FetchError> {
     let started = Instant::now();
+    let fail = |message: String, retryable: bool, gone: bool| FetchError::S3 {
+        bucket: obj.bucket.clone(),
+        key: obj.key.clone(),
+        message,
+        retryable,
+        gone,
+    };
     let resp = client
         .get_object()
         .bucket(&obj.bucket)
@@ -358,12 +367,9 @@ async fn get_once(
     });
     let resp = resp.map_err(|e| {
         let (message, retryable) = crate::sink::write::failure(&e);
-        FetchError::S3 {
-            bucket: obj.bucket.clone(),
-            key: obj.key.clone(),
-            message,
-            retryable,
-        }
+        let status = e.raw_response().map(|r| r.status().as_u16());
+        let gone = is_gone(status, aws_sdk_s3::error::ProvideErrorMetadata::code(&e));
+        fail(message, retryable, gone)
     })?;
     let declared = resp
         .content_length()
@@ -374,6 +380,16 @@ async fn get_once(
         Some(n) if n > max_file_bytes => Ok(Body::refused(n)),
         _ => Ok(Body::stream(declared, resp.body)),
     }
+}
+
+/// Whether a GET's failure means the object no longer exists. Only a 404 `NoSuchKey`: S3 reads
+/// are strongly consistent, so a notified key that is missing was deleted and cannot come back.
+/// A 403 is not "gone": an expired or rotated credential, a role or KMS key policy, a skewed
+/// clock or an archived object (`InvalidObjectState`) all answer 403 for a file that exists and
+/// can be read once fixed; nor is any other 4xx (`ExpiredToken`, a wrong-region
+/// `AuthorizationHeaderMalformed`) or a 301 redirect.
+pub fn is_gone(status: Option<u16>, code: Option<&str>) -> bool {
+    status == Some(404) && code == Some("NoSuchKey")
 }
 
 async fn bucket_client(b: &BucketConfig) -> aws_sdk_s3::Client {

@@ -243,3 +243,110 @@ async fn a_notified_file_that_is_gone_goes_to_the_error_output_and_its_message_i
         format!("s3://trail-logs/{gone}").as_str()
     );
 }
+
+/// A notified file that exists but is refused (403: here an archived object,
+/// `InvalidObjectState`; an expired credential or a KMS key policy answer the same) is not
+/// "gone": its message is not acknowledged but comes back (and, after `maxReceiveCount`, lands
+/// in the DLQ), so the events are read once the cause is fixed. No error record stands in for
+/// them; the neighbour already buffered is still written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notified_file_that_is_forbidden_is_not_acknowledged() {
+    let (moto, q) = setup("forbidden-work", 5).await;
+    let (sqs, s3) = (moto.sqs(), moto.s3());
+    let tmp = TempDir::new("forbidden");
+    let (good, ids) = upload_generated(&s3, 5100, 0, 20_000).await;
+    let archived = format!("{DAY}/archived.json.gz");
+    s3.put_object()
+        .bucket("trail-logs")
+        .key(&archived)
+        .storage_class(aws_sdk_s3::types::StorageClass::Glacier)
+        .body(common::fixtures::gzip(b"{\"Records\":[]}").into())
+        .send()
+        .await
+        .expect("put archived");
+    send(&sqs, &q.url, &cloudtrail("trail-logs", &[&good, &archived])).await;
+    let port = free_port();
+    let eps = (moto.endpoint.as_str(), moto.endpoint.as_str());
+    let config = write_config_with(tmp.path(), eps, &q.url, port, &Settings::default());
+    let log = tmp.path().join("worker.log");
+    let mut worker = start_worker(&moto, &config, &log);
+    eventually(
+        60,
+        "the neighbour split and the refused fetch counted",
+        || async {
+            metric(port, "trailhose_files_total{outcome=\"ok\"}") >= 1.0
+                && metric(
+                    port,
+                    "trailhose_errors_total{reason=\"s3_get\",stage=\"fetch\"}",
+                ) >= 1.0
+        },
+    )
+    .await;
+    signal(&worker, "-TERM");
+    assert!(
+        wait_exit(&mut worker, 25),
+        "clean exit; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let (visible, in_flight) = depth(&sqs, &q.url).await;
+    assert_eq!(visible + in_flight, 1, "the message is not acknowledged");
+
+    let mut expected = ids;
+    expected.sort();
+    assert_eq!(written_ids(&s3).await, expected, "the neighbour is written");
+    let objects = s3_objects(&s3, "trail-out", "ct/").await;
+    let errors = common::checks::split_output(&objects).errors;
+    assert!(errors.is_empty(), "no error record stands in: {errors:?}");
+}
+
+/// `source.sqs.max_unacked_messages` is a real bound: at the default batch age the ledger
+/// fills to it and receiving pauses (the rest stays on the queue, visible) until something is
+/// acknowledged; SIGTERM then writes and deletes exactly those messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receiving_pauses_at_max_unacked_messages() {
+    let (moto, q) = setup("ledger-full", 5).await;
+    let (sqs, s3) = (moto.sqs(), moto.s3());
+    let tmp = TempDir::new("ledger-full");
+    let (expected, messages) = seed_grouped(&moto, &q.url, 20, 1, 5200, 4_000).await;
+    assert_eq!(messages, 20);
+    let port = free_port();
+    let eps = (moto.endpoint.as_str(), moto.endpoint.as_str());
+    let settings = Settings {
+        sqs: "max_unacked_messages = 5\n".into(),
+        ..Settings::default()
+    };
+    let config = write_config_with(tmp.path(), eps, &q.url, port, &settings);
+    let log = tmp.path().join("worker.log");
+    let mut worker = start_worker(&moto, &config, &log);
+    eventually(60, "the ledger to fill", || async {
+        metric(port, "trailhose_files_total{outcome=\"ok\"}") >= 5.0
+    })
+    .await;
+    // Several visibility timeouts and long polls: it stays full, nothing more is received.
+    for _ in 0..6 {
+        assert_eq!(metric(port, "trailhose_sqs_messages_in_flight "), 5.0);
+        assert_eq!(metric(port, "trailhose_files_total{outcome=\"ok\"}"), 5.0);
+        assert_eq!(depth(&sqs, &q.url).await, (15, 5));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    signal(&worker, "-TERM");
+    assert!(
+        wait_exit(&mut worker, 25),
+        "clean exit; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(
+        depth(&sqs, &q.url).await,
+        (15, 0),
+        "the five deleted, the rest kept"
+    );
+    let got = written_ids(&s3).await;
+    let (counts, _) = tally(&got, &expected);
+    assert!(!got.is_empty());
+    assert!(counts.values().all(|&n| n == 1), "written once");
+    assert!(
+        counts
+            .keys()
+            .all(|id| expected.binary_search(&id.to_string()).is_ok())
+    );
+}

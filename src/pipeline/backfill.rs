@@ -126,8 +126,8 @@ pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineEr
             let source = format!("s3://{}/{}", obj.bucket, obj.key);
             let done = dispatch::fetch_and_submit(&fetcher, &files, &source, &[obj], hold).await;
             drop(slot);
-            // A file that cannot be read for good is in the error output and gets its marker;
-            // it still counts as failed in the report.
+            // A file that is gone is in the error output and gets its marker; it still counts
+            // as failed in the report. Any other failure fails the hold: no marker.
             matches!(done, Ok(d) if d.unreadable == 0)
         });
     }

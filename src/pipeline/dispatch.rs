@@ -3,12 +3,15 @@
 //! backfill files use it; the Kinesis reader's notifications can (same policy).
 //!
 //! Policy for a notified file that cannot be read:
-//! * gone (404) or forbidden (403), or outside the allowed buckets: retrying cannot help, and
-//!   holding the unit back would stall everything behind it. The file goes to the error output
-//!   (`stage = "fetch"`, `reason = "object_unreadable"`, named so it can be replayed), a metric
-//!   counts it, and the unit goes on and is acknowledged;
-//! * any other failure (network, throttling, 5xx), after the fetcher's own retries: the unit
-//!   fails and is delivered again.
+//! * gone (404 `NoSuchKey`), or outside the allowed buckets: the data no longer exists or must
+//!   not be read, so no retry can help. The file goes to the error output (`stage = "fetch"`,
+//!   `reason = "object_unreadable"`, named so it can be replayed), a metric counts it, and the
+//!   unit goes on and is acknowledged;
+//! * any other failure, after the fetcher's own retries: the unit fails and is delivered again
+//!   (after the queue's `maxReceiveCount`, to its DLQ). That includes every 403 and other 4xx:
+//!   the file exists, and what refuses it (an expired credential, a role, bucket or KMS key
+//!   policy, a skewed clock, a wrong region, an archived object) is fixed outside; acknowledging
+//!   it would turn a fixable outage into a stream of error records and lose the events.
 //!
 //! The hold is taken by value and settled here on every path: committed only when every file
 //! was handed on, failed on any early exit (a failed fetch, the engine closing), so that no
@@ -42,11 +45,7 @@ pub struct Dispatched {
 pub fn is_permanent(e: &FetchError) -> bool {
     matches!(
         e,
-        FetchError::NotAllowed { .. }
-            | FetchError::S3 {
-                retryable: false,
-                ..
-            }
+        FetchError::NotAllowed { .. } | FetchError::S3 { gone: true, .. }
     )
 }
 
@@ -98,18 +97,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn gone_forbidden_and_refused_are_permanent_others_are_retried() {
-        let s3 = |retryable| FetchError::S3 {
+    fn only_gone_and_refused_are_permanent_forbidden_and_others_are_delivered_again() {
+        let s3 = |retryable, gone| FetchError::S3 {
             bucket: "b".into(),
             key: "k".into(),
             message: "x".into(),
             retryable,
+            gone,
         };
-        assert!(is_permanent(&s3(false)));
-        assert!(!is_permanent(&s3(true)));
+        assert!(is_permanent(&s3(false, true)));
+        assert!(!is_permanent(&s3(false, false)), "a 403 or other 4xx");
+        assert!(!is_permanent(&s3(true, false)));
         assert!(is_permanent(&FetchError::NotAllowed {
             bucket: "b".into(),
             key: "k".into()
         }));
+        use crate::fetch::is_gone;
+        assert!(is_gone(Some(404), Some("NoSuchKey")));
+        for (status, code) in [
+            (Some(403), Some("AccessDenied")),
+            (Some(403), Some("InvalidObjectState")),
+            (Some(403), Some("RequestTimeTooSkewed")),
+            (Some(400), Some("ExpiredToken")),
+            (Some(400), Some("AuthorizationHeaderMalformed")),
+            (Some(301), Some("PermanentRedirect")),
+            (Some(404), Some("NoSuchBucket")),
+            (None, None),
+        ] {
+            assert!(!is_gone(status, code), "{status:?} {code:?}");
+        }
     }
 }

@@ -34,8 +34,13 @@ pub const SQS_MAX_VISIBILITY: Duration = Duration::from_secs(12 * 3600);
 const LIMIT_MARGIN: Duration = Duration::from_secs(120);
 /// How long a settled message may wait for nine others before its delete call goes out.
 const DELETE_LINGER: Duration = Duration::from_millis(200);
-/// Attempts of one delete before the message is left to come back (at-least-once).
-const DELETE_ATTEMPTS: u32 = 5;
+/// Attempts of one delete before the message is left to come back (at-least-once). With
+/// `delete_backoff` between them they span about half a minute: a brief SQS brownout (5xx,
+/// throttling, a timed-out call) must not make every written message come back. The message
+/// stays heartbeated meanwhile, so waiting costs nothing.
+const DELETE_ATTEMPTS: u32 = 8;
+/// The longest wait between two attempts of a delete.
+const DELETE_BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// True while the process-wide buffered-bytes budget is reached: receiving waits (buffers are
 /// sealed early by the engine to make room).
@@ -79,6 +84,12 @@ impl Driver {
     /// be dropped first.
     pub async fn finish(self) {
         let _ = self.0.await;
+    }
+
+    /// True once the driver has ended. Before shutdown only a bug does that; without it
+    /// nothing is ever acknowledged.
+    pub fn stopped(&self) -> bool {
+        self.0.is_finished()
     }
 
     /// Stops the driver when the grace period is over: what it still tracks comes back after
@@ -148,8 +159,16 @@ impl Ledger {
 struct Queues {
     /// (key, attempts so far)
     delete: Vec<(u64, u32)>,
+    /// Deletes that failed, waiting for `retry_at` to go out again.
+    retry: Vec<(u64, u32)>,
+    retry_at: Option<Instant>,
     release: Vec<u64>,
     linger_since: Option<Instant>,
+}
+
+/// How long to wait before the next attempt of a delete that failed `attempts` times.
+fn delete_backoff(attempts: u32) -> Duration {
+    (DELETE_LINGER * 2u32.pow(attempts.min(10))).min(DELETE_BACKOFF_MAX)
 }
 
 async fn drive(sqs: Arc<Sqs>, mut tracks: mpsc::UnboundedReceiver<Track>) {
@@ -203,6 +222,13 @@ async fn drive(sqs: Arc<Sqs>, mut tracks: mpsc::UnboundedReceiver<Track>) {
             _ = tokio::time::sleep_until(linger.into()), if queues.linger_since.is_some() => {
                 flush_deletes(&sqs, &mut entries, &mut queues, true).await;
             },
+            _ = tokio::time::sleep_until(queues.retry_at.unwrap_or(linger).into()),
+                if queues.retry_at.is_some() => {
+                queues.retry_at = None;
+                let due = std::mem::take(&mut queues.retry);
+                queues.delete.extend(due);
+                flush_deletes(&sqs, &mut entries, &mut queues, true).await;
+            },
         }
         if queues.delete.len() >= BATCH {
             flush_deletes(&sqs, &mut entries, &mut queues, false).await;
@@ -210,7 +236,7 @@ async fn drive(sqs: Arc<Sqs>, mut tracks: mpsc::UnboundedReceiver<Track>) {
         if !queues.release.is_empty() {
             release(&sqs, &mut entries, &mut queues.release, retry_in).await;
         }
-        if !open && settles.is_empty() && queues.delete.is_empty() {
+        if !open && settles.is_empty() && queues.delete.is_empty() && queues.retry.is_empty() {
             break;
         }
     }
@@ -293,13 +319,13 @@ async fn flush_deletes(
     all: bool,
 ) {
     let mut waiting = std::mem::take(&mut queues.delete);
-    let mut retry = Vec::new();
     while waiting.len() >= BATCH || (all && !waiting.is_empty()) {
         let chunk: Vec<(u64, u32)> = waiting.drain(..waiting.len().min(BATCH)).collect();
-        let receipts: Vec<&str> = chunk
-            .iter()
-            .filter_map(|(k, _)| entries.get(k).map(|e| e.receipt.as_str()))
-            .collect();
+        // Keys and receipts side by side, so an outcome always meets its own entry.
+        let (chunk, receipts): (Vec<(u64, u32)>, Vec<&str>) = chunk
+            .into_iter()
+            .filter_map(|(k, a)| entries.get(&k).map(|e| ((k, a), e.receipt.as_str())))
+            .unzip();
         let outcomes = sqs.delete_batch(&receipts).await;
         for ((key, attempts), outcome) in chunk.into_iter().zip(outcomes) {
             match outcome {
@@ -316,7 +342,9 @@ async fn flush_deletes(
                         operation: "delete_message",
                         error: &detail,
                     });
-                    retry.push((key, attempts + 1));
+                    let at = Instant::now() + delete_backoff(attempts + 1);
+                    queues.retry_at = Some(queues.retry_at.map_or(at, |t| t.min(at)));
+                    queues.retry.push((key, attempts + 1));
                 }
                 EntryOutcome::Failed(detail) | EntryOutcome::Gone(detail) => {
                     // Written already: a redelivery repeats its events (counted by [dedup]).
@@ -331,7 +359,6 @@ async fn flush_deletes(
             }
         }
     }
-    waiting.extend(retry);
     queues.linger_since = (!waiting.is_empty()).then(Instant::now);
     queues.delete = waiting;
 }
@@ -370,6 +397,18 @@ async fn release(sqs: &Sqs, entries: &mut HashMap<u64, Entry>, keys: &mut Vec<u6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delete_retries_outlast_a_brief_sqs_outage() {
+        let waits: Vec<Duration> = (1..DELETE_ATTEMPTS).map(delete_backoff).collect();
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]), "{waits:?}");
+        assert!(waits.iter().all(|w| *w <= DELETE_BACKOFF_MAX));
+        let span: Duration = waits.iter().sum();
+        assert!(span >= Duration::from_secs(30), "retries span {span:?}");
+        // Shorter than the default visibility timeout: a message that cannot be deleted
+        // comes back within minutes, not never.
+        assert!(span < Duration::from_secs(300), "retries span {span:?}");
+    }
 
     #[test]
     fn visibility_stays_inside_the_twelve_hour_limit() {

@@ -100,7 +100,14 @@ pub async fn run(
     ));
 
     tokio::pin!(shutdown);
+    let mut ledger_lost = false;
     loop {
+        if driver.stopped() {
+            // Receiving on would write every message and delete none, again and again: stop,
+            // so the process exits with an error and is restarted.
+            ledger_lost = true;
+            break;
+        }
         // Receive only when the ledger has room, so memory never follows the queue's depth.
         let mut rooms = tokio::select! {
             _ = &mut shutdown => break,
@@ -163,6 +170,11 @@ pub async fn run(
     .await;
     driver_abort.abort();
     server.abort();
+    if ledger_lost {
+        return Err(PipelineError::Worker(
+            "the acknowledgement ledger stopped unexpectedly".into(),
+        ));
+    }
     match drained {
         Ok(Err(e)) => Err(e),
         Ok(Ok((tally, written))) => {

@@ -74,12 +74,24 @@ fn outcomes(
     out
 }
 
+/// How long one call may go unanswered before it counts as failed (a receive: this beyond its
+/// long poll). The ledger's driver makes its calls one after another, and the SDK sets no read
+/// timeout: a request sent into a half-open connection waits for TCP to give up, many minutes,
+/// and would stop every heartbeat and delete meanwhile. Both batch calls are idempotent.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub struct Sqs {
     client: aws_sdk_sqs::Client,
     queue_url: String,
     wait_time_secs: i32,
     max_messages: i32,
     pub visibility_timeout_secs: i32,
+    call_timeout: Duration,
+}
+
+/// The error of a call that got no answer in time.
+fn timed_out(limit: Duration) -> String {
+    format!("no answer within {} ms", limit.as_millis())
 }
 
 fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
@@ -104,22 +116,27 @@ impl Sqs {
             wait_time_secs: cfg.wait_time_secs,
             max_messages: cfg.max_messages,
             visibility_timeout_secs: cfg.visibility_timeout_secs,
+            call_timeout: CALL_TIMEOUT,
         }
     }
 
     /// Up to `max` messages (at most the configured batch), waiting up to the long-poll time.
     pub async fn receive(&self, max: i32) -> Result<Vec<Received>, String> {
-        let out = self
-            .client
-            .receive_message()
-            .queue_url(&self.queue_url)
-            .wait_time_seconds(self.wait_time_secs)
-            .max_number_of_messages(max.clamp(1, self.max_messages))
-            .visibility_timeout(self.visibility_timeout_secs)
-            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
-            .send()
-            .await
-            .map_err(|e| describe(&e))?;
+        let limit = Duration::from_secs(self.wait_time_secs.max(0) as u64) + self.call_timeout;
+        let out = tokio::time::timeout(
+            limit,
+            self.client
+                .receive_message()
+                .queue_url(&self.queue_url)
+                .wait_time_seconds(self.wait_time_secs)
+                .max_number_of_messages(max.clamp(1, self.max_messages))
+                .visibility_timeout(self.visibility_timeout_secs)
+                .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+                .send(),
+        )
+        .await
+        .map_err(|_| timed_out(limit))?
+        .map_err(|e| describe(&e))?;
         let now = SystemTime::now();
         Ok(out
             .messages
@@ -153,16 +170,16 @@ impl Sqs {
             })
             .collect();
         let n = entries.len();
-        let resp = self
+        let call = self
             .client
             .delete_message_batch()
             .queue_url(&self.queue_url)
             .set_entries(Some(entries))
-            .send()
-            .await;
-        match resp {
-            Ok(r) => outcomes(n, r.failed(), Ok(())),
-            Err(e) => outcomes(n, &[], Err(describe(&e))),
+            .send();
+        match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(Ok(r)) => outcomes(n, r.failed(), Ok(())),
+            Ok(Err(e)) => outcomes(n, &[], Err(describe(&e))),
+            Err(_) => outcomes(n, &[], Err(timed_out(self.call_timeout))),
         }
     }
 
@@ -183,16 +200,16 @@ impl Sqs {
             })
             .collect();
         let n = entries.len();
-        let resp = self
+        let call = self
             .client
             .change_message_visibility_batch()
             .queue_url(&self.queue_url)
             .set_entries(Some(entries))
-            .send()
-            .await;
-        match resp {
-            Ok(r) => outcomes(n, r.failed(), Ok(())),
-            Err(e) => outcomes(n, &[], Err(describe(&e))),
+            .send();
+        match tokio::time::timeout(self.call_timeout, call).await {
+            Ok(Ok(r)) => outcomes(n, r.failed(), Ok(())),
+            Ok(Err(e)) => outcomes(n, &[], Err(describe(&e))),
+            Err(_) => outcomes(n, &[], Err(timed_out(self.call_timeout))),
         }
     }
 
@@ -226,6 +243,55 @@ fn queue_age(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A queue endpoint that accepts connections and never answers (a half-open connection):
+    /// every call must come back failed, so the ledger's driver goes on heartbeating.
+    #[tokio::test]
+    async fn calls_that_get_no_answer_fail_instead_of_hanging() {
+        use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            let mut open = Vec::new();
+            for conn in listener.incoming() {
+                open.push(conn);
+            }
+        });
+        let conf = aws_sdk_sqs::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("AKIDTEST", "secret", None, None, "test"))
+            .endpoint_url(format!("http://{addr}"))
+            .build();
+        let sqs = Sqs {
+            client: aws_sdk_sqs::Client::from_conf(conf),
+            queue_url: format!("http://{addr}/123456789012/q"),
+            wait_time_secs: 0,
+            max_messages: 10,
+            visibility_timeout_secs: 30,
+            call_timeout: Duration::from_millis(300),
+        };
+        // Generous: only a call that never returns fails this.
+        let deleted =
+            tokio::time::timeout(Duration::from_secs(120), sqs.delete_batch(&["r1", "r2"]))
+                .await
+                .expect("delete_batch returns");
+        assert!(matches!(
+            deleted[..],
+            [EntryOutcome::Failed(_), EntryOutcome::Failed(_)]
+        ));
+        let extended = tokio::time::timeout(
+            Duration::from_secs(120),
+            sqs.set_visibility_batch(&[("r1", 30)]),
+        )
+        .await
+        .expect("set_visibility_batch returns");
+        assert!(matches!(extended[..], [EntryOutcome::Failed(_)]));
+        let received = tokio::time::timeout(Duration::from_secs(120), sqs.receive(1))
+            .await
+            .expect("receive returns");
+        assert!(received.is_err());
+    }
 
     #[test]
     fn batch_failures_map_to_their_entries() {

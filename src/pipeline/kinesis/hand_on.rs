@@ -161,14 +161,10 @@ async fn notification(
                     return false;
                 }
             }
-            // Gone or forbidden: the record goes to the error output rather than stall the
-            // shard (there is no dead-letter queue here).
-            Err(
-                e @ (FetchError::NotAllowed { .. }
-                | FetchError::S3 {
-                    retryable: false, ..
-                }),
-            ) => {
+            // Gone for good (deleted, or outside the allowlist): the record goes to the error
+            // output rather than stall the shard. A forbidden file is not gone (an expired
+            // credential, a key policy): it rewinds the shard like any other failure.
+            Err(e) if crate::pipeline::dispatch::is_permanent(&e) => {
                 metrics::emit(NotifiedFileUnreadable { source, error: &e });
                 let doc = kinesis::error_document(&[format!("fetch_failed: {e}")]);
                 if !files.submit_with(
