@@ -186,8 +186,8 @@ impl Engine {
         self.store.clone()
     }
 
-    /// The process-wide buffer budget (`batch.max_buffered_bytes`): sources stop receiving
-    /// while `budget.over()` is true; workers are then sealing buffers early to make room.
+    /// The process-wide buffer budget (`batch.max_buffered_bytes`); while `budget.over()` is
+    /// true, workers are sealing buffers early to make room. No source consults it yet.
     pub fn budget(&self) -> Arc<Budget> {
         self.budget.clone()
     }
