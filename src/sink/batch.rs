@@ -132,11 +132,16 @@ impl Batcher {
         out: &mut impl FnMut(Sealed),
     ) {
         let limits = self.limits;
-        if !self.buffers.contains_key(partition) {
-            self.open(partition);
-        }
-        let Some(buf) = self.buffers.get_mut(partition) else {
-            return;
+        // One lookup per record on the hot path (the buffer is open); two when it opens.
+        let buf = match self.buffers.get_mut(partition) {
+            Some(b) => b,
+            None => {
+                self.open(partition);
+                let Some(b) = self.buffers.get_mut(partition) else {
+                    return;
+                };
+                b
+            }
         };
         if let Some(h) = hold {
             buf.holds.add(h);
