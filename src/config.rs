@@ -386,7 +386,7 @@ pub struct BatchConfig {
     pub max_age_secs: u64,
     pub chunk_bytes: usize,
     /// What all open buffers of the process may hold together; when reached, the oldest are
-    /// sealed early and sources stop receiving.
+    /// sealed early.
     pub max_buffered_bytes: u64,
 }
 

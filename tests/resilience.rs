@@ -96,6 +96,70 @@ fn a_failed_compression_fails_the_write_instead_of_writing_a_short_object() {
     );
 }
 
+/// Without compression, chunks are "compressed" on the worker's own thread. A panic there
+/// must fail the batch too: the chunk (here holding the records of an earlier, already handled
+/// file) is out of its buffer by then, and the buffer must not be written without it.
+#[test]
+fn a_compression_panic_on_the_workers_own_thread_fails_the_batch_too() {
+    let tmp = TempDir::new("inline-compress-panic");
+    let input = tmp.path().join("in");
+    let out = tmp.path().join("out");
+    let config = tmp.path().join("none.toml");
+    std::fs::write(
+        &config,
+        "[output]\ncompression = \"none\"\n[batch]\nchunk_bytes = 65536\n[pipeline]\nworkers = 1\n",
+    )
+    .unwrap();
+    // Both files land in one buffer; its first 64 KiB chunk holds all of a.json.gz and the
+    // start of b.json.gz, whose 10th event carries the needle.
+    let file = |name: &str, needle_at: Option<usize>| {
+        let events = (0..150)
+            .map(|i| {
+                let note = if Some(i) == needle_at {
+                    "PANIC-IN-CHUNK"
+                } else {
+                    "ok"
+                };
+                event(&format!("{name}-{i:03}"), "2024-03-18T14:00:00Z", note)
+            })
+            .collect();
+        write_file(&input.join(DAY).join(format!("{name}.json.gz")), events);
+    };
+    file("a", None);
+    file("b", Some(10));
+    let run = common::trailhose(
+        &[
+            "process",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[(
+            "TRAILHOSE_TEST_FAULT",
+            "compress_panic:PANIC-IN-CHUNK".into(),
+        )],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("test hook: compress_panic"), "{stderr}");
+    assert!(!run.status.success(), "the run must fail: {stderr}");
+    assert!(
+        stderr.contains("could not be written"),
+        "the batch that lost its chunk is not written: {stderr}"
+    );
+    let objects = local_objects(&out);
+    let a_ids = split_output(&objects)
+        .events
+        .iter()
+        .filter(|(_, l)| id_of(l).starts_with("a-"))
+        .count();
+    assert!(
+        a_ids == 0 || a_ids == 150,
+        "a.json.gz is written whole or not at all: {a_ids} of 150"
+    );
+}
+
 /// Peak RSS of a child, by polling its `VmHWM` (a high-water mark) until it exits.
 fn run_measured(mut cmd: Command) -> (std::process::ExitStatus, u64, String) {
     let stderr_path = std::env::temp_dir().join(format!(

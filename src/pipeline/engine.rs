@@ -191,8 +191,8 @@ impl Engine {
         self.store.clone()
     }
 
-    /// The process-wide buffer budget (`batch.max_buffered_bytes`): sources stop receiving
-    /// while `budget.over()` is true; workers are then sealing buffers early to make room.
+    /// The process-wide buffer budget (`batch.max_buffered_bytes`); while `budget.over()` is
+    /// true, workers are sealing buffers early to make room. The SQS receive loop pauses on it.
     pub fn budget(&self) -> Arc<Budget> {
         self.budget.clone()
     }
@@ -295,20 +295,28 @@ fn worker_loop(
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        let source = job.as_ref().map_or("", |j| j.source.as_str()).to_owned();
-        let ran = catch_unwind(AssertUnwindSafe(|| {
-            if let Some(job) = job {
-                run_job(worker, job, &mut out);
-            }
-            worker.seal_expired(&mut out);
-            worker.relieve(&mut out);
-        }));
+        // A panic while sealing after a file (or when idle) is no fault of the file's.
+        let source = job.as_ref().map(|j| j.source.clone());
+        let ran = match job {
+            Some(job) => catch_unwind(AssertUnwindSafe(|| run_job(worker, job, &mut out))),
+            None => Ok(()),
+        };
+        let (on_file, ran) = match ran {
+            Ok(()) => (
+                None,
+                catch_unwind(AssertUnwindSafe(|| {
+                    worker.seal_expired(&mut out);
+                    worker.relieve(&mut out);
+                })),
+            ),
+            Err(panic) => (source, Err(panic)),
+        };
         let Err(panic) = ran else {
             continue;
         };
         let message = testhook::panic_message(&*panic);
         let rebuilt = catch_unwind(AssertUnwindSafe(|| {
-            worker.recover(&source, &message, &mut out);
+            worker.recover(on_file.as_deref(), &message, &mut out);
         }));
         if let Err(again) = rebuilt {
             metrics::emit(WorkerLost {

@@ -609,15 +609,15 @@ impl FileWorker {
     /// stay: they hold only whole records (see `Batcher::append`), whose own notifications
     /// are still owed them. Records of the failed file that were buffered are written too,
     /// and repeated when it is delivered again (at-least-once).
-    pub fn recover(&mut self, source: &str, message: &str, out: &mut impl FnMut(Sealed)) {
+    /// `source` is None when the panic came between files (sealing): no file is blamed.
+    pub fn recover(&mut self, source: Option<&str>, message: &str, out: &mut impl FnMut(Sealed)) {
         let redelivered = self.hold.take().is_some();
-        self.tally.failed_files += 1;
         metrics::emit(ThreadPanicked {
             thread: "worker",
-            source,
+            source: source.unwrap_or(""),
             message,
         });
-        crate::testhook::rebuild(source);
+        crate::testhook::rebuild(source.unwrap_or(""));
         self.geo = None;
         self.geo_generation = u64::MAX;
         self.follow_geo();
@@ -630,6 +630,11 @@ impl FileWorker {
                 st.chain = t.chain();
             }
         }
+        let Some(source) = source else {
+            self.report_buffers();
+            return;
+        };
+        self.tally.failed_files += 1;
         // Nothing will deliver a local file again: say where it is, in the error output.
         if !redelivered {
             let detail = format!(

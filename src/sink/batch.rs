@@ -132,11 +132,16 @@ impl Batcher {
         out: &mut impl FnMut(Sealed),
     ) {
         let limits = self.limits;
-        if !self.buffers.contains_key(partition) {
-            self.open(partition);
-        }
-        let Some(buf) = self.buffers.get_mut(partition) else {
-            return;
+        // One lookup per record on the hot path (the buffer is open); two when it opens.
+        let buf = match self.buffers.get_mut(partition) {
+            Some(b) => b,
+            None => {
+                self.open(partition);
+                let Some(b) = self.buffers.get_mut(partition) else {
+                    return;
+                };
+                b
+            }
         };
         if let Some(h) = hold {
             buf.holds.add(h);
@@ -189,9 +194,21 @@ impl Batcher {
             charged: 0,
         };
         self.buffers.insert(partition.to_owned(), buf);
-        let deadline = Instant::now() + self.limits.max_age;
+        let now = Instant::now();
+        // A max_age past what an Instant can hold means "never by age", not a panic.
+        let deadline = now
+            .checked_add(self.limits.max_age)
+            .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
         self.deadlines
             .push(Reverse((deadline, seq, partition.to_owned())));
+        // Buffers sealed by size leave their entries behind until those reach the top, one
+        // per buffer opened within max_age (every record, with max_records = 1): drop them
+        // once they outnumber the live ones, so the heap stays proportional to open buffers.
+        if self.deadlines.len() > 2 * self.buffers.len() + 64 {
+            let buffers = &self.buffers;
+            self.deadlines
+                .retain(|Reverse((_, seq, p))| buffers.get(p).is_some_and(|b| b.seq == *seq));
+        }
     }
 
     /// The budget is reached: seals this batcher's oldest buffers until an eighth of the
@@ -426,6 +443,37 @@ mod tests {
         assert_eq!(b.seal_expired(now + Duration::from_secs(61)).len(), 1);
         assert_eq!(b.open_buffers(), 0);
         assert!(b.next_deadline().is_none());
+    }
+
+    #[test]
+    fn buffers_sealed_by_size_leave_no_deadline_entries_behind() {
+        let mut b = batcher(2, 1 << 20, 1 << 20);
+        put(&mut b, "q/", None, b"q\n");
+        let mut sealed = 0;
+        for _ in 0..10_000 {
+            put(&mut b, "p/", None, b"a\n");
+            sealed += put(&mut b, "p/", None, b"b\n").len();
+        }
+        assert_eq!((sealed, b.open_buffers()), (10_000, 1));
+        assert!(
+            b.deadlines.len() <= 2 * b.open_buffers() + 65,
+            "{}",
+            b.deadlines.len()
+        );
+        // The live entries survive the compaction: q/ still seals by age.
+        let late = Instant::now() + Duration::from_secs(61);
+        assert_eq!(b.seal_expired(late).len(), 1);
+        assert!(b.next_deadline().is_none());
+    }
+
+    #[test]
+    fn an_age_limit_beyond_what_an_instant_holds_does_not_panic() {
+        let mut lim = limits(10, 1 << 20, 1 << 20);
+        lim.max_age = Duration::from_secs(u64::MAX);
+        let mut b = Batcher::new(Kind::Events, lim, encoder(), Budget::unlimited());
+        put(&mut b, "p/", None, b"a\n");
+        assert!(b.seal_expired(Instant::now()).is_empty());
+        assert!(b.next_deadline().unwrap() > Instant::now());
     }
 
     #[test]

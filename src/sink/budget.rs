@@ -1,7 +1,7 @@
 //! One process-wide memory budget for open buffers (`batch.max_buffered_bytes`). Every batcher
 //! charges what its open buffers hold; when the total reaches the limit, batchers seal their
-//! oldest buffers early (so progress never stops), and sources pause receiving while
-//! `Budget::over` is true.
+//! oldest buffers early (so progress never stops). Sealed batches leave the budget when they
+//! are sealed, not when they are written; the SQS receive loop pauses while it is reached.
 //!
 //! A batcher publishes its charge to the shared counter in steps of `slack` bytes, so the hot
 //! path touches a shared cache line rarely; the shared figure lags each batcher by less than

@@ -261,9 +261,26 @@ impl Encoder {
     /// Queues a chunk of JSON lines for compression (or a whole batch for conversion); blocks
     /// while the queue is full.
     pub fn submit(&self, data: Vec<u8>) -> Part {
-        let inline = |data: &[u8]| match run(self.codec, self.convert.as_deref(), data) {
-            Some(b) => Part::Ready(Bytes::from(b)),
-            None => Part::Lost,
+        // On the caller's thread a panic must not escape either: the caller is a worker in the
+        // middle of `Batcher::append`, which has already taken the chunk out of its buffer, so
+        // an escaping panic would leave the buffer to be written without it.
+        let inline = |data: &[u8]| {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run(self.codec, self.convert.as_deref(), data)
+            }));
+            match ran {
+                Ok(Some(b)) => Part::Ready(Bytes::from(b)),
+                Ok(None) => Part::Lost,
+                Err(panic) => {
+                    crate::metrics::emit(crate::metrics::ThreadPanicked {
+                        thread: "compress",
+                        source: "",
+                        message: &crate::testhook::panic_message(&*panic),
+                    });
+                    reset_compressors();
+                    Part::Lost
+                }
+            }
         };
         match &self.jobs {
             Some(jobs) => {
