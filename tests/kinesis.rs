@@ -1342,6 +1342,7 @@ async fn latest_children_of_a_split_start_at_trim_horizon_and_keep_what_arrived_
     assert_eq!(dups, 0);
     let rows = leases(&moto).await;
     assert_eq!(rows[0].checkpoint, "SHARD_END", "the parent ended");
+}
 
 /// Issue 14: every CloudWatch Logs message that is not a JSON object becomes a string entry of
 /// a synthetic `Records` array; 300 KB of plain-text messages in one batch straddle the

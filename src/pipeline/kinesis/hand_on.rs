@@ -7,7 +7,6 @@ use bytes::Bytes;
 
 use super::Ctx;
 use crate::ack::Hold;
-use crate::fetch::FetchError;
 use crate::metrics::{self, *};
 use crate::pipeline::engine::{Input, Submitter};
 use crate::source::kinesis::{self, Shape};
