@@ -387,12 +387,8 @@ fn an_inflation_bomb_is_stopped_by_the_decompressed_limit() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success());
-    // Generous bounds: the point is that neither follows the 2 GiB the file inflates to.
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "{:?}",
-        started.elapsed()
-    );
+    // A generous bound: the point is that memory does not follow the 2 GiB the file inflates
+    // to. (No bound on time: the 120 s deadline above only catches a hang.)
     assert!(peak < 400 * 1024, "peak RSS {peak} KiB");
 
     let got = Out::of(&local_objects(&out));
