@@ -409,18 +409,21 @@ impl<R: Read> Splitter<R> {
             }
             if !first {
                 if b != b',' {
-                    return Err(self.malformed("expected ',' or '}' in the top-level object"));
+                    return Err(
+                        self.unsplit("expected ',' or '}' in the top-level object", &mut on_item)
+                    );
                 }
                 self.win.pos += 1;
                 b = self.expect_more("the top-level object")?;
             }
             first = false;
             if b != b'"' {
-                return Err(self.malformed("expected a key in the top-level object"));
+                return Err(self.unsplit("expected a key in the top-level object", &mut on_item));
             }
-            let (key, _) = self.parse_owned::<String>()?;
+            let key = self.parse_owned::<String>();
+            let (key, _) = self.or_unsplit(key, &mut on_item)?;
             if self.expect_more("the top-level object")? != b':' {
-                return Err(self.malformed("expected ':' after a top-level key"));
+                return Err(self.unsplit("expected ':' after a top-level key", &mut on_item));
             }
             self.win.pos += 1;
             if key == "Records" {
@@ -435,11 +438,12 @@ impl<R: Read> Splitter<R> {
                 self.records(&mut on_item)?;
             } else {
                 digest_like |= DIGEST_KEYS.contains(&key.as_str());
-                self.parse_owned::<IgnoredAny>()?;
+                let value = self.parse_owned::<IgnoredAny>();
+                self.or_unsplit(value, &mut on_item)?;
             }
         }
         if self.peek()?.is_some() {
-            return Err(self.malformed("trailing data after the top-level object"));
+            return Err(self.unsplit("trailing data after the top-level object", &mut on_item));
         }
         match (saw_records, digest_like) {
             (true, _) => Ok(Kind::Events),
@@ -663,6 +667,21 @@ impl<R: Read> Splitter<R> {
         on_item(sk.item(size, kept, detail));
         self.win.pos += len;
         Ok(())
+    }
+
+    /// A syntax error in the top-level object: the rest of the file from `pos` goes out raw (it
+    /// may hold the Records array), so none of it is dropped with only a file-level record.
+    fn or_unsplit<T, F: FnMut(Item<'_>)>(
+        &mut self,
+        r: Result<T, SplitError>,
+        on_item: &mut F,
+    ) -> Result<T, SplitError> {
+        match r {
+            Err(e) if e.reason == FileErrorReason::Malformed => {
+                Err(self.unsplit(&e.detail, on_item))
+            }
+            other => other,
+        }
     }
 
     /// Hands on the rest of the file from `pos` as raw bytes, and says why the split stopped.
@@ -1523,6 +1542,26 @@ mod tests {
         let (items, result) = same_for_every_window(input, 1000);
         assert_eq!(result, "Events events=2 skipped=0");
         assert_eq!(items.len(), 2);
+    }
+
+    #[test]
+    fn a_syntax_error_outside_records_sends_the_rest_of_the_file_out_raw() {
+        // Before: only a file-level record, and the Records array after the error was dropped.
+        let input = br#"{"eventVersion":tru,"Records":[{"eventID":"a"}]}"#;
+        let (items, result) = same_for_every_window(input, 1000);
+        assert_eq!(result, "malformed_json events=0 skipped=0");
+        assert_eq!(
+            items,
+            vec![Seen::Unsplit(
+                16,
+                br#"tru,"Records":[{"eventID":"a"}]}"#.to_vec()
+            )]
+        );
+        let (items, result) = same_for_every_window(br#"{"Records":[{"eventID":"a"}]} junk"#, 1000);
+        assert_eq!(result, "malformed_json events=1 skipped=0");
+        assert_eq!(items, vec![ev("a"), Seen::Unsplit(30, b"junk".to_vec())]);
+        let (items, _) = same_for_every_window(br#"{"Records":[] "x":1}"#, 1000);
+        assert_eq!(items, vec![Seen::Unsplit(14, br#""x":1}"#.to_vec())]);
     }
 
     #[test]
