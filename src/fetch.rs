@@ -508,9 +508,36 @@ mod tests {
         let reason = crate::cloudtrail::read_error(&err).reason;
         assert_eq!(reason, crate::cloudtrail::FileErrorReason::Read);
 
-        // Dropped unread: the download task ends instead of waiting for room forever.
-        let big = vec![0u8; READ_AHEAD_BYTES * 2];
-        drop(Body::stream(None, ByteStream::from(big)));
+        // Dropped unread: the download task ends instead of waiting for room forever (it
+        // lets go of its handle on the read-ahead room when it ends).
+        let path = std::env::temp_dir().join(format!("trailhose-body-{}", std::process::id()));
+        std::fs::write(&path, vec![0u8; READ_AHEAD_BYTES * 2]).unwrap();
+        let stream = rt.block_on(
+            ByteStream::read_from()
+                .path(&path)
+                .buffer_size(1 << 20)
+                .build(),
+        );
+        let body = Body::stream(None, stream.unwrap());
+        let room = body.room.clone().unwrap();
+        // The task fills the read-ahead and waits for room (the pause lets it get there).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while room.available_permits() >= 1 << 20 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the task never read ahead"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(body);
+        while std::sync::Arc::strong_count(&room) > 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the download task is still waiting"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         assert_eq!(Body::refused(5).declared_size(), Some(5));
     }
 

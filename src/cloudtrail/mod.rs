@@ -409,18 +409,21 @@ impl<R: Read> Splitter<R> {
             }
             if !first {
                 if b != b',' {
-                    return Err(self.malformed("expected ',' or '}' in the top-level object"));
+                    return Err(
+                        self.unsplit("expected ',' or '}' in the top-level object", &mut on_item)
+                    );
                 }
                 self.win.pos += 1;
                 b = self.expect_more("the top-level object")?;
             }
             first = false;
             if b != b'"' {
-                return Err(self.malformed("expected a key in the top-level object"));
+                return Err(self.unsplit("expected a key in the top-level object", &mut on_item));
             }
-            let (key, _) = self.parse_owned::<String>()?;
+            let key = self.parse_owned::<String>();
+            let (key, _) = self.or_unsplit(key, &mut on_item)?;
             if self.expect_more("the top-level object")? != b':' {
-                return Err(self.malformed("expected ':' after a top-level key"));
+                return Err(self.unsplit("expected ':' after a top-level key", &mut on_item));
             }
             self.win.pos += 1;
             if key == "Records" {
@@ -435,11 +438,12 @@ impl<R: Read> Splitter<R> {
                 self.records(&mut on_item)?;
             } else {
                 digest_like |= DIGEST_KEYS.contains(&key.as_str());
-                self.parse_owned::<IgnoredAny>()?;
+                let value = self.parse_owned::<IgnoredAny>();
+                self.or_unsplit(value, &mut on_item)?;
             }
         }
         if self.peek()?.is_some() {
-            return Err(self.malformed("trailing data after the top-level object"));
+            return Err(self.unsplit("trailing data after the top-level object", &mut on_item));
         }
         match (saw_records, digest_like) {
             (true, _) => Ok(Kind::Events),
@@ -537,6 +541,12 @@ impl<R: Read> Splitter<R> {
                     return Ok(());
                 }
                 Some(Err(e)) if e.is_eof() => self.more_for_value()?,
+                // serde reports some values cut off by the end of the slice as bad syntax (an
+                // ignored `1.` or `-`): a syntax error stands only once the slice reaches the
+                // size limit or the end of the input, so it does not depend on the chunking.
+                Some(Err(_)) if slice.len() <= self.max_event_bytes && !self.win.eof => {
+                    self.fill()?;
+                }
                 Some(Err(e)) => return Err(Bad::Syntax(e.to_string())),
                 None => return Err(Bad::File(self.truncated("an event"))),
             }
@@ -659,6 +669,21 @@ impl<R: Read> Splitter<R> {
         Ok(())
     }
 
+    /// A syntax error in the top-level object: the rest of the file from `pos` goes out raw (it
+    /// may hold the Records array), so none of it is dropped with only a file-level record.
+    fn or_unsplit<T, F: FnMut(Item<'_>)>(
+        &mut self,
+        r: Result<T, SplitError>,
+        on_item: &mut F,
+    ) -> Result<T, SplitError> {
+        match r {
+            Err(e) if e.reason == FileErrorReason::Malformed => {
+                Err(self.unsplit(&e.detail, on_item))
+            }
+            other => other,
+        }
+    }
+
     /// Hands on the rest of the file from `pos` as raw bytes, and says why the split stopped.
     fn unsplit<F: FnMut(Item<'_>)>(&mut self, what: &str, on_item: &mut F) -> SplitError {
         let from = self.offset();
@@ -737,6 +762,10 @@ impl<R: Read> Splitter<R> {
                     return Ok((v, start));
                 }
                 Some(Err(e)) if e.is_eof() => self.more_for_value()?,
+                // As in `event`: a syntax error may only be where the read stopped.
+                Some(Err(_)) if capped.len() <= self.max_event_bytes && !self.win.eof => {
+                    self.fill()?;
+                }
                 Some(Err(e)) => return Err(Bad::Syntax(e.to_string())),
                 // Nothing but whitespace (or nothing) read yet: the value is in the next read.
                 None => self.more_for_value()?,
@@ -1477,6 +1506,62 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Every one-byte-read window size up to the input's length gives what one buffer gives.
+    fn same_for_every_window(input: &[u8], max: usize) -> (Vec<Seen>, String) {
+        let whole = items_of(input, max, READ_CHUNK);
+        for window in 1..=input.len() {
+            let got = items_of(Trickle(input, 1), max, window);
+            assert_eq!(got, whole, "window {window}");
+        }
+        whole
+    }
+
+    #[test]
+    fn a_number_cut_by_the_window_is_not_a_syntax_error() {
+        // fuzz/corpus/split/number-cut-by-window.json: serde reads an ignored `11.` at the end of the
+        // window as an invalid number, not as cut off, so the element was skipped as malformed
+        // in small windows and taken as a non-object in one buffer.
+        let (items, result) =
+            same_for_every_window(br#"{"Records":[11.8 Linux,{"eventID":"a"}]}"#, 1000);
+        assert_eq!(items.first(), Some(&Seen::NotObject(0, b"11.8".to_vec())));
+        assert!(result.starts_with("malformed_json"), "{result}");
+        // fuzz/corpus/split/minus-cut-by-window.json: `-` at the window's end, then `0{`.
+        let (items, _) = same_for_every_window(
+            br#"{"Records":[{"eventID":"a"},-0{"eventTime":"x"}]}"#,
+            1000,
+        );
+        assert_eq!(items.get(1), Some(&Seen::NotObject(1, b"-0".to_vec())));
+    }
+
+    #[test]
+    fn a_number_inside_an_event_cut_by_the_window_keeps_the_event() {
+        // The same inside an object: `"n":1.` at the window's end is not a syntax error.
+        let input = br#"{"Records":[{"eventID":"a","n":-1.5e+3,"m":[0.25]},{"eventID":"b"}]}"#;
+        let (items, result) = same_for_every_window(input, 1000);
+        assert_eq!(result, "Events events=2 skipped=0");
+        assert_eq!(items.len(), 2);
+    }
+
+    #[test]
+    fn a_syntax_error_outside_records_sends_the_rest_of_the_file_out_raw() {
+        // Before: only a file-level record, and the Records array after the error was dropped.
+        let input = br#"{"eventVersion":tru,"Records":[{"eventID":"a"}]}"#;
+        let (items, result) = same_for_every_window(input, 1000);
+        assert_eq!(result, "malformed_json events=0 skipped=0");
+        assert_eq!(
+            items,
+            vec![Seen::Unsplit(
+                16,
+                br#"tru,"Records":[{"eventID":"a"}]}"#.to_vec()
+            )]
+        );
+        let (items, result) = same_for_every_window(br#"{"Records":[{"eventID":"a"}]} junk"#, 1000);
+        assert_eq!(result, "malformed_json events=1 skipped=0");
+        assert_eq!(items, vec![ev("a"), Seen::Unsplit(30, b"junk".to_vec())]);
+        let (items, _) = same_for_every_window(br#"{"Records":[] "x":1}"#, 1000);
+        assert_eq!(items, vec![Seen::Unsplit(14, br#""x":1}"#.to_vec())]);
     }
 
     #[test]

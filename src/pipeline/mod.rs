@@ -951,6 +951,38 @@ pub async fn process(cfg: &Config, inputs: &[PathBuf]) -> Result<Summary, Pipeli
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+
+    #[test]
+    fn the_stored_limit_while_reading_is_file_too_large_through_gzip_too() {
+        // A body with no (or a wrong) declared size: the limit is found while reading, under
+        // the gzip decoder, and must stay `file_too_large` (acknowledged), not become a read
+        // or gzip error (retried or misreported).
+        let plain: Vec<u8> = (0..400_000u32)
+            .flat_map(|i| {
+                format!("{{\"eventID\":\"{}\"}},", i.wrapping_mul(2_654_435_761)).into_bytes()
+            })
+            .collect();
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(&plain).unwrap();
+        let gz = enc.finish().unwrap();
+        for data in [&gz[..], &plain[..]] {
+            let n = std::cell::Cell::new(0);
+            let limit = data.len() as u64 / 2;
+            let reader = super::CountingReader {
+                inner: data,
+                n: &n,
+                limit,
+            };
+            let err = match crate::fetch::decode(reader) {
+                Ok((_, mut decoded)) => decoded.read_to_end(&mut Vec::new()).unwrap_err(),
+                Err(e) => e,
+            };
+            let reason = crate::cloudtrail::read_error(&err).reason;
+            assert_eq!(reason, crate::cloudtrail::FileErrorReason::FileTooLarge);
+        }
+    }
+
     #[test]
     fn base64_matches_rfc_4648() {
         for (plain, enc) in [
