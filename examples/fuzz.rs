@@ -321,7 +321,11 @@ fn template_target(input: &[u8]) -> Result<String, String> {
     };
     let p = Partitioner::new(t, trailhose::sink::partition::DEFAULT_FALLBACK);
     let mut key = String::new();
-    let routed = p.key_for(&head, trailhose::clock::Utc::from_unix(1_764_580_000), &mut key);
+    let routed = p.key_for(
+        &head,
+        trailhose::clock::Utc::from_unix(1_764_580_000),
+        &mut key,
+    );
     if key.starts_with('/')
         || !key.ends_with('/')
         || key
