@@ -21,20 +21,22 @@ fi
 # breaks every fresh machine once the archive moves on (2.42.0+ds-5+b6 became +deb12u1), so
 # take the candidate, refresh the package lists once when it cannot be downloaded, and print it.
 _prom_dir=target/promtool
-_prom_candidate() { apt-cache policy prometheus | awk '/Candidate:/ {print $2}'; }
+_prom_log=$PWD/target/promtool-download.log
+_prom_candidate() { LC_ALL=C apt-cache policy prometheus | awk '/Candidate:/ {print $2}'; }
 _prom_fetch() {
   local version
   version=$(_prom_candidate)
-  [ -n "$version" ] && [ "$version" != "(none)" ] && apt-get download -q "prometheus=$version" >/dev/null 2>&1 \
+  [ -n "$version" ] && [ "$version" != "(none)" ] && apt-get download -q "prometheus=$version" >/dev/null 2>"$_prom_log" \
     && echo "$version"
 }
 if ! { "$_prom_dir/usr/bin/promtool" --version && "$_prom_dir/usr/bin/prometheus" --version; } >/dev/null 2>&1; then
   rm -rf "$_prom_dir" "$_prom_dir.tmp" && mkdir -p "$_prom_dir.tmp"
   if ! _prom_version=$(cd "$_prom_dir.tmp" && _prom_fetch); then
-    echo "prometheus $(_prom_candidate) is not downloadable: refreshing the package lists"
-    apt-get update -q >/dev/null
+    echo "prometheus ${_prom_version:-$(_prom_candidate)} is not downloadable: refreshing the package lists"
+    apt-get update -q >/dev/null || echo "warning: apt-get update failed (run as root, or install Debian's prometheus package)" >&2
+    rm -f "$_prom_dir.tmp"/*.deb
     _prom_version=$(cd "$_prom_dir.tmp" && _prom_fetch) \
-      || { echo "error: cannot download Debian's prometheus package (candidate: $(_prom_candidate))" >&2; exit 1; }
+      || { echo "error: cannot download Debian's prometheus package (candidate: $(_prom_candidate)): $(cat "$_prom_log")" >&2; exit 1; }
   fi
   echo "installing promtool and prometheus from Debian's prometheus $_prom_version into $_prom_dir"
   dpkg-deb -x "$_prom_dir.tmp"/prometheus_*.deb "$_prom_dir.tmp/root"
