@@ -73,7 +73,7 @@ struct Entry {
 pub struct Ledger {
     tracks: mpsc::UnboundedSender<Track>,
     room: Arc<Semaphore>,
-    pressure: Option<Pressure>,
+    pressure: Pressure,
 }
 
 /// The driver task, awaited at shutdown once every hold has settled.
@@ -100,11 +100,7 @@ impl Driver {
 }
 
 impl Ledger {
-    pub fn start(
-        sqs: Arc<Sqs>,
-        max_unacked: usize,
-        pressure: Option<Pressure>,
-    ) -> (Ledger, Driver) {
+    pub fn start(sqs: Arc<Sqs>, max_unacked: usize, pressure: Pressure) -> (Ledger, Driver) {
         let (tracks, rx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(drive(sqs, rx));
         (
@@ -119,7 +115,7 @@ impl Ledger {
 
     /// Waits for room for at least one message and takes room for up to `max`.
     pub async fn reserve(&self, max: usize) -> Vec<Room> {
-        while self.pressure.as_ref().is_some_and(|p| p()) {
+        while (self.pressure)() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let Ok(first) = self.room.clone().acquire_owned().await else {

@@ -65,11 +65,8 @@ pub async fn run(
         sqs: Arc::new(Sqs::new(&sqs_cfg).await),
         fetcher: S3Fetcher::new(&cfg.source.buckets).await,
     });
-    let (ledger, driver) = Ledger::start(
-        shared.sqs.clone(),
-        sqs_cfg.max_unacked_messages,
-        Some(pressure),
-    );
+    let (ledger, driver) =
+        Ledger::start(shared.sqs.clone(), sqs_cfg.max_unacked_messages, pressure);
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .map_err(|e| PipelineError::Worker(format!("listening on {}: {e}", cfg.server.listen)))?;
