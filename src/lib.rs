@@ -14,6 +14,7 @@ pub mod enrich;
 pub mod fetch;
 pub mod metrics;
 pub mod pipeline;
+pub mod progress;
 pub mod query;
 pub mod retry;
 pub mod server;

@@ -56,6 +56,9 @@ enum Command {
         /// Write the Prometheus text exposition here at the end.
         #[arg(long)]
         metrics_file: Option<PathBuf>,
+        /// No progress line (it is drawn only when stderr is a terminal).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Service mode: share CloudTrail notifications from SQS with other workers, fetch from
     /// S3, write to the output, acknowledge only what is written. Stops cleanly on SIGTERM.
@@ -99,6 +102,9 @@ enum Command {
         /// Output (overrides output.url).
         #[arg(long)]
         out: Option<String>,
+        /// No progress line (it is drawn only when stderr is a terminal).
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Validate a configuration file; errors name the bad key.
     CheckConfig {
@@ -207,7 +213,7 @@ fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(|| trailhose::progress::LogWriter);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -252,6 +258,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             compression,
             config,
             metrics_file,
+            quiet,
         } => {
             let mut cfg = match &config {
                 Some(path) => Config::load(path)?,
@@ -270,7 +277,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                 cfg.output.compression = Some(c);
                 cfg.output.level = None;
             }
-            let summary = runtime()?.block_on(trailhose::pipeline::process(&cfg, &inputs))?;
+            let progress = trailhose::progress::Progress::start(quiet);
+            let summary = runtime()?.block_on(trailhose::pipeline::process(&cfg, &inputs));
+            drop(progress);
+            let summary = summary?;
             if let Some(path) = metrics_file {
                 std::fs::write(&path, trailhose::metrics::METRICS.render())
                     .with_context(|| format!("writing metrics to {}", path.display()))?;
@@ -314,6 +324,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             workers,
             worker_index,
             out,
+            quiet,
         } => {
             use trailhose::source::backfill::{Day, Spec};
             let mut cfg = Config::load(&config)?;
@@ -346,7 +357,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                 workers,
                 index: worker_index,
             };
-            let report = runtime()?.block_on(trailhose::pipeline::backfill::run(&cfg, &spec))?;
+            let progress = trailhose::progress::Progress::start(quiet);
+            let report = runtime()?.block_on(trailhose::pipeline::backfill::run(&cfg, &spec));
+            drop(progress);
+            let report = report?;
             println!("{}", report.line());
             anyhow::ensure!(
                 report.failed == 0,

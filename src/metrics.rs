@@ -625,6 +625,20 @@ impl InternalEvent for WorkerLost<'_> {
     }
 }
 
+/// Files finished, events split and stored bytes read so far: what the progress line shows.
+pub fn progress() -> crate::progress::Done {
+    let m = &*METRICS;
+    let files = ["ok", "digest_skipped", "error"]
+        .iter()
+        .map(|o| m.files.with_label_values(&[o]).get())
+        .sum();
+    crate::progress::Done {
+        files,
+        events: m.events_in.get(),
+        bytes: m.input_bytes.with_label_values(&["stored"]).get(),
+    }
+}
+
 /// Whether every worker thread is running (`/healthz`).
 pub fn workers_healthy() -> bool {
     METRICS.workers_lost.get() == 0

@@ -561,3 +561,55 @@ fn cli_habits_plain_logs_version_and_effective_config() {
     );
     assert!(!text.contains("s3cr3t"), "{text}");
 }
+
+#[test]
+fn a_progress_line_is_drawn_on_a_terminal_only() {
+    let tmp = TempDir::new("progress");
+    let input = tmp.path().join("in");
+    fixtures::write_all(&input);
+    let bin = env!("CARGO_BIN_EXE_trailhose");
+    let cmd = |extra: &str, out: &str| {
+        format!(
+            "{bin} process {} --out {} {extra}",
+            input.display(),
+            tmp.path().join(out).display()
+        )
+    };
+    // `script` gives the command a pseudo-terminal and records what it drew.
+    let on_tty = |c: String| {
+        let o = std::process::Command::new("script")
+            .args(["-qec", &c, "/dev/null"])
+            .output()
+            .expect("util-linux script");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let drawn = on_tty(cmd("", "a"));
+    assert!(
+        drawn.contains("\r\u{1b}[2K")
+            && drawn.contains(" files, ")
+            && drawn.contains(" events/s, "),
+        "no progress line on a terminal: {drawn:?}"
+    );
+    let quiet = on_tty(cmd("--quiet", "b"));
+    assert!(!quiet.contains(" events/s, "), "--quiet drew: {quiet:?}");
+    assert!(
+        quiet.contains("events_in="),
+        "the summary still prints: {quiet:?}"
+    );
+
+    let piped = trailhose(
+        &[
+            "process",
+            input.to_str().unwrap(),
+            "--out",
+            tmp.path().join("c").to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(
+        !stderr.contains(" events/s, ") && !stderr.contains('\r'),
+        "progress drawn into a pipe: {stderr:?}"
+    );
+}

@@ -91,6 +91,10 @@ pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineEr
         .map(|k| (*k).clone())
         .collect();
     let already_done = mine.len() - todo.len();
+    crate::progress::set_total(crate::progress::Total {
+        files: Some(todo.len() as u64),
+        bytes: None,
+    });
     tracing::info!(
         listed = listed.len(),
         mine = mine.len(),

@@ -925,6 +925,16 @@ pub async fn process(cfg: &Config, inputs: &[PathBuf]) -> Result<Summary, Pipeli
     let started = Instant::now();
     cfg.validate()?;
     let files = local::list_inputs(inputs)?;
+    crate::progress::set_total(crate::progress::Total {
+        files: Some(files.len() as u64),
+        bytes: Some(
+            files
+                .iter()
+                .filter_map(|f| f.metadata().ok())
+                .map(|m| m.len())
+                .sum(),
+        ),
+    });
 
     let workers = cfg.workers().min(files.len().max(1));
     let engine = engine::Engine::open(cfg, workers, workers * 2).await?;
