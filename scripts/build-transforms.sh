@@ -18,6 +18,7 @@ COMPONENTIZE_PY_VERSION=0.25.1
 VENV=target/guest-venv
 if ! "$VENV/bin/componentize-py" --version 2>/dev/null | grep -q "$COMPONENTIZE_PY_VERSION"; then
   echo "installing componentize-py==$COMPONENTIZE_PY_VERSION into $VENV"
+  rm -rf "$VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "componentize-py==$COMPONENTIZE_PY_VERSION"
 fi

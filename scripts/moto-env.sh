@@ -5,8 +5,12 @@
 MOTO_VERSION=5.2.5
 DUCKDB_VERSION=2.0.1
 VENV=target/test-venv
-if ! "$VENV/bin/python" -c "import moto, flask, duckdb, sys; sys.exit(moto.__version__ != '$MOTO_VERSION' or duckdb.__version__ != '$DUCKDB_VERSION')" 2>/dev/null; then
+# A venv is not relocatable: a copied target/ keeps scripts whose #! names the old path, and
+# PATH would then fall through to whatever moto_server the machine has. Check the entry point.
+if ! "$VENV/bin/python" -c "import moto, flask, duckdb, sys; sys.exit(moto.__version__ != '$MOTO_VERSION' or duckdb.__version__ != '$DUCKDB_VERSION')" 2>/dev/null \
+  || ! "$VENV/bin/moto_server" --help >/dev/null 2>&1; then
   echo "installing moto[server]==$MOTO_VERSION duckdb==$DUCKDB_VERSION into $VENV"
+  rm -rf "$VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "moto[server]==$MOTO_VERSION" "duckdb==$DUCKDB_VERSION"
 fi
