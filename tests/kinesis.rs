@@ -1560,7 +1560,8 @@ async fn checkpoint_of(moto: &Moto, shard: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The 5th and 9th renewals are applied, but their answers are lost (a 500 after the write).
+/// The 5th and 9th renewals are applied, but their answers are lost (a 500 after the write);
+/// `{dir}/answer-lost-N` says the Nth was.
 const LOST_RENEWAL_ANSWERS: &str = r##"
 from moto.core.exceptions import JsonRESTError
 from moto.dynamodb.models import DynamoDBBackend
@@ -1573,6 +1574,7 @@ def _update_losing_answers(self, table_name, key, update_expression, *args, **kw
     if update_expression == "SET #c = :next":
         _renewals[0] += 1
         if _renewals[0] in (5, 9):
+            open("{dir}/answer-lost-%d" % _renewals[0], "w").close()
             raise _AnswerLost("InternalServerError", "injected: renewal applied, answer lost")
     return out
 DynamoDBBackend.update_item = _update_losing_answers
@@ -1580,14 +1582,23 @@ DynamoDBBackend.update_item = _update_losing_answers
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_write_applied_with_its_answer_lost_keeps_the_lease() {
-    let moto = setup_on(Moto::start_patched(LOST_RENEWAL_ANSWERS), 1).await;
-    let s3 = moto.s3();
     let tmp = TempDir::new("kinesis-lost-answer");
+    let dir = tmp.path().display().to_string();
+    let moto = setup_on(
+        Moto::start_patched(&LOST_RENEWAL_ANSWERS.replace("{dir}", &dir)),
+        1,
+    )
+    .await;
+    let s3 = moto.s3();
     let mut expected = feed(&moto, 150, 5, 10).await;
     expected.sort();
     let mut w = Worker::start_with(&moto, tmp.path(), "solo", 300);
-    eventually(60, "both lost answers to be recovered", || async {
+    file_appears(&tmp.path().join("answer-lost-5")).await;
+    file_appears(&tmp.path().join("answer-lost-9")).await;
+    // The write after each (the SDK's retry, or the next renewal) settles what happened.
+    eventually(30, "both lost answers to be dealt with", || async {
         w.log().matches("lease write recovered").count() >= 2
+            || w.metric("trailhose_errors_total{reason=\"lease_lost\"") > 0.0
     })
     .await;
     eventually(30, "every record to be read", || async {
