@@ -1551,12 +1551,22 @@ async fn feed_one_shard(
     (ids, last)
 }
 
+/// A shard's checkpoint; "" while it has none, or while a busy moto does not answer (the
+/// callers poll).
 async fn checkpoint_of(moto: &Moto, shard: &str) -> String {
-    leases(moto)
+    let item = dynamodb(moto)
+        .get_item()
+        .table_name(TABLE)
+        .key("leaseKey", AttributeValue::S(shard.into()))
+        .consistent_read(true)
+        .send()
         .await
-        .into_iter()
-        .find(|l| l.key == shard)
-        .map(|l| l.checkpoint)
+        .ok()
+        .and_then(|r| r.item)
+        .unwrap_or_default();
+    item.get("checkpoint")
+        .and_then(|v| v.as_s().ok())
+        .cloned()
         .unwrap_or_default()
 }
 
