@@ -202,8 +202,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         panics: counter_vec(
             &r,
             "trailhose_panics_total",
-            "Panics caught on worker and compression threads: the unit being processed failed \
-             (it is delivered again) and the thread went on with rebuilt state.",
+            "Panics caught on worker and compression threads (the unit being processed failed, \
+             it is delivered again, and the thread went on with rebuilt state) and while \
+             classifying a Kinesis record (thread=classify: the record went to the error output).",
             &["thread"],
         ),
         transform_seconds,
@@ -1412,6 +1413,39 @@ impl InternalEvent for LeaseLost<'_> {
             .errors
             .with_label_values(&["kinesis", "lease_lost"])
             .inc();
+    }
+}
+
+/// A lease write failed its condition only because an earlier write of the same holding was
+/// applied with its answer lost (a timeout, or an SDK retry): the lease is still held.
+pub struct LeaseWriteRecovered<'a> {
+    pub shard: &'a str,
+    pub counter: u64,
+}
+
+impl InternalEvent for LeaseWriteRecovered<'_> {
+    fn emit(self) {
+        tracing::info!(
+            shard = self.shard,
+            counter = self.counter,
+            "lease write recovered: an earlier write was applied, its answer lost; lease kept"
+        );
+    }
+}
+
+/// A Kinesis record whose classification panicked: it goes to the error output (reason
+/// `classify_panicked`) and its shard goes on.
+pub struct RecordClassifyPanicked<'a> {
+    pub message: &'a str,
+}
+
+impl InternalEvent for RecordClassifyPanicked<'_> {
+    fn emit(self) {
+        tracing::error!(
+            "classifying a Kinesis record panicked: {}; the record goes to the error output",
+            self.message
+        );
+        METRICS.panics.with_label_values(&["classify"]).inc();
     }
 }
 

@@ -7,9 +7,11 @@
 //! - `compress_panic:NEEDLE`: a compression thread panics on the first chunk containing NEEDLE;
 //! - `compress_fail:NEEDLE`: compressing the first chunk containing NEEDLE fails;
 //! - `rebuild_panic:NEEDLE`: rebuilding a worker after a panic on a file whose source contains
-//!   NEEDLE panics too, so the worker is lost (`/healthz` then fails).
+//!   NEEDLE panics too, so the worker is lost (`/healthz` then fails);
+//! - `classify_panic:NEEDLE`: classifying a Kinesis record whose data contains NEEDLE panics,
+//!   every time (a poison record).
 //!
-//! Each fault fires once per process, so the redelivered unit then passes.
+//! Each fault but `classify_panic` fires once per process, so the redelivered unit then passes.
 
 /// The text of a panic payload, for the log.
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -50,12 +52,20 @@ mod hooks {
 
     /// True the first time a fault of `kind` matches `haystack`.
     pub fn fires(kind: &str, haystack: &[u8]) -> bool {
-        faults().iter().any(|f| {
-            f.kind == kind
-                && !f.needle.is_empty()
-                && memchr::memmem::find(haystack, f.needle.as_bytes()).is_some()
-                && !f.fired.swap(true, Ordering::AcqRel)
-        })
+        faults()
+            .iter()
+            .any(|f| matches(f, kind, haystack) && !f.fired.swap(true, Ordering::AcqRel))
+    }
+
+    /// True every time a fault of `kind` matches `haystack`.
+    pub fn always(kind: &str, haystack: &[u8]) -> bool {
+        faults().iter().any(|f| matches(f, kind, haystack))
+    }
+
+    fn matches(f: &Fault, kind: &str, haystack: &[u8]) -> bool {
+        f.kind == kind
+            && !f.needle.is_empty()
+            && memchr::memmem::find(haystack, f.needle.as_bytes()).is_some()
     }
 }
 
@@ -79,6 +89,17 @@ pub fn rebuild(source: &str) {
     }
     #[cfg(not(debug_assertions))]
     let _ = source;
+}
+
+/// `classify_panic`: called before a Kinesis record's `data` is classified.
+#[inline]
+pub fn classify(data: &[u8]) {
+    #[cfg(debug_assertions)]
+    if hooks::always("classify_panic", data) {
+        panic!("test hook: classify_panic");
+    }
+    #[cfg(not(debug_assertions))]
+    let _ = data;
 }
 
 /// `compress_panic`: called by whatever compresses `data`.

@@ -293,6 +293,17 @@ impl Worker {
     }
 
     fn spawn(moto: &Moto, dir: &Path, name: &str, settings: &Settings) -> Worker {
+        Worker::spawn_env(moto, dir, name, settings, &[])
+    }
+
+    /// A worker with more environment variables (test hooks).
+    fn spawn_env(
+        moto: &Moto,
+        dir: &Path,
+        name: &str,
+        settings: &Settings,
+        env: &[(&str, &str)],
+    ) -> Worker {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).expect("worker dir");
         let port = free_port();
@@ -304,6 +315,9 @@ impl Worker {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
         for (k, v) in moto.env() {
+            cmd.env(k, v);
+        }
+        for (k, v) in env {
             cmd.env(k, v);
         }
         Worker {
@@ -560,6 +574,8 @@ async fn shards_fed_with_cloudwatch_batches_land_exactly_once_and_resume_from_ch
     w2.stop();
 }
 
+/// Under load (a busy machine) a lease can expire and move without anyone being killed: the
+/// assertions below are on conditions, and on repeats only where no lease was lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_spread_leases_and_a_killed_workers_shards_are_taken_over() {
     let moto = setup(6).await;
@@ -570,7 +586,7 @@ async fn three_workers_spread_leases_and_a_killed_workers_shards_are_taken_over(
         .iter()
         .map(|n| Worker::start(&moto, tmp.path(), n))
         .collect();
-    eventually(60, "two leases per worker", || async {
+    eventually(120, "two leases per worker", || async {
         workers
             .iter()
             .all(|w| w.metric("trailhose_kinesis_leases_held ") == 2.0)
@@ -579,60 +595,81 @@ async fn three_workers_spread_leases_and_a_killed_workers_shards_are_taken_over(
     let mut workers = workers;
     // Rebalancing repeats what a stolen shard's first owner had read past its checkpoint.
     expected.sort();
-    let (_, dups_rebalance) = all_written(&s3, &expected, 60).await;
-    let sum = |name: &str| workers.iter().map(|w| w.metric(name)).sum::<f64>();
-    let handed_over = sum("trailhose_kinesis_lease_handoffs_total{stage=\"handed_over\"}");
-    let timed_out = sum("trailhose_kinesis_lease_handoffs_total{stage=\"timed_out\"}");
-    if timed_out == 0.0 {
+    let (_, dups_rebalance) = all_written(&s3, &expected, 120).await;
+    let sum = |workers: &[Worker], name: &str| workers.iter().map(|w| w.metric(name)).sum::<f64>();
+    let handed_over = sum(
+        &workers,
+        "trailhose_kinesis_lease_handoffs_total{stage=\"handed_over\"}",
+    );
+    let timed_out = sum(
+        &workers,
+        "trailhose_kinesis_lease_handoffs_total{stage=\"timed_out\"}",
+    );
+    let lost_before = sum(&workers, "trailhose_errors_total{reason=\"lease_lost\"");
+    if timed_out == 0.0 && lost_before == 0.0 {
         assert_eq!(
             dups_rebalance, 0,
             "handoffs drain before the lease moves: rebalancing repeats nothing"
         );
     }
 
-    // Kill one without warning while records are in flight.
+    // Kill one without warning while records are in flight: once it has read some of them.
+    let victim_read = workers[0].metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}");
     let in_flight = feed(&moto, 11, 30, 20).await;
     let fed_before_kill = in_flight.len();
     expected.extend(in_flight);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    eventually(60, "the victim to read some of the new records", || async {
+        workers[0].metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") > victim_read
+    })
+    .await;
     let mut victim = workers.remove(0);
     victim.signal("-KILL");
     let _ = victim.child.wait();
     let killed_at = Instant::now();
+    let victims: Vec<String> = leases(&moto)
+        .await
+        .into_iter()
+        .filter(|l| l.owner.as_deref() == Some("a"))
+        .map(|l| l.key)
+        .collect();
     expected.extend(feed(&moto, 12, 30, 20).await);
-    eventually(30, "the survivors to hold every lease", || async {
-        workers
-            .iter()
-            .map(|w| w.metric("trailhose_kinesis_leases_held "))
-            .sum::<f64>()
-            == 6.0
+    eventually(120, "the survivors to hold every lease", || async {
+        let rows = leases(&moto).await;
+        rows.len() == 6
+            && rows
+                .iter()
+                .all(|l| matches!(l.owner.as_deref(), Some("b" | "c")))
+            && sum(&workers, "trailhose_kinesis_leases_held ") == 6.0
     })
     .await;
     let takeover = killed_at.elapsed();
     expected.sort();
-    let (got, dups) = all_written(&s3, &expected, 90).await;
-    let expired: f64 = workers
-        .iter()
-        .map(|w| w.metric("trailhose_kinesis_lease_takeovers_total{how=\"expired\"}"))
-        .sum();
-    assert_eq!(
-        expired, 2.0,
-        "the killed worker's two leases were taken after expiry"
+    let (got, dups) = all_written(&s3, &expected, 120).await;
+    let expired = sum(
+        &workers,
+        "trailhose_kinesis_lease_takeovers_total{how=\"expired\"}",
     );
+    assert!(
+        expired >= victims.len() as f64,
+        "the killed worker's leases ({victims:?}) were taken after expiry ({expired})"
+    );
+    let lost = sum(&workers, "trailhose_errors_total{reason=\"lease_lost\"");
     for w in &mut workers {
         w.stop();
     }
     let dups_kill = dups - dups_rebalance;
     eprintln!(
-        "SIGKILL test: {} events expected, {} written; {handed_over} leases handed over at start-up ({timed_out} timed out); duplicates: {dups_rebalance} from start-up rebalancing, {dups_kill} from the kill (of {fed_before_kill} fed just before it); takeover {:.1}s after the kill (lease 2 s)",
+        "SIGKILL test: {} events expected, {} written; {handed_over} leases handed over at start-up ({timed_out} timed out); duplicates: {dups_rebalance} from start-up rebalancing, {dups_kill} from the kill (of {fed_before_kill} fed just before it); takeover {:.1}s after the kill (lease 2 s); survivors lost {lost} leases",
         expected.len(),
         got.len(),
         takeover.as_secs_f64()
     );
-    assert!(
-        dups_kill <= fed_before_kill,
-        "only records the killed worker read past its checkpoints are repeated: {dups_kill}"
-    );
+    if lost == 0.0 {
+        assert!(
+            dups_kill <= fed_before_kill,
+            "only records the killed worker read past its checkpoints are repeated: {dups_kill}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1474,4 +1511,359 @@ async fn a_checkpoint_write_that_fails_while_draining_is_written_before_the_leas
     b.stop();
     let (_, dups) = all_written(&s3, &expected, 10).await;
     assert_eq!(dups, 0);
+}
+
+/// Like `feed`, on a one-shard stream: also returns the last record's sequence number.
+async fn feed_one_shard(
+    moto: &Moto,
+    seed: u64,
+    batches: usize,
+    per: usize,
+) -> (Vec<String>, String) {
+    let k = kinesis(moto);
+    let mut ids = Vec::new();
+    let mut entries = Vec::new();
+    for b in 0..batches {
+        let (evs, mut batch_ids) = events(seed * 1000 + b as u64, per);
+        ids.append(&mut batch_ids);
+        entries.push(
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(cwl_batch(&evs)))
+                .partition_key(format!("pk-{seed}-{b}"))
+                .build()
+                .expect("entry"),
+        );
+    }
+    let out = k
+        .put_records()
+        .stream_name(STREAM)
+        .set_records(Some(entries))
+        .send()
+        .await
+        .expect("put records");
+    assert_eq!(out.failed_record_count(), Some(0));
+    let last = out
+        .records()
+        .last()
+        .and_then(|r| r.sequence_number())
+        .expect("sequence number")
+        .to_owned();
+    (ids, last)
+}
+
+/// A shard's checkpoint; "" while it has none, or while a busy moto does not answer (the
+/// callers poll).
+async fn checkpoint_of(moto: &Moto, shard: &str) -> String {
+    let item = dynamodb(moto)
+        .get_item()
+        .table_name(TABLE)
+        .key("leaseKey", AttributeValue::S(shard.into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .ok()
+        .and_then(|r| r.item)
+        .unwrap_or_default();
+    item.get("checkpoint")
+        .and_then(|v| v.as_s().ok())
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The 5th and 9th renewals are applied, but their answers are lost (a 500 after the write);
+/// `{dir}/answer-lost-N` says the Nth was.
+const LOST_RENEWAL_ANSWERS: &str = r##"
+from moto.core.exceptions import JsonRESTError
+from moto.dynamodb.models import DynamoDBBackend
+class _AnswerLost(JsonRESTError):
+    code = 500
+_update = DynamoDBBackend.update_item
+_renewals = [0]
+def _update_losing_answers(self, table_name, key, update_expression, *args, **kwargs):
+    out = _update(self, table_name, key, update_expression, *args, **kwargs)
+    if update_expression == "SET #c = :next":
+        _renewals[0] += 1
+        if _renewals[0] in (5, 9):
+            open("{dir}/answer-lost-%d" % _renewals[0], "w").close()
+            raise _AnswerLost("InternalServerError", "injected: renewal applied, answer lost")
+    return out
+DynamoDBBackend.update_item = _update_losing_answers
+"##;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_write_applied_with_its_answer_lost_keeps_the_lease() {
+    let tmp = TempDir::new("kinesis-lost-answer");
+    let dir = tmp.path().display().to_string();
+    let moto = setup_on(
+        Moto::start_patched(&LOST_RENEWAL_ANSWERS.replace("{dir}", &dir)),
+        1,
+    )
+    .await;
+    let s3 = moto.s3();
+    let mut expected = feed(&moto, 150, 5, 10).await;
+    expected.sort();
+    let mut w = Worker::start_with(&moto, tmp.path(), "solo", 300);
+    file_appears(&tmp.path().join("answer-lost-5")).await;
+    file_appears(&tmp.path().join("answer-lost-9")).await;
+    // The write after each (the SDK's retry, or the next renewal) settles what happened.
+    eventually(30, "both lost answers to be dealt with", || async {
+        w.log().matches("lease write recovered").count() >= 2
+            || w.metric("trailhose_errors_total{reason=\"lease_lost\"") > 0.0
+    })
+    .await;
+    eventually(30, "every record to be read", || async {
+        w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 5.0
+    })
+    .await;
+    assert_eq!(
+        w.metric("trailhose_errors_total{reason=\"lease_lost\""),
+        0.0,
+        "the lease was never given up; log:\n{}",
+        w.log()
+    );
+    assert_eq!(
+        w.metric("trailhose_kinesis_lease_takeovers_total"),
+        1.0,
+        "taken once, never again; log:\n{}",
+        w.log()
+    );
+    assert_eq!(w.metric("trailhose_kinesis_leases_held "), 1.0);
+    w.stop();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0, "the shard was read once");
+}
+
+/// While `{dir}/hang` exists, Scan and ListShards calls do not answer.
+const HANGING_SCANS: &str = r##"
+import os, time
+from moto.dynamodb.models import DynamoDBBackend
+from moto.kinesis.models import KinesisBackend
+def _hanging(f):
+    def g(*args, **kwargs):
+        while os.path.exists("{dir}/hang"):
+            time.sleep(0.05)
+        return f(*args, **kwargs)
+    return g
+DynamoDBBackend.scan = _hanging(DynamoDBBackend.scan)
+KinesisBackend.list_shards = _hanging(KinesisBackend.list_shards)
+"##;
+
+async fn counter_of(moto: &Moto, shard: &str) -> u64 {
+    let item = dynamodb(moto)
+        .get_item()
+        .table_name(TABLE)
+        .key("leaseKey", AttributeValue::S(shard.into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .expect("get lease")
+        .item
+        .unwrap_or_default();
+    item.get("leaseCounter")
+        .and_then(|v| v.as_n().ok())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_scan_and_list_shards_calls_do_not_stall_renewals() {
+    let tmp = TempDir::new("kinesis-hung-scan");
+    let dir = tmp.path().display().to_string();
+    let moto = setup_on(
+        Moto::start_patched(&HANGING_SCANS.replace("{dir}", &dir)),
+        1,
+    )
+    .await;
+    let s3 = moto.s3();
+    let mut expected = feed(&moto, 160, 5, 10).await;
+    let mut w = Worker::start_with(&moto, tmp.path(), "solo", 300);
+    eventually(60, "the lease to be held and read", || async {
+        w.metric("trailhose_kinesis_leases_held ") == 1.0
+            && w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 5.0
+    })
+    .await;
+    let shard = "shardId-000000000000";
+    std::fs::write(tmp.path().join("hang"), b"").expect("hang switch");
+    // Three lease durations of hung calls (the lease is 2 s, renewed every 400 ms).
+    let before = counter_of(&moto, shard).await;
+    eventually(60, "the calls to time out", || async {
+        w.metric("trailhose_errors_total{reason=\"scan_leases\"") >= 2.0
+            && w.metric("trailhose_errors_total{reason=\"list_shards\"") >= 1.0
+    })
+    .await;
+    let during = counter_of(&moto, shard).await;
+    std::fs::remove_file(tmp.path().join("hang")).expect("hang switch off");
+    assert!(
+        during >= before + 5,
+        "renewals went on while the coordinator's calls hung ({before} -> {during}); log:\n{}",
+        w.log()
+    );
+    assert_eq!(
+        w.metric("trailhose_errors_total{reason=\"lease_lost\""),
+        0.0,
+        "the lease was kept; log:\n{}",
+        w.log()
+    );
+    expected.extend(feed(&moto, 161, 5, 10).await);
+    eventually(60, "the new records to be read", || async {
+        w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 10.0
+    })
+    .await;
+    w.stop();
+    expected.sort();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0);
+}
+
+/// While `{dir}/fail-renewals` exists, renewals fail. While `{dir}/hang-reads` exists, the first
+/// GetRecords call to arrive does not answer (`{dir}/read-hung` says it arrived) until the file
+/// is removed (then `{dir}/read-answered`).
+const STALE_LEASE: &str = r##"
+import os, time, threading
+from moto.core.exceptions import JsonRESTError
+from moto.dynamodb.models import DynamoDBBackend
+from moto.kinesis.models import KinesisBackend
+_update = DynamoDBBackend.update_item
+def _update_failing(self, table_name, key, update_expression, *args, **kwargs):
+    if update_expression == "SET #c = :next" and os.path.exists("{dir}/fail-renewals"):
+        raise JsonRESTError("InternalFailure", "injected renewal failure")
+    return _update(self, table_name, key, update_expression, *args, **kwargs)
+DynamoDBBackend.update_item = _update_failing
+_get = KinesisBackend.get_records
+_hung = [False]
+_lock = threading.Lock()
+def _get_hanging(self, *args, **kwargs):
+    with _lock:
+        hang = os.path.exists("{dir}/hang-reads") and not _hung[0]
+        if hang:
+            _hung[0] = True
+    if hang:
+        open("{dir}/read-hung", "w").close()
+        while os.path.exists("{dir}/hang-reads"):
+            time.sleep(0.05)
+    out = _get(self, *args, **kwargs)
+    if hang:
+        open("{dir}/read-answered", "w").close()
+    return out
+KinesisBackend.get_records = _get_hanging
+"##;
+
+/// Waits for a file the patched moto writes.
+async fn file_appears(path: &Path) {
+    eventually(60, &format!("{}", path.display()), || async {
+        path.exists()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_given_up_as_stale_is_stopped_before_the_shard_is_read_again() {
+    let tmp = TempDir::new("kinesis-stale");
+    let dir = tmp.path().display().to_string();
+    let moto = setup_on(Moto::start_patched(&STALE_LEASE.replace("{dir}", &dir)), 1).await;
+    let s3 = moto.s3();
+    let shard = "shardId-000000000000";
+    // Batches age for a second: the shard must be checkpointed to its end before the fault,
+    // so that any record read twice afterwards is the two readers' doing.
+    let mut w = Worker::start(&moto, tmp.path(), "solo");
+    let (mut expected, last) = feed_one_shard(&moto, 170, 5, 10).await;
+    eventually(60, "the first records to be checkpointed", || async {
+        checkpoint_of(&moto, shard).await == last
+    })
+    .await;
+    // The reader's next GetRecords hangs; then its renewals fail until it is given up.
+    std::fs::write(tmp.path().join("hang-reads"), b"").expect("switch");
+    file_appears(&tmp.path().join("read-hung")).await;
+    std::fs::write(tmp.path().join("fail-renewals"), b"").expect("switch");
+    eventually(60, "the lease to be given up as stale", || async {
+        w.log().contains("not renewed within the lease duration")
+    })
+    .await;
+    std::fs::remove_file(tmp.path().join("fail-renewals")).expect("switch off");
+    // The shard is read again (by a new reader), and what arrives now is read by it.
+    let (more, last) = feed_one_shard(&moto, 171, 5, 10).await;
+    expected.extend(more);
+    eventually(60, "the new records to be checkpointed", || async {
+        checkpoint_of(&moto, shard).await == last
+    })
+    .await;
+    // The old reader's call answers now: were it still running, it would hand on the new
+    // records a second time.
+    std::fs::remove_file(tmp.path().join("hang-reads")).expect("switch off");
+    file_appears(&tmp.path().join("read-answered")).await;
+    let (sentinel, last) = feed_one_shard(&moto, 172, 1, 1).await;
+    expected.extend(sentinel);
+    eventually(60, "the sentinel to be checkpointed", || async {
+        checkpoint_of(&moto, shard).await == last
+    })
+    .await;
+    assert_eq!(
+        w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}"),
+        11.0,
+        "each record handed on once; log:\n{}",
+        w.log()
+    );
+    w.stop();
+    expected.sort();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0, "no record read by two readers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_whose_decoding_panics_goes_to_the_error_output_and_its_shard_goes_on() {
+    let moto = setup(1).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-poison");
+    let mut expected = feed(&moto, 180, 3, 10).await;
+    let poison =
+        r#"{"eventVersion":"1.09","eventID":"POISON-RECORD","eventTime":"2024-03-18T14:30:07Z"}"#;
+    put_one(&moto, poison.as_bytes().to_vec(), "poison").await;
+    expected.extend(feed(&moto, 181, 3, 10).await);
+    expected.sort();
+    let mut w = Worker::spawn_env(
+        &moto,
+        tmp.path(),
+        "solo",
+        &Settings {
+            max_age_secs: 300,
+            kinesis_ep: &moto.endpoint,
+            s3_ep: &moto.endpoint,
+            extra: "",
+        },
+        &[("TRAILHOSE_TEST_FAULT", "classify_panic:POISON-RECORD")],
+    );
+    eventually(60, "every record to be read", || async {
+        w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 6.0
+            && w.metric("trailhose_kinesis_records_total{shape=\"unrecognized\"}") == 1.0
+    })
+    .await;
+    assert_eq!(w.metric("trailhose_panics_total{thread=\"classify\"}"), 1.0);
+    assert_eq!(
+        w.metric("trailhose_errors_total{reason=\"rewound\""),
+        0.0,
+        "the shard was not rewound; log:\n{}",
+        w.log()
+    );
+    w.stop();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0);
+    let errors = error_records(&s3).await;
+    let reason = errors
+        .iter()
+        .find(|e| {
+            e["record"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("classify_panicked:"))
+        })
+        .unwrap_or_else(|| panic!("the reason in the error output: {errors:?}"));
+    assert!(
+        reason["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("kinesis://trail-stream/shardId-000000000000/"))
+    );
+    assert!(
+        errors.iter().any(|e| e["record"] == poison),
+        "the record itself in the error output: {errors:?}"
+    );
+    assert_eq!(errors.len(), 2, "{errors:?}");
 }

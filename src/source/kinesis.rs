@@ -72,8 +72,26 @@ fn unrecognized(reason: &'static str, detail: impl Into<String>) -> Shape {
     }
 }
 
-/// Recognises a record's data: gzip is undone first (CloudWatch Logs always gzips).
+/// Recognises a record's data: gzip is undone first (CloudWatch Logs always gzips). Never
+/// panics: should decoding a record panic all the same, that one record is `Unrecognized`
+/// (`classify_panicked`, counted in `trailhose_panics_total{thread="classify"}`) so that it goes
+/// to the error output, rather than fail its batch and rewind its shard onto it for ever.
 pub fn classify(data: &[u8]) -> Shape {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::testhook::classify(data);
+        recognise(data)
+    }));
+    outcome.unwrap_or_else(|payload| {
+        let message = crate::testhook::panic_message(payload.as_ref());
+        crate::metrics::emit(crate::metrics::RecordClassifyPanicked { message: &message });
+        unrecognized(
+            "classify_panicked",
+            format!("decoding the record panicked: {message}"),
+        )
+    })
+}
+
+fn recognise(data: &[u8]) -> Shape {
     let decoded;
     let text: &[u8] = if data.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();

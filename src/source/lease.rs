@@ -12,16 +12,26 @@
 //! A shard's start is pinned in its lease (`startPosition`) the moment its first record is read,
 //! so a rewind or a takeover before the first checkpoint goes back to that record, never to the
 //! configured LATEST or AT_TIMESTAMP (which would skip what was read but not written).
-//! Renewals, checkpoints and pins are all conditional on owner and counter and bump the counter,
-//! serialised through the holder's `Claim`: a stale reader can never move a checkpoint back.
+//! Renewals, checkpoints and pins are all conditional on owner, counter and the holding's token
+//! and bump the counter, serialised through the holder's `Claim`: a stale reader can never move
+//! a checkpoint back.
+//!
+//! Each holding writes its own token (`holdingToken`, a fresh UUID per take) with the take. A
+//! write whose answer was lost (a timeout, or an SDK retry of a write that was applied) leaves
+//! the counter one ahead of the claim, so the next write's condition fails; the holder then
+//! reads the lease back, and if owner and token are still its own, every change since was its
+//! own (the KCL's spurious-failure check, exact even when a worker id is reused): it takes the
+//! counter as read and writes again, instead of dropping a lease it still holds.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::AttributeValue;
 
+use crate::metrics::{self, LeaseWriteRecovered};
 use crate::source::kinesis::StartAt;
 
 /// The checkpoint of a shard read to its end.
@@ -34,18 +44,20 @@ const CHECKPOINT: &str = "checkpoint";
 const PARENTS: &str = "parentShardIds";
 const NEXT: &str = "nextOwner";
 const START: &str = "startPosition";
+const TOKEN: &str = "holdingToken";
 /// `startPosition` of a child shard's lease.
 pub const TRIM_HORIZON: &str = "TRIM_HORIZON";
 /// `startPosition` prefix of a shard pinned at its first record read.
 const PINNED: &str = "AT_SEQUENCE_NUMBER:";
 /// Expression aliases of the attributes above, for `LeaseTable::update`.
-const ALIASES: [(&str, &str); 6] = [
+const ALIASES: [(&str, &str); 7] = [
     ("#k", KEY),
     ("#o", OWNER),
     ("#c", COUNTER),
     ("#p", CHECKPOINT),
     ("#n", NEXT),
     ("#s", START),
+    ("#t", TOKEN),
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +74,8 @@ pub struct Lease {
     /// Where reading starts while there is no checkpoint: "" (the configured initial
     /// position), TRIM_HORIZON (a child shard), or the first record read (pinned).
     pub start: String,
+    /// The current holding's token ("" when never taken).
+    pub token: String,
 }
 
 impl Lease {
@@ -85,23 +99,49 @@ impl Lease {
     }
 }
 
-/// A held lease's counter, shared by the coordinator (renewals, handoffs) and the shard's
-/// reader (pins, checkpoints). Every write is conditional on the counter and bumps it, one at
-/// a time, so the two never race each other into a false conflict; a new holding gets a new
-/// claim, so an old reader's writes fail.
+/// One holding of a lease: its token and counter, shared by its renewer, the coordinator
+/// (handoffs) and the shard's reader (pins, checkpoints). Every write is conditional on the
+/// counter and token and bumps the counter, one at a time, so they never race each other into a
+/// false conflict; a new holding gets a new claim (and token), so an old reader's writes fail.
 #[derive(Debug)]
 pub struct Claim {
     counter: tokio::sync::Mutex<u64>,
+    token: String,
     /// When a write last proved the lease ours.
     renewed: Mutex<Instant>,
+    /// The holding is over (lost, handed over, given up): no write of it goes out any more.
+    revoked: AtomicBool,
+    /// A write found the lease changed by someone else.
+    lost: AtomicBool,
 }
 
 impl Claim {
-    pub fn new(counter: u64) -> Claim {
+    pub fn new(counter: u64, token: String) -> Claim {
         Claim {
             counter: tokio::sync::Mutex::new(counter),
+            token,
             renewed: Mutex::new(Instant::now()),
+            revoked: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
         }
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Ends the holding: every later write of this claim fails without being sent.
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
+    }
+
+    pub fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
+    /// Whether a write found the lease taken by another worker or holding.
+    pub fn lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
     }
 
     /// When the lease was last renewed (or checkpointed).
@@ -314,6 +354,11 @@ fn from_item(item: &HashMap<String, AttributeValue>) -> Option<Lease> {
         .and_then(|v| v.as_s().ok())
         .cloned()
         .unwrap_or_default();
+    let token = item
+        .get(TOKEN)
+        .and_then(|v| v.as_s().ok())
+        .cloned()
+        .unwrap_or_default();
     Some(Lease {
         key,
         owner,
@@ -322,6 +367,7 @@ fn from_item(item: &HashMap<String, AttributeValue>) -> Option<Lease> {
         parents,
         next_owner,
         start,
+        token,
     })
 }
 
@@ -462,8 +508,9 @@ impl LeaseTable {
     }
 
     /// One conditional update of a shard's lease. `set` and `when` name attributes by alias
-    /// (`#k` key, `#o` owner, `#c` counter, `#p` checkpoint, `#n` next owner); only the aliases
-    /// used are sent, as DynamoDB rejects unused ones. A failed condition is `Conflict`.
+    /// (`#k` key, `#o` owner, `#c` counter, `#p` checkpoint, `#n` next owner, `#s` start, `#t`
+    /// token); only the aliases used are sent, as DynamoDB rejects unused ones. A failed
+    /// condition is `Conflict`.
     async fn update(
         &self,
         shard: &str,
@@ -489,20 +536,48 @@ impl LeaseTable {
         req.send().await.map(|_| ()).map_err(|e| describe(&e))
     }
 
-    /// Takes a lease as last seen (`counter`); returns the new counter.
-    pub async fn take(&self, shard: &str, counter: u64) -> Result<u64, LeaseError> {
-        self.update(
-            shard,
-            "SET #o = :me, #c = :next REMOVE #n",
-            "attribute_exists(#k) AND #c = :c",
-            vec![
-                (":me", s(&self.me)),
-                (":c", n(counter)),
-                (":next", n(counter + 1)),
-            ],
-        )
-        .await?;
-        Ok(counter + 1)
+    /// One lease as stored now (a consistent read); None when it does not exist.
+    pub async fn get(&self, shard: &str) -> Result<Option<Lease>, LeaseError> {
+        let resp = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(KEY, s(shard))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| describe(&e))?;
+        Ok(resp.item().and_then(from_item))
+    }
+
+    /// Takes a lease as last seen (`counter`), a lease handed to this worker included: a new
+    /// holding with its own token.
+    pub async fn take(&self, shard: &str, counter: u64) -> Result<Claim, LeaseError> {
+        let token = uuid::Uuid::now_v7().simple().to_string();
+        let taken = self
+            .update(
+                shard,
+                "SET #o = :me, #c = :next, #t = :t REMOVE #n",
+                "attribute_exists(#k) AND #c = :c",
+                vec![
+                    (":me", s(&self.me)),
+                    (":c", n(counter)),
+                    (":next", n(counter + 1)),
+                    (":t", s(&token)),
+                ],
+            )
+            .await;
+        match taken {
+            Ok(()) => Ok(Claim::new(counter + 1, token)),
+            // Applied, with the answer lost and the SDK's retry refused: still ours.
+            Err(LeaseError::Conflict) => match self.get(shard).await? {
+                Some(l) if l.owner.as_deref() == Some(self.me.as_str()) && l.token == token => {
+                    Ok(Claim::new(l.counter, token))
+                }
+                _ => Err(LeaseError::Conflict),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     /// Asks the owner of a lease (as last seen, `counter`) to hand it over to this worker.
@@ -516,37 +591,68 @@ impl LeaseTable {
         .await
     }
 
-    /// A conditional write on a held lease: owner and `claim`'s counter must match, and the
-    /// counter is bumped (so every write also renews).
+    /// A conditional write on a held lease: owner, `claim`'s counter and token must match, and
+    /// the counter is bumped (so every write also renews). A failed condition with the lease
+    /// still this holding's (owner and token) means an earlier write of it was applied with its
+    /// answer lost: the write goes again at the counter read back.
     async fn claimed(
         &self,
         shard: &str,
         claim: &Claim,
         set: &str,
         when: &str,
-        mut values: Vec<(&str, AttributeValue)>,
+        values: Vec<(&str, AttributeValue)>,
     ) -> Result<(), LeaseError> {
         let mut counter = claim.counter.lock().await;
-        // Renewed as of the send: others count the lease's duration from their first sight of
-        // the new counter, which is no earlier.
-        let sent = Instant::now();
-        values.extend([
-            (":me", s(&self.me)),
-            (":c", n(*counter)),
-            (":next", n(*counter + 1)),
-        ]);
         let set = format!(
             "SET #c = :next{}{set}",
             if set.is_empty() { "" } else { ", " }
         );
         let when = format!(
-            "#o = :me AND #c = :c{}{when}",
+            "#o = :me AND #c = :c AND #t = :t{}{when}",
             if when.is_empty() { "" } else { " AND " }
         );
-        self.update(shard, &set, &when, values).await?;
-        *counter += 1;
-        claim.touch(sent);
-        Ok(())
+        for recheck in [true, false] {
+            if claim.revoked() {
+                return Err(LeaseError::Conflict);
+            }
+            // Renewed as of the send: others count the lease's duration from their first sight
+            // of the new counter, which is no earlier.
+            let sent = Instant::now();
+            let mut vals = values.clone();
+            vals.extend([
+                (":me", s(&self.me)),
+                (":c", n(*counter)),
+                (":next", n(*counter + 1)),
+                (":t", s(&claim.token)),
+            ]);
+            match self.update(shard, &set, &when, vals).await {
+                Ok(()) => {
+                    *counter += 1;
+                    claim.touch(sent);
+                    return Ok(());
+                }
+                Err(LeaseError::Conflict) => {
+                    if recheck
+                        && let Some(l) = self.get(shard).await?
+                        && l.owner.as_deref() == Some(self.me.as_str())
+                        && l.token == claim.token
+                        && l.counter != *counter
+                    {
+                        metrics::emit(LeaseWriteRecovered {
+                            shard,
+                            counter: l.counter,
+                        });
+                        *counter = l.counter;
+                        continue;
+                    }
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        claim.lost.store(true, Ordering::Release);
+        Err(LeaseError::Conflict)
     }
 
     /// Passes a held lease to the worker that asked for it; returns nothing to keep.
@@ -625,6 +731,7 @@ mod tests {
             parents: Vec::new(),
             next_owner: None,
             start: String::new(),
+            token: String::new(),
         }
     }
 

@@ -1,11 +1,14 @@
-//! Lease coordination: the shard list synced into the lease table, held leases renewed, free
-//! and expired ones taken, handoffs asked for and given, one reader started per held shard.
+//! Lease coordination: the shard list synced into the lease table, free and expired leases
+//! taken, handoffs asked for and given, one reader and one renewer started per held shard, and
+//! a shard's reader stopped (and returned) before another of it starts.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use super::reader::read_shard;
 use super::{Ctx, Ended, Held, Stop};
@@ -14,15 +17,49 @@ use crate::pipeline::engine::Submitter;
 use crate::source::kinesis::{ShardInfo, StartAt};
 use crate::source::lease::{self, Claim, Lease, LeaseError, Observer, SHARD_END, TRIM_HORIZON};
 
-/// Lists the stream's shards and creates a lease for each new one (see `new_leases`).
-/// Returns the shard ids.
+/// How long any one call of the coordinator (or a reader's lease write) may take: a lease
+/// duration. Past it the world may have moved on (the lease expired, the shard list changed),
+/// so the call counts as failed and is tried again later; a hung DynamoDB or Kinesis call can
+/// then neither stall the coordinator nor, holding a claim, its lease's renewals.
+pub(super) fn call_deadline(ctx: &Ctx) -> Duration {
+    Duration::from_millis(ctx.cfg.lease_duration_millis)
+}
+
+/// `call` under `deadline`; a call still unanswered at the deadline is dropped.
+pub(super) async fn within<T, E: std::fmt::Display>(
+    deadline: Duration,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "no answer within the {} ms deadline",
+            deadline.as_millis()
+        )),
+    }
+}
+
+/// `within` for lease-table calls, keeping `Conflict` apart.
+pub(super) async fn lease_call<T>(
+    deadline: Duration,
+    call: impl Future<Output = Result<T, LeaseError>>,
+) -> Result<T, LeaseError> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(r) => r,
+        Err(_) => Err(LeaseError::Call(format!(
+            "no answer within the {} ms deadline",
+            deadline.as_millis()
+        ))),
+    }
+}
+
+/// Lists the stream's shards and creates a lease for each new one (see `new_leases`), every
+/// call under the deadline. Returns the shard ids.
 pub(super) async fn sync_shards(ctx: &Ctx) -> Result<HashSet<String>, String> {
-    let list = ctx.kinesis.list_shards().await.map_err(|e| e.to_string())?;
-    let known: HashSet<String> = ctx
-        .leases
-        .scan()
-        .await
-        .map_err(|e| e.to_string())?
+    let deadline = call_deadline(ctx);
+    let list = within(deadline, ctx.kinesis.list_shards()).await?;
+    let known: HashSet<String> = within(deadline, ctx.leases.scan())
+        .await?
         .into_iter()
         .map(|l| l.key)
         .collect();
@@ -33,10 +70,11 @@ pub(super) async fn sync_shards(ctx: &Ctx) -> Result<HashSet<String>, String> {
             NewLease::TrimHorizon => (TRIM_HORIZON, ""),
             NewLease::Ended => ("", SHARD_END),
         };
-        ctx.leases
-            .create(&s.id, &s.parents, start, checkpoint)
-            .await
-            .map_err(|e| e.to_string())?;
+        within(
+            deadline,
+            ctx.leases.create(&s.id, &s.parents, start, checkpoint),
+        )
+        .await?;
     }
     if let Ok(mut closed) = ctx.closed.write() {
         closed.clear();
@@ -105,10 +143,14 @@ pub(super) struct Round<'a> {
     pub(super) ctx: &'a Arc<Ctx>,
     pub(super) files: &'a Submitter,
     pub(super) held: &'a mut HashMap<String, Held>,
+    /// Readers of leases given up, stopped but perhaps not yet returned: no new reader of the
+    /// shard starts until its old one has, so two never read one shard.
+    pub(super) stopping: &'a mut HashMap<String, JoinHandle<Ended>>,
     pub(super) observer: &'a mut Observer,
     pub(super) shards: &'a HashSet<String>,
     pub(super) lease_duration: Duration,
-    /// How long the round waits for its renewals (they run concurrently).
+    /// How often each held lease is renewed (by its own task, so nothing else in the round can
+    /// delay it).
     pub(super) renew_deadline: Duration,
     pub(super) handoff_timeout: Duration,
     pub(super) last_sync: &'a mut Option<Instant>,
@@ -116,13 +158,14 @@ pub(super) struct Round<'a> {
     pub(super) requested: &'a mut HashSet<String>,
 }
 
-/// One round of lease work: renew what is held, drop what was lost, hand over what others
-/// asked for, take what is due.
+/// One round of lease work: drop what was lost, hand over what others asked for, take what is
+/// due. Renewals are not part of it: each holding renews itself (`keep_renewed`).
 pub(super) async fn coordinate(r: Round<'_>) {
     let Round {
         ctx,
         files,
         held,
+        stopping,
         observer,
         shards,
         lease_duration,
@@ -131,6 +174,8 @@ pub(super) async fn coordinate(r: Round<'_>) {
         last_sync,
         requested,
     } = r;
+    let deadline = call_deadline(ctx);
+    stopping.retain(|_, t| !t.is_finished());
     // Readers that ended on their own (a reader draining for a handoff is dealt with below).
     let done: Vec<String> = held
         .iter()
@@ -139,17 +184,18 @@ pub(super) async fn coordinate(r: Round<'_>) {
         .collect();
     for k in done {
         if let Some(h) = held.remove(&k) {
+            h.claim.revoke();
             let ended = h.task.await.unwrap_or(Ended::LeaseLost);
             forget_shard(ctx, &k);
             if ended == Ended::ShardEnd {
                 // Its children may start now: look for them at once.
                 *last_sync = None;
-                let _ = ctx.leases.release(&k).await;
+                let _ = lease_call(deadline, ctx.leases.release(&k)).await;
             }
         }
     }
 
-    let all = match ctx.leases.scan().await {
+    let all = match lease_call(deadline, ctx.leases.scan()).await {
         Ok(l) => l,
         Err(e) => {
             metrics::emit(KinesisCallFailed {
@@ -157,8 +203,9 @@ pub(super) async fn coordinate(r: Round<'_>) {
                 shard: "",
                 error: &e.to_string(),
             });
+            lose_lost(ctx, held, stopping, &HashMap::new());
             // Without the table, a lease not renewed for its whole duration may be another's.
-            drop_stale(ctx, held, lease_duration);
+            drop_stale(ctx, held, stopping, lease_duration);
             return;
         }
     };
@@ -167,72 +214,23 @@ pub(super) async fn coordinate(r: Round<'_>) {
     let by_key: HashMap<&str, &Lease> = all.iter().map(|l| (l.key.as_str(), l)).collect();
     let me = ctx.leases.me.as_str();
 
-    // Renew, all at once and under a deadline, and start handoffs others asked for. A renewal
-    // still unanswered at the deadline goes on in its task and updates the claim when it ends.
-    let mut renewals = Vec::with_capacity(held.len());
-    let mut gone = Vec::new();
-    for (k, h) in held.iter() {
-        if by_key
-            .get(k.as_str())
-            .is_some_and(|l| l.owner.as_deref() == Some(me))
-        {
-            let (ctx, key, claim) = (ctx.clone(), k.clone(), h.claim.clone());
-            let task = tokio::spawn(async move { ctx.leases.renew(&key, &claim).await });
-            renewals.push((k.clone(), task));
-        } else {
-            gone.push(k.clone());
+    // Leases lost (a write found them changed, or the table shows another owner or holding),
+    // then handoffs others asked for.
+    lose_lost(ctx, held, stopping, &by_key);
+    for (k, h) in held.iter_mut() {
+        let asked = by_key.get(k.as_str()).and_then(|l| l.next_owner.clone());
+        if let (Some(to), None) = (asked, &h.handoff) {
+            // Stop reading; what was read gets written and checkpointed first.
+            let _ = h.stop.send(Stop::Drain);
+            metrics::emit(LeaseHandoff {
+                shard: k,
+                to: &to,
+                stage: "draining",
+            });
+            h.handoff = Some((to, Instant::now()));
         }
     }
-    let until = tokio::time::Instant::now() + renew_deadline;
-    let mut outcomes: Vec<(String, Result<(), LeaseError>)> = gone
-        .into_iter()
-        .map(|k| (k, Err(LeaseError::Conflict)))
-        .collect();
-    for (k, task) in renewals {
-        match tokio::time::timeout_at(until, task).await {
-            Ok(Ok(r)) => outcomes.push((k, r)),
-            Ok(Err(e)) => outcomes.push((k, Err(LeaseError::Call(e.to_string())))),
-            Err(_) => outcomes.push((
-                k,
-                Err(LeaseError::Call(
-                    "no answer within the renewal deadline".into(),
-                )),
-            )),
-        }
-    }
-    for (k, outcome) in outcomes {
-        let Some(h) = held.get_mut(&k) else { continue };
-        match outcome {
-            Ok(()) => {
-                let asked = by_key.get(k.as_str()).and_then(|l| l.next_owner.clone());
-                if let (Some(to), None) = (asked, &h.handoff) {
-                    // Stop reading; what was read gets written and checkpointed first.
-                    let _ = h.stop.send(Stop::Drain);
-                    metrics::emit(LeaseHandoff {
-                        shard: &k,
-                        to: &to,
-                        stage: "draining",
-                    });
-                    h.handoff = Some((to, Instant::now()));
-                }
-            }
-            Err(LeaseError::Conflict) => {
-                metrics::emit(LeaseLost {
-                    shard: &k,
-                    reason: "taken by another worker",
-                });
-                lose(ctx, held, &k);
-            }
-            Err(e) => {
-                metrics::emit(KinesisCallFailed {
-                    operation: "renew_lease",
-                    shard: &k,
-                    error: &e.to_string(),
-                });
-            }
-        }
-    }
-    drop_stale(ctx, held, lease_duration);
+    drop_stale(ctx, held, stopping, lease_duration);
 
     // Hand over leases whose readers are drained (or that waited too long).
     let ready: Vec<(String, String, Arc<Claim>, bool)> = held
@@ -245,7 +243,7 @@ pub(super) async fn coordinate(r: Round<'_>) {
         })
         .collect();
     for (k, to, claim, timed_out) in ready {
-        match ctx.leases.hand_over(&k, &claim, &to).await {
+        match lease_call(deadline, ctx.leases.hand_over(&k, &claim, &to)).await {
             Ok(()) => {
                 metrics::emit(LeaseHandoff {
                     shard: &k,
@@ -256,14 +254,14 @@ pub(super) async fn coordinate(r: Round<'_>) {
                         "handed_over"
                     },
                 });
-                lose(ctx, held, &k);
+                lose(ctx, held, stopping, &k);
             }
             Err(LeaseError::Conflict) => {
                 metrics::emit(LeaseLost {
                     shard: &k,
                     reason: "changed during the handoff",
                 });
-                lose(ctx, held, &k);
+                lose(ctx, held, stopping, &k);
             }
             Err(e) => metrics::emit(KinesisCallFailed {
                 operation: "hand_over_lease",
@@ -273,28 +271,45 @@ pub(super) async fn coordinate(r: Round<'_>) {
         }
     }
 
-    // Leases handed to this worker (or left to it by an earlier run under the same name).
+    // A shard whose old reader has not returned yet waits for the next round.
+    let startable =
+        |key: &str, held: &HashMap<String, Held>, stopping: &HashMap<String, JoinHandle<Ended>>| {
+            !held.contains_key(key) && !stopping.contains_key(key)
+        };
+    // Leases handed to this worker, or left to it by an earlier holding under the same name
+    // (a restart, or one given up as stale): taken again, so the new holding has its own token
+    // and counter and anything the old one still sends fails.
     let adopt: Vec<&Lease> = all
         .iter()
         .filter(|l| {
             l.owner.as_deref() == Some(me)
                 && !l.finished()
-                && !held.contains_key(&l.key)
+                && startable(&l.key, &*held, &*stopping)
                 && lease::parents_done(l, &by_key, shards)
         })
         .collect();
     for l in adopt {
-        let how = if requested.remove(&l.key) {
-            "handoff"
-        } else {
-            "adopted"
-        };
-        metrics::emit(LeaseTaken {
-            shard: &l.key,
-            how,
-            previous_owner: "",
-        });
-        start_reader(ctx, files, held, l, l.counter);
+        match lease_call(deadline, ctx.leases.take(&l.key, l.counter)).await {
+            Ok(claim) => {
+                let how = if requested.remove(&l.key) {
+                    "handoff"
+                } else {
+                    "adopted"
+                };
+                metrics::emit(LeaseTaken {
+                    shard: &l.key,
+                    how,
+                    previous_owner: "",
+                });
+                start_reader(ctx, files, held, l, claim, renew_deadline);
+            }
+            Err(LeaseError::Conflict) => {}
+            Err(e) => metrics::emit(KinesisCallFailed {
+                operation: "take_lease",
+                shard: &l.key,
+                error: &e.to_string(),
+            }),
+        }
     }
     requested.retain(|k| {
         by_key
@@ -315,7 +330,7 @@ pub(super) async fn coordinate(r: Round<'_>) {
             continue;
         };
         if how == lease::How::Stolen {
-            match ctx.leases.request_handoff(&key, l.counter).await {
+            match lease_call(deadline, ctx.leases.request_handoff(&key, l.counter)).await {
                 Ok(()) => {
                     requested.insert(key.clone());
                     metrics::emit(LeaseHandoff {
@@ -333,15 +348,18 @@ pub(super) async fn coordinate(r: Round<'_>) {
             }
             continue;
         }
-        match ctx.leases.take(&key, l.counter).await {
-            Ok(counter) => {
+        if !startable(&key, &*held, &*stopping) {
+            continue;
+        }
+        match lease_call(deadline, ctx.leases.take(&key, l.counter)).await {
+            Ok(claim) => {
                 requested.remove(&key);
                 metrics::emit(LeaseTaken {
                     shard: &key,
                     how: how.as_str(),
                     previous_owner: l.owner.as_deref().unwrap_or(""),
                 });
-                start_reader(ctx, files, held, l, counter);
+                start_reader(ctx, files, held, l, claim, renew_deadline);
             }
             Err(LeaseError::Conflict) => {} // another worker was quicker
             Err(e) => metrics::emit(KinesisCallFailed {
@@ -353,17 +371,24 @@ pub(super) async fn coordinate(r: Round<'_>) {
     }
 }
 
-/// Starts reading a shard whose lease this worker now holds at `counter`.
+/// Starts reading a shard whose lease this worker now holds (`claim`), and renewing it.
 fn start_reader(
     ctx: &Arc<Ctx>,
     files: &Submitter,
     held: &mut HashMap<String, Held>,
     l: &Lease,
-    counter: u64,
+    claim: Claim,
+    renew_every: Duration,
 ) {
     let start = l.start_at(StartAt::initial(&ctx.cfg));
-    let claim = Arc::new(Claim::new(counter));
+    let claim = Arc::new(claim);
     let (stop, stop_rx) = watch::channel(Stop::Run);
+    tokio::spawn(keep_renewed(
+        ctx.clone(),
+        l.key.clone(),
+        claim.clone(),
+        renew_every,
+    ));
     let task = tokio::spawn(read_shard(
         ctx.clone(),
         l.key.clone(),
@@ -383,6 +408,57 @@ fn start_reader(
     );
 }
 
+/// Renews one holding every `every`, each renewal under the call deadline, until the holding
+/// ends (revoked) or a renewal finds the lease changed (the claim is then `lost`, which the
+/// next round acts on). On its own task, so that nothing the coordinator waits for (a scan, a
+/// take, the shard list) can delay it.
+async fn keep_renewed(ctx: Arc<Ctx>, shard: String, claim: Arc<Claim>, every: Duration) {
+    let deadline = call_deadline(&ctx);
+    loop {
+        tokio::time::sleep(every).await;
+        if claim.revoked() {
+            return;
+        }
+        match lease_call(deadline, ctx.leases.renew(&shard, &claim)).await {
+            Ok(()) => {}
+            Err(LeaseError::Conflict) => return,
+            Err(e) => metrics::emit(KinesisCallFailed {
+                operation: "renew_lease",
+                shard: &shard,
+                error: &e.to_string(),
+            }),
+        }
+    }
+}
+
+/// Gives up the leases a write found changed, or that the table (`by_key`, when scanned)
+/// shows with another owner or holding.
+fn lose_lost(
+    ctx: &Ctx,
+    held: &mut HashMap<String, Held>,
+    stopping: &mut HashMap<String, JoinHandle<Ended>>,
+    by_key: &HashMap<&str, &Lease>,
+) {
+    let me = ctx.leases.me.as_str();
+    let lost: Vec<String> = held
+        .iter()
+        .filter(|(k, h)| {
+            h.claim.lost()
+                || by_key
+                    .get(k.as_str())
+                    .is_some_and(|l| l.owner.as_deref() != Some(me) || l.token != h.claim.token())
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in lost {
+        metrics::emit(LeaseLost {
+            shard: &k,
+            reason: "taken by another worker",
+        });
+        lose(ctx, held, stopping, &k);
+    }
+}
+
 /// Drops a shard's per-shard metric series (its lease went elsewhere or ended).
 fn forget_shard(ctx: &Ctx, shard: &str) {
     metrics::emit(KinesisBehind {
@@ -396,15 +472,31 @@ fn forget_shard(ctx: &Ctx, shard: &str) {
     });
 }
 
-fn lose(ctx: &Ctx, held: &mut HashMap<String, Held>, key: &str) {
+/// Ends a holding: its claim is revoked first (nothing more of it reaches the table; whatever
+/// it sent already is fenced by the next holding's counter), its reader stopped at its next
+/// await, and kept in `stopping` until it has returned.
+fn lose(
+    ctx: &Ctx,
+    held: &mut HashMap<String, Held>,
+    stopping: &mut HashMap<String, JoinHandle<Ended>>,
+    key: &str,
+) {
     if let Some(h) = held.remove(key) {
+        h.claim.revoke();
         let _ = h.stop.send(Stop::Abandon);
+        h.task.abort();
+        stopping.insert(key.to_owned(), h.task);
         forget_shard(ctx, key);
     }
 }
 
 /// Leases not renewed for a whole lease duration may already be someone else's: stop reading.
-fn drop_stale(ctx: &Ctx, held: &mut HashMap<String, Held>, lease_duration: Duration) {
+fn drop_stale(
+    ctx: &Ctx,
+    held: &mut HashMap<String, Held>,
+    stopping: &mut HashMap<String, JoinHandle<Ended>>,
+    lease_duration: Duration,
+) {
     let stale: Vec<String> = held
         .iter()
         .filter(|(_, h)| h.claim.renewed().elapsed() >= lease_duration)
@@ -415,7 +507,7 @@ fn drop_stale(ctx: &Ctx, held: &mut HashMap<String, Held>, lease_duration: Durat
             shard: &k,
             reason: "not renewed within the lease duration",
         });
-        lose(ctx, held, &k);
+        lose(ctx, held, stopping, &k);
     }
 }
 

@@ -148,6 +148,7 @@ pub async fn run(
 
     let files = engine.submitter();
     let mut held: HashMap<String, Held> = HashMap::new();
+    let mut stopping: HashMap<String, JoinHandle<Ended>> = HashMap::new();
     let mut observer = Observer::default();
     let mut shards: HashSet<String> = HashSet::new();
     let mut last_sync: Option<Instant> = None;
@@ -180,6 +181,7 @@ pub async fn run(
             ctx: &ctx,
             files: &files,
             held: &mut held,
+            stopping: &mut stopping,
             observer: &mut observer,
             shards: &shards,
             lease_duration,

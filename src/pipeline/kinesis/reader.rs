@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 
+use super::coordinate::{call_deadline, lease_call};
 use super::hand_on::hand_on;
 use super::{Ctx, Ended, Stop};
 use crate::metrics::{self, *};
@@ -36,6 +37,7 @@ pub(super) async fn read_shard(
         max: Duration::from_secs(5),
     };
     let poll = Duration::from_millis(ctx.cfg.poll_interval_millis);
+    let deadline = call_deadline(&ctx);
     // The checkpoint as written (or the pinned first record), and where reading goes on from.
     let mut pinned = matches!(start, StartAt::After(_) | StartAt::At(_));
     let mut checkpointed = start.clone();
@@ -69,7 +71,9 @@ pub(super) async fn read_shard(
         }
         if at_end && progress.in_flight() == 0 {
             // Everything up to the shard's end is written.
-            return match ctx.leases.checkpoint(&shard, &claim, SHARD_END).await {
+            return match lease_call(deadline, ctx.leases.checkpoint(&shard, &claim, SHARD_END))
+                .await
+            {
                 Ok(()) => {
                     metrics::emit(ShardEnded { shard: &shard });
                     Ended::ShardEnd
@@ -113,7 +117,7 @@ pub(super) async fn read_shard(
             }
         }
         if let Some(seq) = furthest(to, owed.take()) {
-            match ctx.leases.checkpoint(&shard, &claim, &seq).await {
+            match lease_call(deadline, ctx.leases.checkpoint(&shard, &claim, &seq)).await {
                 Ok(()) => {
                     checkpointed = StartAt::After(seq);
                     last_advance = Instant::now();
@@ -160,7 +164,7 @@ pub(super) async fn read_shard(
         // Read.
         let it = match &iterator {
             Some(it) => it.clone(),
-            None => match ctx.kinesis.iterator(&shard, &position).await {
+            None => match kinesis_call(deadline, ctx.kinesis.iterator(&shard, &position)).await {
                 Ok(it) => {
                     iterator = Some(it.clone());
                     it
@@ -185,10 +189,11 @@ pub(super) async fn read_shard(
             }
         }
         last_call = Some(Instant::now());
-        let fetched = match ctx
-            .kinesis
-            .get_records(&it, ctx.cfg.max_records_per_call)
-            .await
+        let fetched = match kinesis_call(
+            deadline,
+            ctx.kinesis.get_records(&it, ctx.cfg.max_records_per_call),
+        )
+        .await
         {
             Ok(f) => {
                 failures = 0;
@@ -225,7 +230,7 @@ pub(super) async fn read_shard(
             // Pinned before anything is handed on: a rewind or a takeover comes back here.
             let seq = first.seq.clone();
             let first = StartAt::At(seq.clone());
-            match ctx.leases.pin(&shard, &claim, &seq).await {
+            match lease_call(deadline, ctx.leases.pin(&shard, &claim, &seq)).await {
                 Ok(()) => {
                     pinned = true;
                     checkpointed = first;
@@ -278,6 +283,21 @@ pub(super) async fn read_shard(
             wait(&mut stop, poll).await;
         }
     }
+}
+
+/// A Kinesis call under `deadline` (an iterator outlives a dropped GetRecords call).
+async fn kinesis_call<T>(
+    deadline: Duration,
+    call: impl std::future::Future<Output = Result<T, KinesisError>>,
+) -> Result<T, KinesisError> {
+    tokio::time::timeout(deadline, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(KinesisError::Other(format!(
+                "no answer within the {} ms deadline",
+                deadline.as_millis()
+            )))
+        })
 }
 
 /// The later of two checkpoints (every one of them is a settled prefix).
