@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::sqs::*;
-use common::{TempDir, eventually, free_port, http_get, s3_objects};
+use common::{TempDir, eventually, free_port, s3_objects};
 
 /// At the shipped batch defaults (`max_age_secs = 300`): 200 files announced in 67 messages
 /// are all received and split long before any buffer ages out; the messages stay invisible by

@@ -14,7 +14,7 @@ use common::checks::{id_of, split_output};
 use common::sqs::{
     Settings, cloudtrail, depth, send, setup, start_worker, stop, write_config_with,
 };
-use common::{Moto, TempDir, eventually, fixtures, free_port, http_get, local_objects, s3_objects};
+use common::{TempDir, eventually, fixtures, free_port, http_get, local_objects, s3_objects};
 use serde_json::Value;
 
 const DAY: &str = "AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18";
