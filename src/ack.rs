@@ -5,29 +5,64 @@
 //!
 //! A hold must be committed explicitly. One that is dropped uncommitted (an upload failed, a
 //! buffer was discarded, a task panicked) marks the notification failed, so nothing that was
-//! not written can ever cause a delete.
+//! not written can ever cause a delete. The first share to fail settles the unit at once (as
+//! failed): its source can deliver it again without waiting for the other shares, which may
+//! sit in buffers for up to `batch.max_age_secs`.
 //!
 //! A hold also carries its unit's side effects that may happen only once it is durable: the
 //! eventIDs `[dedup]` is to remember. They are recorded when the last share commits, never
 //! before, so a unit that fails and is delivered again is not mistaken for its own repeat.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
 
 use crate::dedup::Dedup;
 
+/// How a unit ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every share committed: every record is durable.
+    Written,
+    /// A share failed: deliver the unit again.
+    Failed,
+    /// The unit itself is refused (a message that cannot be parsed, a bucket outside the
+    /// allowlist): left to come back after its visibility timeout and, in time, to the DLQ.
+    Refused,
+}
+
 struct Ack {
     pending: AtomicUsize,
     failed: AtomicBool,
-    done: Mutex<Option<oneshot::Sender<bool>>>,
+    refused: AtomicBool,
+    done: Mutex<Option<oneshot::Sender<Outcome>>>,
     /// eventID hashes to remember once the unit is durable, and where.
     remember: Mutex<Option<(Arc<Dedup>, Vec<u64>)>>,
 }
 
 impl Ack {
+    fn settle(&self, outcome: Outcome) {
+        if let Some(tx) = self.done.lock().ok().and_then(|mut d| d.take()) {
+            let _ = tx.send(outcome);
+        }
+    }
+
+    /// A share failed: the first failure settles the unit at once.
+    fn fail(&self) {
+        if !self.failed.swap(true, Ordering::AcqRel) {
+            self.settle(if self.refused.load(Ordering::Acquire) {
+                Outcome::Refused
+            } else {
+                Outcome::Failed
+            });
+        }
+    }
+
     fn release(&self) {
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
             let ok = !self.failed.load(Ordering::Acquire);
@@ -35,9 +70,8 @@ impl Ack {
             if ok && let Some((dedup, ids)) = remember {
                 dedup.record(&ids, Instant::now());
             }
-            if let Some(tx) = self.done.lock().ok().and_then(|mut d| d.take()) {
-                let _ = tx.send(ok);
-            }
+            // A failed unit has settled already.
+            self.settle(Outcome::Written);
         }
     }
 }
@@ -48,8 +82,36 @@ pub struct Hold {
     committed: bool,
 }
 
-/// Resolves once every hold is gone: true when all were committed.
-pub type Settled = oneshot::Receiver<bool>;
+/// Resolves once every hold is committed (`Ok(true)`), or as soon as one fails (`Ok(false)`).
+pub struct Settled(oneshot::Receiver<Outcome>);
+
+impl Settled {
+    /// A settlement passed on by hand: resolves with what is sent.
+    pub fn relay() -> (oneshot::Sender<Outcome>, Settled) {
+        let (tx, rx) = oneshot::channel();
+        (tx, Settled(rx))
+    }
+
+    /// Whether the unit was written, if it has settled yet.
+    pub fn try_recv(&mut self) -> Result<bool, oneshot::error::TryRecvError> {
+        self.0.try_recv().map(|o| o == Outcome::Written)
+    }
+
+    /// How the unit ended (a unit whose holds vanished without a word failed).
+    pub async fn outcome(self) -> Outcome {
+        self.0.await.unwrap_or(Outcome::Failed)
+    }
+}
+
+impl Future for Settled {
+    type Output = Result<bool, oneshot::error::RecvError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map(|o| o == Outcome::Written))
+    }
+}
 
 impl Hold {
     /// A new notification's first hold and the receiver of its outcome.
@@ -58,6 +120,7 @@ impl Hold {
         let ack = Arc::new(Ack {
             pending: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
+            refused: AtomicBool::new(false),
             done: Mutex::new(Some(tx)),
             remember: Mutex::new(None),
         });
@@ -66,7 +129,7 @@ impl Hold {
                 ack,
                 committed: false,
             },
-            rx,
+            Settled(rx),
         )
     }
 
@@ -102,12 +165,17 @@ impl Hold {
 
     /// This share failed; the notification must not be acknowledged.
     pub fn fail(self) {}
+
+    /// The unit is refused for good: not acknowledged, and not handed back early either.
+    pub fn refuse(self) {
+        self.ack.refused.store(true, Ordering::Release);
+    }
 }
 
 impl Drop for Hold {
     fn drop(&mut self) {
         if !self.committed {
-            self.ack.failed.store(true, Ordering::Release);
+            self.ack.fail();
         }
         self.ack.release();
     }
@@ -151,7 +219,7 @@ mod tests {
     use super::*;
 
     fn settled(rx: &mut Settled) -> Option<bool> {
-        rx.try_recv().ok()
+        rx.0.try_recv().ok().map(|o| o == Outcome::Written)
     }
 
     #[test]
@@ -185,6 +253,27 @@ mod tests {
         h.commit();
         other.fail();
         assert_eq!(settled(&mut rx), Some(false));
+    }
+
+    #[test]
+    fn the_first_failed_share_settles_the_unit_at_once() {
+        let (h, mut rx) = Hold::new();
+        let mut buffered = Holds::default();
+        buffered.add(&h);
+        h.fail();
+        assert_eq!(
+            settled(&mut rx),
+            Some(false),
+            "failed while another share is still buffered"
+        );
+        buffered.commit();
+
+        let (h, rx) = Hold::new();
+        let other = h.share();
+        h.refuse();
+        other.commit();
+        let outcome = rx.0.blocking_recv().expect("settled");
+        assert_eq!(outcome, Outcome::Refused);
     }
 
     #[test]

@@ -641,6 +641,20 @@ pub fn progress() -> crate::progress::Done {
 }
 
 /// Whether every worker thread is running (`/healthz`).
+/// A source stopped taking work for good (until the pod is restarted).
+pub struct ReceivingStopped<'a> {
+    pub reason: &'a str,
+}
+
+impl InternalEvent for ReceivingStopped<'_> {
+    fn emit(self) {
+        tracing::error!(
+            "receiving stopped: {}; /readyz fails until the pod is restarted",
+            self.reason
+        );
+    }
+}
+
 pub fn workers_healthy() -> bool {
     METRICS.workers_lost.get() == 0
 }

@@ -1,5 +1,6 @@
 //! The operations endpoint: `/metrics` (Prometheus text), `/healthz` (the process is alive and
-//! every worker thread runs) and `/readyz` (the queue and the output are reachable).
+//! every worker thread runs) and `/readyz` (the source and the output are reachable, and some
+//! worker thread still runs).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,9 +17,24 @@ use tokio::net::TcpListener;
 
 use crate::metrics::METRICS;
 
+/// One run of a `/readyz` check.
+pub type CheckFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
 /// A dependency `/readyz` checks; each answers `Err(reason)` when unreachable.
-pub type Check =
-    Box<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+pub type Check = Box<dyn Fn() -> CheckFuture + Send + Sync>;
+
+/// A named `/readyz` check that runs `probe` on a clone of `ctx` each time it is asked.
+pub fn check<T, F, Fut>(name: &'static str, ctx: T, probe: F) -> (&'static str, Check)
+where
+    T: Clone + Send + Sync + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), String>> + Send + 'static,
+{
+    (
+        name,
+        Box::new(move || -> CheckFuture { Box::pin(probe(ctx.clone())) }),
+    )
+}
 
 /// Serves until the task is dropped. Each connection gets its own task.
 pub async fn serve(listener: TcpListener, checks: Arc<Vec<(&'static str, Check)>>) {

@@ -11,7 +11,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::checks::{id_of, split_output};
-use common::{Moto, TempDir, eventually, fixtures, free_port, http_get, local_objects, s3_objects};
+use common::sqs::{
+    Settings, cloudtrail, depth, send, setup, start_worker, stop, write_config_with,
+};
+use common::{TempDir, eventually, fixtures, free_port, http_get, local_objects, s3_objects};
 use serde_json::Value;
 
 const DAY: &str = "AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18";
@@ -433,38 +436,6 @@ fn a_file_over_the_stored_limit_is_refused_unread() {
 
 // ---- Through SQS and S3 ------------------------------------------------------------------
 
-fn service_config(dir: &Path, moto: &Moto, queue_url: &str, port: u16) -> String {
-    let ep = &moto.endpoint;
-    let path = dir.join("run.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[output]
-url = "s3://trail-out/ct/"
-[output.s3]
-endpoint_url = "{ep}"
-force_path_style = true
-[source.sqs]
-queue_url = "{queue_url}"
-endpoint_url = "{ep}"
-wait_time_secs = 1
-visibility_timeout_secs = 30
-[[source.buckets]]
-name = "trail-logs"
-endpoint_url = "{ep}"
-force_path_style = true
-[server]
-listen = "127.0.0.1:{port}"
-shutdown_grace_secs = 20
-[pipeline]
-max_file_bytes = 1048576
-"#
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
-}
-
 fn scrape(port: u16) -> String {
     http_get(port, "/metrics")
         .map(|(_, m)| m)
@@ -475,19 +446,8 @@ fn scrape(port: u16) -> String {
 /// announced on SQS, at the shipped batch defaults (buffers are sealed by SIGTERM).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_files_through_sqs_lose_only_their_bad_events_and_are_acknowledged() {
-    let moto = Moto::start();
+    let (moto, q) = setup("hostile", 5).await;
     let (s3, sqs) = (moto.s3(), moto.sqs());
-    for b in ["trail-logs", "trail-out"] {
-        s3.create_bucket().bucket(b).send().await.unwrap();
-    }
-    let queue = sqs
-        .create_queue()
-        .queue_name("hostile")
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
     let (big_file, big_good, big) = oversized_file();
     let (syn_file, syn_good, broken) = syntax_error_file();
     // Over `max_file_bytes` stored (its pad does not compress); the CloudTrail notification
@@ -521,28 +481,19 @@ async fn hostile_files_through_sqs_lose_only_their_bad_events_and_are_acknowledg
         keys.push(key);
     }
     for key in &keys {
-        let body = serde_json::json!({"s3Bucket": "trail-logs", "s3ObjectKey": [key]}).to_string();
-        sqs.send_message()
-            .queue_url(&queue)
-            .message_body(body)
-            .send()
-            .await
-            .unwrap();
+        send(&sqs, &q.url, &cloudtrail("trail-logs", &[key])).await;
     }
 
     let tmp = TempDir::new("hostile-sqs");
     let port = free_port();
-    let config = service_config(tmp.path(), &moto, &queue, port);
+    let eps = (moto.endpoint.as_str(), moto.endpoint.as_str());
+    let settings = Settings {
+        extra: "[pipeline]\nmax_file_bytes = 1048576\n".into(),
+        ..Settings::default()
+    };
+    let config = write_config_with(tmp.path(), eps, &q.url, port, &settings);
     let log = tmp.path().join("worker.log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
-    cmd.args(["run", "--config", &config])
-        .env("TRAILHOSE_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    for (k, v) in moto.env() {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = start_worker(&moto, &config, &log);
     eventually(60, "both files split", || async {
         metric(&scrape(port), &["trailhose_files_total", "outcome=\"ok\""]) >= 2.0
     })
@@ -561,26 +512,7 @@ async fn hostile_files_through_sqs_lose_only_their_bad_events_and_are_acknowledg
         1.0
     );
     // SIGTERM seals the open buffers, writes them and acknowledges both messages.
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no exit after SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    assert!(
-        status.success(),
-        "clean exit; log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    stop(&mut child, &log, 30);
 
     let objects = s3_objects(&s3, "trail-out", "ct/").await;
     let out = Out::of(&objects);
@@ -633,25 +565,7 @@ async fn hostile_files_through_sqs_lose_only_their_bad_events_and_are_acknowledg
         &syn_good,
         &broken,
     );
-    // Both messages acknowledged.
-    let attrs = sqs
-        .get_queue_attributes()
-        .queue_url(&queue)
-        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
-        .send()
-        .await
-        .unwrap()
-        .attributes
-        .unwrap_or_default();
-    let n = |k: aws_sdk_sqs::types::QueueAttributeName| {
-        attrs
-            .get(&k)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(99)
-    };
-    assert_eq!(
-        n(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
-            + n(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-        0
-    );
+    // Every message acknowledged.
+    assert_eq!(depth(&sqs, &q.url).await, (0, 0));
+    assert_eq!(depth(&sqs, &q.dlq_url).await.0, 0);
 }

@@ -8,14 +8,12 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_sdk_sqs::types::QueueAttributeName;
 use common::checks::{id_of, split_output};
+use common::sqs::*;
 use common::{Moto, TempDir, eventually, fixtures, free_port, http_get, local_objects, s3_objects};
-
-const DAY: &str = "AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18";
 
 /// One CloudTrail event at `time` with id `id`; `note` lands in its requestParameters.
 fn event(id: &str, time: &str, note: &str) -> serde_json::Value {
@@ -316,110 +314,45 @@ fn civil(z: i64) -> (i64, i64, i64) {
 
 // ---- service mode ------------------------------------------------------------------------
 
-/// A `trailhose run` child, killed on drop so a failing test leaves no worker behind.
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 struct Service {
     moto: Moto,
-    queue: String,
+    queue: Queues,
     port: u16,
     config: String,
 }
 
 /// moto with the buckets and a queue (redrive after 5 receives), and a config for one worker
-/// at the shipped batch defaults plus `extra` TOML.
-async fn service(tmp: &Path, extra: &str) -> Service {
-    let moto = Moto::start();
-    let (s3, sqs) = (moto.s3(), moto.sqs());
-    for b in ["trail-logs", "trail-out"] {
-        s3.create_bucket().bucket(b).send().await.expect("bucket");
-    }
-    let dlq = sqs
-        .create_queue()
-        .queue_name("work-dlq")
-        .send()
-        .await
-        .expect("dlq")
-        .queue_url
-        .expect("dlq url");
-    let dlq_arn = sqs
-        .get_queue_attributes()
-        .queue_url(&dlq)
-        .attribute_names(QueueAttributeName::QueueArn)
-        .send()
-        .await
-        .expect("dlq attrs")
-        .attributes
-        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-        .expect("dlq arn");
-    let queue = sqs
-        .create_queue()
-        .queue_name("work")
-        .attributes(
-            QueueAttributeName::RedrivePolicy,
-            format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"5"}}"#),
-        )
-        .send()
-        .await
-        .expect("queue")
-        .queue_url
-        .expect("queue url");
+/// at the shipped batch defaults but `settings`.
+async fn service(tmp: &Path, settings: Settings) -> Service {
+    let (moto, queue) = setup("work", 5).await;
     let port = free_port();
-    let ep = &moto.endpoint;
-    let path = tmp.join("run.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"[output]
-url = "s3://trail-out/ct/"
-[output.s3]
-endpoint_url = "{ep}"
-force_path_style = true
-[source.sqs]
-queue_url = "{queue}"
-endpoint_url = "{ep}"
-wait_time_secs = 1
-visibility_timeout_secs = 3
-max_files_in_flight = 4
-[[source.buckets]]
-name = "trail-logs"
-endpoint_url = "{ep}"
-force_path_style = true
-[server]
-listen = "127.0.0.1:{port}"
-shutdown_grace_secs = 20
-{extra}
-"#
-        ),
-    )
-    .expect("config");
+    let eps = (moto.endpoint.as_str(), moto.endpoint.as_str());
+    let config = write_config_with(tmp, eps, &queue.url, port, &settings);
     Service {
         moto,
         queue,
         port,
-        config: path.display().to_string(),
+        config,
+    }
+}
+
+/// One worker thread (and `batch` added to `[batch]`).
+fn one_worker(batch: &str, pipeline: &str) -> Settings {
+    Settings {
+        batch: batch.into(),
+        extra: format!("[pipeline]\nworkers = 1\n{pipeline}"),
+        ..Settings::default()
     }
 }
 
 impl Service {
     fn start(&self, fault: &str, log: &Path) -> Worker {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
-        cmd.args(["run", "--config", &self.config])
-            .env("TRAILHOSE_LOG", "info")
-            .env("TRAILHOSE_TEST_FAULT", fault)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).expect("log"));
-        for (k, v) in self.moto.env() {
-            cmd.env(k, v);
-        }
-        Worker(cmd.spawn().expect("start trailhose run"))
+        start_worker_with(
+            &self.moto,
+            &self.config,
+            log,
+            &[("TRAILHOSE_TEST_FAULT", fault)],
+        )
     }
 
     fn metric(&self, needle: &[&str]) -> f64 {
@@ -429,59 +362,15 @@ impl Service {
         metric_in(&text, needle)
     }
 
-    /// Uploads `n` generated files, one message each; returns their eventIDs, sorted.
+    /// Uploads `n` generated files (`gen-100-000.json.gz`, …), one message each; returns their
+    /// eventIDs, sorted.
     async fn seed(&self, n: u64, bytes: usize) -> Vec<String> {
-        let (s3, sqs) = (self.moto.s3(), self.moto.sqs());
-        let mut ids = Vec::new();
-        for i in 0..n {
-            let json = trailhose::synth::Generator::new(100 + i).delivery_file(bytes);
-            let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
-            for r in v["Records"].as_array().expect("records") {
-                ids.push(r["eventID"].as_str().expect("id").to_owned());
-            }
-            let key = format!("{DAY}/file-{i:03}.json.gz");
-            s3.put_object()
-                .bucket("trail-logs")
-                .key(&key)
-                .body(fixtures::gzip(&json).into())
-                .send()
-                .await
-                .expect("put");
-            let body = serde_json::json!({"s3Bucket": "trail-logs", "s3ObjectKey": [key]});
-            sqs.send_message()
-                .queue_url(&self.queue)
-                .message_body(body.to_string())
-                .send()
-                .await
-                .expect("send");
-        }
-        ids.sort();
-        ids
+        seed_generated(&self.moto, &self.queue.url, n, 100, bytes).await
     }
 
     /// (visible, in flight) messages.
     async fn depth(&self) -> (u64, u64) {
-        let attrs = self
-            .moto
-            .sqs()
-            .get_queue_attributes()
-            .queue_url(&self.queue)
-            .attribute_names(QueueAttributeName::All)
-            .send()
-            .await
-            .expect("attrs")
-            .attributes
-            .unwrap_or_default();
-        let get = |k: QueueAttributeName| {
-            attrs
-                .get(&k)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        (
-            get(QueueAttributeName::ApproximateNumberOfMessages),
-            get(QueueAttributeName::ApproximateNumberOfMessagesNotVisible),
-        )
+        depth(&self.moto.sqs(), &self.queue.url).await
     }
 
     async fn queue_empty(&self) -> bool {
@@ -489,36 +378,7 @@ impl Service {
     }
 
     async fn written_ids(&self) -> Vec<String> {
-        let objects = s3_objects(&self.moto.s3(), "trail-out", "ct/").await;
-        let mut ids: Vec<String> = split_output(&objects)
-            .events
-            .iter()
-            .map(|(_, l)| id_of(l))
-            .collect();
-        ids.sort();
-        ids
-    }
-}
-
-fn sigterm_and_wait(w: &mut Worker, log: &Path) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &w.0.id().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(status) = w.0.try_wait().expect("wait") {
-            assert!(
-                status.success(),
-                "{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-            return;
-        }
-        assert!(Instant::now() < deadline, "worker did not stop");
-        std::thread::sleep(Duration::from_millis(100));
+        written_ids(&self.moto.s3()).await
     }
 }
 
@@ -528,10 +388,10 @@ fn sigterm_and_wait(w: &mut Worker, log: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_panics_on_a_file_redelivers_it_and_keeps_serving() {
     let tmp = TempDir::new("worker-panic");
-    let svc = service(tmp.path(), "[pipeline]\nworkers = 1\n").await;
+    let svc = service(tmp.path(), one_worker("", "")).await;
     let ids = svc.seed(6, 20_000).await;
     let log = tmp.path().join("worker.log");
-    let mut w = svc.start("worker_panic:file-002.json.gz", &log);
+    let mut w = svc.start("worker_panic:gen-100-002.json.gz", &log);
     eventually(60, "every file split, the panicking one again", || async {
         svc.metric(&["trailhose_files_total", "outcome=\"ok\""]) >= 6.0
     })
@@ -542,10 +402,10 @@ async fn a_worker_that_panics_on_a_file_redelivers_it_and_keeps_serving() {
     );
     let (status, _) = http_get(svc.port, "/healthz").expect("healthz");
     assert_eq!(status, 200, "a rebuilt worker keeps the process healthy");
-    sigterm_and_wait(&mut w, &log);
+    stop(&mut w, &log, 60);
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        log_text.contains("test hook: worker_panic on") && log_text.contains("file-002"),
+        log_text.contains("test hook: worker_panic on") && log_text.contains("gen-100-002"),
         "{log_text}"
     );
     assert_eq!(svc.written_ids().await, ids, "every event exactly once");
@@ -562,7 +422,7 @@ async fn a_compression_thread_that_panics_fails_its_batch_and_its_messages_come_
     // batch compressed panics (every event has an eventVersion).
     let svc = service(
         tmp.path(),
-        "[batch]\nmax_records = 5\n[pipeline]\nworkers = 1\ncompression_threads = 1\n",
+        one_worker("max_records = 5\n", "compression_threads = 1\n"),
     )
     .await;
     let ids = svc.seed(6, 20_000).await;
@@ -577,7 +437,7 @@ async fn a_compression_thread_that_panics_fails_its_batch_and_its_messages_come_
     })
     .await;
     let split_first = svc.metric(&["trailhose_files_total", "outcome=\"ok\""]);
-    sigterm_and_wait(&mut w, &log);
+    stop(&mut w, &log, 60);
     drop(w);
     let first = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(first.contains("test hook: compress_panic"), "{first}");
@@ -607,7 +467,7 @@ async fn a_compression_thread_that_panics_fails_its_batch_and_its_messages_come_
                 && svc.depth().await.0 == 0
         })
         .await;
-        sigterm_and_wait(&mut w, &log);
+        stop(&mut w, &log, 60);
     }
     let written = svc.written_ids().await;
     let unique: BTreeSet<&String> = written.iter().collect();
@@ -617,14 +477,16 @@ async fn a_compression_thread_that_panics_fails_its_batch_and_its_messages_come_
 }
 
 /// A worker that cannot be rebuilt after a panic is lost: `/healthz` turns unhealthy (so
-/// Kubernetes restarts the pod) and the file's message is not deleted.
+/// Kubernetes restarts the pod) and the file's message is not deleted. With every worker lost
+/// the pod stops receiving (the queue is left to the other pods: nothing here could split a
+/// file) and `/readyz` fails, saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_that_cannot_be_rebuilt_makes_healthz_fail() {
+async fn a_pod_whose_workers_are_all_lost_stops_receiving_and_is_not_ready() {
     let tmp = TempDir::new("worker-lost");
-    let svc = service(tmp.path(), "[pipeline]\nworkers = 1\n").await;
+    let svc = service(tmp.path(), one_worker("", "")).await;
     svc.seed(1, 5_000).await;
     let log = tmp.path().join("worker.log");
-    let _w = svc.start("worker_panic:file-000,rebuild_panic:file-000", &log);
+    let _w = svc.start("worker_panic:gen-100-000,rebuild_panic:gen-100-000", &log);
     eventually(60, "the process to be up", || async {
         http_get(svc.port, "/metrics").is_some()
     })
@@ -638,5 +500,26 @@ async fn a_worker_that_cannot_be_rebuilt_makes_healthz_fail() {
         svc.metric(&["trailhose_panics_total", "thread=\"worker\""]),
         1.0
     );
-    assert!(!svc.queue_empty().await, "the message is not deleted");
+    let (status, body) = http_get(svc.port, "/readyz").expect("readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("workers: every worker thread"), "{body}");
+    assert!(body.contains("queue: ok"), "{body}");
+
+    // A message sent now is never received here, and the failed one, once handed back,
+    // stays on the queue too (several long polls and visibility timeouts).
+    let key = format!("{DAY}/gen-100-000.json.gz");
+    send(
+        &svc.moto.sqs(),
+        &svc.queue.url,
+        &cloudtrail("trail-logs", &[&key]),
+    )
+    .await;
+    eventually(30, "both messages to wait on the queue", || async {
+        svc.depth().await == (2, 0)
+    })
+    .await;
+    for _ in 0..16 {
+        assert_eq!(svc.depth().await, (2, 0), "nothing is received any more");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 }

@@ -108,10 +108,7 @@ async fn worker_processes_every_notification_shape_acks_and_refuses_then_stops_o
     let log = tmp.path().join("worker.log");
     let mut worker = start_worker(&moto, &config, &log);
 
-    eventually(30, "/healthz", || async {
-        http_get(port, "/healthz").is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    wait_healthy(port).await;
     let (status, body) = http_get(port, "/readyz").expect("readyz");
     assert_eq!(status, 200, "{body}");
     assert!(
@@ -134,12 +131,7 @@ async fn worker_processes_every_notification_shape_acks_and_refuses_then_stops_o
     .await;
 
     let (_, metrics) = http_get(port, "/metrics").expect("metrics");
-    signal(&worker, "-TERM");
-    assert!(
-        wait_exit(&mut worker, 25),
-        "clean exit on SIGTERM; log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    stop(&mut worker, &log, 25);
 
     let objects = s3_objects(&s3, "trail-out", "ct/").await;
     check_fixture_output(&exp, &objects);
@@ -262,10 +254,7 @@ async fn messages_are_acknowledged_only_after_their_records_are_written() {
     let config = write_config(tmp.path(), &moto, &q.url, port, 1);
     let log = tmp.path().join("worker.log");
     let mut worker = start_worker(&moto, &config, &log);
-    eventually(30, "/healthz", || async {
-        http_get(port, "/healthz").is_some_and(|(s, _)| s == 200)
-    })
-    .await;
+    wait_healthy(port).await;
 
     // The output disappears after start-up: every put now fails.
     s3.delete_bucket()
@@ -298,8 +287,7 @@ async fn messages_are_acknowledged_only_after_their_records_are_written() {
         depth(&sqs, &q.url).await == (0, 0)
     })
     .await;
-    signal(&worker, "-TERM");
-    assert!(wait_exit(&mut worker, 25));
+    stop(&mut worker, &log, 25);
     let mut got = written_ids(&s3).await;
     got.dedup();
     assert_eq!(got, expected, "every event arrives once the output is back");
@@ -377,12 +365,7 @@ async fn s3_errors_throttling_and_slow_responses_cost_retries_not_events() {
         depth(&sqs, &q.url).await == (0, 0)
     })
     .await;
-    signal(&worker, "-TERM");
-    assert!(
-        wait_exit(&mut worker, 25),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    stop(&mut worker, &log, 25);
 
     let injected = proxy.injected.load(std::sync::atomic::Ordering::SeqCst);
     assert!(injected >= 5, "the proxy injected faults ({injected})");

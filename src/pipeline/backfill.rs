@@ -1,7 +1,9 @@
 //! `trailhose backfill`: historical delivery files from a bucket, split over N workers by key
 //! hash. Resumable: once a file's records are durably written, a marker object
 //! (`_trailhose/backfill/<bucket>/<key>.done`) is written under the output root, and a re-run skips
-//! files that have one.
+//! files that have one. Each file is a unit of the acknowledgement ledger, which writes the
+//! marker; dispatch pauses, like SQS receiving, while the buffer budget is reached or
+//! `MAX_UNACKED_FILES` files wait for their buffers.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,16 +13,19 @@ use tokio::task::JoinSet;
 
 use super::dispatch;
 use super::engine::Engine;
+use super::ledger::{Effects, Ledger, Pressure};
 use super::{PipelineError, Tally};
 use crate::ack::Hold;
 use crate::config::{BucketConfig, Config};
 use crate::fetch::{S3Fetcher, S3Lister};
-use crate::metrics::{self, MarkerWriteFailed};
-use crate::sink::write::{Store, Written};
+use crate::sink::write::Written;
 use crate::source::backfill::{self, Spec};
 use crate::source::notification::ObjectRef;
 
 const MARKERS: &str = "_trailhose/backfill/";
+/// Files dispatched whose records are not all written yet (each costs an entry; their records
+/// are bounded by the buffer budget).
+const MAX_UNACKED_FILES: usize = 5000;
 
 #[derive(Debug)]
 pub struct BackfillReport {
@@ -105,22 +110,27 @@ pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineEr
     );
 
     let files = engine.submitter();
+    let budget = engine.budget();
+    let pressure: Pressure = Arc::new(move || budget.over());
+    let effects = Effects {
+        sqs: None,
+        store: Some(store.clone()),
+    };
+    let (ledger, driver) = Ledger::start(effects, MAX_UNACKED_FILES, pressure);
     let fetch_slots = Arc::new(tokio::sync::Semaphore::new(cfg.workers() * 2));
-    let mut markers = JoinSet::new();
     let mut fetches = JoinSet::new();
     for key in todo {
-        // Bounds fetches in flight (the dispatch then waits for room in the engine).
+        // Room in the ledger first (the buffer budget), then a fetch slot (the dispatch then
+        // waits for room in the engine).
+        let Some(room) = ledger.reserve_one().await else {
+            break;
+        };
         let Ok(slot) = fetch_slots.clone().acquire_owned().await else {
             break;
         };
-        let (files, fetcher, store, bucket) = (
-            files.clone(),
-            fetcher.clone(),
-            store.clone(),
-            spec.bucket.clone(),
-        );
+        let (files, fetcher, bucket) = (files.clone(), fetcher.clone(), spec.bucket.clone());
         let (hold, settled) = Hold::new();
-        markers.spawn(write_marker(store, marker_key(&bucket, &key), settled));
+        ledger.track_file(marker_key(&bucket, &key), settled, room);
         fetches.spawn(async move {
             let obj = ObjectRef {
                 bucket,
@@ -140,8 +150,10 @@ pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineEr
     while let Some(ok) = fetches.join_next().await {
         failed += usize::from(!matches!(ok, Ok(true)));
     }
+    drop(ledger);
     let (tally, written) = engine.finish().await?;
-    while markers.join_next().await.is_some() {}
+    // Every hold has settled: the ledger writes the last markers and stops.
+    driver.finish().await;
     Ok(BackfillReport {
         listed: listed.len(),
         mine: mine.len(),
@@ -151,19 +163,4 @@ pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineEr
         written,
         elapsed: started.elapsed(),
     })
-}
-
-/// Writes a file's marker once all its records are written; nothing when any part failed, so
-/// a re-run processes it again.
-async fn write_marker(store: Arc<Store>, key: String, settled: crate::ack::Settled) {
-    if settled.await.unwrap_or(false)
-        && let Err(e) = store
-            .put(&key, bytes::Bytes::new(), "application/octet-stream")
-            .await
-    {
-        metrics::emit(MarkerWriteFailed {
-            key: &key,
-            error: &e,
-        });
-    }
 }

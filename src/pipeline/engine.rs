@@ -5,6 +5,7 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -91,9 +92,31 @@ fn open_transforms(cfg: &Config) -> Result<Option<Arc<Transforms>>, PipelineErro
     Ok(Some(t))
 }
 
+/// How many worker threads still run. A worker that panics is rebuilt; one whose rebuild
+/// panics too is lost for good.
+#[derive(Clone, Debug)]
+pub struct Workers(Arc<AtomicUsize>);
+
+impl Workers {
+    /// True once every worker thread is lost: nothing submitted would ever be split.
+    pub fn all_lost(&self) -> bool {
+        self.0.load(Ordering::Acquire) == 0
+    }
+
+    /// For `/readyz`: a pod whose workers are all lost must get no more work.
+    pub fn check(&self) -> Result<(), String> {
+        if self.all_lost() {
+            Err("every worker thread panicked and could not be rebuilt".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
 pub struct Engine {
     store: Arc<Store>,
     budget: Arc<Budget>,
+    alive: Workers,
     submitter: Submitter,
     workers: Vec<std::thread::JoinHandle<Tally>>,
     uploader: tokio::task::JoinHandle<Written>,
@@ -155,6 +178,7 @@ impl Engine {
         });
         let budget = Budget::new(cfg.batch.max_buffered_bytes);
         let (files, files_rx) = crossbeam_channel::unbounded::<FileJob>();
+        let alive = Workers(Arc::new(AtomicUsize::new(workers.max(1))));
         let mut handles = Vec::new();
         for i in 0..workers.max(1) {
             let mut worker = FileWorker::new(
@@ -168,15 +192,17 @@ impl Engine {
             .with_dedup(dedup.clone());
             let rx = files_rx.clone();
             let tx = sealed_tx.clone();
+            let alive = alive.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("worker-{i}"))
-                .spawn(move || worker_loop(&mut worker, &rx, &tx))
+                .spawn(move || worker_loop(&mut worker, &rx, &tx, &alive))
                 .map_err(|e| PipelineError::Worker(e.to_string()))?;
             handles.push(handle);
         }
         Ok(Engine {
             store,
             budget,
+            alive,
             submitter: Submitter {
                 files,
                 permits: Arc::new(Semaphore::new(max_files.max(1))),
@@ -195,6 +221,11 @@ impl Engine {
     /// true, workers are sealing buffers early to make room. The SQS receive loop pauses on it.
     pub fn budget(&self) -> Arc<Budget> {
         self.budget.clone()
+    }
+
+    /// The worker threads that still run: a source stops taking work when all are lost.
+    pub fn workers(&self) -> Workers {
+        self.alive.clone()
     }
 
     /// A clonable way in, for the tasks that submit files.
@@ -277,6 +308,7 @@ fn worker_loop(
     worker: &mut FileWorker,
     rx: &crossbeam_channel::Receiver<FileJob>,
     tx: &mpsc::Sender<Sealed>,
+    alive: &Workers,
 ) -> Tally {
     let mut out = |s: Sealed| {
         // A closed channel means the uploader is gone: the batch's holds drop uncommitted.
@@ -319,6 +351,7 @@ fn worker_loop(
             worker.recover(on_file.as_deref(), &message, &mut out);
         }));
         if let Err(again) = rebuilt {
+            alive.0.fetch_sub(1, Ordering::AcqRel);
             metrics::emit(WorkerLost {
                 message: &testhook::panic_message(&*again),
             });

@@ -4,8 +4,9 @@
 //!
 //! Tasks and threads:
 //! * the receive loop long-polls SQS while the ledger has room (`ledger`);
-//! * one short task per message parses it, puts it in the ledger and hands its files on
-//!   (`dispatch`); its receive slot is free as soon as its files are handed on, not when they
+//! * every received message goes into the ledger at once (heartbeated from then on, also while
+//!   it waits for a dispatch slot); one short task per message then parses it and hands its
+//!   files on (`dispatch`); its slot is free as soon as its files are handed on, not when they
 //!   are written, so throughput does not depend on `batch.max_age_secs`;
 //! * worker threads split, enrich and buffer files (`FileWorker`), sealing buffers by size and
 //!   age; the uploader writes sealed batches and commits their holds;
@@ -24,13 +25,13 @@ use tokio::task::JoinSet;
 
 use super::dispatch;
 use super::engine::{Engine, Submitter};
-use super::ledger::{Ledger, Pressure, Room};
+use super::ledger::{Effects, Ledger, Pressure};
 use super::{PipelineError, Tally};
 use crate::ack::Hold;
 use crate::config::Config;
 use crate::fetch::S3Fetcher;
 use crate::metrics::{self, *};
-use crate::server::{self, Check};
+use crate::server;
 use crate::sink::write::Written;
 use crate::source::notification::{self, Notification};
 use crate::source::sqs::{Received, Sqs};
@@ -65,27 +66,26 @@ pub async fn run(
         sqs: Arc::new(Sqs::new(&sqs_cfg).await),
         fetcher: S3Fetcher::new(&cfg.source.buckets).await,
     });
-    let (ledger, driver) =
-        Ledger::start(shared.sqs.clone(), sqs_cfg.max_unacked_messages, pressure);
+    let effects = Effects {
+        sqs: Some(shared.sqs.clone()),
+        store: None,
+    };
+    let (ledger, driver) = Ledger::start(effects, sqs_cfg.max_unacked_messages, pressure);
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .map_err(|e| PipelineError::Worker(format!("listening on {}: {e}", cfg.server.listen)))?;
     tracing::info!(listen = %cfg.server.listen, "serving /metrics, /healthz, /readyz");
-    let checks: Vec<(&'static str, Check)> = vec![
-        ("queue", {
-            let shared = shared.clone();
-            Box::new(move || {
-                let shared = shared.clone();
-                Box::pin(async move { shared.sqs.check().await })
-            })
+    let workers = engine.workers();
+    let checks = vec![
+        server::check(
+            "queue",
+            shared.clone(),
+            |s| async move { s.sqs.check().await },
+        ),
+        server::check("output", store.clone(), |s| async move {
+            s.check().await.map_err(|e| e.to_string())
         }),
-        ("output", {
-            let store = store.clone();
-            Box::new(move || {
-                let store = store.clone();
-                Box::pin(async move { store.check().await.map_err(|e| e.to_string()) })
-            })
-        }),
+        server::check("workers", workers.clone(), |w| async move { w.check() }),
     ];
     let server = tokio::spawn(server::serve(listener, Arc::new(checks)));
 
@@ -108,6 +108,15 @@ pub async fn run(
             ledger_lost = true;
             break;
         }
+        if workers.all_lost() {
+            // Nothing received could be split: leave the queue to the other pods. `/readyz`
+            // and `/healthz` fail, so Kubernetes stops routing here and restarts the pod.
+            metrics::emit(ReceivingStopped {
+                reason: "every worker thread is lost",
+            });
+            (&mut shutdown).await;
+            break;
+        }
         // Receive only when the ledger has room, so memory never follows the queue's depth.
         let mut rooms = tokio::select! {
             _ = &mut shutdown => break,
@@ -123,17 +132,22 @@ pub async fn run(
         };
         match received {
             Ok(batch) => {
+                // In the ledger at once: heartbeated while they wait for a slot below.
+                let mut held = Vec::with_capacity(batch.len());
                 for msg in batch {
-                    let (Some(room), Ok(slot)) = (rooms.pop(), slots.clone().acquire_owned().await)
-                    else {
+                    let Some(room) = rooms.pop() else {
                         break;
                     };
-                    let task = handle_message(
-                        shared.clone(),
-                        ledger.clone(),
-                        (msg, received_at, room),
-                        files.clone(),
-                    );
+                    let (hold, settled) = Hold::new();
+                    ledger.track(&msg, received_at, settled, room);
+                    held.push((msg, hold));
+                }
+                for (msg, hold) in held {
+                    // A message left without a slot drops its hold: it is handed back.
+                    let Ok(slot) = slots.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let task = handle_message(shared.clone(), msg, hold, files.clone());
                     messages.spawn(async move {
                         task.await;
                         drop(slot);
@@ -201,12 +215,8 @@ pub async fn run(
     }
 }
 
-async fn handle_message(
-    shared: Arc<Shared>,
-    ledger: Ledger,
-    (msg, received_at, room): (Received, Instant, Room),
-    files: Submitter,
-) {
+/// Parses a tracked message and hands its files on under `hold`, which settles it.
+async fn handle_message(shared: Arc<Shared>, msg: Received, hold: Hold, files: Submitter) {
     let id = msg.message_id.clone();
     let objects = match notification::parse(&msg.body) {
         Err(e) => {
@@ -217,6 +227,7 @@ async fn handle_message(
                 reason: e.reason(),
                 detail: &e.to_string(),
             });
+            hold.refuse();
             return;
         }
         Ok(Notification::Ignorable { shape, reason }) => {
@@ -225,9 +236,7 @@ async fn handle_message(
                 result: reason,
             });
             // Nothing to write: acknowledged at once (in the ledger's next delete batch).
-            let (hold, settled) = Hold::new();
             hold.commit();
-            ledger.track(msg, received_at, settled, room);
             return;
         }
         Ok(Notification::Objects { shape, objects }) => {
@@ -240,6 +249,7 @@ async fn handle_message(
                         bad.bucket, bad.key
                     ),
                 });
+                hold.refuse();
                 return;
             }
             metrics::emit(NotificationReceived {
@@ -250,9 +260,6 @@ async fn handle_message(
         }
     };
 
-    // In the ledger from here: heartbeated until its hold settles, then deleted or handed back.
-    let (hold, settled) = Hold::new();
-    ledger.track(msg, received_at, settled, room);
     // A failure has failed the hold (and said why); the ledger hands the message back.
     let _ = dispatch::fetch_and_submit(&shared.fetcher, &files, &id, &objects, hold).await;
 }

@@ -218,8 +218,9 @@ impl Store {
         match self {
             Store::Local { root } => {
                 let path = root.join(key);
+                let root = root.clone();
                 tokio::task::spawn_blocking(move || {
-                    write_local(&path, &body).map_err(|e| (path, e))
+                    write_local(&root, &path, &body).map_err(|e| (path, e))
                 })
                 .await
                 .map_err(|e| WriteError::Local {
@@ -254,10 +255,13 @@ impl Store {
     }
 }
 
-fn write_local(path: &Path, body: &[u8]) -> std::io::Result<()> {
+fn write_local(root: &Path, path: &Path, body: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    create_dirs_durably(dir)?;
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir)?;
+    }
+    sync_path(root, dir, &SYNCED)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -279,20 +283,43 @@ fn write_local(path: &Path, body: &[u8]) -> std::io::Result<()> {
     sync_dir(dir)
 }
 
-/// `create_dir_all`, then syncs the parent of each directory it created so the new names
-/// survive a crash too (a new partition directory is as much a part of the object as its name).
-fn create_dirs_durably(dir: &Path) -> std::io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
+/// Directories under an output root whose own entries this process has synced. Forgotten
+/// wholesale past `SYNCED_MAX` (partition directories accrue by the hour): a forgotten one
+/// costs one more sync.
+const SYNCED_MAX: usize = 100_000;
+static SYNCED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Makes the path of `dir` below `root` durable: syncs the parent of every directory on it that
+/// this process has not synced yet, top down, then remembers them. Existing is not enough: a
+/// directory another worker created a moment ago may not be synced yet, and an object is only
+/// as durable as its path. Returns how many directories were synced (tests).
+fn sync_path(
+    root: &Path,
+    dir: &Path,
+    synced: &std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+) -> std::io::Result<usize> {
+    let known = |d: &Path| synced.lock().map(|s| s.contains(d)).unwrap_or(false);
+    if known(dir) || !dir.starts_with(root) {
+        return Ok(0);
     }
-    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
-    std::fs::create_dir_all(dir)?;
-    for created in missing.iter().rev() {
-        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+    // The root itself was there (or made) at start-up; its entry is the operator's.
+    let todo: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| *d != root && !known(d))
+        .collect();
+    for d in todo.iter().rev() {
+        if let Some(parent) = d.parent() {
             sync_dir(parent)?;
         }
+        if let Ok(mut s) = synced.lock() {
+            if s.len() >= SYNCED_MAX {
+                s.clear();
+            }
+            s.insert(d.to_path_buf());
+        }
     }
-    Ok(())
+    Ok(todo.len())
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -597,5 +624,36 @@ async fn write_sealed(
             });
             Err(e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_directory_on_an_objects_path_is_synced_once_even_one_another_worker_made() {
+        let root = std::env::temp_dir().join(format!("trailhose-sync-{}", uuid::Uuid::now_v7()));
+        std::fs::create_dir_all(&root).expect("root");
+        let synced = std::sync::Mutex::new(std::collections::HashSet::new());
+        // Another worker has just created the partition and not synced it yet: that it
+        // exists proves nothing.
+        let dir = root.join("ct/2024/03/18");
+        std::fs::create_dir_all(&dir).expect("made elsewhere");
+        assert_eq!(sync_path(&root, &dir, &synced).expect("sync"), 4);
+        assert_eq!(sync_path(&root, &dir, &synced).expect("sync"), 0, "once");
+        let next = root.join("ct/2024/03/19");
+        std::fs::create_dir_all(&next).expect("next day");
+        assert_eq!(sync_path(&root, &next, &synced).expect("sync"), 1);
+        assert_eq!(sync_path(&root, &root, &synced).expect("sync"), 0);
+
+        write_local(&root, &root.join("ct/2024/03/20/a.json"), b"{}").expect("write");
+        assert!(
+            SYNCED
+                .lock()
+                .expect("lock")
+                .contains(&root.join("ct/2024/03/20"))
+        );
+        let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -75,7 +75,7 @@ fn outcomes(
 }
 
 /// How long one call may go unanswered before it counts as failed (a receive: this beyond its
-/// long poll). The ledger's driver makes its calls one after another, and the SDK sets no read
+/// long poll). The ledger's driver waits for its calls, and the SDK sets no read
 /// timeout: a request sent into a half-open connection waits for TCP to give up, many minutes,
 /// and would stop every heartbeat and delete meanwhile. Both batch calls are idempotent.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -226,6 +226,28 @@ impl Sqs {
     }
 }
 
+#[cfg(test)]
+impl Sqs {
+    /// A client of a test endpoint (fixed credentials, queue `q`), with its own call deadline.
+    pub(crate) fn for_test(endpoint: &str, call_timeout: Duration) -> Sqs {
+        use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
+        let conf = aws_sdk_sqs::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new("AKIDTEST", "secret", None, None, "test"))
+            .endpoint_url(endpoint)
+            .build();
+        Sqs {
+            client: aws_sdk_sqs::Client::from_conf(conf),
+            queue_url: format!("{endpoint}/123456789012/q"),
+            wait_time_secs: 0,
+            max_messages: 10,
+            visibility_timeout_secs: 30,
+            call_timeout,
+        }
+    }
+}
+
 /// How long a message waited in the queue, from its SentTimestamp (epoch milliseconds); a clock
 /// behind SQS's counts as no wait.
 fn queue_age(
@@ -248,7 +270,6 @@ mod tests {
     /// every call must come back failed, so the ledger's driver goes on heartbeating.
     #[tokio::test]
     async fn calls_that_get_no_answer_fail_instead_of_hanging() {
-        use aws_sdk_sqs::config::{BehaviorVersion, Credentials, Region};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         std::thread::spawn(move || {
@@ -257,20 +278,7 @@ mod tests {
                 open.push(conn);
             }
         });
-        let conf = aws_sdk_sqs::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new("AKIDTEST", "secret", None, None, "test"))
-            .endpoint_url(format!("http://{addr}"))
-            .build();
-        let sqs = Sqs {
-            client: aws_sdk_sqs::Client::from_conf(conf),
-            queue_url: format!("http://{addr}/123456789012/q"),
-            wait_time_secs: 0,
-            max_messages: 10,
-            visibility_timeout_secs: 30,
-            call_timeout: Duration::from_millis(300),
-        };
+        let sqs = Sqs::for_test(&format!("http://{addr}"), Duration::from_millis(300));
         // Generous: only a call that never returns fails this.
         let deleted =
             tokio::time::timeout(Duration::from_secs(120), sqs.delete_batch(&["r1", "r2"]))

@@ -115,10 +115,12 @@ pub fn eventbridge(bucket: &str, key: &str) -> String {
 }
 
 /// What a test changes from the shipped defaults. `max_age_secs: None` keeps the default
-/// (300 s); `sqs` is added to `[source.sqs]`; `extra` is appended (whole sections).
+/// (300 s); `batch` is added to `[batch]`, `sqs` to `[source.sqs]`; `extra` is appended (whole
+/// sections).
 #[derive(Default, Clone)]
 pub struct Settings {
     pub max_age_secs: Option<u64>,
+    pub batch: String,
     pub sqs: String,
     pub extra: String,
 }
@@ -182,7 +184,7 @@ pub fn write_config_with(
         .max_age_secs
         .map(|s| format!("max_age_secs = {s}\n"))
         .unwrap_or_default();
-    let (sqs, extra) = (&settings.sqs, &settings.extra);
+    let (batch, sqs, extra) = (&settings.batch, &settings.sqs, &settings.extra);
     std::fs::write(
         &path,
         format!(
@@ -192,7 +194,7 @@ url = "s3://trail-out/ct/"
 endpoint_url = "{s3_ep}"
 force_path_style = true
 [batch]
-{max_age}[geoip]
+{max_age}{batch}[geoip]
 city_db = "{city}"
 asn_db = "{asn}"
 [source.sqs]
@@ -241,6 +243,11 @@ impl Drop for Worker {
 }
 
 pub fn start_worker(moto: &Moto, config: &str, log: &Path) -> Worker {
+    start_worker_with(moto, config, log, &[])
+}
+
+/// `start_worker` with more environment (a test hook such as `TRAILHOSE_TEST_FAULT`).
+pub fn start_worker_with(moto: &Moto, config: &str, log: &Path, env: &[(&str, &str)]) -> Worker {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_trailhose"));
     cmd.args(["run", "--config", config])
         .env("TRAILHOSE_LOG", "info")
@@ -249,7 +256,28 @@ pub fn start_worker(moto: &Moto, config: &str, log: &Path) -> Worker {
     for (k, v) in moto.env() {
         cmd.env(k, v);
     }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     Worker(cmd.spawn().expect("start trailhose run"))
+}
+
+/// Waits (generously) for the worker's `/healthz` to answer 200.
+pub async fn wait_healthy(port: u16) {
+    super::eventually(60, "/healthz", || async {
+        http_get(port, "/healthz").is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+}
+
+/// SIGTERM, then a clean exit within `secs`; the worker's log is shown when it fails.
+pub fn stop(worker: &mut Worker, log: &Path, secs: u64) {
+    signal(worker, "-TERM");
+    assert!(
+        wait_exit(worker, secs),
+        "clean exit; log:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }
 
 /// The value of the first `/metrics` line starting with `name` (include the space or `{` that

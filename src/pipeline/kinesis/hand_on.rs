@@ -12,15 +12,17 @@ use crate::pipeline::engine::{Input, Submitter};
 use crate::source::kinesis::{self, Shape};
 use crate::source::notification::{Notification, is_digest_key};
 
-/// Hands a batch of records to the engine under one hold; returns its outcome, or None when
-/// the engine is gone. Classification (the gunzip and parse of CloudWatch Logs batches) runs
-/// on the blocking pool, off the runtime that renews leases.
+/// Hands a batch of records to the engine under one hold, as a unit of the ledger (first
+/// waiting, like every source, while the buffer budget is reached); returns its outcome, or
+/// None when the engine is gone. Classification (the gunzip and parse of CloudWatch Logs
+/// batches) runs on the blocking pool, off the runtime that renews leases.
 pub(super) async fn hand_on(
     ctx: &Ctx,
     shard: &str,
     records: Vec<kinesis::Record>,
     files: &Submitter,
 ) -> Option<crate::ack::Settled> {
+    let room = ctx.ledger.reserve_one().await?;
     let (hold, settled) = Hold::new();
     let stream = &ctx.kinesis.stream;
     let mut counts: HashMap<&'static str, u64> = HashMap::new();
@@ -102,7 +104,7 @@ pub(super) async fn hand_on(
         metrics::emit(KinesisRecords { shape, count });
     }
     hold.commit();
-    Some(settled)
+    Some(ctx.ledger.track_batch(settled, room))
 }
 
 /// A file notification read from the stream: fetched and split like one from SQS. A refused

@@ -22,11 +22,12 @@ use tokio::task::JoinHandle;
 
 use super::PipelineError;
 use super::engine::Engine;
+use super::ledger::{Effects, Ledger, Pressure};
 use super::service::ServiceReport;
 use crate::config::{Config, KinesisConfig};
 use crate::fetch::S3Fetcher;
 use crate::metrics::{self, *};
-use crate::server::{self, Check};
+use crate::server;
 use crate::sink::write::Written;
 use crate::source::kinesis::{self, Kinesis};
 use crate::source::lease::{Claim, LeaseError, LeaseTable, Observer};
@@ -36,11 +37,17 @@ mod coordinate;
 mod hand_on;
 mod reader;
 
+/// Batches handed on whose records are not all written yet (their records are bounded by the
+/// buffer budget).
+const MAX_UNACKED_BATCHES: usize = 10_000;
+
 struct Ctx {
     cfg: KinesisConfig,
     kinesis: Kinesis,
     leases: LeaseTable,
     fetcher: S3Fetcher,
+    /// Every batch handed on is a unit here: reading pauses on the buffer budget.
+    ledger: Ledger,
     /// Closed shards' last sequence numbers, from the latest shard list.
     closed: RwLock<HashMap<String, String>>,
 }
@@ -99,7 +106,11 @@ pub async fn run(
         "" => default_worker_id(),
         id => id.to_owned(),
     };
+    let budget = engine.budget();
+    let pressure: Pressure = Arc::new(move || budget.over());
+    let (ledger, ledger_driver) = Ledger::start(Effects::default(), MAX_UNACKED_BATCHES, pressure);
     let ctx = Arc::new(Ctx {
+        ledger,
         kinesis: Kinesis::new(&shared, &kcfg.stream),
         leases: LeaseTable::new(&shared, &kcfg.lease_table(), &me),
         fetcher: S3Fetcher::new(&cfg.source.buckets).await,
@@ -121,28 +132,21 @@ pub async fn run(
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .map_err(|e| worker_error(&format!("listening on {}", cfg.server.listen), e))?;
-    let checks: Vec<(&'static str, Check)> = vec![
-        ("stream", {
-            let ctx = ctx.clone();
-            Box::new(move || {
-                let ctx = ctx.clone();
-                Box::pin(async move { ctx.kinesis.check().await })
-            })
+    let checks = vec![
+        server::check(
+            "stream",
+            ctx.clone(),
+            |c| async move { c.kinesis.check().await },
+        ),
+        server::check(
+            "leases",
+            ctx.clone(),
+            |c| async move { c.leases.check().await },
+        ),
+        server::check("output", store.clone(), |s| async move {
+            s.check().await.map_err(|e| e.to_string())
         }),
-        ("leases", {
-            let ctx = ctx.clone();
-            Box::new(move || {
-                let ctx = ctx.clone();
-                Box::pin(async move { ctx.leases.check().await })
-            })
-        }),
-        ("output", {
-            let store = store.clone();
-            Box::new(move || {
-                let store = store.clone();
-                Box::pin(async move { store.check().await.map_err(|e| e.to_string()) })
-            })
-        }),
+        server::check("workers", engine.workers(), |w| async move { w.check() }),
     ];
     let server = tokio::spawn(server::serve(listener, Arc::new(checks)));
 
@@ -226,6 +230,8 @@ pub async fn run(
     })
     .await;
     renewing.abort();
+    // Every reader is done: nothing more to tell them.
+    ledger_driver.abort_handle().abort();
     // Whatever happened, give the leases up so that others need not wait for them to expire.
     if let Ok(all) = ctx.leases.scan().await {
         for l in all
