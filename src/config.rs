@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub mod enrich;
+
 use crate::sink::batch::Limits;
 use crate::sink::columnar::{self, ParquetSpec};
 use crate::sink::encode::{Codec, Compression};
@@ -39,6 +41,8 @@ pub struct Config {
     pub output: OutputConfig,
     pub batch: BatchConfig,
     pub geoip: GeoipConfig,
+    /// Enrichment tables and the lookups that join them into events.
+    pub enrich: enrich::EnrichConfig,
     pub pipeline: PipelineConfig,
     pub source: SourceConfig,
     pub server: ServerConfig,
@@ -755,6 +759,7 @@ impl Config {
         if self.geoip.cache_entries == 0 {
             return Err(invalid("geoip.cache_entries", "must be at least 1"));
         }
+        self.enrich.validate()?;
         Ok(())
     }
 

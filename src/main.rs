@@ -115,6 +115,11 @@ enum Command {
     },
     /// Measure throughput on generated CloudTrail data: codec floor vs. the pipeline.
     Bench(trailhose::bench::BenchArgs),
+    /// Work with enrichment tables.
+    Tables {
+        #[command(subcommand)]
+        command: TablesCommand,
+    },
     /// Work with WASM transform modules.
     Transform {
         #[command(subcommand)]
@@ -144,6 +149,16 @@ enum Command {
         /// Print the result as CSV instead of a table.
         #[arg(long)]
         csv: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TablesCommand {
+    /// Print an accounts table (CSV, key `account_id`) made from an AWS Organizations export:
+    /// `aws organizations list-accounts --output json > accounts.json`.
+    FromOrganizations {
+        /// The `list-accounts` JSON.
+        file: PathBuf,
     },
 }
 
@@ -401,6 +416,17 @@ fn run(command: Command) -> anyhow::Result<()> {
             ))?;
             print!("{text}");
             eprintln!("trailhose: {note}");
+            Ok(())
+        }
+        Command::Tables {
+            command: TablesCommand::FromOrganizations { file },
+        } => {
+            let export =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let csv = trailhose::enrich::tables::organizations::accounts_csv(&export)
+                .with_context(|| file.display().to_string())?;
+            use std::io::Write;
+            std::io::stdout().write_all(&csv)?;
             Ok(())
         }
         Command::Transform {

@@ -10,6 +10,9 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+mod tables;
+pub use tables::{TableLoaded, TableLookups, TableReloadFailed};
+
 /// An occurrence worth counting and, where it matters, logging.
 pub trait InternalEvent {
     fn emit(self);

@@ -65,7 +65,7 @@ const REGIONS: &[&str] = &[
     "eu-central-1",
     "ap-northeast-1",
 ];
-const ACCOUNTS: &[&str] = &["123456789012", "210987654321", "555555555555"];
+pub const ACCOUNTS: &[&str] = &["123456789012", "210987654321", "555555555555"];
 const USERS: &[&str] = &[
     "alice",
     "bob",

@@ -222,7 +222,7 @@ const PROBE_SAMPLES: usize = 64;
 /// - a non-zero data section separator.
 ///
 /// Nodes reached twice (IPv4 aliases in IPv6 databases) are walked only once.
-fn check_search_tree(buf: &[u8], meta: &Metadata) -> Result<Vec<IpAddr>, String> {
+pub(crate) fn check_search_tree(buf: &[u8], meta: &Metadata) -> Result<Vec<IpAddr>, String> {
     let node_count = usize::try_from(meta.node_count).map_err(|_| "node count too large")?;
     let node_size = match meta.record_size {
         24 => 6,

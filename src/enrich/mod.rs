@@ -2,3 +2,4 @@
 
 pub mod geo;
 pub mod live;
+pub mod tables;

@@ -16,6 +16,7 @@ use super::{FileWorker, PipelineError, Tally, open_geo, open_store};
 use crate::ack::Hold;
 use crate::config::Config;
 use crate::enrich::live::LiveGeo;
+use crate::enrich::tables::live::LiveTables;
 use crate::metrics::{self, FileUnreadable, WorkerLost};
 use crate::sink::batch::Sealed;
 use crate::sink::budget::Budget;
@@ -49,26 +50,35 @@ struct FileJob {
 /// What the workers share, opened and checked by `Engine::open`.
 struct Parts {
     geo: Arc<LiveGeo>,
+    tables: Option<Arc<LiveTables>>,
     partitioner: Arc<Partitioner>,
     transforms: Option<Arc<Transforms>>,
     store: Arc<Store>,
     codec: Codec,
 }
 
-/// SIGHUP re-reads the GeoIP databases and the transform modules (each keeps its running
-/// version when the new file is unusable).
-fn reload_on_hangup(geo: &Arc<LiveGeo>, transforms: Option<&Arc<Transforms>>) {
+/// SIGHUP re-reads the GeoIP databases, the enrichment tables and the transform modules (each
+/// keeps its running version when the new one is unusable).
+fn reload_on_hangup(
+    geo: &Arc<LiveGeo>,
+    tables: Option<&Arc<LiveTables>>,
+    transforms: Option<&Arc<Transforms>>,
+) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
     };
     let (geo, transforms) = (Arc::downgrade(geo), transforms.map(Arc::downgrade));
+    let tables = tables.map(Arc::downgrade);
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            let (geo, transforms) = (geo.clone(), transforms.clone());
+            let (geo, tables, transforms) = (geo.clone(), tables.clone(), transforms.clone());
             let _ = tokio::task::spawn_blocking(move || {
                 if let Some(g) = geo.upgrade() {
                     g.reload(true);
+                }
+                if let Some(t) = tables.and_then(|t| t.upgrade()) {
+                    t.reload(true);
                 }
                 if let Some(t) = transforms.and_then(|t| t.upgrade()) {
                     t.reload(true);
@@ -135,12 +145,14 @@ impl Engine {
         let partitioner = Arc::new(cfg.partitioner()?);
         let codec = cfg.codec()?;
         let geo = open_geo(cfg)?;
+        let tables = LiveTables::open(&cfg.enrich).await?;
         let transforms = open_transforms(cfg)?;
-        reload_on_hangup(&geo, transforms.as_ref());
+        reload_on_hangup(&geo, tables.as_ref(), transforms.as_ref());
         let store = Arc::new(open_store(cfg).await?);
         store.check().await?;
         let parts = Parts {
             geo,
+            tables,
             partitioner,
             transforms,
             store,
@@ -157,6 +169,7 @@ impl Engine {
     ) -> Result<Engine, PipelineError> {
         let Parts {
             geo,
+            tables,
             partitioner,
             transforms,
             store,
@@ -189,7 +202,8 @@ impl Engine {
                 transforms.as_ref(),
                 &budget,
             )
-            .with_dedup(dedup.clone());
+            .with_dedup(dedup.clone())
+            .with_tables(tables.as_ref());
             let rx = files_rx.clone();
             let tx = sealed_tx.clone();
             let alive = alive.clone();

@@ -27,6 +27,9 @@ use crate::config::{Config, ConfigError, OutputUrl};
 use crate::dedup::Dedup;
 use crate::enrich::geo::{self, GeoEnricher, GeoError};
 use crate::enrich::live::LiveGeo;
+use crate::enrich::tables::TableError;
+use crate::enrich::tables::live::LiveTables;
+use crate::enrich::tables::stage::LookupStage;
 use crate::fetch::{self, Encoding};
 use crate::metrics::{self, *};
 use crate::sink::batch::{Batcher, Kind, Sealed};
@@ -43,6 +46,8 @@ pub enum PipelineError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Geo(#[from] GeoError),
+    #[error(transparent)]
+    Table(#[from] TableError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("output unusable: {0}")]
@@ -170,6 +175,11 @@ pub struct FileWorker {
     geo_generation: u64,
     geo_cache_entries: usize,
     geo: Option<GeoEnricher>,
+    /// The enrichment tables as they are now, the generation `lookups` was built from, and
+    /// the built-in lookups (None when there are none).
+    live_tables: Option<Arc<LiveTables>>,
+    tables_generation: u64,
+    lookups: Option<LookupStage>,
     partitioner: Arc<Partitioner>,
     events: Batcher,
     errors: Batcher,
@@ -216,6 +226,9 @@ impl FileWorker {
             geo_generation,
             geo_cache_entries: cfg.geoip.cache_entries,
             geo: (!db.is_empty()).then(|| GeoEnricher::new(db, cfg.geoip.cache_entries)),
+            live_tables: None,
+            tables_generation: 0,
+            lookups: None,
             partitioner,
             events: Batcher::new(Kind::Events, cfg.limits(), encoder.clone(), budget.clone()),
             errors: Batcher::new(
@@ -242,6 +255,14 @@ impl FileWorker {
             fresh: HashSet::new(),
             tally: Tally::default(),
         }
+    }
+
+    /// Joins the enrichment tables' built-in lookups into events.
+    pub fn with_tables(mut self, tables: Option<&Arc<LiveTables>>) -> FileWorker {
+        self.live_tables = tables.cloned();
+        self.tables_generation = u64::MAX;
+        self.follow_tables();
+        self
     }
 
     /// Drops events whose eventID `dedup` has seen.
@@ -337,6 +358,7 @@ impl FileWorker {
         let started = Instant::now();
         self.tally.files += 1;
         self.follow_geo();
+        self.follow_tables();
         if is_digest_name(source) {
             self.tally.digests += 1;
             metrics::emit(DigestSkipped { source });
@@ -381,7 +403,7 @@ impl FileWorker {
             duplicates: 0,
             retry: false,
         };
-        let (geo, stage) = (&mut self.geo, &mut self.stage);
+        let (geo, stage, lookups) = (&mut self.geo, &mut self.stage, &mut self.lookups);
         let mut next_index = 0u64;
         let report = cloudtrail::split_limited(decoded, self.limits, |item| match item {
             Item::Event { raw, head } => {
@@ -393,7 +415,15 @@ impl FileWorker {
                 let fragment = geo
                     .as_mut()
                     .and_then(|g| g.lookup(head.source_ip.as_deref()));
-                let additions = fragment.as_slice();
+                let joined: Vec<&[u8]>;
+                let additions = match lookups {
+                    None => fragment.as_slice(),
+                    Some(l) => {
+                        l.run(raw, &head);
+                        joined = fragment.into_iter().chain(l.fragments()).collect();
+                        joined.as_slice()
+                    }
+                };
                 match stage {
                     None => route.event(raw, additions, &head, out),
                     Some(st) => {
@@ -469,6 +499,9 @@ impl FileWorker {
                 cache_hits: s.cache_hits,
             });
         }
+        if let Some(l) = self.lookups.as_mut() {
+            l.report();
+        }
         metrics::emit(FallbackPartitioned { events: fallback });
         self.lag.flush();
         self.tally.events_in += report.events;
@@ -507,6 +540,26 @@ impl FileWorker {
             }
         }
         FileOutcome::Handled
+    }
+
+    /// Switches to reloaded enrichment tables between files.
+    fn follow_tables(&mut self) {
+        let Some(live) = &self.live_tables else {
+            return;
+        };
+        if live.generation() == self.tables_generation {
+            return;
+        }
+        let (generation, lookups) = live.current();
+        self.tables_generation = generation;
+        if lookups.is_empty() {
+            self.lookups = None;
+            return;
+        }
+        match self.lookups.as_mut() {
+            Some(l) => l.switch(lookups),
+            None => self.lookups = Some(LookupStage::new(lookups)),
+        }
     }
 
     /// Switches to reloaded GeoIP databases between files (the cache goes with the old ones).

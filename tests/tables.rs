@@ -1,0 +1,465 @@
+//! Enrichment tables end to end: the real binary, `process` on local tables and `run` against
+//! moto with a table on S3 that changes (and breaks) while the worker runs.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::checks::split_output;
+use common::{Moto, TempDir, fixtures, free_port, http_get, local_objects, trailhose};
+use serde_json::{Value, json};
+
+const DAY: &str = "AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18";
+
+fn event(id: &str, account: &str, ip: &str, arn: &str) -> String {
+    // Written by hand, odd spacing included: the output must carry these bytes unchanged.
+    format!(
+        "{{\"eventTime\": \"2024-03-18T10:00:00Z\", \"eventID\":\"{id}\",\"eventSource\":\"iam.amazonaws.com\",\
+         \"recipientAccountId\":\"{account}\",\"sourceIPAddress\":\"{ip}\",\
+         \"userIdentity\":{{\"type\":\"AssumedRole\",\"arn\":\"{arn}\"}}}}"
+    )
+}
+
+fn delivery(dir: &Path, name: &str, events: &[String]) {
+    let folder = dir.join(DAY);
+    std::fs::create_dir_all(&folder).unwrap();
+    let body = format!("{{\"Records\":[{}]}}", events.join(","));
+    std::fs::write(
+        folder.join(format!("{name}.json.gz")),
+        fixtures::gzip(body.as_bytes()),
+    )
+    .unwrap();
+}
+
+/// Output lines by eventID (each must be there once).
+fn by_id(events: &[(String, String)]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for (_, line) in events {
+        let v: Value = serde_json::from_str(line).expect("JSON line");
+        let id = v["eventID"].as_str().expect("eventID").to_owned();
+        assert!(
+            out.insert(id, line.clone()).is_none(),
+            "written once: {line}"
+        );
+    }
+    out
+}
+
+/// `raw` with `added` spliced before its closing brace, byte for byte.
+fn spliced(raw: &str, added: &[&str]) -> String {
+    let mut s = raw.strip_suffix('}').unwrap().to_owned();
+    for a in added {
+        s.push(',');
+        s.push_str(a);
+    }
+    s.push('}');
+    s
+}
+
+const TABLES: &str = r#"
+[enrich]
+reload_secs = 0
+[[enrich.tables]]
+name = "accounts"
+path = "ACCOUNTS"
+key = "account_id"
+[[enrich.tables]]
+name = "egress"
+path = "EGRESS"
+key = "cidr"
+match = "cidr"
+[[enrich.tables]]
+name = "breakglass"
+path = "PRINCIPALS"
+key = "arn"
+match = "case_insensitive"
+[[enrich.lookups]]
+table = "accounts"
+from = "recipientAccountId"
+add = { account = ["name", "env", "owner"] }
+[[enrich.lookups]]
+table = "egress"
+from = "sourceIPAddress"
+add = { network = ["label"] }
+[[enrich.lookups]]
+table = "breakglass"
+from = "userIdentity.arn"
+add = { principal = ["role"] }
+"#;
+
+fn write_tables(dir: &Path) -> String {
+    let accounts = dir.join("accounts.csv");
+    std::fs::write(
+        &accounts,
+        "account_id,name,env,owner\n\
+         111122223333,\"Payments, \"\"main\"\"\",prod,alice@example.com\n\
+         444455556666,sandbox,dev,\n",
+    )
+    .unwrap();
+    // Overlapping ranges in both families: the longest prefix wins.
+    let egress = dir.join("egress.csv");
+    std::fs::write(
+        &egress,
+        "cidr,label\n10.0.0.0/8,corp\n10.1.2.0/24,vpn\n10.1.2.3/32,bastion\n\
+         2001:db8::/32,office-v6\n2001:db8:1::/48,lab-v6\n",
+    )
+    .unwrap();
+    let principals = dir.join("principals.jsonl");
+    std::fs::write(
+        &principals,
+        "{\"arn\":\"arn:aws:sts::111122223333:assumed-role/break-glass/x\",\"role\":\"break-glass\"}\n",
+    )
+    .unwrap();
+    TABLES
+        .replace("ACCOUNTS", &accounts.display().to_string())
+        .replace("EGRESS", &egress.display().to_string())
+        .replace("PRINCIPALS", &principals.display().to_string())
+}
+
+#[test]
+fn process_joins_exact_case_insensitive_and_longest_prefix_matches_by_splicing() {
+    let tmp = TempDir::new("tables-process");
+    let config = tmp.path().join("tables.toml");
+    std::fs::write(&config, write_tables(tmp.path())).unwrap();
+    let input = tmp.path().join("in");
+    let arn = "arn:aws:sts::111122223333:assumed-role/Break-Glass/x";
+    let events = [
+        event("e1", "111122223333", "10.1.2.3", arn),
+        event("e2", "111122223333", "10.1.2.77", "arn:aws:iam::1:user/bob"),
+        event(
+            "e3",
+            "444455556666",
+            "10.200.0.1",
+            "ARN:AWS:STS::111122223333:ASSUMED-ROLE/BREAK-GLASS/X",
+        ),
+        event("e4", "999999999999", "2001:db8:1::7", "x"),
+        event("e5", "444455556666", "2001:db8:ffff::1", "x"),
+        event("e6", "999999999999", "::ffff:10.9.9.9", "x"),
+        event("e7", "999999999999", "cloudtrail.amazonaws.com", "x"),
+        event("e8", "999999999999", "203.0.113.9", "x"),
+    ];
+    delivery(&input, "one", &events);
+    let out = tmp.path().join("out");
+    let metrics = tmp.path().join("metrics.txt");
+    let run = trailhose(
+        &[
+            "process",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--metrics-file",
+            metrics.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let got = by_id(&split_output(&local_objects(&out)).events);
+    let prod =
+        r#""account":{"name":"Payments, \"main\"","env":"prod","owner":"alice@example.com"}"#;
+    let dev = r#""account":{"name":"sandbox","env":"dev"}"#;
+    let glass = r#""principal":{"role":"break-glass"}"#;
+    let expected: [(&str, Vec<&str>); 8] = [
+        ("e1", vec![prod, r#""network":{"label":"bastion"}"#, glass]),
+        ("e2", vec![prod, r#""network":{"label":"vpn"}"#]),
+        ("e3", vec![dev, r#""network":{"label":"corp"}"#, glass]),
+        ("e4", vec![r#""network":{"label":"lab-v6"}"#]),
+        ("e5", vec![dev, r#""network":{"label":"office-v6"}"#]),
+        ("e6", vec![r#""network":{"label":"corp"}"#]),
+        ("e7", vec![]),
+        ("e8", vec![]),
+    ];
+    assert_eq!(got.len(), expected.len(), "{got:?}");
+    for ((id, added), raw) in expected.iter().zip(&events) {
+        assert_eq!(got[*id], spliced(raw, added), "{id}");
+    }
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    for line in [
+        r#"trailhose_enrich_lookups_total{field="account",result="found",table="accounts"} 4"#,
+        r#"trailhose_enrich_lookups_total{field="account",result="absent",table="accounts"} 4"#,
+        r#"trailhose_enrich_lookups_total{field="network",result="absent",table="egress"} 2"#,
+        r#"trailhose_enrich_lookups_total{field="principal",result="found",table="breakglass"} 2"#,
+        r#"trailhose_enrich_table_rows{table="egress"} 5"#,
+    ] {
+        assert!(m.contains(line), "{line} in:\n{m}");
+    }
+    assert!(
+        m.contains(r#"trailhose_enrich_table_bytes{table="accounts"}"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"trailhose_enrich_table_load_seconds{table="accounts"}"#),
+        "{m}"
+    );
+}
+
+#[test]
+fn a_corrupt_table_or_a_missing_column_stops_start_up_naming_it() {
+    let tmp = TempDir::new("tables-corrupt");
+    let toml = write_tables(tmp.path());
+    let input = tmp.path().join("in");
+    delivery(&input, "one", &[event("e1", "1", "10.0.0.1", "x")]);
+    let out = tmp.path().join("out");
+    let start = |toml: &str| {
+        let config = tmp.path().join("tables.toml");
+        std::fs::write(&config, toml).unwrap();
+        let run = trailhose(
+            &[
+                "process",
+                input.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(!run.status.success());
+        String::from_utf8_lossy(&run.stderr).into_owned()
+    };
+    let egress = tmp.path().join("egress.csv");
+    std::fs::write(&egress, "cidr,label\n10.0.0.0/8,corp\n10.0.0.0/99,bad\n").unwrap();
+    let err = start(&toml);
+    assert!(
+        err.contains(&egress.display().to_string()) && err.contains("line 3"),
+        "{err}"
+    );
+    std::fs::write(&egress, "cidr,name\n10.0.0.0/8,corp\n").unwrap();
+    let err = start(&toml);
+    assert!(
+        err.contains("enrich.lookups.add") && err.contains("\"label\""),
+        "{err}"
+    );
+    let err = start(&toml.replace("table = \"egress\"", "table = \"egres\""));
+    assert!(err.contains("enrich.lookups.table"), "{err}");
+    assert!(!out.exists() || local_objects(&out).is_empty());
+}
+
+/// A worker with its accounts table on S3: a new version (ETag) is picked up mid-run and the
+/// files after it use it; a corrupt version is refused and the running table stays; every
+/// event is written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_follows_a_table_on_s3_and_keeps_the_running_one_when_a_version_is_corrupt() {
+    let moto = Moto::start();
+    let (s3, sqs) = (moto.s3(), moto.sqs());
+    for b in ["trail", "tables"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    let put_table = |body: &'static str| {
+        let s3 = s3.clone();
+        async move {
+            s3.put_object()
+                .bucket("tables")
+                .key("org/accounts.csv")
+                .body(body.as_bytes().to_vec().into())
+                .send()
+                .await
+                .expect("put table");
+        }
+    };
+    put_table("account_id,name,env\n111122223333,payments,prod\n").await;
+    let queue = sqs
+        .create_queue()
+        .queue_name("tables")
+        .send()
+        .await
+        .expect("queue")
+        .queue_url
+        .expect("queue url");
+    let tmp = TempDir::new("tables-run");
+    let out = tmp.path().join("out");
+    let port = free_port();
+    let ep = &moto.endpoint;
+    let config = tmp.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[output]\nurl = {:?}\n[batch]\nmax_age_secs = 1\n\
+             [source.sqs]\nqueue_url = {queue:?}\nendpoint_url = {ep:?}\nwait_time_secs = 1\n\
+             [[source.buckets]]\nname = \"trail\"\nendpoint_url = {ep:?}\nforce_path_style = true\n\
+             [server]\nlisten = \"127.0.0.1:{port}\"\n\
+             [enrich]\nreload_secs = 1\n\
+             [[enrich.tables]]\nname = \"accounts\"\npath = \"s3://tables/org/accounts.csv\"\n\
+             key = \"account_id\"\nendpoint_url = {ep:?}\nforce_path_style = true\n\
+             [[enrich.lookups]]\ntable = \"accounts\"\nfrom = \"recipientAccountId\"\n\
+             add = {{ account = [\"name\", \"env\"] }}\n",
+            out.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let send_file = |name: &'static str| {
+        let (s3, sqs, queue) = (s3.clone(), sqs.clone(), queue.clone());
+        async move {
+            let evs: Vec<Value> = (1..=3)
+                .map(|i| {
+                    json!({"eventTime": "2024-03-18T10:00:00Z", "eventID": format!("{name}{i}"),
+                           "recipientAccountId": "111122223333", "sourceIPAddress": "10.0.0.1"})
+                })
+                .collect();
+            let key = format!("{DAY}/{name}.json.gz");
+            let body = fixtures::gzip(&serde_json::to_vec(&json!({ "Records": evs })).unwrap());
+            s3.put_object()
+                .bucket("trail")
+                .key(&key)
+                .body(body.into())
+                .send()
+                .await
+                .expect("put");
+            let msg = json!({"s3Bucket": "trail", "s3ObjectKey": [key]}).to_string();
+            sqs.send_message()
+                .queue_url(&queue)
+                .message_body(msg)
+                .send()
+                .await
+                .expect("send");
+        }
+    };
+    let written = |n: usize| {
+        let out = out.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let events = if out.exists() {
+                    split_output(&local_objects(&out)).events
+                } else {
+                    Vec::new()
+                };
+                if events.len() >= n || Instant::now() > deadline {
+                    return events;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let metric = |needle: &'static str| async move {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let m = http_get(port, "/metrics")
+                .map(|(_, m)| m)
+                .unwrap_or_default();
+            if m.contains(needle) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {needle} in:\n{m}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trailhose"));
+    cmd.args(["run", "--config"])
+        .arg(&config)
+        .env("TRAILHOSE_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in moto.env() {
+        cmd.env(k, v);
+    }
+    let mut worker = cmd.spawn().expect("start trailhose run");
+    let pid = worker.id().to_string();
+
+    send_file("a").await;
+    assert_eq!(written(3).await.len(), 3, "file a");
+
+    put_table("account_id,name,env\n111122223333,payments-renamed,prod\n").await;
+    metric(r#"trailhose_enrich_table_reloads_total{result="ok",table="accounts"} 1"#).await;
+    put_table("account_id,name,env\n111122223333,broken\n").await;
+    metric(r#"trailhose_enrich_table_reloads_total{result="error",table="accounts"} 1"#).await;
+
+    send_file("b").await;
+    let events = written(6).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let _ = worker.wait();
+    let got = by_id(&events);
+    assert_eq!(got.len(), 6, "{events:?}");
+    for (id, line) in &got {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let name = if id.starts_with('a') {
+            "payments"
+        } else {
+            "payments-renamed"
+        };
+        assert_eq!(
+            v["account"],
+            json!({"name": name, "env": "prod"}),
+            "{id}: {line}"
+        );
+    }
+}
+
+/// The accounts table made from an Organizations export is one `process` can use as it is.
+#[test]
+fn tables_from_organizations_makes_an_accounts_table_that_joins() {
+    let tmp = TempDir::new("tables-orgs");
+    let export = tmp.path().join("accounts.json");
+    std::fs::write(
+        &export,
+        r#"{"Accounts":[{"Id":"111122223333","Arn":"arn:aws:organizations::1:account/o-1/111122223333",
+            "Email":"pay@example.com","Name":"payments","Status":"ACTIVE",
+            "JoinedMethod":"CREATED","JoinedTimestamp":"2021-04-01T10:00:00+00:00"}]}"#,
+    )
+    .unwrap();
+    let made = trailhose(
+        &["tables", "from-organizations", export.to_str().unwrap()],
+        &[],
+    );
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let table = tmp.path().join("accounts.csv");
+    std::fs::write(&table, &made.stdout).unwrap();
+    let config = tmp.path().join("orgs.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[enrich.tables]]\nname = \"accounts\"\npath = {:?}\nkey = \"account_id\"\n\
+             [[enrich.lookups]]\ntable = \"accounts\"\nfrom = \"recipientAccountId\"\n\
+             add = {{ account = [\"name\", \"status\"] }}\n",
+            table.display().to_string()
+        ),
+    )
+    .unwrap();
+    let input = tmp.path().join("in");
+    let raw = event("o1", "111122223333", "10.0.0.1", "x");
+    delivery(&input, "one", std::slice::from_ref(&raw));
+    let out = tmp.path().join("out");
+    let run = trailhose(
+        &[
+            "process",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let got = by_id(&split_output(&local_objects(&out)).events);
+    assert_eq!(
+        got["o1"],
+        spliced(
+            &raw,
+            &[r#""account":{"name":"payments","status":"ACTIVE"}"#]
+        )
+    );
+    let bad = trailhose(
+        &["tables", "from-organizations", config.to_str().unwrap()],
+        &[],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("list-accounts"));
+}
