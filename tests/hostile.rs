@@ -368,7 +368,7 @@ fn secrets_in_what_the_split_sends_to_errors_appear_nowhere_in_the_output() {
     assert_eq!(big_err[0]["size"], big.len() as u64);
     let raw = big_err[0]["raw"].as_str().unwrap();
     assert!(
-        raw.contains(r#""credentials":"[redacted]","secretAccessKey":"[redacted]","pad":"ppp"#),
+        raw.contains(r#""credentials":"[redacted]","secretAccessKey":"[redacted]"},"pad":"ppp"#),
         "{raw}"
     );
     let bad = out.errors_with("malformed_json");

@@ -1,4 +1,3 @@
-
 use super::*;
 use std::borrow::Cow;
 use std::io::{self, Read};
