@@ -50,6 +50,32 @@ pub struct Config {
     pub transforms: Vec<TransformConfig>,
     /// Drops repeated eventIDs when the section is present.
     pub dedup: Option<DedupConfig>,
+    /// What raw bytes the error output may carry.
+    pub errors: ErrorsConfig,
+}
+
+/// `[errors]`: the split stage writes bytes no transform saw (an oversized event's first KiB, a
+/// malformed element, the raw rest of a file), so they are scrubbed here.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ErrorsConfig {
+    /// Keys (case-insensitive) whose values are masked in raw bytes before they are written.
+    pub redact_keys: Vec<String>,
+    /// Keep raw bytes in split-stage error records even when a module has
+    /// `on_failure = "drop_body"` (which otherwise leaves them out).
+    pub keep_raw: bool,
+}
+
+impl Default for ErrorsConfig {
+    fn default() -> Self {
+        ErrorsConfig {
+            redact_keys: crate::cloudtrail::scrub::DEFAULT_KEYS
+                .iter()
+                .map(|k| (*k).to_owned())
+                .collect(),
+            keep_raw: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -116,6 +142,20 @@ pub struct TransformConfig {
     /// What happens to the events of a failed call.
     #[serde(default)]
     pub on_failure: crate::transform::OnFailure,
+    /// With `on_failure = "retry"`: deliveries of the same batch that may fail before
+    /// `retry_fallback` applies.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// With `on_failure = "retry"`: the policy once `max_attempts` are used up.
+    #[serde(default = "default_retry_fallback")]
+    pub retry_fallback: crate::transform::OnFailure,
+}
+
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_retry_fallback() -> crate::transform::OnFailure {
+    crate::transform::OnFailure::DropBody
 }
 
 fn default_fuel() -> u64 {
@@ -559,6 +599,25 @@ impl Config {
                 return Err(invalid("dedup.max_events", "must be at least 1000"));
             }
         }
+        for k in &self.errors.redact_keys {
+            if k.is_empty() || k.len() > 64 || k.contains('"') || k.contains('\\') {
+                return Err(invalid(
+                    "errors.redact_keys",
+                    format!("{k:?} must be 1 to 64 characters without quotes or backslashes"),
+                ));
+            }
+        }
+        for t in &self.transforms {
+            if t.max_attempts == 0 {
+                return Err(invalid("transforms.max_attempts", "must be at least 1"));
+            }
+            if t.retry_fallback == crate::transform::OnFailure::Retry {
+                return Err(invalid(
+                    "transforms.retry_fallback",
+                    "must be \"drop_body\" or \"error_output\"",
+                ));
+            }
+        }
         let ep = &self.output.error_prefix;
         if ep.is_empty() || ep.starts_with('/') || ep.split('/').any(|s| s == "..") {
             return Err(invalid(
@@ -940,6 +999,8 @@ impl Config {
                     max_output_bytes: t.max_output_bytes,
                 },
                 on_failure: t.on_failure,
+                max_attempts: t.max_attempts,
+                retry_fallback: t.retry_fallback,
             })
             .collect()
     }

@@ -466,6 +466,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                     max_output_bytes,
                 },
                 on_failure: trailhose::transform::OnFailure::ErrorOutput,
+                max_attempts: 1,
+                retry_fallback: trailhose::transform::OnFailure::ErrorOutput,
             };
             let events = trial::read_events(&events)?;
             let trial = trial::run(&spec, &events, batch)?;

@@ -327,6 +327,178 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Split-stage error records hold bytes no transform saw: the values of sensitive keys are
+/// masked in them first, in an oversized event, a malformed one, a non-object and the raw rest
+/// of a file alike.
+#[test]
+fn secrets_in_what_the_split_sends_to_errors_appear_nowhere_in_the_output() {
+    let tmp = TempDir::new("hostile-secrets");
+    let good = ids("sg", 4);
+    // Over max_event_bytes = 4096: its first KiB goes to the error output, credentials in it.
+    let big = format!(
+        r#"{{"eventVersion":"1.09","responseElements":{{"credentials":{{"accessKeyId":"ASIAEXAMPLE","sessionToken":"SECRET-session-1","expiration":"x"}},"secretAccessKey":"SECRET-key-2"}},"pad":"{}","eventID":"big-1"}}"#,
+        "p".repeat(8000)
+    );
+    let broken = r#"{"eventVersion":"1.09","requestParameters":{"userName":"bob","Password" : "SECRET-pw-3"},"readOnly":tru,"eventID":"broken-1"}"#;
+    let not_object = r#"[{"privateKey":"SECRET-pem-4"},"plain"]"#;
+    let entries = [
+        ev(&good[0]),
+        big.clone(),
+        ev(&good[1]),
+        broken.to_owned(),
+        ev(&good[2]),
+        not_object.to_owned(),
+        ev(&good[3]),
+    ];
+    // Then a bracket that closes the wrong thing: the rest of the file goes out raw.
+    let tail = r#"{"eventID":"bad","x":[1}, {"clientSecret":"SECRET-cs-5","ok":1}]}"#;
+    let file = format!("{{\"Records\":[{},{tail}", entries.join(","));
+    let (out, _) = process(
+        tmp.path(),
+        "secrets.json.gz",
+        &fixtures::gzip(file.as_bytes()),
+        "max_event_bytes = 4096",
+    );
+    assert_eq!(out.sorted_ids(), good);
+    let all: String = local_objects(&tmp.path().join("out"))
+        .into_iter()
+        .map(|(_, text)| text)
+        .collect();
+    assert!(!all.contains("SECRET"), "a secret was written: {all}");
+    let big_err = out.errors_with("event_too_large");
+    assert_eq!(big_err.len(), 1, "{:?}", out.errors);
+    assert_eq!(big_err[0]["eventID"], "big-1");
+    assert_eq!(big_err[0]["size"], big.len() as u64);
+    let raw = big_err[0]["raw"].as_str().unwrap();
+    assert!(
+        raw.contains(r#""credentials":"[redacted]","secretAccessKey":"[redacted]"},"pad":"ppp"#),
+        "{raw}"
+    );
+    let bad = out.errors_with("malformed_json");
+    let element = bad
+        .iter()
+        .find(|e| e["index"] == 3)
+        .expect("the broken event");
+    assert_eq!(
+        element["raw"],
+        broken.replace("\"SECRET-pw-3\"", "\"[redacted]\"")
+    );
+    let not_obj = out.errors_with("not_an_object");
+    assert_eq!(not_obj.len(), 1);
+    assert_eq!(
+        not_obj[0]["record"],
+        serde_json::json!([{"privateKey": "[redacted]"}, "plain"])
+    );
+    let rest = out.errors_with("unsplittable");
+    assert_eq!(rest.len(), 1);
+    assert_eq!(
+        rest[0]["raw"],
+        tail.replace("\"SECRET-cs-5\"", "\"[redacted]\"")
+    );
+    assert_eq!(
+        rest[0]["size"],
+        tail.len() as u64,
+        "the size is of the bytes read"
+    );
+}
+
+/// `errors.redact_keys` replaces the default list; an empty list turns masking off.
+#[test]
+fn errors_redact_keys_names_the_keys_masked() {
+    let tmp = TempDir::new("hostile-redact-keys");
+    let broken = r#"{"note":"SECRET-a","Password":"SECRET-b","x":tru,"eventID":"b-1"}"#;
+    let file = records(&[ev("k-1"), broken.to_owned()]);
+    let (out, _) = process(
+        tmp.path(),
+        "keys.json",
+        &file,
+        "[errors]\nredact_keys = [\"note\"]",
+    );
+    assert_eq!(out.sorted_ids(), ["k-1"]);
+    let bad = out.errors_with("malformed_json");
+    assert_eq!(
+        bad[0]["raw"],
+        r#"{"note":"[redacted]","Password":"SECRET-b","x":tru,"eventID":"b-1"}"#
+    );
+}
+
+/// A top-level value over `max_event_bytes` before `Records` is stepped over, not the end of
+/// the file; `Records` that is not an array goes to the error output raw.
+#[test]
+fn a_big_value_before_records_is_stepped_over_and_records_not_array_goes_out_raw() {
+    let tmp = TempDir::new("hostile-toplevel");
+    let good = ids("tl", 5);
+    let entries: Vec<String> = good.iter().map(|i| ev(i)).collect();
+    let file = format!(
+        r#"{{"meta":{{"pad":"{}","list":[1,2,3]}},"Records":[{}]}}"#,
+        "m".repeat(8000),
+        entries.join(",")
+    );
+    let (out, m) = process(
+        tmp.path(),
+        "meta.json.gz",
+        &fixtures::gzip(file.as_bytes()),
+        "max_event_bytes = 4096",
+    );
+    assert_eq!(out.sorted_ids(), good);
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    assert_eq!(
+        metric(&m, &["trailhose_files_total", "outcome=\"ok\""]),
+        1.0
+    );
+
+    let tmp = TempDir::new("hostile-not-array");
+    let file = format!(r#"{{"Records":{{"one":{}}}}}"#, ev("na-1"));
+    let (out, m) = process(tmp.path(), "obj.json", file.as_bytes(), "");
+    assert!(out.events.is_empty());
+    let file_err = out.errors_with("records_not_array");
+    assert_eq!(file_err.len(), 1, "{:?}", out.errors);
+    let raw = out.errors_with("unsplittable");
+    assert_eq!(raw.len(), 1, "{:?}", out.errors);
+    assert_eq!(raw[0]["offset"], 11);
+    assert_eq!(raw[0]["raw"], &file[11..]);
+    assert_eq!(
+        metric(
+            &m,
+            &["trailhose_errors_total", "reason=\"records_not_array\""]
+        ),
+        1.0
+    );
+}
+
+/// The element `max_decompressed_bytes` falls in goes to the error output raw, with its offset;
+/// the events before it pass.
+#[test]
+fn the_element_the_decompressed_limit_cuts_goes_to_errors_raw() {
+    let tmp = TempDir::new("hostile-limit-cut");
+    let all = ids("lc", 10);
+    let entries: Vec<String> = all.iter().map(|i| ev(i)).collect();
+    let file = records(&entries);
+    // The limit falls in the middle of the sixth event.
+    let start = 12 + 5 * (ev(&all[0]).len() + 1);
+    let limit = start + 100;
+    let (out, _) = process(
+        tmp.path(),
+        "cut.json.gz",
+        &fixtures::gzip(&file),
+        &format!("max_decompressed_bytes = {limit}"),
+    );
+    assert_eq!(out.sorted_ids(), all[..5].to_vec());
+    assert_eq!(
+        out.errors_with("inflation_limit").len(),
+        1,
+        "{:?}",
+        out.errors
+    );
+    let raw = out.errors_with("unsplittable");
+    assert_eq!(raw.len(), 1, "{:?}", out.errors);
+    assert_eq!(raw[0]["offset"], start as u64);
+    assert_eq!(
+        raw[0]["raw"],
+        String::from_utf8_lossy(&file[start..limit]).as_ref()
+    );
+}
+
 #[test]
 fn an_inflation_bomb_is_stopped_by_the_decompressed_limit() {
     let tmp = TempDir::new("hostile-bomb");

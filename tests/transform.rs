@@ -188,24 +188,41 @@ fn all_text(dir: &Path) -> String {
 
 /// Runs `trailhose process` over `events` with `modules`, `batch` events per call.
 fn run(events: &[Value], modules: &[Mod<'_>], batch: usize) -> Run {
+    let doc = serde_json::to_vec(&json!({ "Records": events })).unwrap();
+    run_with(&doc, modules, batch, &Opts::default())
+}
+
+/// More of the config for `run_with`.
+#[derive(Default)]
+struct Opts {
+    /// Lines of `[pipeline]`.
+    pipeline: String,
+    /// Sections after the modules.
+    tail: String,
+    /// `pipeline.transform_cache_dir`, when not the shared test cache.
+    cache: Option<String>,
+}
+
+/// `run` over the delivery file `doc`.
+fn run_with(doc: &[u8], modules: &[Mod<'_>], batch: usize, opts: &Opts) -> Run {
     let tmp = TempDir::new("transform");
     let input = tmp
         .path()
         .join("in/AWSLogs/111122223333/CloudTrail/eu-west-1/2024/03/18");
     std::fs::create_dir_all(&input).unwrap();
-    let doc = serde_json::to_vec(&json!({ "Records": events })).unwrap();
     std::fs::write(
         input.join("111122223333_CloudTrail_eu-west-1_20240318T1020Z_t.json.gz"),
-        fixtures::gzip(&doc),
+        fixtures::gzip(doc),
     )
     .unwrap();
     let out = tmp.path().join("out");
     let (city, _) = fixture_dbs(tmp.path());
     let mut cfg = format!(
         "[output]\nurl = {:?}\n[geoip]\ncity_db = {city:?}\n[pipeline]\nworkers = 1\n\
-         transform_batch_events = {batch}\ntransform_cache_dir = {:?}\n",
+         transform_batch_events = {batch}\ntransform_cache_dir = {:?}\n{}\n",
         out.display().to_string(),
-        cache_dir()
+        opts.cache.clone().unwrap_or_else(cache_dir),
+        opts.pipeline
     );
     for md in modules {
         cfg.push_str(&format!(
@@ -218,6 +235,7 @@ fn run(events: &[Value], modules: &[Mod<'_>], batch: usize) -> Run {
             cfg.push_str(&format!("{k} = {v:?}\n"));
         }
     }
+    cfg.push_str(&opts.tail);
     let cfg_path = tmp.path().join("trailhose.toml");
     std::fs::write(&cfg_path, cfg).unwrap();
     let metrics = tmp.path().join("metrics.prom");
@@ -805,6 +823,195 @@ fn drop_body_keeps_the_event_and_the_module_words_out_of_the_error_output() {
 }
 
 #[test]
+fn drop_body_also_mutes_what_the_failing_module_logged_and_counted() {
+    // The module logs each event (a password in one) and counts it, then fails it.
+    let echo = |extra: &'static str| {
+        let md = Mod {
+            name: "redact",
+            file: "hostile",
+            config: &[("mode", "log_echo")],
+            extra,
+        };
+        run(&events(), &[md], 2)
+    };
+    let counted = |r: &Run| r.metric(&["trailhose_transform_counter_total", "echoed"]);
+    let r = echo("");
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.stderr.contains("hunter2"), "the checks below can fail");
+    assert_eq!(counted(&r), 6.0);
+
+    let r = echo("on_failure = \"drop_body\"");
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.errors.len(), 6, "{:?}", r.errors);
+    assert!(!r.stderr.contains("hunter2"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("failing {"),
+        "no line of the module: {}",
+        r.stderr
+    );
+    assert!(!r.out_text.contains("hunter2"));
+    assert_eq!(counted(&r), 0.0, "{}", r.metrics);
+}
+
+/// Error records of the split stage hold bytes no module saw: with a `drop_body` module they
+/// carry none unless `errors.keep_raw`; either way sensitive values are masked.
+#[test]
+fn split_error_records_carry_no_raw_bytes_when_a_module_drops_bodies() {
+    let big = format!(
+        r#"{{"eventVersion":"1.09","requestParameters":{{"password":"SECRET-1"}},"pad":"{}","eventID":"big-1"}}"#,
+        "p".repeat(8000)
+    );
+    let broken =
+        r#"{"eventVersion":"1.09","sessionToken":"SECRET-2","readOnly":tru,"eventID":"bad-1"}"#;
+    let (a, b) = (
+        serde_json::to_string(&events()[1]).unwrap(),
+        serde_json::to_string(&events()[3]).unwrap(),
+    );
+    let doc = format!(r#"{{"Records":[{a},{big},{broken},["SECRET-3"],{b}]}}"#);
+    let md = |on_failure| Mod {
+        name: "redact",
+        file: "identity",
+        config: &[],
+        extra: on_failure,
+    };
+    let opts = |tail: &str| Opts {
+        pipeline: "max_event_bytes = 4096".into(),
+        tail: tail.into(),
+        cache: None,
+    };
+    let split = |r: &Run| -> Vec<Value> {
+        r.errors
+            .iter()
+            .filter(|e| e["stage"] == "split")
+            .cloned()
+            .collect()
+    };
+    let r = run_with(
+        doc.as_bytes(),
+        &[md("on_failure = \"drop_body\"")],
+        256,
+        &opts(""),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.lines.len(), 2);
+    let errs = split(&r);
+    assert_eq!(errs.len(), 3, "{errs:?}");
+    for e in &errs {
+        for key in ["raw", "raw_base64", "record"] {
+            assert!(e.get(key).is_none(), "no {key}: {e}");
+        }
+        assert!(e.get("index").is_some(), "{e}");
+    }
+    let too_large = errs
+        .iter()
+        .find(|e| e["reason"] == "event_too_large")
+        .unwrap();
+    assert_eq!(too_large["eventID"], "big-1");
+    assert_eq!(too_large["size"], big.len() as u64);
+    assert!(too_large.get("offset").is_some());
+    assert!(!r.out_text.contains("SECRET"));
+
+    // keep_raw: the bytes are back, masked; the string inside an array is not a key's value.
+    let r = run_with(
+        doc.as_bytes(),
+        &[md("on_failure = \"drop_body\"")],
+        256,
+        &opts("[errors]\nkeep_raw = true\n"),
+    );
+    assert!(r.ok, "{}", r.stderr);
+    let errs = split(&r);
+    let malformed = errs
+        .iter()
+        .find(|e| e["reason"] == "malformed_json")
+        .unwrap();
+    assert_eq!(
+        malformed["raw"],
+        broken.replace("\"SECRET-2\"", "\"[redacted]\"")
+    );
+    let too_large = errs
+        .iter()
+        .find(|e| e["reason"] == "event_too_large")
+        .unwrap();
+    assert!(
+        too_large["raw"]
+            .as_str()
+            .unwrap()
+            .contains(r#""password":"[redacted]""#)
+    );
+    assert!(!r.out_text.contains("SECRET-1") && !r.out_text.contains("SECRET-2"));
+    let not_obj = errs
+        .iter()
+        .find(|e| e["reason"] == "not_an_object")
+        .unwrap();
+    assert_eq!(not_obj["record"], json!(["SECRET-3"]));
+}
+
+/// The module cache is refused through a symlinked directory and for an artifact that group
+/// or others may write: the module is compiled instead, with a warning, and the run is right.
+#[test]
+fn the_binary_refuses_a_symlinked_cache_and_a_group_writable_artifact() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = TempDir::new("transform-cache-refusal");
+    let real = tmp.path().join("real");
+    let link = tmp.path().join("link");
+    std::fs::create_dir(&real).unwrap();
+    std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let with_cache = |dir: &Path| {
+        let opts = Opts {
+            cache: Some(dir.display().to_string()),
+            ..Opts::default()
+        };
+        let doc = serde_json::to_vec(&json!({ "Records": events() })).unwrap();
+        let r = run_with(&doc, &[m("id", "identity", &[])], 256, &opts);
+        assert!(r.ok, "{}", r.stderr);
+        assert_eq!(r.events.len(), 6);
+        r
+    };
+    let r = with_cache(&link);
+    assert!(
+        r.stderr.contains("transform cache not used") && r.stderr.contains("is a symlink"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_dir(&real).unwrap().count(),
+        0,
+        "nothing written through it"
+    );
+
+    let r = with_cache(&real);
+    assert!(
+        !r.stderr.contains("transform cache not used"),
+        "{}",
+        r.stderr
+    );
+    let artifact = std::fs::read_dir(&real)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "cwasm"))
+        .expect("the compiled module is cached");
+    let r = with_cache(&real);
+    assert!(
+        !r.stderr.contains("transform cache not used"),
+        "{}",
+        r.stderr
+    );
+
+    std::fs::set_permissions(&artifact, std::fs::Permissions::from_mode(0o660)).unwrap();
+    let r = with_cache(&real);
+    assert!(
+        r.stderr.contains("transform cache not used")
+            && r.stderr.contains("writable by group or others"),
+        "{}",
+        r.stderr
+    );
+    // The refused artifact was replaced by a fresh one only this user can write.
+    let mode = std::fs::metadata(&artifact).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+}
+
+#[test]
 fn guest_log_lines_are_cut_before_they_are_logged() {
     let r = run(
         &events()[..1],
@@ -918,6 +1125,8 @@ fn modules_reload_when_their_file_changes_and_a_bad_file_keeps_the_running_versi
             max_output_bytes: 1 << 20,
         },
         on_failure: Default::default(),
+        max_attempts: 1,
+        retry_fallback: Default::default(),
     };
     let t = Transforms::open(&[spec], None).unwrap();
     let mut chain = t.chain();
@@ -927,7 +1136,7 @@ fn modules_reload_when_their_file_changes_and_a_bad_file_keeps_the_running_versi
         let head = trailhose::cloudtrail::head_of(event).unwrap();
         b.push(event, &[], &head, None, 0);
         let mut rejects = Vec::new();
-        chain.run(&mut b, &mut rejects);
+        chain.run("test", &mut b, &mut rejects);
         assert!(rejects.is_empty(), "{rejects:?}");
         b.items()
             .map(|v| String::from_utf8(v.event.to_vec()).unwrap())
@@ -1128,6 +1337,18 @@ async fn on_failure_retry_with_dedup_does_not_drop_the_retried_events_as_repeats
 }
 
 async fn retry_comes_again(extra: &str) {
+    retry_with(extra, None).await;
+}
+
+/// After `max_attempts` failed deliveries the fallback (`drop_body` by default) applies: the
+/// events go to the error output without their bodies and the message is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_retry_gives_up_after_max_attempts_and_the_fallback_applies() {
+    retry_with("", Some(2)).await;
+}
+
+/// The retry tests: `max_attempts` = `attempts`, or so many that the file keeps coming back.
+async fn retry_with(extra: &str, attempts: Option<u32>) {
     use common::{Moto, free_port, http_get};
     let moto = Moto::start();
     let (s3, sqs) = (moto.s3(), moto.sqs());
@@ -1157,10 +1378,11 @@ async fn retry_comes_again(extra: &str) {
              visibility_timeout_secs = 2\n[[source.buckets]]\nname = \"trail\"\n\
              endpoint_url = {ep:?}\nforce_path_style = true\n[server]\nlisten = \"127.0.0.1:{port}\"\n\
              [[transforms]]\nname = \"redact\"\npath = {:?}\non_failure = \"retry\"\n\
-             [transforms.config]\nmode = \"panic\"\n",
+             max_attempts = {}\n[transforms.config]\nmode = \"panic\"\n",
             out.display().to_string(),
             cache_dir(),
-            module("hostile").display().to_string()
+            module("hostile").display().to_string(),
+            attempts.unwrap_or(1000)
         ),
     )
     .unwrap();
@@ -1210,7 +1432,7 @@ async fn retry_comes_again(extra: &str) {
             .map(|(_, m)| m)
             .unwrap_or_default();
         // One call per delivery (256 events per batch): three failures = delivered three times.
-        if failures(&m) >= 3.0 {
+        if failures(&m) >= attempts.map_or(3.0, f64::from) {
             break m;
         }
         assert!(
@@ -1223,6 +1445,9 @@ async fn retry_comes_again(extra: &str) {
         .args(["-TERM", &pid])
         .status();
     let _ = worker.wait();
+    if let Some(n) = attempts {
+        return gave_up(&sqs, &queue, &out, &metrics, failures(&metrics), n).await;
+    }
     assert!(
         metrics.contains("reason=\"panic\""),
         "the failure is counted with its reason:\n{metrics}"
@@ -1253,5 +1478,50 @@ async fn retry_comes_again(extra: &str) {
         count(A::ApproximateNumberOfMessages) + count(A::ApproximateNumberOfMessagesNotVisible),
         1,
         "the notification is not deleted"
+    );
+}
+
+/// What `retry_with` finds once `n` attempts failed: the last delivery wrote the events
+/// without bodies, and its message is deleted.
+async fn gave_up(
+    sqs: &aws_sdk_sqs::Client,
+    queue: &str,
+    out: &Path,
+    metrics: &str,
+    failures: f64,
+    n: u32,
+) {
+    assert_eq!(
+        failures,
+        f64::from(n),
+        "no delivery after the last attempt:\n{metrics}"
+    );
+    let output = split_output(&local_objects(out));
+    assert!(output.events.is_empty());
+    assert_eq!(output.errors.len(), 6, "{:?}", output.errors);
+    for e in &output.errors {
+        assert_eq!(e["module"], "redact", "{e}");
+        assert_eq!(e["reason"], "panic", "{e}");
+        assert!(e.get("record").is_none(), "drop_body, the fallback: {e}");
+    }
+    let attrs = sqs
+        .get_queue_attributes()
+        .queue_url(queue)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
+        .send()
+        .await
+        .expect("attributes");
+    let count = |name: aws_sdk_sqs::types::QueueAttributeName| {
+        attrs
+            .attributes()
+            .and_then(|a| a.get(&name))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    assert_eq!(
+        count(A::ApproximateNumberOfMessages) + count(A::ApproximateNumberOfMessagesNotVisible),
+        0,
+        "the notification is deleted once its records are written"
     );
 }

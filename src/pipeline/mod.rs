@@ -22,7 +22,7 @@ use serde_json::value::RawValue;
 use crate::ack::Hold;
 use crate::clock::Utc;
 use crate::cloudtrail::Head;
-use crate::cloudtrail::{self, FileErrorReason, Item, Kind as SplitKind};
+use crate::cloudtrail::{self, FileErrorReason, Item, Kind as SplitKind, scrub};
 use crate::config::{Config, ConfigError, OutputUrl};
 use crate::dedup::Dedup;
 use crate::enrich::geo::{self, GeoEnricher, GeoError};
@@ -168,6 +168,26 @@ pub fn is_digest_name(name: &str) -> bool {
     name.contains("/CloudTrail-Digest/") || name.contains("_CloudTrail-Digest_")
 }
 
+/// Raw bytes in split-stage error records: no transform saw them, so sensitive values are
+/// masked first, and with a `drop_body` module they are left out unless `errors.keep_raw`.
+struct RawPolicy {
+    keys: scrub::Keys,
+    keep: bool,
+}
+
+impl RawPolicy {
+    fn of(cfg: &Config) -> RawPolicy {
+        let drop_body = cfg.transforms.iter().any(|t| {
+            t.on_failure == OnFailure::DropBody
+                || (t.on_failure == OnFailure::Retry && t.retry_fallback == OnFailure::DropBody)
+        });
+        RawPolicy {
+            keys: scrub::Keys::new(&cfg.errors.redact_keys),
+            keep: cfg.errors.keep_raw || !drop_body,
+        }
+    }
+}
+
 /// The per-thread core: one file in, sealed batches out through `out`.
 pub struct FileWorker {
     /// The databases as they are now, and the generation `geo` was built from.
@@ -185,6 +205,8 @@ pub struct FileWorker {
     errors: Batcher,
     error_prefix: String,
     limits: cloudtrail::Limits,
+    /// What raw bytes split-stage error records may carry (`[errors]`).
+    raw: RawPolicy,
     max_file_bytes: u64,
     key: String,
     /// The notification of the file being processed, while it is processed.
@@ -240,6 +262,7 @@ impl FileWorker {
             transforms: transforms.cloned(),
             error_prefix: cfg.output.error_prefix.clone(),
             limits: cfg.split_limits(),
+            raw: RawPolicy::of(cfg),
             max_file_bytes: cfg.max_file_bytes(),
             key: String::new(),
             hold: None,
@@ -404,6 +427,9 @@ impl FileWorker {
             retry: false,
         };
         let (geo, stage, lookups) = (&mut self.geo, &mut self.stage, &mut self.lookups);
+        let raw_policy = &self.raw;
+        // The raw rest of a file comes in pieces: one scrubber runs over all of them.
+        let mut unsplit_scrub = scrub::Scrubber::new(&raw_policy.keys);
         let mut next_index = 0u64;
         let report = cloudtrail::split_limited(decoded, self.limits, |item| match item {
             Item::Event { raw, head } => {
@@ -444,11 +470,16 @@ impl FileWorker {
                 });
                 let detail =
                     "a Records entry is not a JSON object; the file's other entries were kept";
+                let scrubbed = scrub::Scrubber::scrub(&raw_policy.keys, raw);
+                let record = match raw_policy.keep {
+                    true => serde_json::from_slice::<&RawValue>(&scrubbed).ok(),
+                    false => None,
+                };
                 route.split_error(
                     out,
                     ErrorRecord {
                         index: Some(index),
-                        record: serde_json::from_slice::<&RawValue>(raw).ok(),
+                        record,
                         ..ErrorRecord::new(source, "split", "not_an_object", detail)
                     },
                 );
@@ -470,7 +501,11 @@ impl FileWorker {
                     event_id: sk.event_id.as_deref(),
                     ..ErrorRecord::new(source, "split", reason, &detail)
                 };
-                route.split_error(out, rec.with_raw(sk.raw));
+                if !raw_policy.keep {
+                    return route.split_error(out, rec);
+                }
+                let scrubbed = scrub::Scrubber::scrub(&raw_policy.keys, sk.raw);
+                route.split_error(out, rec.with_raw(&scrubbed));
             }
             Item::Unsplit { offset, raw } => {
                 let detail = "bytes after a point where the Records entries could not be told apart, kept raw";
@@ -479,7 +514,11 @@ impl FileWorker {
                     size: Some(raw.len() as u64),
                     ..ErrorRecord::new(source, "split", "unsplittable", detail)
                 };
-                route.split_error(out, rec.with_raw(raw));
+                if !raw_policy.keep {
+                    return route.split_error(out, rec);
+                }
+                let scrubbed = unsplit_scrub.feed(raw);
+                route.split_error(out, rec.with_raw(&scrubbed));
             }
         });
         if let Some(st) = stage {
@@ -851,7 +890,7 @@ impl TransformStage {
         if self.pending.is_empty() {
             return;
         }
-        self.chain.run(&mut self.pending, &mut self.rejects);
+        self.chain.run(source, &mut self.pending, &mut self.rejects);
         for v in self.pending.items() {
             route.event(v.event, &[], &v.head(), out);
         }

@@ -105,7 +105,7 @@ fn refuse(meta: &Metadata, what: &str, path: &Path) -> Option<String> {
         ))
     } else if meta.permissions().mode() & 0o022 != 0 {
         Some(format!(
-            "{what} {} is writable by others; not loading native code from it",
+            "{what} {} is writable by group or others; not loading native code from it",
             path.display()
         ))
     } else {
@@ -311,7 +311,7 @@ mod tests {
         assert!(
             private_dir(&fresh)
                 .unwrap_err()
-                .contains("writable by others")
+                .contains("writable by group or others")
         );
         std::fs::remove_dir_all(&base).unwrap();
     }

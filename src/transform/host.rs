@@ -228,6 +228,15 @@ pub struct State {
     logs_left: u32,
     counter_names: Vec<String>,
     output: Tail,
+    /// Log lines and counter increments of the current call, held when the module's failure
+    /// policy drops bodies (`None`: emitted as they come).
+    held: Option<Vec<Said>>,
+}
+
+/// One thing a module said through the host imports.
+enum Said {
+    Log(tracing::Level, String),
+    Count(String, u64),
 }
 
 impl WasiView for State {
@@ -331,14 +340,19 @@ impl bindings::trailhose::transform::host::Host for State {
             return;
         }
         self.logs_left -= 1;
+        let level = match level {
+            Level::Debug => tracing::Level::DEBUG,
+            Level::Info => tracing::Level::INFO,
+            Level::Warn => tracing::Level::WARN,
+            Level::Error => tracing::Level::ERROR,
+        };
+        if let Some(held) = &mut self.held {
+            held.push(Said::Log(level, log_line(&message).into_owned()));
+            return;
+        }
         metrics::emit(GuestLogged {
             module: &self.module,
-            level: match level {
-                Level::Debug => tracing::Level::DEBUG,
-                Level::Info => tracing::Level::INFO,
-                Level::Warn => tracing::Level::WARN,
-                Level::Error => tracing::Level::ERROR,
-            },
+            level,
             message: &log_line(&message),
         });
     }
@@ -352,6 +366,10 @@ impl bindings::trailhose::transform::host::Host for State {
         } else {
             "_other"
         };
+        if let Some(held) = &mut self.held {
+            held.push(Said::Count(name.to_owned(), delta));
+            return;
+        }
         metrics::emit(GuestCounted {
             module: &self.module,
             name,
@@ -441,6 +459,7 @@ impl Instance {
             logs_left: LOGS_PER_CALL,
             counter_names: Vec::new(),
             output,
+            held: None,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
@@ -469,6 +488,37 @@ impl Instance {
                 detail: format!("init refused the config: {message}"),
             }),
             Err(e) => Err(classify(&store, limits, &e, "init")),
+        }
+    }
+
+    /// Holds the module's log lines and counters of each call until [`Instance::release_held`].
+    pub fn hold_output(&mut self, hold: bool) {
+        self.store.data_mut().held = hold.then(Vec::new);
+    }
+
+    /// Emits what the module logged and counted during the last call (`emit`), or forgets it.
+    pub fn release_held(&mut self, emit: bool) {
+        let state = self.store.data_mut();
+        let Some(held) = state.held.as_mut() else {
+            return;
+        };
+        let said = std::mem::take(held);
+        if !emit {
+            return;
+        }
+        for s in said {
+            match s {
+                Said::Log(level, message) => metrics::emit(GuestLogged {
+                    module: &state.module,
+                    level,
+                    message: &message,
+                }),
+                Said::Count(name, delta) => metrics::emit(GuestCounted {
+                    module: &state.module,
+                    name: &name,
+                    delta,
+                }),
+            }
         }
     }
 
@@ -537,6 +587,9 @@ fn arm(store: &mut Store<State>, limits: &Limits, fuel: bool) {
     let data = store.data_mut();
     data.logs_left = LOGS_PER_CALL;
     data.output.clear();
+    if let Some(held) = &mut data.held {
+        held.clear();
+    }
 }
 
 fn classify(store: &Store<State>, limits: &Limits, e: &wasmtime::Error, during: &str) -> CallError {

@@ -11,6 +11,8 @@ pub mod cache;
 pub mod host;
 pub mod trial;
 
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -69,7 +71,23 @@ pub struct ModuleSpec {
     pub config: Vec<(String, String)>,
     pub limits: Limits,
     pub on_failure: OnFailure,
+    /// With `on_failure = Retry`: failed deliveries of one batch before `retry_fallback`.
+    pub max_attempts: u32,
+    /// With `on_failure = Retry`: the policy once `max_attempts` are used up.
+    pub retry_fallback: OnFailure,
 }
+
+impl ModuleSpec {
+    /// Whether the module's own log lines and counters are held until a call is known to
+    /// have succeeded on every event: under `drop_body` they may quote the event.
+    fn holds_output(&self) -> bool {
+        self.on_failure == OnFailure::DropBody
+            || (self.on_failure == OnFailure::Retry && self.retry_fallback == OnFailure::DropBody)
+    }
+}
+
+/// Failed deliveries remembered under `on_failure = "retry"`; when full, the count restarts.
+const ATTEMPTS_REMEMBERED: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransformError {
@@ -113,6 +131,10 @@ pub struct Transforms {
     fuel: bool,
     modules: Vec<Arc<Module>>,
     cache_dir: Option<PathBuf>,
+    /// Failed deliveries per (module, source, first event index of the batch), for
+    /// `max_attempts`. Per process: with several workers a batch may be tried up to
+    /// `max_attempts` times on each.
+    attempts: Mutex<HashMap<u64, u32>>,
 }
 
 impl Transforms {
@@ -130,6 +152,7 @@ impl Transforms {
             fuel,
             modules: Vec::new(),
             cache_dir,
+            attempts: Mutex::new(HashMap::new()),
         };
         for spec in specs {
             let name: Arc<str> = spec.name.as_str().into();
@@ -241,6 +264,35 @@ impl Transforms {
         }
     }
 
+    /// The policy for a batch of `source` (first event index `first`) that `spec`'s module
+    /// did or did not fail: `retry` until `max_attempts` failed deliveries, then the fallback.
+    fn policy_for(&self, spec: &ModuleSpec, source: &str, first: u64, failed: bool) -> OnFailure {
+        if spec.on_failure != OnFailure::Retry {
+            return spec.on_failure;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (spec.name.as_str(), source, first).hash(&mut h);
+        let key = h.finish();
+        let Ok(mut attempts) = self.attempts.lock() else {
+            return OnFailure::Retry;
+        };
+        if !failed {
+            attempts.remove(&key);
+            return OnFailure::Retry;
+        }
+        if attempts.len() >= ATTEMPTS_REMEMBERED && !attempts.contains_key(&key) {
+            attempts.clear();
+        }
+        let n = attempts.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        if *n >= spec.max_attempts {
+            attempts.remove(&key);
+            spec.retry_fallback
+        } else {
+            OnFailure::Retry
+        }
+    }
+
     /// A worker's own chain of instances.
     pub fn chain(self: &Arc<Self>) -> Chain {
         Chain {
@@ -289,16 +341,25 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// Runs every module over `batch` in order; on return `batch` holds the events to write and
-    /// `rejects` the ones for the error output. Returns what each module call did.
-    pub fn run(&mut self, batch: &mut Batch, rejects: &mut Vec<Reject>) -> Vec<StageReport> {
+    /// Runs every module over `batch` (events of the file `source`) in order; on return
+    /// `batch` holds the events to write and `rejects` the ones for the error output. Returns
+    /// what each module call did.
+    pub fn run(
+        &mut self,
+        source: &str,
+        batch: &mut Batch,
+        rejects: &mut Vec<Reject>,
+    ) -> Vec<StageReport> {
         let mut reports = Vec::with_capacity(self.stages.len());
         for stage in &mut self.stages {
             if batch.is_empty() {
                 break;
             }
             let name = stage.module.name.clone();
-            let policy = stage.module.spec.on_failure;
+            let module = stage.module.clone();
+            let spec = &module.spec;
+            let policy;
+            let first = batch.items().next().map_or(0, |v| v.index);
             let started = Instant::now();
             let first_reject = rejects.len();
             match stage.call(&self.transforms, batch) {
@@ -307,6 +368,10 @@ impl Chain {
                         batch::apply(&name, batch, &called.outcomes, &mut self.scratch, rejects);
                     std::mem::swap(batch, &mut self.scratch);
                     self.scratch.clear();
+                    let failed = rejects.len() > first_reject;
+                    policy = self.transforms.policy_for(spec, source, first, failed);
+                    // What the module said in a call that failed an event may quote it.
+                    stage.release(!(failed && policy == OnFailure::DropBody));
                     let elapsed = started.elapsed();
                     metrics::emit(TransformBatch {
                         module: &name,
@@ -331,7 +396,9 @@ impl Chain {
                     });
                 }
                 Err(mut e) => {
-                    // The instance may be in any state after a trap: never reuse it.
+                    policy = self.transforms.policy_for(spec, source, first, true);
+                    // The instance may be in any state after a trap: never reuse it (what it
+                    // held of the module's log lines and counters goes with it).
                     stage.live = None;
                     if policy == OnFailure::DropBody {
                         // The module's output (a panic message) may quote the event.
@@ -374,6 +441,13 @@ pub struct StageReport {
 }
 
 impl Stage {
+    /// Emits (or forgets) the log lines and counters the instance held during the last call.
+    fn release(&mut self, emit: bool) {
+        if let Some((_, inst)) = &mut self.live {
+            inst.release_held(emit);
+        }
+    }
+
     fn call(&mut self, t: &Transforms, batch: &Batch) -> Result<host::Called, CallError> {
         let generation = self.module.generation.load(Ordering::SeqCst);
         let inst = match &mut self.live {
@@ -398,7 +472,9 @@ impl Stage {
                     &spec.config,
                     &spec.limits,
                 )?;
-                &mut slot.insert((generation, inst)).1
+                let inst = &mut slot.insert((generation, inst)).1;
+                inst.hold_output(spec.holds_output());
+                inst
             }
         };
         let events: Vec<Event<'_>> = batch

@@ -149,7 +149,7 @@ pub fn run(
             let country = country_in(e);
             batch.push(e, &[], &head, country.as_deref(), base + i as u64);
         }
-        reports.extend(chain.run(&mut batch, &mut rejects));
+        reports.extend(chain.run("trial", &mut batch, &mut rejects));
         for (i, input) in chunk.iter().enumerate() {
             let index = base + i as u64;
             if let Some(r) = rejects.iter().find(|r| r.index == index) {

@@ -114,7 +114,7 @@ section the probes and Service depend on, the GeoIP paths and the transforms.
 {{- $_ := set $t "config" $c -}}
 {{- end -}}
 {{- $src := . -}}
-{{- range $k := list "fuel" "timeout_ms" "max_memory_mb" "max_output_bytes" "on_failure" -}}
+{{- range $k := list "fuel" "timeout_ms" "max_memory_mb" "max_output_bytes" "on_failure" "max_attempts" "retry_fallback" -}}
 {{- if and (hasKey $src $k) (not (kindIs "invalid" (index $src $k))) }}{{ $_ := set $t $k (index $src $k) }}{{ end -}}
 {{- end -}}
 {{- $list = append $list $t -}}

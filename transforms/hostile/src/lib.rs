@@ -15,6 +15,7 @@
 //! - `sleep`: sleeps for an hour (timers are not linked: it must trap, not block the worker)
 //! - `panic_echo`: panics with the event in the message, as a careless module might
 //! - `log_long`: logs one warning of 100 000 bytes, then keeps every event
+//! - `log_echo`: logs each event and counts it, then fails it (a `failed` outcome)
 //! - `refuse`: refuses its config in `init`
 //! - `panic_after`: panics on the batch after `n` events were seen (to test rebuilds)
 
@@ -81,6 +82,17 @@ impl Guest for Hostile {
                 trailhose_transform::warn(&"y".repeat(100_000));
                 events.iter().map(|_| Outcome::Keep).collect()
             }
+            "log_echo" => events
+                .iter()
+                .map(|e| {
+                    trailhose_transform::warn(&format!(
+                        "failing {}",
+                        String::from_utf8_lossy(&e.json)
+                    ));
+                    trailhose_transform::count("echoed", 1);
+                    Outcome::Failed("log_echo fails every event".to_owned())
+                })
+                .collect(),
             "sleep" => {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
                 events.iter().map(|_| Outcome::Keep).collect()
