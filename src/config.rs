@@ -12,6 +12,8 @@ use crate::sink::columnar::{self, ParquetSpec};
 use crate::sink::encode::{Codec, Compression};
 use crate::sink::flat::{Dialect, FlatSpec};
 use crate::sink::format::{Converter, Format};
+use crate::sink::ocsf::parquet::Layouts;
+use crate::sink::ocsf::{OcsfConfig, Schema};
 use crate::sink::partition::{self, KeyTemplate, Partitioner};
 
 #[derive(Debug, thiserror::Error)]
@@ -329,6 +331,9 @@ pub struct OutputConfig {
     pub url: Option<String>,
     /// json (lines, the original bytes), parquet, csv or tsv.
     pub format: Format,
+    /// cloudtrail (the events as they came) or ocsf (OCSF 1.1.0 records, `sink::ocsf`).
+    pub schema: Schema,
+    pub ocsf: OcsfConfig,
     /// Unset: gzip, or zstd for parquet.
     pub compression: Option<Compression>,
     /// gzip: 1–12 (libdeflate levels; 6 matches `gzip -6`), zstd: 1–22.
@@ -380,6 +385,8 @@ impl Default for OutputConfig {
         OutputConfig {
             url: None,
             format: Format::Json,
+            schema: Schema::Cloudtrail,
+            ocsf: OcsfConfig::default(),
             compression: None,
             level: None,
             key_template: partition::DEFAULT_TEMPLATE.into(),
@@ -904,6 +911,35 @@ impl Config {
                 "output.columns",
                 "columns and sort apply to format = \"csv\" or \"tsv\" only",
             ));
+        }
+        if o.schema == Schema::Ocsf {
+            return match o.format {
+                Format::Json => Ok(None),
+                Format::Parquet
+                    if o.parquet.added_columns.is_empty() && !o.parquet.lowercase_columns =>
+                {
+                    let codec = self.codec()?;
+                    let compression = columnar::parquet_compression(codec.kind, codec.level)
+                        .ok_or_else(|| invalid("output.compression", "not a parquet codec"))?;
+                    Ok(Some(Converter::OcsfParquet {
+                        spec: ParquetSpec {
+                            lowercase: false,
+                            added: Vec::new(),
+                            compression,
+                            row_group_rows: o.parquet.row_group_rows.max(1),
+                        },
+                        layouts: Layouts::new(),
+                    }))
+                }
+                Format::Parquet => Err(invalid(
+                    "output.parquet",
+                    "added_columns and lowercase_columns apply to schema = \"cloudtrail\" (OCSF names are lower case; transform fields go to unmapped)",
+                )),
+                Format::Csv | Format::Tsv => Err(invalid(
+                    "output.schema",
+                    "ocsf is written as json or parquet",
+                )),
+            };
         }
         Ok(match o.format {
             Format::Json => None,

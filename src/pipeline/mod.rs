@@ -35,6 +35,7 @@ use crate::metrics::{self, *};
 use crate::sink::batch::{Batcher, Kind, Sealed};
 use crate::sink::budget::Budget;
 use crate::sink::encode::{Encoder, encode_event};
+use crate::sink::ocsf::{OcsfConfig, Schema};
 use crate::sink::partition::Partitioner;
 use crate::sink::write::{S3Options, Store, WriteError, Written};
 use crate::source::local::{self, SourceError};
@@ -220,6 +221,8 @@ pub struct FileWorker {
     reported: (i64, i64),
     /// Shared by all workers, when `[dedup]` is configured.
     dedup: Option<Arc<Dedup>>,
+    /// Set when events are written as OCSF (`output.schema = "ocsf"`).
+    ocsf: Option<OcsfConfig>,
     /// eventID hashes of the file being processed, remembered when its unit is acknowledged.
     fresh: HashSet<u64>,
     pub tally: Tally,
@@ -275,6 +278,7 @@ impl FileWorker {
             }),
             reported: (0, 0),
             dedup: None,
+            ocsf: (cfg.output.schema == Schema::Ocsf).then(|| cfg.output.ocsf.clone()),
             fresh: HashSet::new(),
             tally: Tally::default(),
         }
@@ -422,6 +426,7 @@ impl FileWorker {
             fallback: 0,
             error_records: 0,
             dedup: self.dedup.as_deref(),
+            ocsf: self.ocsf.as_ref(),
             fresh: &mut self.fresh,
             duplicates: 0,
             retry: false,
@@ -781,6 +786,7 @@ struct Route<'w> {
     fallback: u64,
     error_records: u64,
     dedup: Option<&'w Dedup>,
+    ocsf: Option<&'w OcsfConfig>,
     fresh: &'w mut HashSet<u64>,
     duplicates: u64,
     /// A module with `on_failure = "retry"` failed on this file.
@@ -830,10 +836,14 @@ impl Route<'_> {
         } else {
             additions
         };
+        let (ocsf, now) = (self.ocsf, self.now);
         self.events.append(
             self.key,
             self.hold,
-            |buf| encode_event(buf, raw, additions),
+            |buf| match ocsf {
+                Some(cfg) => crate::sink::ocsf::encode_event(buf, raw, additions, now, cfg),
+                None => encode_event(buf, raw, additions),
+            },
             out,
         );
     }

@@ -172,6 +172,9 @@ pub struct Layout {
     pub lowercase: bool,
     pub columns: Vec<(String, Col)>,
     pub schema: SchemaRef,
+    /// Where keys the columns do not hold go: None, the `extra` column (the last one); Some, a
+    /// JSON column of the layout they are merged into (OCSF's `unmapped`).
+    extra_into: Option<String>,
 }
 
 impl Layout {
@@ -180,6 +183,12 @@ impl Layout {
             COLUMNS.iter().map(|(n, c)| ((*n).to_owned(), *c)).collect();
         columns.extend(added.iter().cloned());
         columns.push((EXTRA.to_owned(), Col::Str));
+        Layout::of(columns, lowercase, None)
+    }
+
+    /// A layout of exactly `columns`; keys they do not hold are merged into the JSON column
+    /// `extra_into` (or, when None, into the `extra` column `columns` must end with).
+    pub fn of(columns: Vec<(String, Col)>, lowercase: bool, extra_into: Option<&str>) -> Layout {
         let fields: Vec<Field> = columns
             .iter()
             .map(|(n, c)| Field::new(name(n, lowercase), arrow_type(*c, lowercase), true))
@@ -188,6 +197,7 @@ impl Layout {
             lowercase,
             columns,
             schema: Arc::new(Schema::new(fields)),
+            extra_into: extra_into.map(str::to_owned),
         }
     }
 
@@ -219,10 +229,15 @@ impl Layout {
             }
         }
         if !extra.is_empty() {
-            out.insert(
-                name(EXTRA, self.lowercase),
-                Value::String(Value::Object(extra).to_string()),
-            );
+            let column = name(self.extra_into.as_deref().unwrap_or(EXTRA), self.lowercase);
+            // Merged with what the column holds already (a JSON object's text, or nothing).
+            if let Some(Value::String(held)) = out.get(&column)
+                && let Ok(mut m) = serde_json::from_str::<Map<String, Value>>(held)
+            {
+                m.extend(extra);
+                extra = m;
+            }
+            out.insert(column, Value::String(Value::Object(extra).to_string()));
         }
         Value::Object(out)
     }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::columnar::{self, ColumnarError, Layout, ParquetSpec};
 use super::encode::{Codec, Compression, compress};
 use super::flat::{Dialect, FlatSpec};
+use super::ocsf::{self, parquet::Layouts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -21,7 +22,15 @@ pub enum Format {
 /// How a sealed batch becomes an object, for formats other than JSON lines.
 #[derive(Debug)]
 pub enum Converter {
-    Parquet { spec: ParquetSpec, layout: Layout },
+    Parquet {
+        spec: ParquetSpec,
+        layout: Layout,
+    },
+    /// OCSF records as Parquet, the schema following the batch's class.
+    OcsfParquet {
+        spec: ParquetSpec,
+        layouts: Layouts,
+    },
     Flat(FlatSpec),
 }
 
@@ -35,13 +44,14 @@ impl Converter {
     pub fn encode(&self, codec: Codec, lines: &[u8]) -> Result<Vec<u8>, ColumnarError> {
         match self {
             Converter::Parquet { spec, layout } => columnar::encode_parquet(spec, layout, lines),
+            Converter::OcsfParquet { spec, layouts } => ocsf::parquet::encode(spec, layouts, lines),
             Converter::Flat(f) => Ok(compress(codec, &f.encode(lines))?),
         }
     }
 
     pub fn extension(&self, codec: Codec) -> &'static str {
         let dialect = match self {
-            Converter::Parquet { .. } => return ".parquet",
+            Converter::Parquet { .. } | Converter::OcsfParquet { .. } => return ".parquet",
             Converter::Flat(f) => f.dialect,
         };
         match (dialect, codec.kind) {
@@ -56,7 +66,9 @@ impl Converter {
 
     pub fn content_type(&self, codec: Codec) -> &'static str {
         match (self, codec.kind) {
-            (Converter::Parquet { .. }, _) => "application/vnd.apache.parquet",
+            (Converter::Parquet { .. } | Converter::OcsfParquet { .. }, _) => {
+                "application/vnd.apache.parquet"
+            }
             (Converter::Flat(_), Compression::None | Compression::Snappy) => match self {
                 Converter::Flat(FlatSpec {
                     dialect: Dialect::Tsv,

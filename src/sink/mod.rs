@@ -7,5 +7,6 @@ pub mod encode;
 pub mod flat;
 pub mod format;
 pub mod kinesis;
+pub mod ocsf;
 pub mod partition;
 pub mod write;

@@ -38,6 +38,9 @@ enum Field {
     Region,
     EventSource,
     EventType,
+    /// The OCSF class the event maps to (`api_activity`, ...): one class per object, as
+    /// Security Lake's custom sources take them.
+    OcsfClass,
 }
 
 const FIELDS: &[(&str, Field)] = &[
@@ -49,8 +52,10 @@ const FIELDS: &[(&str, Field)] = &[
     ("region", Field::Region),
     ("event_source", Field::EventSource),
     ("event_type", Field::EventType),
+    ("ocsf_class", Field::OcsfClass),
 ];
-const FIELD_NAMES: &str = "year, month, day, hour, account, region, event_source, event_type";
+const FIELD_NAMES: &str =
+    "year, month, day, hour, account, region, event_source, event_type, ocsf_class";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
@@ -248,6 +253,11 @@ impl Partitioner {
             }
         }
         let value = |f: Field| -> &str {
+            if f == Field::OcsfClass {
+                let (source, name) = (head.event_source.as_deref(), head.event_name.as_deref());
+                let event_type = head.event_type.as_deref();
+                return crate::sink::ocsf::class::classify(source, name, event_type).slug();
+            }
             let v = match f {
                 Field::Account => &head.account,
                 Field::Region => &head.region,
@@ -327,6 +337,22 @@ mod tests {
             k,
             "123456789012/eu-west-1/s3.amazonaws.com/unknown/20240318/"
         );
+    }
+
+    #[test]
+    fn the_ocsf_class_gives_security_lakes_layout() {
+        let mut h = head(Some("2024-03-18T14:30:07Z"));
+        let t = "ext/trailhose-{ocsf_class}/region={region}/accountId={account}/eventDay={year}{month}{day}/";
+        assert_eq!(
+            key(t, &h).0,
+            "ext/trailhose-api_activity/region=eu-west-1/accountId=123456789012/eventDay=20240318/"
+        );
+        h.event_source = Some(Cow::Borrowed("signin.amazonaws.com"));
+        h.event_name = Some(Cow::Borrowed("ConsoleLogin"));
+        assert_eq!(key("{ocsf_class}", &h).0, "authentication/");
+        h.event_source = Some(Cow::Borrowed("iam.amazonaws.com"));
+        h.event_name = Some(Cow::Borrowed("CreateUser"));
+        assert_eq!(key("{ocsf_class}", &h).0, "account_change/");
     }
 
     #[test]

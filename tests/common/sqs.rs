@@ -115,13 +115,14 @@ pub fn eventbridge(bucket: &str, key: &str) -> String {
 }
 
 /// What a test changes from the shipped defaults. `max_age_secs: None` keeps the default
-/// (300 s); `batch` is added to `[batch]`, `sqs` to `[source.sqs]`; `extra` is appended (whole
-/// sections).
+/// (300 s); `batch` is added to `[batch]`, `sqs` to `[source.sqs]`, `output` to `[output]`;
+/// `extra` is appended (whole sections).
 #[derive(Default, Clone)]
 pub struct Settings {
     pub max_age_secs: Option<u64>,
     pub batch: String,
     pub sqs: String,
+    pub output: String,
     pub extra: String,
 }
 
@@ -184,12 +185,18 @@ pub fn write_config_with(
         .max_age_secs
         .map(|s| format!("max_age_secs = {s}\n"))
         .unwrap_or_default();
-    let (batch, sqs, extra) = (&settings.batch, &settings.sqs, &settings.extra);
+    let (batch, sqs, output, extra) = (
+        &settings.batch,
+        &settings.sqs,
+        &settings.output,
+        &settings.extra,
+    );
     std::fs::write(
         &path,
         format!(
             r#"[output]
 url = "s3://trail-out/ct/"
+{output}
 [output.s3]
 endpoint_url = "{s3_ep}"
 force_path_style = true
