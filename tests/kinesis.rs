@@ -431,6 +431,7 @@ async fn all_written(
     (got, dups)
 }
 
+#[derive(Debug)]
 struct LeaseRow {
     key: String,
     owner: Option<String>,
@@ -1764,6 +1765,39 @@ async fn hung_scan_and_list_shards_calls_do_not_stall_renewals() {
     .await;
     w.stop();
     expected.sort();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0);
+}
+
+/// SIGTERM while the lease table's Scan hangs: the shutdown's own calls have deadlines too, so
+/// the worker exits (its last checkpoint written), and its lease is given up all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_the_lease_table_hangs_exits_and_releases_its_lease() {
+    let tmp = TempDir::new("kinesis-hung-shutdown");
+    let dir = tmp.path().display().to_string();
+    let moto = setup_on(
+        Moto::start_patched(&HANGING_SCANS.replace("{dir}", &dir)),
+        1,
+    )
+    .await;
+    let s3 = moto.s3();
+    let mut expected = feed(&moto, 165, 5, 10).await;
+    expected.sort();
+    let mut w = Worker::start_with(&moto, tmp.path(), "solo", 300);
+    eventually(60, "the lease to be held and read", || async {
+        w.metric("trailhose_kinesis_leases_held ") == 1.0
+            && w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 5.0
+    })
+    .await;
+    std::fs::write(tmp.path().join("hang"), b"").expect("hang switch");
+    // Exits within `stop`'s 25 s.
+    w.stop();
+    std::fs::remove_file(tmp.path().join("hang")).expect("hang switch off");
+    let rows = leases(&moto).await;
+    assert!(
+        rows.iter().all(|l| l.owner.is_none()),
+        "the lease was released: {rows:?}"
+    );
     let (_, dups) = all_written(&s3, &expected, 10).await;
     assert_eq!(dups, 0);
 }
