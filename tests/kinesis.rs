@@ -431,6 +431,7 @@ async fn all_written(
     (got, dups)
 }
 
+#[derive(Debug)]
 struct LeaseRow {
     key: String,
     owner: Option<String>,
@@ -1570,8 +1571,8 @@ async fn checkpoint_of(moto: &Moto, shard: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The 5th and 9th renewals are applied, but their answers are lost (a 500 after the write);
-/// `{dir}/answer-lost-N` says the Nth was.
+/// The renewals numbered in `{lost}` (a Python tuple) are applied, but their answers are lost
+/// (a 500 after the write); `{dir}/answer-lost-N` says the Nth was.
 const LOST_RENEWAL_ANSWERS: &str = r##"
 from moto.core.exceptions import JsonRESTError
 from moto.dynamodb.models import DynamoDBBackend
@@ -1583,7 +1584,7 @@ def _update_losing_answers(self, table_name, key, update_expression, *args, **kw
     out = _update(self, table_name, key, update_expression, *args, **kwargs)
     if update_expression == "SET #c = :next":
         _renewals[0] += 1
-        if _renewals[0] in (5, 9):
+        if _renewals[0] in {lost}:
             open("{dir}/answer-lost-%d" % _renewals[0], "w").close()
             raise _AnswerLost("InternalServerError", "injected: renewal applied, answer lost")
     return out
@@ -1595,7 +1596,11 @@ async fn a_lease_write_applied_with_its_answer_lost_keeps_the_lease() {
     let tmp = TempDir::new("kinesis-lost-answer");
     let dir = tmp.path().display().to_string();
     let moto = setup_on(
-        Moto::start_patched(&LOST_RENEWAL_ANSWERS.replace("{dir}", &dir)),
+        Moto::start_patched(
+            &LOST_RENEWAL_ANSWERS
+                .replace("{dir}", &dir)
+                .replace("{lost}", "(5, 9)"),
+        ),
         1,
     )
     .await;
@@ -1628,6 +1633,55 @@ async fn a_lease_write_applied_with_its_answer_lost_keeps_the_lease() {
         w.log()
     );
     assert_eq!(w.metric("trailhose_kinesis_leases_held "), 1.0);
+    w.stop();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0, "the shard was read once");
+}
+
+/// Two writes in a row applied with their answers lost (the SDK retries each, and the retry
+/// finds the condition changed): the second is the write that recovered from the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_lease_writes_in_a_row_applied_with_their_answers_lost_keep_the_lease() {
+    let tmp = TempDir::new("kinesis-lost-answers-twice");
+    let dir = tmp.path().display().to_string();
+    let moto = setup_on(
+        Moto::start_patched(
+            &LOST_RENEWAL_ANSWERS
+                .replace("{dir}", &dir)
+                .replace("{lost}", "(5, 6)"),
+        ),
+        1,
+    )
+    .await;
+    let s3 = moto.s3();
+    let mut expected = feed(&moto, 155, 5, 10).await;
+    expected.sort();
+    let mut w = Worker::start_with(&moto, tmp.path(), "solo", 300);
+    file_appears(&tmp.path().join("answer-lost-6")).await;
+    // Renewals go on past the faults (every 400 ms), or the lease is given up.
+    let shard = "shardId-000000000000";
+    let after = counter_of(&moto, shard).await;
+    eventually(30, "renewals past the lost answers", || async {
+        counter_of(&moto, shard).await >= after + 3
+            || w.metric("trailhose_errors_total{reason=\"lease_lost\"") > 0.0
+    })
+    .await;
+    eventually(30, "every record to be read", || async {
+        w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 5.0
+    })
+    .await;
+    assert_eq!(
+        w.metric("trailhose_errors_total{reason=\"lease_lost\""),
+        0.0,
+        "the lease was never given up; log:\n{}",
+        w.log()
+    );
+    assert_eq!(
+        w.metric("trailhose_kinesis_lease_takeovers_total"),
+        1.0,
+        "taken once, never again; log:\n{}",
+        w.log()
+    );
     w.stop();
     let (_, dups) = all_written(&s3, &expected, 10).await;
     assert_eq!(dups, 0, "the shard was read once");
@@ -1711,6 +1765,39 @@ async fn hung_scan_and_list_shards_calls_do_not_stall_renewals() {
     .await;
     w.stop();
     expected.sort();
+    let (_, dups) = all_written(&s3, &expected, 10).await;
+    assert_eq!(dups, 0);
+}
+
+/// SIGTERM while the lease table's Scan hangs: the shutdown's own calls have deadlines too, so
+/// the worker exits (its last checkpoint written), and its lease is given up all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_the_lease_table_hangs_exits_and_releases_its_lease() {
+    let tmp = TempDir::new("kinesis-hung-shutdown");
+    let dir = tmp.path().display().to_string();
+    let moto = setup_on(
+        Moto::start_patched(&HANGING_SCANS.replace("{dir}", &dir)),
+        1,
+    )
+    .await;
+    let s3 = moto.s3();
+    let mut expected = feed(&moto, 165, 5, 10).await;
+    expected.sort();
+    let mut w = Worker::start_with(&moto, tmp.path(), "solo", 300);
+    eventually(60, "the lease to be held and read", || async {
+        w.metric("trailhose_kinesis_leases_held ") == 1.0
+            && w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}") == 5.0
+    })
+    .await;
+    std::fs::write(tmp.path().join("hang"), b"").expect("hang switch");
+    // Exits within `stop`'s 25 s.
+    w.stop();
+    std::fs::remove_file(tmp.path().join("hang")).expect("hang switch off");
+    let rows = leases(&moto).await;
+    assert!(
+        rows.iter().all(|l| l.owner.is_none()),
+        "the lease was released: {rows:?}"
+    );
     let (_, dups) = all_written(&s3, &expected, 10).await;
     assert_eq!(dups, 0);
 }

@@ -45,6 +45,9 @@ const PARENTS: &str = "parentShardIds";
 const NEXT: &str = "nextOwner";
 const START: &str = "startPosition";
 const TOKEN: &str = "holdingToken";
+/// How many times in a row a held lease's write is sent again after finding an earlier write
+/// of its holding applied with the answer lost.
+const LOST_ANSWER_RETRIES: usize = 3;
 /// `startPosition` of a child shard's lease.
 pub const TRIM_HORIZON: &str = "TRIM_HORIZON";
 /// `startPosition` prefix of a shard pinned at its first record read.
@@ -612,7 +615,12 @@ impl LeaseTable {
             "#o = :me AND #c = :c AND #t = :t{}{when}",
             if when.is_empty() { "" } else { " AND " }
         );
-        for recheck in [true, false] {
+        // Each retry follows a read-back that found a write of this holding applied unseen;
+        // the retry itself may be one (an SDK retry of it refused): so every conflict is
+        // checked, a few times over (only this holding's own writes can move the counter while
+        // owner and token stay, and they are serialised here).
+        for attempt in 0..LOST_ANSWER_RETRIES + 1 {
+            let recheck = attempt < LOST_ANSWER_RETRIES;
             if claim.revoked() {
                 return Err(LeaseError::Conflict);
             }

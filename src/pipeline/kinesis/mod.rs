@@ -30,8 +30,8 @@ use crate::metrics::{self, *};
 use crate::server;
 use crate::sink::write::Written;
 use crate::source::kinesis::{self, Kinesis};
-use crate::source::lease::{Claim, LeaseError, LeaseTable, Observer};
-use coordinate::{Round, coordinate, sync_shards};
+use crate::source::lease::{Claim, LeaseTable, Observer};
+use coordinate::{Round, call_deadline, coordinate, lease_call, sync_shards};
 
 mod coordinate;
 mod hand_on;
@@ -211,14 +211,12 @@ pub async fn run(
         let _ = h.stop.send(Stop::Drain);
     }
     drop(files);
-    // Leases stay renewed while the buffers flush, so no one takes them over mid-drain.
-    let renewing = tokio::spawn(keep_renewing(
-        ctx.clone(),
-        held.iter()
-            .map(|(k, h)| (k.clone(), h.claim.clone()))
-            .collect(),
-        renew_every,
-    ));
+    // Leases stay renewed (each by its own renewer) while the buffers flush, so no one takes
+    // them over mid-drain; once the readers are done, the renewers stop and the leases go.
+    let claims: Vec<(String, Arc<Claim>)> = held
+        .iter()
+        .map(|(k, h)| (k.clone(), h.claim.clone()))
+        .collect();
     // The stop senders stay alive until the readers are done.
     let readers: Vec<Held> = held.drain().map(|(_, h)| h).collect();
     let drained = tokio::time::timeout(grace, async {
@@ -229,22 +227,36 @@ pub async fn run(
         finished
     })
     .await;
-    renewing.abort();
     // Every reader is done: nothing more to tell them.
     ledger_driver.abort_handle().abort();
-    // Whatever happened, give the leases up so that others need not wait for them to expire.
-    if let Ok(all) = ctx.leases.scan().await {
-        for l in all
-            .iter()
+    for (_, claim) in &claims {
+        claim.revoke();
+    }
+    // Whatever happened, give the leases up so that others need not wait for them to expire:
+    // every one this worker's name holds, or (the table not answering in time) those it read.
+    let deadline = call_deadline(&ctx);
+    let mine: Vec<String> = match lease_call(deadline, ctx.leases.scan()).await {
+        Ok(all) => all
+            .into_iter()
             .filter(|l| l.owner.as_deref() == Some(ctx.leases.me.as_str()))
-        {
-            if let Err(e) = ctx.leases.release(&l.key).await {
-                metrics::emit(KinesisCallFailed {
-                    operation: "release_lease",
-                    shard: &l.key,
-                    error: &e.to_string(),
-                });
-            }
+            .map(|l| l.key)
+            .collect(),
+        Err(e) => {
+            metrics::emit(KinesisCallFailed {
+                operation: "scan_leases",
+                shard: "",
+                error: &e.to_string(),
+            });
+            claims.into_iter().map(|(k, _)| k).collect()
+        }
+    };
+    for key in mine {
+        if let Err(e) = lease_call(deadline, ctx.leases.release(&key)).await {
+            metrics::emit(KinesisCallFailed {
+                operation: "release_lease",
+                shard: &key,
+                error: &e.to_string(),
+            });
         }
     }
     metrics::emit(LeasesHeld(0));
@@ -272,28 +284,5 @@ pub async fn run(
                 clean: false,
             })
         }
-    }
-}
-
-/// Renews `leases` every `every` until aborted; a lease taken meanwhile is left alone.
-async fn keep_renewing(ctx: Arc<Ctx>, mut leases: Vec<(String, Arc<Claim>)>, every: Duration) {
-    loop {
-        tokio::time::sleep(every).await;
-        let mut kept = Vec::with_capacity(leases.len());
-        for (shard, claim) in leases {
-            match ctx.leases.renew(&shard, &claim).await {
-                Ok(()) => kept.push((shard, claim)),
-                Err(LeaseError::Conflict) => {}
-                Err(e) => {
-                    metrics::emit(KinesisCallFailed {
-                        operation: "renew_lease",
-                        shard: &shard,
-                        error: &e.to_string(),
-                    });
-                    kept.push((shard, claim));
-                }
-            }
-        }
-        leases = kept;
     }
 }
