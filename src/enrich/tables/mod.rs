@@ -61,8 +61,10 @@ enum Index {
 /// One loaded, checked table.
 pub struct Table {
     columns: Vec<Box<str>>,
-    /// `rows[r][c]` is column `c` of row `r`; None for an empty cell. Empty for mmdb.
-    rows: Vec<Box<[Option<Box<str>>]>>,
+    /// The non-empty cells of each row as `(column, value)`, sorted by column: sparse, so that
+    /// memory follows the input's size even when JSON lines bring a new column each. Empty for
+    /// mmdb.
+    rows: Vec<Box<[Cell]>>,
     index: Index,
     heap_bytes: usize,
 }
@@ -123,7 +125,7 @@ impl Table {
 
     /// Column `c` of row `r`.
     pub fn cell(&self, r: u32, c: usize) -> Option<&str> {
-        self.rows.get(r as usize)?.get(c)?.as_deref()
+        row_cell(self.rows.get(r as usize)?, c)
     }
 
     /// Finds `value`'s row. `scratch` is reused for lower-casing.
@@ -184,10 +186,22 @@ fn gunzip(bytes: Vec<u8>, max: u64) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-type Rows = Vec<Vec<Option<Box<str>>>>;
+/// A non-empty cell: its column and text.
+type Cell = (u32, Box<str>);
+type Rows = Vec<Vec<Cell>>;
 
-fn cell(s: &str) -> Option<Box<str>> {
-    (!s.is_empty()).then(|| s.into())
+/// Column `c` of a row sorted by column.
+fn row_cell(row: &[Cell], c: usize) -> Option<&str> {
+    let c = u32::try_from(c).ok()?;
+    let at = row.binary_search_by_key(&c, |(col, _)| *col).ok()?;
+    row.get(at).map(|(_, v)| &**v)
+}
+
+/// `(c, s)` unless `s` is empty (or there are over 4 billion columns).
+fn cell(c: usize, s: &str) -> Option<Cell> {
+    (!s.is_empty())
+        .then(|| u32::try_from(c).ok().map(|c| (c, s.into())))
+        .flatten()
 }
 
 /// Header and rows; the key column is checked to exist.
@@ -209,7 +223,14 @@ fn read_csv(bytes: &[u8], key: &str) -> Result<(Vec<Box<str>>, Rows), String> {
     let mut rows = Vec::new();
     for record in reader.records() {
         let record = record.map_err(|e| e.to_string())?;
-        rows.push(record.iter().map(cell).collect());
+        // In column order: already sorted.
+        rows.push(
+            record
+                .iter()
+                .enumerate()
+                .filter_map(|(c, s)| cell(c, s))
+                .collect(),
+        );
     }
     Ok((columns, rows))
 }
@@ -226,31 +247,26 @@ fn read_jsonl(bytes: &[u8], key: &str) -> Result<(Vec<Box<str>>, Rows), String> 
         }
         let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(line)
             .map_err(|e| format!("line {}: not a JSON object: {e}", n + 1))?;
-        let mut row: Vec<Option<Box<str>>> = vec![None; columns.len()];
+        let mut row: Vec<Cell> = Vec::with_capacity(object.len());
         for (name, value) in object {
-            let text = match value {
-                serde_json::Value::Null => None,
-                serde_json::Value::String(s) => cell(&s),
-                other => Some(other.to_string().into()),
-            };
             let c = match by_name.get(&name) {
                 Some(&c) => c,
                 None => {
                     columns.push(name.as_str().into());
                     by_name.insert(name, columns.len() - 1);
-                    row.push(None);
                     columns.len() - 1
                 }
             };
-            if let Some(slot) = row.get_mut(c) {
-                *slot = text;
-            }
+            let text = match value {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => cell(c, &s),
+                other => cell(c, &other.to_string()),
+            };
+            row.extend(text);
         }
+        // An object's names are unique (serde_json keeps the last of a repeated one).
+        row.sort_unstable_by_key(|(c, _)| *c);
         rows.push(row);
-    }
-    // Rows read before a column first appeared are shorter: pad them.
-    for row in &mut rows {
-        row.resize(columns.len(), None);
     }
     Ok((columns, rows))
 }
@@ -268,15 +284,13 @@ fn build(columns: Vec<Box<str>>, rows: Rows, key: &str, kind: MatchKind) -> Resu
     let line = |i: usize| i + 2;
     for (i, row) in rows.iter().enumerate() {
         let r = u32::try_from(i).map_err(|_| "more than 4 billion rows".to_owned())?;
-        let raw = row
-            .get(key_col)
-            .and_then(|k| k.as_deref())
+        let raw = row_cell(row, key_col)
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(|| format!("row {} (line {}) has no {key:?}", i + 1, line(i)))?;
         heap += row
             .iter()
-            .map(|c| 16 + c.as_ref().map_or(0, |s| s.len()))
+            .map(|(_, v)| std::mem::size_of::<Cell>() + v.len())
             .sum::<usize>();
         let fresh = match kind {
             MatchKind::Cidr => {
@@ -401,6 +415,26 @@ mod tests {
         assert_eq!(row_of(&t, "2001:db8::1"), Some(1));
         assert_eq!(t.cell(1, 2), Some("3"));
         assert_eq!(t.cell(0, 2), None);
+    }
+
+    #[test]
+    fn memory_stays_linear_in_the_input_when_every_json_line_brings_a_new_column() {
+        // Padding every row to the union of columns would hold rows x columns cells.
+        let mut jl = String::new();
+        for i in 0..2000 {
+            jl.push_str(&format!("{{\"id\":\"{i}\",\"c{i}\":\"v\"}}\n"));
+        }
+        let s = spec("w.jsonl", Some("id"), None);
+        let t = Table::parse(&s, "w.jsonl", jl.clone().into_bytes()).unwrap();
+        assert_eq!(t.columns().len(), 2001);
+        assert_eq!(t.cell(7, 8), Some("v"));
+        assert_eq!(t.cell(7, 9), None);
+        assert!(
+            t.heap_bytes() < 64 * jl.len(),
+            "{} for {}",
+            t.heap_bytes(),
+            jl.len()
+        );
     }
 
     #[test]
