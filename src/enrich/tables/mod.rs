@@ -188,7 +188,8 @@ fn gunzip(bytes: Vec<u8>, max: u64) -> Result<Vec<u8>, String> {
 
 /// A non-empty cell: its column and text.
 type Cell = (u32, Box<str>);
-type Rows = Vec<Vec<Cell>>;
+/// Each row's cells and the line it starts on, for errors.
+type Rows = Vec<(Vec<Cell>, u64)>;
 
 /// Column `c` of a row sorted by column.
 fn row_cell(row: &[Cell], c: usize) -> Option<&str> {
@@ -221,16 +222,34 @@ fn read_csv(bytes: &[u8], key: &str) -> Result<(Vec<Box<str>>, Rows), String> {
         ));
     }
     let mut rows = Vec::new();
+    // Newlines before `counted`: blank lines are skipped and quoted cells may span lines, so
+    // a record's line is counted from its byte offset.
+    let (mut counted, mut newlines) = (0usize, 0u64);
     for record in reader.records() {
         let record = record.map_err(|e| e.to_string())?;
+        let at = record
+            .position()
+            .and_then(|p| usize::try_from(p.byte()).ok())
+            .unwrap_or(counted);
+        // The offset is where the reader started, before the blank lines it skipped.
+        let at = bytes
+            .get(at..)
+            .and_then(|rest| rest.iter().position(|b| !matches!(b, b'\n' | b'\r')))
+            .map_or(at, |skip| at + skip);
+        if let Some(gap) = bytes.get(counted..at) {
+            newlines += memchr::memchr_iter(b'\n', gap).count() as u64;
+            counted = at;
+        }
+        let line = newlines + 1;
         // In column order: already sorted.
-        rows.push(
+        rows.push((
             record
                 .iter()
                 .enumerate()
                 .filter_map(|(c, s)| cell(c, s))
                 .collect(),
-        );
+            line,
+        ));
     }
     Ok((columns, rows))
 }
@@ -266,7 +285,7 @@ fn read_jsonl(bytes: &[u8], key: &str) -> Result<(Vec<Box<str>>, Rows), String> 
         }
         // An object's names are unique (serde_json keeps the last of a repeated one).
         row.sort_unstable_by_key(|(c, _)| *c);
-        rows.push(row);
+        rows.push((row, n as u64 + 1));
     }
     Ok((columns, rows))
 }
@@ -280,9 +299,8 @@ fn build(columns: Vec<Box<str>>, rows: Rows, key: &str, kind: MatchKind) -> Resu
     let mut exact: HashMap<Box<str>, u32> = HashMap::with_capacity(rows.len());
     let mut cidr = CidrIndex::default();
     let mut heap = 0usize;
-    // Data row `i` is line `i + 2` of a CSV (after the header), close enough for JSON lines.
-    let line = |i: usize| i + 2;
-    for (i, row) in rows.iter().enumerate() {
+    let line = |i: usize| rows.get(i).map_or(0, |(_, l)| *l);
+    for (i, (row, _)) in rows.iter().enumerate() {
         let r = u32::try_from(i).map_err(|_| "more than 4 billion rows".to_owned())?;
         let raw = row_cell(row, key_col)
             .map(str::trim)
@@ -333,7 +351,10 @@ fn build(columns: Vec<Box<str>>, rows: Rows, key: &str, kind: MatchKind) -> Resu
     };
     Ok(Table {
         columns,
-        rows: rows.into_iter().map(Vec::into_boxed_slice).collect(),
+        rows: rows
+            .into_iter()
+            .map(|(cells, _)| cells.into_boxed_slice())
+            .collect(),
         index,
         heap_bytes: heap,
     })
@@ -462,6 +483,16 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("line 2"), "{e}");
+        // The line a repeated key is on, past blank lines and cells spanning lines.
+        let e = Table::parse(&s, "x", b"{\"id\":1}\n{\"id\":1}\n\n{\"id\":2}\n".to_vec())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("(line 2)"), "{e}");
+        let s = spec("a.csv", Some("id"), None);
+        let e = Table::parse(&s, "x", b"id,note\n1,\"a\nb\"\n\n1,c\n".to_vec())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("(line 5)"), "{e}");
         let s = spec("a.csv", Some("cidr"), Some(MatchKind::Cidr));
         let e = Table::parse(&s, "x", b"cidr\n10.0.0.0/40\n".to_vec())
             .err()
