@@ -150,6 +150,42 @@ pub struct LookupConfig {
 /// Fields the pipeline itself adds; a lookup may not add them again.
 const RESERVED: &[&str] = &["geo", "trailhoseArrivalTime"];
 
+/// CloudTrail's own top-level fields: added again, they would be written twice in one object
+/// (duplicate keys, which readers resolve differently or refuse).
+const CLOUDTRAIL_FIELDS: &[&str] = &[
+    "eventVersion",
+    "userIdentity",
+    "eventTime",
+    "eventSource",
+    "eventName",
+    "awsRegion",
+    "sourceIPAddress",
+    "userAgent",
+    "errorCode",
+    "errorMessage",
+    "requestParameters",
+    "responseElements",
+    "additionalEventData",
+    "requestID",
+    "eventID",
+    "eventType",
+    "apiVersion",
+    "managementEvent",
+    "readOnly",
+    "resources",
+    "recipientAccountId",
+    "serviceEventDetails",
+    "sharedEventID",
+    "vpcEndpointId",
+    "vpcEndpointAccountId",
+    "eventCategory",
+    "addendum",
+    "sessionCredentialFromConsole",
+    "edgeDeviceDetails",
+    "tlsDetails",
+    "insightDetails",
+];
+
 impl EnrichConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
@@ -235,6 +271,15 @@ impl EnrichConfig {
                         named(&format!("{field:?} cannot be added (empty or reserved)")),
                     ));
                 }
+                if CLOUDTRAIL_FIELDS.contains(&field.as_str()) {
+                    return Err(invalid(
+                        "enrich.lookups.add",
+                        named(&format!(
+                            "{field:?} is a CloudTrail field: events would carry it twice; \
+                             choose another name"
+                        )),
+                    ));
+                }
                 if !added.insert(field.as_str()) {
                     return Err(invalid(
                         "enrich.lookups.add",
@@ -305,6 +350,13 @@ mod tests {
              [[enrich.lookups]]\ntable = \"accounts\"\nfrom = \"b\"\nadd = {{ x = [\"z\"] }}\n"
         ));
         assert!(e.contains("added by two lookups"), "{e}");
+        let e = err(&format!(
+            "{TABLES}[[enrich.lookups]]\ntable = \"accounts\"\nfrom = \"a\"\nadd = {{ resources = [\"y\"] }}\n"
+        ));
+        assert!(
+            e.contains("enrich.lookups.add") && e.contains("CloudTrail field"),
+            "{e}"
+        );
         let e = err(&format!(
             "{TABLES}[[enrich.lookups]]\ntable = \"accounts\"\nfrom = \"a..b\"\nadd = {{ x = [\"y\"] }}\n"
         ));

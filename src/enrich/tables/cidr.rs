@@ -65,7 +65,8 @@ pub struct Range {
 }
 
 /// Parses `a.b.c.d/n`, `x::/n`, or a single address (a full-length range). Host bits below
-/// the prefix are allowed and ignored, as most published lists carry some.
+/// the prefix are allowed and ignored, as most published lists carry some. An IPv4-mapped
+/// range (`::ffff:10.0.0.0/104`) is its IPv4 range, as looked-up addresses are.
 pub fn parse_range(text: &str) -> Option<Range> {
     let text = text.trim();
     let (addr, len) = match text.split_once('/') {
@@ -75,9 +76,22 @@ pub fn parse_range(text: &str) -> Option<Range> {
     let addr: IpAddr = addr.parse().ok()?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let len = match len {
-        Some(l) => l.parse::<u8>().ok().filter(|&l| l <= max)?,
+        // Digits only: `u8::from_str` would also take `+8`.
+        Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => {
+            l.parse::<u8>().ok().filter(|&l| l <= max)?
+        }
+        Some(_) => return None,
         None => max,
     };
+    if let IpAddr::V6(v6) = addr
+        && let Some(v4) = v6.to_ipv4_mapped()
+        && len >= 96
+    {
+        return Some(Range {
+            addr: IpAddr::V4(v4),
+            len: len - 96,
+        });
+    }
     Some(Range { addr, len })
 }
 
@@ -159,6 +173,20 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv4_mapped_range_holds_the_ipv4_addresses_it_maps() {
+        let ix = index(&["::ffff:10.0.0.0/104", "::ffff:192.0.2.7"]);
+        assert_eq!(at(&ix, "10.9.9.9"), Some(0));
+        assert_eq!(at(&ix, "::ffff:10.9.9.9"), Some(0));
+        assert_eq!(at(&ix, "192.0.2.7"), Some(1));
+        assert_eq!(at(&ix, "11.0.0.1"), None);
+        assert_eq!(
+            parse_range("::ffff:0.0.0.0/96").map(|r| r.len),
+            Some(0),
+            "all of IPv4"
+        );
+    }
+
+    #[test]
     fn host_bits_are_ignored_duplicates_and_nonsense_are_refused() {
         let ix = index(&["192.168.1.77/24"]);
         assert_eq!(at(&ix, "192.168.1.1"), Some(0));
@@ -172,6 +200,8 @@ mod tests {
             "10.0.0/8",
             "x",
             "10.0.0.0/",
+            "10.0.0.0/+8",
+            "10.0.0.0/ 8",
             "/8",
             "",
         ] {

@@ -62,6 +62,28 @@ impl Slot {
         }
     }
 
+    /// The file's bytes, refused unread when its size is over `max_bytes` and cut at one byte
+    /// over it when it grows while read (`Table::parse` then refuses it).
+    fn read_file(&self, path: &std::path::Path) -> Result<Vec<u8>, TableError> {
+        use std::io::Read;
+        let max = self.spec.max_bytes;
+        let file = std::fs::File::open(path).map_err(|e| self.read_error(e.to_string()))?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if size > max {
+            return Err(TableError::Invalid {
+                name: self.spec.name.clone(),
+                location: self.spec.path.clone(),
+                format: self.spec.format().as_str(),
+                detail: format!("{size} bytes, over max_bytes = {max}; not read"),
+            });
+        }
+        let mut bytes = Vec::new();
+        file.take(max.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(|e| self.read_error(e.to_string()))?;
+        Ok(bytes)
+    }
+
     /// The source's bytes and version, or None when its version is still `known`.
     async fn fetch(&self, known: &Version) -> Result<Option<(Vec<u8>, Version)>, TableError> {
         let max = self.spec.max_bytes;
@@ -71,7 +93,7 @@ impl Slot {
                 if *known == now {
                     return Ok(None);
                 }
-                let bytes = std::fs::read(path).map_err(|e| self.read_error(e.to_string()))?;
+                let bytes = self.read_file(path)?;
                 Ok(Some((bytes, now)))
             }
             Source::S3 {
@@ -354,6 +376,22 @@ mod tests {
         })
         .await
         .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_file_over_max_bytes_is_refused_unread() {
+        let dir = std::env::temp_dir().join(format!("trailhose-big-table-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("big.csv");
+        std::fs::write(&path, format!("id,name\n{}\n", "1,x\n".repeat(100))).unwrap();
+        let cfg: EnrichConfig = toml::from_str(&format!(
+            "reload_secs = 0\n[[tables]]\nname = \"big\"\npath = {:?}\nkey = \"id\"\nmax_bytes = 64\n",
+            path.display().to_string()
+        ))
+        .unwrap();
+        let e = LiveTables::open(&cfg).await.err().unwrap().to_string();
+        assert!(e.contains("over max_bytes = 64; not read"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

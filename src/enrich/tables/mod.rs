@@ -61,8 +61,10 @@ enum Index {
 /// One loaded, checked table.
 pub struct Table {
     columns: Vec<Box<str>>,
-    /// `rows[r][c]` is column `c` of row `r`; None for an empty cell. Empty for mmdb.
-    rows: Vec<Box<[Option<Box<str>>]>>,
+    /// The non-empty cells of each row as `(column, value)`, sorted by column: sparse, so that
+    /// memory follows the input's size even when JSON lines bring a new column each. Empty for
+    /// mmdb.
+    rows: Vec<Box<[Cell]>>,
     index: Index,
     heap_bytes: usize,
 }
@@ -123,7 +125,7 @@ impl Table {
 
     /// Column `c` of row `r`.
     pub fn cell(&self, r: u32, c: usize) -> Option<&str> {
-        self.rows.get(r as usize)?.get(c)?.as_deref()
+        row_cell(self.rows.get(r as usize)?, c)
     }
 
     /// Finds `value`'s row. `scratch` is reused for lower-casing.
@@ -184,10 +186,23 @@ fn gunzip(bytes: Vec<u8>, max: u64) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-type Rows = Vec<Vec<Option<Box<str>>>>;
+/// A non-empty cell: its column and text.
+type Cell = (u32, Box<str>);
+/// Each row's cells and the line it starts on, for errors.
+type Rows = Vec<(Vec<Cell>, u64)>;
 
-fn cell(s: &str) -> Option<Box<str>> {
-    (!s.is_empty()).then(|| s.into())
+/// Column `c` of a row sorted by column.
+fn row_cell(row: &[Cell], c: usize) -> Option<&str> {
+    let c = u32::try_from(c).ok()?;
+    let at = row.binary_search_by_key(&c, |(col, _)| *col).ok()?;
+    row.get(at).map(|(_, v)| &**v)
+}
+
+/// `(c, s)` unless `s` is empty (or there are over 4 billion columns).
+fn cell(c: usize, s: &str) -> Option<Cell> {
+    (!s.is_empty())
+        .then(|| u32::try_from(c).ok().map(|c| (c, s.into())))
+        .flatten()
 }
 
 /// Header and rows; the key column is checked to exist.
@@ -207,9 +222,34 @@ fn read_csv(bytes: &[u8], key: &str) -> Result<(Vec<Box<str>>, Rows), String> {
         ));
     }
     let mut rows = Vec::new();
+    // Newlines before `counted`: blank lines are skipped and quoted cells may span lines, so
+    // a record's line is counted from its byte offset.
+    let (mut counted, mut newlines) = (0usize, 0u64);
     for record in reader.records() {
         let record = record.map_err(|e| e.to_string())?;
-        rows.push(record.iter().map(cell).collect());
+        let at = record
+            .position()
+            .and_then(|p| usize::try_from(p.byte()).ok())
+            .unwrap_or(counted);
+        // The offset is where the reader started, before the blank lines it skipped.
+        let at = bytes
+            .get(at..)
+            .and_then(|rest| rest.iter().position(|b| !matches!(b, b'\n' | b'\r')))
+            .map_or(at, |skip| at + skip);
+        if let Some(gap) = bytes.get(counted..at) {
+            newlines += memchr::memchr_iter(b'\n', gap).count() as u64;
+            counted = at;
+        }
+        let line = newlines + 1;
+        // In column order: already sorted.
+        rows.push((
+            record
+                .iter()
+                .enumerate()
+                .filter_map(|(c, s)| cell(c, s))
+                .collect(),
+            line,
+        ));
     }
     Ok((columns, rows))
 }
@@ -226,31 +266,26 @@ fn read_jsonl(bytes: &[u8], key: &str) -> Result<(Vec<Box<str>>, Rows), String> 
         }
         let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(line)
             .map_err(|e| format!("line {}: not a JSON object: {e}", n + 1))?;
-        let mut row: Vec<Option<Box<str>>> = vec![None; columns.len()];
+        let mut row: Vec<Cell> = Vec::with_capacity(object.len());
         for (name, value) in object {
-            let text = match value {
-                serde_json::Value::Null => None,
-                serde_json::Value::String(s) => cell(&s),
-                other => Some(other.to_string().into()),
-            };
             let c = match by_name.get(&name) {
                 Some(&c) => c,
                 None => {
                     columns.push(name.as_str().into());
                     by_name.insert(name, columns.len() - 1);
-                    row.push(None);
                     columns.len() - 1
                 }
             };
-            if let Some(slot) = row.get_mut(c) {
-                *slot = text;
-            }
+            let text = match value {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => cell(c, &s),
+                other => cell(c, &other.to_string()),
+            };
+            row.extend(text);
         }
-        rows.push(row);
-    }
-    // Rows read before a column first appeared are shorter: pad them.
-    for row in &mut rows {
-        row.resize(columns.len(), None);
+        // An object's names are unique (serde_json keeps the last of a repeated one).
+        row.sort_unstable_by_key(|(c, _)| *c);
+        rows.push((row, n as u64 + 1));
     }
     Ok((columns, rows))
 }
@@ -264,19 +299,16 @@ fn build(columns: Vec<Box<str>>, rows: Rows, key: &str, kind: MatchKind) -> Resu
     let mut exact: HashMap<Box<str>, u32> = HashMap::with_capacity(rows.len());
     let mut cidr = CidrIndex::default();
     let mut heap = 0usize;
-    // Data row `i` is line `i + 2` of a CSV (after the header), close enough for JSON lines.
-    let line = |i: usize| i + 2;
-    for (i, row) in rows.iter().enumerate() {
+    let line = |i: usize| rows.get(i).map_or(0, |(_, l)| *l);
+    for (i, (row, _)) in rows.iter().enumerate() {
         let r = u32::try_from(i).map_err(|_| "more than 4 billion rows".to_owned())?;
-        let raw = row
-            .get(key_col)
-            .and_then(|k| k.as_deref())
+        let raw = row_cell(row, key_col)
             .map(str::trim)
             .filter(|k| !k.is_empty())
             .ok_or_else(|| format!("row {} (line {}) has no {key:?}", i + 1, line(i)))?;
         heap += row
             .iter()
-            .map(|c| 16 + c.as_ref().map_or(0, |s| s.len()))
+            .map(|(_, v)| std::mem::size_of::<Cell>() + v.len())
             .sum::<usize>();
         let fresh = match kind {
             MatchKind::Cidr => {
@@ -319,7 +351,10 @@ fn build(columns: Vec<Box<str>>, rows: Rows, key: &str, kind: MatchKind) -> Resu
     };
     Ok(Table {
         columns,
-        rows: rows.into_iter().map(Vec::into_boxed_slice).collect(),
+        rows: rows
+            .into_iter()
+            .map(|(cells, _)| cells.into_boxed_slice())
+            .collect(),
         index,
         heap_bytes: heap,
     })
@@ -404,6 +439,26 @@ mod tests {
     }
 
     #[test]
+    fn memory_stays_linear_in_the_input_when_every_json_line_brings_a_new_column() {
+        // Padding every row to the union of columns would hold rows x columns cells.
+        let mut jl = String::new();
+        for i in 0..2000 {
+            jl.push_str(&format!("{{\"id\":\"{i}\",\"c{i}\":\"v\"}}\n"));
+        }
+        let s = spec("w.jsonl", Some("id"), None);
+        let t = Table::parse(&s, "w.jsonl", jl.clone().into_bytes()).unwrap();
+        assert_eq!(t.columns().len(), 2001);
+        assert_eq!(t.cell(7, 8), Some("v"));
+        assert_eq!(t.cell(7, 9), None);
+        assert!(
+            t.heap_bytes() < 64 * jl.len(),
+            "{} for {}",
+            t.heap_bytes(),
+            jl.len()
+        );
+    }
+
+    #[test]
     fn broken_tables_are_refused_with_the_line() {
         let s = spec("a.csv", Some("id"), None);
         let bad: [(&[u8], &str); 5] = [
@@ -428,6 +483,16 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("line 2"), "{e}");
+        // The line a repeated key is on, past blank lines and cells spanning lines.
+        let e = Table::parse(&s, "x", b"{\"id\":1}\n{\"id\":1}\n\n{\"id\":2}\n".to_vec())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("(line 2)"), "{e}");
+        let s = spec("a.csv", Some("id"), None);
+        let e = Table::parse(&s, "x", b"id,note\n1,\"a\nb\"\n\n1,c\n".to_vec())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("(line 5)"), "{e}");
         let s = spec("a.csv", Some("cidr"), Some(MatchKind::Cidr));
         let e = Table::parse(&s, "x", b"cidr\n10.0.0.0/40\n".to_vec())
             .err()
