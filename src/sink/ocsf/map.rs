@@ -418,6 +418,7 @@ fn authentication_part(
             // STS: the identity the credentials are for.
             let assumed = resp.and_then(|r| r.get("assumedRoleUser"));
             let federated = resp.and_then(|r| r.get("federatedUser"));
+            let mut own = false;
             if let Some(arn) = path(assumed, &["arn"]).or(path(federated, &["arn"])) {
                 user.insert("uid".into(), json!(arn));
                 user.insert(
@@ -429,8 +430,13 @@ fn authentication_part(
                     }),
                 );
                 user.insert("type_id".into(), json!(99));
+            } else if let Some(role) = path(req, &["roleArn"]) {
+                // Refused (no credentials issued): the role asked for, never the caller.
+                user.insert("uid".into(), json!(role));
             } else if let Some(Value::Object(u)) = actor_user {
+                // GetSessionToken, or a refused GetFederationToken: the caller itself.
                 user = u.clone();
+                own = true;
             }
             if let Some(id) =
                 path(assumed, &["assumedRoleId"]).or(path(federated, &["federatedUserId"]))
@@ -440,6 +446,7 @@ fn authentication_part(
             if let Some(n) = path(req, &["roleSessionName"])
                 .or(path(req, &["name"]))
                 .or(path(resp, &["subject"]))
+                .filter(|_| !own)
             {
                 user.insert("name".into(), json!(n));
             }
@@ -447,9 +454,6 @@ fn authentication_part(
             user.remove("credential_uid");
             if let Some(k) = path(resp, &["credentials", "accessKeyId"]) {
                 user.insert("credential_uid".into(), json!(k));
-            }
-            if let Some(role) = path(req, &["roleArn"]).filter(|_| !user.contains_key("uid")) {
-                user.insert("uid".into(), json!(role));
             }
             let protocol = match name {
                 "AssumeRoleWithSAML" => Some((5, "SAML")),

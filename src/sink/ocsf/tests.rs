@@ -324,3 +324,27 @@ fn any_input_gives_a_complete_record() {
     assert_eq!(p["policy"]["name"], "ReadOnlyAccess");
     assert_eq!(p["user"]["name"], "r");
 }
+
+#[test]
+fn a_refused_sign_in_names_the_role_asked_for_not_the_caller() {
+    let caller = r#""userIdentity":{"type":"IAMUser","arn":"arn:aws:iam::111122223333:user/bob","userName":"bob","accessKeyId":"AKIABOB","accountId":"111122223333"}"#;
+    let role = format!(
+        r#"{{"eventSource":"sts.amazonaws.com","eventName":"AssumeRole","errorCode":"AccessDenied",{caller},"requestParameters":{{"roleArn":"arn:aws:iam::444455556666:role/Admin","roleSessionName":"s1"}},"responseElements":null}}"#
+    );
+    let r = map(role.as_bytes());
+    assert_required(&r);
+    assert_eq!(r["status_id"], 2);
+    assert_eq!(
+        r["user"],
+        json!({"uid": "arn:aws:iam::444455556666:role/Admin", "name": "s1"})
+    );
+    assert_eq!(r["actor"]["user"]["name"], "bob");
+    let fed = format!(
+        r#"{{"eventSource":"sts.amazonaws.com","eventName":"GetFederationToken","errorCode":"AccessDenied",{caller},"requestParameters":{{"name":"partner"}}}}"#
+    );
+    let r = map(fed.as_bytes());
+    // The caller's own identity, not relabelled with the name it asked for.
+    assert_eq!(r["user"]["uid"], "arn:aws:iam::111122223333:user/bob");
+    assert_eq!(r["user"]["name"], "bob");
+    assert!(r["user"]["credential_uid"].is_null());
+}
