@@ -64,9 +64,10 @@ pub fn to_ocsf(mut ev: Obj, now: i64, raw: Option<&str>) -> Value {
 
     let actor = take_actor(&mut ev, &mut unmapped);
     let actor_user = actor.get("user").cloned();
+    // Every class takes `api` (the cloud profile's), as AWS's own CloudTrail mapping has it.
+    api_part(&mut out, &mut ev, insight, (error_code, error_message));
     let activity = match class {
         Class::ApiActivity => {
-            api_part(&mut out, &mut ev, insight, (error_code, error_message));
             resources(&mut out, &mut ev);
             if insight {
                 Activity {
@@ -80,7 +81,7 @@ pub fn to_ocsf(mut ev: Obj, now: i64, raw: Option<&str>) -> Value {
         }
         Class::Authentication => {
             authentication_part(&mut out, &ev, event_name.as_deref(), actor_user.as_ref());
-            if let Some(s) = take_str(&mut ev, "eventSource") {
+            if let Some(s) = &event_source {
                 out.insert("service".into(), json!({ "name": s }));
             }
             Activity {

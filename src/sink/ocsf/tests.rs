@@ -175,9 +175,11 @@ fn assume_role_with_saml_signs_in_the_role_session() {
     assert_eq!(r["actor"]["idp"]["name"], "Xo1bZEXAMPLE=");
     assert_eq!(r["actor"]["user"]["type"], "SAMLUser");
     assert_eq!(r["session"]["issuer"], "http://www.okta.com/exk123");
-    // Authentication has no `api`: the request id stays in `unmapped`.
-    assert!(r["api"].is_null());
-    assert!(r["unmapped"]["requestID"].is_string());
+    // The cloud profile's `api` is every class's, as in AWS's mapping.
+    assert_eq!(r["api"]["operation"], "AssumeRoleWithSAML");
+    assert_eq!(r["api"]["service"]["name"], "sts.amazonaws.com");
+    assert!(r["api"]["request"]["uid"].is_string());
+    assert!(r["unmapped"]["requestID"].is_null());
 }
 
 #[test]
@@ -195,6 +197,8 @@ fn iam_changes_are_account_changes_of_their_target() {
         "arn:aws:iam::111122223333:role/Admins"
     );
     assert_eq!(r["unmapped"]["sessionCredentialFromConsole"], "true");
+    assert_eq!(r["api"]["operation"], "CreateUser");
+    assert_eq!(r["api"]["service"]["name"], "iam.amazonaws.com");
 
     let k = case("create_access_key");
     assert_eq!(k["class_uid"], 3001);
