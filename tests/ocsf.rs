@@ -409,3 +409,66 @@ fn process_writes_ocsf_parquet_one_class_per_object() {
     check_cases(&records, false);
     validate(tmp.path(), &records);
 }
+
+/// The mapping runs after the transform modules: what a redact module masks is masked in every
+/// attribute it maps to, in `unmapped` and in `raw_data`.
+#[test]
+fn process_maps_after_transforms_so_masked_values_stay_masked() {
+    let tmp = TempDir::new("ocsf-redact");
+    let module = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/transforms/wasm32-wasip2/release/redact.wasm");
+    assert!(
+        module.is_file(),
+        "{} is missing: run scripts/build-transforms.sh (scripts/test.sh does)",
+        module.display()
+    );
+    let input = tmp.path().join("in");
+    let case = &cases()["assume_role_with_saml"];
+    let secret = "ASIAEXAMPLESAML0001";
+    assert!(case.contains(secret));
+    let path = input.join(DAY);
+    std::fs::create_dir_all(&path).expect("dir");
+    std::fs::write(
+        path.join("111122223333_CloudTrail_us-east-1_20240318T1415Z_redact.json.gz"),
+        fixtures::gzip(format!("{{\"Records\":[{case}]}}").as_bytes()),
+    )
+    .expect("write");
+    let config = tmp.path().join("ocsf.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[output]\nschema = \"ocsf\"\n[output.ocsf]\nraw_data = true\n[[transforms]]\nname = \"redact\"\npath = \"{}\"\nconfig = {{ paths = \"responseElements.credentials.accessKeyId\" }}\n",
+            module.display()
+        ),
+    )
+    .expect("config");
+    let out_dir = tmp.path().join("out");
+    let run = trailhose(
+        &[
+            "process",
+            "--config",
+            &config.display().to_string(),
+            "--out",
+            &out_dir.display().to_string(),
+            &input.display().to_string(),
+        ],
+        &[],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let output = split_output(&local_objects(&out_dir));
+    assert_eq!(output.events.len(), 1, "{:?}", output.events);
+    let line = &output.events[0].1;
+    assert!(!line.contains(secret), "{line}");
+    let v: Value = serde_json::from_str(line).expect("JSON line");
+    assert_eq!(v["class_uid"], 3002, "{line}");
+    assert_eq!(v["user"]["credential_uid"], "****", "{line}");
+    assert!(
+        v["raw_data"].as_str().is_some_and(|r| r.contains("****")),
+        "{line}"
+    );
+    validate(tmp.path(), std::slice::from_ref(line));
+}
