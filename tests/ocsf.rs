@@ -84,6 +84,55 @@ fn validate(dir: &Path, records: &[String]) {
     );
 }
 
+/// The validator's report on `records`: whether it passed, and what it printed.
+fn validator(dir: &Path, records: &[String]) -> (bool, String) {
+    let file = dir.join("ocsf-records.json");
+    std::fs::write(&file, records.join("\n") + "\n").expect("records");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ocsf_validate.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&file)
+        .output()
+        .expect("python3 with ocsf-json-schema and jsonschema (scripts/moto-env.sh installs them)");
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), report)
+}
+
+/// The validator is not a rubber stamp: a golden record passes, and each corruption of it (an
+/// attribute its class lacks, a wrong type, an id outside its enum, ids that disagree) fails.
+#[test]
+fn the_validator_rejects_records_that_are_not_ocsf() {
+    let tmp = TempDir::new("ocsf-validator");
+    let text =
+        std::fs::read_to_string(ocsf_dir("expected").join("create_user.json")).expect("golden");
+    let good: Value = serde_json::from_str(&text).expect("golden JSON");
+    let (ok, report) = validator(tmp.path(), &[good.to_string()]);
+    assert!(
+        ok && report.contains("validated 1 records, 0 invalid"),
+        "{report}"
+    );
+    type Corruption = (&'static str, fn(&mut Value));
+    let corrupt: [Corruption; 5] = [
+        ("unknown attribute", |v| {
+            v["eventName"] = "CreateUser".into()
+        }),
+        ("nested unknown", |v| v["user"]["userName"] = "dave".into()),
+        ("wrong type", |v| v["time"] = "2024-03-18T14:13:00Z".into()),
+        ("outside the enum", |v| v["activity_id"] = 57.into()),
+        ("ids disagree", |v| v["activity_id"] = 6.into()),
+    ];
+    for (what, change) in corrupt {
+        let mut v = good.clone();
+        change(&mut v);
+        let (ok, report) = validator(tmp.path(), &[v.to_string()]);
+        assert!(
+            !ok && report.contains("1 invalid"),
+            "{what} passed: {report}"
+        );
+    }
+}
+
 /// Checks the golden cases against their checked-in records (the location the fixture city
 /// database adds aside), and that every record is OCSF.
 fn check_cases(records: &[String], with_geo: bool) {
