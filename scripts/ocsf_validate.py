@@ -70,7 +70,17 @@ def main(paths):
             for e in errors[:5]:
                 where = "/".join(str(p) for p in e.path) or "(record)"
                 print(f"{path}:{n}: class {key[0]}: {where}: {e.message[:300]}")
-            bad += bool(errors)
+            # What the schema's enums cannot say: the ids agree with each other.
+            uid, act = rec.get("class_uid"), rec.get("activity_id")
+            arithmetic = []
+            if isinstance(uid, int) and isinstance(act, int):
+                if rec.get("type_uid") != uid * 100 + act:
+                    arithmetic.append(f"type_uid {rec.get('type_uid')} is not {uid * 100 + act}")
+                if rec.get("category_uid") != uid // 1000:
+                    arithmetic.append(f"category_uid {rec.get('category_uid')} is not {uid // 1000}")
+            for a in arithmetic:
+                print(f"{path}:{n}: class {key[0]}: {a}")
+            bad += bool(errors or arithmetic)
     print(f"validated {count} records, {bad} invalid")
     return 1 if bad else 0
 

@@ -84,6 +84,55 @@ fn validate(dir: &Path, records: &[String]) {
     );
 }
 
+/// The validator's report on `records`: whether it passed, and what it printed.
+fn validator(dir: &Path, records: &[String]) -> (bool, String) {
+    let file = dir.join("ocsf-records.json");
+    std::fs::write(&file, records.join("\n") + "\n").expect("records");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ocsf_validate.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(&file)
+        .output()
+        .expect("python3 with ocsf-json-schema and jsonschema (scripts/moto-env.sh installs them)");
+    let report =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), report)
+}
+
+/// The validator is not a rubber stamp: a golden record passes, and each corruption of it (an
+/// attribute its class lacks, a wrong type, an id outside its enum, ids that disagree) fails.
+#[test]
+fn the_validator_rejects_records_that_are_not_ocsf() {
+    let tmp = TempDir::new("ocsf-validator");
+    let text =
+        std::fs::read_to_string(ocsf_dir("expected").join("create_user.json")).expect("golden");
+    let good: Value = serde_json::from_str(&text).expect("golden JSON");
+    let (ok, report) = validator(tmp.path(), &[good.to_string()]);
+    assert!(
+        ok && report.contains("validated 1 records, 0 invalid"),
+        "{report}"
+    );
+    type Corruption = (&'static str, fn(&mut Value));
+    let corrupt: [Corruption; 5] = [
+        ("unknown attribute", |v| {
+            v["eventName"] = "CreateUser".into()
+        }),
+        ("nested unknown", |v| v["user"]["userName"] = "dave".into()),
+        ("wrong type", |v| v["time"] = "2024-03-18T14:13:00Z".into()),
+        ("outside the enum", |v| v["activity_id"] = 57.into()),
+        ("ids disagree", |v| v["activity_id"] = 6.into()),
+    ];
+    for (what, change) in corrupt {
+        let mut v = good.clone();
+        change(&mut v);
+        let (ok, report) = validator(tmp.path(), &[v.to_string()]);
+        assert!(
+            !ok && report.contains("1 invalid"),
+            "{what} passed: {report}"
+        );
+    }
+}
+
 /// Checks the golden cases against their checked-in records (the location the fixture city
 /// database adds aside), and that every record is OCSF.
 fn check_cases(records: &[String], with_geo: bool) {
@@ -378,8 +427,9 @@ fn process_writes_ocsf_parquet_one_class_per_object() {
                 .iter()
                 .map(|f| f.name().clone())
                 .collect();
+            assert!(names.contains(&"api".to_owned()), "{key}: {names:?}");
             assert_eq!(
-                names.contains(&"api".to_owned()),
+                names.contains(&"resources".to_owned()),
                 slug == "api_activity",
                 "{key}: {names:?}"
             );
@@ -407,4 +457,67 @@ fn process_writes_ocsf_parquet_one_class_per_object() {
     assert_eq!(records.len(), n);
     check_cases(&records, false);
     validate(tmp.path(), &records);
+}
+
+/// The mapping runs after the transform modules: what a redact module masks is masked in every
+/// attribute it maps to, in `unmapped` and in `raw_data`.
+#[test]
+fn process_maps_after_transforms_so_masked_values_stay_masked() {
+    let tmp = TempDir::new("ocsf-redact");
+    let module = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/transforms/wasm32-wasip2/release/redact.wasm");
+    assert!(
+        module.is_file(),
+        "{} is missing: run scripts/build-transforms.sh (scripts/test.sh does)",
+        module.display()
+    );
+    let input = tmp.path().join("in");
+    let case = &cases()["assume_role_with_saml"];
+    let secret = "ASIAEXAMPLESAML0001";
+    assert!(case.contains(secret));
+    let path = input.join(DAY);
+    std::fs::create_dir_all(&path).expect("dir");
+    std::fs::write(
+        path.join("111122223333_CloudTrail_us-east-1_20240318T1415Z_redact.json.gz"),
+        fixtures::gzip(format!("{{\"Records\":[{case}]}}").as_bytes()),
+    )
+    .expect("write");
+    let config = tmp.path().join("ocsf.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[output]\nschema = \"ocsf\"\n[output.ocsf]\nraw_data = true\n[[transforms]]\nname = \"redact\"\npath = \"{}\"\nconfig = {{ paths = \"responseElements.credentials.accessKeyId\" }}\n",
+            module.display()
+        ),
+    )
+    .expect("config");
+    let out_dir = tmp.path().join("out");
+    let run = trailhose(
+        &[
+            "process",
+            "--config",
+            &config.display().to_string(),
+            "--out",
+            &out_dir.display().to_string(),
+            &input.display().to_string(),
+        ],
+        &[],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let output = split_output(&local_objects(&out_dir));
+    assert_eq!(output.events.len(), 1, "{:?}", output.events);
+    let line = &output.events[0].1;
+    assert!(!line.contains(secret), "{line}");
+    let v: Value = serde_json::from_str(line).expect("JSON line");
+    assert_eq!(v["class_uid"], 3002, "{line}");
+    assert_eq!(v["user"]["credential_uid"], "****", "{line}");
+    assert!(
+        v["raw_data"].as_str().is_some_and(|r| r.contains("****")),
+        "{line}"
+    );
+    validate(tmp.path(), std::slice::from_ref(line));
 }

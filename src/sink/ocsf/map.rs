@@ -64,9 +64,10 @@ pub fn to_ocsf(mut ev: Obj, now: i64, raw: Option<&str>) -> Value {
 
     let actor = take_actor(&mut ev, &mut unmapped);
     let actor_user = actor.get("user").cloned();
+    // Every class takes `api` (the cloud profile's), as AWS's own CloudTrail mapping has it.
+    api_part(&mut out, &mut ev, insight, (error_code, error_message));
     let activity = match class {
         Class::ApiActivity => {
-            api_part(&mut out, &mut ev, insight, (error_code, error_message));
             resources(&mut out, &mut ev);
             if insight {
                 Activity {
@@ -80,7 +81,7 @@ pub fn to_ocsf(mut ev: Obj, now: i64, raw: Option<&str>) -> Value {
         }
         Class::Authentication => {
             authentication_part(&mut out, &ev, event_name.as_deref(), actor_user.as_ref());
-            if let Some(s) = take_str(&mut ev, "eventSource") {
+            if let Some(s) = &event_source {
                 out.insert("service".into(), json!({ "name": s }));
             }
             Activity {
@@ -418,6 +419,7 @@ fn authentication_part(
             // STS: the identity the credentials are for.
             let assumed = resp.and_then(|r| r.get("assumedRoleUser"));
             let federated = resp.and_then(|r| r.get("federatedUser"));
+            let mut own = false;
             if let Some(arn) = path(assumed, &["arn"]).or(path(federated, &["arn"])) {
                 user.insert("uid".into(), json!(arn));
                 user.insert(
@@ -429,8 +431,13 @@ fn authentication_part(
                     }),
                 );
                 user.insert("type_id".into(), json!(99));
+            } else if let Some(role) = path(req, &["roleArn"]) {
+                // Refused (no credentials issued): the role asked for, never the caller.
+                user.insert("uid".into(), json!(role));
             } else if let Some(Value::Object(u)) = actor_user {
+                // GetSessionToken, or a refused GetFederationToken: the caller itself.
                 user = u.clone();
+                own = true;
             }
             if let Some(id) =
                 path(assumed, &["assumedRoleId"]).or(path(federated, &["federatedUserId"]))
@@ -440,6 +447,7 @@ fn authentication_part(
             if let Some(n) = path(req, &["roleSessionName"])
                 .or(path(req, &["name"]))
                 .or(path(resp, &["subject"]))
+                .filter(|_| !own)
             {
                 user.insert("name".into(), json!(n));
             }
@@ -447,9 +455,6 @@ fn authentication_part(
             user.remove("credential_uid");
             if let Some(k) = path(resp, &["credentials", "accessKeyId"]) {
                 user.insert("credential_uid".into(), json!(k));
-            }
-            if let Some(role) = path(req, &["roleArn"]).filter(|_| !user.contains_key("uid")) {
-                user.insert("uid".into(), json!(role));
             }
             let protocol = match name {
                 "AssumeRoleWithSAML" => Some((5, "SAML")),

@@ -118,7 +118,7 @@ const ATTRIBUTES: &[(&str, Col, &[Class])] = &[
     ("status_detail", Col::Str, ALL),
     ("message", Col::Str, ALL),
     ("actor", ACTOR, ALL),
-    ("api", API, API_ONLY),
+    ("api", API, ALL),
     ("resources", Col::List(&RESOURCE), API_ONLY),
     ("user", USER, WITH_USER),
     ("auth_protocol_id", Col::Int, AUTH_ONLY),
@@ -290,7 +290,7 @@ mod tests {
             "{names:?}"
         );
         assert!(
-            !names.contains(&"api") && !names.contains(&"policy"),
+            names.contains(&"api") && !names.contains(&"policy"),
             "{names:?}"
         );
         let rows: usize = batches.iter().map(|b| b.num_rows()).sum();

@@ -88,7 +88,12 @@ fn assert_required(r: &Value) {
 
 #[test]
 fn golden_cases_map_to_their_checked_in_records() {
-    let bless = std::env::var_os("TRAILHOSE_BLESS").is_some();
+    let bless = std::env::var("TRAILHOSE_BLESS").is_ok_and(|v| v == "1");
+    // A CI run compares; it never rewrites what it compares against.
+    assert!(
+        !(bless && std::env::var_os("CI").is_some()),
+        "TRAILHOSE_BLESS is refused under CI"
+    );
     let mut names: Vec<String> = std::fs::read_dir(dir("cases"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -170,9 +175,11 @@ fn assume_role_with_saml_signs_in_the_role_session() {
     assert_eq!(r["actor"]["idp"]["name"], "Xo1bZEXAMPLE=");
     assert_eq!(r["actor"]["user"]["type"], "SAMLUser");
     assert_eq!(r["session"]["issuer"], "http://www.okta.com/exk123");
-    // Authentication has no `api`: the request id stays in `unmapped`.
-    assert!(r["api"].is_null());
-    assert!(r["unmapped"]["requestID"].is_string());
+    // The cloud profile's `api` is every class's, as in AWS's mapping.
+    assert_eq!(r["api"]["operation"], "AssumeRoleWithSAML");
+    assert_eq!(r["api"]["service"]["name"], "sts.amazonaws.com");
+    assert!(r["api"]["request"]["uid"].is_string());
+    assert!(r["unmapped"]["requestID"].is_null());
 }
 
 #[test]
@@ -190,6 +197,8 @@ fn iam_changes_are_account_changes_of_their_target() {
         "arn:aws:iam::111122223333:role/Admins"
     );
     assert_eq!(r["unmapped"]["sessionCredentialFromConsole"], "true");
+    assert_eq!(r["api"]["operation"], "CreateUser");
+    assert_eq!(r["api"]["service"]["name"], "iam.amazonaws.com");
 
     let k = case("create_access_key");
     assert_eq!(k["class_uid"], 3001);
@@ -323,4 +332,28 @@ fn any_input_gives_a_complete_record() {
     assert_eq!(p["activity_id"], 7);
     assert_eq!(p["policy"]["name"], "ReadOnlyAccess");
     assert_eq!(p["user"]["name"], "r");
+}
+
+#[test]
+fn a_refused_sign_in_names_the_role_asked_for_not_the_caller() {
+    let caller = r#""userIdentity":{"type":"IAMUser","arn":"arn:aws:iam::111122223333:user/bob","userName":"bob","accessKeyId":"AKIABOB","accountId":"111122223333"}"#;
+    let role = format!(
+        r#"{{"eventSource":"sts.amazonaws.com","eventName":"AssumeRole","errorCode":"AccessDenied",{caller},"requestParameters":{{"roleArn":"arn:aws:iam::444455556666:role/Admin","roleSessionName":"s1"}},"responseElements":null}}"#
+    );
+    let r = map(role.as_bytes());
+    assert_required(&r);
+    assert_eq!(r["status_id"], 2);
+    assert_eq!(
+        r["user"],
+        json!({"uid": "arn:aws:iam::444455556666:role/Admin", "name": "s1"})
+    );
+    assert_eq!(r["actor"]["user"]["name"], "bob");
+    let fed = format!(
+        r#"{{"eventSource":"sts.amazonaws.com","eventName":"GetFederationToken","errorCode":"AccessDenied",{caller},"requestParameters":{{"name":"partner"}}}}"#
+    );
+    let r = map(fed.as_bytes());
+    // The caller's own identity, not relabelled with the name it asked for.
+    assert_eq!(r["user"]["uid"], "arn:aws:iam::111122223333:user/bob");
+    assert_eq!(r["user"]["name"], "bob");
+    assert!(r["user"]["credential_uid"].is_null());
 }
