@@ -258,10 +258,7 @@ impl Store {
 fn write_local(root: &Path, path: &Path, body: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        std::fs::create_dir_all(dir)?;
-    }
-    sync_path(root, dir, &SYNCED)?;
+    make_path(root, dir, &SYNCED)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -289,6 +286,26 @@ fn write_local(root: &Path, path: &Path, body: &[u8]) -> std::io::Result<()> {
 const SYNCED_MAX: usize = 100_000;
 static SYNCED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
     std::sync::LazyLock::new(Default::default);
+
+/// Creates `dir` if it is missing and makes its path durable (`sync_path`). A missing
+/// directory may have been synced before and then deleted (an operator clearing a partition):
+/// what this process remembers of it and of its missing parents is forgotten before they are
+/// made again, so the new entries are synced too.
+fn make_path(
+    root: &Path,
+    dir: &Path,
+    synced: &std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+) -> std::io::Result<usize> {
+    if !dir.is_dir() {
+        if let Ok(mut s) = synced.lock() {
+            for gone in dir.ancestors().take_while(|d| !d.is_dir()) {
+                s.remove(gone);
+            }
+        }
+        std::fs::create_dir_all(dir)?;
+    }
+    sync_path(root, dir, synced)
+}
 
 /// Makes the path of `dir` below `root` durable: syncs the parent of every directory on it that
 /// this process has not synced yet, top down, then remembers them. Existing is not enough: a
@@ -646,6 +663,16 @@ mod tests {
         std::fs::create_dir_all(&next).expect("next day");
         assert_eq!(sync_path(&root, &next, &synced).expect("sync"), 1);
         assert_eq!(sync_path(&root, &root, &synced).expect("sync"), 0);
+
+        // A partition deleted and made again is a new entry in its parent: synced again.
+        assert_eq!(make_path(&root, &dir, &synced).expect("sync"), 0, "known");
+        std::fs::remove_dir_all(root.join("ct/2024")).expect("cleared");
+        assert_eq!(
+            make_path(&root, &dir, &synced).expect("sync"),
+            3,
+            "2024, 03 and 18 are new entries"
+        );
+        assert!(dir.is_dir());
 
         write_local(&root, &root.join("ct/2024/03/20/a.json"), b"{}").expect("write");
         assert!(
