@@ -76,7 +76,7 @@ impl Store {
             Store::Local { root } => {
                 let root = root.clone();
                 tokio::task::spawn_blocking(move || {
-                    std::fs::create_dir_all(&root)?;
+                    create_root(&root, &SYNCED)?;
                     let probe = root.join(format!(".trailhose-probe-{}", uuid::Uuid::now_v7()));
                     std::fs::write(&probe, b"")?;
                     std::fs::remove_file(&probe)
@@ -286,6 +286,30 @@ fn write_local(root: &Path, path: &Path, body: &[u8]) -> std::io::Result<()> {
 const SYNCED_MAX: usize = 100_000;
 static SYNCED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
     std::sync::LazyLock::new(Default::default);
+
+/// Creates the output root if it is missing, syncing the parent of every directory made (the
+/// root's own path is as much a part of every object as the partitions below it), and
+/// remembers them as synced.
+fn create_root(
+    root: &Path,
+    synced: &std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+) -> std::io::Result<usize> {
+    let missing: Vec<PathBuf> = root
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        .map(Path::to_path_buf)
+        .collect();
+    std::fs::create_dir_all(root)?;
+    for made in missing.iter().rev() {
+        if let Some(parent) = made.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        if let Ok(mut s) = synced.lock() {
+            s.insert(made.clone());
+        }
+    }
+    Ok(missing.len())
+}
 
 /// Creates `dir` if it is missing and makes its path durable (`sync_path`). A missing
 /// directory may have been synced before and then deleted (an operator clearing a partition):
@@ -682,5 +706,25 @@ mod tests {
                 .contains(&root.join("ct/2024/03/20"))
         );
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// An output root that does not exist yet is made at start-up (`check`): its new
+    /// directories are synced into their parents too, not only the partitions below it.
+    #[tokio::test]
+    async fn an_output_root_made_at_start_up_is_synced_into_its_parents() {
+        let base = std::env::temp_dir().join(format!("trailhose-root-{}", uuid::Uuid::now_v7()));
+        let root = base.join("data/out");
+        let store = Store::Local { root: root.clone() };
+        store.check().await.expect("check");
+        assert!(root.is_dir());
+        {
+            let synced = SYNCED.lock().expect("lock");
+            for made in [&base, &base.join("data"), &root] {
+                assert!(synced.contains(made), "{} synced", made.display());
+            }
+        }
+        let again = std::sync::Mutex::new(std::collections::HashSet::new());
+        assert_eq!(create_root(&root, &again).expect("again"), 0, "made once");
+        let _ = std::fs::remove_dir_all(&base);
     }
 }
