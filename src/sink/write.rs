@@ -76,7 +76,7 @@ impl Store {
             Store::Local { root } => {
                 let root = root.clone();
                 tokio::task::spawn_blocking(move || {
-                    std::fs::create_dir_all(&root)?;
+                    create_root(&root, &SYNCED)?;
                     let probe = root.join(format!(".trailhose-probe-{}", uuid::Uuid::now_v7()));
                     std::fs::write(&probe, b"")?;
                     std::fs::remove_file(&probe)
@@ -258,10 +258,7 @@ impl Store {
 fn write_local(root: &Path, path: &Path, body: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
-    if !dir.is_dir() {
-        std::fs::create_dir_all(dir)?;
-    }
-    sync_path(root, dir, &SYNCED)?;
+    make_path(root, dir, &SYNCED)?;
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -289,6 +286,50 @@ fn write_local(root: &Path, path: &Path, body: &[u8]) -> std::io::Result<()> {
 const SYNCED_MAX: usize = 100_000;
 static SYNCED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<PathBuf>>> =
     std::sync::LazyLock::new(Default::default);
+
+/// Creates the output root if it is missing, syncing the parent of every directory made (the
+/// root's own path is as much a part of every object as the partitions below it), and
+/// remembers them as synced.
+fn create_root(
+    root: &Path,
+    synced: &std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+) -> std::io::Result<usize> {
+    let missing: Vec<PathBuf> = root
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        .map(Path::to_path_buf)
+        .collect();
+    std::fs::create_dir_all(root)?;
+    for made in missing.iter().rev() {
+        if let Some(parent) = made.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        if let Ok(mut s) = synced.lock() {
+            s.insert(made.clone());
+        }
+    }
+    Ok(missing.len())
+}
+
+/// Creates `dir` if it is missing and makes its path durable (`sync_path`). A missing
+/// directory may have been synced before and then deleted (an operator clearing a partition):
+/// what this process remembers of it and of its missing parents is forgotten before they are
+/// made again, so the new entries are synced too.
+fn make_path(
+    root: &Path,
+    dir: &Path,
+    synced: &std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+) -> std::io::Result<usize> {
+    if !dir.is_dir() {
+        if let Ok(mut s) = synced.lock() {
+            for gone in dir.ancestors().take_while(|d| !d.is_dir()) {
+                s.remove(gone);
+            }
+        }
+        std::fs::create_dir_all(dir)?;
+    }
+    sync_path(root, dir, synced)
+}
 
 /// Makes the path of `dir` below `root` durable: syncs the parent of every directory on it that
 /// this process has not synced yet, top down, then remembers them. Existing is not enough: a
@@ -647,6 +688,16 @@ mod tests {
         assert_eq!(sync_path(&root, &next, &synced).expect("sync"), 1);
         assert_eq!(sync_path(&root, &root, &synced).expect("sync"), 0);
 
+        // A partition deleted and made again is a new entry in its parent: synced again.
+        assert_eq!(make_path(&root, &dir, &synced).expect("sync"), 0, "known");
+        std::fs::remove_dir_all(root.join("ct/2024")).expect("cleared");
+        assert_eq!(
+            make_path(&root, &dir, &synced).expect("sync"),
+            3,
+            "2024, 03 and 18 are new entries"
+        );
+        assert!(dir.is_dir());
+
         write_local(&root, &root.join("ct/2024/03/20/a.json"), b"{}").expect("write");
         assert!(
             SYNCED
@@ -655,5 +706,25 @@ mod tests {
                 .contains(&root.join("ct/2024/03/20"))
         );
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// An output root that does not exist yet is made at start-up (`check`): its new
+    /// directories are synced into their parents too, not only the partitions below it.
+    #[tokio::test]
+    async fn an_output_root_made_at_start_up_is_synced_into_its_parents() {
+        let base = std::env::temp_dir().join(format!("trailhose-root-{}", uuid::Uuid::now_v7()));
+        let root = base.join("data/out");
+        let store = Store::Local { root: root.clone() };
+        store.check().await.expect("check");
+        assert!(root.is_dir());
+        {
+            let synced = SYNCED.lock().expect("lock");
+            for made in [&base, &base.join("data"), &root] {
+                assert!(synced.contains(made), "{} synced", made.display());
+            }
+        }
+        let again = std::sync::Mutex::new(std::collections::HashSet::new());
+        assert_eq!(create_root(&root, &again).expect("again"), 0, "made once");
+        let _ = std::fs::remove_dir_all(&base);
     }
 }
