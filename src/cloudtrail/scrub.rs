@@ -15,6 +15,11 @@ pub const MARKER: &[u8] = b"\"[redacted]\"";
 /// Keys compared case-insensitively, longer ones are never sensitive.
 const KEY_MAX: usize = 64;
 
+/// The most raw bytes collected for one candidate key: room for every character of the
+/// longest key written as an escape (`\u0054`), or as one inside an embedded string
+/// (`\\u0054`).
+const CANDIDATE_MAX: usize = KEY_MAX * 8;
+
 /// The keys whose values are masked by default (`errors.redact_keys`): credentials CloudTrail
 /// records carry (STS and IAM responses, console and database passwords, Secrets Manager and
 /// KMS material) and the names redact configurations mask.
@@ -249,7 +254,7 @@ impl<'k> Scrubber<'k> {
                 Some(last) => self.candidate.get(..=last).unwrap_or_default(),
                 None => &[],
             };
-            let sensitive = self.collecting && self.keys.contains(name);
+            let sensitive = self.collecting && self.keys.contains(&unescape(name));
             self.candidate.clear();
             if sensitive {
                 self.collecting = false;
@@ -261,7 +266,7 @@ impl<'k> Scrubber<'k> {
             return;
         }
         if self.collecting {
-            if self.candidate.len() < KEY_MAX + 1 {
+            if self.candidate.len() < CANDIDATE_MAX {
                 self.candidate.push(b.to_ascii_lowercase());
             } else {
                 // Too long to be a key: wait for the next quote.
@@ -270,6 +275,59 @@ impl<'k> Scrubber<'k> {
             }
         }
     }
+}
+
+/// A candidate key as a reader sees it: JSON escapes decoded (`session\u0054oken` is
+/// `sessiontoken`), again while any are left, since a key inside an embedded string is escaped
+/// twice; lowercased. Decoding more than the key's level did only ever masks more.
+fn unescape(lowered: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let mut name = std::borrow::Cow::Borrowed(lowered);
+    // Each round removes at least one backslash, and two levels are all JSON-in-a-string has.
+    for _ in 0..3 {
+        if !name.contains(&b'\\') {
+            break;
+        }
+        let decoded = unescape_once(&name);
+        name = std::borrow::Cow::Owned(decoded);
+    }
+    name
+}
+
+/// One level of JSON string escapes, lowercased; an escape that is not one stays as it is.
+fn unescape_once(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        i += 1;
+        if b != b'\\' {
+            out.push(b.to_ascii_lowercase());
+            continue;
+        }
+        match bytes.get(i) {
+            Some(b'u') => {
+                // `\uXXXX`: four hex digits (bounds checked by `get`).
+                let code = bytes
+                    .get(i + 1..i + 5)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u32::from_str_radix(h, 16).ok());
+                match code.and_then(char::from_u32) {
+                    Some(c) => {
+                        let mut utf8 = [0u8; 4];
+                        let c = c.to_ascii_lowercase();
+                        out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+                        i += 5;
+                    }
+                    None => out.push(b),
+                }
+            }
+            Some(&e @ (b'\\' | b'/' | b'"')) => {
+                out.push(e);
+                i += 1;
+            }
+            _ => out.push(b),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -360,6 +418,32 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["a"][0]["password"], "[redacted]");
         assert_eq!(v["sessionToken"], "[redacted]");
+    }
+
+    #[test]
+    fn escaped_key_names_are_keys_too() {
+        // What any JSON reader decodes to `sessionToken`, `Password` or `secretKey`.
+        assert_eq!(
+            scrub(r#"{"session\u0054oken":"tok-1","x":1}"#),
+            r#"{"session\u0054oken":"[redacted]","x":1}"#
+        );
+        assert_eq!(
+            scrub(r#"{"\u0050\u0061\u0073\u0073\u0077\u006F\u0072\u0064":"pw-1"}"#),
+            r#"{"\u0050\u0061\u0073\u0073\u0077\u006F\u0072\u0064":"[redacted]"}"#
+        );
+        assert_eq!(
+            scrub(r#"{"secret\/Key":"sk","SECRETKEY":"sk"}"#),
+            r#"{"secret\/Key":"sk","SECRETKEY":"[redacted]"}"#,
+            "an escape that decodes to another name is another key"
+        );
+        // Inside an embedded string the escape is itself escaped.
+        let inner = r#"{"session\u0054oken":"tok-2"}"#;
+        let outer = serde_json::to_string(&vec![inner]).unwrap();
+        assert!(!scrub(&outer).contains("tok-2"), "{}", scrub(&outer));
+        // A JSON reader agrees these are the keys.
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"session\u0054oken":"tok-1"}"#).unwrap();
+        assert!(v.get("sessionToken").is_some());
     }
 
     #[test]
