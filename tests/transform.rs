@@ -853,6 +853,48 @@ fn drop_body_also_mutes_what_the_failing_module_logged_and_counted() {
     assert_eq!(counted(&r), 0.0, "{}", r.metrics);
 }
 
+/// `retry` with the default `drop_body` fallback: the deliveries before the fallback must not
+/// log the event either (a panic message or the module's own lines quoting it), while the
+/// failure itself is still logged and counted.
+#[test]
+fn retry_before_a_drop_body_fallback_mutes_the_module_too() {
+    let retried = |mode: &'static str| {
+        let md = Mod {
+            name: "redact",
+            file: "hostile",
+            config: &[("mode", mode)],
+            extra: "on_failure = \"retry\"\nmax_attempts = 3",
+        };
+        run(&events(), &[md], 2)
+    };
+    for mode in ["log_echo", "panic_echo"] {
+        let r = retried(mode);
+        assert!(
+            r.events.is_empty(),
+            "{mode}: not written, the file comes again"
+        );
+        assert!(!r.stderr.contains("hunter2"), "{mode}: {}", r.stderr);
+        assert!(!r.out_text.contains("hunter2"), "{mode}");
+        assert!(
+            r.stderr.contains("redact"),
+            "{mode}: the failure is still logged: {}",
+            r.stderr
+        );
+    }
+    let r = retried("log_echo");
+    assert_eq!(
+        r.metric(&["trailhose_transform_counter_total", "echoed"]),
+        0.0,
+        "{}",
+        r.metrics
+    );
+    assert!(
+        r.stderr.contains("transform module failed events"),
+        "{}",
+        r.stderr
+    );
+}
+
 /// Error records of the split stage hold bytes no module saw: with a `drop_body` module they
 /// carry none unless `errors.keep_raw`; either way sensitive values are masked.
 #[test]
