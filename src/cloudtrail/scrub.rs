@@ -20,6 +20,10 @@ const KEY_MAX: usize = 64;
 /// (`\\u0054`).
 const CANDIDATE_MAX: usize = KEY_MAX * 8;
 
+/// Deeper levels of JSON inside strings are not told apart (it is JSON in a string in a string
+/// … six deep).
+const ESC_LEVELS: u32 = 6;
+
 /// The keys whose values are masked by default (`errors.redact_keys`): credentials CloudTrail
 /// records carry (STS and IAM responses, console and database passwords, Secrets Manager and
 /// KMS material) and the names redact configurations mask.
@@ -74,29 +78,30 @@ impl Keys {
 }
 
 /// Where the scrubber is. Kept between pieces, so a value cut by a piece boundary stays masked.
-/// `esc`: the key was itself inside a JSON string (`\"password\":\"…\"`, as a message that
-/// embeds JSON carries it), so the value's quotes are escaped ones.
+/// `esc`: the backslashes before each quote at the key's level: 0 for plain JSON, 1 when the key
+/// was itself inside a JSON string (`\"password\":\"…\"`, as a message that embeds JSON carries
+/// it), 3 inside a string inside that, and so on (`2^level - 1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Text,
     /// After a sensitive key: whitespace and one `:` pass, the next token is the value.
     AfterKey {
         colon: bool,
-        esc: bool,
+        esc: usize,
     },
     /// Inside a masked string value.
     Str {
-        esc: bool,
+        esc: usize,
     },
     /// Inside a masked object or array value.
     Nested {
         depth: u32,
         in_str: bool,
-        esc: bool,
+        esc: usize,
     },
     /// Inside a masked bare scalar.
     Scalar {
-        esc: bool,
+        esc: usize,
     },
 }
 
@@ -153,21 +158,28 @@ impl<'k> Scrubber<'k> {
 
     /// Whether a quote here closes a string of the level `esc` names: a plain quote, or an
     /// escaped one (`\"`) inside a string, but not an escaped quote within that (`\\\"`).
-    fn closes(&self, esc: bool) -> bool {
-        match esc {
-            false => self.backslashes.is_multiple_of(2),
-            true => self.backslashes % 4 == 1,
-        }
+    /// At any level, the escapes of deeper ones leave a different remainder.
+    fn closes(&self, esc: usize) -> bool {
+        self.backslashes % (2 * esc + 2) == esc
     }
 
     /// Writes the marker in place of a value; inside a string its quotes are escaped.
     /// `quoted`: the value is a string, whose opening backslash is already written.
-    fn marker(esc: bool, quoted: bool, out: &mut Vec<u8>) {
-        match (esc, quoted) {
-            (true, true) => out.extend_from_slice(b"\"[redacted]\\\""),
-            (true, false) => out.extend_from_slice(b"\\\"[redacted]\\\""),
-            (false, _) => out.extend_from_slice(MARKER),
+    fn marker(esc: usize, quoted: bool, out: &mut Vec<u8>) {
+        if esc == 0 {
+            out.extend_from_slice(MARKER);
+            return;
         }
+        let quote = |out: &mut Vec<u8>| {
+            out.extend(std::iter::repeat_n(b'\\', esc));
+            out.push(b'"');
+        };
+        match quoted {
+            true => out.push(b'"'),
+            false => quote(out),
+        }
+        out.extend_from_slice(b"[redacted]");
+        quote(out);
     }
 
     fn step(&mut self, b: u8, out: &mut Vec<u8>) {
@@ -176,7 +188,9 @@ impl<'k> Scrubber<'k> {
             State::AfterKey { colon, esc } => match b {
                 b' ' | b'\n' | b'\r' | b'\t' => out.push(b),
                 // An escape before the value's quote, or an escaped newline between.
-                b'\\' | b'n' | b'r' | b't' if esc && (b == b'\\' || self.backslashes % 2 == 1) => {
+                b'\\' | b'n' | b'r' | b't'
+                    if esc > 0 && (b == b'\\' || self.backslashes % 2 == 1) =>
+                {
                     out.push(b)
                 }
                 b':' if !colon => {
@@ -230,7 +244,7 @@ impl<'k> Scrubber<'k> {
             }
             State::Scalar { esc } => {
                 let ends = matches!(b, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t' | b'"')
-                    || (esc && b == b'\\');
+                    || (esc > 0 && b == b'\\');
                 if ends {
                     self.resume(false);
                     self.text(b, out);
@@ -258,7 +272,10 @@ impl<'k> Scrubber<'k> {
             self.candidate.clear();
             if sensitive {
                 self.collecting = false;
-                let esc = self.backslashes % 2 == 1;
+                // The level is the count of trailing one bits: `\"` is level 1, `\\\"`
+                // level 2, and `\\\\\"` (an escaped backslash, then `\"`) level 1 again.
+                let level = self.backslashes.trailing_ones().min(ESC_LEVELS);
+                let esc = (1usize << level) - 1;
                 self.state = State::AfterKey { colon: false, esc };
             } else {
                 self.collecting = true;
@@ -282,8 +299,8 @@ impl<'k> Scrubber<'k> {
 /// twice; lowercased. Decoding more than the key's level did only ever masks more.
 fn unescape(lowered: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     let mut name = std::borrow::Cow::Borrowed(lowered);
-    // Each round removes at least one backslash, and two levels are all JSON-in-a-string has.
-    for _ in 0..3 {
+    // Each round takes off one level of escapes.
+    for _ in 0..=ESC_LEVELS {
         if !name.contains(&b'\\') {
             break;
         }
@@ -408,6 +425,28 @@ mod tests {
         assert_eq!(v["password"], "[redacted]");
         assert_eq!(v["k"]["secretKey"], "[redacted]");
         assert_eq!(v["n"], 1);
+    }
+
+    #[test]
+    fn json_in_a_string_in_a_string_is_masked_too() {
+        // A message holding JSON with a field that holds JSON: three levels of quotes.
+        let inner = r#"{"password":"hun\"ter2","k":{"secretKey":[1,"]"]},"t":9,"n":1}"#;
+        let middle = serde_json::to_string(&serde_json::json!({"body": inner, "m": 2})).unwrap();
+        let outer = serde_json::to_string(&vec![middle]).unwrap();
+        let out = scrub(&outer);
+        assert!(!out.contains("hun") && !out.contains("ter2"), "{out}");
+        let back: Vec<String> = serde_json::from_str(&out).unwrap();
+        let middle: serde_json::Value = serde_json::from_str(&back[0]).unwrap();
+        assert_eq!(middle["m"], 2);
+        let v: serde_json::Value = serde_json::from_str(middle["body"].as_str().unwrap()).unwrap();
+        assert_eq!(v["password"], "[redacted]");
+        assert_eq!(v["k"]["secretKey"], "[redacted]");
+        assert_eq!(v["n"], 1);
+        // A plain key whose name ends in an escaped backslash is still at the plain level.
+        assert_eq!(
+            scrub(r#"{"password\\":"x","a":1}"#),
+            r#"{"password\\":"[redacted]","a":1}"#
+        );
     }
 
     #[test]
