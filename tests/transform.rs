@@ -1051,6 +1051,17 @@ fn the_binary_refuses_a_symlinked_cache_and_a_group_writable_artifact() {
     // The refused artifact was replaced by a fresh one only this user can write.
     let mode = std::fs::metadata(&artifact).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "{mode:o}");
+
+    // An artifact owned by another user (only root may hand a file to one).
+    if std::os::unix::fs::chown(&artifact, Some(65534), None).is_ok() {
+        let r = with_cache(&real);
+        assert!(
+            r.stderr.contains("transform cache not used")
+                && r.stderr.contains("is owned by uid 65534"),
+            "{}",
+            r.stderr
+        );
+    }
 }
 
 #[test]
