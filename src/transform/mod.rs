@@ -387,6 +387,7 @@ impl Chain {
                         ],
                         elapsed,
                         fuel: called.fuel_used,
+                        on_failure: policy.as_str(),
                     });
                     reports.push(StageReport {
                         module: name,
