@@ -1026,6 +1026,8 @@ pub struct TransformBatch<'a> {
     pub outcomes: [(&'static str, u64); 7],
     pub elapsed: Duration,
     pub fuel: u64,
+    /// The policy the failed events got (`error_output`, `drop_body`, `retry`).
+    pub on_failure: &'static str,
 }
 
 impl InternalEvent for TransformBatch<'_> {
@@ -1052,7 +1054,8 @@ impl InternalEvent for TransformBatch<'_> {
             tracing::warn!(
                 module = self.module,
                 events = failed,
-                "transform module failed events or returned malformed ones; they went to the error output"
+                on_failure = self.on_failure,
+                "transform module failed events or returned malformed ones; they were handled by its on_failure policy"
             );
         }
         METRICS

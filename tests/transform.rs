@@ -853,6 +853,53 @@ fn drop_body_also_mutes_what_the_failing_module_logged_and_counted() {
     assert_eq!(counted(&r), 0.0, "{}", r.metrics);
 }
 
+/// `retry` with the default `drop_body` fallback: the deliveries before the fallback must not
+/// log the event either (a panic message or the module's own lines quoting it), while the
+/// failure itself is still logged and counted.
+#[test]
+fn retry_before_a_drop_body_fallback_mutes_the_module_too() {
+    let retried = |mode: &'static str| {
+        let md = Mod {
+            name: "redact",
+            file: "hostile",
+            config: &[("mode", mode)],
+            extra: "on_failure = \"retry\"\nmax_attempts = 3",
+        };
+        run(&events(), &[md], 2)
+    };
+    for mode in ["log_echo", "panic_echo"] {
+        let r = retried(mode);
+        assert!(
+            r.events.is_empty(),
+            "{mode}: not written, the file comes again"
+        );
+        assert!(!r.stderr.contains("hunter2"), "{mode}: {}", r.stderr);
+        assert!(!r.out_text.contains("hunter2"), "{mode}");
+        assert!(
+            r.stderr.contains("redact"),
+            "{mode}: the failure is still logged: {}",
+            r.stderr
+        );
+    }
+    let r = retried("log_echo");
+    assert_eq!(
+        r.metric(&["trailhose_transform_counter_total", "echoed"]),
+        0.0,
+        "{}",
+        r.metrics
+    );
+    // The warning says what became of them: not the error output, they come again.
+    let warning = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("transform module failed events"))
+        .unwrap_or_else(|| panic!("{}", r.stderr));
+    assert!(
+        warning.contains("on_failure=\"retry\"") && !warning.contains("error output"),
+        "{warning}"
+    );
+}
+
 /// Error records of the split stage hold bytes no module saw: with a `drop_body` module they
 /// carry none unless `errors.keep_raw`; either way sensitive values are masked.
 #[test]
@@ -1009,6 +1056,17 @@ fn the_binary_refuses_a_symlinked_cache_and_a_group_writable_artifact() {
     // The refused artifact was replaced by a fresh one only this user can write.
     let mode = std::fs::metadata(&artifact).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "{mode:o}");
+
+    // An artifact owned by another user (only root may hand a file to one).
+    if std::os::unix::fs::chown(&artifact, Some(65534), None).is_ok() {
+        let r = with_cache(&real);
+        assert!(
+            r.stderr.contains("transform cache not used")
+                && r.stderr.contains("is owned by uid 65534"),
+            "{}",
+            r.stderr
+        );
+    }
 }
 
 #[test]

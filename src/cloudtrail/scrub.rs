@@ -15,6 +15,15 @@ pub const MARKER: &[u8] = b"\"[redacted]\"";
 /// Keys compared case-insensitively, longer ones are never sensitive.
 const KEY_MAX: usize = 64;
 
+/// The most raw bytes collected for one candidate key: room for every character of the
+/// longest key written as an escape (`\u0054`), or as one inside an embedded string
+/// (`\\u0054`).
+const CANDIDATE_MAX: usize = KEY_MAX * 8;
+
+/// Deeper levels of JSON inside strings are not told apart (it is JSON in a string in a string
+/// … six deep).
+const ESC_LEVELS: u32 = 6;
+
 /// The keys whose values are masked by default (`errors.redact_keys`): credentials CloudTrail
 /// records carry (STS and IAM responses, console and database passwords, Secrets Manager and
 /// KMS material) and the names redact configurations mask.
@@ -69,29 +78,30 @@ impl Keys {
 }
 
 /// Where the scrubber is. Kept between pieces, so a value cut by a piece boundary stays masked.
-/// `esc`: the key was itself inside a JSON string (`\"password\":\"…\"`, as a message that
-/// embeds JSON carries it), so the value's quotes are escaped ones.
+/// `esc`: the backslashes before each quote at the key's level: 0 for plain JSON, 1 when the key
+/// was itself inside a JSON string (`\"password\":\"…\"`, as a message that embeds JSON carries
+/// it), 3 inside a string inside that, and so on (`2^level - 1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Text,
     /// After a sensitive key: whitespace and one `:` pass, the next token is the value.
     AfterKey {
         colon: bool,
-        esc: bool,
+        esc: usize,
     },
     /// Inside a masked string value.
     Str {
-        esc: bool,
+        esc: usize,
     },
     /// Inside a masked object or array value.
     Nested {
         depth: u32,
         in_str: bool,
-        esc: bool,
+        esc: usize,
     },
     /// Inside a masked bare scalar.
     Scalar {
-        esc: bool,
+        esc: usize,
     },
 }
 
@@ -148,21 +158,28 @@ impl<'k> Scrubber<'k> {
 
     /// Whether a quote here closes a string of the level `esc` names: a plain quote, or an
     /// escaped one (`\"`) inside a string, but not an escaped quote within that (`\\\"`).
-    fn closes(&self, esc: bool) -> bool {
-        match esc {
-            false => self.backslashes.is_multiple_of(2),
-            true => self.backslashes % 4 == 1,
-        }
+    /// At any level, the escapes of deeper ones leave a different remainder.
+    fn closes(&self, esc: usize) -> bool {
+        self.backslashes % (2 * esc + 2) == esc
     }
 
     /// Writes the marker in place of a value; inside a string its quotes are escaped.
     /// `quoted`: the value is a string, whose opening backslash is already written.
-    fn marker(esc: bool, quoted: bool, out: &mut Vec<u8>) {
-        match (esc, quoted) {
-            (true, true) => out.extend_from_slice(b"\"[redacted]\\\""),
-            (true, false) => out.extend_from_slice(b"\\\"[redacted]\\\""),
-            (false, _) => out.extend_from_slice(MARKER),
+    fn marker(esc: usize, quoted: bool, out: &mut Vec<u8>) {
+        if esc == 0 {
+            out.extend_from_slice(MARKER);
+            return;
         }
+        let quote = |out: &mut Vec<u8>| {
+            out.extend(std::iter::repeat_n(b'\\', esc));
+            out.push(b'"');
+        };
+        match quoted {
+            true => out.push(b'"'),
+            false => quote(out),
+        }
+        out.extend_from_slice(b"[redacted]");
+        quote(out);
     }
 
     fn step(&mut self, b: u8, out: &mut Vec<u8>) {
@@ -171,7 +188,9 @@ impl<'k> Scrubber<'k> {
             State::AfterKey { colon, esc } => match b {
                 b' ' | b'\n' | b'\r' | b'\t' => out.push(b),
                 // An escape before the value's quote, or an escaped newline between.
-                b'\\' | b'n' | b'r' | b't' if esc && (b == b'\\' || self.backslashes % 2 == 1) => {
+                b'\\' | b'n' | b'r' | b't'
+                    if esc > 0 && (b == b'\\' || self.backslashes % 2 == 1) =>
+                {
                     out.push(b)
                 }
                 b':' if !colon => {
@@ -225,7 +244,7 @@ impl<'k> Scrubber<'k> {
             }
             State::Scalar { esc } => {
                 let ends = matches!(b, b',' | b'}' | b']' | b' ' | b'\n' | b'\r' | b'\t' | b'"')
-                    || (esc && b == b'\\');
+                    || (esc > 0 && b == b'\\');
                 if ends {
                     self.resume(false);
                     self.text(b, out);
@@ -249,11 +268,14 @@ impl<'k> Scrubber<'k> {
                 Some(last) => self.candidate.get(..=last).unwrap_or_default(),
                 None => &[],
             };
-            let sensitive = self.collecting && self.keys.contains(name);
+            let sensitive = self.collecting && self.keys.contains(&unescape(name));
             self.candidate.clear();
             if sensitive {
                 self.collecting = false;
-                let esc = self.backslashes % 2 == 1;
+                // The level is the count of trailing one bits: `\"` is level 1, `\\\"`
+                // level 2, and `\\\\\"` (an escaped backslash, then `\"`) level 1 again.
+                let level = self.backslashes.trailing_ones().min(ESC_LEVELS);
+                let esc = (1usize << level) - 1;
                 self.state = State::AfterKey { colon: false, esc };
             } else {
                 self.collecting = true;
@@ -261,7 +283,7 @@ impl<'k> Scrubber<'k> {
             return;
         }
         if self.collecting {
-            if self.candidate.len() < KEY_MAX + 1 {
+            if self.candidate.len() < CANDIDATE_MAX {
                 self.candidate.push(b.to_ascii_lowercase());
             } else {
                 // Too long to be a key: wait for the next quote.
@@ -270,6 +292,59 @@ impl<'k> Scrubber<'k> {
             }
         }
     }
+}
+
+/// A candidate key as a reader sees it: JSON escapes decoded (`session\u0054oken` is
+/// `sessiontoken`), again while any are left, since a key inside an embedded string is escaped
+/// twice; lowercased. Decoding more than the key's level did only ever masks more.
+fn unescape(lowered: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let mut name = std::borrow::Cow::Borrowed(lowered);
+    // Each round takes off one level of escapes.
+    for _ in 0..=ESC_LEVELS {
+        if !name.contains(&b'\\') {
+            break;
+        }
+        let decoded = unescape_once(&name);
+        name = std::borrow::Cow::Owned(decoded);
+    }
+    name
+}
+
+/// One level of JSON string escapes, lowercased; an escape that is not one stays as it is.
+fn unescape_once(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        i += 1;
+        if b != b'\\' {
+            out.push(b.to_ascii_lowercase());
+            continue;
+        }
+        match bytes.get(i) {
+            Some(b'u') => {
+                // `\uXXXX`: four hex digits (bounds checked by `get`).
+                let code = bytes
+                    .get(i + 1..i + 5)
+                    .and_then(|h| std::str::from_utf8(h).ok())
+                    .and_then(|h| u32::from_str_radix(h, 16).ok());
+                match code.and_then(char::from_u32) {
+                    Some(c) => {
+                        let mut utf8 = [0u8; 4];
+                        let c = c.to_ascii_lowercase();
+                        out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+                        i += 5;
+                    }
+                    None => out.push(b),
+                }
+            }
+            Some(&e @ (b'\\' | b'/' | b'"')) => {
+                out.push(e);
+                i += 1;
+            }
+            _ => out.push(b),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -353,6 +428,28 @@ mod tests {
     }
 
     #[test]
+    fn json_in_a_string_in_a_string_is_masked_too() {
+        // A message holding JSON with a field that holds JSON: three levels of quotes.
+        let inner = r#"{"password":"hun\"ter2","k":{"secretKey":[1,"]"]},"t":9,"n":1}"#;
+        let middle = serde_json::to_string(&serde_json::json!({"body": inner, "m": 2})).unwrap();
+        let outer = serde_json::to_string(&vec![middle]).unwrap();
+        let out = scrub(&outer);
+        assert!(!out.contains("hun") && !out.contains("ter2"), "{out}");
+        let back: Vec<String> = serde_json::from_str(&out).unwrap();
+        let middle: serde_json::Value = serde_json::from_str(&back[0]).unwrap();
+        assert_eq!(middle["m"], 2);
+        let v: serde_json::Value = serde_json::from_str(middle["body"].as_str().unwrap()).unwrap();
+        assert_eq!(v["password"], "[redacted]");
+        assert_eq!(v["k"]["secretKey"], "[redacted]");
+        assert_eq!(v["n"], 1);
+        // A plain key whose name ends in an escaped backslash is still at the plain level.
+        assert_eq!(
+            scrub(r#"{"password\\":"x","a":1}"#),
+            r#"{"password\\":"[redacted]","a":1}"#
+        );
+    }
+
+    #[test]
     fn valid_json_stays_valid() {
         let input =
             r#"{"a":[{"password":"x"},{"clientSecret":[1,{"b":"c"}]}],"sessionToken":null}"#;
@@ -360,6 +457,32 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["a"][0]["password"], "[redacted]");
         assert_eq!(v["sessionToken"], "[redacted]");
+    }
+
+    #[test]
+    fn escaped_key_names_are_keys_too() {
+        // What any JSON reader decodes to `sessionToken`, `Password` or `secretKey`.
+        assert_eq!(
+            scrub(r#"{"session\u0054oken":"tok-1","x":1}"#),
+            r#"{"session\u0054oken":"[redacted]","x":1}"#
+        );
+        assert_eq!(
+            scrub(r#"{"\u0050\u0061\u0073\u0073\u0077\u006F\u0072\u0064":"pw-1"}"#),
+            r#"{"\u0050\u0061\u0073\u0073\u0077\u006F\u0072\u0064":"[redacted]"}"#
+        );
+        assert_eq!(
+            scrub(r#"{"secret\/Key":"sk","SECRETKEY":"sk"}"#),
+            r#"{"secret\/Key":"sk","SECRETKEY":"[redacted]"}"#,
+            "an escape that decodes to another name is another key"
+        );
+        // Inside an embedded string the escape is itself escaped.
+        let inner = r#"{"session\u0054oken":"tok-2"}"#;
+        let outer = serde_json::to_string(&vec![inner]).unwrap();
+        assert!(!scrub(&outer).contains("tok-2"), "{}", scrub(&outer));
+        // A JSON reader agrees these are the keys.
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{"session\u0054oken":"tok-1"}"#).unwrap();
+        assert!(v.get("sessionToken").is_some());
     }
 
     #[test]

@@ -196,20 +196,22 @@ pub fn error_document(items: &[String]) -> Vec<u8> {
     doc
 }
 
-/// Record data as text for the error output: UTF-8 as is, anything else as hex of its
-/// first 256 bytes (the record is named by shard and sequence number, so it can be read again).
+/// Record data as text for the error output: UTF-8 as is, anything else as lossy text of its
+/// first `BINARY_SHOWN` bytes (the record is named by shard and sequence number, so it can be
+/// read again). Text, not hex: the error output's scrubber (`errors.redact_keys`) must see a
+/// secret in it, as it does in UTF-8 data.
 pub fn describe_data(data: &[u8]) -> String {
     match std::str::from_utf8(data) {
         Ok(t) => t.to_owned(),
         Err(_) => {
-            let mut s = String::from("binary:");
-            for b in data.iter().take(256) {
-                s.push_str(&format!("{b:02x}"));
-            }
-            s
+            let shown = data.get(..BINARY_SHOWN).unwrap_or(data);
+            format!("binary: {}", String::from_utf8_lossy(shown))
         }
     }
 }
+
+/// How much of record data that is not UTF-8 is kept for the error output.
+const BINARY_SHOWN: usize = 1024;
 
 /// Progress of one shard: batches of records handed to the pipeline in order, each settled
 /// (durably written, or failed) in any order. The checkpoint may advance to the last record of
@@ -548,6 +550,23 @@ mod tests {
                 other => panic!("{data:?}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn data_that_is_not_utf8_reaches_the_error_output_scrubbable() {
+        use crate::cloudtrail::scrub::{DEFAULT_KEYS, Keys, Scrubber};
+        let data = b"{\"eventVersion\":\"1\",\"password\":\"hunter2\"}\xff";
+        let text = describe_data(data);
+        assert!(text.starts_with("binary: "), "{text}");
+        let doc = error_document(&[text]);
+        let out = Scrubber::scrub(&Keys::new(DEFAULT_KEYS), &doc);
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.contains("eventVersion"), "readable: {out}");
+        // Neither as text nor as hex (`hunter2` = 68756e74657232).
+        assert!(
+            !out.contains("hunter2") && !out.contains("68756e74"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -367,7 +367,15 @@ impl bindings::trailhose::transform::host::Host for State {
             "_other"
         };
         if let Some(held) = &mut self.held {
-            held.push(Said::Count(name.to_owned(), delta));
+            // One entry per name: a call that counts in a loop holds no more than its names.
+            let same = held.iter_mut().find_map(|s| match s {
+                Said::Count(n, d) if n == name => Some(d),
+                _ => None,
+            });
+            match same {
+                Some(d) => *d = d.saturating_add(delta),
+                None => held.push(Said::Count(name.to_owned(), delta)),
+            }
             return;
         }
         metrics::emit(GuestCounted {
@@ -748,5 +756,36 @@ impl tokio::io::AsyncWrite for Tail {
     }
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bindings::trailhose::transform::host::Host;
+    use super::*;
+
+    #[test]
+    fn held_counts_stay_one_per_name_however_often_a_module_counts() {
+        let mut state = State {
+            wasi: WasiCtxBuilder::new().build(),
+            table: ResourceTable::new(),
+            limits: Limiter {
+                memory_left: 0,
+                table_elements_left: 0,
+            },
+            module: "m".into(),
+            logs_left: LOGS_PER_CALL,
+            counter_names: Vec::new(),
+            output: Tail(Arc::default()),
+            held: Some(Vec::new()),
+        };
+        for i in 0..100_000u64 {
+            state.count(format!("c{}", i % 3), 2);
+        }
+        let held = state.held.unwrap_or_default();
+        assert_eq!(held.len(), 3, "bounded by the names, not the calls");
+        for s in held {
+            assert!(matches!(s, Said::Count(_, d) if d == 2 * 100_000 / 3 || d == 2 * 33_334));
+        }
     }
 }

@@ -370,8 +370,9 @@ impl Chain {
                     self.scratch.clear();
                     let failed = rejects.len() > first_reject;
                     policy = self.transforms.policy_for(spec, source, first, failed);
-                    // What the module said in a call that failed an event may quote it.
-                    stage.release(!(failed && policy == OnFailure::DropBody));
+                    // What the module said in a call that failed an event may quote it: muted
+                    // on the retries before a `drop_body` fallback too, not only on the last.
+                    stage.release(!(failed && spec.holds_output()));
                     let elapsed = started.elapsed();
                     metrics::emit(TransformBatch {
                         module: &name,
@@ -386,6 +387,7 @@ impl Chain {
                         ],
                         elapsed,
                         fuel: called.fuel_used,
+                        on_failure: policy.as_str(),
                     });
                     reports.push(StageReport {
                         module: name,
@@ -400,8 +402,9 @@ impl Chain {
                     // The instance may be in any state after a trap: never reuse it (what it
                     // held of the module's log lines and counters goes with it).
                     stage.live = None;
-                    if policy == OnFailure::DropBody {
-                        // The module's output (a panic message) may quote the event.
+                    if spec.holds_output() {
+                        // The module's output (a panic message) may quote the event; it is
+                        // logged below on each retry before a `drop_body` fallback as well.
                         e.detail = batch::dropped_detail(e.reason.as_str());
                     }
                     metrics::emit(TransformFailed {
