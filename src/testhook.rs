@@ -12,6 +12,9 @@
 //!   every time (a poison record).
 //!
 //! Each fault but `classify_panic` fires once per process, so the redelivered unit then passes.
+//!
+//! `TRAILHOSE_TEST_MAX_UNACKED` lowers the backfill and Kinesis ledgers' count caps, so a test
+//! reaches them with a few files.
 
 /// The text of a panic payload, for the log.
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -123,4 +126,16 @@ pub fn compress_error(data: &[u8]) -> Result<(), String> {
     #[cfg(not(debug_assertions))]
     let _ = data;
     Ok(())
+}
+
+/// A ledger's count cap: `cap`, or in debug builds `TRAILHOSE_TEST_MAX_UNACKED` when set.
+pub fn max_unacked(cap: usize) -> usize {
+    #[cfg(debug_assertions)]
+    if let Some(n) = std::env::var("TRAILHOSE_TEST_MAX_UNACKED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return n;
+    }
+    cap
 }

@@ -213,3 +213,73 @@ async fn two_shards_cover_every_file_once_and_a_rerun_writes_nothing_new() {
         "the whole trail exactly once; decoys and digests untouched"
     );
 }
+
+/// More files than the ledger's count cap (lowered for the test), each too small to fill a
+/// buffer, at the default `max_age_secs = 300`: the full ledger seals the oldest buffers early,
+/// so the backfill finishes long before max_age (it used to wait max_age per cap of files).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_ledger_seals_buffers_early_instead_of_waiting_for_max_age() {
+    let moto = Moto::start();
+    let s3 = moto.s3();
+    for b in ["trail-logs", "trail-out"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    let mut expected = Vec::new();
+    for n in 0..24u64 {
+        let json = trailhose::synth::Generator::new(100 + n).delivery_file(2_000);
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        for r in v["Records"].as_array().expect("records") {
+            expected.push(r["eventID"].as_str().expect("id").to_owned());
+        }
+        s3.put_object()
+            .bucket("trail-logs")
+            .key(format!(
+                "org-trail/AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18/f{n}.json.gz"
+            ))
+            .body(fixtures::gzip(&json).into())
+            .send()
+            .await
+            .expect("put");
+    }
+    expected.sort();
+    let tmp = TempDir::new("backfill-cap");
+    let cfg = config(tmp.path(), &moto);
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trailhose"));
+    cmd.args([
+        "backfill",
+        "--config",
+        &cfg,
+        "--bucket",
+        "trail-logs",
+        "--prefix",
+        "org-trail",
+    ])
+    .env("TRAILHOSE_LOG", "warn")
+    .env("TRAILHOSE_TEST_MAX_UNACKED", "4")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    for (k, v) in moto.env() {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn trailhose");
+    // Far below max_age (300 s): without early seals the 24 files take 6 rounds of max_age.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("backfill still running after 120 s: the full ledger waited for max_age");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let out = child.wait_with_output().expect("output");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("processed=24"), "{stdout}");
+    let (ids, _) = written_ids(&s3).await;
+    assert_eq!(ids, expected, "every record is written once");
+}

@@ -3,7 +3,8 @@
 //! (`_trailhose/backfill/<bucket>/<key>.done`) is written under the output root, and a re-run skips
 //! files that have one. Each file is a unit of the acknowledgement ledger, which writes the
 //! marker; dispatch pauses, like SQS receiving, while the buffer budget is reached or
-//! `MAX_UNACKED_FILES` files wait for their buffers.
+//! `MAX_UNACKED_FILES` files wait for their buffers (the oldest buffers are then sealed early,
+//! so the files drain without waiting for `max_age`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -111,12 +112,16 @@ pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineEr
 
     let files = engine.submitter();
     let budget = engine.budget();
-    let pressure: Pressure = Arc::new(move || budget.over());
+    let over = budget.clone();
+    let pressure: Pressure = Arc::new(move || over.over());
     let effects = Effects {
         sqs: None,
         store: Some(store.clone()),
     };
-    let (ledger, driver) = Ledger::start(effects, MAX_UNACKED_FILES, pressure);
+    let cap = crate::testhook::max_unacked(MAX_UNACKED_FILES);
+    let (ledger, driver) = Ledger::start(effects, cap, pressure);
+    // Files settle only once their buffers are written: a full ledger seals buffers early.
+    let ledger = ledger.seal_early_when_full(budget);
     let fetch_slots = Arc::new(tokio::sync::Semaphore::new(cfg.workers() * 2));
     let mut fetches = JoinSet::new();
     for key in todo {

@@ -31,11 +31,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::ack::{Outcome, Settled};
 use crate::metrics::{self, *};
+use crate::sink::budget::Budget;
 use crate::sink::write::Store;
 use crate::source::sqs::{BATCH, EntryOutcome, Received, Sqs};
 
@@ -108,6 +109,8 @@ pub struct Ledger {
     tracks: mpsc::UnboundedSender<Track>,
     room: Arc<Semaphore>,
     pressure: Pressure,
+    /// Told while a reserve waits on the count cap, so that buffers are sealed early.
+    crowd: Option<Arc<Budget>>,
 }
 
 /// The driver task, awaited at shutdown once every hold has settled.
@@ -142,9 +145,19 @@ impl Ledger {
                 tracks,
                 room: Arc::new(Semaphore::new(max_unacked.max(1))),
                 pressure,
+                crowd: None,
             },
             Driver(driver),
         )
+    }
+
+    /// Makes a reserve that waits on the count cap seal the oldest buffers early (through
+    /// `budget`), for units that settle only once their buffers are sealed and written
+    /// (backfill files, Kinesis batches): without it, a full ledger of small units would wait
+    /// for `max_age` before any room came back.
+    pub fn seal_early_when_full(mut self, budget: Arc<Budget>) -> Ledger {
+        self.crowd = Some(budget);
+        self
     }
 
     /// Waits for room for one unit (none once the ledger is closed).
@@ -157,8 +170,16 @@ impl Ledger {
         while (self.pressure)() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let Ok(first) = self.room.clone().acquire_owned().await else {
-            return Vec::new();
+        let first = match self.room.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return Vec::new(),
+            Err(TryAcquireError::NoPermits) => {
+                let _crowd = self.crowd.as_ref().map(Budget::crowd);
+                let Ok(p) = self.room.clone().acquire_owned().await else {
+                    return Vec::new();
+                };
+                p
+            }
         };
         let mut rooms = vec![Room { _permit: first }];
         while rooms.len() < max {

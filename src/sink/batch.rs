@@ -231,11 +231,32 @@ impl Batcher {
     /// Seals buffers early while the process-wide budget is nearly full (another batcher may
     /// have filled it, and is then sealing each of its records alone): called between files
     /// and when idle, so that the oldest buffers of every batcher make the room.
+    /// Also seals the oldest half of its buffers (at least one) while a source waits for room
+    /// in a ledger whose count cap is reached: the units it waits on are in open buffers, and
+    /// otherwise settle only at `max_age`. Repeated while the wait lasts, this seals them all.
     pub fn relieve(&mut self, out: &mut impl FnMut(Sealed)) {
         self.share.publish();
         if !self.share.relieved() {
             self.seal_early(out);
+        } else if self.share.crowded() && !self.buffers.is_empty() {
+            self.seal_oldest(self.buffers.len().div_ceil(2) as u64, out);
         }
+    }
+
+    /// Seals up to `n` of the oldest open buffers.
+    fn seal_oldest(&mut self, n: u64, out: &mut impl FnMut(Sealed)) {
+        let mut sealed = 0;
+        while sealed < n {
+            let Some(partition) = self.pop_oldest() else {
+                break;
+            };
+            if let Some(s) = self.seal(&partition) {
+                out(s);
+                sealed += 1;
+            }
+        }
+        self.share.publish();
+        crate::metrics::emit(crate::metrics::BuffersSealedEarly { buffers: sealed });
     }
 
     /// Drops deadline entries of buffers that are gone.
@@ -565,5 +586,29 @@ mod tests {
         idle.relieve(&mut |s| relieved.push(s));
         assert!(!relieved.is_empty());
         assert!(budget.used() <= budget.limit() - budget.limit() / 8);
+    }
+
+    #[test]
+    fn a_crowded_ledger_seals_the_oldest_half_and_then_the_rest() {
+        let budget = Budget::unlimited();
+        let lim = limits(10_000, 64 << 20, 4 << 20);
+        let mut b = Batcher::new(Kind::Events, lim, encoder(), budget.clone());
+        for i in 0..5 {
+            put(&mut b, &format!("p{i}/"), None, b"x");
+        }
+        let mut sealed: Vec<String> = Vec::new();
+        b.relieve(&mut |s| sealed.push(s.partition));
+        assert!(
+            sealed.is_empty(),
+            "nothing is sealed early while no ledger is full"
+        );
+        let crowd = budget.crowd();
+        b.relieve(&mut |s| sealed.push(s.partition));
+        assert_eq!(sealed, ["p0/", "p1/", "p2/"], "the oldest half, rounded up");
+        b.relieve(&mut |s| sealed.push(s.partition));
+        b.relieve(&mut |s| sealed.push(s.partition));
+        assert_eq!(sealed.len(), 5, "repeated, every buffer is sealed");
+        assert_eq!(b.open_buffers(), 0);
+        drop(crowd);
     }
 }

@@ -3,12 +3,16 @@
 //! oldest buffers early (so progress never stops). Sealed batches leave the budget when they
 //! are sealed, not when they are written; the SQS receive loop pauses while it is reached.
 //!
+//! A source waiting for room in a ledger whose count cap is reached (`Budget::crowd`) makes
+//! batchers seal their oldest buffers early too: the units it waits on sit in open buffers, and
+//! would otherwise wait for `max_age`.
+//!
 //! A batcher publishes its charge to the shared counter in steps of `slack` bytes, so the hot
 //! path touches a shared cache line rarely; the shared figure lags each batcher by less than
 //! one step.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// What one open buffer costs beyond its bytes: its map entry, key, heap entry and holds.
 pub const BUFFER_OVERHEAD: u64 = 512;
@@ -19,6 +23,8 @@ pub struct Budget {
     used: AtomicU64,
     /// How far a batcher's charge may drift from what it published.
     slack: u64,
+    /// Sources waiting for room in a full ledger (see `Crowd`).
+    crowded: AtomicUsize,
 }
 
 impl Budget {
@@ -27,6 +33,7 @@ impl Budget {
             limit,
             used: AtomicU64::new(0),
             slack: (limit / 256).clamp(4 << 10, 1 << 20),
+            crowded: AtomicUsize::new(0),
         })
     }
 
@@ -47,6 +54,28 @@ impl Budget {
     /// True while open buffers hold the whole budget: receive no more until it drops.
     pub fn over(&self) -> bool {
         self.used() >= self.limit
+    }
+
+    /// Marks a source waiting for room in a ledger whose count cap is reached, until the guard
+    /// drops: batchers meanwhile seal their oldest buffers early, so the ledger drains.
+    pub fn crowd(self: &Arc<Budget>) -> Crowd {
+        self.crowded.fetch_add(1, Ordering::AcqRel);
+        Crowd(self.clone())
+    }
+
+    /// True while some source waits for room in a full ledger.
+    pub fn crowded(&self) -> bool {
+        self.crowded.load(Ordering::Acquire) > 0
+    }
+}
+
+/// A source waiting for room in a full ledger; see `Budget::crowd`.
+#[derive(Debug)]
+pub struct Crowd(Arc<Budget>);
+
+impl Drop for Crowd {
+    fn drop(&mut self) {
+        self.0.crowded.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -114,6 +143,11 @@ impl Share {
         self.estimate() <= self.budget.limit - self.budget.limit / 8
     }
 
+    /// True while a source waits for room in a full ledger: seal the oldest buffers early.
+    pub fn crowded(&self) -> bool {
+        self.budget.crowded()
+    }
+
     /// This batcher's own charge.
     pub fn local(&self) -> u64 {
         self.local
@@ -147,6 +181,11 @@ mod tests {
         c.release(1 << 20);
         assert!(!b.over());
         assert!(a.relieved());
+        assert!(!b.crowded());
+        let crowd = b.crowd();
+        assert!(b.crowded() && c.crowded());
+        drop(crowd);
+        assert!(!b.crowded());
         drop(a);
         drop(c);
         assert_eq!(b.used(), 0);

@@ -107,8 +107,12 @@ pub async fn run(
         id => id.to_owned(),
     };
     let budget = engine.budget();
-    let pressure: Pressure = Arc::new(move || budget.over());
-    let (ledger, ledger_driver) = Ledger::start(Effects::default(), MAX_UNACKED_BATCHES, pressure);
+    let over = budget.clone();
+    let pressure: Pressure = Arc::new(move || over.over());
+    let cap = crate::testhook::max_unacked(MAX_UNACKED_BATCHES);
+    let (ledger, ledger_driver) = Ledger::start(Effects::default(), cap, pressure);
+    // Batches settle only once their buffers are written: a full ledger seals buffers early.
+    let ledger = ledger.seal_early_when_full(budget);
     let ctx = Arc::new(Ctx {
         ledger,
         kinesis: Kinesis::new(&shared, &kcfg.stream),
