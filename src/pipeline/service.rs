@@ -71,6 +71,9 @@ pub async fn run(
         store: None,
     };
     let (ledger, driver) = Ledger::start(effects, sqs_cfg.max_unacked_messages, pressure);
+    // Messages settle only once their buffers are written: at `max_unacked_messages` the
+    // oldest buffers are sealed early, so receiving goes on without waiting for `max_age`.
+    let ledger = ledger.seal_early_when_full(engine.budget());
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen)
         .await
         .map_err(|e| PipelineError::Worker(format!("listening on {}: {e}", cfg.server.listen)))?;
