@@ -358,9 +358,9 @@ async fn messages_waiting_for_a_dispatch_slot_are_heartbeated() {
     assert_eq!(written_ids(&s3).await, expected, "every event exactly once");
 }
 
-/// `source.sqs.max_unacked_messages` is a real bound: at the default batch age the ledger
-/// fills to it and receiving pauses (the rest stays on the queue, visible) until something is
-/// acknowledged; SIGTERM then writes and deletes exactly those messages.
+/// `source.sqs.max_unacked_messages` is a real bound that does not stall: at the default batch
+/// age the ledger fills to it, receiving pauses, and the oldest buffers are sealed early so
+/// that messages are acknowledged and receiving goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_max_unacked_messages_receiving_pauses_and_buffers_seal_early() {
     // Twenty one-file messages, room for five, the default max_age (300 s): the ledger never
