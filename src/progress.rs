@@ -97,20 +97,14 @@ fn clock(secs: f64) -> String {
     }
 }
 
-/// The running display; dropping it clears the line.
-pub struct Progress {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
+/// The running display (none when not drawn); dropping it clears the line.
+pub struct Progress(Option<(mpsc::Sender<()>, JoinHandle<()>)>);
 
 impl Progress {
     /// Starts drawing when stderr is a terminal and `quiet` is off; otherwise does nothing.
     pub fn start(quiet: bool) -> Progress {
         if quiet || !std::io::stderr().is_terminal() {
-            return Progress {
-                stop: None,
-                thread: None,
-            };
+            return Progress(None);
         }
         let (tx, rx) = mpsc::channel::<()>();
         let started = Instant::now();
@@ -134,18 +128,15 @@ impl Progress {
                 let _ = std::io::stderr().lock().write_all(CLEAR);
             })
             .ok();
-        Progress {
-            stop: thread.is_some().then_some(tx),
-            thread,
-        }
+        Progress(thread.map(|t| (tx, t)))
     }
 }
 
 impl Drop for Progress {
     fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some((stop, thread)) = self.0.take() {
+            drop(stop);
+            let _ = thread.join();
         }
     }
 }
