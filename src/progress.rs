@@ -32,6 +32,11 @@ pub struct Total {
     pub bytes: Option<u64>,
 }
 
+/// Whether a progress line is being drawn: totals that cost I/O are worth finding only then.
+pub fn drawn() -> bool {
+    ACTIVE.load(Ordering::SeqCst)
+}
+
 /// Called by a job once it knows how much it will do; the display picks it up on its next tick.
 pub fn set_total(total: Total) {
     TOTAL_FILES.store(total.files.unwrap_or(UNKNOWN), Ordering::Relaxed);
@@ -108,10 +113,11 @@ impl Progress {
         }
         let (tx, rx) = mpsc::channel::<()>();
         let started = Instant::now();
+        // Set before the thread runs, so a job that asks `drawn()` right after start sees it.
+        ACTIVE.store(true, Ordering::SeqCst);
         let thread = std::thread::Builder::new()
             .name("progress".into())
             .spawn(move || {
-                ACTIVE.store(true, Ordering::SeqCst);
                 // Drawn at once, so even a short run shows the line, then every tick.
                 loop {
                     let line = render(crate::metrics::progress(), total(), started.elapsed());
@@ -128,6 +134,9 @@ impl Progress {
                 let _ = std::io::stderr().lock().write_all(CLEAR);
             })
             .ok();
+        if thread.is_none() {
+            ACTIVE.store(false, Ordering::SeqCst);
+        }
         Progress(thread.map(|t| (tx, t)))
     }
 }

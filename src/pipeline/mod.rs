@@ -1029,13 +1029,14 @@ pub async fn process(cfg: &Config, inputs: &[PathBuf]) -> Result<Summary, Pipeli
     let files = local::list_inputs(inputs)?;
     crate::progress::set_total(crate::progress::Total {
         files: Some(files.len() as u64),
-        bytes: Some(
+        // One stat per input: only for a terminal that shows the ETA.
+        bytes: crate::progress::drawn().then(|| {
             files
                 .iter()
                 .filter_map(|f| f.metadata().ok())
                 .map(|m| m.len())
-                .sum(),
-        ),
+                .sum()
+        }),
     });
 
     let workers = cfg.workers().min(files.len().max(1));
