@@ -152,14 +152,20 @@ metrics_port=$(free_port)
 moto_server -H 127.0.0.1 -p "$moto_port" >"$work/moto.log" 2>&1 &
 moto_pid=$!
 for _ in $(seq 100); do curl -fs "http://127.0.0.1:$moto_port/moto-api/" >/dev/null && break; sleep 0.1; done
-queue_url=$(python - "$moto_port" <<'EOF'
-import sys, boto3
-kw = dict(endpoint_url=f"http://127.0.0.1:{sys.argv[1]}", region_name="us-east-1",
-          aws_access_key_id="testing", aws_secret_access_key="testing")
-s3 = boto3.client("s3", **kw)
+# The clients the checks below use, written once: moto's endpoint and its test credentials.
+cat >"$work/moto_clients.py" <<EOF
+import boto3
+def client(name):
+    return boto3.client(name, endpoint_url="http://127.0.0.1:$moto_port", region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+EOF
+export PYTHONPATH=$work
+queue_url=$(python - <<'EOF'
+from moto_clients import client
+s3 = client("s3")
 s3.create_bucket(Bucket="trail-logs")
 s3.create_bucket(Bucket="out-bucket")
-print(boto3.client("sqs", **kw).create_queue(QueueName="trail")["QueueUrl"])
+print(client("sqs").create_queue(QueueName="trail")["QueueUrl"])
 EOF
 )
 cat >"$work/etc/run.toml" <<EOF
@@ -196,14 +202,13 @@ curl -fs "http://127.0.0.1:$metrics_port/metrics" | grep -q '^trailhose_' || { e
 echo "run inside the image: /healthz and /readyz 200 after $(python3 -c "print(f'{$ready - $start:.2f}')") s (start to ready, runtime start included)"
 # One delivery file through the containerized worker at the default batch settings: it is
 # received and held, SIGTERM writes it and acknowledges the message.
-python - "$moto_port" "$queue_url" "$PWD/examples/data/AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18/111122223333_CloudTrail_us-east-1_20240318T1415Z_example0001.json.gz" <<'EOF'
-import json, sys, time, boto3
-port, queue, path = sys.argv[1:]
-kw = dict(endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-          aws_access_key_id="testing", aws_secret_access_key="testing")
+python - "$queue_url" "$PWD/examples/data/AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18/111122223333_CloudTrail_us-east-1_20240318T1415Z_example0001.json.gz" <<'EOF'
+import json, sys, time
+from moto_clients import client
+queue, path = sys.argv[1:]
 key = "AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18/" + path.rsplit("/", 1)[1]
-boto3.client("s3", **kw).upload_file(path, "trail-logs", key)
-sqs = boto3.client("sqs", **kw)
+client("s3").upload_file(path, "trail-logs", key)
+sqs = client("sqs")
 sqs.send_message(QueueUrl=queue, MessageBody=json.dumps({"s3Bucket": "trail-logs", "s3ObjectKey": [key]}))
 for _ in range(300):
     a = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
@@ -218,13 +223,12 @@ for _ in $(seq 100); do
   [ "$("$RUNTIME" $RUNTIME_FLAGS state trailhose-img 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["status"])' 2>/dev/null)" = stopped ] && break
   sleep 0.1
 done
-python - "$moto_port" "$queue_url" <<'EOF'
-import sys, boto3
-port, queue = sys.argv[1:]
-kw = dict(endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-          aws_access_key_id="testing", aws_secret_access_key="testing")
-keys = [o["Key"] for o in boto3.client("s3", **kw).list_objects_v2(Bucket="out-bucket").get("Contents", [])]
-a = boto3.client("sqs", **kw).get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
+python - "$queue_url" <<'EOF'
+import sys
+from moto_clients import client
+queue = sys.argv[1]
+keys = [o["Key"] for o in client("s3").list_objects_v2(Bucket="out-bucket").get("Contents", [])]
+a = client("sqs").get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])["Attributes"]
 left = int(a["ApproximateNumberOfMessages"]) + int(a["ApproximateNumberOfMessagesNotVisible"])
 if not any(k.startswith("cloudtrail/year=") for k in keys) or left:
     sys.exit(f"after SIGTERM: objects {keys}, messages left {left}")
