@@ -114,6 +114,11 @@ enum Command {
         #[command(subcommand)]
         command: TransformCommand,
     },
+    /// Work with Sigma detection rules.
+    Detect {
+        #[command(subcommand)]
+        command: DetectCommand,
+    },
     /// Print the Athena `CREATE EXTERNAL TABLE` for what the configured output writes
     /// (format, columns, partition projection from the key template).
     AthenaDdl {
@@ -138,6 +143,23 @@ enum Command {
         /// Print the result as CSV instead of a table.
         #[arg(long)]
         csv: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DetectCommand {
+    /// Show which rule matches which event: one JSON line per matched event (stdout), then
+    /// the rules loaded, those skipped and why (stderr). Exits 0 when the rules load.
+    Test {
+        /// Sigma rule files or folders (repeatable).
+        #[arg(long, required = true)]
+        rules: Vec<PathBuf>,
+        /// A field mapping SIGMA_FIELD=EVENT.PATH, as `detect.fields` (repeatable).
+        #[arg(long = "field", value_name = "SIGMA=PATH")]
+        fields: Vec<String>,
+        /// CloudTrail files (`{"Records":[…]}`, gzip or not) or JSON lines, as written.
+        #[arg(required = true)]
+        events: Vec<PathBuf>,
     },
 }
 
@@ -387,6 +409,31 @@ fn run(command: Command) -> anyhow::Result<()> {
             ))?;
             print!("{text}");
             eprintln!("trailhose: {note}");
+            Ok(())
+        }
+        Command::Detect {
+            command:
+                DetectCommand::Test {
+                    rules,
+                    fields,
+                    events,
+                },
+        } => {
+            let fields = fields
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .with_context(|| format!("--field {kv:?} is not SIGMA=PATH"))
+                })
+                .collect::<anyhow::Result<std::collections::BTreeMap<_, _>>>()?;
+            let report = trailhose::detect::trial::run(&rules, &fields, &events)?;
+            let mut out = std::io::stdout().lock();
+            for m in &report.matched {
+                serde_json::to_writer(&mut out, m)?;
+                writeln!(out)?;
+            }
+            eprintln!("{}", report.summary());
             Ok(())
         }
         Command::Transform {

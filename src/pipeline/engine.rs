@@ -14,6 +14,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use super::{FileWorker, PipelineError, Tally, open_geo, open_store};
 use crate::ack::Hold;
 use crate::config::Config;
+use crate::detect::{Delivery, Detect};
 use crate::enrich::live::LiveGeo;
 use crate::metrics::{self, FileUnreadable, WorkerLost};
 use crate::sink::batch::Sealed;
@@ -52,6 +53,7 @@ struct Parts {
     transforms: Option<Arc<Transforms>>,
     store: Arc<Store>,
     codec: Codec,
+    detect: Option<(Arc<Detect>, Delivery)>,
 }
 
 /// SIGHUP re-reads the GeoIP databases and the transform modules (each keeps its running
@@ -97,6 +99,8 @@ pub struct Engine {
     submitter: Submitter,
     workers: Vec<std::thread::JoinHandle<Tally>>,
     uploader: tokio::task::JoinHandle<Written>,
+    /// Alert delivery; ends once the workers (which queue alerts) are gone.
+    delivery: Option<Delivery>,
 }
 
 impl Engine {
@@ -116,12 +120,17 @@ impl Engine {
         reload_on_hangup(&geo, transforms.as_ref());
         let store = Arc::new(open_store(cfg).await?);
         store.check().await?;
+        let detect = match &cfg.detect {
+            Some(d) => Some(Detect::open(d).await?),
+            None => None,
+        };
         let parts = Parts {
             geo,
             partitioner,
             transforms,
             store,
             codec,
+            detect,
         };
         Engine::start(cfg, parts, workers, max_files)
     }
@@ -138,7 +147,12 @@ impl Engine {
             transforms,
             store,
             codec,
+            detect,
         } = parts;
+        let (detect, delivery) = match detect {
+            Some((d, delivery)) => (Some(d), Some(delivery)),
+            None => (None, None),
+        };
         let encoder = Encoder::with_format(codec, cfg.converter()?, cfg.compression_threads());
         let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(workers * 2);
         let uploader = tokio::spawn(write::run_uploader(
@@ -165,7 +179,8 @@ impl Engine {
                 transforms.as_ref(),
                 &budget,
             )
-            .with_dedup(dedup.clone());
+            .with_dedup(dedup.clone())
+            .with_detect(detect.clone());
             let rx = files_rx.clone();
             let tx = sealed_tx.clone();
             let handle = std::thread::Builder::new()
@@ -183,6 +198,7 @@ impl Engine {
             },
             workers: handles,
             uploader,
+            delivery,
         })
     }
 
@@ -219,6 +235,9 @@ impl Engine {
         })
         .await
         .map_err(|e| PipelineError::Worker(e.to_string()))??;
+        if let Some(d) = self.delivery {
+            d.finish().await;
+        }
         let written = self
             .uploader
             .await
