@@ -45,7 +45,8 @@ enum Dest {
         bucket: String,
         prefix: String,
     },
-    Webhook(Client<Https, Full<Bytes>>),
+    /// Boxed: the client is several times the size of the others (built once per output).
+    Webhook(Box<Client<Https, Full<Bytes>>>),
 }
 
 pub struct Output {
@@ -89,7 +90,9 @@ impl Output {
                     b.https_or_http()
                 };
                 let conn = b.enable_http1().build();
-                Dest::Webhook(Client::builder(hyper_util::rt::TokioExecutor::new()).build(conn))
+                Dest::Webhook(Box::new(
+                    Client::builder(hyper_util::rt::TokioExecutor::new()).build(conn),
+                ))
             }
         };
         Ok(Output {

@@ -348,7 +348,8 @@ mod tests {
             text.contains("bad.yml") && text.contains("nosuchmodifier"),
             "{text}"
         );
-        let rules = Rules::load(&[tmp.clone()], &BTreeMap::new(), true).expect("skipped");
+        let rules =
+            Rules::load(std::slice::from_ref(&tmp), &BTreeMap::new(), true).expect("skipped");
         assert_eq!(rules.len(), 1);
         assert_eq!(rules.skipped.len(), 1);
         assert_eq!(rules.skipped[0].path, bad);
