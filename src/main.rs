@@ -157,6 +157,10 @@ enum DetectCommand {
         /// A field mapping SIGMA_FIELD=EVENT.PATH, as `detect.fields` (repeatable).
         #[arg(long = "field", value_name = "SIGMA=PATH")]
         fields: Vec<String>,
+        /// A value for an `|expand` placeholder NAME=VALUE, as `detect.placeholders`
+        /// (repeatable; values of one name accumulate).
+        #[arg(long = "placeholder", value_name = "NAME=VALUE")]
+        placeholders: Vec<String>,
         /// CloudTrail files (`{"Records":[…]}`, gzip or not) or JSON lines, as written.
         #[arg(required = true)]
         events: Vec<PathBuf>,
@@ -416,6 +420,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 DetectCommand::Test {
                     rules,
                     fields,
+                    placeholders,
                     events,
                 },
         } => {
@@ -427,7 +432,14 @@ fn run(command: Command) -> anyhow::Result<()> {
                         .with_context(|| format!("--field {kv:?} is not SIGMA=PATH"))
                 })
                 .collect::<anyhow::Result<std::collections::BTreeMap<_, _>>>()?;
-            let report = trailhose::detect::trial::run(&rules, &fields, &events)?;
+            let mut values = std::collections::BTreeMap::<String, Vec<String>>::new();
+            for kv in &placeholders {
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("--placeholder {kv:?} is not NAME=VALUE"))?;
+                values.entry(k.to_owned()).or_default().push(v.to_owned());
+            }
+            let report = trailhose::detect::trial::run(&rules, &fields, &values, &events)?;
             let mut out = std::io::stdout().lock();
             for m in &report.matched {
                 serde_json::to_writer(&mut out, m)?;

@@ -16,6 +16,10 @@ pub struct DetectConfig {
     pub rules: Vec<PathBuf>,
     /// Sigma field name → path in the written event (a pySigma `field_name_mapping`).
     pub fields: BTreeMap<String, String>,
+    /// Values of `|expand` placeholders (`%name%` → one or more values, any of which
+    /// matches), like pySigma's `value_placeholders`. A rule whose placeholder has no value
+    /// here does not compile.
+    pub placeholders: BTreeMap<String, Vec<String>>,
     /// Splice `"detections":[{id,title,level}]` into matched events.
     pub annotate: bool,
     /// Skip a rule that does not compile (with a warning and a metric) instead of refusing
@@ -169,6 +173,14 @@ impl DetectConfig {
                 ));
             }
         }
+        for (name, values) in &self.placeholders {
+            if name.is_empty() || name.contains('%') || values.is_empty() {
+                return Err(invalid(
+                    "detect.placeholders",
+                    format!("{name:?}: a name without % and at least one value"),
+                ));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for (i, a) in self.alerts.iter().enumerate() {
             let n = i + 1;
@@ -263,6 +275,10 @@ mod tests {
             "rules = [\"{here}\"]\nfields = {{ x = \"geo..c\" }}"
         ));
         assert!(e.contains("detect.fields"), "{e}");
+        let e = err(&format!(
+            "rules = [\"{here}\"]\nplaceholders = {{ Legitimate_Countries = [] }}"
+        ));
+        assert!(e.contains("detect.placeholders"), "{e}");
         let alert = |kind: &str, target: &str, extra: &str| {
             err(&format!(
                 "rules = [\"{here}\"]\n[[alerts]]\nkind = \"{kind}\"\ntarget = \"{target}\"\n{extra}"

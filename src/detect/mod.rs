@@ -84,7 +84,7 @@ impl Detect {
     /// Compiles the rules and opens the alert outputs (in a runtime: clients are built and
     /// delivery tasks spawned).
     pub async fn open(cfg: &DetectConfig) -> Result<(Arc<Detect>, Delivery), DetectError> {
-        let rules = Rules::load(&cfg.rules, &cfg.fields, cfg.skip_invalid)?;
+        let rules = Rules::load(&cfg.rules, &cfg.fields, &cfg.placeholders, cfg.skip_invalid)?;
         for s in &rules.skipped {
             metrics::emit(metrics::RuleSkipped {
                 path: &s.path.display().to_string(),

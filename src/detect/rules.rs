@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use rsigma_eval::event::JsonEvent;
-use rsigma_parser::SigmaRule;
+use rsigma_parser::{Detection, Modifier, SigmaRule, SigmaValue};
 use serde_json::Value;
 
 use super::config::Level;
@@ -104,20 +104,76 @@ fn level_of(l: Option<&rsigma_parser::Level>) -> Level {
     }
 }
 
-/// The field mapping as a rule pipeline (JSON is YAML, so no YAML writer is needed).
+/// The field mapping and placeholder values as a rule pipeline (JSON is YAML, so no YAML
+/// writer is needed).
 fn mapping_pipeline(
     fields: &BTreeMap<String, String>,
+    placeholders: &BTreeMap<String, Vec<String>>,
 ) -> Result<Option<rsigma_eval::Pipeline>, RuleError> {
-    if fields.is_empty() {
+    let mut transformations = Vec::new();
+    if !fields.is_empty() {
+        transformations.push(serde_json::json!(
+            {"id": "detect_fields", "type": "field_name_mapping", "mapping": fields}
+        ));
+    }
+    if !placeholders.is_empty() {
+        transformations
+            .push(serde_json::json!({"id": "detect_placeholders", "type": "value_placeholders"}));
+    }
+    if transformations.is_empty() {
         return Ok(None);
     }
     let doc = serde_json::json!({
-        "name": "trailhose detect.fields",
-        "transformations": [{"id": "detect_fields", "type": "field_name_mapping", "mapping": fields}],
+        "name": "trailhose detect.fields and detect.placeholders",
+        "vars": placeholders,
+        "transformations": transformations,
     });
     rsigma_eval::parse_pipeline(&doc.to_string())
         .map(Some)
         .map_err(|e| RuleError::Fields(e.to_string()))
+}
+
+/// The first `|expand` placeholder of `rule` without a value in `placeholders`. Left alone,
+/// rsigma-eval would read it from an event field of that name, which CloudTrail events do not
+/// have: SigmaHQ's `%Legitimate_Countries%` filter would then never match and the rule would
+/// fire on every console login.
+fn unresolved_placeholder(
+    rule: &SigmaRule,
+    placeholders: &BTreeMap<String, Vec<String>>,
+) -> Option<String> {
+    fn in_values(values: &[SigmaValue], known: &BTreeMap<String, Vec<String>>) -> Option<String> {
+        for v in values {
+            let SigmaValue::String(s) = v else { continue };
+            let text = s.as_plain().unwrap_or_else(|| s.original.clone());
+            // `%name%` pairs: the odd-numbered pieces between percent signs.
+            for name in text.split('%').skip(1).step_by(2) {
+                if !known.contains_key(name) {
+                    return Some(name.to_owned());
+                }
+            }
+        }
+        None
+    }
+    fn in_detection(d: &Detection, known: &BTreeMap<String, Vec<String>>) -> Option<String> {
+        match d {
+            Detection::AllOf(items) => items
+                .iter()
+                .filter(|i| i.field.has_modifier(Modifier::Expand))
+                .find_map(|i| in_values(&i.values, known)),
+            Detection::AnyOf(subs) | Detection::And(subs) => {
+                subs.iter().find_map(|s| in_detection(s, known))
+            }
+            Detection::ArrayMatch { body, .. } => in_detection(body, known),
+            Detection::Conditional { named, .. } => {
+                named.values().find_map(|s| in_detection(s, known))
+            }
+            Detection::Keywords(_) => None,
+        }
+    }
+    rule.detection
+        .named
+        .values()
+        .find_map(|d| in_detection(d, placeholders))
 }
 
 impl Rules {
@@ -126,9 +182,10 @@ impl Rules {
     pub fn load(
         paths: &[PathBuf],
         fields: &BTreeMap<String, String>,
+        placeholders: &BTreeMap<String, Vec<String>>,
         skip_invalid: bool,
     ) -> Result<Rules, RuleError> {
-        let mut engine = match mapping_pipeline(fields)? {
+        let mut engine = match mapping_pipeline(fields, placeholders)? {
             Some(p) => rsigma_eval::Engine::new_with_pipeline(p),
             None => rsigma_eval::Engine::new(),
         };
@@ -172,6 +229,14 @@ impl Rules {
             for rule in &collection.rules {
                 if !for_cloudtrail(rule) {
                     other_logsource.push(rule.title.clone());
+                    continue;
+                }
+                if let Some(name) = unresolved_placeholder(rule, placeholders) {
+                    let reason = format!(
+                        "rule {:?}: placeholder %{name}% (|expand) has no value in detect.placeholders",
+                        rule.title
+                    );
+                    refuse(&path, reason, &mut skipped)?;
                     continue;
                 }
                 if let Err(e) = engine.add_rule(rule) {
@@ -242,7 +307,13 @@ mod tests {
 
     #[test]
     fn every_modifier_and_condition_form_matches_as_sigma_says() {
-        let rules = Rules::load(&[dir("modifiers")], &BTreeMap::new(), false).expect("rules");
+        let rules = Rules::load(
+            &[dir("modifiers")],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            false,
+        )
+        .expect("rules");
         assert_eq!(rules.len(), 17);
         let cases: &[(&str, &[&str])] = &[
             (
@@ -310,7 +381,7 @@ mod tests {
     #[test]
     fn only_cloudtrail_rules_load_and_fields_map_onto_the_event() {
         let fields = BTreeMap::from([("src_country".to_owned(), "geo.country_isocode".to_owned())]);
-        let rules = Rules::load(&[dir("rules")], &fields, false).expect("rules");
+        let rules = Rules::load(&[dir("rules")], &fields, &BTreeMap::new(), false).expect("rules");
         assert_eq!(rules.len(), 3);
         assert_eq!(rules.other_logsource.len(), 1);
         let login = |country: &str| {
@@ -326,7 +397,8 @@ mod tests {
             ids(&rules, no_geo).is_empty(),
             "no geo: not known to be outside"
         );
-        let without_mapping = Rules::load(&[dir("rules")], &BTreeMap::new(), false).expect("rules");
+        let without_mapping =
+            Rules::load(&[dir("rules")], &BTreeMap::new(), &BTreeMap::new(), false).expect("rules");
         assert!(ids(&without_mapping, &login("GB")).is_empty());
     }
 
@@ -341,18 +413,57 @@ mod tests {
         )
         .expect("write");
         std::fs::copy(dir("rules").join("iam_change.yml"), tmp.join("good.yml")).expect("copy");
-        let err =
-            Rules::load(std::slice::from_ref(&tmp), &BTreeMap::new(), false).expect_err("refused");
+        let err = Rules::load(
+            std::slice::from_ref(&tmp),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            false,
+        )
+        .expect_err("refused");
         let text = err.to_string();
         assert!(
             text.contains("bad.yml") && text.contains("nosuchmodifier"),
             "{text}"
         );
-        let rules =
-            Rules::load(std::slice::from_ref(&tmp), &BTreeMap::new(), true).expect("skipped");
+        let rules = Rules::load(
+            std::slice::from_ref(&tmp),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            true,
+        )
+        .expect("skipped");
         assert_eq!(rules.len(), 1);
         assert_eq!(rules.skipped.len(), 1);
         assert_eq!(rules.skipped[0].path, bad);
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn expand_placeholders_take_their_values_from_the_config_or_the_rule_is_refused() {
+        let err = Rules::load(
+            &[dir("placeholders")],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            false,
+        )
+        .expect_err("no value for the placeholder");
+        let text = err.to_string();
+        assert!(
+            text.contains("login_outside_allowed.yml") && text.contains("%Allowed_Countries%"),
+            "{text}"
+        );
+        let fields = BTreeMap::from([("src_country".to_owned(), "geo.country_isocode".to_owned())]);
+        let allowed = BTreeMap::from([(
+            "Allowed_Countries".to_owned(),
+            vec!["US".to_owned(), "CA".to_owned()],
+        )]);
+        let rules = Rules::load(&[dir("placeholders")], &fields, &allowed, false).expect("rules");
+        let login = |country: &str| {
+            format!(r#"{{"eventName":"ConsoleLogin","geo":{{"country_isocode":"{country}"}}}}"#)
+        };
+        let id = "6f0c8d2e-1a41-4c1e-9a64-3d0b3f1e7b01";
+        assert_eq!(ids(&rules, &login("GB")), [id]);
+        assert!(ids(&rules, &login("US")).is_empty());
+        assert!(ids(&rules, &login("CA")).is_empty());
     }
 }

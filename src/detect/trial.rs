@@ -65,9 +65,10 @@ impl Report {
 pub fn run(
     rules: &[PathBuf],
     fields: &BTreeMap<String, String>,
+    placeholders: &BTreeMap<String, Vec<String>>,
     files: &[PathBuf],
 ) -> Result<Report, DetectTestError> {
-    let rules = Rules::load(rules, fields, true)?;
+    let rules = Rules::load(rules, fields, placeholders, true)?;
     let mut matched = Vec::new();
     let mut events = 0;
     for file in files {
