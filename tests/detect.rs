@@ -1,6 +1,6 @@
 //! End to end: Sigma detections in `trailhose run` on moto (alerts on SQS, SNS → a subscribed
-//! SQS queue, S3 and a local webhook; annotations in the written events; acknowledgement held
-//! through an alert-output outage), and `trailhose detect test`.
+//! SQS queue, Kinesis, S3 and a local webhook; annotations in the written events;
+//! acknowledgement held through an alert-output outage), and `trailhose detect test`.
 
 mod common;
 
@@ -191,6 +191,62 @@ fn sns_client(moto: &common::Moto) -> aws_sdk_sns::Client {
     aws_sdk_sns::Client::from_conf(conf)
 }
 
+fn kinesis_client(moto: &common::Moto) -> aws_sdk_kinesis::Client {
+    let conf = aws_sdk_kinesis::Config::builder()
+        .behavior_version_latest()
+        .region(aws_sdk_kinesis::config::Region::new("us-east-1"))
+        .endpoint_url(&moto.endpoint)
+        .credentials_provider(aws_sdk_kinesis::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .build();
+    aws_sdk_kinesis::Client::from_conf(conf)
+}
+
+/// Every record on a one-shard stream so far: (partition key, data).
+async fn stream_records(k: &aws_sdk_kinesis::Client, stream: &str) -> Vec<(String, Vec<u8>)> {
+    let shards = k
+        .list_shards()
+        .stream_name(stream)
+        .send()
+        .await
+        .expect("list shards");
+    let mut out = Vec::new();
+    for s in shards.shards() {
+        let mut it = k
+            .get_shard_iterator()
+            .stream_name(stream)
+            .shard_id(s.shard_id())
+            .shard_iterator_type(aws_sdk_kinesis::types::ShardIteratorType::TrimHorizon)
+            .send()
+            .await
+            .expect("iterator")
+            .shard_iterator
+            .expect("iterator");
+        loop {
+            let r = k
+                .get_records()
+                .shard_iterator(&it)
+                .send()
+                .await
+                .expect("get records");
+            if r.records().is_empty() {
+                break;
+            }
+            out.extend(
+                r.records()
+                    .iter()
+                    .map(|x| (x.partition_key().to_owned(), x.data().as_ref().to_vec())),
+            );
+            match r.next_shard_iterator() {
+                Some(n) => it = n.to_owned(),
+                None => break,
+            }
+        }
+    }
+    out
+}
+
 async fn queue(sqs: &aws_sdk_sqs::Client, name: &str) -> String {
     sqs.create_queue()
         .queue_name(name)
@@ -285,7 +341,7 @@ async fn upload_and_notify(moto: &common::Moto, queue_url: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn matched_events_alert_on_sqs_sns_s3_and_a_webhook_and_unmatched_ones_nowhere() {
+async fn matched_events_alert_on_sqs_sns_kinesis_s3_and_a_webhook_and_unmatched_ones_nowhere() {
     let (moto, q) = setup("trail-work", 5).await;
     let sqs = moto.sqs();
     let alerts_url = queue(&sqs, "alerts").await;
@@ -312,6 +368,14 @@ async fn matched_events_alert_on_sqs_sns_s3_and_a_webhook_and_unmatched_ones_now
         .send()
         .await
         .expect("bucket");
+    let kinesis = kinesis_client(&moto);
+    kinesis
+        .create_stream()
+        .stream_name("detect-alerts")
+        .shard_count(1)
+        .send()
+        .await
+        .expect("stream");
     let hook = start_hook();
     let tmp = TempDir::new("detect-run");
     let port = free_port();
@@ -335,6 +399,11 @@ kind = "s3"
 target = "s3://trail-alerts/alerts/"
 min_level = "high"
 force_path_style = true
+
+[[detect.alerts]]
+kind = "kinesis"
+target = "detect-alerts"
+min_level = "critical"
 
 [[detect.alerts]]
 kind = "webhook"
@@ -469,6 +538,23 @@ event = "reference"
         "event = \"reference\""
     );
 
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut records = stream_records(&kinesis, "detect-alerts").await;
+    while records.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        records = stream_records(&kinesis, "detect-alerts").await;
+    }
+    let on_stream: Vec<Value> = records
+        .iter()
+        .map(|(_, data)| serde_json::from_slice(data).expect("alert"))
+        .collect();
+    assert_eq!(
+        by_event(&on_stream),
+        expect(&[("secret-read", SECRET_READ)]),
+        "Kinesis: critical only"
+    );
+    assert_eq!(records[0].0, format!("{SECRET_READ}/secret-read"));
+
     let metrics = http_get(port, "/metrics")
         .map(|(_, m)| m)
         .unwrap_or_default();
@@ -477,6 +563,7 @@ event = "reference"
         format!("trailhose_detections_total{{level=\"critical\",rule=\"{SECRET_READ}\"}} 1"),
         "trailhose_alerts_delivered_total{output=\"sqs\"} 4".to_owned(),
         "trailhose_alerts_delivered_total{output=\"webhook\"} 1".to_owned(),
+        "trailhose_alerts_delivered_total{output=\"kinesis\"} 1".to_owned(),
         format!("trailhose_alerts_suppressed_total{{output=\"sns\",rule=\"{OUTSIDE_US}\"}} 1"),
         "trailhose_alert_delivery_failures_total{output=\"webhook\",result=\"retried\"} 1"
             .to_owned(),
