@@ -3,7 +3,7 @@
 # certificates, no shell, non-root). Both stages are Debian 12, so the glibc matches.
 # Build: docker build -t trailhose .
 
-FROM rust:1.94-slim-bookworm AS build
+FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src

@@ -54,6 +54,8 @@ pub struct Config {
     pub dedup: Option<DedupConfig>,
     /// What raw bytes the error output may carry.
     pub errors: ErrorsConfig,
+    /// Sigma detections and alerts, when the section is present.
+    pub detect: Option<crate::detect::config::DetectConfig>,
 }
 
 /// `[errors]`: the split stage writes bytes no transform saw (an oversized event's first KiB, a
@@ -543,6 +545,15 @@ fn mask(v: &mut toml::Value, under_module_config: bool) {
         }
         toml::Value::Array(items) => items.iter_mut().for_each(|i| mask(i, under_module_config)),
         toml::Value::Table(t) => {
+            // A webhook's URL carries its token (Slack's do): only scheme and host show.
+            if t.get("kind").and_then(|k| k.as_str()) == Some("webhook")
+                && let Some(toml::Value::String(url)) = t.get_mut("target")
+            {
+                let (scheme, rest) = url.split_once("://").unwrap_or(("", url.as_str()));
+                let authority = rest.split('/').next().unwrap_or("");
+                let host = authority.rsplit('@').next().unwrap_or("");
+                *url = format!("{scheme}://{host}/{MASKED}");
+            }
             for (k, item) in t.iter_mut() {
                 mask(item, under_module_config || k == "config");
             }
@@ -598,6 +609,9 @@ impl Config {
         self.codec()?;
         self.converter()?;
         self.partitioner()?;
+        if let Some(d) = &self.detect {
+            d.validate()?;
+        }
         if let Some(d) = &self.dedup {
             if d.window_secs == 0 {
                 return Err(invalid("dedup.window_secs", "must be at least 1"));

@@ -1,6 +1,6 @@
 //! trailhose: AWS CloudTrail delivery files in; geo-enriched, time-partitioned, compressed
 //! objects out. Modules follow the data: `source` → `fetch` → `cloudtrail` (split) → `enrich` →
-//! `sink` (partition, batch, encode, write), wired in `pipeline`, watched by `metrics`.
+//! `transform` → `detect` → `sink` (partition, batch, encode, write), wired in `pipeline`, watched by `metrics`.
 
 pub mod ack;
 pub mod athena;
@@ -10,6 +10,7 @@ pub mod clock;
 pub mod cloudtrail;
 pub mod config;
 pub mod dedup;
+pub mod detect;
 pub mod enrich;
 pub mod fetch;
 pub mod metrics;

@@ -125,6 +125,11 @@ enum Command {
         #[command(subcommand)]
         command: TransformCommand,
     },
+    /// Work with Sigma detection rules.
+    Detect {
+        #[command(subcommand)]
+        command: DetectCommand,
+    },
     /// Print the Athena `CREATE EXTERNAL TABLE` for what the configured output writes
     /// (format, columns, partition projection from the key template).
     AthenaDdl {
@@ -159,6 +164,27 @@ enum TablesCommand {
     FromOrganizations {
         /// The `list-accounts` JSON.
         file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DetectCommand {
+    /// Show which rule matches which event: one JSON line per matched event (stdout), then
+    /// the rules loaded, those skipped and why (stderr). Exits 0 when the rules load.
+    Test {
+        /// Sigma rule files or folders (repeatable).
+        #[arg(long, required = true)]
+        rules: Vec<PathBuf>,
+        /// A field mapping SIGMA_FIELD=EVENT.PATH, as `detect.fields` (repeatable).
+        #[arg(long = "field", value_name = "SIGMA=PATH")]
+        fields: Vec<String>,
+        /// A value for an `|expand` placeholder NAME=VALUE, as `detect.placeholders`
+        /// (repeatable; values of one name accumulate).
+        #[arg(long = "placeholder", value_name = "NAME=VALUE")]
+        placeholders: Vec<String>,
+        /// CloudTrail files (`{"Records":[…]}`, gzip or not) or JSON lines, as written.
+        #[arg(required = true)]
+        events: Vec<PathBuf>,
     },
 }
 
@@ -427,6 +453,39 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .with_context(|| file.display().to_string())?;
             use std::io::Write;
             std::io::stdout().write_all(&csv)?;
+            Ok(())
+        }
+        Command::Detect {
+            command:
+                DetectCommand::Test {
+                    rules,
+                    fields,
+                    placeholders,
+                    events,
+                },
+        } => {
+            let fields = fields
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .with_context(|| format!("--field {kv:?} is not SIGMA=PATH"))
+                })
+                .collect::<anyhow::Result<std::collections::BTreeMap<_, _>>>()?;
+            let mut values = std::collections::BTreeMap::<String, Vec<String>>::new();
+            for kv in &placeholders {
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("--placeholder {kv:?} is not NAME=VALUE"))?;
+                values.entry(k.to_owned()).or_default().push(v.to_owned());
+            }
+            let report = trailhose::detect::trial::run(&rules, &fields, &values, &events)?;
+            let mut out = std::io::stdout().lock();
+            for m in &report.matched {
+                serde_json::to_writer(&mut out, m)?;
+                writeln!(out)?;
+            }
+            eprintln!("{}", report.summary());
             Ok(())
         }
         Command::Transform {

@@ -1652,6 +1652,222 @@ impl InternalEvent for ShardRewound<'_> {
     }
 }
 
+// ---- detect ------------------------------------------------------------------------------
+
+/// The detection stage's metrics, registered with the others when the stage opens (or on
+/// first use).
+struct DetectMetrics {
+    detections: IntCounterVec,
+    evaluation_seconds: Histogram,
+    delivered: IntCounterVec,
+    failures: IntCounterVec,
+    delivery_seconds: HistogramVec,
+    suppressed: IntCounterVec,
+    rules: IntGauge,
+    rules_skipped: IntCounter,
+}
+
+static DETECT: LazyLock<DetectMetrics> = LazyLock::new(|| {
+    let r = METRICS.registry();
+    let evaluation_seconds = Histogram::with_opts(
+        HistogramOpts::new(
+            "trailhose_detect_evaluation_seconds",
+            "Time to parse one written event and evaluate every Sigma rule on it.",
+        )
+        .buckets(vec![
+            0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.01,
+        ]),
+    )
+    .expect("valid metric");
+    r.register(Box::new(evaluation_seconds.clone()))
+        .expect("metric registered once");
+    let delivery_seconds = HistogramVec::new(
+        HistogramOpts::new(
+            "trailhose_alert_delivery_seconds",
+            "Time to deliver one round of alerts to an output, retries included.",
+        )
+        .buckets(vec![0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0]),
+        &["output"],
+    )
+    .expect("valid metric");
+    r.register(Box::new(delivery_seconds.clone()))
+        .expect("metric registered once");
+    let rules = IntGauge::new(
+        "trailhose_detect_rules",
+        "Sigma rules loaded for CloudTrail.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(rules.clone()))
+        .expect("metric registered once");
+    DetectMetrics {
+        detections: counter_vec(
+            r,
+            "trailhose_detections_total",
+            "Events a Sigma rule matched, by rule id and level.",
+            &["rule", "level"],
+        ),
+        evaluation_seconds,
+        delivered: counter_vec(
+            r,
+            "trailhose_alerts_delivered_total",
+            "Alerts delivered, by output.",
+            &["output"],
+        ),
+        failures: counter_vec(
+            r,
+            "trailhose_alert_delivery_failures_total",
+            "Failed alert delivery attempts, by output and whether they were retried or given up (the notification then comes again).",
+            &["output", "result"],
+        ),
+        delivery_seconds,
+        suppressed: counter_vec(
+            r,
+            "trailhose_alerts_suppressed_total",
+            "Alerts not sent because the rule and key alerted within suppress_secs, by output and rule.",
+            &["output", "rule"],
+        ),
+        rules,
+        rules_skipped: counter(
+            r,
+            "trailhose_detect_rules_skipped_total",
+            "Rule files or rules skipped because they do not compile (detect.skip_invalid).",
+        ),
+    }
+});
+
+/// The rules were compiled.
+pub struct RulesLoaded {
+    pub rules: usize,
+}
+
+impl InternalEvent for RulesLoaded {
+    fn emit(self) {
+        tracing::info!(rules = self.rules, "detection rules loaded");
+        DETECT.rules.set(self.rules as i64);
+    }
+}
+
+/// A rule that does not compile was skipped (`detect.skip_invalid = true`).
+pub struct RuleSkipped<'a> {
+    pub path: &'a str,
+    pub reason: &'a str,
+}
+
+impl InternalEvent for RuleSkipped<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            path = self.path,
+            reason = self.reason,
+            "detection rule skipped"
+        );
+        DETECT.rules_skipped.inc();
+    }
+}
+
+/// Events evaluated against the rules.
+pub struct EventsEvaluated {
+    pub events: u64,
+    pub elapsed: Duration,
+}
+
+impl InternalEvent for EventsEvaluated {
+    fn emit(self) {
+        DETECT
+            .evaluation_seconds
+            .observe(self.elapsed.as_secs_f64());
+    }
+}
+
+/// A rule matched an event.
+pub struct DetectionMatched<'a> {
+    pub rule: &'a str,
+    pub level: &'a str,
+}
+
+impl InternalEvent for DetectionMatched<'_> {
+    fn emit(self) {
+        DETECT
+            .detections
+            .with_label_values(&[self.rule, self.level])
+            .inc();
+    }
+}
+
+/// A match was not alerted on an output: its rule and key alerted within `suppress_secs`.
+pub struct AlertSuppressed<'a> {
+    pub output: &'a str,
+    pub rule: &'a str,
+}
+
+impl InternalEvent for AlertSuppressed<'_> {
+    fn emit(self) {
+        DETECT
+            .suppressed
+            .with_label_values(&[self.output, self.rule])
+            .inc();
+    }
+}
+
+pub struct AlertsDelivered<'a> {
+    pub output: &'a str,
+    pub alerts: u64,
+    pub elapsed: Duration,
+}
+
+impl InternalEvent for AlertsDelivered<'_> {
+    fn emit(self) {
+        tracing::debug!(
+            output = self.output,
+            alerts = self.alerts,
+            "alerts delivered"
+        );
+        DETECT
+            .delivered
+            .with_label_values(&[self.output])
+            .inc_by(self.alerts);
+        DETECT
+            .delivery_seconds
+            .with_label_values(&[self.output])
+            .observe(self.elapsed.as_secs_f64());
+    }
+}
+
+/// An attempt to deliver alerts failed. `error` never holds a webhook URL.
+pub struct AlertDeliveryFailed<'a> {
+    pub output: &'a str,
+    pub alerts: u64,
+    pub attempt: u32,
+    pub given_up: bool,
+    pub error: &'a str,
+}
+
+impl InternalEvent for AlertDeliveryFailed<'_> {
+    fn emit(self) {
+        let result = if self.given_up { "given_up" } else { "retried" };
+        if self.given_up {
+            tracing::error!(
+                output = self.output,
+                alerts = self.alerts,
+                attempt = self.attempt,
+                error = self.error,
+                "alert delivery failed; their notifications will be delivered again"
+            );
+        } else {
+            tracing::warn!(
+                output = self.output,
+                alerts = self.alerts,
+                attempt = self.attempt,
+                error = self.error,
+                "alert delivery failed; retrying"
+            );
+        }
+        DETECT
+            .failures
+            .with_label_values(&[self.output, result])
+            .inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use super::{FileWorker, PipelineError, Tally, open_geo, open_store};
 use crate::ack::Hold;
 use crate::config::Config;
+use crate::detect::{Delivery, Detect};
 use crate::enrich::live::LiveGeo;
 use crate::enrich::tables::live::LiveTables;
 use crate::metrics::{self, FileUnreadable, WorkerLost};
@@ -55,6 +56,7 @@ struct Parts {
     transforms: Option<Arc<Transforms>>,
     store: Arc<Store>,
     codec: Codec,
+    detect: Option<(Arc<Detect>, Delivery)>,
 }
 
 /// SIGHUP re-reads the GeoIP databases, the enrichment tables and the transform modules (each
@@ -130,6 +132,8 @@ pub struct Engine {
     submitter: Submitter,
     workers: Vec<std::thread::JoinHandle<Tally>>,
     uploader: tokio::task::JoinHandle<Written>,
+    /// Alert delivery; ends once the workers (which queue alerts) are gone.
+    delivery: Option<Delivery>,
 }
 
 impl Engine {
@@ -150,6 +154,10 @@ impl Engine {
         reload_on_hangup(&geo, tables.as_ref(), transforms.as_ref());
         let store = Arc::new(open_store(cfg).await?);
         store.check().await?;
+        let detect = match &cfg.detect {
+            Some(d) => Some(Detect::open(d).await?),
+            None => None,
+        };
         let parts = Parts {
             geo,
             tables,
@@ -157,6 +165,7 @@ impl Engine {
             transforms,
             store,
             codec,
+            detect,
         };
         Engine::start(cfg, parts, workers, max_files)
     }
@@ -174,7 +183,12 @@ impl Engine {
             transforms,
             store,
             codec,
+            detect,
         } = parts;
+        let (detect, delivery) = match detect {
+            Some((d, delivery)) => (Some(d), Some(delivery)),
+            None => (None, None),
+        };
         let encoder = Encoder::with_format(codec, cfg.converter()?, cfg.compression_threads());
         let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(workers * 2);
         let uploader = tokio::spawn(write::run_uploader(
@@ -203,7 +217,8 @@ impl Engine {
                 &budget,
             )
             .with_dedup(dedup.clone())
-            .with_tables(tables.as_ref());
+            .with_tables(tables.as_ref())
+            .with_detect(detect.clone());
             let rx = files_rx.clone();
             let tx = sealed_tx.clone();
             let alive = alive.clone();
@@ -223,6 +238,7 @@ impl Engine {
             },
             workers: handles,
             uploader,
+            delivery,
         })
     }
 
@@ -264,6 +280,9 @@ impl Engine {
         })
         .await
         .map_err(|e| PipelineError::Worker(e.to_string()))??;
+        if let Some(d) = self.delivery {
+            d.finish().await;
+        }
         let written = self
             .uploader
             .await

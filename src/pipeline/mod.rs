@@ -25,6 +25,7 @@ use crate::cloudtrail::Head;
 use crate::cloudtrail::{self, FileErrorReason, Item, Kind as SplitKind, scrub};
 use crate::config::{Config, ConfigError, OutputUrl};
 use crate::dedup::Dedup;
+use crate::detect::{Detect, DetectError, Seen};
 use crate::enrich::geo::{self, GeoEnricher, GeoError};
 use crate::enrich::live::LiveGeo;
 use crate::enrich::tables::TableError;
@@ -55,6 +56,8 @@ pub enum PipelineError {
     Output(#[from] WriteError),
     #[error(transparent)]
     Transform(#[from] TransformError),
+    #[error(transparent)]
+    Detect(#[from] DetectError),
     #[error("a worker thread failed: {0}")]
     Worker(String),
 }
@@ -225,6 +228,8 @@ pub struct FileWorker {
     ocsf: Option<OcsfConfig>,
     /// eventID hashes of the file being processed, remembered when its unit is acknowledged.
     fresh: HashSet<u64>,
+    /// Sigma rules and alert outputs, when `[detect]` is configured.
+    detect: Option<Arc<Detect>>,
     pub tally: Tally,
 }
 
@@ -280,6 +285,7 @@ impl FileWorker {
             dedup: None,
             ocsf: (cfg.output.schema == Schema::Ocsf).then(|| cfg.output.ocsf.clone()),
             fresh: HashSet::new(),
+            detect: None,
             tally: Tally::default(),
         }
     }
@@ -295,6 +301,12 @@ impl FileWorker {
     /// Drops events whose eventID `dedup` has seen.
     pub fn with_dedup(mut self, dedup: Option<Arc<Dedup>>) -> FileWorker {
         self.dedup = dedup;
+        self
+    }
+
+    /// Runs `[detect]`'s rules on every event as it is written.
+    pub fn with_detect(mut self, detect: Option<Arc<Detect>>) -> FileWorker {
+        self.detect = detect;
         self
     }
 
@@ -430,6 +442,8 @@ impl FileWorker {
             fresh: &mut self.fresh,
             duplicates: 0,
             retry: false,
+            detect: self.detect.as_deref(),
+            source,
         };
         let (geo, stage, lookups) = (&mut self.geo, &mut self.stage, &mut self.lookups);
         let raw_policy = &self.raw;
@@ -791,6 +805,9 @@ struct Route<'w> {
     duplicates: u64,
     /// A module with `on_failure = "retry"` failed on this file.
     retry: bool,
+    detect: Option<&'w Detect>,
+    /// The file being processed.
+    source: &'w str,
 }
 
 impl Route<'_> {
@@ -826,12 +843,28 @@ impl Route<'_> {
         if let Some(t) = routed.time {
             self.lag.observe((self.now - t.to_unix()) as f64);
         }
+        // Detections see the event as written, before the annotations they add.
+        let detections = self.detect.and_then(|d| {
+            d.inspect(&Seen {
+                raw,
+                additions,
+                head,
+                partition: self.key.as_str(),
+                source: self.source,
+                hold: self.hold,
+            })
+        });
         // Rare: an event partitioned by arrival says so, so that queries can tell it apart.
         let (field, mut flagged);
-        let additions = if routed.arrival {
-            field = arrival_field(self.now);
+        let additions = if routed.arrival || detections.is_some() {
             flagged = additions.to_vec();
-            flagged.push(field.as_slice());
+            if routed.arrival {
+                field = arrival_field(self.now);
+                flagged.push(field.as_slice());
+            }
+            if let Some(d) = &detections {
+                flagged.push(d.as_slice());
+            }
             flagged.as_slice()
         } else {
             additions

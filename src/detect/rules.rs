@@ -1,0 +1,469 @@
+//! Sigma rules, compiled once by `rsigma-eval`, evaluated on the event as it is written.
+//!
+//! Only rules for CloudTrail are loaded: `logsource` `product: aws` with `service: cloudtrail`
+//! (or no service). `[detect.fields]` becomes a pySigma-style `field_name_mapping` pipeline
+//! applied to the rules when they compile, so mapping costs nothing per event.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use rsigma_eval::event::JsonEvent;
+use rsigma_parser::{Detection, Modifier, SigmaRule, SigmaValue};
+use serde_json::Value;
+
+use super::config::Level;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("detect.rules: cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("detect.rules: {path}: {reason}")]
+    Invalid { path: String, reason: String },
+    #[error("detect.fields: {0}")]
+    Fields(String),
+    #[error(
+        "detect.rules: no CloudTrail rule (logsource product: aws, service: cloudtrail) in {0}"
+    )]
+    Empty(String),
+}
+
+/// A rule file that was not loaded, and why.
+#[derive(Debug, Clone)]
+pub struct Skipped {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// What one rule says about itself in alerts and annotations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    pub id: String,
+    pub title: String,
+    pub level: Level,
+    pub tags: Vec<String>,
+}
+
+pub struct Rules {
+    engine: rsigma_eval::Engine,
+    /// Rules not for CloudTrail (another logsource), by title: listed by `detect test`.
+    pub other_logsource: Vec<String>,
+    /// Invalid rules skipped under `skip_invalid`.
+    pub skipped: Vec<Skipped>,
+}
+
+impl std::fmt::Debug for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Rules({} loaded)", self.len())
+    }
+}
+
+fn is_rule_file(p: &Path) -> bool {
+    matches!(p.extension().and_then(|e| e.to_str()), Some("yml" | "yaml"))
+}
+
+/// Every rule file under `paths` (files as given, folders searched), sorted per folder.
+fn rule_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, RuleError> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = walkdir::WalkDir::new(p)
+                .follow_links(true)
+                .into_iter()
+                .filter_map(Result::ok)
+                .filter(|e| e.file_type().is_file() && is_rule_file(e.path()))
+                .map(|e| e.into_path())
+                .collect();
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// True for a rule meant for CloudTrail events.
+fn for_cloudtrail(rule: &SigmaRule) -> bool {
+    let ls = &rule.logsource;
+    let product = ls.product.as_deref().map(str::to_ascii_lowercase);
+    let service = ls.service.as_deref().map(str::to_ascii_lowercase);
+    product.as_deref() == Some("aws") && matches!(service.as_deref(), None | Some("cloudtrail"))
+}
+
+fn level_of(l: Option<&rsigma_parser::Level>) -> Level {
+    match l {
+        Some(rsigma_parser::Level::Low) => Level::Low,
+        Some(rsigma_parser::Level::Medium) => Level::Medium,
+        Some(rsigma_parser::Level::High) => Level::High,
+        Some(rsigma_parser::Level::Critical) => Level::Critical,
+        _ => Level::Informational,
+    }
+}
+
+/// The field mapping and placeholder values as a rule pipeline (JSON is YAML, so no YAML
+/// writer is needed).
+fn mapping_pipeline(
+    fields: &BTreeMap<String, String>,
+    placeholders: &BTreeMap<String, Vec<String>>,
+) -> Result<Option<rsigma_eval::Pipeline>, RuleError> {
+    let mut transformations = Vec::new();
+    if !fields.is_empty() {
+        transformations.push(serde_json::json!(
+            {"id": "detect_fields", "type": "field_name_mapping", "mapping": fields}
+        ));
+    }
+    if !placeholders.is_empty() {
+        transformations
+            .push(serde_json::json!({"id": "detect_placeholders", "type": "value_placeholders"}));
+    }
+    if transformations.is_empty() {
+        return Ok(None);
+    }
+    let doc = serde_json::json!({
+        "name": "trailhose detect.fields and detect.placeholders",
+        "vars": placeholders,
+        "transformations": transformations,
+    });
+    rsigma_eval::parse_pipeline(&doc.to_string())
+        .map(Some)
+        .map_err(|e| RuleError::Fields(e.to_string()))
+}
+
+/// The first `|expand` placeholder of `rule` without a value in `placeholders`. Left alone,
+/// rsigma-eval would read it from an event field of that name, which CloudTrail events do not
+/// have: SigmaHQ's `%Legitimate_Countries%` filter would then never match and the rule would
+/// fire on every console login.
+fn unresolved_placeholder(
+    rule: &SigmaRule,
+    placeholders: &BTreeMap<String, Vec<String>>,
+) -> Option<String> {
+    fn in_values(values: &[SigmaValue], known: &BTreeMap<String, Vec<String>>) -> Option<String> {
+        for v in values {
+            let SigmaValue::String(s) = v else { continue };
+            let text = s.as_plain().unwrap_or_else(|| s.original.clone());
+            // `%name%` pairs: the odd-numbered pieces between percent signs.
+            for name in text.split('%').skip(1).step_by(2) {
+                if !known.contains_key(name) {
+                    return Some(name.to_owned());
+                }
+            }
+        }
+        None
+    }
+    fn in_detection(d: &Detection, known: &BTreeMap<String, Vec<String>>) -> Option<String> {
+        match d {
+            Detection::AllOf(items) => items
+                .iter()
+                .filter(|i| i.field.has_modifier(Modifier::Expand))
+                .find_map(|i| in_values(&i.values, known)),
+            Detection::AnyOf(subs) | Detection::And(subs) => {
+                subs.iter().find_map(|s| in_detection(s, known))
+            }
+            Detection::ArrayMatch { body, .. } => in_detection(body, known),
+            Detection::Conditional { named, .. } => {
+                named.values().find_map(|s| in_detection(s, known))
+            }
+            Detection::Keywords(_) => None,
+        }
+    }
+    rule.detection
+        .named
+        .values()
+        .find_map(|d| in_detection(d, placeholders))
+}
+
+impl Rules {
+    /// Reads, selects and compiles the rules. A file that does not parse or a rule that does
+    /// not compile is an error naming it, or skipped (and listed) with `skip_invalid`.
+    pub fn load(
+        paths: &[PathBuf],
+        fields: &BTreeMap<String, String>,
+        placeholders: &BTreeMap<String, Vec<String>>,
+        skip_invalid: bool,
+    ) -> Result<Rules, RuleError> {
+        let mut engine = match mapping_pipeline(fields, placeholders)? {
+            Some(p) => rsigma_eval::Engine::new_with_pipeline(p),
+            None => rsigma_eval::Engine::new(),
+        };
+        let mut skipped = Vec::new();
+        let mut other_logsource = Vec::new();
+        let refuse = |path: &Path, reason: String, skipped: &mut Vec<Skipped>| {
+            if skip_invalid {
+                skipped.push(Skipped {
+                    path: path.to_owned(),
+                    reason,
+                });
+                Ok(())
+            } else {
+                Err(RuleError::Invalid {
+                    path: path.display().to_string(),
+                    reason,
+                })
+            }
+        };
+        for path in rule_files(paths)? {
+            let text = std::fs::read_to_string(&path).map_err(|source| RuleError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let collection = match rsigma_parser::parse_sigma_yaml(&text) {
+                Ok(c) => c,
+                Err(e) => {
+                    refuse(&path, e.to_string(), &mut skipped)?;
+                    continue;
+                }
+            };
+            if let Some(e) = collection.errors.first() {
+                refuse(&path, e.clone(), &mut skipped)?;
+                continue;
+            }
+            if !collection.correlations.is_empty() {
+                let reason = "correlation rules are not supported yet".to_owned();
+                refuse(&path, reason, &mut skipped)?;
+                continue;
+            }
+            for rule in &collection.rules {
+                if !for_cloudtrail(rule) {
+                    other_logsource.push(rule.title.clone());
+                    continue;
+                }
+                if let Some(name) = unresolved_placeholder(rule, placeholders) {
+                    let reason = format!(
+                        "rule {:?}: placeholder %{name}% (|expand) has no value in detect.placeholders",
+                        rule.title
+                    );
+                    refuse(&path, reason, &mut skipped)?;
+                    continue;
+                }
+                if let Err(e) = engine.add_rule(rule) {
+                    let reason = format!("rule {:?}: {e}", rule.title);
+                    refuse(&path, reason, &mut skipped)?;
+                }
+            }
+            for filter in &collection.filters {
+                if let Err(e) = engine.apply_filter(filter) {
+                    refuse(&path, format!("filter: {e}"), &mut skipped)?;
+                }
+            }
+        }
+        if engine.rule_count() == 0 && skipped.is_empty() {
+            let named: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+            return Err(RuleError::Empty(named.join(", ")));
+        }
+        Ok(Rules {
+            engine,
+            other_logsource,
+            skipped,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.engine.rule_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rules `event` matches, in rule order.
+    pub fn evaluate(&self, event: &Value) -> Vec<Hit> {
+        let results = self.engine.evaluate(&JsonEvent::borrow(event));
+        results
+            .into_iter()
+            .filter(|r| r.is_detection())
+            .map(|r| {
+                let h = r.header;
+                Hit {
+                    id: h.rule_id.clone().unwrap_or_else(|| h.rule_title.clone()),
+                    title: h.rule_title,
+                    level: level_of(h.level.as_ref()),
+                    tags: h.tags,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/detect")
+            .join(name)
+    }
+
+    fn ids(rules: &Rules, event: &str) -> Vec<String> {
+        let v: Value = serde_json::from_str(event).expect("test event");
+        let mut ids: Vec<String> = rules.evaluate(&v).into_iter().map(|h| h.id).collect();
+        ids.sort();
+        ids
+    }
+
+    #[test]
+    fn every_modifier_and_condition_form_matches_as_sigma_says() {
+        let rules = Rules::load(
+            &[dir("modifiers")],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            false,
+        )
+        .expect("rules");
+        assert_eq!(rules.len(), 17);
+        let cases: &[(&str, &[&str])] = &[
+            (
+                r#"{"eventName":"ListBuckets","userAgent":"aws-cli/2.15 Python/3.11"}"#,
+                &["contains"],
+            ),
+            (
+                r#"{"eventName":"DeleteBucketPolicy","eventSource":"s3.amazonaws.com"}"#,
+                &["re", "startswith"],
+            ),
+            (
+                r#"{"eventName":"GetCallerIdentity","eventSource":"sts.amazonaws.com","userIdentity":{"arn":"arn:aws:iam::111122223333:root"}}"#,
+                &["and-or-not", "endswith"],
+            ),
+            (
+                r#"{"eventName":"GetCallerIdentity","eventSource":"sts.amazonaws.com","errorCode":"AccessDenied","userAgent":"Boto3/1.34 Python/3.12 Linux"}"#,
+                &["contains-all"],
+            ),
+            (
+                r#"{"eventName":"PutBucketAcl","sourceIPAddress":"10.1.2.3"}"#,
+                &["cidr", "re"],
+            ),
+            (
+                r#"{"eventName":"CreateAccessKey","sourceIPAddress":"2001:db8:1::1","eventSource":"iam.amazonaws.com"}"#,
+                &["and-or-not", "cidr", "wildcard"],
+            ),
+            (
+                r#"{"eventName":"ConsoleLogin","sourceIPAddress":"192.168.1.1"}"#,
+                &["case-insensitive"],
+            ),
+            (
+                r#"{"eventName":"UpdateLoginProfile","userIdentity":{"userName":"bob"},"requestParameters":{"userName":"bob"}}"#,
+                &["fieldref"],
+            ),
+            (
+                r#"{"eventName":"UpdateLoginProfile","userIdentity":{"userName":"bob"},"requestParameters":{"userName":"alice"}}"#,
+                &[],
+            ),
+            (
+                r#"{"eventName":"StopLogging","eventSource":"cloudtrail.amazonaws.com","readOnly":false,"userIdentity":{"arn":"arn:aws:iam::1:user/eve"}}"#,
+                &["all-of", "list-is-or", "not-one-of-filters", "one-of"],
+            ),
+            (
+                r#"{"eventName":"DeleteTrail","eventSource":"cloudtrail.amazonaws.com","userIdentity":{"arn":"arn:aws:sts::1:assumed-role/deployer/x"}}"#,
+                &["list-is-or", "one-of", "one-of-them", "startswith"],
+            ),
+            (
+                r#"{"eventName":"PutEventSelectors","eventSource":"cloudtrail.amazonaws.com","readOnly":true}"#,
+                &["all-of-them", "one-of-them"],
+            ),
+            (
+                r#"{"eventName":"Decrypt","resources":[{"ARN":"arn:aws:kms:us-east-1:1:key/other"},{"ARN":"arn:aws:kms:us-east-1:1:key/secret"}]}"#,
+                &["nested-array"],
+            ),
+            (
+                r#"{"eventName":"CreateUser","eventSource":"IAM.amazonaws.com"}"#,
+                &["and-or-not"],
+            ),
+        ];
+        for (event, want) in cases {
+            assert_eq!(ids(&rules, event), *want, "{event}");
+        }
+    }
+
+    #[test]
+    fn only_cloudtrail_rules_load_and_fields_map_onto_the_event() {
+        let fields = BTreeMap::from([("src_country".to_owned(), "geo.country_isocode".to_owned())]);
+        let rules = Rules::load(&[dir("rules")], &fields, &BTreeMap::new(), false).expect("rules");
+        assert_eq!(rules.len(), 3);
+        assert_eq!(rules.other_logsource.len(), 1);
+        let login = |country: &str| {
+            format!(
+                r#"{{"eventSource":"signin.amazonaws.com","eventName":"ConsoleLogin","responseElements":{{"ConsoleLogin":"Success"}},"geo":{{"country_isocode":"{country}"}}}}"#
+            )
+        };
+        let outside = "6f0c8d2e-1a41-4c1e-9a64-3d0b3f1e7a01";
+        assert_eq!(ids(&rules, &login("GB")), [outside]);
+        assert!(ids(&rules, &login("US")).is_empty());
+        let no_geo = r#"{"eventSource":"signin.amazonaws.com","eventName":"ConsoleLogin","responseElements":{"ConsoleLogin":"Success"}}"#;
+        assert!(
+            ids(&rules, no_geo).is_empty(),
+            "no geo: not known to be outside"
+        );
+        let without_mapping =
+            Rules::load(&[dir("rules")], &BTreeMap::new(), &BTreeMap::new(), false).expect("rules");
+        assert!(ids(&without_mapping, &login("GB")).is_empty());
+    }
+
+    #[test]
+    fn a_rule_that_does_not_compile_is_named_or_skipped() {
+        let tmp = std::env::temp_dir().join(format!("trailhose-badrule-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).expect("dir");
+        let bad = tmp.join("bad.yml");
+        std::fs::write(
+            &bad,
+            "title: Bad\nlogsource:\n  product: aws\n  service: cloudtrail\ndetection:\n  selection:\n    eventName|nosuchmodifier: x\n  condition: selection\n",
+        )
+        .expect("write");
+        std::fs::copy(dir("rules").join("iam_change.yml"), tmp.join("good.yml")).expect("copy");
+        let err = Rules::load(
+            std::slice::from_ref(&tmp),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            false,
+        )
+        .expect_err("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains("bad.yml") && text.contains("nosuchmodifier"),
+            "{text}"
+        );
+        let rules = Rules::load(
+            std::slice::from_ref(&tmp),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            true,
+        )
+        .expect("skipped");
+        assert_eq!(rules.len(), 1);
+        assert_eq!(rules.skipped.len(), 1);
+        assert_eq!(rules.skipped[0].path, bad);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn expand_placeholders_take_their_values_from_the_config_or_the_rule_is_refused() {
+        let err = Rules::load(
+            &[dir("placeholders")],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            false,
+        )
+        .expect_err("no value for the placeholder");
+        let text = err.to_string();
+        assert!(
+            text.contains("login_outside_allowed.yml") && text.contains("%Allowed_Countries%"),
+            "{text}"
+        );
+        let fields = BTreeMap::from([("src_country".to_owned(), "geo.country_isocode".to_owned())]);
+        let allowed = BTreeMap::from([(
+            "Allowed_Countries".to_owned(),
+            vec!["US".to_owned(), "CA".to_owned()],
+        )]);
+        let rules = Rules::load(&[dir("placeholders")], &fields, &allowed, false).expect("rules");
+        let login = |country: &str| {
+            format!(r#"{{"eventName":"ConsoleLogin","geo":{{"country_isocode":"{country}"}}}}"#)
+        };
+        let id = "6f0c8d2e-1a41-4c1e-9a64-3d0b3f1e7b01";
+        assert_eq!(ids(&rules, &login("GB")), [id]);
+        assert!(ids(&rules, &login("US")).is_empty());
+        assert!(ids(&rules, &login("CA")).is_empty());
+    }
+}
