@@ -158,6 +158,20 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
             Compression::Zstd,
             None,
         ),
+        // Every event mapped to an OCSF record: as JSON lines, and as per-class Parquet
+        // sorted by time under Security Lake's layout.
+        (
+            "pipeline, geo, ocsf json (gzip)",
+            geo.clone(),
+            Compression::Gzip,
+            None,
+        ),
+        (
+            "pipeline, geo, ocsf parquet (zstd), security lake",
+            geo.clone(),
+            Compression::Zstd,
+            None,
+        ),
         (
             "pipeline, geo, gzip, identity module",
             geo.clone(),
@@ -197,6 +211,17 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         cfg.geoip.city_db = geo;
         if name.contains("parquet") {
             cfg.output.format = crate::sink::format::Format::Parquet;
+        }
+        if name.contains("ocsf") {
+            cfg.output.schema = crate::sink::ocsf::Schema::Ocsf;
+        }
+        if name.contains("security lake") {
+            cfg.output.security_lake = Some(crate::sink::ocsf::lake::SecurityLakeConfig {
+                source_name: crate::sink::ocsf::lake::SourceName::Template(
+                    "trailhose-{class}".into(),
+                ),
+                account_id: None,
+            });
         }
         if name.contains("table lookups") {
             cfg.enrich = bench_tables(&work)?;

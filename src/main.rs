@@ -139,6 +139,17 @@ enum Command {
         #[arg(long, default_value = "cloudtrail_enriched")]
         table: String,
     },
+    /// Map CloudTrail files to OCSF and report the coverage: per class and eventSource, how many
+    /// events went to which class (a specific one or the API Activity fallback), and which
+    /// CloudTrail fields ended in `unmapped` most often.
+    OcsfReport {
+        /// CloudTrail files or directories (gzip or plain; digests are skipped).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Print the counts as JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run SQL over trailhose output (JSON lines or Parquet, local directory or s3://bucket/prefix).
     /// The table is `events`; partition columns (year, month, ...) prune what is read.
     Query {
@@ -424,6 +435,15 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::AthenaDdl { config, table } => {
             let cfg = Config::load(&config)?;
             print!("{}", trailhose::athena::ddl(&cfg, &table)?);
+            Ok(())
+        }
+        Command::OcsfReport { inputs, json } => {
+            let report = trailhose::sink::ocsf::report::Report::of_inputs(&inputs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
             Ok(())
         }
         Command::Query {
