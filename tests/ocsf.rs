@@ -731,7 +731,7 @@ fn process_writes_security_lake_objects_that_readers_and_the_ddl_agree_on() {
         &[
             "query",
             &out_dir.display().to_string(),
-            "SELECT user.name, is_mfa, unmapped['geo.asn'] IS NULL AS no_asn FROM events WHERE metadata.uid = 'ocsf-0010-idc-sign-in'",
+            "SELECT \"user\"['name'], is_mfa, unmapped['geo.asn'] IS NULL AS no_asn FROM events WHERE metadata['uid'] = 'ocsf-0010-idc-sign-in'",
             "--csv",
         ],
         &[],
@@ -804,7 +804,8 @@ for d, _, names in sorted(os.walk(root)):
         let names = |c: &[(String, String)]| c.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
         assert_eq!(names(&ddl_cols), names(&parquet_cols), "{src}");
         for ((n, hive), (_, duck)) in ddl_cols.iter().zip(&parquet_cols) {
-            assert_eq!(hive_as_duckdb(hive), *duck, "{src}.{n}");
+            // DuckDB quotes field names that are keywords ("type").
+            assert_eq!(hive_as_duckdb(hive), duck.replace('"', ""), "{src}.{n}");
         }
         tables += 1;
     }

@@ -405,7 +405,7 @@ fn detections_become_enrichments_and_raise_the_severity() {
     let raw = std::fs::read(dir("cases").join("create_access_key.json")).unwrap();
     let spliced = map_with(
         raw.trim_ascii_end(),
-        &[br#""detections":[{"id":"r1","title":"T","level":"low"}]"#],
+        &[br#""detections":[{"id":"r1","title":"T","level":"low"}]"#.as_slice()],
         &OcsfConfig::default(),
     );
     assert_eq!(spliced["enrichments"][0]["value"], "r1");
@@ -413,7 +413,7 @@ fn detections_become_enrichments_and_raise_the_severity() {
     // A transform's own `detections` of another shape stays in unmapped.
     let odd = map_with(
         raw.trim_ascii_end(),
-        &[br#""detections":"none""#],
+        &[br#""detections":"none""#.as_slice()],
         &OcsfConfig::default(),
     );
     assert!(odd.get("enrichments").is_none());
