@@ -329,7 +329,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", summary.line());
             if !summary.written.failures.is_empty() {
                 anyhow::bail!(
-                    "{} output object(s) could not be written; first: {}",
+                    "{} output object(s) could not be written or alert output(s) delivered; first: {}",
                     summary.written.failures.len(),
                     summary.written.failures[0]
                 );
