@@ -36,7 +36,7 @@ pub fn open_tables(
     keys: &[String],
     matches: &[String],
 ) -> Result<Option<Arc<Lookups>>, TrialError> {
-    let bad = |m: String| TrialError::Table(m);
+    let bad = TrialError::Table;
     let pair = |kv: &str, what: &str| -> Result<(String, String), TrialError> {
         kv.split_once('=')
             .filter(|(k, v)| !k.is_empty() && !v.is_empty())
