@@ -851,6 +851,8 @@ mod tests {
             counter_names: Vec::new(),
             output: Tail(Arc::default()),
             held: Some(Vec::new()),
+            tables: None,
+            grants: Arc::from([]),
         };
         for i in 0..100_000u64 {
             state.count(format!("c{}", i % 3), 2);
