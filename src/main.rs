@@ -212,6 +212,16 @@ enum TransformCommand {
         /// Events per call.
         #[arg(long, default_value_t = 256)]
         batch: usize,
+        /// An enrichment table the module may read through `lookup`, NAME=PATH (.csv,
+        /// .jsonl/.ndjson or .mmdb; repeatable).
+        #[arg(long = "table", value_name = "NAME=PATH")]
+        tables: Vec<String>,
+        /// The key column of a --table, NAME=COLUMN (default: a CSV's first column).
+        #[arg(long = "table-key", value_name = "NAME=COLUMN")]
+        table_keys: Vec<String>,
+        /// How a --table matches, NAME=exact|case_insensitive|cidr (default: exact).
+        #[arg(long = "table-match", value_name = "NAME=KIND")]
+        table_matches: Vec<String>,
         /// A CloudTrail file (`{"Records":[…]}`, gzip or not) or JSON lines.
         events: PathBuf,
     },
@@ -498,6 +508,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                     max_memory_mb,
                     max_output_bytes,
                     batch,
+                    tables,
+                    table_keys,
+                    table_matches,
                     events,
                 },
         } => {
@@ -514,10 +527,16 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "module".to_owned());
+            let lookups = trial::open_tables(&tables, &table_keys, &table_matches)?;
+            let granted = tables
+                .iter()
+                .filter_map(|t| t.split_once('=').map(|(n, _)| n.to_owned()))
+                .collect();
             let spec = ModuleSpec {
                 name,
                 path: module,
                 config,
+                tables: granted,
                 limits: Limits {
                     fuel,
                     timeout: std::time::Duration::from_millis(timeout_ms),
@@ -529,7 +548,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 retry_fallback: trailhose::transform::OnFailure::ErrorOutput,
             };
             let events = trial::read_events(&events)?;
-            let trial = trial::run(&spec, &events, batch)?;
+            let trial = trial::run(&spec, lookups, &events, batch)?;
             let mut out = std::io::stdout().lock();
             for r in &trial.results {
                 serde_json::to_writer(&mut out, r)?;

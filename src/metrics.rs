@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 mod tables;
-pub use tables::{TableLoaded, TableLookups, TableReloadFailed};
+pub use tables::{MemberReplaced, TableLoaded, TableLookups, TableReloadFailed};
 
 /// An occurrence worth counting and, where it matters, logging.
 pub trait InternalEvent {
