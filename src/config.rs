@@ -133,6 +133,10 @@ pub struct TransformConfig {
     /// Handed to the module's `init`.
     #[serde(default)]
     pub config: std::collections::BTreeMap<String, String>,
+    /// The `[[enrich.tables]]` the module may read through the `lookup` host import
+    /// (`trailhose:transform@0.2.0`); any other name traps.
+    #[serde(default)]
+    pub tables: Vec<String>,
     /// Fuel per batch (about one unit per wasm instruction); 0 = not metered.
     #[serde(default = "default_fuel")]
     pub fuel: u64,
@@ -816,6 +820,16 @@ impl Config {
             if t.path.as_os_str().is_empty() {
                 return Err(invalid("transforms.path", named("is empty")));
             }
+            if let Some(unknown) = t
+                .tables
+                .iter()
+                .find(|n| !self.enrich.tables.iter().any(|e| e.name == **n))
+            {
+                return Err(invalid(
+                    "transforms.tables",
+                    named(&format!("no [[enrich.tables]] is named {unknown:?}")),
+                ));
+            }
             if !(1..=600_000).contains(&t.timeout_ms) {
                 return Err(invalid(
                     "transforms.timeout_ms",
@@ -1090,6 +1104,7 @@ impl Config {
                 name: t.name.clone(),
                 path: t.path.clone(),
                 config: t.config.clone().into_iter().collect(),
+                tables: t.tables.clone(),
                 limits: crate::transform::Limits {
                     fuel: t.fuel,
                     timeout: Duration::from_millis(t.timeout_ms),

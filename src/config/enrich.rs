@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, invalid};
+use crate::cloudtrail::fields::is_cloudtrail_field;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -150,42 +151,6 @@ pub struct LookupConfig {
 /// Fields the pipeline itself adds; a lookup may not add them again.
 const RESERVED: &[&str] = &["geo", "trailhoseArrivalTime"];
 
-/// CloudTrail's own top-level fields: added again, they would be written twice in one object
-/// (duplicate keys, which readers resolve differently or refuse).
-const CLOUDTRAIL_FIELDS: &[&str] = &[
-    "eventVersion",
-    "userIdentity",
-    "eventTime",
-    "eventSource",
-    "eventName",
-    "awsRegion",
-    "sourceIPAddress",
-    "userAgent",
-    "errorCode",
-    "errorMessage",
-    "requestParameters",
-    "responseElements",
-    "additionalEventData",
-    "requestID",
-    "eventID",
-    "eventType",
-    "apiVersion",
-    "managementEvent",
-    "readOnly",
-    "resources",
-    "recipientAccountId",
-    "serviceEventDetails",
-    "sharedEventID",
-    "vpcEndpointId",
-    "vpcEndpointAccountId",
-    "eventCategory",
-    "addendum",
-    "sessionCredentialFromConsole",
-    "edgeDeviceDetails",
-    "tlsDetails",
-    "insightDetails",
-];
-
 impl EnrichConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut names = HashSet::new();
@@ -271,7 +236,7 @@ impl EnrichConfig {
                         named(&format!("{field:?} cannot be added (empty or reserved)")),
                     ));
                 }
-                if CLOUDTRAIL_FIELDS.contains(&field.as_str()) {
+                if is_cloudtrail_field(field) {
                     return Err(invalid(
                         "enrich.lookups.add",
                         named(&format!(
