@@ -676,7 +676,7 @@ fn detections(out: &mut Obj, ev: &mut Obj) -> Option<(u32, &'static str)> {
         // Not the detect stage's shape (a transform's field of that name): left in unmapped.
         return None;
     }
-    let mut top = None;
+    let mut top: Option<(u32, &'static str)> = None;
     let mut list = Vec::with_capacity(hits.len());
     for h in hits {
         let level = match path(Some(h), &["level"]) {
