@@ -483,9 +483,10 @@ import json, sys
 def strict(pairs):
     seen = set()
     for k, _ in pairs:
-        if k in seen:
+        # Case-folded, as Athena's JSON SerDe reads keys.
+        if k.lower() in seen:
             raise ValueError("duplicate key %r" % k)
-        seen.add(k)
+        seen.add(k.lower())
     return dict(pairs)
 for n, line in enumerate(open(sys.argv[1]), 1):
     try:
@@ -538,6 +539,11 @@ fn an_event_already_holding_geo_or_a_lookup_field_carries_the_enrichments_value_
             head("o3", "203.0.113.9")
         ),
         format!("{{{}}}", head("o4", "10.1.2.3")),
+        // Names that differ only in case: Athena's JSON SerDe folds case, so they are the same.
+        format!(
+            "{{{},\"GEO\":{{\"forged\":true}},\"Account\":1}}",
+            head("o5", "203.0.113.9")
+        ),
     ];
     delivery(&input, "one", &events);
     let out = tmp.path().join("out");
@@ -583,10 +589,14 @@ fn an_event_already_holding_geo_or_a_lookup_field_carries_the_enrichments_value_
         got["o4"],
         spliced(&events[3], &[dev, r#""network":{"label":"bastion"}"#])
     );
+    assert_eq!(
+        got["o5"],
+        format!("{{{},{dev}}}", head("o5", "203.0.113.9"))
+    );
     let m = std::fs::read_to_string(&metrics).unwrap();
     for line in [
-        r#"trailhose_enrich_replaced_members_total{field="geo"} 3"#,
-        r#"trailhose_enrich_replaced_members_total{field="account"} 1"#,
+        r#"trailhose_enrich_replaced_members_total{field="geo"} 4"#,
+        r#"trailhose_enrich_replaced_members_total{field="account"} 2"#,
         r#"trailhose_enrich_replaced_members_total{field="network"} 1"#,
     ] {
         assert!(m.contains(line), "{line} in:\n{m}");

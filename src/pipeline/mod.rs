@@ -945,11 +945,21 @@ fn replace_owned<'r>(
     lookups: Option<&LookupStage>,
     stripped: &'r mut Vec<u8>,
 ) -> &'r [u8] {
-    let owned = |k: &str| (geo && k == "geo") || lookups.is_some_and(|l| l.adds(k));
-    match members::without_owned(raw, owned, stripped) {
+    // Names match ignoring ASCII case (readers fold it); the metric carries the owned name, so
+    // its label set stays the configured one whatever case the input used.
+    let owner = |k: &str| -> Option<&str> {
+        if geo && k.eq_ignore_ascii_case("geo") {
+            Some("geo")
+        } else {
+            lookups.and_then(|l| l.added_as(k))
+        }
+    };
+    match members::without_owned(raw, |k| owner(k).is_some(), stripped) {
         Some(removed) => {
-            for field in &removed {
-                metrics::emit(MemberReplaced { field });
+            for name in &removed {
+                if let Some(field) = owner(name) {
+                    metrics::emit(MemberReplaced { field });
+                }
             }
             stripped
         }

@@ -230,9 +230,13 @@ impl Lookups {
         self.entries.is_empty()
     }
 
-    /// True when a lookup adds the top-level member `name`.
-    pub fn adds(&self, name: &str) -> bool {
-        self.entries.iter().any(|e| e.field == name)
+    /// The member a lookup adds that `name` is, ignoring ASCII case: readers such as Athena's
+    /// JSON SerDe fold key case, so `"Account"` beside `"account"` is a duplicate key to them.
+    pub fn added_as(&self, name: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|e| e.field.eq_ignore_ascii_case(name))
+            .map(|e| &*e.field)
     }
 
     /// Approximate heap bytes of the fragments rendered from `table`.
@@ -302,8 +306,8 @@ impl LookupStage {
     }
 
     /// True when a lookup adds the top-level member `name`.
-    pub fn adds(&self, name: &str) -> bool {
-        self.lookups.adds(name)
+    pub fn added_as(&self, name: &str) -> Option<&str> {
+        self.lookups.added_as(name)
     }
 
     /// Switches to another generation of tables (counts so far are reported first).
