@@ -156,16 +156,8 @@ pub fn ddl(cfg: &Config, table: &str) -> Result<String, DdlError> {
     if cfg.output.schema == Schema::Ocsf {
         return ocsf_ddl(cfg, table);
     }
-    let template =
-        KeyTemplate::parse(&cfg.output.key_template).map_err(|e| ConfigError::Invalid {
-            key: "output.key_template",
-            message: e.to_string(),
-        })?;
-    let (parts, tail) = partitions(&template)?;
-    let location = match cfg.output.url.as_deref().map(OutputUrl::parse) {
-        Some(Ok(OutputUrl::S3 { bucket, prefix })) => format!("s3://{bucket}/{prefix}"),
-        _ => "s3://BUCKET/PREFIX/".to_owned(),
-    };
+    let (parts, tail) = template_partitions(cfg)?;
+    let location = output_location(cfg);
     let format = cfg.output.format;
     let columns: Vec<(String, String)> = match format {
         Format::Json | Format::Parquet => {
@@ -187,20 +179,8 @@ pub fn ddl(cfg: &Config, table: &str) -> Result<String, DdlError> {
             .collect(),
     };
     let mut out = String::new();
-    let _ = writeln!(out, "CREATE EXTERNAL TABLE {table} (");
-    let width = columns.len();
-    for (i, (n, t)) in columns.iter().enumerate() {
-        let comma = if i + 1 < width { "," } else { "" };
-        let _ = writeln!(out, "  `{n}` {t}{comma}");
-    }
-    out.push_str(")\n");
-    if !parts.is_empty() {
-        let cols: Vec<String> = parts
-            .iter()
-            .map(|p| format!("`{}` STRING", p.name))
-            .collect();
-        let _ = writeln!(out, "PARTITIONED BY ({})", cols.join(", "));
-    }
+    let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
+    create(&mut out, table, &columns, &names);
     out.push_str(match format {
         Format::Json => "ROW FORMAT SERDE 'org.openx.data.jsonserde.JsonSerDe'\n",
         Format::Parquet => "STORED AS PARQUET\n",
@@ -217,20 +197,41 @@ pub fn ddl(cfg: &Config, table: &str) -> Result<String, DdlError> {
     if matches!(format, Format::Csv | Format::Tsv) {
         out.push_str("  'skip.header.line.count' = '1',\n");
     }
+    projected_properties(&mut out, &parts, &location, &tail, "cloudtrail");
+    Ok(out)
+}
+
+/// The key template's partition columns and the path after the last one.
+fn template_partitions(cfg: &Config) -> Result<(Vec<PartitionCol>, String), DdlError> {
+    let template =
+        KeyTemplate::parse(&cfg.output.key_template).map_err(|e| ConfigError::Invalid {
+            key: "output.key_template",
+            message: e.to_string(),
+        })?;
+    partitions(&template)
+}
+
+/// Ends an open `TBLPROPERTIES (` list: partition projection over `parts`, or, with nothing to
+/// project, a harmless `classification` marker.
+fn projected_properties(
+    out: &mut String,
+    parts: &[PartitionCol],
+    location: &str,
+    tail: &str,
+    classification: &str,
+) {
     if parts.is_empty() {
-        // Nothing to project; close the property list with a harmless marker.
-        out.push_str("  'classification' = 'cloudtrail'\n);\n");
-        return Ok(out);
+        let _ = writeln!(out, "  'classification' = '{classification}'\n);");
+        return;
     }
     out.push_str("  'projection.enabled' = 'true',\n");
-    for p in &parts {
-        projection(&mut out, p);
+    for p in parts {
+        projection(out, p);
     }
     let _ = writeln!(
         out,
         "  'storage.location.template' = '{location}{tail}'\n);"
     );
-    Ok(out)
 }
 
 fn output_location(cfg: &Config) -> String {
@@ -293,12 +294,7 @@ fn ocsf_ddl(cfg: &Config, table: &str) -> Result<String, DdlError> {
         }
         return Ok(out);
     }
-    let template =
-        KeyTemplate::parse(&cfg.output.key_template).map_err(|e| ConfigError::Invalid {
-            key: "output.key_template",
-            message: e.to_string(),
-        })?;
-    let (parts, tail) = partitions(&template)?;
+    let (parts, tail) = template_partitions(cfg)?;
     let parquet = cfg.output.format == Format::Parquet;
     let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
     create(&mut out, table, &ocsf_columns(None, parquet), &names);
@@ -309,18 +305,7 @@ fn ocsf_ddl(cfg: &Config, table: &str) -> Result<String, DdlError> {
     });
     let _ = writeln!(out, "LOCATION '{location}'");
     out.push_str("TBLPROPERTIES (\n");
-    if parts.is_empty() {
-        out.push_str("  'classification' = 'ocsf'\n);\n");
-        return Ok(out);
-    }
-    out.push_str("  'projection.enabled' = 'true',\n");
-    for p in &parts {
-        projection(&mut out, p);
-    }
-    let _ = writeln!(
-        out,
-        "  'storage.location.template' = '{location}{tail}'\n);"
-    );
+    projected_properties(&mut out, &parts, &location, &tail, "ocsf");
     Ok(out)
 }
 
