@@ -555,6 +555,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             let spec = ModuleSpec {
                 name,
                 path: module,
+                region: None,
+                endpoint_url: None,
+                force_path_style: false,
                 config,
                 tables: granted,
                 limits: Limits {
