@@ -1446,7 +1446,7 @@ async fn a_module_on_s3_is_fetched_followed_by_its_etag_and_a_bad_version_keeps_
     assert_eq!(written(&out, 6).await.len(), 6, "file b, priority-rules");
 
     put_module(b"not a component".to_vec()).await;
-    wait_for("failed", "failed").await;
+    wait_for("failed", "error").await;
     send_file(&s3, &sqs, &queue, "c").await;
     let events = written(&out, 9).await;
     let _ = std::process::Command::new("kill")
