@@ -187,4 +187,23 @@ mod tests {
         assert!(flag(r#"{"ge\u006f":1}"#));
         assert!(!flag(r#"{"event\u0049D":"a"}"#));
     }
+
+    /// The pipeline parses an event a second time (`enrich::members`) only when it is flagged:
+    /// an event with every CloudTrail field, as CloudTrail writes them, is not.
+    #[test]
+    fn a_plain_cloudtrail_event_is_not_flagged_so_it_skips_the_second_parse() {
+        use crate::cloudtrail::fields::CLOUDTRAIL_FIELDS;
+        let members: Vec<String> = CLOUDTRAIL_FIELDS
+            .iter()
+            .map(|f| format!("\"{f}\":{{\"geo\":1,\"detections\":[]}}"))
+            .collect();
+        let plain = format!("{{{}}}", members.join(","));
+        let head = head_of(plain.as_bytes()).unwrap();
+        assert!(!head.other_members, "{plain}");
+        // One member trailhose writes, in any case, flags it.
+        for owned in ["geo", "detections", "TrailhoseArrivalTime", "account"] {
+            let ev = format!("{{{},\"{owned}\":1}}", members.join(","));
+            assert!(head_of(ev.as_bytes()).unwrap().other_members, "{owned}");
+        }
+    }
 }

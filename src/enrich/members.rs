@@ -4,7 +4,8 @@
 //! member is removed and counted, and the fresh one, if any, is spliced in. Leaving the old member
 //! would write the key twice, which Athena's JSON reader and other strict readers refuse; keeping
 //! it instead of the fresh value would let stale (or forged) `account.env` or `geo` values pass
-//! as the current table's answer.
+//! as the current table's answer. The pipeline owns `detections` and `trailhoseArrivalTime` the
+//! same way, when it may write them (`pipeline::Owners`).
 //!
 //! The splitter flags events with a top-level member that is not a CloudTrail field
 //! (`Head::other_members`); only those are parsed again here, so CloudTrail's own events cost

@@ -18,6 +18,8 @@
 //! - `log_echo`: logs each event and counts it, then fails it (a `failed` outcome)
 //! - `refuse`: refuses its config in `init`
 //! - `panic_after`: panics on the batch after `n` events were seen (to test rebuilds)
+//! - `lookup_loop`: looks a key of `key_len` bytes up in table `table`, `lookups` times per
+//!   batch, then keeps every event (the host charges each lookup to the module's fuel)
 
 use std::cell::RefCell;
 
@@ -129,6 +131,15 @@ impl Guest for Hostile {
                 });
                 if seen > limit {
                     panic!("panicking after {limit} events");
+                }
+                events.iter().map(|_| Outcome::Keep).collect()
+            }
+            "lookup_loop" => {
+                let number = |k: &str| config.get(k).and_then(|n| n.parse().ok()).unwrap_or(0);
+                let key = "K".repeat(number("key_len"));
+                let table = config.get("table").unwrap_or("t");
+                for _ in 0..number("lookups") {
+                    std::hint::black_box(trailhose_transform::lookup(table, &key));
                 }
                 events.iter().map(|_| Outcome::Keep).collect()
             }
