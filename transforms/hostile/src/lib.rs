@@ -20,6 +20,7 @@
 //! - `panic_after`: panics on the batch after `n` events were seen (to test rebuilds)
 //! - `lookup_loop`: looks a key of `key_len` bytes up in table `table`, `lookups` times per
 //!   batch, then keeps every event (the host charges each lookup to the module's fuel)
+//! - `annotate`: adds the member `key` with the JSON text `value` to every event
 
 use std::cell::RefCell;
 
@@ -142,6 +143,16 @@ impl Guest for Hostile {
                     std::hint::black_box(trailhose_transform::lookup(table, &key));
                 }
                 events.iter().map(|_| Outcome::Keep).collect()
+            }
+            "annotate" => {
+                let member = Member {
+                    key: config.get("key").unwrap_or("x").to_owned(),
+                    value: config.get("value").unwrap_or("null").to_owned(),
+                };
+                events
+                    .iter()
+                    .map(|_| Outcome::Annotate(vec![member.clone()]))
+                    .collect()
             }
             "wrong_length" => events.iter().skip(1).map(|_| Outcome::Keep).collect(),
             "huge" => {
