@@ -16,6 +16,8 @@ use std::fmt;
 use serde::de::{self, Deserializer as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::cloudtrail::Key;
+
 /// Writes `raw` (a JSON object) without its top-level members whose (decoded) name `owned`
 /// accepts, into `out`; the other members' bytes are copied as they are. Returns the names
 /// removed, or None (and writes nothing) when there are none.
@@ -87,7 +89,7 @@ impl<'de> Visitor<'de> for Ends<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut ends = Vec::new();
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             let value: &'de RawValue = map.next_value()?;
             let text = value.get();
             // The raw value borrows from `raw`: its end is an offset into it.
