@@ -2,6 +2,7 @@
 //! with timing and fuel, the way the pipeline would run it.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
@@ -48,10 +49,14 @@ pub fn open_tables(
         let mut by_name = BTreeMap::new();
         for kv in args {
             let (name, value) = pair(kv, &format!("{what} ({flag})"))?;
-            if by_name.contains_key(&name) {
-                return Err(bad(format!("{name:?} is given twice ({flag})")));
+            match by_name.entry(name) {
+                Entry::Occupied(e) => {
+                    return Err(bad(format!("{:?} is given twice ({flag})", e.key())));
+                }
+                Entry::Vacant(e) => {
+                    e.insert(value);
+                }
             }
-            by_name.insert(name, value);
         }
         Ok(by_name)
     };
