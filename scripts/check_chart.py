@@ -224,6 +224,13 @@ def check_objects(case, values, docs, binary):
             if e["name"].startswith("AWS_") and "KEY" in e["name"]:
                 fail(case, f"container {c['name']} gets static AWS keys ({e['name']})")
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    if len(volumes) != len(spec.get("volumes", [])):
+        names = [v["name"] for v in spec.get("volumes", [])]
+        fail(case, f"volume names collide: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    for c in spec["containers"] + spec.get("initContainers", []):
+        mounts = [m["name"] for m in c.get("volumeMounts", [])]
+        if len(set(mounts)) != len(mounts):
+            fail(case, f"{c['name']} mounts a volume name twice: {mounts}")
     for c in spec["containers"] + spec.get("initContainers", []):
         for m in c.get("volumeMounts", []):
             if m["name"] not in volumes:

@@ -603,6 +603,86 @@ fn an_event_already_holding_geo_or_a_lookup_field_carries_the_enrichments_value_
     }
 }
 
+/// `detections` and `trailhoseArrivalTime` are trailhose's too: an event's own (any case) is
+/// replaced when trailhose writes one, and removed when it does not, so that a forged
+/// `detections` never passes as a rule's match and no reader sees the key twice.
+#[test]
+fn an_event_already_holding_detections_or_an_arrival_time_carries_trailhoses_once() {
+    let tmp = TempDir::new("tables-owned-detect");
+    let rules = tmp.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("delete_trail.yml"),
+        "title: Trail deleted\nid: 0b5e7c1a-2f5d-4c8e-9f00-00000000d001\nstatus: test\n\
+         logsource:\n    product: aws\n    service: cloudtrail\n\
+         detection:\n    selection:\n        eventName: DeleteTrail\n    condition: selection\n\
+         level: high\n",
+    )
+    .unwrap();
+    let config = tmp.path().join("detect.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[detect]\nrules = [{:?}]\nannotate = true\n",
+            rules.display().to_string()
+        ),
+    )
+    .unwrap();
+    let input = tmp.path().join("in");
+    let timed = "\"eventTime\":\"2024-03-18T10:00:00Z\"";
+    let forged = r#"[{"id":"forged","title":"Forged","level":"critical"}]"#;
+    let events = [
+        // Matched: trailhose's annotation replaces both forged ones.
+        format!(
+            "{{\"detections\":{forged},{timed},\"eventID\":\"d1\",\"eventName\":\"DeleteTrail\",\"DETECTIONS\":1}}"
+        ),
+        // Not matched: the forged annotation must not pass as one.
+        format!("{{{timed},\"eventID\":\"d2\",\"eventName\":\"GetObject\",\"detections\":{forged}}}"),
+        // Untimed, so partitioned by arrival: trailhose's arrival time replaces the event's.
+        r#"{"trailhoseArrivalTime":"1999-01-01T00:00:00Z","eventID":"d3","TrailhoseArrivalTime":2}"#
+            .to_owned(),
+        // Timed: it is not partitioned by arrival, and a stale arrival time is not kept either.
+        format!("{{{timed},\"eventID\":\"d4\",\"trailhoseArrivalTime\":\"1999-01-01T00:00:00Z\"}}"),
+        // Plain: untouched.
+        format!("{{{timed},\"eventID\":\"d5\",\"eventName\":\"GetObject\"}}"),
+    ];
+    delivery(&input, "one", &events);
+    let out = tmp.path().join("out");
+    let metrics = tmp.path().join("metrics.txt");
+    let run = process(&input, &out, &config, &metrics);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let written = split_output(&local_objects(&out)).events;
+    let lines: Vec<String> = written.iter().map(|(_, l)| l.clone()).collect();
+    assert_no_duplicate_keys(&lines, tmp.path());
+    let got = by_id(&written);
+    let hit = r#""detections":[{"id":"0b5e7c1a-2f5d-4c8e-9f00-00000000d001","title":"Trail deleted","level":"high"}]"#;
+    assert_eq!(
+        got["d1"],
+        format!("{{{timed},\"eventID\":\"d1\",\"eventName\":\"DeleteTrail\",{hit}}}")
+    );
+    assert_eq!(
+        got["d2"],
+        format!("{{{timed},\"eventID\":\"d2\",\"eventName\":\"GetObject\"}}")
+    );
+    let d3: Value = serde_json::from_str(&got["d3"]).unwrap();
+    let arrival = d3["trailhoseArrivalTime"].as_str().unwrap();
+    assert!(arrival.starts_with("20") && arrival.ends_with('Z'), "{d3}");
+    assert_eq!(d3.as_object().unwrap().len(), 2, "{d3}");
+    assert_eq!(got["d4"], format!("{{{timed},\"eventID\":\"d4\"}}"));
+    assert_eq!(got["d5"], events[4]);
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    for line in [
+        r#"trailhose_enrich_replaced_members_total{field="detections"} 3"#,
+        r#"trailhose_enrich_replaced_members_total{field="trailhoseArrivalTime"} 3"#,
+    ] {
+        assert!(m.contains(line), "{line} in:\n{m}");
+    }
+}
+
 /// A module built by scripts/build-transforms.sh.
 fn module(file: &str) -> std::path::PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -1101,6 +1101,165 @@ fn a_log_line_longer_than_max_output_bytes_fails_the_batch() {
     assert!(r.events.is_empty(), "{:?}", r.events);
     assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
     assert_eq!(r.errors[0]["reason"], "output_too_large", "{}", r.errors[0]);
+    let detail = r.errors[0]["detail"].as_str().unwrap();
+    assert!(detail.contains("passed a host call more than"), "{detail}");
+}
+
+/// A module's output that holds `detections` (in any case) loses it when rules annotate:
+/// trailhose's annotation is the only one, and an event no rule matched carries none.
+#[test]
+fn a_module_writing_detections_does_not_leave_it_beside_trailhoses() {
+    let tmp = TempDir::new("transform-detections");
+    let rules = tmp.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("e1.yml"),
+        "title: The first event\nid: 0b5e7c1a-2f5d-4c8e-9f00-00000000e001\nstatus: test\n\
+         logsource:\n    product: aws\n    service: cloudtrail\n\
+         detection:\n    selection:\n        eventID: e1\n    condition: selection\n\
+         level: low\n",
+    )
+    .unwrap();
+    let opts = Opts {
+        tail: format!(
+            "[detect]\nrules = [{:?}]\nannotate = true\n",
+            rules.display().to_string()
+        ),
+        ..Opts::default()
+    };
+    let doc = serde_json::to_vec(&json!({ "Records": events() })).unwrap();
+    let config = [
+        ("mode", "annotate"),
+        ("key", "Detections"),
+        ("value", r#"[{"id":"forged"}]"#),
+    ];
+    let md = Mod {
+        name: "forger",
+        file: "hostile",
+        config: &config,
+        extra: "",
+    };
+    let r = run_with(&doc, &[md], 256, &opts);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.events.len(), 6, "{:?} {}", r.errors, r.stderr);
+    for (_, line) in &r.lines {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let id = v["eventID"].as_str().unwrap();
+        let named = line.to_ascii_lowercase().matches("\"detections\":").count();
+        if id == "e1" {
+            assert_eq!(named, 1, "{line}");
+            assert_eq!(
+                v["detections"],
+                json!([{"id": "0b5e7c1a-2f5d-4c8e-9f00-00000000e001", "title": "The first event", "level": "low"}]),
+                "{line}"
+            );
+        } else {
+            assert_eq!(named, 0, "{line}");
+        }
+    }
+    let removed = r.metric(&[
+        "trailhose_enrich_replaced_members_total",
+        "field=\"detections\"",
+    ]);
+    assert_eq!(removed, 6.0, "{}", r.metrics);
+}
+
+/// `lookup` is charged to the module's fuel (1 000 per call and 4 per byte of key and result,
+/// as the README says), so a module cannot make the host work past its budget by looping over
+/// lookups; a key over 4 KiB and an unbounded table name are refused with a bounded message.
+#[test]
+fn lookups_are_charged_to_fuel_and_a_key_over_4_kib_or_a_huge_table_name_traps() {
+    let tmp = TempDir::new("transform-lookup-fuel");
+    let table = tmp.path().join("t.csv");
+    std::fs::write(&table, "key,label\nk,v\n").unwrap();
+    let opts = Opts {
+        tail: format!(
+            "[[enrich.tables]]\nname = \"t\"\npath = {:?}\nkey = \"key\"\nmatch = \"case_insensitive\"\n",
+            table.display().to_string()
+        ),
+        ..Opts::default()
+    };
+    let doc = serde_json::to_vec(&json!({ "Records": events() })).unwrap();
+    let looping_with = |key_len: &str, lookups: &str, table: &str, extra: &str| {
+        let config = [
+            ("mode", "lookup_loop"),
+            ("key_len", key_len),
+            ("lookups", lookups),
+            ("table", table),
+        ];
+        let md = Mod {
+            name: "looker",
+            file: "hostile",
+            config: &config,
+            extra,
+        };
+        run_with(&doc, &[md], 256, &opts)
+    };
+    let looping = |key_len: &str, lookups: &str, table: &str| {
+        // A generous time limit: only fuel may stop these, however slow the machine.
+        let extra = "tables = [\"t\"]\nfuel = 5000000\ntimeout_ms = 60000";
+        looping_with(key_len, lookups, table, extra)
+    };
+    let per_lookup = 1_000.0 + 4.0 * 4096.0;
+    // 100 lookups of a 4 KiB key: within the fuel, and every one of them charged.
+    let r = looping("4096", "100", "t");
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.events.len(), 6, "{:?} {}", r.errors, r.stderr);
+    let used = r.metric(&[
+        "trailhose_transform_fuel_consumed_total",
+        "module=\"looker\"",
+    ]);
+    assert!(used >= 100.0 * per_lookup, "fuel used: {used}");
+    // Ten times as many: over the 5 000 000 fuel, though the module's own instructions are not
+    // (about 75 per lookup).
+    let r = looping("4096", "1000", "t");
+    assert!(r.ok, "{}", r.stderr);
+    assert!(r.events.is_empty(), "{:?}", r.events);
+    assert_eq!(r.errors.len(), 6, "{:?}", r.errors);
+    for e in &r.errors {
+        assert_eq!(e["reason"], "fuel_exhausted", "{e}");
+        let detail = e["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("ran out of fuel (fuel = 5000000 per batch)"),
+            "{detail}"
+        );
+    }
+    // A key of 4 KiB + 1 byte traps, naming the limit.
+    let r = looping("4097", "1", "t");
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.errors.len(), 6, "{:?}", r.errors);
+    let detail = r.errors[0]["detail"].as_str().unwrap();
+    assert_eq!(r.errors[0]["reason"], "trap", "{}", r.errors[0]);
+    assert!(
+        detail.contains("lookup: a key of 4097 bytes is over the limit of 4096 bytes"),
+        "{detail}"
+    );
+    // A key past max_output_bytes is stopped as it is copied in, and said to be an argument.
+    let r = looping_with(
+        "200000",
+        "1",
+        "t",
+        "tables = [\"t\"]\nmax_output_bytes = 100000",
+    );
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.errors.len(), 6, "{:?}", r.errors);
+    assert_eq!(r.errors[0]["reason"], "output_too_large", "{}", r.errors[0]);
+    let detail = r.errors[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("passed a host call more than max_output_bytes = 100000"),
+        "{detail}"
+    );
+    // A table name of 100 000 bytes is quoted cut, not whole.
+    let long = "n".repeat(100_000);
+    let r = looping("1", "1", &long);
+    assert!(r.ok, "{}", r.stderr);
+    assert_eq!(r.errors.len(), 6, "{:?}", r.errors);
+    let detail = r.errors[0]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("is not granted to this module") && detail.contains("(100000 bytes)"),
+        "{detail}"
+    );
+    assert!(detail.len() < 1000, "{} bytes", detail.len());
 }
 
 #[test]

@@ -84,7 +84,7 @@ impl<'de> Visitor<'de> for HeadVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Head<'de>, A::Error> {
         let mut head = Head::default();
         // Duplicate keys are valid JSON: the last one wins, as in most readers.
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             if key == "readOnly" {
                 head.read_only = match map.next_value::<Lenient<'de>>()? {
                     Lenient::Bool(b) => Some(b),
@@ -108,6 +108,35 @@ impl<'de> Visitor<'de> for HeadVisitor {
             }
         }
         Ok(head)
+    }
+}
+
+/// An object key, borrowed from the event unless it holds escapes. (Serde's own `Cow<str>`
+/// always allocates: that would be a `String` per key of every event.)
+pub struct Key<'a>(pub Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl<'de> Visitor<'de> for KeyVisitor {
+    type Value = Key<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Key(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Key(Cow::Owned(v.to_owned())))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Key(Cow::Owned(v)))
     }
 }
 
@@ -186,5 +215,35 @@ mod tests {
         // An escaped key is compared decoded, as readers see it.
         assert!(flag(r#"{"ge\u006f":1}"#));
         assert!(!flag(r#"{"event\u0049D":"a"}"#));
+    }
+
+    #[test]
+    fn keys_are_borrowed_unless_they_hold_escapes() {
+        let key = |text: &'static str| serde_json::from_str::<Key<'_>>(text).unwrap().0;
+        assert!(matches!(key(r#""eventID""#), Cow::Borrowed("eventID")));
+        let escaped = key(r#""event\u0049D""#);
+        assert!(
+            matches!(&escaped, Cow::Owned(k) if k == "eventID"),
+            "{escaped:?}"
+        );
+    }
+
+    /// The pipeline parses an event a second time (`enrich::members`) only when it is flagged:
+    /// an event with every CloudTrail field, as CloudTrail writes them, is not.
+    #[test]
+    fn a_plain_cloudtrail_event_is_not_flagged_so_it_skips_the_second_parse() {
+        use crate::cloudtrail::fields::CLOUDTRAIL_FIELDS;
+        let members: Vec<String> = CLOUDTRAIL_FIELDS
+            .iter()
+            .map(|f| format!("\"{f}\":{{\"geo\":1,\"detections\":[]}}"))
+            .collect();
+        let plain = format!("{{{}}}", members.join(","));
+        let head = head_of(plain.as_bytes()).unwrap();
+        assert!(!head.other_members, "{plain}");
+        // One member trailhose writes, in any case, flags it.
+        for owned in ["geo", "detections", "TrailhoseArrivalTime", "account"] {
+            let ev = format!("{{{},\"{owned}\":1}}", members.join(","));
+            assert!(head_of(ev.as_bytes()).unwrap().other_members, "{owned}");
+        }
     }
 }

@@ -16,7 +16,7 @@ mod window;
 use std::fmt;
 use std::io::Read;
 
-pub use head::{Head, head_of};
+pub use head::{Head, Key, head_of};
 pub use window::read_error;
 
 use splitter::Splitter;

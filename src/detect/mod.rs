@@ -185,6 +185,11 @@ impl Detect {
         self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Whether matched events get a `"detections"` member (which trailhose then owns).
+    pub fn annotates(&self) -> bool {
+        self.annotate
+    }
+
     /// Evaluates one event, queues its alerts, and returns the `"detections"` fragment to
     /// splice into it when `annotate` is on and a rule matched.
     pub fn inspect(&self, seen: &Seen<'_>) -> Option<Vec<u8>> {

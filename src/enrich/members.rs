@@ -4,7 +4,8 @@
 //! member is removed and counted, and the fresh one, if any, is spliced in. Leaving the old member
 //! would write the key twice, which Athena's JSON reader and other strict readers refuse; keeping
 //! it instead of the fresh value would let stale (or forged) `account.env` or `geo` values pass
-//! as the current table's answer.
+//! as the current table's answer. The pipeline owns `detections` and `trailhoseArrivalTime` the
+//! same way, when it may write them (`pipeline::Owners`).
 //!
 //! The splitter flags events with a top-level member that is not a CloudTrail field
 //! (`Head::other_members`); only those are parsed again here, so CloudTrail's own events cost
@@ -14,6 +15,8 @@ use std::fmt;
 
 use serde::de::{self, Deserializer as _, MapAccess, Visitor};
 use serde_json::value::RawValue;
+
+use crate::cloudtrail::Key;
 
 /// Writes `raw` (a JSON object) without its top-level members whose (decoded) name `owned`
 /// accepts, into `out`; the other members' bytes are copied as they are. Returns the names
@@ -86,7 +89,7 @@ impl<'de> Visitor<'de> for Ends<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut ends = Vec::new();
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             let value: &'de RawValue = map.next_value()?;
             let text = value.get();
             // The raw value borrows from `raw`: its end is an offset into it.

@@ -58,7 +58,7 @@ pub static TABLES: LazyLock<TableMetrics> = LazyLock::new(|| {
         replaced: counter_vec(
             r,
             "trailhose_enrich_replaced_members_total",
-            "Top-level members an event already held under a name an enrichment writes (geo, a lookup's field): removed, so that the event carries the enrichment's value once.",
+            "Top-level members an event already held under a name trailhose writes (geo, a lookup's field, detections, trailhoseArrivalTime): removed, so that the event carries trailhose's value once.",
             &["field"],
         ),
     }

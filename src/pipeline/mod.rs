@@ -445,7 +445,12 @@ impl FileWorker {
             retry: false,
             detect: self.detect.as_deref(),
             source,
+            stripped: Vec::new(),
         };
+        // Members trailhose writes later on (see `replace_owned`): stripped at the split too, so
+        // that an event is parsed again at most once, and rules never see a forged annotation.
+        let annotates = self.detect.as_deref().is_some_and(Detect::annotates);
+        let by_arrival = self.partitioner.may_route_by_arrival();
         let (geo, stage, lookups) = (&mut self.geo, &mut self.stage, &mut self.lookups);
         let raw_policy = &self.raw;
         // The raw rest of a file comes in pieces: one scrubber runs over all of them.
@@ -453,16 +458,27 @@ impl FileWorker {
         let mut next_index = 0u64;
         let mut stripped = Vec::new();
         let report = cloudtrail::split_limited(decoded, self.limits, |item| match item {
-            Item::Event { raw, head } => {
+            Item::Event { raw, mut head } => {
                 let index = next_index;
                 next_index += 1;
                 if route.duplicate(&head) {
                     return;
                 }
-                // An event that may already hold `geo` or a lookup's field loses it: the
-                // enrichment's value replaces it (see `enrich::members`).
-                let raw = match head.other_members && (geo.is_some() || lookups.is_some()) {
-                    true => replace_owned(raw, geo.is_some(), lookups.as_ref(), &mut stripped),
+                // An event that may already hold `geo`, a lookup's field, `detections` or
+                // `trailhoseArrivalTime` loses it: trailhose's value replaces it (see
+                // `enrich::members`).
+                let owners = Owners {
+                    geo: geo.is_some(),
+                    lookups: lookups.as_ref(),
+                    detections: annotates,
+                    arrival: by_arrival,
+                };
+                let raw = match head.other_members && owners.any() {
+                    true => {
+                        // None of them is left: `Route::event` need not look again.
+                        head.other_members = false;
+                        replace_owned(raw, owners, &mut stripped)
+                    }
                     false => raw,
                 };
                 let fragment = geo
@@ -836,6 +852,8 @@ struct Route<'w> {
     detect: Option<&'w Detect>,
     /// The file being processed.
     source: &'w str,
+    /// An event without the members trailhose is about to write (`Route::event`).
+    stripped: Vec<u8>,
 }
 
 impl Route<'_> {
@@ -871,6 +889,22 @@ impl Route<'_> {
         if let Some(t) = routed.time {
             self.lag.observe((self.now - t.to_unix()) as f64);
         }
+        // A module's output may hold `detections` or `trailhoseArrivalTime`, which trailhose
+        // writes below: its own goes first (events from the split had theirs removed there).
+        let annotates = self.detect.is_some_and(Detect::annotates);
+        let mut stripped = std::mem::take(&mut self.stripped);
+        let raw = match head.other_members && (annotates || routed.arrival) {
+            true => {
+                let owners = Owners {
+                    geo: false,
+                    lookups: None,
+                    detections: annotates,
+                    arrival: routed.arrival,
+                };
+                replace_owned(raw, owners, &mut stripped)
+            }
+            false => raw,
+        };
         // Detections see the event as written, before the annotations they add.
         let detections = self.detect.and_then(|d| {
             d.inspect(&Seen {
@@ -907,6 +941,7 @@ impl Route<'_> {
             },
             out,
         );
+        self.stripped = stripped;
     }
 
     /// Buffers an error record for one element of the file being split.
@@ -937,27 +972,43 @@ impl Route<'_> {
     }
 }
 
-/// `raw` without the top-level members the enrichments write (`geo` when `geo`, the lookups'
-/// fields), copied into `stripped`; `raw` itself when it has none. Each removal is counted.
-fn replace_owned<'r>(
-    raw: &'r [u8],
+/// The top-level members trailhose writes into an event: `geo` (with a GeoIP stage), each
+/// lookup's field, `detections` (when rules annotate) and `trailhoseArrivalTime` (when events
+/// may be partitioned by arrival). An event's own member of such a name is trailhose's to
+/// replace, whether or not trailhose writes one into this event: leaving it would write the key
+/// twice, or pass a forged (or stale) value off as trailhose's.
+#[derive(Clone, Copy)]
+struct Owners<'a> {
     geo: bool,
-    lookups: Option<&LookupStage>,
-    stripped: &'r mut Vec<u8>,
-) -> &'r [u8] {
-    // Names match ignoring ASCII case (readers fold it); the metric carries the owned name, so
-    // its label set stays the configured one whatever case the input used.
-    let owner = |k: &str| -> Option<&str> {
-        if geo && k.eq_ignore_ascii_case("geo") {
-            Some("geo")
-        } else {
-            lookups.and_then(|l| l.added_as(k))
-        }
-    };
-    match members::without_owned(raw, |k| owner(k).is_some(), stripped) {
+    lookups: Option<&'a LookupStage>,
+    detections: bool,
+    arrival: bool,
+}
+
+impl Owners<'_> {
+    fn any(&self) -> bool {
+        self.geo || self.lookups.is_some() || self.detections || self.arrival
+    }
+
+    /// The owned name `key` is, ignoring ASCII case (readers fold it); the metric carries the
+    /// owned name, so its label set stays the configured one whatever case the input used.
+    fn owner(&self, key: &str) -> Option<&str> {
+        let named =
+            |on: bool, name: &'static str| (on && key.eq_ignore_ascii_case(name)).then_some(name);
+        named(self.geo, "geo")
+            .or_else(|| named(self.detections, "detections"))
+            .or_else(|| named(self.arrival, crate::sink::partition::ARRIVAL_FIELD))
+            .or_else(|| self.lookups.and_then(|l| l.added_as(key)))
+    }
+}
+
+/// `raw` without the top-level members `owners` names, copied into `stripped`; `raw` itself
+/// when it has none. Each removal is counted.
+fn replace_owned<'r>(raw: &'r [u8], owners: Owners<'_>, stripped: &'r mut Vec<u8>) -> &'r [u8] {
+    match members::without_owned(raw, |k| owners.owner(k).is_some(), stripped) {
         Some(removed) => {
             for name in &removed {
-                if let Some(field) = owner(name) {
+                if let Some(field) = owners.owner(name) {
                     metrics::emit(MemberReplaced { field });
                 }
             }

@@ -243,6 +243,11 @@ impl Partitioner {
         self
     }
 
+    /// Whether an event may be partitioned by its arrival time (and so get `ARRIVAL_FIELD`).
+    pub fn may_route_by_arrival(&self) -> bool {
+        self.uses_time && self.fallback.is_none()
+    }
+
     /// Writes the event's partition into `out` (cleared first) and returns how it was routed.
     /// `arrival` is when the event reached trailhose: the time used when its own is unusable.
     pub fn key_for(&self, head: &Head<'_>, arrival: Utc, out: &mut String) -> Routed {

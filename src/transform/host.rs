@@ -57,6 +57,17 @@ use bindings::{Transform, TransformPre};
 /// How often the engine's epoch advances: the granularity of the per-call time limit.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// Bytes of one `lookup` key; a longer key traps (a table's keys are IDs, names, addresses).
+pub const MAX_LOOKUP_KEY_BYTES: usize = 4096;
+/// Fuel each `lookup` costs, besides what the module's own instructions cost: the host's work
+/// (lower-casing, hashing, a prefix search, decoding an mmdb record) is charged as this much per
+/// call plus [`LOOKUP_FUEL_PER_BYTE`] per byte of key and of result, so that a module cannot
+/// make the host work past its fuel by looping over lookups.
+pub const LOOKUP_FUEL_PER_CALL: u64 = 1_000;
+pub const LOOKUP_FUEL_PER_BYTE: u64 = 4;
+/// Bytes of a table name quoted in a trap message.
+const TABLE_NAME_SHOWN: usize = 64;
+
 /// Guest log lines accepted per call; more are counted but not logged, so a chatty module
 /// cannot flood the logs.
 const LOGS_PER_CALL: u32 = 20;
@@ -135,7 +146,7 @@ impl Prepared {
     pub fn new(engine: &Engine, component: &Component) -> wasmtime::Result<Prepared> {
         let mut linker = Linker::<State>::new(engine);
         link_wasi(&mut linker)?;
-        Transform::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+        link_host(&mut linker)?;
         v0_1::trailhose::transform::host::add_to_linker::<State, HasSelf<State>>(
             &mut linker,
             |s| s,
@@ -144,6 +155,25 @@ impl Prepared {
         let pre = TransformPre::new(linker.instantiate_pre(component)?)?;
         Ok(Prepared { pre })
     }
+}
+
+/// The 0.2.0 host interface, linked by hand rather than by the generated `add_to_linker`:
+/// `lookup` charges fuel, which needs the store, not only its data.
+fn link_host(l: &mut Linker<State>) -> wasmtime::Result<()> {
+    use bindings::trailhose::transform::host::Host;
+    let mut host = l.instance("trailhose:transform/host@0.2.0")?;
+    host.func_wrap("log", |mut store, (level, message): (Level, String)| {
+        Host::log(store.data_mut(), level, message);
+        Ok(())
+    })?;
+    host.func_wrap("count", |mut store, (name, delta): (String, u64)| {
+        Host::count(store.data_mut(), name, delta);
+        Ok(())
+    })?;
+    host.func_wrap("lookup", |mut store, (table, key): (String, String)| {
+        charged_lookup(&mut store, &table, &key).map(|found| (found,))
+    })?;
+    Ok(())
 }
 
 /// The WASI interfaces a transform gets: what Rust std and CPython import to start, with nothing
@@ -405,24 +435,91 @@ impl bindings::trailhose::transform::host::Host for State {
         });
     }
 
+    /// Linked in its place is [`charged_lookup`] (see [`link_host`]); this one, which the
+    /// generated trait requires, charges nothing.
     fn lookup(
         &mut self,
         table: String,
         key: String,
     ) -> wasmtime::Result<Option<Vec<(String, String)>>> {
-        if !self.grants.contains(&table) {
+        self.lookup_in(&table, &key)
+    }
+}
+
+impl State {
+    /// `lookup` for the module: a table it is granted, a key within [`MAX_LOOKUP_KEY_BYTES`].
+    fn lookup_in(&self, table: &str, key: &str) -> wasmtime::Result<Option<Vec<(String, String)>>> {
+        if !self.grants.iter().any(|g| g == table) {
             return Err(wasmtime::format_err!(
-                "lookup: table {table:?} is not granted to this module (list it in the \
+                "lookup: table {:?} is not granted to this module (list it in the \
                  module's `tables`; granted: {})",
+                clipped(table, TABLE_NAME_SHOWN),
                 self.grants.join(", ")
+            ));
+        }
+        if key.len() > MAX_LOOKUP_KEY_BYTES {
+            return Err(wasmtime::format_err!(
+                "lookup: a key of {} bytes is over the limit of {MAX_LOOKUP_KEY_BYTES} bytes",
+                key.len()
             ));
         }
         Ok(self
             .tables
             .as_ref()
-            .and_then(|t| t.table(&table))
-            .and_then(|t| t.pairs(&key)))
+            .and_then(|t| t.table(table))
+            .and_then(|t| t.pairs(key)))
     }
+}
+
+/// The `lookup` import: [`State::lookup_in`], charged to the module's fuel (the key before the
+/// search, the result after it). Running out traps as fuel does.
+fn charged_lookup(
+    store: &mut wasmtime::StoreContextMut<'_, State>,
+    table: &str,
+    key: &str,
+) -> wasmtime::Result<Option<Vec<(String, String)>>> {
+    let bytes = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    let key_cost =
+        LOOKUP_FUEL_PER_BYTE.saturating_mul(bytes(key.len().min(MAX_LOOKUP_KEY_BYTES + 1)));
+    charge(store, LOOKUP_FUEL_PER_CALL.saturating_add(key_cost))?;
+    let found = store.data().lookup_in(table, key)?;
+    if let Some(pairs) = &found {
+        let size: usize = pairs.iter().map(|(k, v)| k.len() + v.len()).sum();
+        charge(store, LOOKUP_FUEL_PER_BYTE.saturating_mul(bytes(size)))?;
+    }
+    Ok(found)
+}
+
+/// Takes `fuel` from the store's; when less is left, none is, and the call traps out of fuel.
+/// Nothing to take when the engine does not meter fuel.
+fn charge(store: &mut wasmtime::StoreContextMut<'_, State>, fuel: u64) -> wasmtime::Result<()> {
+    let Ok(left) = store.get_fuel() else {
+        return Ok(());
+    };
+    match left.checked_sub(fuel) {
+        Some(rest) => store.set_fuel(rest),
+        None => {
+            store.set_fuel(0)?;
+            Err(Trap::OutOfFuel.into())
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes (at a character boundary), marked when cut.
+fn clipped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}… ({} bytes)",
+        text.get(..end).unwrap_or_default(),
+        text.len()
+    )
+    .into()
 }
 
 /// 0.1.0's host interface: the same `log` and `count`.
@@ -682,6 +779,7 @@ fn classify(store: &Store<State>, limits: &Limits, e: &wasmtime::Error, during: 
         Some(Trap::Interrupt) => FailReason::Timeout,
         _ if e.downcast_ref::<LimitReached>().is_some() => FailReason::MemoryLimit,
         // Wasmtime's copy budget (set from max_output_bytes) ran out while lifting the result.
+        // So did an import's argument (a log line, a lookup key) while the module ran.
         _ if message.contains("fuel allocated for hostcalls has been exhausted") => {
             FailReason::OutputTooLarge
         }
@@ -709,6 +807,15 @@ fn classify(store: &Store<State>, limits: &Limits, e: &wasmtime::Error, during: 
                 limits.max_memory_bytes >> 20
             ),
         },
+        // With a wasm backtrace, the module was still running: it was an import's argument.
+        FailReason::OutputTooLarge if e.downcast_ref::<wasmtime::WasmBacktrace>().is_some() => {
+            format!(
+                "{during} passed a host call more than max_output_bytes = {} (a log line, a \
+                 counter name, or a lookup's table or key; a lookup key may be at most \
+                 {MAX_LOOKUP_KEY_BYTES} bytes)",
+                limits.max_output_bytes
+            )
+        }
         FailReason::OutputTooLarge => format!(
             "{during} returned more than max_output_bytes = {} (the copy out of the module stopped there)",
             limits.max_output_bytes

@@ -2,6 +2,7 @@
 //! with timing and fuel, the way the pipeline would run it.
 
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
@@ -43,14 +44,25 @@ pub fn open_tables(
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .ok_or_else(|| bad(format!("{kv:?} is not {what}")))
     };
-    let keys = keys
-        .iter()
-        .map(|kv| pair(kv, "NAME=COLUMN (--table-key)"))
-        .collect::<Result<BTreeMap<_, _>, _>>()?;
-    let matches = matches
-        .iter()
-        .map(|kv| pair(kv, "NAME=KIND (--table-match)"))
-        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    // A name given twice is refused: which of the two would be meant is a guess.
+    let unique = |args: &[String], flag: &str, what: &str| {
+        let mut by_name = BTreeMap::new();
+        for kv in args {
+            let (name, value) = pair(kv, &format!("{what} ({flag})"))?;
+            match by_name.entry(name) {
+                Entry::Occupied(e) => {
+                    return Err(bad(format!("{:?} is given twice ({flag})", e.key())));
+                }
+                Entry::Vacant(e) => {
+                    e.insert(value);
+                }
+            }
+        }
+        Ok(by_name)
+    };
+    unique(tables, "--table", "NAME=PATH")?;
+    let keys = unique(keys, "--table-key", "NAME=COLUMN")?;
+    let matches = unique(matches, "--table-match", "NAME=KIND")?;
     if let Some(n) = keys.keys().chain(matches.keys()).find(|n| {
         !tables
             .iter()
@@ -286,4 +298,31 @@ pub fn run(
         reports,
         events: events.len(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_given_twice_is_refused_naming_it() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let refused =
+            |t: &[&str], k: &[&str], m: &[&str]| match open_tables(&args(t), &args(k), &args(m)) {
+                Err(e) => e.to_string(),
+                Ok(_) => panic!("accepted {t:?} {k:?} {m:?}"),
+            };
+        assert_eq!(
+            refused(&["t=a.csv", "u=b.csv", "t=c.csv"], &[], &[]),
+            "--table: \"t\" is given twice (--table)"
+        );
+        assert_eq!(
+            refused(&["t=a.csv"], &["t=k", "t=j"], &[]),
+            "--table: \"t\" is given twice (--table-key)"
+        );
+        assert_eq!(
+            refused(&["t=a.csv"], &[], &["t=cidr", "t=exact"]),
+            "--table: \"t\" is given twice (--table-match)"
+        );
+    }
 }

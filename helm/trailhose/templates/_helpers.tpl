@@ -210,3 +210,17 @@ come before its sub-tables, as TOML requires.
 # Rendered by the trailhose Helm chart from its values; edit the values, not this file.
 {{- include "trailhose.toml" (dict "prefix" "" "table" (include "trailhose.configDict" . | fromJson)) }}
 {{- end }}
+
+{{/*
+The volume of a table's or a module's ConfigMap: `<prefix>-<name>` while that is a DNS label
+(63 characters at most); a longer one is cut and ends in a hash of the whole name, so that two
+long names sharing their first characters do not get the same volume.
+*/}}
+{{- define "trailhose.volumeName" -}}
+{{- $full := printf "%s-%s" .prefix .name -}}
+{{- if le (len $full) 63 -}}
+{{- $full -}}
+{{- else -}}
+{{- printf "%s-%s" ($full | trunc 54 | trimSuffix "-") (.name | sha256sum | trunc 8) -}}
+{{- end -}}
+{{- end -}}

@@ -100,9 +100,11 @@ impl<'de> Visitor<'de> for Member<'_> {
         f.write_str("a JSON object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        // Of duplicate keys the last wins, as in `Head` (and most readers): the lookup keys on
+        // the value the routing fields and the rules see.
         let mut found = None;
         while let Some(is_it) = map.next_key_seed(KeyIs(self.0))? {
-            if is_it && found.is_none() {
+            if is_it {
                 found = Some(map.next_value::<&'de RawValue>()?);
             } else {
                 map.next_value::<IgnoredAny>()?;
@@ -467,6 +469,23 @@ mod tests {
             e.contains("\"owner\"") && e.contains("accounts.csv") && e.contains("id, name"),
             "{e}"
         );
+    }
+
+    /// Of duplicate keys the last is read, as `Head` reads a routing field: a dotted `from` and
+    /// a head field agree on which value the event has.
+    #[test]
+    fn duplicate_keys_are_read_last_wins_like_the_head() {
+        let raw = r#"{"sourceIPAddress":"10.0.0.1","a":{"b":"first"},"a":{"b":"mid","b":"last"},"sourceIPAddress":"10.0.0.2"}"#;
+        let p = |s: &str| {
+            path_value(
+                raw.as_bytes(),
+                &s.split('.').map(str::to_owned).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(p("a.b").as_deref(), Some("last"));
+        assert_eq!(p("sourceIPAddress").as_deref(), Some("10.0.0.2"));
+        let head = head_of(raw.as_bytes()).unwrap();
+        assert_eq!(head.source_ip.as_deref(), p("sourceIPAddress").as_deref());
     }
 
     #[test]

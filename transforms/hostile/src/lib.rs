@@ -18,6 +18,9 @@
 //! - `log_echo`: logs each event and counts it, then fails it (a `failed` outcome)
 //! - `refuse`: refuses its config in `init`
 //! - `panic_after`: panics on the batch after `n` events were seen (to test rebuilds)
+//! - `lookup_loop`: looks a key of `key_len` bytes up in table `table`, `lookups` times per
+//!   batch, then keeps every event (the host charges each lookup to the module's fuel)
+//! - `annotate`: adds the member `key` with the JSON text `value` to every event
 
 use std::cell::RefCell;
 
@@ -131,6 +134,25 @@ impl Guest for Hostile {
                     panic!("panicking after {limit} events");
                 }
                 events.iter().map(|_| Outcome::Keep).collect()
+            }
+            "lookup_loop" => {
+                let number = |k: &str| config.get(k).and_then(|n| n.parse().ok()).unwrap_or(0);
+                let key = "K".repeat(number("key_len"));
+                let table = config.get("table").unwrap_or("t");
+                for _ in 0..number("lookups") {
+                    std::hint::black_box(trailhose_transform::lookup(table, &key));
+                }
+                events.iter().map(|_| Outcome::Keep).collect()
+            }
+            "annotate" => {
+                let member = Member {
+                    key: config.get("key").unwrap_or("x").to_owned(),
+                    value: config.get("value").unwrap_or("null").to_owned(),
+                };
+                events
+                    .iter()
+                    .map(|_| Outcome::Annotate(vec![member.clone()]))
+                    .collect()
             }
             "wrong_length" => events.iter().skip(1).map(|_| Outcome::Keep).collect(),
             "huge" => {

@@ -194,7 +194,8 @@ impl Row {
 /// in the table. The table must be listed in the module's `tables` (in its `[[transforms]]`
 /// entry, or `--table` for `trailhose transform test`): any other name traps. The host's tables
 /// are those of the current input file (a reload applies from the next file); in `init`
-/// every lookup returns None.
+/// every lookup returns None. Each call is charged to the module's fuel (1 000, plus 4 per byte
+/// of key and of the row returned), and a key longer than 4096 bytes traps.
 pub fn lookup(table: &str, key: &str) -> Option<Row> {
     host::lookup(table, key).map(Row)
 }
