@@ -36,19 +36,24 @@ if [ ! -f "$out" ] || [ "$src" -nt "$out" ] || [ wit/v0.1.0/transform.wit -nt "$
 fi
 
 # JavaScript: componentize-js (SpiderMonkey in the component) from the lock file, installed once.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "build-transforms.sh: the JavaScript module needs Node.js 18 or later with npm (Debian: apt install nodejs npm)" >&2
+  exit 1
+fi
 JS_DIR=target/js-node
-if ! cmp -s transforms/js/package-lock.json "$JS_DIR/package-lock.json" \
-  || [ ! -d "$JS_DIR/node_modules/@bytecodealliance/componentize-js" ]; then
+if ! cmp -s transforms/js/package-lock.json "$JS_DIR/installed.lock"; then
   echo "installing componentize-js into $JS_DIR (transforms/js/package-lock.json)"
   rm -rf "$JS_DIR" && mkdir -p "$JS_DIR"
   cp transforms/js/package.json transforms/js/package-lock.json "$JS_DIR/"
   (cd "$JS_DIR" && npm ci --quiet --no-audit --no-fund --ignore-scripts >/dev/null)
+  # The marker is written only once the install succeeded.
+  cp transforms/js/package-lock.json "$JS_DIR/installed.lock"
 fi
 cp transforms/js/build.mjs "$JS_DIR/build.mjs"
 out=target/transforms/js/prod_egress.wasm
 src=transforms/js/prod-egress/app.js
 if [ ! -f "$out" ] || [ "$src" -nt "$out" ] || [ wit/transform.wit -nt "$out" ] \
-  || [ transforms/js/build.mjs -nt "$out" ]; then
+  || [ transforms/js/build.mjs -nt "$out" ] || [ "$JS_DIR/installed.lock" -nt "$out" ]; then
   mkdir -p "$(dirname "$out")"
   node "$JS_DIR/build.mjs" "$src" wit "$out.tmp"
   mv "$out.tmp" "$out"

@@ -552,6 +552,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .iter()
                 .filter_map(|t| t.split_once('=').map(|(n, _)| n.to_owned()))
                 .collect();
+            if module.to_str().is_some_and(|m| m.starts_with("s3://")) {
+                anyhow::bail!(
+                    "transform test reads a local module file; copy {} here first (a worker \
+                     reads s3:// modules itself)",
+                    module.display()
+                );
+            }
             let spec = ModuleSpec {
                 name,
                 path: module,

@@ -44,6 +44,10 @@ pub enum Version {
 pub enum ReadError {
     #[error("{size} bytes, over max_bytes = {max}; not read")]
     TooLarge { size: u64, max: u64 },
+    /// The size was not known up front (a file growing while read, an S3 body without a
+    /// length): reading stopped past the limit.
+    #[error("grew past max_bytes = {max} while read")]
+    GrewPastLimit { max: u64 },
     #[error("{0}")]
     Failed(String),
 }
@@ -68,17 +72,15 @@ impl Source {
     pub async fn open(location: &str, s3: S3Settings<'_>) -> Source {
         match s3_location(location) {
             Some((bucket, key)) => Source::S3 {
-                client: crate::pipeline::s3_client(s3.region, s3.endpoint_url, s3.force_path_style)
-                    .await,
+                client: with_timeouts(
+                    crate::pipeline::s3_client(s3.region, s3.endpoint_url, s3.force_path_style)
+                        .await,
+                ),
                 bucket: bucket.to_owned(),
                 key: key.to_owned(),
             },
             None => Source::File(PathBuf::from(location)),
         }
-    }
-
-    pub fn is_s3(&self) -> bool {
-        matches!(self, Source::S3 { .. })
     }
 
     /// The bytes and version, or None when the version is still `known` (an S3 object is
@@ -119,13 +121,15 @@ impl Source {
                     return Err(ReadError::TooLarge { size, max });
                 }
                 let etag = resp.e_tag().map(str::to_owned);
-                let body = resp.body.collect().await.map_err(|e| failed(&e))?;
-                let bytes = body.into_bytes().to_vec();
-                if bytes.len() as u64 > max {
-                    return Err(ReadError::TooLarge {
-                        size: bytes.len() as u64,
-                        max,
-                    });
+                let expected = resp.content_length().and_then(|n| usize::try_from(n).ok());
+                // Chunk by chunk into one buffer, stopping past `max`: the body is held once.
+                let mut bytes = Vec::with_capacity(expected.unwrap_or(0));
+                let mut body = resp.body;
+                while let Some(chunk) = body.try_next().await.map_err(|e| failed(&e))? {
+                    if (bytes.len() + chunk.len()) as u64 > max {
+                        return Err(ReadError::GrewPastLimit { max });
+                    }
+                    bytes.extend_from_slice(&chunk);
                 }
                 Ok(Some((bytes, Version::ETag(etag))))
             }
@@ -150,6 +154,28 @@ impl Source {
     }
 }
 
+/// A stalled GET must not hold start-up, a reload check or SIGHUP's reload for ever: every
+/// call on a source gets an overall deadline (retries included) and one per attempt.
+fn with_timeouts(client: aws_sdk_s3::Client) -> aws_sdk_s3::Client {
+    use aws_sdk_s3::config::timeout::TimeoutConfig;
+    let timeouts = TimeoutConfig::builder()
+        .connect_timeout(SOURCE_CONNECT_TIMEOUT)
+        .operation_attempt_timeout(SOURCE_ATTEMPT_TIMEOUT)
+        .operation_timeout(SOURCE_OPERATION_TIMEOUT)
+        .build();
+    let conf = client
+        .config()
+        .to_builder()
+        .timeout_config(timeouts)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+const SOURCE_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// About 256 MiB (the largest a source may be) at 10 MB/s.
+const SOURCE_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+const SOURCE_OPERATION_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The file's bytes, refused unread when its size is over `max` and cut at one byte over it
 /// when it grows while read.
 fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
@@ -165,10 +191,7 @@ fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
         .read_to_end(&mut bytes)
         .map_err(failed)?;
     if bytes.len() as u64 > max {
-        return Err(ReadError::TooLarge {
-            size: bytes.len() as u64,
-            max,
-        });
+        return Err(ReadError::GrewPastLimit { max });
     }
     Ok(bytes)
 }

@@ -744,6 +744,11 @@ fn priority_events() -> Vec<String> {
         event("p4", "444455556666", "192.0.2.10", &arn("dev")),
         event("p5", "111122223333", "ec2.amazonaws.com", &arn("service")),
         event("p6", "111122223333", "203.0.113.200", &arn("past-vpn")),
+        // Not addresses to Rust's `IpAddr` (an octet over 255, a leading zero, an IPv6 zone):
+        // never HIGH, in any of the module's languages.
+        event("p7", "111122223333", "999.1.1.1", &arn("bad-octet")),
+        event("p8", "111122223333", "01.2.3.4", &arn("leading-zero")),
+        event("p9", "111122223333", "fe80::1%eth0", &arn("zone")),
     ]
 }
 
@@ -757,6 +762,37 @@ fn the_example_priority_rule_reads_granted_tables_beside_a_0_1_0_module_in_one_c
 #[test]
 fn the_javascript_priority_rule_gives_what_the_rust_one_gives() {
     priority_rule_in_a_chain("tables-js", Some("js/prod_egress.wasm"));
+}
+
+/// A JavaScript `init` that throws a string refuses the config: start-up stops with the message
+/// (the `err` of `result<_, string>`), not a trap.
+#[test]
+fn a_javascript_module_refusing_its_config_stops_start_up_with_its_message() {
+    let tmp = TempDir::new("tables-js-init");
+    let config = example_config(tmp.path(), "");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).display().to_string();
+    let rust = format!("\"{root}/target/transforms/wasm32-wasip2/release/prod_egress.wasm\"");
+    assert!(text.contains(&rust), "{text}");
+    let js = format!("{:?}", module("js/prod_egress.wasm").display().to_string());
+    let grant = "tables = [\"accounts\", \"egress\"]";
+    assert!(text.contains(grant), "{text}");
+    let text = text.replace(&rust, &js).replace(
+        grant,
+        &format!("{grant}\n[transforms.config]\nbogus = \"1\"\n"),
+    );
+    std::fs::write(&config, text).unwrap();
+    let input = tmp.path().join("in");
+    delivery(&input, "one", &priority_events()[..1]);
+    let (out, metrics) = (tmp.path().join("out"), tmp.path().join("metrics.txt"));
+    let run = process(&input, &out, &config, &metrics);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("unknown config key \"bogus\" (known: accounts_table, egress_table"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("trap"), "{stderr}");
 }
 
 /// Runs examples/tables.toml (its priority module replaced by `priority`, a file under
@@ -806,6 +842,9 @@ fn priority_rule_in_a_chain(name: &str, priority: Option<&str>) {
         ("p5", None, None, Some("payments")),
         // 203.0.113.0/25 ends at .127.
         ("p6", Some(&high), None, Some("payments")),
+        ("p7", None, None, Some("payments")),
+        ("p8", None, None, Some("payments")),
+        ("p9", None, None, Some("payments")),
     ];
     assert_eq!(got.len(), expect.len(), "{got:?}");
     for (id, priority, network, team) in expect {
@@ -921,7 +960,10 @@ fn transform_test_takes_tables_by_name_and_path() {
             "rewritten",
             "kept",
             "kept",
-            "rewritten"
+            "rewritten",
+            "kept",
+            "kept",
+            "kept"
         ],
         "{results:?}"
     );

@@ -1499,10 +1499,12 @@ async fn sighup_reloads_modules_and_geoip_in_a_running_worker_without_losing_eve
 }
 
 /// A module at an `s3://` path: fetched at start-up, followed by its ETag at the shipped reload
-/// interval (2 s), a corrupt version keeps the running one, and a missing object stops start-up
+/// interval (2 s) and the shipped batch age (the output is written at SIGTERM), a corrupt
+/// version keeps the running one and is reported once, and a missing object stops start-up
 /// naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_on_s3_is_fetched_followed_by_its_etag_and_a_bad_version_keeps_the_running_one() {
+    use common::sqs::{signal, wait_exit};
     use common::{Moto, free_port, http_get};
     let moto = Moto::start();
     let (s3, sqs) = (moto.s3(), moto.sqs());
@@ -1539,12 +1541,12 @@ async fn a_module_on_s3_is_fetched_followed_by_its_etag_and_a_bad_version_keeps_
         std::fs::write(
             &file,
             format!(
-                "[output]\nurl = {:?}\n[batch]\nmax_age_secs = 1\n[pipeline]\n\
-                 transform_cache_dir = {:?}\n[source.sqs]\nqueue_url = {queue:?}\n\
-                 endpoint_url = {ep:?}\nwait_time_secs = 1\n[[source.buckets]]\nname = \"trail\"\n\
-                 endpoint_url = {ep:?}\nforce_path_style = true\n[server]\n\
-                 listen = \"127.0.0.1:{port}\"\n[[transforms]]\nname = \"live\"\npath = {path:?}\n\
-                 endpoint_url = {ep:?}\nforce_path_style = true\n",
+                "[output]\nurl = {:?}\n[pipeline]\ntransform_cache_dir = {:?}\n[source.sqs]\n\
+                 queue_url = {queue:?}\nendpoint_url = {ep:?}\nwait_time_secs = 1\n\
+                 [[source.buckets]]\nname = \"trail\"\nendpoint_url = {ep:?}\n\
+                 force_path_style = true\n[server]\nlisten = \"127.0.0.1:{port}\"\n\
+                 [[transforms]]\nname = \"live\"\npath = {path:?}\nendpoint_url = {ep:?}\n\
+                 force_path_style = true\n",
                 out.display().to_string(),
                 cache_dir(),
             ),
@@ -1564,54 +1566,70 @@ async fn a_module_on_s3_is_fetched_followed_by_its_etag_and_a_bad_version_keeps_
         }
         cmd.spawn().expect("start trailhose run")
     };
-    let reloads = |result: &str| {
-        let needle =
-            format!("trailhose_transform_reloads_total{{module=\"live\",result=\"{result}\"}} ");
+    // The sum of the series of `prefix` (every label set that starts with it).
+    let sum = |prefix: &str| -> f64 {
         http_get(port, "/metrics")
-            .and_then(|(_, m)| {
-                m.lines()
-                    .find_map(|l| l.strip_prefix(needle.as_str()).map(str::to_owned))
-            })
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
+            .map(|(_, m)| m)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     };
-    let wait_for = |what: &'static str, result: &'static str| async move {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while reloads(result) < 1.0 {
-            assert!(std::time::Instant::now() < deadline, "no {what} reload");
+    let reloads = |result: &str| {
+        sum(&format!(
+            "trailhose_transform_reloads_total{{module=\"live\",result=\"{result}\"}}"
+        ))
+    };
+    let wait_until = |what: String, done: Box<dyn Fn() -> bool + Send>| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
+    };
+    let transformed = move |n: f64| {
+        wait_until(
+            format!("{n} events through the module"),
+            Box::new(move || sum("trailhose_transform_events_total{module=\"live\"") >= n),
+        )
     };
 
     // A missing object stops start-up, naming it.
     let mut missing = spawn(&config("s3://modules/team/missing.wasm"));
-    let status = missing.wait().unwrap();
+    assert!(wait_exit(&mut missing, 60), "start-up did not stop");
     let mut stderr = String::new();
     std::io::Read::read_to_string(missing.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    assert!(!status.success());
+    assert!(!missing.wait().unwrap().success());
     assert!(
         stderr.contains("cannot read s3://modules/team/missing.wasm"),
         "{stderr}"
     );
 
     let mut worker = spawn(&config("s3://modules/team/live.wasm"));
-    let pid = worker.id().to_string();
     send_file(&s3, &sqs, &queue, "a").await;
-    assert_eq!(written(&out, 3).await.len(), 3, "file a, identity module");
+    transformed(3.0).await;
 
     put_module(std::fs::read(module("priority_rules")).unwrap()).await;
-    wait_for("successful", "ok").await;
+    wait_until("a reload".into(), Box::new(move || reloads("ok") >= 1.0)).await;
     send_file(&s3, &sqs, &queue, "b").await;
-    assert_eq!(written(&out, 6).await.len(), 6, "file b, priority-rules");
+    transformed(6.0).await;
 
     put_module(b"not a component".to_vec()).await;
-    wait_for("failed", "error").await;
+    wait_until(
+        "a failed reload".into(),
+        Box::new(move || reloads("error") >= 1.0),
+    )
+    .await;
     send_file(&s3, &sqs, &queue, "c").await;
-    let events = written(&out, 9).await;
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status();
-    let _ = worker.wait();
+    transformed(9.0).await;
+    // Several checks later the corrupt version is still reported once, and nothing reloaded.
+    tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+    assert_eq!((reloads("ok"), reloads("error")), (1.0, 1.0));
+
+    signal(&worker, "-TERM");
+    assert!(wait_exit(&mut worker, 60), "the worker did not drain");
+    let events = split_output(&local_objects(&out)).events;
     let mut by_id: BTreeMap<String, Value> = BTreeMap::new();
     for (_, line) in &events {
         let v: Value = serde_json::from_str(line).unwrap();

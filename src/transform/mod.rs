@@ -112,9 +112,18 @@ fn read_error(spec: &ModuleSpec, e: ReadError) -> TransformError {
 
 /// A local module's bytes and stamp, read at start-up.
 fn first_read(spec: &ModuleSpec, source: &Source) -> Result<(Vec<u8>, Version), TransformError> {
-    source
-        .read_blocking(None, &Version::Unknown, MAX_MODULE_BYTES)
-        .map_err(|e| read_error(spec, e))?
+    first_of(
+        spec,
+        source.read_blocking(None, &Version::Unknown, MAX_MODULE_BYTES),
+    )
+}
+
+/// A first read's bytes and version (there is no known version, so there is always data).
+fn first_of(
+    spec: &ModuleSpec,
+    read: Result<Option<(Vec<u8>, Version)>, ReadError>,
+) -> Result<(Vec<u8>, Version), TransformError> {
+    read.map_err(|e| read_error(spec, e))?
         .ok_or_else(|| read_error(spec, ReadError::Failed("no data".into())))
 }
 
@@ -156,6 +165,23 @@ struct Module {
     source: Source,
     /// What the source looked like when last read.
     version: Mutex<Version>,
+    /// The last reload error, so that an S3 outage is reported when it starts (and when its
+    /// error changes), not at every check.
+    last_error: Mutex<Option<String>>,
+}
+
+impl Module {
+    /// Records the outcome of a reload check; true when `error` is new and should be reported.
+    fn report(&self, error: Option<&str>) -> bool {
+        let Ok(mut last) = self.last_error.lock() else {
+            return true;
+        };
+        if last.as_deref() == error {
+            return false;
+        }
+        *last = error.map(str::to_owned);
+        error.is_some()
+    }
 }
 
 /// A larger module file or object is refused (the largest example, a JavaScript module with
@@ -202,14 +228,7 @@ impl Transforms {
         let mut read = Vec::with_capacity(specs.len());
         for spec in specs {
             let source = Source::open(&spec.path.to_string_lossy(), spec.s3()).await;
-            let first = match &source {
-                Source::S3 { .. } => source
-                    .read(&Version::Unknown, MAX_MODULE_BYTES)
-                    .await
-                    .map_err(|e| read_error(spec, e))?
-                    .ok_or_else(|| read_error(spec, ReadError::Failed("no data".into())))?,
-                Source::File(_) => first_read(spec, &source)?,
-            };
+            let first = first_of(spec, source.read(&Version::Unknown, MAX_MODULE_BYTES).await)?;
             read.push((source, first));
         }
         let runtime = tokio::runtime::Handle::current();
@@ -243,6 +262,7 @@ impl Transforms {
                 generation: AtomicU64::new(0),
                 source,
                 version: Mutex::new(version),
+                last_error: Mutex::new(None),
             }));
         }
         Ok(Arc::new(t))
@@ -305,6 +325,12 @@ impl Transforms {
                 } else {
                     last.clone()
                 };
+                // Taken before the read: a file that reappears after a failed read is seen
+                // as changed at the next check.
+                let before = match &m.source {
+                    Source::File(path) => Some(Version::File(watch::stamp(path))),
+                    Source::S3 { .. } => None,
+                };
                 match m
                     .source
                     .read_blocking(self.runtime.as_ref(), &known, MAX_MODULE_BYTES)
@@ -314,41 +340,50 @@ impl Transforms {
                         *last = now;
                         Ok(wasm)
                     }
-                    // A file that is gone or unreadable: its stamp moved, so remember it, as
-                    // before; an S3 error is tried again at the next check.
+                    // A file that is gone or unreadable is read again when it changes; an S3
+                    // error at the next check.
                     Err(e) => {
-                        if let Source::File(path) = &m.source {
-                            *last = Version::File(watch::stamp(path));
+                        if let Some(before) = before {
+                            *last = before;
                         }
                         Err(read_error(&m.spec, e))
                     }
                 }
             };
-            let result = wasm.and_then(|wasm| self.load(&m.spec, &m.name, &wasm));
-            let changed = match &result {
-                Ok(loaded) => m
-                    .current
-                    .read()
-                    .map(|c| c.digest != loaded.digest)
-                    .unwrap_or(true),
-                Err(_) => false,
+            // The same bytes (a touched file, an S3 object without an ETag) are not compiled
+            // and initialized again.
+            let wasm = match wasm {
+                Ok(w)
+                    if m.current
+                        .read()
+                        .is_ok_and(|c| c.digest == cache::digest(&w)) =>
+                {
+                    m.report(None);
+                    continue;
+                }
+                other => other,
             };
-            match result {
-                Ok(loaded) if changed => {
+            match wasm.and_then(|wasm| self.load(&m.spec, &m.name, &wasm)) {
+                Ok(loaded) => {
                     if let Ok(mut cur) = m.current.write() {
                         *cur = Arc::new(loaded);
                         m.generation.fetch_add(1, Ordering::SeqCst);
                     }
+                    m.report(None);
                     metrics::emit(TransformReloaded {
                         module: &m.name,
                         error: None,
                     });
                 }
-                Ok(_) => {}
-                Err(e) => metrics::emit(TransformReloaded {
-                    module: &m.name,
-                    error: Some(&e.to_string()),
-                }),
+                Err(e) => {
+                    let e = e.to_string();
+                    if m.report(Some(&e)) {
+                        metrics::emit(TransformReloaded {
+                            module: &m.name,
+                            error: Some(&e),
+                        });
+                    }
+                }
             }
         }
     }

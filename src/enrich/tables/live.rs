@@ -50,12 +50,14 @@ impl Slot {
             .read(known, self.spec.max_bytes)
             .await
             .map_err(|e| match e {
-                ReadError::TooLarge { .. } => TableError::Invalid {
-                    name: self.spec.name.clone(),
-                    location: self.spec.path.clone(),
-                    format: self.spec.format().as_str(),
-                    detail: e.to_string(),
-                },
+                ReadError::TooLarge { .. } | ReadError::GrewPastLimit { .. } => {
+                    TableError::Invalid {
+                        name: self.spec.name.clone(),
+                        location: self.spec.path.clone(),
+                        format: self.spec.format().as_str(),
+                        detail: e.to_string(),
+                    }
+                }
                 ReadError::Failed(detail) => self.read_error(detail),
             })
     }
@@ -250,7 +252,6 @@ impl LiveTables {
     }
 }
 
-/// Runs a future that never waits on I/O readiness (a file read) to completion on this thread.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,11 +14,12 @@ const KEYS = ['accounts_table', 'egress_table', 'env_column', 'prod'];
 let conf = {};
 
 // `result<_, string>`: returning is `ok`, throwing a string is `err` (start-up stops with it).
+// The message is the Rust SDK's (`Config::only`).
 export function init(config) {
   const given = Object.fromEntries(config);
-  const unknown = Object.keys(given).filter((k) => !KEYS.includes(k));
-  if (unknown.length > 0) {
-    throw `unknown config key(s): ${unknown.sort().join(', ')}`;
+  const unknown = Object.keys(given).find((k) => !KEYS.includes(k));
+  if (unknown !== undefined) {
+    throw `unknown config key ${JSON.stringify(unknown)} (known: ${KEYS.join(', ')})`;
   }
   conf = {
     accounts: given.accounts_table ?? 'accounts',
@@ -39,9 +40,40 @@ function cell(row, column) {
 }
 
 // An address, not a service name such as `ec2.amazonaws.com` (AWS acting for the account is
-// never HIGH). A plain check: IPv4 dotted quad or anything with a colon (IPv6).
+// never HIGH). What Rust's `IpAddr` parses: a dotted quad of 0-255 without leading zeros, or
+// IPv6 (hex groups, at most one `::`, an optional dotted quad at the end, no zone).
+function isIPv4(s) {
+  const parts = s.split('.');
+  return (
+    parts.length === 4 &&
+    parts.every((p) => /^(0|[1-9][0-9]{0,2})$/.test(p) && Number(p) <= 255)
+  );
+}
+
+function isIPv6(s) {
+  const halves = s.split('::');
+  if (halves.length > 2) {
+    return false;
+  }
+  const groups = halves.map((h) => (h === '' ? [] : h.split(':')));
+  const all = groups.flat();
+  let slots = all.length;
+  const last = all[all.length - 1];
+  if (last !== undefined && last.includes('.')) {
+    if (!isIPv4(last)) {
+      return false;
+    }
+    all.pop();
+    slots += 1; // a dotted quad fills two groups
+  }
+  if (!all.every((g) => /^[0-9a-fA-F]{1,4}$/.test(g))) {
+    return false;
+  }
+  return halves.length === 2 ? slots <= 7 : slots === 8;
+}
+
 function isAddress(s) {
-  return /^\d{1,3}(\.\d{1,3}){3}$/.test(s) || s.includes(':');
+  return isIPv4(s) || isIPv6(s);
 }
 
 function one(event) {
