@@ -447,8 +447,8 @@ fn empty_strings_are_never_written_as_ids_names_or_values() {
     let blank = br#"{"eventVersion":"","eventID":"","eventTime":"","eventSource":"sts.amazonaws.com","eventName":"AssumeRole","awsRegion":"","recipientAccountId":"","requestID":"","sourceIPAddress":"","userAgent":"","errorCode":"","errorMessage":"","userIdentity":{"type":"","arn":"","principalId":"","accountId":"","accessKeyId":"","userName":"","invokedBy":"","identityProvider":"","sessionContext":{"sessionIssuer":{"arn":"","userName":""}}},"requestParameters":{"roleArn":"","roleSessionName":""},"responseElements":{"assumedRoleUser":{"arn":"","assumedRoleId":""},"credentials":{"accessKeyId":""}},"resources":[{"ARN":"","type":"","accountId":""}]}"#;
     let iam = br#"{"eventSource":"iam.amazonaws.com","eventName":"CreateAccessKey","requestParameters":{"userName":""},"responseElements":{"accessKey":{"accessKeyId":""}},"userIdentity":{"arn":"","userName":"u"}}"#;
     let mut records: Vec<Value> = [blank.as_slice(), iam.as_slice()]
-        .iter()
-        .map(|r| map(r))
+        .into_iter()
+        .map(map)
         .collect();
     records.push(case("identity_center_mfa_failed"));
     records.push(case("console_login_failed"));
