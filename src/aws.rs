@@ -57,3 +57,127 @@ pub async fn config(region: Option<&str>, endpoint: Option<&str>) -> SdkConfig {
     }
     loader.load().await
 }
+
+/// A role to assume for one client's credentials (`output.s3.role_arn`): the ARN, the
+/// external id the role's trust policy may ask for, and the session name CloudTrail records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssumedRole {
+    pub arn: String,
+    pub external_id: Option<String>,
+    pub session_name: String,
+}
+
+/// `shared` with its credentials replaced by `role`'s, assumed through STS with the process's
+/// own credentials (refreshed before they expire). STS is asked in `region` at its regional
+/// endpoint, never at the client's endpoint (an S3-compatible store or an S3 VPC endpoint
+/// does not answer AssumeRole).
+pub async fn assume(shared: SdkConfig, region: Option<&str>, role: &AssumedRole) -> SdkConfig {
+    let sts = config(region, None).await;
+    let mut provider = aws_config::sts::AssumeRoleProvider::builder(role.arn.clone())
+        .session_name(role.session_name.clone());
+    if let Some(id) = &role.external_id {
+        provider = provider.external_id(id.clone());
+    }
+    let provider = provider.configure(&sts).build().await;
+    shared
+        .into_builder()
+        .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(provider))
+        .build()
+}
+
+/// Checks an IAM role ARN (`arn:<partition>:iam::<12-digit account>:role/<path/name>`), as
+/// STS's AssumeRole takes it; the message says what is wrong.
+pub fn check_role_arn(arn: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "{arn:?} is not an IAM role ARN ({why}); expected arn:aws:iam::<12-digit account>:role/<name>"
+        ))
+    };
+    let mut parts = arn.splitn(6, ':');
+    let (Some("arn"), Some(partition), Some("iam"), Some(""), Some(account), Some(resource)) = (
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+        parts.next(),
+    ) else {
+        return bad("arn:<partition>:iam::<account>:role/<name>");
+    };
+    if !partition.starts_with("aws")
+        || !partition
+            .bytes()
+            .all(|b| b.is_ascii_alphabetic() || b == b'-')
+    {
+        return bad("partition");
+    }
+    if account.len() != 12 || !account.bytes().all(|b| b.is_ascii_digit()) {
+        return bad("account");
+    }
+    let Some(name) = resource.strip_prefix("role/") else {
+        return bad("not a role");
+    };
+    let ok = |b: u8| b.is_ascii_alphanumeric() || b"+=,.@_-/".contains(&b);
+    if name.is_empty() || name.ends_with('/') || arn.len() > 2048 || !name.bytes().all(ok) {
+        return bad("role name");
+    }
+    Ok(())
+}
+
+/// Checks an STS external id (2 to 1224 characters of `A-Z a-z 0-9 + = , . @ : / -` and `_`).
+pub fn check_external_id(id: &str) -> Result<(), String> {
+    let ok = |b: u8| b.is_ascii_alphanumeric() || b"+=,.@:/-_".contains(&b);
+    if (2..=1224).contains(&id.len()) && id.bytes().all(ok) {
+        return Ok(());
+    }
+    Err("must be 2 to 1224 characters of A-Z a-z 0-9 + = , . @ : / - _".into())
+}
+
+/// Checks an STS role session name (2 to 64 characters of `A-Z a-z 0-9 + = , . @ -` and `_`).
+pub fn check_session_name(name: &str) -> Result<(), String> {
+    let ok = |b: u8| b.is_ascii_alphanumeric() || b"+=,.@-_".contains(&b);
+    if (2..=64).contains(&name.len()) && name.bytes().all(ok) {
+        return Ok(());
+    }
+    Err(format!(
+        "{name:?} must be 2 to 64 characters of A-Z a-z 0-9 + = , . @ - _"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_arns_external_ids_and_session_names_are_checked_as_sts_takes_them() {
+        for ok in [
+            "arn:aws:iam::111122223333:role/AmazonSecurityLake-Provider-trailhose-us-east-1",
+            "arn:aws-us-gov:iam::111122223333:role/path/to/writer",
+            "arn:aws-cn:iam::111122223333:role/a+b=c,d.e@f_g-h",
+        ] {
+            assert_eq!(check_role_arn(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "AmazonSecurityLake-Provider",
+            "arn:aws:iam::111122223333:user/alice",
+            "arn:aws:iam::1111:role/r",
+            "arn:aws:iam:us-east-1:111122223333:role/r",
+            "arn:aws:s3:::bucket",
+            "arn:gcp:iam::111122223333:role/r",
+            "arn:aws:iam::111122223333:role/",
+            "arn:aws:iam::111122223333:role/a b",
+            "arn:aws:iam::111122223333:role/r\n",
+        ] {
+            let e = check_role_arn(bad).unwrap_err();
+            assert!(e.contains("not an IAM role ARN"), "{bad}: {e}");
+        }
+        assert!(check_external_id("trailhose-ext-1").is_ok());
+        assert!(check_external_id("x").is_err());
+        assert!(check_external_id("has space").is_err());
+        assert!(check_external_id(&"x".repeat(1225)).is_err());
+        assert!(check_session_name("trailhose").is_ok());
+        assert!(check_session_name("a/b").is_err());
+        assert!(check_session_name(&"s".repeat(65)).is_err());
+    }
+}

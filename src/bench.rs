@@ -236,9 +236,7 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         }
         if name.contains("security lake") {
             cfg.output.security_lake = Some(crate::sink::ocsf::lake::SecurityLakeConfig {
-                source_name: crate::sink::ocsf::lake::SourceName::Template(
-                    "trailhose-{class}".into(),
-                ),
+                source_name: crate::sink::ocsf::lake::SourceName::Template("th-{class}".into()),
                 account_id: None,
             });
         }

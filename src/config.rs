@@ -429,6 +429,13 @@ pub struct S3OutputConfig {
     pub multipart_threshold_bytes: u64,
     pub part_size_bytes: u64,
     pub max_concurrent_puts: usize,
+    /// An IAM role assumed (STS) for the output's S3 client only (objects and error records):
+    /// e.g. the provider role Security Lake creates for a custom source.
+    pub role_arn: Option<String>,
+    /// The external id the role's trust policy asks for (Security Lake's provider role does).
+    pub external_id: Option<String>,
+    /// The role session name (CloudTrail shows it); unset: `trailhose`.
+    pub role_session_name: Option<String>,
 }
 
 impl Default for S3OutputConfig {
@@ -442,6 +449,9 @@ impl Default for S3OutputConfig {
             multipart_threshold_bytes: 64 << 20,
             part_size_bytes: 16 << 20,
             max_concurrent_puts: 8,
+            role_arn: None,
+            external_id: None,
+            role_session_name: None,
         }
     }
 }
@@ -682,6 +692,7 @@ impl Config {
                 ));
             }
         }
+        self.output_role()?;
         if self.output.s3.multipart_threshold_bytes < 5 << 20 {
             return Err(invalid(
                 "output.s3.multipart_threshold_bytes",
@@ -1033,6 +1044,36 @@ impl Config {
                 Some(Converter::Flat(spec))
             }
         })
+    }
+
+    /// The checked role of the output's S3 client (`output.s3.role_arn`), when set.
+    pub fn output_role(&self) -> Result<Option<crate::aws::AssumedRole>, ConfigError> {
+        let s3 = &self.output.s3;
+        let Some(arn) = &s3.role_arn else {
+            if s3.external_id.is_some() {
+                return Err(invalid("output.s3.external_id", "takes output.s3.role_arn"));
+            }
+            if s3.role_session_name.is_some() {
+                return Err(invalid(
+                    "output.s3.role_session_name",
+                    "takes output.s3.role_arn",
+                ));
+            }
+            return Ok(None);
+        };
+        crate::aws::check_role_arn(arn).map_err(|m| invalid("output.s3.role_arn", m))?;
+        if let Some(id) = &s3.external_id {
+            // The id is a shared secret of sorts: never echoed in the error.
+            crate::aws::check_external_id(id).map_err(|m| invalid("output.s3.external_id", m))?;
+        }
+        let session_name = s3.role_session_name.as_deref().unwrap_or("trailhose");
+        crate::aws::check_session_name(session_name)
+            .map_err(|m| invalid("output.s3.role_session_name", m))?;
+        Ok(Some(crate::aws::AssumedRole {
+            arn: arn.clone(),
+            external_id: s3.external_id.clone(),
+            session_name: session_name.to_owned(),
+        }))
     }
 
     /// The checked `[output.security_lake]`, when set: OCSF Parquet only, the layout its own

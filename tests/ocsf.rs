@@ -67,7 +67,7 @@ fn validate(dir: &Path, records: &[String]) {
     let file = dir.join("ocsf-records.json");
     std::fs::write(&file, records.join("\n") + "\n").expect("records");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ocsf_validate.py");
-    let out = Command::new("python3")
+    let out = Command::new(venv_python())
         .arg(&script)
         .arg(&file)
         .output()
@@ -89,7 +89,7 @@ fn validator(dir: &Path, records: &[String]) -> (bool, String) {
     let file = dir.join("ocsf-records.json");
     std::fs::write(&file, records.join("\n") + "\n").expect("records");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ocsf_validate.py");
-    let out = Command::new("python3")
+    let out = Command::new(venv_python())
         .arg(&script)
         .arg(&file)
         .output()
@@ -731,14 +731,20 @@ fn process_writes_security_lake_objects_that_readers_and_the_ddl_agree_on() {
         &[
             "query",
             &out_dir.display().to_string(),
-            "SELECT get_field(\"user\", 'name'), is_mfa, get_field(unmapped, 'geo.asn') IS NULL AS no_asn FROM events WHERE get_field(metadata, 'uid') = 'ocsf-0010-idc-sign-in'",
+            "SELECT \"user\".name, is_mfa, unmapped['geo.asn'] IS NULL AS no_asn, metadata.profiles[1] AS p, get_field(api, 'operation') AS op FROM events WHERE metadata['uid'] = 'ocsf-0010-idc-sign-in'",
             "--csv",
         ],
         &[],
     );
     assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
     let text = String::from_utf8_lossy(&q.stdout);
-    assert_eq!(text.lines().nth(1), Some("erin,,true"), "{text}");
+    // Dotted and bracketed access to structs, maps and lists (DataFusion's nested
+    // expressions), and get_field.
+    assert_eq!(
+        text.lines().nth(1),
+        Some("erin,,true,cloud,UserAuthentication"),
+        "{text}"
+    );
 
     // The DDL's tables have exactly the columns (and types) of the objects of their class.
     let ddl = trailhose(
@@ -857,12 +863,67 @@ fn split_top(s: &str) -> Vec<&str> {
     out
 }
 
-/// `[output.security_lake]` through `trailhose run` on moto at the shipped batch defaults:
-/// a `{class}` template, the event's account; the objects read back from S3 by DuckDB.
+/// The provider role Security Lake creates for a custom source, in the data lake's account.
+const PROVIDER_ROLE: &str =
+    "arn:aws:iam::444455556666:role/AmazonSecurityLake-Provider-trailhose-us-east-1";
+const LAKE_BUCKET: &str = "aws-security-data-lake-us-east-1-example";
+
+/// An S3 client of the data lake's account: moto's STS issues credentials of the account a
+/// role ARN names, and S3 keeps each account's buckets apart (cross-account access refused).
+async fn lake_account_s3(moto: &common::Moto) -> aws_sdk_s3::Client {
+    let base = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(&moto.endpoint)
+        .credentials_provider(aws_sdk_s3::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .load()
+        .await;
+    let role = aws_config::sts::AssumeRoleProvider::builder(PROVIDER_ROLE)
+        .session_name("test")
+        .configure(&base)
+        .build()
+        .await;
+    let conf = aws_sdk_s3::config::Builder::from(&base)
+        .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(role))
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+/// `[output.security_lake]` through `trailhose run` on moto at the shipped batch defaults,
+/// writing as Security Lake's provider role (`output.s3.role_arn`, `external_id`) into the
+/// data lake's bucket of another account, while the queue and the CloudTrail bucket are read
+/// with the process's own credentials: a `{class}` template, the event's account; the objects
+/// read back from S3 by DuckDB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_writes_security_lake_objects_to_s3() {
-    let (moto, q) = setup("ocsf-lake", 5).await;
+async fn run_writes_security_lake_objects_to_s3_as_the_provider_role() {
+    let moto = common::Moto::start_patched(
+        "import os\nos.environ['MOTO_S3_ALLOW_CROSSACCOUNT_ACCESS'] = 'false'",
+    );
     let (sqs, s3) = (moto.sqs(), moto.s3());
+    let q = make_queues(&sqs, "ocsf-lake", 5).await;
+    s3.create_bucket()
+        .bucket("trail-logs")
+        .send()
+        .await
+        .expect("bucket");
+    let lake = lake_account_s3(&moto).await;
+    lake.create_bucket()
+        .bucket(LAKE_BUCKET)
+        .send()
+        .await
+        .expect("the data lake's bucket, in its own account");
+    // The test discriminates: the process's own credentials cannot write there.
+    let own = s3
+        .put_object()
+        .bucket(LAKE_BUCKET)
+        .key("ext/probe")
+        .body(b"x".to_vec().into())
+        .send()
+        .await;
+    assert!(own.is_err(), "cross-account write must be refused");
+
     let tmp = TempDir::new("ocsf-lake-run");
     let input = tmp.path().join("in");
     let n = write_cases_latest_first(&input);
@@ -878,10 +939,29 @@ async fn run_writes_security_lake_objects_to_s3() {
     let port = free_port();
     let eps = (moto.endpoint.as_str(), moto.endpoint.as_str());
     let settings = Settings {
-        output: "schema = \"ocsf\"\nformat = \"parquet\"\nsecurity_lake = { source_name = \"trailhose-{class}\" }".into(),
+        output: "schema = \"ocsf\"\nformat = \"parquet\"\nsecurity_lake = { source_name = \"th-{class}\" }".into(),
         ..Settings::default()
     };
     let config = write_config_with(tmp.path(), eps, &q.url, port, &settings);
+    let text = std::fs::read_to_string(&config).expect("config");
+    let text = text
+        .replacen(
+            "url = \"s3://trail-out/ct/\"",
+            &format!("url = \"s3://{LAKE_BUCKET}/\""),
+            1,
+        )
+        .replacen(
+            "[output.s3]\n",
+            &format!(
+                "[output.s3]\nrole_arn = \"{PROVIDER_ROLE}\"\nexternal_id = \"trailhose-lake-1\"\n"
+            ),
+            1,
+        );
+    assert!(
+        text.contains("role_arn") && text.contains(LAKE_BUCKET),
+        "{text}"
+    );
+    std::fs::write(&config, text).expect("config");
     let log = tmp.path().join("worker.log");
     let mut worker = start_worker(&moto, &config, &log);
     eventually(60, "the file to be split", || async {
@@ -889,25 +969,30 @@ async fn run_writes_security_lake_objects_to_s3() {
     })
     .await;
     signal(&worker, "-TERM");
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         wait_exit(&mut worker, 25),
         "clean exit on SIGTERM; log:\n{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
+        log_text()
+    );
+    assert!(
+        !log_text().contains("trailhose-lake-1"),
+        "the external id is never logged"
     );
     // The objects, byte for byte, under their keys.
     let root = tmp.path().join("lake");
-    let mut pages = s3
+    let mut pages = lake
         .list_objects_v2()
-        .bucket("trail-out")
-        .prefix("ct/")
+        .bucket(LAKE_BUCKET)
+        .prefix("ext/")
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
         for obj in page.expect("list").contents() {
             let k = obj.key().expect("key");
-            let body = s3
+            let body = lake
                 .get_object()
-                .bucket("trail-out")
+                .bucket(LAKE_BUCKET)
                 .key(k)
                 .send()
                 .await
@@ -917,18 +1002,73 @@ async fn run_writes_security_lake_objects_to_s3() {
                 .await
                 .expect("body")
                 .into_bytes();
-            let path = root.join(k.strip_prefix("ct/").expect("prefix"));
+            let path = root.join(k);
             std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
             std::fs::write(&path, &body).expect("write");
         }
     }
-    let uids = check_lake(&root, |slug| format!("trailhose-{slug}"), None);
-    assert_eq!(uids.len(), n);
+    let uids = check_lake(&root, |slug| format!("th-{slug}"), None);
+    assert_eq!(uids.len(), n, "log:\n{}", log_text());
     assert_eq!(uids, golden_uids());
     eventually(30, "the queue to drain", || async {
         depth(&sqs, &q.url).await == (0, 0)
     })
     .await;
+}
+
+/// A malformed output role, an external id or session name without one, are refused up
+/// front, naming the key (and the external id is not echoed).
+#[test]
+fn a_bad_output_role_is_refused_naming_the_key() {
+    let tmp = TempDir::new("ocsf-role");
+    let cases = [
+        (
+            "role_arn = \"AmazonSecurityLake-Provider-x\"",
+            Some("output.s3.role_arn"),
+        ),
+        (
+            "role_arn = \"arn:aws:iam::123:role/x\"",
+            Some("output.s3.role_arn"),
+        ),
+        (
+            "external_id = \"secret-id-1\"",
+            Some("output.s3.external_id"),
+        ),
+        (
+            "role_session_name = \"s\"",
+            Some("output.s3.role_session_name"),
+        ),
+        (
+            "role_arn = \"arn:aws:iam::444455556666:role/w\"\nexternal_id = \"bad id 1\"",
+            Some("output.s3.external_id"),
+        ),
+        (
+            "role_arn = \"arn:aws:iam::444455556666:role/w\"\nrole_session_name = \"a/b\"",
+            Some("output.s3.role_session_name"),
+        ),
+        (
+            "role_arn = \"arn:aws:iam::444455556666:role/w\"\nexternal_id = \"ok-id\"\nrole_session_name = \"lake\"",
+            None,
+        ),
+    ];
+    for (i, (keys, want)) in cases.iter().enumerate() {
+        let config = tmp.path().join(format!("role-{i}.toml"));
+        std::fs::write(
+            &config,
+            format!("[output]\nurl = \"s3://b/\"\n[output.s3]\n{keys}\n"),
+        )
+        .expect("config");
+        let run = trailhose(&["check-config", &config.display().to_string()], &[]);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.success(), want.is_none(), "{keys}: {err}");
+        if let Some(key) = want {
+            assert!(err.contains(key), "{keys}: {err}");
+            assert!(
+                !err.contains("secret-id-1") && !err.contains("bad id 1"),
+                "{err}"
+            );
+        }
+    }
 }
 
 /// A Security Lake config whose batch age breaks the service's rule is refused up front,

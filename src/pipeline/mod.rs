@@ -1080,12 +1080,24 @@ pub async fn open_store(cfg: &Config) -> Result<Store, PipelineError> {
         OutputUrl::Local(root) => Store::Local { root },
         OutputUrl::S3 { bucket, prefix } => {
             let s3 = &cfg.output.s3;
-            let client = s3_client(
-                s3.region.as_deref(),
-                s3.endpoint_url.as_deref(),
-                s3.force_path_style,
-            )
-            .await;
+            let client = match cfg.output_role()? {
+                None => {
+                    s3_client(
+                        s3.region.as_deref(),
+                        s3.endpoint_url.as_deref(),
+                        s3.force_path_style,
+                    )
+                    .await
+                }
+                // The role is the output's alone: sources, lookups and detections keep the
+                // process's own credentials.
+                Some(role) => {
+                    let region = s3.region.as_deref();
+                    let shared = crate::aws::config(region, s3.endpoint_url.as_deref()).await;
+                    let shared = crate::aws::assume(shared, region, &role).await;
+                    s3_client_from(&shared, s3.force_path_style)
+                }
+            };
             Store::S3 {
                 client,
                 bucket,
@@ -1112,7 +1124,11 @@ pub async fn s3_client(
     path_style: bool,
 ) -> aws_sdk_s3::Client {
     let shared = crate::aws::config(region, endpoint).await;
-    let conf = aws_sdk_s3::config::Builder::from(&shared)
+    s3_client_from(&shared, path_style)
+}
+
+fn s3_client_from(shared: &aws_config::SdkConfig, path_style: bool) -> aws_sdk_s3::Client {
+    let conf = aws_sdk_s3::config::Builder::from(shared)
         .force_path_style(path_style)
         .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(5))
         .build();

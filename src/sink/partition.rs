@@ -238,6 +238,9 @@ impl Partitioner {
     }
 
     /// Puts each event under its OCSF class's prefix (Security Lake's one source per class).
+    /// Its `region=` and `accountId=` values must then be an AWS region name and a 12-digit
+    /// account id, else `unknown`: a hostile event cannot add odd partitions to the source's
+    /// Glue table.
     pub fn with_class_prefixes(mut self, prefixes: Vec<(Class, String)>) -> Partitioner {
         self.class_prefixes = Some(prefixes);
         self
@@ -288,7 +291,13 @@ impl Partitioner {
                 Field::EventType => &head.event_type,
                 _ => &None,
             };
-            v.as_deref().unwrap_or("unknown")
+            let v = v.as_deref().unwrap_or("unknown");
+            let lake = self.class_prefixes.is_some();
+            match f {
+                Field::Account if lake && !is_account_id(v) => "unknown",
+                Field::Region if lake && !is_region_name(v) => "unknown",
+                _ => v,
+            }
         };
         self.template.render_into(out, value, render_time);
         let arrival = render_time.is_some() && time.is_none();
@@ -298,6 +307,31 @@ impl Partitioner {
             time,
         }
     }
+}
+
+/// A 12-digit AWS account id.
+fn is_account_id(v: &str) -> bool {
+    v.len() == 12 && v.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// An AWS region name: lower-case words joined by `-`, the last a number (`us-east-1`,
+/// `us-gov-west-1`, `ap-southeast-5`), at most 32 characters.
+fn is_region_name(v: &str) -> bool {
+    let mut words = v.split('-');
+    let first = words.next().unwrap_or("");
+    let rest: Vec<&str> = words.collect();
+    let Some((last, middle)) = rest.split_last() else {
+        return false;
+    };
+    v.len() <= 32
+        && first.len() == 2
+        && first.bytes().all(|b| b.is_ascii_lowercase())
+        && !middle.is_empty()
+        && middle
+            .iter()
+            .all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase()))
+        && (1..=2).contains(&last.len())
+        && last.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// How one event was routed.
@@ -370,6 +404,55 @@ mod tests {
             out,
             "ext/src-6003/region=eu-west-1/accountId=123456789012/eventDay=20261201/"
         );
+    }
+
+    #[test]
+    fn security_lake_partition_values_are_an_account_id_and_a_region_or_unknown() {
+        let t =
+            KeyTemplate::parse("region={region}/accountId={account}/eventDay={year}{month}{day}/")
+                .unwrap();
+        let prefixes = Class::ALL
+            .iter()
+            .map(|c| (*c, format!("ext/src-{}/", c.uid())))
+            .collect();
+        let p = Partitioner::new(t.clone(), "").with_class_prefixes(prefixes);
+        let mut out = String::new();
+        for (account, region) in [
+            ("../../etc", ".."),
+            ("12345678901x", "us-east-1/../x"),
+            ("1234567890123", "US-EAST-1"),
+            ("", "us-east-"),
+            ("123456789012 ", "eu"),
+        ] {
+            let mut h = head(Some("2024-03-18T14:30:07Z"));
+            h.account = Some(Cow::Borrowed(account));
+            h.region = Some(Cow::Borrowed(region));
+            p.key_for(&h, arrival(), &mut out);
+            assert_eq!(
+                out, "ext/src-6003/region=unknown/accountId=unknown/eventDay=20240318/",
+                "{account:?} {region:?}"
+            );
+        }
+        for region in [
+            "us-gov-west-1",
+            "ap-southeast-5",
+            "eu-central-2",
+            "il-central-1",
+        ] {
+            let mut h = head(Some("2024-03-18T14:30:07Z"));
+            h.region = Some(Cow::Borrowed(region));
+            p.key_for(&h, arrival(), &mut out);
+            assert!(
+                out.contains(&format!("region={region}/accountId=123456789012/")),
+                "{out}"
+            );
+        }
+        // Other layouts keep any value, sanitized.
+        let plain = Partitioner::new(t, "");
+        let mut h = head(Some("2024-03-18T14:30:07Z"));
+        h.region = Some(Cow::Borrowed("US-EAST-1"));
+        plain.key_for(&h, arrival(), &mut out);
+        assert!(out.starts_with("region=US-EAST-1/"), "{out}");
     }
 
     #[test]

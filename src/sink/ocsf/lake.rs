@@ -13,8 +13,10 @@ use super::class::Class;
 /// often than once a day (`batch.max_age_secs` is checked against it).
 pub const MIN_AGE_SECS: u64 = 300;
 pub const MAX_AGE_SECS: u64 = 86_400;
-/// `CreateCustomLogSource`'s `sourceName`: 1 to 64 characters.
-const MAX_NAME: usize = 64;
+/// `CreateCustomLogSource`'s `sourceName`: at most 20 characters, so that the provider role
+/// Security Lake names after it (`AmazonSecurityLake-Provider-<name>-<region>`) stays within
+/// IAM's 64 (Security Lake API reference, CreateCustomLogSource).
+const MAX_NAME: usize = 20;
 /// The placeholder of a source-name template.
 const CLASS: &str = "{class}";
 
@@ -182,15 +184,9 @@ mod tests {
 
     #[test]
     fn a_template_or_a_table_names_a_source_per_class() {
-        let lake = cfg("source_name = \"trailhose-{class}\"\n").unwrap();
-        assert_eq!(
-            lake.source(Class::Authentication),
-            "trailhose-authentication"
-        );
-        assert_eq!(
-            lake.prefix(Class::ApiActivity),
-            "ext/trailhose-api_activity/"
-        );
+        let lake = cfg("source_name = \"th-{class}\"\n").unwrap();
+        assert_eq!(lake.source(Class::Authentication), "th-authentication");
+        assert_eq!(lake.prefix(Class::ApiActivity), "ext/th-api_activity/");
         assert_eq!(
             lake.partition_template(),
             "region={region}/accountId={account}/eventDay={year}{month}{day}/"
@@ -232,8 +228,13 @@ mod tests {
             key(cfg("source_name = \"a/{class}\"\n")),
             "output.security_lake.source_name"
         );
-        let long = format!("source_name = \"{}{{class}}\"\n", "x".repeat(60));
-        assert_eq!(key(cfg(&long)), "output.security_lake.source_name");
+        // 21 characters: the provider role's name would pass IAM's 64.
+        let long = "source_name = \"trailhose-{class}\"\n";
+        let e = cfg(long).unwrap_err();
+        assert_eq!(e.key, "output.security_lake.source_name");
+        assert!(e.message.contains("1 to 20 characters"), "{e}");
+        assert!(cfg("source_name = \"1234567890-{class}\"\n").is_err());
+        assert!(cfg("[source_name]\napi_activity = \"a\"\nauthentication = \"b\"\naccount_change = \"12345678901234567890\"\n").is_ok());
         assert_eq!(
             key(cfg("source_name = \"t-{class}\"\naccount_id = \"12345\"\n")),
             "output.security_lake.account_id"

@@ -79,7 +79,7 @@ pub fn to_ocsf(mut ev: Obj, now: i64, raw: Option<&str>) -> Value {
                 }
             } else {
                 let read_only = ev.get("readOnly").and_then(Value::as_bool);
-                class::api_activity(event_name.as_deref().unwrap_or(""), read_only)
+                class::api_activity(event_name.as_deref().unwrap_or("unknown"), read_only)
             }
         }
         Class::Authentication => {
@@ -175,17 +175,20 @@ pub fn to_ocsf(mut ev: Obj, now: i64, raw: Option<&str>) -> Value {
     Value::Object(out)
 }
 
+/// A non-empty string member. CloudTrail writes `""` for what it does not know (a failed
+/// sign-in's `arn` and `accessKeyId`): an empty string is no id, name or value.
 fn str_of<'a>(m: &'a Obj, k: &str) -> Option<&'a str> {
-    m.get(k).and_then(Value::as_str)
+    m.get(k).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
-/// Removes `k` when it is a string (any other value stays, for `unmapped`).
+/// Removes `k` when it is a string (any other value stays, for `unmapped`); an empty string
+/// is removed and gives None.
 fn take_str(m: &mut Obj, k: &str) -> Option<String> {
     if !matches!(m.get(k), Some(Value::String(_))) {
         return None;
     }
     match m.remove(k) {
-        Some(Value::String(s)) => Some(s),
+        Some(Value::String(s)) if !s.is_empty() => Some(s),
         _ => None,
     }
 }
@@ -214,11 +217,12 @@ fn as_text(v: Value) -> String {
     }
 }
 
-/// A string at a path of nested objects.
+/// A non-empty string at a path of nested objects.
 fn path<'a>(v: Option<&'a Value>, keys: &[&str]) -> Option<&'a str> {
     keys.iter()
         .try_fold(v?, |v, k| v.get(k))
         .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 fn account(uid: String) -> Value {
@@ -377,16 +381,16 @@ fn resources(out: &mut Obj, ev: &mut Obj) {
     };
     let mut mapped = Vec::new();
     for r in list {
-        let Some(arn) = r.get("ARN").and_then(Value::as_str) else {
+        let Some(arn) = path(Some(r), &["ARN"]) else {
             // An entry without an ARN cannot be named: keep the list as it came.
             return;
         };
         let mut o = Obj::new();
         o.insert("uid".into(), json!(arn));
-        if let Some(t) = r.get("type").and_then(Value::as_str) {
+        if let Some(t) = path(Some(r), &["type"]) {
             o.insert("type".into(), json!(t));
         }
-        if let Some(a) = r.get("accountId").and_then(Value::as_str) {
+        if let Some(a) = path(Some(r), &["accountId"]) {
             o.insert("owner".into(), json!({ "account": account(a.to_owned()) }));
         }
         mapped.push(Value::Object(o));

@@ -420,3 +420,51 @@ fn detections_become_enrichments_and_raise_the_severity() {
     assert_eq!(odd["unmapped"]["detections"], "none");
     assert_eq!(odd["severity_id"], 1);
 }
+
+/// Every string outside `unmapped`/`raw_data`/an enrichment's `data`, by path.
+fn strings<'a>(v: &'a Value, at: String, out: &mut Vec<(String, &'a str)>) {
+    match v {
+        Value::String(s) => out.push((at, s)),
+        Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                strings(x, format!("{at}.{i}"), out);
+            }
+        }
+        Value::Object(o) => {
+            for (k, x) in o {
+                if !matches!(k.as_str(), "unmapped" | "raw_data" | "data") {
+                    strings(x, format!("{at}.{k}"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn empty_strings_are_never_written_as_ids_names_or_values() {
+    // CloudTrail writes "" for what it does not know (a failed sign-in's arn and key).
+    let blank = br#"{"eventVersion":"","eventID":"","eventTime":"","eventSource":"sts.amazonaws.com","eventName":"AssumeRole","awsRegion":"","recipientAccountId":"","requestID":"","sourceIPAddress":"","userAgent":"","errorCode":"","errorMessage":"","userIdentity":{"type":"","arn":"","principalId":"","accountId":"","accessKeyId":"","userName":"","invokedBy":"","identityProvider":"","sessionContext":{"sessionIssuer":{"arn":"","userName":""}}},"requestParameters":{"roleArn":"","roleSessionName":""},"responseElements":{"assumedRoleUser":{"arn":"","assumedRoleId":""},"credentials":{"accessKeyId":""}},"resources":[{"ARN":"","type":"","accountId":""}]}"#;
+    let iam = br#"{"eventSource":"iam.amazonaws.com","eventName":"CreateAccessKey","requestParameters":{"userName":""},"responseElements":{"accessKey":{"accessKeyId":""}},"userIdentity":{"arn":"","userName":"u"}}"#;
+    let mut records: Vec<Value> = [blank.as_slice(), iam.as_slice()]
+        .into_iter()
+        .map(map)
+        .collect();
+    records.push(case("identity_center_mfa_failed"));
+    records.push(case("console_login_failed"));
+    for r in &records {
+        assert_required(r);
+        let mut found = Vec::new();
+        strings(r, String::new(), &mut found);
+        let empty: Vec<&String> = found
+            .iter()
+            .filter(|(_, s)| s.is_empty())
+            .map(|(p, _)| p)
+            .collect();
+        assert!(empty.is_empty(), "empty strings at {empty:?} in {r}");
+    }
+    let failed = case("identity_center_mfa_failed");
+    assert!(failed["user"].get("uid").is_none(), "{failed}");
+    assert!(failed["actor"]["user"].get("credential_uid").is_none());
+    assert_eq!(failed["user"]["name"], "erin");
+}
