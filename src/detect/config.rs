@@ -27,6 +27,8 @@ pub struct DetectConfig {
     pub skip_invalid: bool,
     /// Alert outputs; each gets every match at or above its `min_level`.
     pub alerts: Vec<AlertConfig>,
+    /// Where Sigma correlation state lives (`[detect.correlation]`).
+    pub correlation: super::correlate::config::CorrelationConfig,
 }
 
 /// Sigma's rule levels, in order.
@@ -181,6 +183,7 @@ impl DetectConfig {
                 ));
             }
         }
+        self.correlation.validate()?;
         let mut names = std::collections::HashSet::new();
         for (i, a) in self.alerts.iter().enumerate() {
             let n = i + 1;

@@ -8,7 +8,9 @@
 //! output outage holds acknowledgement, and after `max_attempts` the notification is handed
 //! back and delivered again, so no alert is lost (some may repeat).
 
+pub mod backtest;
 pub mod config;
+pub mod correlate;
 pub mod output;
 pub mod rules;
 pub mod suppress;
@@ -25,6 +27,7 @@ use crate::ack::Hold;
 use crate::cloudtrail::Head;
 use crate::metrics::{self, AlertSuppressed, DetectionMatched, EventsEvaluated};
 use config::{AlertConfig, AlertKind, DetectConfig, EventPayload};
+use correlate::{Correlated, Correlator, Fired};
 use output::{Output, OutputError, Pending};
 use rules::{Hit, RuleError, Rules};
 use suppress::Suppressor;
@@ -35,6 +38,8 @@ pub enum DetectError {
     Rules(#[from] RuleError),
     #[error(transparent)]
     Output(#[from] OutputError),
+    #[error(transparent)]
+    Correlate(#[from] correlate::CorrelateError),
 }
 
 /// An alert output as the workers see it: where its alerts go and what it wants.
@@ -51,6 +56,9 @@ pub struct Detect {
     annotate: bool,
     routes: Vec<Route>,
     worker: String,
+    /// Correlation rules, and the runtime their store calls run on (the worker threads
+    /// block on them: a notification is acknowledged only after its state update).
+    correlate: Option<(Correlator, tokio::runtime::Handle)>,
 }
 
 /// The delivery tasks; they end once every `Detect` is dropped and their queues are empty.
@@ -92,6 +100,13 @@ impl Detect {
             });
         }
         metrics::emit(metrics::RulesLoaded { rules: rules.len() });
+        let correlate = Correlator::open(&rules, &cfg.correlation, cfg.skip_invalid).await?;
+        for s in correlate.iter().flat_map(|c| &c.skipped) {
+            metrics::emit(metrics::RuleSkipped {
+                path: &s.path.display().to_string(),
+                reason: &s.reason,
+            });
+        }
         let mut routes = Vec::new();
         let mut tasks = Vec::new();
         for a in &cfg.alerts {
@@ -115,6 +130,7 @@ impl Detect {
             annotate: cfg.annotate,
             routes,
             worker: worker_name(),
+            correlate: correlate.map(|c| (c, tokio::runtime::Handle::current())),
         };
         Ok((Arc::new(detect), Delivery(tasks)))
     }
@@ -126,6 +142,7 @@ impl Detect {
             annotate: false,
             routes: Vec::new(),
             worker: worker_name(),
+            correlate: None,
         }
     }
 
@@ -156,14 +173,72 @@ impl Detect {
                 level: h.level.as_str(),
             });
         }
-        self.alert(&hits, &event, seen);
+        let fired = self.correlate(&hits, &event, seen);
+        self.alert(&hits, &event, seen, None);
+        for f in &fired {
+            metrics::emit(DetectionMatched {
+                rule: &f.hit.id,
+                level: f.hit.level.as_str(),
+            });
+            self.alert(std::slice::from_ref(&f.hit), &event, seen, Some(&f.detail));
+        }
         self.annotate.then(|| annotation(&hits))
     }
 
-    fn alert(&self, hits: &[Hit], event: &Value, seen: &Seen<'_>) {
+    /// Counts the event in the correlations that use its rules (a store update, on the
+    /// worker thread) and returns those it fired. A failed update fails the notification's
+    /// hold: it is delivered again, and what is counted is idempotent.
+    fn correlate(&self, hits: &[Hit], event: &Value, seen: &Seen<'_>) -> Vec<Fired> {
+        let Some((c, rt)) = &self.correlate else {
+            return Vec::new();
+        };
+        if !c.wants(hits) {
+            return Vec::new();
+        }
+        let started = Instant::now();
+        let now = crate::clock::Utc::now().to_unix();
+        let ts = seen
+            .head
+            .event_time
+            .as_deref()
+            .and_then(crate::clock::Utc::parse_rfc3339)
+            .map_or(now, crate::clock::Utc::to_unix);
+        let id = correlate::event_key(seen.head.event_id.as_deref(), seen.raw);
+        match rt.block_on(c.observe(hits, event, &id, ts, now)) {
+            Ok(fired) => {
+                metrics::emit(metrics::CorrelationUpdated {
+                    elapsed: started.elapsed(),
+                });
+                fired
+            }
+            Err(e) => {
+                metrics::emit(metrics::CorrelationFailed {
+                    error: &e.to_string(),
+                });
+                if let Some(h) = seen.hold {
+                    h.share().fail();
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    fn alert(&self, hits: &[Hit], event: &Value, seen: &Seen<'_>, corr: Option<&Correlated>) {
         let now = crate::clock::Utc::now().rfc3339();
+        // Rules only correlations use do not alert alone (Sigma's `generate: false`).
+        let alone = |h: &&Hit| {
+            corr.is_some()
+                || self
+                    .correlate
+                    .as_ref()
+                    .is_none_or(|(c, _)| c.alerts_alone(&h.id))
+        };
         for route in &self.routes {
-            for hit in hits.iter().filter(|h| h.level >= route.cfg.min_level) {
+            for hit in hits
+                .iter()
+                .filter(alone)
+                .filter(|h| h.level >= route.cfg.min_level)
+            {
                 let ticket = match &route.suppressor {
                     Some(s) => {
                         let key = suppress::key(&hit.id, &route.cfg.suppress_key, event);
@@ -192,6 +267,7 @@ impl Detect {
                     worker: &self.worker,
                     detected_at: &now,
                     event: (route.cfg.event == EventPayload::Full).then_some(event),
+                    correlation: corr,
                 };
                 let body = match route.cfg.kind {
                     AlertKind::Webhook => slack_body(&doc),
@@ -230,6 +306,9 @@ pub struct AlertDoc<'a> {
     pub detected_at: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<&'a Value>,
+    /// A correlation alert's group, count and window (`event` is the one that fired it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation: Option<&'a Correlated>,
 }
 
 /// A Slack-compatible webhook body: `text` for humans, the alert document beside it.
