@@ -39,7 +39,7 @@ pub struct State {
 }
 
 #[derive(Debug)]
-struct Kept {
+pub struct Kept {
     state: State,
     expires_at: i64,
 }
