@@ -5,6 +5,7 @@
 //! stages need (`Head`). serde_json validates every event while extracting those fields, so nothing
 //! that leaves this module is malformed JSON.
 
+pub mod fields;
 mod head;
 mod scan;
 pub mod scrub;

@@ -221,7 +221,13 @@ pub async fn run(
         .transpose()?;
     let to = bt.to.as_deref().map(|s| parse_time("to", s)).transpose()?;
     let rules = Rules::load(&bt.rules, &bt.fields, &bt.placeholders, true)?;
-    let correlator = Correlator::compile(&rules, CorrelationStore::memory(), 86_400 * 366, true)?;
+    let correlator = Correlator::compile(
+        &rules,
+        &CorrelationStore::memory(),
+        None,
+        86_400 * 366,
+        true,
+    )?;
     let store = open_output(&bt.output, bt.region.as_deref(), bt.endpoint_url.as_deref()).await?;
     let mut keys = store
         .list("")
@@ -291,27 +297,36 @@ pub async fn run(
             if hits.is_empty() {
                 continue;
             }
-            let m = |hit: &Hit, correlation: Option<&Correlated>| Match {
-                object: &object,
-                line: n + 1,
-                event_id: text("eventID"),
-                event_name: text("eventName"),
-                event_time: text("eventTime"),
-                rule_id: &hit.id,
-                rule_title: &hit.title,
-                level: hit.level.as_str(),
-                correlation,
-            };
+            fn m<'a>(
+                object: &'a str,
+                line: usize,
+                event: &'a Value,
+                hit: &'a Hit,
+                correlation: Option<&'a Correlated>,
+            ) -> Match<'a> {
+                let text = |k: &str| event.get(k).and_then(Value::as_str);
+                Match {
+                    object,
+                    line,
+                    event_id: text("eventID"),
+                    event_name: text("eventName"),
+                    event_time: text("eventTime"),
+                    rule_id: &hit.id,
+                    rule_title: &hit.title,
+                    level: hit.level.as_str(),
+                    correlation,
+                }
+            }
             for h in &hits {
                 tally(h, &mut sum);
-                print(&m(h, None));
+                print(&m(&object, n + 1, &event, h, None));
             }
             if correlator.wants(&hits) {
                 let id = event_key(text("eventID"), line);
                 let t = ts.unwrap_or(0);
                 for f in correlator.observe(&hits, &event, &id, t, t).await? {
                     tally(&f.hit, &mut sum);
-                    print(&m(&f.hit, Some(&f.detail)));
+                    print(&m(&object, n + 1, &event, &f.hit, Some(&f.detail)));
                 }
             }
         }

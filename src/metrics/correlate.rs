@@ -10,6 +10,7 @@ use super::{InternalEvent, METRICS, counter};
 struct CorrelationMetrics {
     update_seconds: Histogram,
     failures: IntCounter,
+    evicted: IntCounter,
 }
 
 static CORRELATION: LazyLock<CorrelationMetrics> = LazyLock::new(|| {
@@ -30,6 +31,11 @@ static CORRELATION: LazyLock<CorrelationMetrics> = LazyLock::new(|| {
             r,
             "trailhose_correlation_failures_total",
             "Correlation state updates that failed (the notification is delivered again).",
+        ),
+        evicted: counter(
+            r,
+            "trailhose_correlation_states_evicted_total",
+            "In-process correlation states evicted unexpired to bound memory (their counts are lost).",
         ),
     }
 });
@@ -59,5 +65,22 @@ impl InternalEvent for CorrelationFailed<'_> {
             "correlation state update failed; the notification will be delivered again"
         );
         CORRELATION.failures.inc();
+    }
+}
+
+/// In-process correlation states were evicted before they expired (memory bound reached).
+pub struct CorrelationStatesEvicted<'a> {
+    pub correlation: &'a str,
+    pub states: usize,
+}
+
+impl InternalEvent for CorrelationStatesEvicted<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            correlation = self.correlation,
+            states = self.states,
+            "correlation memory full: the oldest windows' states were evicted (their counts are lost)"
+        );
+        CORRELATION.evicted.inc_by(self.states as u64);
     }
 }

@@ -52,6 +52,12 @@ struct Compiled {
     cap: usize,
     /// `value_count`'s field(s), as group-by fields so that rsigma-eval reads their values.
     counted: Vec<GroupByField>,
+    /// `id` and a hash of what decides the counting (type, rules, group-by, timespan, window,
+    /// condition, aliases): it keys the state, so a changed definition starts afresh and an
+    /// unchanged one keeps its counts across a rule reload.
+    fingerprint: String,
+    /// Its states (its own memory, or the shared table).
+    store: Store,
 }
 
 /// What a correlation alert adds to the alert document.
@@ -83,7 +89,6 @@ pub struct Correlator {
     /// Rules referenced by a correlation without `generate: true`: their matches alone do
     /// not alert (Sigma's default).
     silenced: HashSet<String>,
-    store: Store,
     retention_secs: u64,
     /// Correlations not loaded under `skip_invalid`.
     pub skipped: Vec<Skipped>,
@@ -98,9 +103,10 @@ fn kind_name(t: CorrelationType) -> &'static str {
     }
 }
 
-/// The cap for a threshold condition: one past the highest number it compares with.
-fn cap_of(c: &CompiledCorrelation) -> usize {
-    match c.correlation_type {
+/// The cap for a threshold condition: one past the highest number it compares with (past it
+/// no comparison changes). None when that is more than a state may hold (`MEMBERS_MAX`).
+fn cap_of(c: &CompiledCorrelation) -> Option<usize> {
+    let cap = match c.correlation_type {
         CorrelationType::Temporal => c.rule_refs.len().max(1),
         _ => {
             let top = c
@@ -109,21 +115,30 @@ fn cap_of(c: &CompiledCorrelation) -> usize {
                 .iter()
                 .map(|(_, v)| *v)
                 .fold(0.0_f64, f64::max);
-            // Thresholds are whole numbers from YAML; 1e6 bounds an item far below 400 KB.
-            (top.clamp(0.0, 1e6).ceil() as usize) + 1
+            // Clamped before the cast: a NaN or huge threshold from YAML cannot wrap.
+            (top.clamp(0.0, window::MEMBERS_MAX as f64).ceil() as usize).saturating_add(1)
         }
-    }
+    };
+    (cap <= window::MEMBERS_MAX).then_some(cap)
 }
 
 /// Whether a state meets the correlation's condition.
 fn holds(c: &CompiledCorrelation, state: &State) -> bool {
     match c.correlation_type {
         CorrelationType::Temporal => {
-            let rule_hits = state
-                .members
+            // The rules seen, by the name the correlation writes (a long one is kept hashed).
+            let rule_hits: HashMap<String, VecDeque<i64>> = c
+                .rule_refs
                 .iter()
+                .filter(|r| state.members.contains(&window::member(r)))
                 .map(|r| (r.clone(), VecDeque::from([0])))
                 .collect();
+            // Sigma: a temporal correlation without a condition needs every rule it names.
+            // rsigma-parser reads the absent condition as `gte: 1` (so an explicit `gte: 1`
+            // reads the same: use `condition: "a or b"` for any one).
+            if c.extended_expr.is_none() && is_default_temporal(c) {
+                return rule_hits.len() >= c.rule_refs.len();
+            }
             WindowState::Temporal { rule_hits }
                 .check_condition(
                     &c.condition,
@@ -137,35 +152,84 @@ fn holds(c: &CompiledCorrelation, state: &State) -> bool {
     }
 }
 
+/// Whether a temporal correlation's condition is the one rsigma-parser gives an absent one.
+fn is_default_temporal(c: &CompiledCorrelation) -> bool {
+    c.condition.field.is_none()
+        && matches!(
+            c.condition.predicates.as_slice(),
+            [(rsigma_parser::ConditionOperator::Gte, n)] if *n == 1.0
+        )
+}
+
+/// A hash of what decides a correlation's counting: not its title, level, tags or prose, so
+/// that editing those keeps the counts.
+fn definition_hash(rule: &rsigma_parser::CorrelationRule) -> String {
+    use sha2::{Digest, Sha256};
+    let def = (
+        &rule.correlation_type,
+        &rule.rules,
+        &rule.group_by,
+        &rule.timespan,
+        &rule.window,
+        &rule.gap,
+        &rule.condition,
+        &rule.aliases,
+        rule.generate,
+    );
+    // Plain data into a Vec: cannot fail (an empty hash input would still be stable).
+    let bytes = serde_json::to_vec(&def).unwrap_or_default();
+    Sha256::digest(&bytes)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The store correlations start from: memory, or the DynamoDB table (checked, created when
+/// missing). Opened once; every rule set compiled later uses it.
+pub async fn open_store(cfg: &CorrelationConfig) -> Result<Store, CorrelateError> {
+    Ok(match cfg.mode {
+        Mode::InProcess => Store::memory(),
+        Mode::Dynamodb => {
+            let shared =
+                crate::aws::config(cfg.region.as_deref(), cfg.endpoint_url.as_deref()).await;
+            Store::dynamo(&shared, cfg.table.as_deref().unwrap_or_default()).await?
+        }
+    })
+}
+
 impl Correlator {
-    /// Compiles the correlations of `rules` (None when there are none) and opens their store.
-    pub async fn open(
+    /// The correlations of `rules` (None when there are none), their states in `base`'s kind
+    /// of store. A correlation `previous` (the running set) holds with the same id and
+    /// definition keeps its memory states; the states of changed and removed ones are dropped
+    /// with `previous`.
+    pub fn build(
         rules: &Rules,
-        cfg: &CorrelationConfig,
+        base: &Store,
+        previous: Option<&Correlator>,
+        retention_secs: u64,
         skip_invalid: bool,
     ) -> Result<Option<Correlator>, CorrelateError> {
         if rules.correlations.is_empty() {
             return Ok(None);
         }
-        let store = match cfg.mode {
-            Mode::InProcess => Store::memory(),
-            Mode::Dynamodb => {
-                let shared =
-                    crate::aws::config(cfg.region.as_deref(), cfg.endpoint_url.as_deref()).await;
-                Store::dynamo(&shared, cfg.table.as_deref().unwrap_or_default()).await?
-            }
-        };
-        Correlator::compile(rules, store, cfg.retention_secs, skip_invalid).map(Some)
+        Correlator::compile(rules, base, previous, retention_secs, skip_invalid).map(Some)
     }
 
-    /// The correlations of `rules` over `store`. A correlation that does not compile, refers
-    /// to an unknown rule or uses what is not supported is an error naming it, or skipped.
+    /// The correlations of `rules`. A correlation that does not compile, refers to an unknown
+    /// rule or uses what is not supported is an error naming it, or skipped.
     pub fn compile(
         rules: &Rules,
-        store: Store,
+        base: &Store,
+        previous: Option<&Correlator>,
         retention_secs: u64,
         skip_invalid: bool,
     ) -> Result<Correlator, CorrelateError> {
+        let kept: HashMap<&str, &Store> = previous
+            .into_iter()
+            .flat_map(|p| &p.correlations)
+            .map(|c| (c.fingerprint.as_str(), &c.store))
+            .collect();
         let mut known: HashMap<&str, Vec<&str>> = HashMap::new();
         for (id, name) in &rules.identities {
             known.entry(id.as_str()).or_default().push(id.as_str());
@@ -177,7 +241,6 @@ impl Correlator {
             correlations: Vec::new(),
             by_hit: HashMap::new(),
             silenced: HashSet::new(),
-            store,
             retention_secs,
             skipped: Vec::new(),
         };
@@ -226,6 +289,17 @@ impl Correlator {
                     continue;
                 }
             };
+            let Some(cap) = cap_of(&c) else {
+                refuse(
+                    format!(
+                        "a threshold above {} is not supported (the state keeps one member per \
+                         counted event or value, and a DynamoDB item holds 400 KB)",
+                        window::MEMBERS_MAX - 1
+                    ),
+                    &mut out,
+                )?;
+                continue;
+            };
             let mut uses = Vec::new();
             let mut unknown = None;
             for r in &c.rule_refs {
@@ -270,11 +344,29 @@ impl Correlator {
                 c.id.clone()
                     .or_else(|| c.name.clone())
                     .unwrap_or_else(|| c.title.clone());
+            let fingerprint = format!("{id}#{}", definition_hash(rule));
+            // Two correlations with one id and definition would share states: the second
+            // gets its own (its key differs by position).
+            let fingerprint = if out
+                .correlations
+                .iter()
+                .any(|o| o.fingerprint == fingerprint)
+            {
+                format!("{fingerprint}#{idx}")
+            } else {
+                fingerprint
+            };
+            let store = match kept.get(fingerprint.as_str()) {
+                Some(s) => (*s).clone(),
+                None => base.fresh(),
+            };
             out.correlations.push(Compiled {
-                cap: cap_of(&c),
+                cap,
                 level: level_of(c.level.as_ref()),
                 id,
                 counted,
+                fingerprint,
+                store,
                 c,
             });
         }
@@ -311,6 +403,9 @@ impl Correlator {
         now: i64,
     ) -> Result<Vec<Fired>, CorrelateError> {
         let ev = JsonEvent::borrow(event);
+        // What a state keeps is bounded (`window::member`), the claim's eventID too.
+        let event_id = window::member(event_id);
+        let event_id = event_id.as_str();
         let mut fired = Vec::new();
         let mut done = HashSet::new();
         for h in hits {
@@ -325,11 +420,11 @@ impl Correlator {
                     CorrelationType::ValueCount => {
                         let values = GroupKey::extract(&ev, &corr.counted, &[]);
                         match counted_value(&values.0) {
-                            Some(v) => v,
+                            Some(v) => window::member(&v),
                             None => continue,
                         }
                     }
-                    _ => written.clone(),
+                    _ => window::member(written),
                 };
                 // An event two of a correlation's rules match counts once.
                 if !done.insert((*idx, member.clone())) {
@@ -337,7 +432,7 @@ impl Correlator {
                 }
                 let w = window::window(ts, c.timespan_secs);
                 let group_text = group_json(&group.0);
-                let key = state_key(&corr.id, w, &group_text);
+                let key = state_key(&corr.fingerprint, w, &group_text);
                 let update = Update {
                     key: &key,
                     member: &member,
@@ -345,15 +440,15 @@ impl Correlator {
                     expires_at: expires_at(w, now, self.retention_secs),
                     correlation: &corr.id,
                     window_start: w.start,
-                    group: &group_text,
+                    group: window::clip(&group_text, window::GROUP_TEXT_MAX),
                 };
-                let state = self.store.add(&update, now).await?;
+                let state = corr.store.add(&update, now).await?;
                 if !holds(c, &state) {
                     continue;
                 }
                 let mine = match state.fired_by.as_deref() {
                     Some(by) => by == event_id,
-                    None => self.store.claim(&key, event_id).await?,
+                    None => corr.store.claim(&key, event_id).await?,
                 };
                 if mine {
                     fired.push(self.fired(corr, &group, w, state.members.len()));
@@ -379,7 +474,11 @@ impl Correlator {
                     .group_by
                     .iter()
                     .zip(group.0.iter())
-                    .map(|(f, v)| (f.name().to_owned(), v.clone()))
+                    // A value is input: the alert carries at most `GROUP_VALUE_MAX` bytes.
+                    .map(|(f, v)| {
+                        let v = v.as_deref().map(|v| window::clip(v, GROUP_VALUE_MAX));
+                        (f.name().to_owned(), v.map(str::to_owned))
+                    })
                     .collect(),
                 value,
                 window_start: at(w.start),
@@ -388,6 +487,9 @@ impl Correlator {
         }
     }
 }
+
+/// The most bytes of one group-by value an alert copies (the state is keyed by all of it).
+const GROUP_VALUE_MAX: usize = 256;
 
 /// What identifies an event in `event_count` state: its eventID, else a hash of the event.
 pub fn event_key(event_id: Option<&str>, raw: &[u8]) -> String {

@@ -5,7 +5,7 @@
 //! so that every worker sees the same counts.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
@@ -44,16 +44,51 @@ pub struct Kept {
     expires_at: i64,
 }
 
-/// Memory states kept before expired ones are swept.
-const SWEEP_AT: usize = 100_000;
+/// Memory states one correlation keeps at most; past it expired ones are swept, then the
+/// oldest windows' evicted (counted: their counts are lost, a detection may be missed).
+const STATES_MAX: usize = 100_000;
+/// Members one correlation keeps in memory at most (about 64 bytes each): with a high
+/// threshold, fewer states. Group-by values are input, so without it memory would not be
+/// bounded.
+const MEMBERS_BUDGET: usize = 2_000_000;
 
+/// The states a memory store keeps for sets of at most `cap` members.
+fn states_max(cap: usize) -> usize {
+    (MEMBERS_BUDGET / cap.max(1)).clamp(100, STATES_MAX)
+}
+
+/// Makes room in a full memory store: expired states go, then (when still more than 90% full)
+/// the states that expire first, down to 80%, so that a sweep runs once per many adds.
+/// Returns how many unexpired states were evicted.
+fn make_room(m: &mut HashMap<String, Kept>, max: usize, now: i64) -> usize {
+    m.retain(|_, k| k.expires_at > now);
+    if m.len() < max - max / 10 {
+        return 0;
+    }
+    let before = m.len();
+    let drop = before - (max - max / 5);
+    let mut ends: Vec<i64> = m.values().map(|k| k.expires_at).collect();
+    let (_, cut, _) = ends.select_nth_unstable(drop);
+    let cut = *cut;
+    m.retain(|_, k| k.expires_at > cut);
+    before - m.len()
+}
+
+/// One correlation's store. A memory store is one correlation's states alone, so that a rule
+/// reload can hand them to the same correlation in the new set (`Arc`); a DynamoDB store is a
+/// client of the one table, cloned for each correlation.
+#[derive(Clone)]
 pub enum Store {
-    Memory(Mutex<HashMap<String, Kept>>),
+    Memory(Arc<Mutex<HashMap<String, Kept>>>),
     Dynamo {
         client: aws_sdk_dynamodb::Client,
         table: String,
     },
 }
+
+/// One DynamoDB attempt, and a call with the SDK's retries (three attempts, backoff).
+const CALL_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 const KEY: &str = "pk";
 const MEMBERS: &str = "members";
@@ -81,13 +116,46 @@ fn state_of(item: &HashMap<String, AttributeValue>) -> State {
 
 impl Store {
     pub fn memory() -> Store {
-        Store::Memory(Mutex::new(HashMap::new()))
+        Store::Memory(Arc::new(Mutex::new(HashMap::new())))
+    }
+
+    /// A store for one more correlation of the same kind: empty memory, or the same table.
+    pub fn fresh(&self) -> Store {
+        match self {
+            Store::Memory(_) => Store::memory(),
+            Store::Dynamo { .. } => self.clone(),
+        }
+    }
+
+    /// Whether two stores hold the same states (a carried-over memory store).
+    pub fn same(&self, other: &Store) -> bool {
+        match (self, other) {
+            (Store::Memory(a), Store::Memory(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// States held in memory (0 for DynamoDB).
+    pub fn held(&self) -> usize {
+        match self {
+            Store::Memory(m) => m.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            Store::Dynamo { .. } => 0,
+        }
     }
 
     /// The DynamoDB store, its table created (on-demand, TTL on `expires_at`) if missing.
     pub async fn dynamo(shared: &aws_config::SdkConfig, table: &str) -> Result<Store, StoreError> {
+        // The SDK sets no overall timeout: a hung endpoint would block a worker for good. A
+        // call that times out fails the notification's hold, which comes back (at-least-once).
+        let timeouts = aws_sdk_dynamodb::config::timeout::TimeoutConfig::builder()
+            .operation_attempt_timeout(CALL_ATTEMPT_TIMEOUT)
+            .operation_timeout(CALL_TIMEOUT)
+            .build();
+        let conf = aws_sdk_dynamodb::config::Builder::from(shared)
+            .timeout_config(timeouts)
+            .build();
         let store = Store::Dynamo {
-            client: aws_sdk_dynamodb::Client::new(shared),
+            client: aws_sdk_dynamodb::Client::from_conf(conf),
             table: table.to_owned(),
         };
         store.ensure().await?;
@@ -198,8 +266,15 @@ impl Store {
         match self {
             Store::Memory(m) => {
                 let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
-                if m.len() >= SWEEP_AT {
-                    m.retain(|_, k| k.expires_at > now);
+                let max = states_max(u.cap);
+                if m.len() >= max && !m.contains_key(u.key) {
+                    let evicted = make_room(&mut m, max, now);
+                    if evicted > 0 {
+                        crate::metrics::emit(crate::metrics::CorrelationStatesEvicted {
+                            correlation: u.correlation,
+                            states: evicted,
+                        });
+                    }
                 }
                 let kept = m.entry(u.key.to_owned()).or_insert_with(|| Kept {
                     state: State {
@@ -359,5 +434,47 @@ mod tests {
         assert!(!s.claim("missing", "d").await.expect("claim"));
         let st = s.add(&update("k", "e"), 0).await.expect("add");
         assert_eq!(st.fired_by.as_deref(), Some("c"));
+    }
+
+    #[tokio::test]
+    async fn memory_stays_bounded_when_every_group_is_new() {
+        let s = Store::memory();
+        let cap = 4_001;
+        let max = states_max(cap);
+        assert_eq!(max, 499);
+        for i in 0..(max * 5) {
+            let key = format!("k{i}");
+            let mut u = update(&key, "a");
+            u.cap = cap;
+            // Later groups expire later: the oldest go first.
+            u.expires_at = 1_000 + i as i64;
+            s.add(&u, 0).await.expect("add");
+            assert!(s.held() <= max, "{} states after {i}", s.held());
+        }
+        let Store::Memory(m) = &s else {
+            panic!("memory")
+        };
+        let m = m.lock().expect("lock");
+        assert!(
+            m.contains_key(&format!("k{}", max * 5 - 1)),
+            "the newest stays"
+        );
+        assert!(!m.contains_key("k0"), "the oldest went");
+        drop(m);
+        // Expired states go first, and nothing unexpired when they make room.
+        let s = Store::memory();
+        for i in 0..max {
+            let key = format!("old{i}");
+            let mut u = update(&key, "a");
+            u.cap = cap;
+            u.expires_at = 10;
+            s.add(&u, 0).await.expect("add");
+        }
+        let mut u = update("new", "a");
+        u.cap = cap;
+        u.expires_at = 1_000;
+        s.add(&u, 20).await.expect("add");
+        assert_eq!(s.held(), 1);
+        assert_eq!(states_max(6), STATES_MAX);
     }
 }

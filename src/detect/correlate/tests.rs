@@ -11,7 +11,7 @@ fn dir() -> PathBuf {
 
 fn correlator() -> (Rules, Correlator) {
     let rules = Rules::load(&[dir()], &BTreeMap::new(), &BTreeMap::new(), false).expect("rules");
-    let c = Correlator::compile(&rules, Store::memory(), 86_400, false).expect("compiles");
+    let c = Correlator::compile(&rules, &Store::memory(), None, 86_400, false).expect("compiles");
     (rules, c)
 }
 
@@ -49,7 +49,8 @@ async fn five_failed_logins_in_a_window_fire_once_and_a_redelivery_counts_once()
     );
     for i in 0..4 {
         let e = failed(&format!("e{i}"), "alice", "1.1.1.1");
-        assert!(feed(&rules, &c, &e, T0 + i * 60).await.is_empty(), "{i}");
+        let got = feed(&rules, &c, &e, T0 + i * 60).await;
+        assert!(got.is_empty(), "{i}: {got:?}");
     }
     // e3 again (a redelivery): still four.
     let again = failed("e3", "alice", "1.1.1.1");
@@ -157,8 +158,8 @@ fn load_one(name: &str, text: &str) -> Result<Correlator, String> {
     std::fs::write(d.join("r.yml"), format!("{base}\n---\n{text}")).expect("write");
     let rules = Rules::load(&[d.clone()], &BTreeMap::new(), &BTreeMap::new(), false)
         .map_err(|e| e.to_string())?;
-    let out =
-        Correlator::compile(&rules, Store::memory(), 86_400, false).map_err(|e| e.to_string());
+    let out = Correlator::compile(&rules, &Store::memory(), None, 86_400, false)
+        .map_err(|e| e.to_string());
     let _ = std::fs::remove_dir_all(&d);
     out
 }
@@ -203,4 +204,88 @@ fn caps_are_one_past_the_highest_threshold() {
     let (_, c) = correlator();
     let caps: Vec<usize> = c.correlations.iter().map(|x| x.cap).collect();
     assert_eq!(caps, [6, 4, 2]);
+}
+
+/// The test rules with `edit` applied, loaded from a folder of their own.
+fn rules_edited(name: &str, edit: impl Fn(String) -> String) -> Rules {
+    let d = std::env::temp_dir().join(format!("trailhose-carry-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("dir");
+    let text = std::fs::read_to_string(dir().join("logins.yml")).expect("rules");
+    std::fs::write(d.join("logins.yml"), edit(text)).expect("write");
+    let rules =
+        Rules::load(&[d.clone()], &BTreeMap::new(), &BTreeMap::new(), false).expect("rules");
+    let _ = std::fs::remove_dir_all(&d);
+    rules
+}
+
+fn store_of<'a>(c: &'a Correlator, id: &str) -> &'a Store {
+    &c.correlations
+        .iter()
+        .find(|x| x.id == id)
+        .expect("correlation")
+        .store
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_counts_of_unchanged_correlations_and_drops_changed_ones() {
+    let base = Store::memory();
+    let build = |rules: &Rules, previous: Option<&Correlator>| {
+        Correlator::build(rules, &base, previous, 86_400, false)
+            .expect("compiles")
+            .expect("has correlations")
+    };
+    let first_rules = rules_edited("a", |t| t);
+    let first = build(&first_rules, None);
+    for i in 0..4 {
+        let e = failed(&format!("e{i}"), "alice", "1.1.1.1");
+        assert!(feed(&first_rules, &first, &e, T0 + i).await.is_empty());
+    }
+    // Reloaded with a new title and level: not what is counted, so the four stay.
+    let second_rules = rules_edited("b", |t| {
+        t.replace(
+            "title: Five failed console logins for one user within ten minutes",
+            "title: Five failed logins (edited)",
+        )
+    });
+    let second = build(&second_rules, Some(&first));
+    assert!(store_of(&second, COUNT).same(store_of(&first, COUNT)));
+    assert_eq!(store_of(&second, COUNT).held(), 1);
+    let fifth = failed("e4", "alice", "1.1.1.1");
+    assert_eq!(feed(&second_rules, &second, &fifth, T0 + 10).await, [COUNT]);
+    // Reloaded with another threshold: its state starts afresh; the others keep theirs.
+    let third_rules = rules_edited("c", |t| t.replace("gte: 5", "gte: 2"));
+    let third = build(&third_rules, Some(&second));
+    assert!(!store_of(&third, COUNT).same(store_of(&second, COUNT)));
+    assert_eq!(store_of(&third, COUNT).held(), 0, "dropped");
+    assert!(store_of(&third, VALUES).same(store_of(&second, VALUES)));
+    assert!(store_of(&third, TEMPORAL).same(store_of(&first, TEMPORAL)));
+    let e = failed("f0", "alice", "1.1.1.1");
+    assert!(
+        feed(&third_rules, &third, &e, T0 + 20).await.is_empty(),
+        "one, not six"
+    );
+    let e = failed("f1", "alice", "1.1.1.1");
+    assert_eq!(feed(&third_rules, &third, &e, T0 + 21).await, [COUNT]);
+    // The changed definition keys its DynamoDB state differently too.
+    let fp = |c: &Correlator| {
+        c.correlations
+            .iter()
+            .find(|x| x.id == COUNT)
+            .map(|x| x.fingerprint.clone())
+            .expect("count")
+    };
+    assert_eq!(fp(&first), fp(&second));
+    assert_ne!(fp(&second), fp(&third));
+    // A removed correlation's state goes with the set that held it.
+    let fourth_rules = rules_edited("d", |t| {
+        t.replace("gte: 5", "gte: 2")
+            .split("\n---\n")
+            .filter(|doc| !doc.contains(VALUES))
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    });
+    let fourth = build(&fourth_rules, Some(&third));
+    assert_eq!(fourth.len(), 2);
+    assert!(store_of(&fourth, COUNT).same(store_of(&third, COUNT)));
 }

@@ -26,10 +26,48 @@ pub fn window(ts: i64, span: u64) -> Window {
 
 /// When a window's state may go (the TTL): `retention` after the window's end or after now
 /// (its last update), whichever is later, so that a backfill of old events keeps its state.
+/// A window in the future (an `eventTime` ahead of the clock, which CloudTrail does not write
+/// but input may) counts as ending one span from now: no state outlives `retention` by more.
 pub fn expires_at(w: Window, now: i64, retention: u64) -> i64 {
+    let span = w.end.saturating_sub(w.start);
     w.end
+        .min(now.saturating_add(span))
         .max(now)
         .saturating_add(i64::try_from(retention).unwrap_or(i64::MAX))
+}
+
+/// The longest member a state keeps as it is: eventIDs (36 characters), rule names and most
+/// values fit. A longer one is kept as its hash, so that a member is at most
+/// `MEMBER_MAX` bytes and a full set stays far below DynamoDB's 400 KB item limit.
+pub const MEMBER_MAX: usize = 64;
+
+/// Members a state may hold at most (a correlation's threshold must be below): 4,001 members
+/// of at most 64 bytes are 256 KB, under DynamoDB's 400 KB item limit with the other attributes.
+pub const MEMBERS_MAX: usize = 4_001;
+
+/// A member as a state keeps it: itself when short, else `sha256:` and 32 hex digits (so is
+/// any member that starts with `sha256:`, so that no value can pose as another's hash).
+pub fn member(value: &str) -> String {
+    const HASHED: &str = "sha256:";
+    if !value.is_empty() && value.len() <= MEMBER_MAX && !value.starts_with(HASHED) {
+        return value.to_owned();
+    }
+    let d = Sha256::digest(value.as_bytes());
+    let hex: String = d.iter().take(16).map(|b| format!("{b:02x}")).collect();
+    format!("{HASHED}{hex}")
+}
+
+/// The most bytes of the group kept beside a state, for people reading the table (the key
+/// is a hash of the whole group): a group-by value is input and may be as long as an event.
+pub const GROUP_TEXT_MAX: usize = 1_024;
+
+/// `s` cut to at most `max` bytes on a character boundary.
+pub fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
 }
 
 /// The group-by values as one JSON array (`null` for an absent field): stored beside the
@@ -115,6 +153,30 @@ mod tests {
             5_060,
             "a backfill keeps its state"
         );
+        // An eventTime in the year 9999 does not keep its state for millennia.
+        let far = window(253_402_300_000, 100);
+        assert_eq!(expires_at(far, 1_050, 60), 1_050 + 100 + 60);
+        assert_eq!(expires_at(window(i64::MAX, 100), i64::MAX, 60), i64::MAX);
+    }
+
+    #[test]
+    fn members_are_bounded_and_no_value_poses_as_a_hash() {
+        let id = "3f2c1c57-0d7e-4c5b-9b63-5a3a0f1e2d11";
+        assert_eq!(member(id), id);
+        let long = "é".repeat(10_000);
+        let h = member(&long);
+        assert!(h.starts_with("sha256:") && h.len() == 39, "{h}");
+        assert_eq!(h, member(&long), "stable");
+        assert_ne!(h, member(&"é".repeat(10_001)));
+        assert_eq!(member(&h).len(), 39);
+        assert_ne!(member(&h), h, "a value that looks hashed is hashed again");
+        assert!(
+            member("").starts_with("sha256:"),
+            "sets hold no empty string"
+        );
+        assert!(MEMBERS_MAX * (MEMBER_MAX + 1) + GROUP_TEXT_MAX < 350_000);
+        assert_eq!(clip("aé", 2), "a");
+        assert_eq!(clip("abc", 10), "abc");
     }
 
     #[test]
