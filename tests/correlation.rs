@@ -93,7 +93,7 @@ async fn receive_for(sqs: &aws_sdk_sqs::Client, url: &str, secs: u64) -> Vec<Val
 
 /// Polls until the worker on `port` has matched the base rule `n` times.
 async fn matched(port: u16, n: f64, log: &Path) {
-    let name = format!("trailhose_detections_total{{rule=\"{FAILED_LOGIN}\",level=\"low\"}}");
+    let name = format!("trailhose_detections_total{{level=\"low\",rule=\"{FAILED_LOGIN}\"}}");
     let deadline = Instant::now() + Duration::from_secs(90);
     while metric(port, &name) < n {
         assert!(

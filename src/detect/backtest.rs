@@ -251,6 +251,7 @@ pub async fn run(
             .or_insert_with(|| (hit.title.clone(), hit.level.as_str(), 0))
             .2 += 1;
     };
+    let mut reported = std::collections::HashSet::new();
     for key in &keys {
         if !bt.skip_prefix.is_empty() && key.starts_with(&bt.skip_prefix) {
             continue;
@@ -325,6 +326,17 @@ pub async fn run(
                 let id = event_key(text("eventID"), line);
                 let t = ts.unwrap_or(0);
                 for f in correlator.observe(&hits, &event, &id, t, t).await? {
+                    // The event that fired a window fires again when it comes again (in the
+                    // stream, its alert may not have been delivered). Stored output holds
+                    // such repeats; a backtest reports each window once.
+                    let window = (
+                        f.hit.id.clone(),
+                        f.detail.window_start.clone(),
+                        f.detail.group.clone(),
+                    );
+                    if !reported.insert(window) {
+                        continue;
+                    }
                     tally(&f.hit, &mut sum);
                     print(&m(&object, n + 1, &event, &f.hit, Some(&f.detail)));
                 }
