@@ -300,3 +300,122 @@ async fn in_process_correlation_alerts_once_for_one_worker() {
     assert_eq!(docs.len(), 1, "{docs:#?}");
     check_alert(&docs[0], "login-5");
 }
+
+/// A TCP forwarder to moto that can be cut: while cut it closes every connection, open ones
+/// included (the SDK keeps connections alive), so DynamoDB is unreachable.
+struct Switch {
+    port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+}
+
+impl Switch {
+    async fn start(upstream: &str) -> Switch {
+        let target = upstream.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (up, rx) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let mut rx = rx.clone();
+                if !*rx.borrow() {
+                    continue; // dropped: closed at once
+                }
+                let target = target.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = rx.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Switch { port, up }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn set(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_table_holds_the_notification_and_the_alert_comes_once_it_is_back() {
+    // Failed hand-backs come round every few seconds: a generous receive count keeps the
+    // message off the DLQ for the outage.
+    let (moto, q) = setup("corr-outage", 100).await;
+    let sqs = moto.sqs();
+    let alerts_url = queue(&sqs, "corr-outage-alerts").await;
+    let tmp = TempDir::new("correlation-outage");
+    let switch = Switch::start(&moto.endpoint).await;
+    let shared = format!(
+        "mode = \"dynamodb\"\ntable = \"trailhose-correlation\"\nregion = \"us-east-1\"\nendpoint_url = \"{}\"",
+        switch.endpoint()
+    );
+    let port = free_port();
+    let cfg = config(&moto, tmp.path(), &q.url, port, &alerts_url, &shared);
+    let log = tmp.path().join("worker.log");
+    let mut w = start_worker(&moto, &cfg, &log);
+    wait_healthy(port).await;
+
+    switch.set(false);
+    // Five logins, and one whose group-by value (a 300 KB user name) is far beyond what a
+    // DynamoDB item may hold if it were stored as it is.
+    let mut hostile = failed_login("login-hostile", 6);
+    hostile["userIdentity"]["userName"] = json!(format!("{}\u{0}\"'/#", "x".repeat(300_000)));
+    let mut events: Vec<Value> = (1..=5)
+        .map(|i| failed_login(&format!("login-{i}"), i))
+        .collect();
+    events.push(hostile);
+    deliver(&moto, &q.url, "outage", &events).await;
+    let failures = || metric(port, "trailhose_correlation_failures_total");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while failures() < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no correlation failure counted; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Held: the notification is not acknowledged, and no alert went out.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (visible, in_flight) = depth(&sqs, &q.url).await;
+    assert_eq!(visible + in_flight, 1, "the notification is kept");
+    assert!(receive_for(&sqs, &alerts_url, 2).await.is_empty());
+
+    // Back: the redelivery counts the five once each and fires once.
+    switch.set(true);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut docs = Vec::new();
+    while docs.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no alert after the table came back; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        docs = receive_for(&sqs, &alerts_url, 1).await;
+    }
+    // The hostile login is a group of its own, counted without failing the notification.
+    let dlq_before = depth(&sqs, &q.dlq_url).await;
+    stop(&mut w, &log, 60);
+    let docs = [docs, receive_for(&sqs, &alerts_url, 3).await].concat();
+    assert_eq!(docs.len(), 1, "{docs:#?}");
+    check_alert(&docs[0], "login-5");
+    assert_eq!(
+        depth(&sqs, &q.url).await,
+        (0, 0),
+        "acknowledged once written"
+    );
+    assert_eq!(dlq_before, (0, 0), "nothing went to the DLQ");
+}

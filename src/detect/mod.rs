@@ -702,6 +702,94 @@ mod tests {
         let _ = std::fs::remove_dir_all(&tmp);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_rebuilds_the_correlations_keeping_unchanged_counts_and_a_bad_set_keeps_both()
+    {
+        const COUNT: &str = "5c0e7d3a-2b7f-4a39-9d0e-1f6a2c9b8e10";
+        let here =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/detect/correlation");
+        let tmp =
+            std::env::temp_dir().join(format!("trailhose-corr-reload-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).expect("dir");
+        let text = std::fs::read_to_string(here.join("logins.yml")).expect("rules");
+        std::fs::write(tmp.join("logins.yml"), &text).expect("write");
+        let cfg: DetectConfig = toml::from_str(&format!(
+            "rules = [{:?}]\nreload_secs = 0",
+            tmp.display().to_string()
+        ))
+        .expect("config");
+        let (d, delivery) = Detect::open(&cfg).await.expect("open");
+        let fired = || {
+            let line = format!("trailhose_detections_total{{level=\"high\",rule=\"{COUNT}\"}} ");
+            crate::metrics::METRICS
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix(line.as_str()).map(str::to_owned))
+                .and_then(|n| n.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // Worker threads block on the store: feed from a blocking thread, as they do.
+        let feed = |d: Arc<Detect>, id: &'static str| async move {
+            tokio::task::spawn_blocking(move || {
+                let raw = format!(
+                    r#"{{"eventID":"{id}","eventTime":"2024-03-18T14:01:00Z","eventSource":"signin.amazonaws.com","eventName":"ConsoleLogin","userIdentity":{{"userName":"alice"}},"responseElements":{{"ConsoleLogin":"Failure"}}}}"#
+                );
+                let head = Head {
+                    event_id: Some(id.into()),
+                    event_time: Some("2024-03-18T14:01:00Z".into()),
+                    ..Head::default()
+                };
+                let seen = Seen {
+                    raw: raw.as_bytes(),
+                    additions: &[],
+                    head: &head,
+                    partition: "",
+                    source: "s3://b/k",
+                    hold: None,
+                };
+                d.inspect(&seen);
+            })
+            .await
+            .expect("feed");
+        };
+        for id in ["e1", "e2", "e3", "e4"] {
+            feed(d.clone(), id).await;
+        }
+        let before = fired();
+        // A broken file: the running rules and correlations stay, counts and all.
+        let running = d.running();
+        std::fs::write(tmp.join("broken.yml"), "title: B\nlogsource: {product: aws}\ndetection:\n  s: {eventName: x}\n  condition: s and t\n").expect("write");
+        d.reload(true);
+        assert!(
+            Arc::ptr_eq(&running, &d.running()),
+            "a bad set keeps the running one"
+        );
+        // A good set with the correlation's title edited: rebuilt, its four counts kept.
+        std::fs::remove_file(tmp.join("broken.yml")).expect("rm");
+        std::fs::write(
+            tmp.join("logins.yml"),
+            text.replace("within ten minutes", "in ten minutes"),
+        )
+        .expect("write");
+        d.reload(true);
+        assert!(!Arc::ptr_eq(&running, &d.running()), "rebuilt");
+        drop(running);
+        feed(d.clone(), "e5").await;
+        assert_eq!(fired(), before + 1.0, "the fifth fires across the reload");
+        // A changed threshold starts from zero: two more do not fire, though seven were seen.
+        std::fs::write(tmp.join("logins.yml"), text.replace("gte: 5", "gte: 3")).expect("write");
+        d.reload(true);
+        feed(d.clone(), "e6").await;
+        feed(d.clone(), "e7").await;
+        assert_eq!(fired(), before + 1.0, "counted afresh");
+        feed(d.clone(), "e8").await;
+        assert_eq!(fired(), before + 2.0);
+        drop(d);
+        delivery.finish().await;
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
     #[test]
     fn annotations_are_a_json_member() {
         let hits = [Hit {

@@ -85,7 +85,7 @@ impl CorrelationConfig {
                     ),
                 ];
                 if let Some((key, _)) = stray.iter().find(|(_, set)| *set) {
-                    return Err(invalid(*key, "only with mode = \"dynamodb\""));
+                    return Err(invalid(key, "only with mode = \"dynamodb\""));
                 }
             }
         }

@@ -454,13 +454,9 @@ mod tests {
         let Store::Memory(m) = &s else {
             panic!("memory")
         };
-        let m = m.lock().expect("lock");
-        assert!(
-            m.contains_key(&format!("k{}", max * 5 - 1)),
-            "the newest stays"
-        );
-        assert!(!m.contains_key("k0"), "the oldest went");
-        drop(m);
+        let has = |k: &str| m.lock().expect("lock").contains_key(k);
+        assert!(has(&format!("k{}", max * 5 - 1)), "the newest stays");
+        assert!(!has("k0"), "the oldest went");
         // Expired states go first, and nothing unexpired when they make room.
         let s = Store::memory();
         for i in 0..max {

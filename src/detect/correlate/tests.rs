@@ -156,8 +156,13 @@ fn load_one(name: &str, text: &str) -> Result<Correlator, String> {
         .collect::<Vec<_>>()
         .join("\n---\n");
     std::fs::write(d.join("r.yml"), format!("{base}\n---\n{text}")).expect("write");
-    let rules = Rules::load(&[d.clone()], &BTreeMap::new(), &BTreeMap::new(), false)
-        .map_err(|e| e.to_string())?;
+    let rules = Rules::load(
+        std::slice::from_ref(&d),
+        &BTreeMap::new(),
+        &BTreeMap::new(),
+        false,
+    )
+    .map_err(|e| e.to_string())?;
     let out = Correlator::compile(&rules, &Store::memory(), None, 86_400, false)
         .map_err(|e| e.to_string());
     let _ = std::fs::remove_dir_all(&d);
@@ -213,8 +218,13 @@ fn rules_edited(name: &str, edit: impl Fn(String) -> String) -> Rules {
     std::fs::create_dir_all(&d).expect("dir");
     let text = std::fs::read_to_string(dir().join("logins.yml")).expect("rules");
     std::fs::write(d.join("logins.yml"), edit(text)).expect("write");
-    let rules =
-        Rules::load(&[d.clone()], &BTreeMap::new(), &BTreeMap::new(), false).expect("rules");
+    let rules = Rules::load(
+        std::slice::from_ref(&d),
+        &BTreeMap::new(),
+        &BTreeMap::new(),
+        false,
+    )
+    .expect("rules");
     let _ = std::fs::remove_dir_all(&d);
     rules
 }
