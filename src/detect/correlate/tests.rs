@@ -197,6 +197,18 @@ fn unsupported_correlations_are_named_with_the_reason() {
     .err()
     .expect("session");
     assert!(e.contains("session"), "{e}");
+    let e = load_one(
+        "huge",
+        &corr("  type: event_count\n  rules: [failed_console_login]\n  group-by: [x]\n  timespan: 5m\n  condition:\n    gte: 4001"),
+    )
+    .err()
+    .expect("a threshold no item can hold");
+    assert!(e.contains("above 4000"), "{e}");
+    load_one(
+        "max",
+        &corr("  type: event_count\n  rules: [failed_console_login]\n  group-by: [x]\n  timespan: 5m\n  condition:\n    gte: 4000"),
+    )
+    .expect("4000 loads");
     load_one(
         "ok",
         &corr("  type: event_count\n  rules: [access_key_created]\n  group-by: [x]\n  timespan: 5m\n  condition:\n    gte: 2"),
