@@ -456,6 +456,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        #[cfg(feature = "query")]
         Command::Query {
             output,
             sql,
@@ -474,6 +475,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             eprintln!("trailhose: {note}");
             Ok(())
         }
+        #[cfg(not(feature = "query"))]
+        Command::Query { .. } => anyhow::bail!(
+            "this trailhose was built without the `query` feature (`--no-default-features`); \
+             build it with the default features (`cargo build --release`) to run SQL"
+        ),
         Command::Tables {
             command: TablesCommand::FromOrganizations { file },
         } => {
