@@ -5,6 +5,8 @@
 #   Python module  → target/transforms/python/tag_account.wasm (componentize-py, pinned, own venv;
 #                    built against trailhose:transform@0.1.0 on purpose: the tests load a 0.1.0
 #                    module beside the 0.2.0 Rust ones in one binary)
+#   JS module      → target/transforms/js/prod_egress.wasm (componentize-js from npm, pinned by
+#                    transforms/js/package-lock.json, installed under target/js-node)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -30,5 +32,24 @@ if [ ! -f "$out" ] || [ "$src" -nt "$out" ] || [ wit/v0.1.0/transform.wit -nt "$
   mkdir -p "$(dirname "$out")"
   (cd "$(dirname "$src")" && "$ROOT/$VENV/bin/componentize-py" --wit-path "$ROOT/wit/v0.1.0" \
     --world transform componentize app -o "$ROOT/$out.tmp" >/dev/null)
+  mv "$out.tmp" "$out"
+fi
+
+# JavaScript: componentize-js (SpiderMonkey in the component) from the lock file, installed once.
+JS_DIR=target/js-node
+if ! cmp -s transforms/js/package-lock.json "$JS_DIR/package-lock.json" \
+  || [ ! -d "$JS_DIR/node_modules/@bytecodealliance/componentize-js" ]; then
+  echo "installing componentize-js into $JS_DIR (transforms/js/package-lock.json)"
+  rm -rf "$JS_DIR" && mkdir -p "$JS_DIR"
+  cp transforms/js/package.json transforms/js/package-lock.json "$JS_DIR/"
+  (cd "$JS_DIR" && npm ci --quiet --no-audit --no-fund --ignore-scripts >/dev/null)
+fi
+cp transforms/js/build.mjs "$JS_DIR/build.mjs"
+out=target/transforms/js/prod_egress.wasm
+src=transforms/js/prod-egress/app.js
+if [ ! -f "$out" ] || [ "$src" -nt "$out" ] || [ wit/transform.wit -nt "$out" ] \
+  || [ transforms/js/build.mjs -nt "$out" ]; then
+  mkdir -p "$(dirname "$out")"
+  node "$JS_DIR/build.mjs" "$src" wit "$out.tmp"
   mv "$out.tmp" "$out"
 fi

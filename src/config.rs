@@ -128,8 +128,15 @@ impl Default for ParquetConfig {
 pub struct TransformConfig {
     /// Names the module in metrics, logs and error records.
     pub name: String,
-    /// The component file (`.wasm`).
+    /// The component file (`.wasm`): a local path or `s3://bucket/key`.
     pub path: PathBuf,
+    /// For an `s3://` path: the S3 client's region and endpoint (defaults: the SDK's chain).
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    #[serde(default)]
+    pub force_path_style: bool,
     /// Handed to the module's `init`.
     #[serde(default)]
     pub config: std::collections::BTreeMap<String, String>,
@@ -831,6 +838,15 @@ impl Config {
             if t.path.as_os_str().is_empty() {
                 return Err(invalid("transforms.path", named("is empty")));
             }
+            if let Some(p) = t.path.to_str()
+                && p.starts_with("s3://")
+                && crate::watch::s3_location(p).is_none()
+            {
+                return Err(invalid(
+                    "transforms.path",
+                    named("an S3 path must be s3://bucket/key"),
+                ));
+            }
             if let Some(unknown) = t
                 .tables
                 .iter()
@@ -1144,6 +1160,9 @@ impl Config {
             .map(|t| crate::transform::ModuleSpec {
                 name: t.name.clone(),
                 path: t.path.clone(),
+                region: t.region.clone(),
+                endpoint_url: t.endpoint_url.clone(),
+                force_path_style: t.force_path_style,
                 config: t.config.clone().into_iter().collect(),
                 tables: t.tables.clone(),
                 limits: crate::transform::Limits {

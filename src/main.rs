@@ -512,6 +512,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        #[cfg(feature = "query")]
         Command::Query {
             output,
             sql,
@@ -530,6 +531,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             eprintln!("trailhose: {note}");
             Ok(())
         }
+        #[cfg(not(feature = "query"))]
+        Command::Query { .. } => anyhow::bail!(
+            "this trailhose was built without the `query` feature (`--no-default-features`); \
+             build it with the default features (`cargo build --release`) to run SQL"
+        ),
         Command::Tables {
             command: TablesCommand::FromOrganizations { file },
         } => {
@@ -641,6 +647,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             let spec = ModuleSpec {
                 name,
                 path: module,
+                region: None,
+                endpoint_url: None,
+                force_path_style: false,
                 config,
                 tables: granted,
                 limits: Limits {

@@ -669,7 +669,20 @@ fn priority_events() -> Vec<String> {
 
 #[test]
 fn the_example_priority_rule_reads_granted_tables_beside_a_0_1_0_module_in_one_chain() {
-    let tmp = TempDir::new("tables-module");
+    priority_rule_in_a_chain("tables-module", None);
+}
+
+/// The same rule written in JavaScript (transforms/js/prod-egress, componentize-js) gives the
+/// same events as the Rust module, in the same chain.
+#[test]
+fn the_javascript_priority_rule_gives_what_the_rust_one_gives() {
+    priority_rule_in_a_chain("tables-js", Some("js/prod_egress.wasm"));
+}
+
+/// Runs examples/tables.toml (its priority module replaced by `priority`, a file under
+/// target/transforms) followed by the 0.1.0 Python module, and checks every event.
+fn priority_rule_in_a_chain(name: &str, priority: Option<&str>) {
+    let tmp = TempDir::new(name);
     // The Python module is built against trailhose:transform@0.1.0, prod_egress against 0.2.0.
     let python = module("python/tag_account.wasm");
     let config = example_config(
@@ -680,6 +693,15 @@ fn the_example_priority_rule_reads_granted_tables_beside_a_0_1_0_module_in_one_c
             python.display().to_string()
         ),
     );
+    if let Some(file) = priority {
+        let rust = "\"target/transforms/wasm32-wasip2/release/prod_egress.wasm\"";
+        let text = std::fs::read_to_string(&config).unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).display().to_string();
+        let rust = rust.replace("\"target/", &format!("\"{root}/target/"));
+        assert!(text.contains(&rust), "{text}");
+        let text = text.replace(&rust, &format!("{:?}", module(file).display().to_string()));
+        std::fs::write(&config, text).unwrap();
+    }
     let input = tmp.path().join("in");
     delivery(&input, "one", &priority_events());
     let (out, metrics) = (tmp.path().join("out"), tmp.path().join("metrics.txt"));

@@ -1175,6 +1175,9 @@ fn modules_reload_when_their_file_changes_and_a_bad_file_keeps_the_running_versi
     let spec = ModuleSpec {
         name: "live".into(),
         path: path.clone(),
+        region: None,
+        endpoint_url: None,
+        force_path_style: false,
         config: Vec::new(),
         tables: Vec::new(),
         limits: Limits {
@@ -1270,52 +1273,8 @@ async fn sighup_reloads_modules_and_geoip_in_a_running_worker_without_losing_eve
         ),
     )
     .unwrap();
-    let send_file = |name: &'static str| {
-        let (s3, sqs, queue) = (s3.clone(), sqs.clone(), queue.clone());
-        async move {
-            let evs: Vec<Value> = (1..=3)
-                .map(|i| {
-                    json!({"eventTime": "2024-03-18T10:00:00Z", "eventSource": "iam.amazonaws.com",
-                           "eventID": format!("{name}{i}"), "recipientAccountId": "111122223333",
-                           "sourceIPAddress": "52.94.0.1"})
-                })
-                .collect();
-            let key =
-                format!("AWSLogs/111122223333/CloudTrail/eu-west-1/2024/03/18/{name}.json.gz");
-            let body = fixtures::gzip(&serde_json::to_vec(&json!({ "Records": evs })).unwrap());
-            s3.put_object()
-                .bucket("trail")
-                .key(&key)
-                .body(body.into())
-                .send()
-                .await
-                .expect("put");
-            let msg = json!({"s3Bucket": "trail", "s3ObjectKey": [key]}).to_string();
-            sqs.send_message()
-                .queue_url(&queue)
-                .message_body(msg)
-                .send()
-                .await
-                .expect("send");
-        }
-    };
-    let written = |n: usize| {
-        let out = out.clone();
-        async move {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            loop {
-                let events = if out.exists() {
-                    split_output(&local_objects(&out)).events
-                } else {
-                    Vec::new()
-                };
-                if events.len() >= n || std::time::Instant::now() > deadline {
-                    return events;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            }
-        }
-    };
+    let send_file = |name: &'static str| send_file(&s3, &sqs, &queue, name);
+    let written = |n: usize| written(&out, n);
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trailhose"));
     cmd.args(["run", "--config"])
         .arg(&config)
@@ -1377,6 +1336,182 @@ async fn sighup_reloads_modules_and_geoip_in_a_running_worker_without_losing_eve
         // database (which covers 52.0.0.0/8).
         assert_eq!(v.get("xpriority").is_some(), after, "{id}: {v}");
         assert_eq!(v.get("geo").is_some(), after, "{id}: {v}");
+    }
+}
+
+/// A module at an `s3://` path: fetched at start-up, followed by its ETag at the shipped reload
+/// interval (2 s), a corrupt version keeps the running one, and a missing object stops start-up
+/// naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_on_s3_is_fetched_followed_by_its_etag_and_a_bad_version_keeps_the_running_one() {
+    use common::{Moto, free_port, http_get};
+    let moto = Moto::start();
+    let (s3, sqs) = (moto.s3(), moto.sqs());
+    for b in ["trail", "modules"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    let put_module = |bytes: Vec<u8>| {
+        let s3 = s3.clone();
+        async move {
+            s3.put_object()
+                .bucket("modules")
+                .key("team/live.wasm")
+                .body(bytes.into())
+                .send()
+                .await
+                .expect("put module");
+        }
+    };
+    put_module(std::fs::read(module("identity")).unwrap()).await;
+    let queue = sqs
+        .create_queue()
+        .queue_name("s3-module")
+        .send()
+        .await
+        .expect("queue")
+        .queue_url
+        .expect("queue url");
+    let tmp = TempDir::new("transform-s3-module");
+    let out = tmp.path().join("out");
+    let port = free_port();
+    let ep = &moto.endpoint;
+    let config = |path: &str| {
+        let file = tmp.path().join("run.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[output]\nurl = {:?}\n[batch]\nmax_age_secs = 1\n[pipeline]\n\
+                 transform_cache_dir = {:?}\n[source.sqs]\nqueue_url = {queue:?}\n\
+                 endpoint_url = {ep:?}\nwait_time_secs = 1\n[[source.buckets]]\nname = \"trail\"\n\
+                 endpoint_url = {ep:?}\nforce_path_style = true\n[server]\n\
+                 listen = \"127.0.0.1:{port}\"\n[[transforms]]\nname = \"live\"\npath = {path:?}\n\
+                 endpoint_url = {ep:?}\nforce_path_style = true\n",
+                out.display().to_string(),
+                cache_dir(),
+            ),
+        )
+        .unwrap();
+        file
+    };
+    let spawn = |config: &Path| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trailhose"));
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("TRAILHOSE_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in moto.env() {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("start trailhose run")
+    };
+    let reloads = |result: &str| {
+        let needle =
+            format!("trailhose_transform_reloads_total{{module=\"live\",result=\"{result}\"}} ");
+        http_get(port, "/metrics")
+            .and_then(|(_, m)| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix(needle.as_str()).map(str::to_owned))
+            })
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let wait_for = |what: &'static str, result: &'static str| async move {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while reloads(result) < 1.0 {
+            assert!(std::time::Instant::now() < deadline, "no {what} reload");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+
+    // A missing object stops start-up, naming it.
+    let mut missing = spawn(&config("s3://modules/team/missing.wasm"));
+    let status = missing.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(missing.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(
+        stderr.contains("cannot read s3://modules/team/missing.wasm"),
+        "{stderr}"
+    );
+
+    let mut worker = spawn(&config("s3://modules/team/live.wasm"));
+    let pid = worker.id().to_string();
+    send_file(&s3, &sqs, &queue, "a").await;
+    assert_eq!(written(&out, 3).await.len(), 3, "file a, identity module");
+
+    put_module(std::fs::read(module("priority_rules")).unwrap()).await;
+    wait_for("successful", "ok").await;
+    send_file(&s3, &sqs, &queue, "b").await;
+    assert_eq!(written(&out, 6).await.len(), 6, "file b, priority-rules");
+
+    put_module(b"not a component".to_vec()).await;
+    wait_for("failed", "error").await;
+    send_file(&s3, &sqs, &queue, "c").await;
+    let events = written(&out, 9).await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    let _ = worker.wait();
+    let mut by_id: BTreeMap<String, Value> = BTreeMap::new();
+    for (_, line) in &events {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let id = v["eventID"].as_str().unwrap().to_owned();
+        assert!(by_id.insert(id, v).is_none(), "written once: {line}");
+    }
+    assert_eq!(by_id.len(), 9, "{events:?}");
+    for (id, v) in &by_id {
+        // Before the new version: identity. After it, and after the corrupt one: priority-rules
+        // (IAM is HIGH).
+        assert_eq!(
+            v.get("xpriority").is_some(),
+            !id.starts_with('a'),
+            "{id}: {v}"
+        );
+    }
+}
+
+/// Puts a delivery file of three IAM events (`{name}1`..`{name}3`) in bucket `trail` and
+/// announces it on `queue`.
+async fn send_file(s3: &aws_sdk_s3::Client, sqs: &aws_sdk_sqs::Client, queue: &str, name: &str) {
+    let evs: Vec<Value> = (1..=3)
+        .map(|i| {
+            json!({"eventTime": "2024-03-18T10:00:00Z", "eventSource": "iam.amazonaws.com",
+                   "eventID": format!("{name}{i}"), "recipientAccountId": "111122223333",
+                   "sourceIPAddress": "52.94.0.1"})
+        })
+        .collect();
+    let key = format!("AWSLogs/111122223333/CloudTrail/eu-west-1/2024/03/18/{name}.json.gz");
+    let body = fixtures::gzip(&serde_json::to_vec(&json!({ "Records": evs })).unwrap());
+    s3.put_object()
+        .bucket("trail")
+        .key(&key)
+        .body(body.into())
+        .send()
+        .await
+        .expect("put");
+    let msg = json!({"s3Bucket": "trail", "s3ObjectKey": [key]}).to_string();
+    sqs.send_message()
+        .queue_url(queue)
+        .message_body(msg)
+        .send()
+        .await
+        .expect("send");
+}
+
+/// The events under `out` once there are at least `n` (or whatever is there after 30 s).
+async fn written(out: &Path, n: usize) -> Vec<(String, String)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let events = if out.exists() {
+            split_output(&local_objects(out)).events
+        } else {
+            Vec::new()
+        };
+        if events.len() >= n || std::time::Instant::now() > deadline {
+            return events;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
 

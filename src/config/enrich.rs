@@ -129,9 +129,7 @@ impl TableConfig {
 
     /// `(bucket, key)` of an `s3://` path.
     pub fn s3_location(&self) -> Option<(&str, &str)> {
-        let rest = self.path.strip_prefix("s3://")?;
-        let (bucket, key) = rest.split_once('/')?;
-        (!bucket.is_empty() && !key.is_empty()).then_some((bucket, key))
+        crate::watch::s3_location(&self.path)
     }
 }
 

@@ -98,11 +98,11 @@ fn reload_on_hangup(
 
 /// Compiles and checks the transform modules (a module that fails `init` stops start-up), and
 /// reloads them when their files change or on SIGHUP.
-fn open_transforms(cfg: &Config) -> Result<Option<Arc<Transforms>>, PipelineError> {
+async fn open_transforms(cfg: &Config) -> Result<Option<Arc<Transforms>>, PipelineError> {
     if cfg.transforms.is_empty() {
         return Ok(None);
     }
-    let t = Transforms::open(&cfg.transform_specs(), cfg.transform_cache_dir())?;
+    let t = Transforms::open_remote(&cfg.transform_specs(), cfg.transform_cache_dir()).await?;
     if let Some(every) = cfg.transform_reload() {
         t.watch(every);
     }
@@ -155,7 +155,7 @@ impl Engine {
         let codec = cfg.codec()?;
         let geo = open_geo(cfg)?;
         let tables = LiveTables::open(&cfg.enrich).await?;
-        let transforms = open_transforms(cfg)?;
+        let transforms = open_transforms(cfg).await?;
         let detect = match &cfg.detect {
             Some(d) => Some(Detect::open(d).await?),
             None => None,

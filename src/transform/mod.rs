@@ -25,7 +25,7 @@ use host::{CallError, Event, Fields, Instance, Prepared};
 
 use crate::enrich::tables::stage::Lookups;
 use crate::metrics::{self, TransformBatch, TransformFailed, TransformReloaded};
-use crate::watch::{self, Stamp, stamp};
+use crate::watch::{self, ReadError, S3Settings, Source, Version};
 
 /// Per-call limits of one module.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +68,12 @@ impl OnFailure {
 #[derive(Debug, Clone)]
 pub struct ModuleSpec {
     pub name: String,
+    /// A local path or `s3://bucket/key`.
     pub path: PathBuf,
+    /// For an `s3://` path: the S3 client's region, endpoint and addressing.
+    pub region: Option<String>,
+    pub endpoint_url: Option<String>,
+    pub force_path_style: bool,
     pub config: Vec<(String, String)>,
     /// The `[[enrich.tables]]` the module may read through `lookup`.
     pub tables: Vec<String>,
@@ -81,6 +86,14 @@ pub struct ModuleSpec {
 }
 
 impl ModuleSpec {
+    fn s3(&self) -> S3Settings<'_> {
+        S3Settings {
+            region: self.region.as_deref(),
+            endpoint_url: self.endpoint_url.as_deref(),
+            force_path_style: self.force_path_style,
+        }
+    }
+
     /// Whether the module's own log lines and counters are held until a call is known to
     /// have succeeded on every event: under `drop_body` they may quote the event.
     fn holds_output(&self) -> bool {
@@ -89,17 +102,32 @@ impl ModuleSpec {
     }
 }
 
+fn read_error(spec: &ModuleSpec, e: ReadError) -> TransformError {
+    TransformError::Read {
+        module: spec.name.clone(),
+        path: spec.path.display().to_string(),
+        detail: e.to_string(),
+    }
+}
+
+/// A local module's bytes and stamp, read at start-up.
+fn first_read(spec: &ModuleSpec, source: &Source) -> Result<(Vec<u8>, Version), TransformError> {
+    source
+        .read_blocking(None, &Version::Unknown, MAX_MODULE_BYTES)
+        .map_err(|e| read_error(spec, e))?
+        .ok_or_else(|| read_error(spec, ReadError::Failed("no data".into())))
+}
+
 /// Failed deliveries remembered under `on_failure = "retry"`; when full, the count restarts.
 const ATTEMPTS_REMEMBERED: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransformError {
-    #[error("transform {module:?}: cannot read {path}: {source}")]
+    #[error("transform {module:?}: cannot read {path}: {detail}")]
     Read {
         module: String,
         path: String,
-        #[source]
-        source: std::io::Error,
+        detail: String,
     },
     #[error("transform {module:?}: {path} is not a usable trailhose:transform component: {detail}")]
     Compile {
@@ -125,8 +153,14 @@ struct Module {
     current: RwLock<Arc<Loaded>>,
     /// Bumped on every successful reload; workers rebuild their instance when it moves.
     generation: AtomicU64,
-    stamp: Mutex<Option<Stamp>>,
+    source: Source,
+    /// What the source looked like when last read.
+    version: Mutex<Version>,
 }
+
+/// A larger module file or object is refused (the largest example, a JavaScript module with
+/// its engine, is 12 MB).
+pub const MAX_MODULE_BYTES: u64 = 256 << 20;
 
 /// Every configured module, shared by the workers.
 pub struct Transforms {
@@ -134,6 +168,9 @@ pub struct Transforms {
     fuel: bool,
     modules: Vec<Arc<Module>>,
     cache_dir: Option<PathBuf>,
+    /// Runs the S3 reads of `s3://` modules on reload; None without a runtime (`transform
+    /// test`), where only local files are used.
+    runtime: Option<tokio::runtime::Handle>,
     /// Failed deliveries per (module, source, first event index of the batch), for
     /// `max_attempts`. Per process: with several workers a batch may be tried up to
     /// `max_attempts` times on each.
@@ -141,11 +178,49 @@ pub struct Transforms {
 }
 
 impl Transforms {
-    /// Compiles every module and checks that it instantiates and accepts its config: a module
-    /// that fails here stops start-up.
+    /// Compiles every module (local files only) and checks that it instantiates and accepts
+    /// its config: a module that fails here stops start-up.
     pub fn open(
         specs: &[ModuleSpec],
         cache_dir: Option<PathBuf>,
+    ) -> Result<Arc<Transforms>, TransformError> {
+        let mut read = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let source = Source::File(spec.path.clone());
+            let first = first_read(spec, &source)?;
+            read.push((source, first));
+        }
+        Self::build(specs, cache_dir, None, read)
+    }
+
+    /// As [`Transforms::open`], with `s3://` modules read from S3 (and followed there by
+    /// their ETag on reload).
+    pub async fn open_remote(
+        specs: &[ModuleSpec],
+        cache_dir: Option<PathBuf>,
+    ) -> Result<Arc<Transforms>, TransformError> {
+        let mut read = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let source = Source::open(&spec.path.to_string_lossy(), spec.s3()).await;
+            let first = match &source {
+                Source::S3 { .. } => source
+                    .read(&Version::Unknown, MAX_MODULE_BYTES)
+                    .await
+                    .map_err(|e| read_error(spec, e))?
+                    .ok_or_else(|| read_error(spec, ReadError::Failed("no data".into())))?,
+                Source::File(_) => first_read(spec, &source)?,
+            };
+            read.push((source, first));
+        }
+        let runtime = tokio::runtime::Handle::current();
+        Self::build(specs, cache_dir, Some(runtime), read)
+    }
+
+    fn build(
+        specs: &[ModuleSpec],
+        cache_dir: Option<PathBuf>,
+        runtime: Option<tokio::runtime::Handle>,
+        read: Vec<(Source, (Vec<u8>, Version))>,
     ) -> Result<Arc<Transforms>, TransformError> {
         let fuel = specs.iter().any(|s| s.limits.fuel > 0);
         let engine = host::engine(fuel).map_err(|e| TransformError::Engine(e.to_string()))?;
@@ -155,18 +230,19 @@ impl Transforms {
             fuel,
             modules: Vec::new(),
             cache_dir,
+            runtime,
             attempts: Mutex::new(HashMap::new()),
         };
-        for spec in specs {
+        for (spec, (source, (wasm, version))) in specs.iter().zip(read) {
             let name: Arc<str> = spec.name.as_str().into();
-            let st = stamp(&spec.path);
-            let loaded = t.load(spec, &name)?;
+            let loaded = t.load(spec, &name, &wasm)?;
             t.modules.push(Arc::new(Module {
                 spec: spec.clone(),
                 name,
                 current: RwLock::new(Arc::new(loaded)),
                 generation: AtomicU64::new(0),
-                stamp: Mutex::new(st),
+                source,
+                version: Mutex::new(version),
             }));
         }
         Ok(Arc::new(t))
@@ -176,21 +252,21 @@ impl Transforms {
         self.modules.is_empty()
     }
 
-    /// Reads, compiles (or loads from the cache), links, and test-instantiates one module.
-    fn load(&self, spec: &ModuleSpec, name: &Arc<str>) -> Result<Loaded, TransformError> {
+    /// Compiles (or loads from the cache), links, and test-instantiates one module.
+    fn load(
+        &self,
+        spec: &ModuleSpec,
+        name: &Arc<str>,
+        wasm: &[u8],
+    ) -> Result<Loaded, TransformError> {
         let path = spec.path.display().to_string();
-        let wasm = std::fs::read(&spec.path).map_err(|source| TransformError::Read {
-            module: spec.name.clone(),
-            path: path.clone(),
-            source,
-        })?;
         let compile_err = |e: wasmtime::Error| TransformError::Compile {
             module: spec.name.clone(),
             path: path.clone(),
             detail: format!("{e:#}"),
         };
         let (component, _, note) =
-            cache::load(&self.engine, &wasm, self.cache_dir.as_deref()).map_err(compile_err)?;
+            cache::load(&self.engine, wasm, self.cache_dir.as_deref()).map_err(compile_err)?;
         if let Some(note) = note {
             metrics::emit(metrics::TransformCacheUnusable { note: &note });
         }
@@ -210,26 +286,45 @@ impl Transforms {
         })?;
         Ok(Loaded {
             prepared,
-            digest: cache::digest(&wasm),
+            digest: cache::digest(wasm),
         })
     }
 
-    /// Reloads modules whose file changed (`force`: re-reads every file, as on SIGHUP). A
-    /// module that fails to load keeps its running version. Workers switch between batches, so
-    /// no event is dropped.
+    /// Reloads modules whose file or S3 object changed (`force`: re-reads every one, as on
+    /// SIGHUP). A module that fails to load keeps its running version, and is not read again
+    /// until it changes. Workers switch between batches, so no event is dropped. Blocks: call
+    /// it from a plain thread.
     pub fn reload(&self, force: bool) {
         for m in &self.modules {
-            let now = stamp(&m.spec.path);
-            {
-                let Ok(mut last) = m.stamp.lock() else {
+            let wasm = {
+                let Ok(mut last) = m.version.lock() else {
                     continue;
                 };
-                if !force && *last == now {
-                    continue;
+                let known = if force {
+                    Version::Unknown
+                } else {
+                    last.clone()
+                };
+                match m
+                    .source
+                    .read_blocking(self.runtime.as_ref(), &known, MAX_MODULE_BYTES)
+                {
+                    Ok(None) => continue,
+                    Ok(Some((wasm, now))) => {
+                        *last = now;
+                        Ok(wasm)
+                    }
+                    // A file that is gone or unreadable: its stamp moved, so remember it, as
+                    // before; an S3 error is tried again at the next check.
+                    Err(e) => {
+                        if let Source::File(path) = &m.source {
+                            *last = Version::File(watch::stamp(path));
+                        }
+                        Err(read_error(&m.spec, e))
+                    }
                 }
-                *last = now;
-            }
-            let result = self.load(&m.spec, &m.name);
+            };
+            let result = wasm.and_then(|wasm| self.load(&m.spec, &m.name, &wasm));
             let changed = match &result {
                 Ok(loaded) => m
                     .current

@@ -41,7 +41,6 @@ app.kubernetes.io/component: {{ .Values.mode }}-worker
 {{- end }}
 
 {{- define "trailhose.geoipDir" -}}/var/lib/trailhose/geoip{{- end }}
-{{- define "trailhose.transformsDir" -}}/var/lib/trailhose/transforms{{- end }}
 {{- define "trailhose.tablesDir" -}}/var/lib/trailhose/tables{{- end }}
 
 {{/*
@@ -61,22 +60,18 @@ trailhose reads itself (and follows by ETag), or a file in a volume of extraVolu
 {{- end }}
 
 {{/*
-The local path trailhose loads a transform module from; S3 modules land in an emptyDir
-filled by an init container, ConfigMap modules are mounted per module.
+Where trailhose loads a transform module from: a ConfigMap mounted per module, an s3:// URL
+trailhose reads itself (and follows by ETag), or a file in a volume of extraVolumes.
 */}}
 {{- define "trailhose.transformPath" -}}
 {{- $t := . -}}
 {{- if $t.configMap -}}
 {{- printf "/var/lib/trailhose/modules/%s/%s" $t.name $t.configMap.key -}}
 {{- else if $t.url -}}
-{{- printf "%s/%s.wasm" (include "trailhose.transformsDir" .) $t.name -}}
+{{- $t.url -}}
 {{- else -}}
 {{- $t.path -}}
 {{- end -}}
-{{- end }}
-
-{{- define "trailhose.transformsFromS3" -}}
-{{- range .Values.transforms }}{{ if .url }}yes{{ end }}{{ end -}}
 {{- end }}
 
 {{/*
@@ -131,7 +126,7 @@ section the probes and Service depend on, the GeoIP paths and the transforms.
 {{- $_ := set $t "config" $c -}}
 {{- end -}}
 {{- $src := . -}}
-{{- range $k := list "fuel" "timeout_ms" "max_memory_mb" "max_output_bytes" "on_failure" "max_attempts" "retry_fallback" "tables" -}}
+{{- range $k := list "fuel" "timeout_ms" "max_memory_mb" "max_output_bytes" "on_failure" "max_attempts" "retry_fallback" "tables" "region" "endpoint_url" "force_path_style" -}}
 {{- if and (hasKey $src $k) (not (kindIs "invalid" (index $src $k))) }}{{ $_ := set $t $k (index $src $k) }}{{ end -}}
 {{- end -}}
 {{- $list = append $list $t -}}

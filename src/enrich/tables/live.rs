@@ -4,7 +4,6 @@
 //! at its next input file, so no file sees two versions. A table that fails keeps the running
 //! version (logged and counted); the others still update.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -13,24 +12,7 @@ use super::stage::Lookups;
 use super::{Table, TableError};
 use crate::config::enrich::{EnrichConfig, LookupConfig, TableConfig};
 use crate::metrics::{self, TableLoaded, TableReloadFailed};
-use crate::watch::{self, Stamp, stamp};
-
-enum Source {
-    File(PathBuf),
-    S3 {
-        client: aws_sdk_s3::Client,
-        bucket: String,
-        key: String,
-    },
-}
-
-/// What a table's source looked like when last read.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Version {
-    Unknown,
-    File(Option<Stamp>),
-    ETag(Option<String>),
-}
+use crate::watch::{self, ReadError, S3Settings, Source, Version, poll_ready};
 
 struct Slot {
     spec: TableConfig,
@@ -62,71 +44,20 @@ impl Slot {
         }
     }
 
-    /// The file's bytes, refused unread when its size is over `max_bytes` and cut at one byte
-    /// over it when it grows while read (`Table::parse` then refuses it).
-    fn read_file(&self, path: &std::path::Path) -> Result<Vec<u8>, TableError> {
-        use std::io::Read;
-        let max = self.spec.max_bytes;
-        let file = std::fs::File::open(path).map_err(|e| self.read_error(e.to_string()))?;
-        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if size > max {
-            return Err(TableError::Invalid {
-                name: self.spec.name.clone(),
-                location: self.spec.path.clone(),
-                format: self.spec.format().as_str(),
-                detail: format!("{size} bytes, over max_bytes = {max}; not read"),
-            });
-        }
-        let mut bytes = Vec::new();
-        file.take(max.saturating_add(1))
-            .read_to_end(&mut bytes)
-            .map_err(|e| self.read_error(e.to_string()))?;
-        Ok(bytes)
-    }
-
     /// The source's bytes and version, or None when its version is still `known`.
     async fn fetch(&self, known: &Version) -> Result<Option<(Vec<u8>, Version)>, TableError> {
-        let max = self.spec.max_bytes;
-        match &self.source {
-            Source::File(path) => {
-                let now = Version::File(stamp(path));
-                if *known == now {
-                    return Ok(None);
-                }
-                let bytes = self.read_file(path)?;
-                Ok(Some((bytes, now)))
-            }
-            Source::S3 {
-                client,
-                bucket,
-                key,
-            } => {
-                let failed = |e: &dyn std::fmt::Display| self.read_error(e.to_string());
-                if let Version::ETag(Some(etag)) = known {
-                    let head = client.head_object().bucket(bucket).key(key).send().await;
-                    let head =
-                        head.map_err(|e| failed(&aws_sdk_s3::error::DisplayErrorContext(e)))?;
-                    if head.e_tag() == Some(etag.as_str()) {
-                        return Ok(None);
-                    }
-                }
-                let resp = client.get_object().bucket(bucket).key(key).send().await;
-                let resp = resp.map_err(|e| failed(&aws_sdk_s3::error::DisplayErrorContext(e)))?;
-                if let Some(n) = resp.content_length().and_then(|n| u64::try_from(n).ok())
-                    && n > max
-                {
-                    return Err(TableError::Invalid {
-                        name: self.spec.name.clone(),
-                        location: self.spec.path.clone(),
-                        format: self.spec.format().as_str(),
-                        detail: format!("{n} bytes, over max_bytes = {max}; not read"),
-                    });
-                }
-                let etag = resp.e_tag().map(str::to_owned);
-                let body = resp.body.collect().await.map_err(|e| failed(&e))?;
-                Ok(Some((body.into_bytes().to_vec(), Version::ETag(etag))))
-            }
-        }
+        self.source
+            .read(known, self.spec.max_bytes)
+            .await
+            .map_err(|e| match e {
+                ReadError::TooLarge { .. } => TableError::Invalid {
+                    name: self.spec.name.clone(),
+                    location: self.spec.path.clone(),
+                    format: self.spec.format().as_str(),
+                    detail: e.to_string(),
+                },
+                ReadError::Failed(detail) => self.read_error(detail),
+            })
     }
 
     /// Fetches and parses; None when unchanged. A parse failure comes with the version that
@@ -152,19 +83,15 @@ impl LiveTables {
         }
         let mut slots = Vec::with_capacity(cfg.tables.len());
         for spec in &cfg.tables {
-            let source = match spec.s3_location() {
-                Some((bucket, key)) => Source::S3 {
-                    client: crate::pipeline::s3_client(
-                        spec.region.as_deref(),
-                        spec.endpoint_url.as_deref(),
-                        spec.force_path_style,
-                    )
-                    .await,
-                    bucket: bucket.to_owned(),
-                    key: key.to_owned(),
+            let source = Source::open(
+                &spec.path,
+                S3Settings {
+                    region: spec.region.as_deref(),
+                    endpoint_url: spec.endpoint_url.as_deref(),
+                    force_path_style: spec.force_path_style,
                 },
-                None => Source::File(PathBuf::from(&spec.path)),
-            };
+            )
+            .await;
             slots.push(Slot {
                 spec: spec.clone(),
                 name: spec.name.as_str().into(),
@@ -260,7 +187,7 @@ impl LiveTables {
             };
             let loaded = match &slot.source {
                 // A file is read without the runtime: it works after the runtime is gone too.
-                Source::File(_) => futures_lite_block_on(slot.load(&known)),
+                Source::File(_) => poll_ready(slot.load(&known)),
                 Source::S3 { .. } => self.runtime.block_on(slot.load(&known)),
             };
             let (table, version, secs) = match loaded {
@@ -324,18 +251,6 @@ impl LiveTables {
 }
 
 /// Runs a future that never waits on I/O readiness (a file read) to completion on this thread.
-fn futures_lite_block_on<F: std::future::Future>(f: F) -> F::Output {
-    use std::task::{Context, Poll, Waker};
-    let mut f = std::pin::pin!(f);
-    let mut cx = Context::from_waker(Waker::noop());
-    loop {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-        std::thread::yield_now();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
