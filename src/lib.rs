@@ -16,6 +16,7 @@ pub mod fetch;
 pub mod metrics;
 pub mod pipeline;
 pub mod progress;
+#[cfg(feature = "query")]
 pub mod query;
 pub mod retry;
 pub mod server;

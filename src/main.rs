@@ -197,6 +197,62 @@ enum DetectCommand {
         #[arg(required = true)]
         events: Vec<PathBuf>,
     },
+    /// Run rules (and correlations, counted in memory) over stored trailhose output: one JSON
+    /// line per match (stdout), then a per-rule summary (stderr).
+    Backtest {
+        /// The output root: a directory or s3://bucket/prefix (JSON lines, gzip or zstd).
+        output: String,
+        /// Sigma rule files or folders (repeatable).
+        #[arg(long, required = true)]
+        rules: Vec<PathBuf>,
+        /// Only events at or after this time (RFC 3339 or YYYY-MM-DD); earlier hour
+        /// partitions are not read.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only events before this time (RFC 3339 or YYYY-MM-DD).
+        #[arg(long)]
+        to: Option<String>,
+        /// A field mapping SIGMA_FIELD=EVENT.PATH, as `detect.fields` (repeatable).
+        #[arg(long = "field", value_name = "SIGMA=PATH")]
+        fields: Vec<String>,
+        /// A value for an `|expand` placeholder NAME=VALUE (repeatable).
+        #[arg(long = "placeholder", value_name = "NAME=VALUE")]
+        placeholders: Vec<String>,
+        /// Keys under this prefix of the output are not events (the error output).
+        #[arg(long, default_value = "errors/")]
+        skip_prefix: String,
+        /// S3 region and endpoint, for the s3:// form.
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        endpoint_url: Option<String>,
+    },
+}
+
+type Fields = std::collections::BTreeMap<String, String>;
+type Placeholders = std::collections::BTreeMap<String, Vec<String>>;
+
+/// `--field SIGMA=PATH` and `--placeholder NAME=VALUE` flags as `[detect]` tables.
+fn rule_options(
+    fields: &[String],
+    placeholders: &[String],
+) -> anyhow::Result<(Fields, Placeholders)> {
+    let fields = fields
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--field {kv:?} is not SIGMA=PATH"))
+        })
+        .collect::<anyhow::Result<std::collections::BTreeMap<_, _>>>()?;
+    let mut values = std::collections::BTreeMap::<String, Vec<String>>::new();
+    for kv in placeholders {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--placeholder {kv:?} is not NAME=VALUE"))?;
+        values.entry(k.to_owned()).or_default().push(v.to_owned());
+    }
+    Ok((fields, values))
 }
 
 #[derive(Subcommand)]
@@ -456,6 +512,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        #[cfg(feature = "query")]
         Command::Query {
             output,
             sql,
@@ -474,6 +531,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             eprintln!("trailhose: {note}");
             Ok(())
         }
+        #[cfg(not(feature = "query"))]
+        Command::Query { .. } => anyhow::bail!(
+            "this trailhose was built without the `query` feature (`--no-default-features`); \
+             build it with the default features (`cargo build --release`) to run SQL"
+        ),
         Command::Tables {
             command: TablesCommand::FromOrganizations { file },
         } => {
@@ -494,21 +556,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     events,
                 },
         } => {
-            let fields = fields
-                .iter()
-                .map(|kv| {
-                    kv.split_once('=')
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .with_context(|| format!("--field {kv:?} is not SIGMA=PATH"))
-                })
-                .collect::<anyhow::Result<std::collections::BTreeMap<_, _>>>()?;
-            let mut values = std::collections::BTreeMap::<String, Vec<String>>::new();
-            for kv in &placeholders {
-                let (k, v) = kv
-                    .split_once('=')
-                    .with_context(|| format!("--placeholder {kv:?} is not NAME=VALUE"))?;
-                values.entry(k.to_owned()).or_default().push(v.to_owned());
-            }
+            let (fields, values) = rule_options(&fields, &placeholders)?;
             let report = trailhose::detect::trial::run(&rules, &fields, &values, &events)?;
             let mut out = std::io::stdout().lock();
             for m in &report.matched {
@@ -516,6 +564,50 @@ fn run(command: Command) -> anyhow::Result<()> {
                 writeln!(out)?;
             }
             eprintln!("{}", report.summary());
+            Ok(())
+        }
+        Command::Detect {
+            command:
+                DetectCommand::Backtest {
+                    output,
+                    rules,
+                    from,
+                    to,
+                    fields,
+                    placeholders,
+                    skip_prefix,
+                    region,
+                    endpoint_url,
+                },
+        } => {
+            let (fields, placeholders) = rule_options(&fields, &placeholders)?;
+            let bt = trailhose::detect::backtest::Backtest {
+                output,
+                rules,
+                fields,
+                placeholders,
+                from,
+                to,
+                region,
+                endpoint_url,
+                skip_prefix,
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut failed = None;
+            let summary = runtime()?.block_on(trailhose::detect::backtest::run(&bt, |m| {
+                if failed.is_none()
+                    && let Err(e) = serde_json::to_writer(&mut out, m)
+                        .map_err(std::io::Error::from)
+                        .and_then(|()| writeln!(out))
+                {
+                    failed = Some(e);
+                }
+            }))?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            out.flush()?;
+            eprintln!("{}", summary.render());
             Ok(())
         }
         Command::Transform {

@@ -10,7 +10,9 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+mod correlate;
 mod tables;
+pub use correlate::{CorrelationFailed, CorrelationStatesEvicted, CorrelationUpdated};
 pub use tables::{MemberReplaced, TableLoaded, TableLookups, TableReloadFailed};
 
 /// An occurrence worth counting and, where it matters, logging.

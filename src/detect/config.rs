@@ -27,6 +27,8 @@ pub struct DetectConfig {
     pub skip_invalid: bool,
     /// Alert outputs; each gets every match at or above its `min_level`.
     pub alerts: Vec<AlertConfig>,
+    /// Where Sigma correlation state lives (`[detect.correlation]`).
+    pub correlation: super::correlate::config::CorrelationConfig,
     /// Seconds between checks of the rule files for a change (default 2; 0 = only SIGHUP).
     pub reload_secs: Option<u64>,
 }
@@ -191,6 +193,7 @@ impl DetectConfig {
                 ));
             }
         }
+        self.correlation.validate()?;
         let mut names = std::collections::HashSet::new();
         for (i, a) in self.alerts.iter().enumerate() {
             let n = i + 1;

@@ -8,7 +8,9 @@
 //! output outage holds acknowledgement, and after `max_attempts` the notification is handed
 //! back and delivered again, so no alert is lost (some may repeat).
 
+pub mod backtest;
 pub mod config;
+pub mod correlate;
 pub mod output;
 pub mod rules;
 pub mod suppress;
@@ -29,6 +31,7 @@ use crate::metrics::{
 };
 use crate::watch::{Stamp, stamp};
 use config::{AlertConfig, AlertKind, DetectConfig, EventPayload};
+use correlate::{Correlated, Correlator, Fired};
 use output::{Output, OutputError, Pending};
 use rules::{Hit, RuleError, Rules};
 use suppress::Suppressor;
@@ -39,6 +42,8 @@ pub enum DetectError {
     Rules(#[from] RuleError),
     #[error(transparent)]
     Output(#[from] OutputError),
+    #[error(transparent)]
+    Correlate(#[from] correlate::CorrelateError),
 }
 
 /// An alert output as the workers see it: where its alerts go and what it wants.
@@ -49,10 +54,20 @@ struct Route {
     suppressor: Option<Arc<Suppressor>>,
 }
 
+/// A rule set and the correlations compiled from it: swapped together, so a worker never
+/// counts with correlations of another set than the rules it evaluated.
+pub struct Running {
+    pub rules: Rules,
+    pub correlator: Option<Correlator>,
+}
+
 /// Rules and alert outputs, shared by every worker.
 pub struct Detect {
     /// Swapped whole by `reload`; a worker reads it once per event.
-    rules: RwLock<Arc<Rules>>,
+    running: RwLock<Arc<Running>>,
+    /// The correlation store every rule set's correlations start from (memory, or the table
+    /// opened at start).
+    store: correlate::store::Store,
     /// Where the rules come from, to compile them again (None for `rules_only`).
     from: Option<DetectConfig>,
     /// The rule files as last read: a change in any (or a file added or gone) reloads.
@@ -60,6 +75,9 @@ pub struct Detect {
     annotate: bool,
     routes: Vec<Route>,
     worker: String,
+    /// The runtime correlation store calls run on (the worker threads block on them: a
+    /// notification is acknowledged only after its state update). None for `rules_only`.
+    rt: Option<tokio::runtime::Handle>,
 }
 
 /// The delivery tasks; they end once every `Detect` is dropped and their queues are empty.
@@ -106,6 +124,8 @@ impl Detect {
     pub async fn open(cfg: &DetectConfig) -> Result<(Arc<Detect>, Delivery), DetectError> {
         let stamps = stamps_of(&cfg.rules);
         let rules = load(cfg)?;
+        let store = correlate::open_store(&cfg.correlation).await?;
+        let correlator = correlations(cfg, &rules, &store, None)?;
         let mut routes = Vec::new();
         let mut tasks = Vec::new();
         for a in &cfg.alerts {
@@ -122,12 +142,14 @@ impl Detect {
             });
         }
         let detect = Arc::new(Detect {
-            rules: RwLock::new(Arc::new(rules)),
+            running: RwLock::new(Arc::new(Running { rules, correlator })),
+            store,
             from: Some(cfg.clone()),
             stamps: Mutex::new(stamps),
             annotate: cfg.annotate,
             routes,
             worker: worker_name(),
+            rt: Some(tokio::runtime::Handle::current()),
         });
         if let Some(every) = cfg.reload()
             && let Err(e) = crate::watch::poll("detect-watch", &detect, every, |d| d.reload(false))
@@ -152,10 +174,15 @@ impl Detect {
             }
             *last = now;
         }
-        match load(cfg) {
-            Ok(rules) => {
-                let n = rules.len();
-                *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+        let old = self.running();
+        let built = load(cfg).map_err(DetectError::from).and_then(|rules| {
+            let correlator = correlations(cfg, &rules, &self.store, old.correlator.as_ref())?;
+            Ok(Running { rules, correlator })
+        });
+        match built {
+            Ok(new) => {
+                let n = new.rules.len();
+                *self.running.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
                 metrics::emit(metrics::RulesReloaded {
                     rules: Some(n),
                     error: None,
@@ -171,18 +198,26 @@ impl Detect {
     /// Rules only, for `detect test`: no outputs.
     pub fn rules_only(rules: Rules) -> Detect {
         Detect {
-            rules: RwLock::new(Arc::new(rules)),
+            running: RwLock::new(Arc::new(Running {
+                rules,
+                correlator: None,
+            })),
+            store: correlate::store::Store::memory(),
             from: None,
             stamps: Mutex::new(Vec::new()),
             annotate: false,
             routes: Vec::new(),
             worker: worker_name(),
+            rt: None,
         }
     }
 
-    /// The rules running now.
-    pub fn rules(&self) -> Arc<Rules> {
-        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
+    /// The rule set (and its correlations) running now.
+    pub fn running(&self) -> Arc<Running> {
+        self.running
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Whether matched events get a `"detections"` member (which trailhose then owns).
@@ -203,11 +238,9 @@ impl Detect {
             });
             return None;
         };
-        let hits = self
-            .rules
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .evaluate(&event);
+        // One set for the whole event: a reload meanwhile applies from the next one.
+        let running = self.running();
+        let hits = running.rules.evaluate(&event);
         metrics::emit(EventsEvaluated {
             events: 1,
             elapsed: started.elapsed(),
@@ -221,14 +254,81 @@ impl Detect {
                 level: h.level.as_str(),
             });
         }
-        self.alert(&hits, &event, seen);
+        let correlator = running.correlator.as_ref();
+        let fired = self.correlate(correlator, &hits, &event, seen);
+        self.alert(correlator, &hits, &event, seen, None);
+        for f in &fired {
+            metrics::emit(DetectionMatched {
+                rule: &f.hit.id,
+                level: f.hit.level.as_str(),
+            });
+            let hit = std::slice::from_ref(&f.hit);
+            self.alert(correlator, hit, &event, seen, Some(&f.detail));
+        }
         self.annotate.then(|| annotation(&hits))
     }
 
-    fn alert(&self, hits: &[Hit], event: &Value, seen: &Seen<'_>) {
+    /// Counts the event in the correlations that use its rules (a store update, on the
+    /// worker thread) and returns those it fired. A failed update fails the notification's
+    /// hold: it is delivered again, and what is counted is idempotent.
+    fn correlate(
+        &self,
+        correlator: Option<&Correlator>,
+        hits: &[Hit],
+        event: &Value,
+        seen: &Seen<'_>,
+    ) -> Vec<Fired> {
+        let (Some(c), Some(rt)) = (correlator, &self.rt) else {
+            return Vec::new();
+        };
+        if !c.wants(hits) {
+            return Vec::new();
+        }
+        let started = Instant::now();
+        let now = crate::clock::Utc::now().to_unix();
+        let ts = seen
+            .head
+            .event_time
+            .as_deref()
+            .and_then(crate::clock::Utc::parse_rfc3339)
+            .map_or(now, crate::clock::Utc::to_unix);
+        let id = correlate::event_key(seen.head.event_id.as_deref(), seen.raw);
+        match rt.block_on(c.observe(hits, event, &id, ts, now)) {
+            Ok(fired) => {
+                metrics::emit(metrics::CorrelationUpdated {
+                    elapsed: started.elapsed(),
+                });
+                fired
+            }
+            Err(e) => {
+                metrics::emit(metrics::CorrelationFailed {
+                    error: &e.to_string(),
+                });
+                if let Some(h) = seen.hold {
+                    h.share().fail();
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    fn alert(
+        &self,
+        correlator: Option<&Correlator>,
+        hits: &[Hit],
+        event: &Value,
+        seen: &Seen<'_>,
+        corr: Option<&Correlated>,
+    ) {
         let now = crate::clock::Utc::now().rfc3339();
+        // Rules only correlations use do not alert alone (Sigma's `generate: false`).
+        let alone = |h: &&Hit| corr.is_some() || correlator.is_none_or(|c| c.alerts_alone(&h.id));
         for route in &self.routes {
-            for hit in hits.iter().filter(|h| h.level >= route.cfg.min_level) {
+            for hit in hits
+                .iter()
+                .filter(alone)
+                .filter(|h| h.level >= route.cfg.min_level)
+            {
                 let ticket = match &route.suppressor {
                     Some(s) => {
                         let key = suppress::key(&hit.id, &route.cfg.suppress_key, event);
@@ -257,6 +357,7 @@ impl Detect {
                     worker: &self.worker,
                     detected_at: &now,
                     event: (route.cfg.event == EventPayload::Full).then_some(event),
+                    correlation: corr,
                     event_omitted: None,
                 };
                 let body = fit(route.cfg.kind, &mut doc);
@@ -303,6 +404,9 @@ pub struct AlertDoc<'a> {
     pub detected_at: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<&'a Value>,
+    /// A correlation alert's group, count and window (`event` is the one that fired it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation: Option<&'a Correlated>,
     /// Why `event` is missing with `event = "full"`: `too_large` for the output.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event_omitted: Option<&'static str>,
@@ -407,6 +511,30 @@ fn load(cfg: &DetectConfig) -> Result<Rules, RuleError> {
     Ok(rules)
 }
 
+/// The correlations of `rules` (None when there are none), carrying over the states of
+/// `previous`'s unchanged ones, reporting what was skipped.
+fn correlations(
+    cfg: &DetectConfig,
+    rules: &Rules,
+    store: &correlate::store::Store,
+    previous: Option<&Correlator>,
+) -> Result<Option<Correlator>, correlate::CorrelateError> {
+    let c = Correlator::build(
+        rules,
+        store,
+        previous,
+        cfg.correlation.retention_secs,
+        cfg.skip_invalid,
+    )?;
+    for s in c.iter().flat_map(|c| &c.skipped) {
+        metrics::emit(metrics::RuleSkipped {
+            path: &s.path.display().to_string(),
+            reason: &s.reason,
+        });
+    }
+    Ok(c)
+}
+
 /// Every rule file under `paths` with its stamp (an unreadable folder lists nothing).
 fn stamps_of(paths: &[PathBuf]) -> Vec<(PathBuf, Option<Stamp>)> {
     rules::rule_files(paths)
@@ -463,6 +591,7 @@ mod tests {
             worker: "w",
             detected_at: "now",
             event,
+            correlation: None,
             event_omitted: None,
         };
         for kind in [AlertKind::Sqs, AlertKind::Sns, AlertKind::Webhook] {
@@ -546,11 +675,15 @@ mod tests {
         ))
         .expect("config");
         let (d, delivery) = Detect::open(&cfg).await.expect("open");
-        assert_eq!(d.rules().len(), 1);
+        assert_eq!(d.running().rules.len(), 1);
         let wait_for = |n: usize| {
             let deadline = Instant::now() + Duration::from_secs(30);
-            while d.rules().len() != n {
-                assert!(Instant::now() < deadline, "still {} rules", d.rules().len());
+            while d.running().rules.len() != n {
+                assert!(
+                    Instant::now() < deadline,
+                    "still {} rules",
+                    d.running().rules.len()
+                );
                 std::thread::sleep(Duration::from_millis(50));
             }
         };
@@ -559,12 +692,104 @@ mod tests {
         std::fs::write(tmp.join("broken.yml"), "title: B\nlogsource: {product: aws}\ndetection:\n  s: {eventName: x}\n  condition: s and t\n").expect("write");
         // The watcher sees the change and refuses it; the two rules stay.
         std::thread::sleep(Duration::from_secs(3));
-        assert_eq!(d.rules().len(), 2);
+        assert_eq!(d.running().rules.len(), 2);
         d.reload(true);
-        assert_eq!(d.rules().len(), 2, "SIGHUP's forced reload refuses it too");
+        assert_eq!(
+            d.running().rules.len(),
+            2,
+            "SIGHUP's forced reload refuses it too"
+        );
         std::fs::remove_file(tmp.join("broken.yml")).expect("rm");
         std::fs::remove_file(tmp.join("secret.yml")).expect("rm");
         wait_for(1);
+        drop(d);
+        delivery.finish().await;
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reload_rebuilds_the_correlations_keeping_unchanged_counts_and_a_bad_set_keeps_both()
+    {
+        const COUNT: &str = "5c0e7d3a-2b7f-4a39-9d0e-1f6a2c9b8e10";
+        let here =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/detect/correlation");
+        let tmp =
+            std::env::temp_dir().join(format!("trailhose-corr-reload-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).expect("dir");
+        let text = std::fs::read_to_string(here.join("logins.yml")).expect("rules");
+        std::fs::write(tmp.join("logins.yml"), &text).expect("write");
+        let cfg: DetectConfig = toml::from_str(&format!(
+            "rules = [{:?}]\nreload_secs = 0",
+            tmp.display().to_string()
+        ))
+        .expect("config");
+        let (d, delivery) = Detect::open(&cfg).await.expect("open");
+        let fired = || {
+            let line = format!("trailhose_detections_total{{level=\"high\",rule=\"{COUNT}\"}} ");
+            crate::metrics::METRICS
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix(line.as_str()).map(str::to_owned))
+                .and_then(|n| n.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // Worker threads block on the store: feed from a blocking thread, as they do.
+        let feed = |d: Arc<Detect>, id: &'static str| async move {
+            tokio::task::spawn_blocking(move || {
+                let raw = format!(
+                    r#"{{"eventID":"{id}","eventTime":"2024-03-18T14:01:00Z","eventSource":"signin.amazonaws.com","eventName":"ConsoleLogin","userIdentity":{{"userName":"alice"}},"responseElements":{{"ConsoleLogin":"Failure"}}}}"#
+                );
+                let head = Head {
+                    event_id: Some(id.into()),
+                    event_time: Some("2024-03-18T14:01:00Z".into()),
+                    ..Head::default()
+                };
+                let seen = Seen {
+                    raw: raw.as_bytes(),
+                    additions: &[],
+                    head: &head,
+                    partition: "",
+                    source: "s3://b/k",
+                    hold: None,
+                };
+                d.inspect(&seen);
+            })
+            .await
+            .expect("feed");
+        };
+        for id in ["e1", "e2", "e3", "e4"] {
+            feed(d.clone(), id).await;
+        }
+        let before = fired();
+        // A broken file: the running rules and correlations stay, counts and all.
+        let running = d.running();
+        std::fs::write(tmp.join("broken.yml"), "title: B\nlogsource: {product: aws}\ndetection:\n  s: {eventName: x}\n  condition: s and t\n").expect("write");
+        d.reload(true);
+        assert!(
+            Arc::ptr_eq(&running, &d.running()),
+            "a bad set keeps the running one"
+        );
+        // A good set with the correlation's title edited: rebuilt, its four counts kept.
+        std::fs::remove_file(tmp.join("broken.yml")).expect("rm");
+        std::fs::write(
+            tmp.join("logins.yml"),
+            text.replace("within ten minutes", "in ten minutes"),
+        )
+        .expect("write");
+        d.reload(true);
+        assert!(!Arc::ptr_eq(&running, &d.running()), "rebuilt");
+        drop(running);
+        feed(d.clone(), "e5").await;
+        assert_eq!(fired(), before + 1.0, "the fifth fires across the reload");
+        // A changed threshold starts from zero: two more do not fire, though seven were seen.
+        std::fs::write(tmp.join("logins.yml"), text.replace("gte: 5", "gte: 3")).expect("write");
+        d.reload(true);
+        feed(d.clone(), "e6").await;
+        feed(d.clone(), "e7").await;
+        assert_eq!(fired(), before + 1.0, "counted afresh");
+        feed(d.clone(), "e8").await;
+        assert_eq!(fired(), before + 2.0);
         drop(d);
         delivery.finish().await;
         let _ = std::fs::remove_dir_all(&tmp);

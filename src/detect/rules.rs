@@ -53,6 +53,10 @@ pub struct Rules {
     pub other_logsource: Vec<String>,
     /// Invalid rules skipped under `skip_invalid`.
     pub skipped: Vec<Skipped>,
+    /// Correlation rules, with `[detect.fields]` applied, compiled by `correlate`.
+    pub correlations: Vec<(PathBuf, rsigma_parser::CorrelationRule)>,
+    /// Each loaded rule's `Hit::id` and Sigma `name` (correlations refer to either).
+    pub identities: Vec<(String, Option<String>)>,
 }
 
 impl std::fmt::Debug for Rules {
@@ -100,7 +104,7 @@ fn for_cloudtrail(rule: &SigmaRule) -> bool {
     product.as_deref() == Some("aws") && matches!(service.as_deref(), None | Some("cloudtrail"))
 }
 
-fn level_of(l: Option<&rsigma_parser::Level>) -> Level {
+pub(super) fn level_of(l: Option<&rsigma_parser::Level>) -> Level {
     match l {
         Some(rsigma_parser::Level::Low) => Level::Low,
         Some(rsigma_parser::Level::Medium) => Level::Medium,
@@ -191,10 +195,13 @@ impl Rules {
         placeholders: &BTreeMap<String, Vec<String>>,
         skip_invalid: bool,
     ) -> Result<Rules, RuleError> {
-        let mut engine = match mapping_pipeline(fields, placeholders)? {
+        let pipeline = mapping_pipeline(fields, placeholders)?;
+        let mut engine = match pipeline.clone() {
             Some(p) => rsigma_eval::Engine::new_with_pipeline(p),
             None => rsigma_eval::Engine::new(),
         };
+        let mut correlations = Vec::new();
+        let mut identities = Vec::new();
         let mut skipped = Vec::new();
         let mut other_logsource = Vec::new();
         let refuse = |path: &Path, reason: String, skipped: &mut Vec<Skipped>| {
@@ -227,10 +234,22 @@ impl Rules {
                 refuse(&path, e.clone(), &mut skipped)?;
                 continue;
             }
-            if !collection.correlations.is_empty() {
-                let reason = "correlation rules are not supported yet".to_owned();
-                refuse(&path, reason, &mut skipped)?;
-                continue;
+            for corr in &collection.correlations {
+                let mut corr = corr.clone();
+                let mapped = pipeline.as_ref().map(|p| {
+                    rsigma_eval::pipeline::apply_pipelines_to_correlation(
+                        std::slice::from_ref(p),
+                        &mut corr,
+                    )
+                });
+                match mapped {
+                    Some(Err(e)) => refuse(
+                        &path,
+                        format!("correlation {:?}: {e}", corr.title),
+                        &mut skipped,
+                    )?,
+                    _ => correlations.push((path.clone(), corr)),
+                }
             }
             for rule in &collection.rules {
                 if !for_cloudtrail(rule) {
@@ -245,9 +264,15 @@ impl Rules {
                     refuse(&path, reason, &mut skipped)?;
                     continue;
                 }
-                if let Err(e) = engine.add_rule(rule) {
-                    let reason = format!("rule {:?}: {e}", rule.title);
-                    refuse(&path, reason, &mut skipped)?;
+                match engine.add_rule(rule) {
+                    Ok(()) => identities.push((
+                        rule.id.clone().unwrap_or_else(|| rule.title.clone()),
+                        rule.name.clone(),
+                    )),
+                    Err(e) => {
+                        let reason = format!("rule {:?}: {e}", rule.title);
+                        refuse(&path, reason, &mut skipped)?;
+                    }
                 }
             }
             for filter in &collection.filters {
@@ -264,6 +289,8 @@ impl Rules {
             engine,
             other_logsource,
             skipped,
+            correlations,
+            identities,
         })
     }
 
