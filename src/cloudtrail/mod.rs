@@ -5,6 +5,7 @@
 //! stages need (`Head`). serde_json validates every event while extracting those fields, so nothing
 //! that leaves this module is malformed JSON.
 
+mod elements;
 mod head;
 mod scan;
 pub mod scrub;
@@ -15,6 +16,7 @@ mod window;
 use std::fmt;
 use std::io::Read;
 
+pub use elements::{Element, split_elements};
 pub use head::{Head, head_of};
 pub use window::read_error;
 
