@@ -19,17 +19,23 @@ fn main() {
         .ok()
         .filter(|c| !c.is_empty())
         .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]));
-    // Rebuild when HEAD moves, but only watch files that exist (a missing one reruns always).
+    // Rebuild when HEAD moves: watch this worktree's HEAD and its reflog (appended on every commit
+    // and checkout) and the one branch HEAD names, not all of refs/heads (a directory is scanned
+    // whole, so a commit on any other branch or worktree would recompile the crate). Only files
+    // that exist are watched (a missing one reruns always).
     if let (Some(dir), Some(common)) = (
         git(&["rev-parse", "--git-dir"]),
         git(&["rev-parse", "--git-common-dir"]),
     ) {
         let (dir, common) = (PathBuf::from(dir), PathBuf::from(common));
-        for p in [
-            dir.join("HEAD"),
-            common.join("refs/heads"),
-            common.join("packed-refs"),
-        ] {
+        let branch = git(&["symbolic-ref", "-q", "HEAD"]).map(|r| common.join(r));
+        let watched = [
+            Some(dir.join("HEAD")),
+            Some(dir.join("logs/HEAD")),
+            branch,
+            Some(common.join("packed-refs")),
+        ];
+        for p in watched.into_iter().flatten() {
             if p.exists() {
                 println!("cargo:rerun-if-changed={}", p.display());
             }

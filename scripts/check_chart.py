@@ -197,6 +197,20 @@ def check_objects(case, values, docs, binary):
             fail(case, "geoip.city_db is not in the GeoIP volume")
         if len(cfg.get("transforms", [])) != len(merged["transforms"]):
             fail(case, "not every transform was rendered")
+        rendered = {t["name"]: t for t in cfg.get("enrich", {}).get("tables", [])}
+        main_mounts = {m["mountPath"]: m["name"] for m in main.get("volumeMounts", [])}
+        for t in merged.get("tables", []):
+            path = rendered.get(t["name"], {}).get("path", "")
+            if not path:
+                fail(case, f"table {t['name']} was not rendered")
+            elif t.get("configMap"):
+                folder = path.rsplit("/", 1)[0]
+                vol = next((v for v in spec.get("volumes", []) if v["name"] == main_mounts.get(folder)), None)
+                # A directory mount (no subPath): Kubernetes updates reach the file, and it reloads.
+                if not vol or vol.get("configMap", {}).get("name") != t["configMap"]["name"]:
+                    fail(case, f"table {t['name']}: {path} is not in its ConfigMap's mount")
+            elif t.get("url") and path != t["url"]:
+                fail(case, f"table {t['name']}: an s3 table must be read from its URL, not {path}")
     if main["livenessProbe"]["httpGet"]["path"] != "/healthz" or main["readinessProbe"]["httpGet"]["path"] != "/readyz":
         fail(case, "probes must be /healthz (liveness) and /readyz (readiness)")
     sc = main.get("securityContext", {})
@@ -415,6 +429,8 @@ def main():
                 {"geoip": {"source": "volume"}}, {"terminationGraceMarginSeconds": 0},
                 {"transforms": [{"name": "Bad_Name", "path": "/x.wasm"}]},
                 {"transforms": [{"name": "two", "path": "/x.wasm", "url": "s3://b/x.wasm"}]},
+                {"tables": [{"name": "two", "path": "/t.csv", "url": "s3://b/t.csv", "key": "k"}]},
+                {"tables": [{"name": "nowhere", "key": "k"}]},
                 {"sqs_typo": {}}, {"config": {"server": {"listen": "0.0.0.0:1"}}}):
         try:
             render(bad)

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use crate::config::{Config, ConfigError, OutputUrl};
 use crate::sink::columnar::{self, Col};
 use crate::sink::format::Format;
+use crate::sink::ocsf::{self, Class, Schema};
 use crate::sink::partition::{KeyTemplate, Piece};
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +109,7 @@ pub fn sanitize(name: &str) -> String {
 pub fn hive_type(c: Col, parquet: bool) -> String {
     match c {
         Col::Str | Col::Json => "STRING".into(),
+        Col::StrMap => "MAP<STRING, STRING>".into(),
         Col::Time if parquet => "TIMESTAMP".into(),
         Col::Time => "STRING".into(),
         Col::Bool => "BOOLEAN".into(),
@@ -151,16 +153,11 @@ fn projection(out: &mut String, p: &PartitionCol) {
 /// The DDL for the configured output. `table` defaults to `cloudtrail_enriched`.
 pub fn ddl(cfg: &Config, table: &str) -> Result<String, DdlError> {
     cfg.validate()?;
-    let template =
-        KeyTemplate::parse(&cfg.output.key_template).map_err(|e| ConfigError::Invalid {
-            key: "output.key_template",
-            message: e.to_string(),
-        })?;
-    let (parts, tail) = partitions(&template)?;
-    let location = match cfg.output.url.as_deref().map(OutputUrl::parse) {
-        Some(Ok(OutputUrl::S3 { bucket, prefix })) => format!("s3://{bucket}/{prefix}"),
-        _ => "s3://BUCKET/PREFIX/".to_owned(),
-    };
+    if cfg.output.schema == Schema::Ocsf {
+        return ocsf_ddl(cfg, table);
+    }
+    let (parts, tail) = template_partitions(cfg)?;
+    let location = output_location(cfg);
     let format = cfg.output.format;
     let columns: Vec<(String, String)> = match format {
         Format::Json | Format::Parquet => {
@@ -182,20 +179,8 @@ pub fn ddl(cfg: &Config, table: &str) -> Result<String, DdlError> {
             .collect(),
     };
     let mut out = String::new();
-    let _ = writeln!(out, "CREATE EXTERNAL TABLE {table} (");
-    let width = columns.len();
-    for (i, (n, t)) in columns.iter().enumerate() {
-        let comma = if i + 1 < width { "," } else { "" };
-        let _ = writeln!(out, "  `{n}` {t}{comma}");
-    }
-    out.push_str(")\n");
-    if !parts.is_empty() {
-        let cols: Vec<String> = parts
-            .iter()
-            .map(|p| format!("`{}` STRING", p.name))
-            .collect();
-        let _ = writeln!(out, "PARTITIONED BY ({})", cols.join(", "));
-    }
+    let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
+    create(&mut out, table, &columns, &names);
     out.push_str(match format {
         Format::Json => "ROW FORMAT SERDE 'org.openx.data.jsonserde.JsonSerDe'\n",
         Format::Parquet => "STORED AS PARQUET\n",
@@ -212,19 +197,115 @@ pub fn ddl(cfg: &Config, table: &str) -> Result<String, DdlError> {
     if matches!(format, Format::Csv | Format::Tsv) {
         out.push_str("  'skip.header.line.count' = '1',\n");
     }
+    projected_properties(&mut out, &parts, &location, &tail, "cloudtrail");
+    Ok(out)
+}
+
+/// The key template's partition columns and the path after the last one.
+fn template_partitions(cfg: &Config) -> Result<(Vec<PartitionCol>, String), DdlError> {
+    let template =
+        KeyTemplate::parse(&cfg.output.key_template).map_err(|e| ConfigError::Invalid {
+            key: "output.key_template",
+            message: e.to_string(),
+        })?;
+    partitions(&template)
+}
+
+/// Ends an open `TBLPROPERTIES (` list: partition projection over `parts`, or, with nothing to
+/// project, a harmless `classification` marker.
+fn projected_properties(
+    out: &mut String,
+    parts: &[PartitionCol],
+    location: &str,
+    tail: &str,
+    classification: &str,
+) {
     if parts.is_empty() {
-        // Nothing to project; close the property list with a harmless marker.
-        out.push_str("  'classification' = 'cloudtrail'\n);\n");
-        return Ok(out);
+        let _ = writeln!(out, "  'classification' = '{classification}'\n);");
+        return;
     }
     out.push_str("  'projection.enabled' = 'true',\n");
-    for p in &parts {
-        projection(&mut out, p);
+    for p in parts {
+        projection(out, p);
     }
     let _ = writeln!(
         out,
         "  'storage.location.template' = '{location}{tail}'\n);"
     );
+}
+
+fn output_location(cfg: &Config) -> String {
+    match cfg.output.url.as_deref().map(OutputUrl::parse) {
+        Some(Ok(OutputUrl::S3 { bucket, prefix })) => format!("s3://{bucket}/{prefix}"),
+        _ => "s3://BUCKET/PREFIX/".to_owned(),
+    }
+}
+
+/// The columns of OCSF records as Hive types: a class's, or the union of the three.
+fn ocsf_columns(class: Option<Class>, parquet: bool) -> Vec<(String, String)> {
+    ocsf::parquet::columns(class)
+        .into_iter()
+        .map(|(n, c)| (n, hive_type(c, parquet)))
+        .collect()
+}
+
+fn create(out: &mut String, table: &str, columns: &[(String, String)], partitions: &[&str]) {
+    let _ = writeln!(out, "CREATE EXTERNAL TABLE {table} (");
+    for (i, (n, t)) in columns.iter().enumerate() {
+        let comma = if i + 1 < columns.len() { "," } else { "" };
+        let _ = writeln!(out, "  `{n}` {t}{comma}");
+    }
+    out.push_str(")\n");
+    if !partitions.is_empty() {
+        let cols: Vec<String> = partitions.iter().map(|p| format!("`{p}` STRING")).collect();
+        let _ = writeln!(out, "PARTITIONED BY ({})", cols.join(", "));
+    }
+}
+
+/// OCSF records: with `[output.security_lake]`, one table per class (`<table>_<class>`) over
+/// its custom source's prefix, partitioned as Security Lake lays objects out; else one table
+/// of the three classes' columns over the key template's partitions.
+fn ocsf_ddl(cfg: &Config, table: &str) -> Result<String, DdlError> {
+    let location = output_location(cfg);
+    let mut out = String::new();
+    if let Some(lake) = cfg.security_lake()? {
+        for (i, (class, source)) in lake.sources().enumerate() {
+            if i > 0 {
+                out.push('\n');
+            }
+            let name = format!("{table}_{}", class.slug());
+            create(
+                &mut out,
+                &name,
+                &ocsf_columns(Some(class), true),
+                &["region", "accountid", "eventday"],
+            );
+            let root = format!("{location}ext/{source}/");
+            let account = match &lake.account_id {
+                Some(a) => format!(
+                    "  'projection.accountid.type' = 'enum', 'projection.accountid.values' = '{a}',\n"
+                ),
+                None => "  'projection.accountid.type' = 'injected',\n".to_owned(),
+            };
+            let _ = write!(
+                out,
+                "STORED AS PARQUET\nLOCATION '{root}'\nTBLPROPERTIES (\n  'projection.enabled' = 'true',\n  'projection.region.type' = 'injected',\n{account}  'projection.eventday.type' = 'date', 'projection.eventday.format' = 'yyyyMMdd', 'projection.eventday.range' = '20130101,NOW', 'projection.eventday.interval' = '1', 'projection.eventday.interval.unit' = 'DAYS',\n  'storage.location.template' = '{root}region=${{region}}/accountId=${{accountid}}/eventDay=${{eventday}}/'\n);\n"
+            );
+        }
+        return Ok(out);
+    }
+    let (parts, tail) = template_partitions(cfg)?;
+    let parquet = cfg.output.format == Format::Parquet;
+    let names: Vec<&str> = parts.iter().map(|p| p.name.as_str()).collect();
+    create(&mut out, table, &ocsf_columns(None, parquet), &names);
+    out.push_str(if parquet {
+        "STORED AS PARQUET\n"
+    } else {
+        "ROW FORMAT SERDE 'org.openx.data.jsonserde.JsonSerDe'\n"
+    });
+    let _ = writeln!(out, "LOCATION '{location}'");
+    out.push_str("TBLPROPERTIES (\n");
+    projected_properties(&mut out, &parts, &location, &tail, "ocsf");
     Ok(out)
 }
 
@@ -255,6 +336,37 @@ mod tests {
             include_str!("../README.md").contains(&d),
             "README Athena section:\n{d}"
         );
+    }
+
+    #[test]
+    fn security_lake_gets_a_table_per_class_over_its_source() {
+        let cfg = Config::parse(
+            "[output]\nurl = \"s3://aws-security-data-lake-eu-west-1-abc/\"\nschema = \"ocsf\"\nformat = \"parquet\"\n[output.security_lake]\nsource_name = \"th-{class}\"\n",
+        )
+        .unwrap();
+        let d = ddl(&cfg, "ocsf").unwrap();
+        assert_eq!(d.matches("CREATE EXTERNAL TABLE").count(), 3, "{d}");
+        assert!(
+            d.contains("CREATE EXTERNAL TABLE ocsf_authentication ("),
+            "{d}"
+        );
+        assert!(
+            d.contains("LOCATION 's3://aws-security-data-lake-eu-west-1-abc/ext/th-api_activity/'")
+        );
+        assert!(d.contains(
+            "'storage.location.template' = 's3://aws-security-data-lake-eu-west-1-abc/ext/th-account_change/region=${region}/accountId=${accountid}/eventDay=${eventday}/'"
+        ));
+        assert!(d.contains("`unmapped` MAP<STRING, STRING>"), "{d}");
+        assert!(d.contains("`time` BIGINT,"));
+        assert!(
+            d.contains("PARTITIONED BY (`region` STRING, `accountid` STRING, `eventday` STRING)")
+        );
+        // Each table has its class's columns only.
+        let auth = d
+            .split("CREATE EXTERNAL TABLE")
+            .find(|t| t.contains("_authentication"))
+            .unwrap();
+        assert!(auth.contains("`is_mfa` BOOLEAN") && !auth.contains("`resources`"));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use crate::sink::columnar::{self, ParquetSpec};
 use crate::sink::encode::{Codec, Compression};
 use crate::sink::flat::{Dialect, FlatSpec};
 use crate::sink::format::{Converter, Format};
+use crate::sink::ocsf::lake::{Lake, SecurityLakeConfig};
 use crate::sink::ocsf::parquet::Layouts;
 use crate::sink::ocsf::{OcsfConfig, Schema};
 use crate::sink::partition::{self, KeyTemplate, Partitioner};
@@ -132,6 +133,10 @@ pub struct TransformConfig {
     /// Handed to the module's `init`.
     #[serde(default)]
     pub config: std::collections::BTreeMap<String, String>,
+    /// The `[[enrich.tables]]` the module may read through the `lookup` host import
+    /// (`trailhose:transform@0.2.0`); any other name traps.
+    #[serde(default)]
+    pub tables: Vec<String>,
     /// Fuel per batch (about one unit per wasm instruction); 0 = not metered.
     #[serde(default = "default_fuel")]
     pub fuel: u64,
@@ -336,6 +341,8 @@ pub struct OutputConfig {
     /// cloudtrail (the events as they came) or ocsf (OCSF 1.1.0 records, `sink::ocsf`).
     pub schema: Schema,
     pub ocsf: OcsfConfig,
+    /// Amazon Security Lake's custom-source layout (`sink::ocsf::lake`).
+    pub security_lake: Option<SecurityLakeConfig>,
     /// Unset: gzip, or zstd for parquet.
     pub compression: Option<Compression>,
     /// gzip: 1–12 (libdeflate levels; 6 matches `gzip -6`), zstd: 1–22.
@@ -389,6 +396,7 @@ impl Default for OutputConfig {
             format: Format::Json,
             schema: Schema::Cloudtrail,
             ocsf: OcsfConfig::default(),
+            security_lake: None,
             compression: None,
             level: None,
             key_template: partition::DEFAULT_TEMPLATE.into(),
@@ -609,6 +617,7 @@ impl Config {
         self.codec()?;
         self.converter()?;
         self.partitioner()?;
+        self.security_lake()?;
         if let Some(d) = &self.detect {
             d.validate()?;
         }
@@ -811,6 +820,16 @@ impl Config {
             if t.path.as_os_str().is_empty() {
                 return Err(invalid("transforms.path", named("is empty")));
             }
+            if let Some(unknown) = t
+                .tables
+                .iter()
+                .find(|n| !self.enrich.tables.iter().any(|e| e.name == **n))
+            {
+                return Err(invalid(
+                    "transforms.tables",
+                    named(&format!("no [[enrich.tables]] is named {unknown:?}")),
+                ));
+            }
             if !(1..=600_000).contains(&t.timeout_ms) {
                 return Err(invalid(
                     "transforms.timeout_ms",
@@ -1000,7 +1019,50 @@ impl Config {
         })
     }
 
+    /// The checked `[output.security_lake]`, when set: OCSF Parquet only, the layout its own
+    /// (no key template or fallback of the user's), the batch age within the service's rule.
+    pub fn security_lake(&self) -> Result<Option<Lake>, ConfigError> {
+        let Some(sl) = &self.output.security_lake else {
+            return Ok(None);
+        };
+        let o = &self.output;
+        if o.schema != Schema::Ocsf {
+            return Err(invalid(
+                "output.schema",
+                "output.security_lake takes schema = \"ocsf\"",
+            ));
+        }
+        if o.format != Format::Parquet {
+            return Err(invalid(
+                "output.format",
+                "output.security_lake takes format = \"parquet\"",
+            ));
+        }
+        if o.key_template != partition::DEFAULT_TEMPLATE {
+            return Err(invalid(
+                "output.key_template",
+                "output.security_lake sets the layout (ext/<source_name>/region=/accountId=/eventDay=/): remove key_template",
+            ));
+        }
+        if !o.fallback_partition.is_empty() {
+            return Err(invalid(
+                "output.fallback_partition",
+                "output.security_lake partitions events without a usable time by their arrival time: remove fallback_partition",
+            ));
+        }
+        let lake = sl.check().map_err(|e| invalid(e.key, e.message))?;
+        crate::sink::ocsf::lake::check_age(self.batch.max_age_secs)
+            .map_err(|e| invalid(e.key, e.message))?;
+        Ok(Some(lake))
+    }
+
     pub fn partitioner(&self) -> Result<Partitioner, ConfigError> {
+        if let Some(lake) = self.security_lake()? {
+            let t = KeyTemplate::parse(&lake.partition_template())
+                .map_err(|e| invalid("output.security_lake", e.to_string()))?;
+            let prefixes = lake.sources().map(|(c, _)| (c, lake.prefix(c))).collect();
+            return Ok(Partitioner::new(t, "").with_class_prefixes(prefixes));
+        }
         let t = KeyTemplate::parse(&self.output.key_template)
             .map_err(|e| invalid("output.key_template", e.to_string()))?;
         if !self.output.fallback_partition.is_empty() {
@@ -1042,6 +1104,7 @@ impl Config {
                 name: t.name.clone(),
                 path: t.path.clone(),
                 config: t.config.clone().into_iter().collect(),
+                tables: t.tables.clone(),
                 limits: crate::transform::Limits {
                     fuel: t.fuel,
                     timeout: Duration::from_millis(t.timeout_ms),
@@ -1205,6 +1268,31 @@ mod tests {
             Err(e) => e,
             Ok(c) => c.validate().unwrap_err().to_string(),
         }
+    }
+
+    #[test]
+    fn security_lake_takes_ocsf_parquet_and_its_own_layout() {
+        let lake = "[output.security_lake]\nsource_name = \"t-{class}\"\n";
+        let ok = format!("[output]\nschema = \"ocsf\"\nformat = \"parquet\"\n{lake}");
+        let cfg = Config::parse(&ok).unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.security_lake().unwrap().is_some());
+        // The effective config round-trips.
+        let again = Config::parse(&cfg.effective_toml().unwrap()).unwrap();
+        assert_eq!(again.output.security_lake, cfg.output.security_lake);
+        assert!(err(&format!("[output]\nformat = \"parquet\"\n{lake}")).contains("output.schema"));
+        assert!(err(&format!("[output]\nschema = \"ocsf\"\n{lake}")).contains("output.format"));
+        assert!(
+            err(&format!(
+                "[output]\nschema = \"ocsf\"\nformat = \"parquet\"\nkey_template = \"x/\"\n{lake}"
+            ))
+            .contains("output.key_template")
+        );
+        assert!(err(&format!("{ok}[batch]\nmax_age_secs = 30\n")).contains("batch.max_age_secs"));
+        assert!(
+            err("[output]\nschema = \"ocsf\"\nformat = \"parquet\"\n[output.security_lake]\nsource_name = \"one\"\n")
+                .contains("output.security_lake.source_name")
+        );
     }
 
     #[test]

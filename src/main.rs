@@ -139,6 +139,17 @@ enum Command {
         #[arg(long, default_value = "cloudtrail_enriched")]
         table: String,
     },
+    /// Map CloudTrail files to OCSF and report the coverage: per class and eventSource, how many
+    /// events went to which class (a specific one or the API Activity fallback), and which
+    /// CloudTrail fields ended in `unmapped` most often.
+    OcsfReport {
+        /// CloudTrail files or directories (gzip or plain; digests are skipped).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Print the counts as JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run SQL over trailhose output (JSON lines or Parquet, local directory or s3://bucket/prefix).
     /// The table is `events`; partition columns (year, month, ...) prune what is read.
     Query {
@@ -212,6 +223,16 @@ enum TransformCommand {
         /// Events per call.
         #[arg(long, default_value_t = 256)]
         batch: usize,
+        /// An enrichment table the module may read through `lookup`, NAME=PATH (.csv,
+        /// .jsonl/.ndjson or .mmdb; repeatable).
+        #[arg(long = "table", value_name = "NAME=PATH")]
+        tables: Vec<String>,
+        /// The key column of a --table, NAME=COLUMN (default: a CSV's first column).
+        #[arg(long = "table-key", value_name = "NAME=COLUMN")]
+        table_keys: Vec<String>,
+        /// How a --table matches, NAME=exact|case_insensitive|cidr (default: exact).
+        #[arg(long = "table-match", value_name = "NAME=KIND")]
+        table_matches: Vec<String>,
         /// A CloudTrail file (`{"Records":[…]}`, gzip or not) or JSON lines.
         events: PathBuf,
     },
@@ -329,7 +350,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", summary.line());
             if !summary.written.failures.is_empty() {
                 anyhow::bail!(
-                    "{} output object(s) could not be written; first: {}",
+                    "{} output object(s) could not be written or alert output(s) delivered; first: {}",
                     summary.written.failures.len(),
                     summary.written.failures[0]
                 );
@@ -426,6 +447,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             print!("{}", trailhose::athena::ddl(&cfg, &table)?);
             Ok(())
         }
+        Command::OcsfReport { inputs, json } => {
+            let report = trailhose::sink::ocsf::report::Report::of_inputs(&inputs)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
+        }
         Command::Query {
             output,
             sql,
@@ -498,6 +528,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                     max_memory_mb,
                     max_output_bytes,
                     batch,
+                    tables,
+                    table_keys,
+                    table_matches,
                     events,
                 },
         } => {
@@ -514,10 +547,16 @@ fn run(command: Command) -> anyhow::Result<()> {
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "module".to_owned());
+            let lookups = trial::open_tables(&tables, &table_keys, &table_matches)?;
+            let granted = tables
+                .iter()
+                .filter_map(|t| t.split_once('=').map(|(n, _)| n.to_owned()))
+                .collect();
             let spec = ModuleSpec {
                 name,
                 path: module,
                 config,
+                tables: granted,
                 limits: Limits {
                     fuel,
                     timeout: std::time::Duration::from_millis(timeout_ms),
@@ -529,7 +568,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 retry_fallback: trailhose::transform::OnFailure::ErrorOutput,
             };
             let events = trial::read_events(&events)?;
-            let trial = trial::run(&spec, &events, batch)?;
+            let trial = trial::run(&spec, lookups, &events, batch)?;
             let mut out = std::io::stdout().lock();
             for r in &trial.results {
                 serde_json::to_writer(&mut out, r)?;

@@ -11,7 +11,7 @@ use prometheus::{
 };
 
 mod tables;
-pub use tables::{TableLoaded, TableLookups, TableReloadFailed};
+pub use tables::{MemberReplaced, TableLoaded, TableLookups, TableReloadFailed};
 
 /// An occurrence worth counting and, where it matters, logging.
 pub trait InternalEvent {
@@ -1665,6 +1665,9 @@ struct DetectMetrics {
     suppressed: IntCounterVec,
     rules: IntGauge,
     rules_skipped: IntCounter,
+    unevaluated: IntCounter,
+    omitted: IntCounterVec,
+    reloads: IntCounterVec,
 }
 
 static DETECT: LazyLock<DetectMetrics> = LazyLock::new(|| {
@@ -1732,8 +1735,30 @@ static DETECT: LazyLock<DetectMetrics> = LazyLock::new(|| {
             "trailhose_detect_rules_skipped_total",
             "Rule files or rules skipped because they do not compile (detect.skip_invalid).",
         ),
+        unevaluated: counter(
+            r,
+            "trailhose_detect_events_unevaluated_total",
+            "Events written but not evaluated: they do not parse as a JSON document (nested deeper than 128, a lone surrogate escape).",
+        ),
+        reloads: counter_vec(
+            r,
+            "trailhose_detect_reloads_total",
+            "Rule reloads (a rule file changed, or SIGHUP), by result: ok, or failed (the running rules stay).",
+            &["result"],
+        ),
+        omitted: counter_vec(
+            r,
+            "trailhose_alerts_event_omitted_total",
+            "Alerts sent without their event (event = \"full\"): the document would exceed what the output takes.",
+            &["output", "rule"],
+        ),
     }
 });
+
+/// The rules loaded by the last detection stage opened (`trailhose bench` prints it).
+pub fn detect_rules() -> i64 {
+    DETECT.rules.get()
+}
 
 /// The rules were compiled.
 pub struct RulesLoaded {
@@ -1744,6 +1769,31 @@ impl InternalEvent for RulesLoaded {
     fn emit(self) {
         tracing::info!(rules = self.rules, "detection rules loaded");
         DETECT.rules.set(self.rules as i64);
+    }
+}
+
+/// The rules were compiled again (`rules`), or could not be and the running ones stay
+/// (`error`).
+pub struct RulesReloaded<'a> {
+    pub rules: Option<usize>,
+    pub error: Option<&'a str>,
+}
+
+impl InternalEvent for RulesReloaded<'_> {
+    fn emit(self) {
+        match self.error {
+            None => {
+                tracing::info!(rules = self.rules, "detection rules reloaded");
+                DETECT.reloads.with_label_values(&["ok"]).inc();
+            }
+            Some(error) => {
+                tracing::error!(
+                    error,
+                    "detection rules not reloaded; the running rules stay"
+                );
+                DETECT.reloads.with_label_values(&["failed"]).inc();
+            }
+        }
     }
 }
 
@@ -1789,6 +1839,38 @@ impl InternalEvent for DetectionMatched<'_> {
         DETECT
             .detections
             .with_label_values(&[self.rule, self.level])
+            .inc();
+    }
+}
+
+/// An event the rules could not see: it does not parse as a JSON document.
+pub struct EventNotEvaluated<'a> {
+    pub source: &'a str,
+    pub event_id: Option<&'a str>,
+}
+
+impl InternalEvent for EventNotEvaluated<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            source = self.source,
+            event_id = self.event_id,
+            "event written but not evaluated by the detection rules: it does not parse as a JSON document"
+        );
+        DETECT.unevaluated.inc();
+    }
+}
+
+/// An alert went out without its event, which would make it too large for the output.
+pub struct AlertEventOmitted<'a> {
+    pub output: &'a str,
+    pub rule: &'a str,
+}
+
+impl InternalEvent for AlertEventOmitted<'_> {
+    fn emit(self) {
+        DETECT
+            .omitted
+            .with_label_values(&[self.output, self.rule])
             .inc();
     }
 }

@@ -144,17 +144,34 @@ impl EventsTable {
                 }
             }
         }
-        let layout = Arc::new(Layout::new(false, &[]));
-        let data_schema = if parquet > 0 {
+        // OCSF output (`output.schema = "ocsf"`) is read with the union of its classes'
+        // columns: an object of one class has a subset of them, the rest read as null.
+        let first = &objects[0];
+        let body = read_object(&store, &first.key).await?;
+        let (layout, data_schema) = if parquet > 0 {
             // Parquet objects carry their schema (lower-case names or added columns included).
-            let first = &objects[0];
-            let body = read_object(&store, &first.key).await?;
-            ParquetRecordBatchReaderBuilder::try_new(body)
+            let schema = ParquetRecordBatchReaderBuilder::try_new(body)
                 .map_err(|e| QueryError::Read(store.describe(&first.key), e.to_string()))?
                 .schema()
-                .clone()
+                .clone();
+            if is_ocsf_schema(&schema) {
+                let layout = Arc::new(crate::sink::ocsf::parquet::union_layout());
+                let schema = layout.schema.clone();
+                (layout, schema)
+            } else {
+                (Arc::new(Layout::new(false, &[])), schema)
+            }
         } else {
-            layout.schema.clone()
+            let text = decompress(first.format, &body)
+                .map_err(|e| QueryError::Read(store.describe(&first.key), e))?;
+            let first_line = text.split(|b| *b == b'\n').next().unwrap_or_default();
+            let layout = if is_ocsf_line(first_line) {
+                crate::sink::ocsf::parquet::union_layout()
+            } else {
+                Layout::new(false, &[])
+            };
+            let schema = layout.schema.clone();
+            (Arc::new(layout), schema)
         };
         let mut fields: Vec<Field> = data_schema
             .fields()
@@ -273,6 +290,23 @@ impl EventsTable {
         }
         RecordBatch::try_new(self.schema.clone(), columns).map_err(|e| QueryError::Sql(e.into()))
     }
+}
+
+/// Whether a Parquet schema is OCSF's (trailhose writes `class_uid` and `metadata` in every
+/// class; CloudTrail's schema has neither).
+fn is_ocsf_schema(schema: &Schema) -> bool {
+    schema.field_with_name("class_uid").is_ok() && schema.field_with_name("metadata").is_ok()
+}
+
+/// Whether a JSON line is an OCSF record.
+fn is_ocsf_line(line: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        class_uid: Option<u64>,
+        metadata: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Probe>(line)
+        .is_ok_and(|p| p.class_uid.is_some() && p.metadata.is_some())
 }
 
 async fn read_object(store: &Store, key: &str) -> Result<Bytes, QueryError> {

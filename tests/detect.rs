@@ -808,3 +808,278 @@ fn a_rule_that_does_not_compile_stops_start_up_with_its_path_and_reason() {
         .collect();
     assert_eq!(annotated, ["iam-create"], "the valid rule still runs");
 }
+
+#[test]
+fn process_fails_when_alerts_it_matched_could_not_be_delivered() {
+    // Local files have no notification to deliver them again: a given-up alert is a failed
+    // run (exit status and message), never a silent loss.
+    let tmp = TempDir::new("detect-process-undelivered");
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let input = tmp.path().join("in");
+    std::fs::create_dir_all(&input).expect("dir");
+    std::fs::write(input.join("f.json"), delivery_file()).expect("write");
+    let cfg = tmp.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[output]\nurl = \"{}\"\n[detect]\nrules = [\"{}\"]\n[[detect.alerts]]\nkind = \"webhook\"\ntarget = \"http://127.0.0.1:{closed}/services/T0/B0/secret-token\"\nmax_attempts = 2\n",
+            tmp.path().join("out").display(),
+            rules_dir().display()
+        ),
+    )
+    .expect("config");
+    let out = trailhose(
+        &[
+            "process",
+            "--config",
+            &cfg.display().to_string(),
+            &input.display().to_string(),
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("alert(s) not delivered to alert output \"webhook\""),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("secret-token"),
+        "a webhook URL is never logged: {stderr}"
+    );
+}
+
+/// A webhook receiver that holds its answer to every request until `release` is set.
+struct GatedHook {
+    port: u16,
+    received: Arc<Mutex<Vec<Value>>>,
+    release: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn start_gated_hook() -> GatedHook {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let release = Arc::new(AtomicBool::new(false));
+    let (keep, gate) = (received.clone(), release.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let (keep, gate) = (keep.clone(), gate.clone());
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(conn.try_clone().expect("clone"));
+                let mut w = conn;
+                loop {
+                    let mut line = String::new();
+                    let mut len = 0usize;
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = line.split_once(':')
+                            && k.eq_ignore_ascii_case("content-length")
+                        {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    keep.lock()
+                        .expect("lock")
+                        .push(serde_json::from_slice(&body).expect("webhook body is JSON"));
+                    while !gate.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    if w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    GatedHook {
+        port,
+        received,
+        release,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_an_alert_in_flight_delivers_it_then_acknowledges() {
+    let (moto, q) = setup("trail-work", 5).await;
+    let sqs = moto.sqs();
+    let hook = start_gated_hook();
+    let tmp = TempDir::new("detect-sigterm");
+    let port = free_port();
+    let extra = format!(
+        r#"[detect]
+rules = ["{rules}"]
+
+[[detect.alerts]]
+kind = "webhook"
+target = "http://127.0.0.1:{hook}/hook"
+min_level = "critical"
+"#,
+        rules = rules_dir().display(),
+        hook = hook.port,
+    );
+    let settings = Settings {
+        extra,
+        ..Settings::default()
+    };
+    let config = write_config_with(
+        tmp.path(),
+        (&moto.endpoint, &moto.endpoint),
+        &q.url,
+        port,
+        &settings,
+    );
+    let log = tmp.path().join("worker.log");
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut worker = start_worker(&moto, &config, &log);
+    upload_and_notify(&moto, &q.url).await;
+    // The alert is on the wire, its answer held: SIGTERM now.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hook.received.lock().expect("lock").is_empty() {
+        assert!(Instant::now() < deadline, "no alert sent; log:\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    signal(&worker, "-TERM");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        worker.try_wait().expect("wait").is_none(),
+        "the worker waits for the alert in flight; log:\n{}",
+        logs()
+    );
+    assert_eq!(depth(&sqs, &q.url).await, (0, 1), "not acknowledged yet");
+    hook.release
+        .store(true, std::sync::atomic::Ordering::Release);
+    assert!(wait_exit(&mut worker, 30), "clean exit; log:\n{}", logs());
+    assert_eq!(
+        depth(&sqs, &q.url).await,
+        (0, 0),
+        "acknowledged once the alert and the records are through; log:\n{}",
+        logs()
+    );
+    let got = hook.received.lock().expect("lock").clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["alert"]["eventID"], "secret-read");
+}
+
+async fn notify_file(moto: &common::Moto, queue_url: &str, name: &str) {
+    let key = format!("{DAY}/111122223333_CloudTrail_us-east-1_20240318T1410Z_{name}.json.gz");
+    moto.s3()
+        .put_object()
+        .bucket("trail-logs")
+        .key(&key)
+        .body(fixtures::gzip(&delivery_file()).into())
+        .send()
+        .await
+        .expect("put");
+    send(&moto.sqs(), queue_url, &cloudtrail("trail-logs", &[&key])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_rules_and_a_bad_set_keeps_the_running_one() {
+    let (moto, q) = setup("trail-work", 5).await;
+    let sqs = moto.sqs();
+    let alerts_url = queue(&sqs, "reload-alerts").await;
+    let tmp = TempDir::new("detect-reload");
+    let rules = tmp.path().join("rules");
+    std::fs::create_dir_all(&rules).expect("dir");
+    std::fs::copy(rules_dir().join("iam_change.yml"), rules.join("iam.yml")).expect("copy");
+    let port = free_port();
+    let extra = format!(
+        "[detect]\nrules = [\"{}\"]\nreload_secs = 0\n\n[[detect.alerts]]\nkind = \"sqs\"\ntarget = \"{alerts_url}\"\n",
+        rules.display()
+    );
+    let settings = Settings {
+        extra,
+        ..Settings::default()
+    };
+    let config = write_config_with(
+        tmp.path(),
+        (&moto.endpoint, &moto.endpoint),
+        &q.url,
+        port,
+        &settings,
+    );
+    let log = tmp.path().join("worker.log");
+    let logs = || std::fs::read_to_string(&log).unwrap_or_default();
+    let mut worker = start_worker(&moto, &config, &log);
+    let rules_of = |docs: &[String]| -> BTreeSet<String> {
+        docs.iter()
+            .map(|b| serde_json::from_str::<Value>(b).expect("alert"))
+            .map(|d| d["rule_id"].as_str().expect("rule").to_owned())
+            .collect()
+    };
+
+    notify_file(&moto, &q.url, "one").await;
+    let first = drain(&sqs, &alerts_url, 1, 60).await;
+    assert_eq!(rules_of(&first), BTreeSet::from([IAM_CHANGE.to_owned()]));
+
+    // A rule added, then SIGHUP: it runs on the next file.
+    std::fs::copy(
+        rules_dir().join("secret_bucket_read.yml"),
+        rules.join("secret.yml"),
+    )
+    .expect("copy");
+    signal(&worker, "-HUP");
+    let ok = "trailhose_detect_reloads_total{result=\"ok\"}";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(port, ok) < 1.0 {
+        assert!(Instant::now() < deadline, "no reload; log:\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(metric(port, "trailhose_detect_rules "), 2.0);
+    notify_file(&moto, &q.url, "two").await;
+    let second = drain(&sqs, &alerts_url, 2, 60).await;
+    assert_eq!(
+        rules_of(&second),
+        BTreeSet::from([IAM_CHANGE.to_owned(), SECRET_READ.to_owned()])
+    );
+
+    // A broken rule: the reload fails, counted and logged, and both rules keep running.
+    std::fs::write(
+        rules.join("broken.yml"),
+        "title: Broken\nlogsource:\n  product: aws\n  service: cloudtrail\ndetection:\n  selection:\n    eventName: x\n  condition: selection and missing_selection\n",
+    )
+    .expect("write");
+    signal(&worker, "-HUP");
+    let failed = "trailhose_detect_reloads_total{result=\"failed\"}";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(port, failed) < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "no failed reload; log:\n{}",
+            logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        logs().contains("detection rules not reloaded") && logs().contains("broken.yml"),
+        "{}",
+        logs()
+    );
+    assert_eq!(metric(port, "trailhose_detect_rules "), 2.0);
+    notify_file(&moto, &q.url, "three").await;
+    let third = drain(&sqs, &alerts_url, 2, 60).await;
+    assert_eq!(
+        rules_of(&third),
+        BTreeSet::from([IAM_CHANGE.to_owned(), SECRET_READ.to_owned()]),
+        "the running rules stay"
+    );
+    signal(&worker, "-TERM");
+    assert!(wait_exit(&mut worker, 30), "clean exit; log:\n{}", logs());
+}

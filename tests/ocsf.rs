@@ -38,7 +38,7 @@ fn cases() -> BTreeMap<String, String> {
         let text = std::fs::read_to_string(&p).expect("case");
         out.insert(name, text.trim_end().to_owned());
     }
-    assert_eq!(out.len(), 9);
+    assert_eq!(out.len(), 12);
     out
 }
 
@@ -443,9 +443,16 @@ fn process_writes_ocsf_parquet_one_class_per_object() {
             w.finish().expect("finish");
             for line in String::from_utf8(w.into_inner()).expect("utf8").lines() {
                 let mut v: Value = serde_json::from_str(line).expect("row");
-                // `unmapped` is stored as its JSON text.
-                if let Some(text) = v["unmapped"].as_str() {
-                    v["unmapped"] = serde_json::from_str(text).expect("unmapped JSON");
+                // `unmapped` is a map (an object here); an enrichment's `data` is JSON text.
+                assert!(
+                    v["unmapped"].is_object() || v["unmapped"].is_null(),
+                    "{line}"
+                );
+                if let Some(list) = v.get_mut("enrichments").and_then(Value::as_array_mut) {
+                    for e in list {
+                        let text = e["data"].as_str().expect("data").to_owned();
+                        e["data"] = serde_json::from_str(&text).expect("data JSON");
+                    }
                 }
                 class_uids.insert(v["class_uid"].as_u64().expect("class_uid"));
                 records.push(v.to_string());
@@ -520,4 +527,495 @@ fn process_maps_after_transforms_so_masked_values_stay_masked() {
         "{line}"
     );
     validate(tmp.path(), std::slice::from_ref(line));
+}
+
+/// The golden cases in one delivery file, latest first: every object's rows must be put back in
+/// time order.
+fn write_cases_latest_first(dir: &Path) -> usize {
+    let mut records: Vec<(String, String)> = cases()
+        .into_values()
+        .map(|c| {
+            let v: Value = serde_json::from_str(&c).expect("case");
+            (v["eventTime"].as_str().expect("eventTime").to_owned(), c)
+        })
+        .collect();
+    records.sort();
+    records.reverse();
+    let body = format!(
+        "{{\"Records\":[{}]}}",
+        records
+            .iter()
+            .map(|(_, c)| c.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let path = dir.join(DAY);
+    std::fs::create_dir_all(&path).expect("dir");
+    std::fs::write(
+        path.join("111122223333_CloudTrail_us-east-1_20240318T1415Z_lake.json.gz"),
+        fixtures::gzip(body.as_bytes()),
+    )
+    .expect("write");
+    records.len()
+}
+
+fn venv_python() -> &'static str {
+    let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/target/test-venv/bin/python3");
+    if Path::new(venv).exists() {
+        venv
+    } else {
+        "python3"
+    }
+}
+
+/// Runs a DuckDB script (PyPI duckdb, installed by scripts/moto-env.sh) with `root` as its
+/// argument and returns what it printed.
+fn duckdb(script: &str, root: &Path) -> String {
+    let py = Command::new(venv_python())
+        .args(["-c", script, &root.display().to_string()])
+        .output()
+        .expect("python3");
+    assert!(
+        py.status.success(),
+        "DuckDB: {}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    String::from_utf8_lossy(&py.stdout).into_owned()
+}
+
+/// Every Parquet object under `root`, read by DuckDB: its key, its rows (class, time, uid,
+/// region, account) in file order, and the type of `unmapped`.
+const READ_LAKE: &str = r#"
+import duckdb, json, os, sys
+root = sys.argv[1]
+for d, _, names in sorted(os.walk(root)):
+    for n in sorted(names):
+        if not n.endswith(".parquet"):
+            continue
+        p = os.path.join(d, n)
+        rel = os.path.relpath(p, root)
+        rows = duckdb.sql(f"SELECT class_uid, time, metadata.uid, cloud.region, cloud.account.uid, typeof(unmapped) FROM read_parquet('{p}')").fetchall()
+        print(json.dumps({"key": rel, "rows": rows}))
+"#;
+
+/// Checks Security Lake's rules on the objects under `root`: every object under
+/// `ext/<source of its class>/region=/accountId=/eventDay=/`, Parquet, of one class, its rows
+/// sorted by time and of its partition's region, account and day. Returns the uids read.
+fn check_lake(root: &Path, source: impl Fn(&str) -> String, account: Option<&str>) -> Vec<String> {
+    let mut uids = Vec::new();
+    let mut objects = 0;
+    for line in duckdb(READ_LAKE, root).lines() {
+        let o: Value = serde_json::from_str(line).expect("DuckDB line");
+        let key = o["key"].as_str().expect("key");
+        objects += 1;
+        let parts: Vec<&str> = key.split('/').collect();
+        assert_eq!(parts.len(), 6, "{key}");
+        assert_eq!(parts[0], "ext", "{key}");
+        let (region, acct, day) = (
+            parts[2].strip_prefix("region=").expect(key),
+            parts[3].strip_prefix("accountId=").expect(key),
+            parts[4].strip_prefix("eventDay=").expect(key),
+        );
+        assert!(parts[5].ends_with(".parquet"), "{key}");
+        let rows = o["rows"].as_array().expect("rows");
+        assert!(!rows.is_empty(), "{key}");
+        let uid = rows[0][0].as_u64().expect("class_uid");
+        let slug = match uid {
+            3001 => "account_change",
+            3002 => "authentication",
+            6003 => "api_activity",
+            other => panic!("{key}: class {other}"),
+        };
+        assert_eq!(parts[1], source(slug), "{key}: the source of {slug}");
+        let mut last = i64::MIN;
+        for r in rows {
+            assert_eq!(r[0].as_u64(), Some(uid), "{key}: one class per object");
+            let t = r[1].as_i64().expect("time");
+            assert!(t >= last, "{key}: rows sorted by time ({last} then {t})");
+            last = t;
+            assert_eq!(r[3].as_str(), Some(region), "{key}");
+            match account {
+                Some(a) => assert_eq!(acct, a, "{key}"),
+                None => assert_eq!(r[4].as_str(), Some(acct), "{key}"),
+            }
+            let d = trailhose::clock::Utc::from_unix(t.div_euclid(1000));
+            let want = format!("{:04}{:02}{:02}", d.year, d.month, d.day);
+            assert_eq!(day, want, "{key}");
+            assert!(
+                r[5].as_str().is_some_and(|t| t.starts_with("MAP(")),
+                "{key}: unmapped is a map: {r}"
+            );
+            uids.push(r[2].as_str().expect("uid").to_owned());
+        }
+    }
+    assert!(objects >= 3, "{objects} objects");
+    uids.sort();
+    uids
+}
+
+fn golden_uids() -> Vec<String> {
+    let mut want: Vec<String> = cases()
+        .values()
+        .map(|c| {
+            let v: Value = serde_json::from_str(c).expect("case");
+            v["eventID"].as_str().expect("eventID").to_owned()
+        })
+        .collect();
+    want.sort();
+    want
+}
+
+/// `[output.security_lake]` through `trailhose process`: a source per class from a table, a
+/// fixed account; read back by DuckDB (layout, one class per object, rows sorted by time), by
+/// `trailhose query`, and described by `trailhose athena-ddl` column for column.
+#[test]
+fn process_writes_security_lake_objects_that_readers_and_the_ddl_agree_on() {
+    let tmp = TempDir::new("ocsf-lake");
+    let input = tmp.path().join("in");
+    let n = write_cases_latest_first(&input);
+    let config = tmp.path().join("lake.toml");
+    std::fs::write(
+        &config,
+        "[output]\nurl = \"s3://aws-security-data-lake-us-east-1-x/\"\nschema = \"ocsf\"\nformat = \"parquet\"\n[output.security_lake]\naccount_id = \"999988887777\"\n[output.security_lake.source_name]\napi_activity = \"ct-api\"\nauthentication = \"ct-auth\"\naccount_change = \"ct-iam\"\n",
+    )
+    .expect("config");
+    let out_dir = tmp.path().join("out");
+    let run = trailhose(
+        &[
+            "process",
+            "--config",
+            &config.display().to_string(),
+            "--out",
+            &out_dir.display().to_string(),
+            &input.display().to_string(),
+        ],
+        &[],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let source = |slug: &str| match slug {
+        "api_activity" => "ct-api".to_owned(),
+        "authentication" => "ct-auth".to_owned(),
+        _ => "ct-iam".to_owned(),
+    };
+    let uids = check_lake(&out_dir, source, Some("999988887777"));
+    assert_eq!(uids.len(), n);
+    assert_eq!(uids, golden_uids());
+
+    // `trailhose query` reads the tree with the classes' columns and the partition columns.
+    let q = trailhose(
+        &[
+            "query",
+            &out_dir.display().to_string(),
+            "SELECT class_uid, count(*) AS n, min(\"accountId\") AS a FROM events WHERE \"eventDay\" = '20240318' GROUP BY class_uid ORDER BY class_uid",
+            "--csv",
+        ],
+        &[],
+    );
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let text = String::from_utf8_lossy(&q.stdout);
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(
+        rows,
+        [
+            "3001,3,999988887777",
+            "3002,5,999988887777",
+            "6003,4,999988887777"
+        ],
+        "{text}"
+    );
+    let q = trailhose(
+        &[
+            "query",
+            &out_dir.display().to_string(),
+            "SELECT get_field(\"user\", 'name'), is_mfa, get_field(unmapped, 'geo.asn') IS NULL AS no_asn FROM events WHERE get_field(metadata, 'uid') = 'ocsf-0010-idc-sign-in'",
+            "--csv",
+        ],
+        &[],
+    );
+    assert!(q.status.success(), "{}", String::from_utf8_lossy(&q.stderr));
+    let text = String::from_utf8_lossy(&q.stdout);
+    assert_eq!(text.lines().nth(1), Some("erin,,true"), "{text}");
+
+    // The DDL's tables have exactly the columns (and types) of the objects of their class.
+    let ddl = trailhose(
+        &[
+            "athena-ddl",
+            "--config",
+            &config.display().to_string(),
+            "--table",
+            "ocsf",
+        ],
+        &[],
+    );
+    assert!(
+        ddl.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ddl.stderr)
+    );
+    let ddl = String::from_utf8_lossy(&ddl.stdout).into_owned();
+    let described = duckdb(
+        r#"
+import duckdb, json, os, sys
+root = sys.argv[1]
+seen = set()
+for d, _, names in sorted(os.walk(root)):
+    for n in sorted(names):
+        src = d.split(os.sep + "ext" + os.sep)[1].split(os.sep)[0]
+        if n.endswith(".parquet") and src not in seen:
+            seen.add(src)
+            cols = duckdb.sql(f"DESCRIBE SELECT * FROM read_parquet('{os.path.join(d, n)}', hive_partitioning = false)").fetchall()
+            print(json.dumps({"source": src, "cols": [[c[0], c[1]] for c in cols]}))
+"#,
+        &out_dir,
+    );
+    let mut tables = 0;
+    for line in described.lines() {
+        let v: Value = serde_json::from_str(line).expect("describe");
+        let src = v["source"].as_str().expect("source");
+        let table = ddl
+            .split("CREATE EXTERNAL TABLE ")
+            .find(|t| t.contains(&format!("/ext/{src}/'")))
+            .unwrap_or_else(|| panic!("no table over {src}:\n{ddl}"));
+        let body = table.split("\n)\n").next().expect("columns");
+        let ddl_cols: Vec<(String, String)> = body
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let l = l.trim().trim_end_matches(',');
+                let (n, t) = l.split_once(' ').expect("column");
+                (n.trim_matches('`').to_owned(), t.to_owned())
+            })
+            .collect();
+        let parquet_cols: Vec<(String, String)> = v["cols"]
+            .as_array()
+            .expect("cols")
+            .iter()
+            .map(|c| {
+                (
+                    c[0].as_str().expect("name").to_owned(),
+                    c[1].as_str().expect("type").to_owned(),
+                )
+            })
+            .collect();
+        let names = |c: &[(String, String)]| c.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&ddl_cols), names(&parquet_cols), "{src}");
+        for ((n, hive), (_, duck)) in ddl_cols.iter().zip(&parquet_cols) {
+            // DuckDB quotes field names that are keywords ("type").
+            assert_eq!(hive_as_duckdb(hive), duck.replace('"', ""), "{src}.{n}");
+        }
+        tables += 1;
+    }
+    assert_eq!(tables, 3, "{described}");
+}
+
+/// A Hive type in DuckDB's spelling (`STRUCT<a: STRING>` is `STRUCT(a VARCHAR)`).
+fn hive_as_duckdb(t: &str) -> String {
+    let t = t.trim();
+    if let Some(inner) = t.strip_prefix("ARRAY<").and_then(|r| r.strip_suffix('>')) {
+        return format!("{}[]", hive_as_duckdb(inner));
+    }
+    if let Some(inner) = t.strip_prefix("MAP<").and_then(|r| r.strip_suffix('>')) {
+        let (k, v) = inner.split_once(',').expect("map");
+        return format!("MAP({}, {})", hive_as_duckdb(k), hive_as_duckdb(v));
+    }
+    if let Some(inner) = t.strip_prefix("STRUCT<").and_then(|r| r.strip_suffix('>')) {
+        let fields: Vec<String> = split_top(inner)
+            .into_iter()
+            .map(|f| {
+                let (n, ft) = f.split_once(':').expect("field");
+                format!("{} {}", n.trim(), hive_as_duckdb(ft))
+            })
+            .collect();
+        return format!("STRUCT({})", fields.join(", "));
+    }
+    match t {
+        "STRING" => "VARCHAR".into(),
+        "DOUBLE" => "DOUBLE".into(),
+        other => other.into(),
+    }
+}
+
+/// Splits `a: X, b: STRUCT<c: Y, d: Z>` at the commas outside brackets.
+fn split_top(s: &str) -> Vec<&str> {
+    let (mut out, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (i, c) in s.char_indices() {
+        match c {
+            '<' => depth += 1,
+            '>' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(s[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(s[start..].trim());
+    out
+}
+
+/// `[output.security_lake]` through `trailhose run` on moto at the shipped batch defaults:
+/// a `{class}` template, the event's account; the objects read back from S3 by DuckDB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_writes_security_lake_objects_to_s3() {
+    let (moto, q) = setup("ocsf-lake", 5).await;
+    let (sqs, s3) = (moto.sqs(), moto.s3());
+    let tmp = TempDir::new("ocsf-lake-run");
+    let input = tmp.path().join("in");
+    let n = write_cases_latest_first(&input);
+    let key = format!("{DAY}/111122223333_CloudTrail_us-east-1_20240318T1415Z_lake.json.gz");
+    s3.put_object()
+        .bucket("trail-logs")
+        .key(&key)
+        .body(std::fs::read(input.join(&key)).expect("file").into())
+        .send()
+        .await
+        .expect("upload");
+    send(&sqs, &q.url, &cloudtrail("trail-logs", &[&key])).await;
+    let port = free_port();
+    let eps = (moto.endpoint.as_str(), moto.endpoint.as_str());
+    let settings = Settings {
+        output: "schema = \"ocsf\"\nformat = \"parquet\"\nsecurity_lake = { source_name = \"trailhose-{class}\" }".into(),
+        ..Settings::default()
+    };
+    let config = write_config_with(tmp.path(), eps, &q.url, port, &settings);
+    let log = tmp.path().join("worker.log");
+    let mut worker = start_worker(&moto, &config, &log);
+    eventually(60, "the file to be split", || async {
+        metric(port, "trailhose_files_total{outcome=\"ok\"}") >= 1.0
+    })
+    .await;
+    signal(&worker, "-TERM");
+    assert!(
+        wait_exit(&mut worker, 25),
+        "clean exit on SIGTERM; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // The objects, byte for byte, under their keys.
+    let root = tmp.path().join("lake");
+    let mut pages = s3
+        .list_objects_v2()
+        .bucket("trail-out")
+        .prefix("ct/")
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        for obj in page.expect("list").contents() {
+            let k = obj.key().expect("key");
+            let body = s3
+                .get_object()
+                .bucket("trail-out")
+                .key(k)
+                .send()
+                .await
+                .expect("get")
+                .body
+                .collect()
+                .await
+                .expect("body")
+                .into_bytes();
+            let path = root.join(k.strip_prefix("ct/").expect("prefix"));
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+            std::fs::write(&path, &body).expect("write");
+        }
+    }
+    let uids = check_lake(&root, |slug| format!("trailhose-{slug}"), None);
+    assert_eq!(uids.len(), n);
+    assert_eq!(uids, golden_uids());
+    eventually(30, "the queue to drain", || async {
+        depth(&sqs, &q.url).await == (0, 0)
+    })
+    .await;
+}
+
+/// A Security Lake config whose batch age breaks the service's rule is refused up front,
+/// naming the key.
+#[test]
+fn security_lake_refuses_a_batch_age_outside_five_minutes_to_a_day() {
+    let tmp = TempDir::new("ocsf-lake-age");
+    for (age, ok) in [(60, false), (300, true), (86_400, true), (90_000, false)] {
+        let config = tmp.path().join(format!("lake-{age}.toml"));
+        std::fs::write(
+            &config,
+            format!("[output]\nschema = \"ocsf\"\nformat = \"parquet\"\n[output.security_lake]\nsource_name = \"t-{{class}}\"\n[batch]\nmax_age_secs = {age}\n"),
+        )
+        .expect("config");
+        let run = trailhose(&["check-config", &config.display().to_string()], &[]);
+        assert_eq!(
+            run.status.success(),
+            ok,
+            "{age}: {}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        if !ok {
+            let err = String::from_utf8_lossy(&run.stderr);
+            assert!(err.contains("batch.max_age_secs"), "{err}");
+        }
+    }
+}
+
+/// `trailhose ocsf-report` over the golden cases: the classes, the sources, the fallback and
+/// the unmapped fields.
+#[test]
+fn ocsf_report_counts_classes_sources_and_unmapped_fields() {
+    let tmp = TempDir::new("ocsf-report");
+    let input = tmp.path().join("in");
+    let n = write_cases(&input);
+    let run = trailhose(
+        &["ocsf-report", &input.display().to_string(), "--json"],
+        &[],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let r: Value = serde_json::from_slice(&run.stdout).expect("JSON report");
+    assert_eq!(r["events"], n as u64);
+    assert_eq!(r["files"], 1);
+    assert_eq!(
+        r["by_class"]["authentication"]["signin.amazonaws.com"]["events"],
+        4
+    );
+    assert_eq!(
+        r["by_class"]["authentication"]["signin.amazonaws.com"]["other_activity"],
+        1
+    );
+    assert_eq!(
+        r["by_class"]["authentication"]["sts.amazonaws.com"]["events"], 2,
+        "the SAML case and the hostile AssumeRole"
+    );
+    assert_eq!(
+        r["by_class"]["account_change"]["iam.amazonaws.com"]["events"],
+        4
+    );
+    assert_eq!(
+        r["by_class"]["api_activity"]["s3.amazonaws.com"]["events"],
+        1
+    );
+    assert!(
+        r["unmapped"]["requestParameters"]
+            .as_u64()
+            .is_some_and(|c| c >= 5),
+        "{r}"
+    );
+    let text = trailhose(&["ocsf-report", &input.display().to_string()], &[]);
+    assert!(text.status.success());
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.starts_with(&format!("OCSF 1.1.0 mapping of {n} events from 1 files")),
+        "{text}"
+    );
+    let iam = text
+        .lines()
+        .find(|l| l.starts_with("iam.amazonaws.com "))
+        .expect("iam row");
+    assert_eq!(
+        iam.split_whitespace().collect::<Vec<_>>(),
+        ["iam.amazonaws.com", "4", "0"],
+        "{text}"
+    );
 }

@@ -472,3 +472,373 @@ fn tables_from_organizations_makes_an_accounts_table_that_joins() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("list-accounts"));
 }
+
+/// Fails (naming the line) unless every output line parses with no key repeated in any object,
+/// as Athena's JSON reader and other strict readers require.
+fn assert_no_duplicate_keys(lines: &[String], dir: &Path) {
+    let file = dir.join("strict-input.jsonl");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let script = r#"
+import json, sys
+def strict(pairs):
+    seen = set()
+    for k, _ in pairs:
+        # Case-folded, as Athena's JSON SerDe reads keys.
+        if k.lower() in seen:
+            raise ValueError("duplicate key %r" % k)
+        seen.add(k.lower())
+    return dict(pairs)
+for n, line in enumerate(open(sys.argv[1]), 1):
+    try:
+        json.loads(line, object_pairs_hook=strict)
+    except ValueError as e:
+        sys.exit("line %d: %s: %s" % (n, e, line.strip()))
+"#;
+    let run = std::process::Command::new("python3")
+        .args(["-c", script, file.to_str().unwrap()])
+        .output()
+        .expect("python3");
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
+#[test]
+fn an_event_already_holding_geo_or_a_lookup_field_carries_the_enrichments_value_once() {
+    let tmp = TempDir::new("tables-owned");
+    let (city, _asn) = common::checks::fixture_dbs(tmp.path());
+    let config = tmp.path().join("tables.toml");
+    std::fs::write(
+        &config,
+        format!("[geoip]\ncity_db = {city:?}\n{}", write_tables(tmp.path())),
+    )
+    .unwrap();
+    let input = tmp.path().join("in");
+    let london = common::mmdb::LONDON_IP;
+    let head = |id: &str, ip: &str| {
+        format!(
+            "\"eventTime\":\"2024-03-18T10:00:00Z\",\"eventID\":\"{id}\",\
+             \"recipientAccountId\":\"444455556666\",\"sourceIPAddress\":\"{ip}\""
+        )
+    };
+    // Re-read trailhose output (stale geo, a forged account), a member first and last, a name
+    // written escaped, and a plain CloudTrail event.
+    let events = [
+        format!(
+            "{{\"geo\":{{\"country_isocode\":\"XX\"}}, {},\"account\":{{\"env\":\"prod\"}} ,\"keep\":1}}",
+            head("o1", london)
+        ),
+        format!(
+            "{{{},\"network\":{{\"label\":\"forged\"}}}}",
+            head("o2", "203.0.113.9")
+        ),
+        format!(
+            "{{{},\"ge\\u006f\":1,\"geo\":2}}",
+            head("o3", "203.0.113.9")
+        ),
+        format!("{{{}}}", head("o4", "10.1.2.3")),
+        // Names that differ only in case: Athena's JSON SerDe folds case, so they are the same.
+        format!(
+            "{{{},\"GEO\":{{\"forged\":true}},\"Account\":1}}",
+            head("o5", "203.0.113.9")
+        ),
+    ];
+    delivery(&input, "one", &events);
+    let out = tmp.path().join("out");
+    let metrics = tmp.path().join("metrics.txt");
+    let run = trailhose(
+        &[
+            "process",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--metrics-file",
+            metrics.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let written = split_output(&local_objects(&out)).events;
+    let lines: Vec<String> = written.iter().map(|(_, l)| l.clone()).collect();
+    assert_no_duplicate_keys(&lines, tmp.path());
+    let got = by_id(&written);
+    let geo = common::mmdb::expected_geo(london.parse().unwrap(), false).unwrap();
+    let dev = r#""account":{"name":"sandbox","env":"dev"}"#;
+    // The event's own members keep their bytes; the enrichments' come last.
+    assert_eq!(
+        got["o1"],
+        format!("{{{},\"keep\":1,{geo},{dev}}}", head("o1", london))
+    );
+    assert_eq!(
+        got["o2"],
+        format!("{{{},{dev}}}", head("o2", "203.0.113.9"))
+    );
+    assert_eq!(
+        got["o3"],
+        format!("{{{},{dev}}}", head("o3", "203.0.113.9"))
+    );
+    assert_eq!(
+        got["o4"],
+        spliced(&events[3], &[dev, r#""network":{"label":"bastion"}"#])
+    );
+    assert_eq!(
+        got["o5"],
+        format!("{{{},{dev}}}", head("o5", "203.0.113.9"))
+    );
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    for line in [
+        r#"trailhose_enrich_replaced_members_total{field="geo"} 4"#,
+        r#"trailhose_enrich_replaced_members_total{field="account"} 2"#,
+        r#"trailhose_enrich_replaced_members_total{field="network"} 1"#,
+    ] {
+        assert!(m.contains(line), "{line} in:\n{m}");
+    }
+}
+
+/// A module built by scripts/build-transforms.sh.
+fn module(file: &str) -> std::path::PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/transforms")
+        .join(file);
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/build-transforms.sh (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// The repository's `examples/tables.toml`, with `extra` appended.
+fn example_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("examples/tables.toml")).unwrap();
+    // Relative paths in the example are from the repository root.
+    let text = text
+        .replace("\"examples/", &format!("\"{}/examples/", root.display()))
+        .replace("\"target/", &format!("\"{}/target/", root.display()));
+    let cache = dir.join("wasm-cache");
+    let path = dir.join("tables.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{text}\n{extra}\n[pipeline]\ntransform_cache_dir = {:?}\n",
+            cache.display().to_string()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn process(input: &Path, out: &Path, config: &Path, metrics: &Path) -> std::process::Output {
+    trailhose(
+        &[
+            "process",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+            "--metrics-file",
+            metrics.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
+/// The example's accounts (111122223333 is prod, 444455556666 dev) and egress ranges
+/// (198.51.100.0/24, 203.0.113.0/25, 2001:db8:100::/48).
+fn priority_events() -> Vec<String> {
+    let arn = |n: &str| format!("arn:aws:iam::111122223333:user/{n}");
+    vec![
+        event("p1", "111122223333", "192.0.2.10", &arn("outside")),
+        event("p2", "111122223333", "198.51.100.7", &arn("office")),
+        event("p3", "111122223333", "2001:db8:100::5", &arn("office6")),
+        event("p4", "444455556666", "192.0.2.10", &arn("dev")),
+        event("p5", "111122223333", "ec2.amazonaws.com", &arn("service")),
+        event("p6", "111122223333", "203.0.113.200", &arn("past-vpn")),
+    ]
+}
+
+#[test]
+fn the_example_priority_rule_reads_granted_tables_beside_a_0_1_0_module_in_one_chain() {
+    let tmp = TempDir::new("tables-module");
+    // The Python module is built against trailhose:transform@0.1.0, prod_egress against 0.2.0.
+    let python = module("python/tag_account.wasm");
+    let config = example_config(
+        tmp.path(),
+        &format!(
+            "[[transforms]]\nname = \"team\"\npath = {:?}\n[transforms.config]\n\
+             teams = \"111122223333=payments\"\n",
+            python.display().to_string()
+        ),
+    );
+    let input = tmp.path().join("in");
+    delivery(&input, "one", &priority_events());
+    let (out, metrics) = (tmp.path().join("out"), tmp.path().join("metrics.txt"));
+    let run = process(&input, &out, &config, &metrics);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let written = split_output(&local_objects(&out));
+    assert!(written.errors.is_empty(), "{:?}", written.errors);
+    let got: BTreeMap<String, Value> = by_id(&written.events)
+        .into_iter()
+        .map(|(id, line)| (id, serde_json::from_str(&line).unwrap()))
+        .collect();
+    let high = json!("HIGH");
+    let expect = [
+        ("p1", Some(&high), None, Some("payments")),
+        ("p2", None, Some("corp-egress"), Some("payments")),
+        ("p3", None, Some("corp-egress-v6"), Some("payments")),
+        ("p4", None, None, None),
+        ("p5", None, None, Some("payments")),
+        // 203.0.113.0/25 ends at .127.
+        ("p6", Some(&high), None, Some("payments")),
+    ];
+    assert_eq!(got.len(), expect.len(), "{got:?}");
+    for (id, priority, network, team) in expect {
+        let e = &got[id];
+        assert_eq!(e.get("xpriority"), priority, "{id}: {e}");
+        assert_eq!(e["xnetwork"].as_str(), network, "{id}: {e}");
+        // The 0.1.0 module ran after the 0.2.0 one, on the same events.
+        assert_eq!(e["xteam"].as_str(), team, "{id}: {e}");
+        assert!(e["xactor"].is_string(), "{id}: {e}");
+    }
+    assert_eq!(
+        got["p1"]["xreason"],
+        "production account called from outside the egress ranges"
+    );
+    // The built-in stage joined the same table before the modules.
+    assert_eq!(got["p4"]["account"]["env"], "dev");
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    let counted =
+        r#"trailhose_transform_counter_total{module="priority",name="prod_from_egress"} 2"#;
+    assert!(m.contains(counted), "{counted} in:\n{m}");
+}
+
+#[test]
+fn a_module_reading_a_table_it_was_not_granted_fails_its_batch_naming_the_table() {
+    let tmp = TempDir::new("tables-grant");
+    let config = example_config(tmp.path(), "");
+    // The module reads both tables; this config grants only the accounts.
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "tables = [\"accounts\", \"egress\"]",
+        "tables = [\"accounts\"]",
+    );
+    std::fs::write(&config, text).unwrap();
+    let input = tmp.path().join("in");
+    delivery(&input, "one", &priority_events()[..2]);
+    let (out, metrics) = (tmp.path().join("out"), tmp.path().join("metrics.txt"));
+    let run = process(&input, &out, &config, &metrics);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let written = split_output(&local_objects(&out));
+    assert!(written.events.is_empty(), "{:?}", written.events);
+    assert_eq!(written.errors.len(), 2, "{:?}", written.errors);
+    for e in &written.errors {
+        assert_eq!(e["reason"], "trap", "{e}");
+        let detail = e["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("table \"egress\" is not granted to this module"),
+            "{detail}"
+        );
+    }
+    // A grant of a table that does not exist is refused up front, naming the key.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("tables = [\"accounts\"]", "tables = [\"accounts\", \"hr\"]");
+    std::fs::write(&config, text).unwrap();
+    let run = process(&input, &out, &config, &metrics);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("transforms.tables") && stderr.contains("\"hr\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn transform_test_takes_tables_by_name_and_path() {
+    let tmp = TempDir::new("tables-trial");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let events = tmp.path().join("events.jsonl");
+    std::fs::write(&events, priority_events().join("\n")).unwrap();
+    let wasm = module("wasm32-wasip2/release/prod_egress.wasm");
+    let accounts = format!(
+        "accounts={}",
+        root.join("examples/tables/accounts.csv").display()
+    );
+    let egress = format!(
+        "egress={}",
+        root.join("examples/tables/egress.csv").display()
+    );
+    let run = trailhose(
+        &[
+            "transform",
+            "test",
+            "--module",
+            wasm.to_str().unwrap(),
+            "--table",
+            &accounts,
+            "--table",
+            &egress,
+            "--table-match",
+            "egress=cidr",
+            events.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    let results: Vec<Value> = String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let outcomes: Vec<&str> = results
+        .iter()
+        .map(|r| r["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "rewritten",
+            "rewritten",
+            "rewritten",
+            "kept",
+            "kept",
+            "rewritten"
+        ],
+        "{results:?}"
+    );
+    assert_eq!(results[0]["events"][0]["xpriority"], "HIGH");
+    assert_eq!(results[1]["events"][0]["xnetwork"], "corp-egress");
+    // Without --table the module's lookups trap, naming the table.
+    let run = trailhose(
+        &[
+            "transform",
+            "test",
+            "--module",
+            wasm.to_str().unwrap(),
+            events.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        stdout.contains("table \\\"accounts\\\" is not granted"),
+        "{stdout}"
+    );
+}

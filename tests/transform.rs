@@ -1176,6 +1176,7 @@ fn modules_reload_when_their_file_changes_and_a_bad_file_keeps_the_running_versi
         name: "live".into(),
         path: path.clone(),
         config: Vec::new(),
+        tables: Vec::new(),
         limits: Limits {
             fuel: 0,
             timeout: std::time::Duration::from_secs(5),

@@ -7,6 +7,8 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 
+use super::fields::is_cloudtrail_field;
+
 /// Top-level event fields the pipeline routes and enriches on. Borrowed from the event bytes
 /// unless the JSON string held escapes.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -20,6 +22,9 @@ pub struct Head<'a> {
     pub event_id: Option<Cow<'a, str>>,
     pub event_name: Option<Cow<'a, str>>,
     pub read_only: Option<bool>,
+    /// A top-level member that is not one of CloudTrail's own fields (see `fields`): the event
+    /// may already hold a member an enrichment adds, so the splice must look before it adds.
+    pub other_members: bool,
 }
 
 impl Head<'_> {
@@ -36,6 +41,7 @@ impl Head<'_> {
             event_id: own(self.event_id),
             event_name: own(self.event_name),
             read_only: self.read_only,
+            other_members: self.other_members,
         }
     }
 }
@@ -94,6 +100,9 @@ impl<'de> Visitor<'de> for HeadVisitor {
                     }
                 }
                 None => {
+                    if !head.other_members && !is_cloudtrail_field(&key) {
+                        head.other_members = true;
+                    }
                     map.next_value::<IgnoredAny>()?;
                 }
             }
@@ -158,5 +167,24 @@ impl<'de> Visitor<'de> for LenientVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
         Ok(Lenient::Other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_that_are_not_cloudtrail_fields_are_flagged_at_the_top_level_only() {
+        let flag = |ev: &str| head_of(ev.as_bytes()).unwrap().other_members;
+        assert!(!flag(
+            r#"{"eventID":"a","userIdentity":{"geo":1},"requestParameters":{"x":1}}"#
+        ));
+        assert!(!flag("{}"));
+        assert!(flag(r#"{"eventID":"a","geo":{"country_isocode":"US"}}"#));
+        assert!(flag(r#"{"account":{},"eventID":"a"}"#));
+        // An escaped key is compared decoded, as readers see it.
+        assert!(flag(r#"{"ge\u006f":1}"#));
+        assert!(!flag(r#"{"event\u0049D":"a"}"#));
     }
 }

@@ -6,6 +6,7 @@
 //! that leaves this module is malformed JSON.
 
 mod elements;
+pub mod fields;
 mod head;
 mod scan;
 pub mod scrub;

@@ -84,8 +84,8 @@ fn head_extracts_routing_fields_and_last_duplicate_wins() {
     assert_eq!(
         heads,
         vec![
-            r#"Head { event_time: Some("2024-03-18T14:30:07Z"), source_ip: None, account: Some("123456789012"), region: Some("us-east-1"), event_source: Some("s3.amazonaws.com"), event_type: Some("AwsApiCall"), event_id: Some("y"), event_name: Some("GetObject"), read_only: Some(true) }"#,
-            r#"Head { event_time: None, source_ip: None, account: None, region: None, event_source: None, event_type: None, event_id: None, event_name: None, read_only: None }"#
+            r#"Head { event_time: Some("2024-03-18T14:30:07Z"), source_ip: None, account: Some("123456789012"), region: Some("us-east-1"), event_source: Some("s3.amazonaws.com"), event_type: Some("AwsApiCall"), event_id: Some("y"), event_name: Some("GetObject"), read_only: Some(true), other_members: false }"#,
+            r#"Head { event_time: None, source_ip: None, account: None, region: None, event_source: None, event_type: None, event_id: None, event_name: None, read_only: None, other_members: false }"#
         ]
     );
 }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, invalid};
+use crate::cloudtrail::fields::CLOUDTRAIL_FIELDS;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -148,43 +149,7 @@ pub struct LookupConfig {
 }
 
 /// Fields the pipeline itself adds; a lookup may not add them again.
-const RESERVED: &[&str] = &["geo", "trailhoseArrivalTime"];
-
-/// CloudTrail's own top-level fields: added again, they would be written twice in one object
-/// (duplicate keys, which readers resolve differently or refuse).
-const CLOUDTRAIL_FIELDS: &[&str] = &[
-    "eventVersion",
-    "userIdentity",
-    "eventTime",
-    "eventSource",
-    "eventName",
-    "awsRegion",
-    "sourceIPAddress",
-    "userAgent",
-    "errorCode",
-    "errorMessage",
-    "requestParameters",
-    "responseElements",
-    "additionalEventData",
-    "requestID",
-    "eventID",
-    "eventType",
-    "apiVersion",
-    "managementEvent",
-    "readOnly",
-    "resources",
-    "recipientAccountId",
-    "serviceEventDetails",
-    "sharedEventID",
-    "vpcEndpointId",
-    "vpcEndpointAccountId",
-    "eventCategory",
-    "addendum",
-    "sessionCredentialFromConsole",
-    "edgeDeviceDetails",
-    "tlsDetails",
-    "insightDetails",
-];
+const RESERVED: &[&str] = &["geo", "trailhoseArrivalTime", "detections"];
 
 impl EnrichConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -243,7 +208,8 @@ impl EnrichConfig {
                 ));
             }
         }
-        let mut added: HashSet<&str> = HashSet::new();
+        // Compared ignoring ASCII case: readers that fold key case would see two names as one.
+        let mut added: HashSet<String> = HashSet::new();
         for l in &self.lookups {
             let named = |m: &str| format!("lookup of {:?} in table {:?}: {m}", l.from, l.table);
             if !names.contains(l.table.as_str()) {
@@ -265,13 +231,16 @@ impl EnrichConfig {
                 ));
             }
             for (field, columns) in &l.add {
-                if field.is_empty() || RESERVED.contains(&field.as_str()) {
+                if field.is_empty() || RESERVED.iter().any(|r| r.eq_ignore_ascii_case(field)) {
                     return Err(invalid(
                         "enrich.lookups.add",
                         named(&format!("{field:?} cannot be added (empty or reserved)")),
                     ));
                 }
-                if CLOUDTRAIL_FIELDS.contains(&field.as_str()) {
+                if CLOUDTRAIL_FIELDS
+                    .iter()
+                    .any(|f| f.eq_ignore_ascii_case(field))
+                {
                     return Err(invalid(
                         "enrich.lookups.add",
                         named(&format!(
@@ -280,7 +249,7 @@ impl EnrichConfig {
                         )),
                     ));
                 }
-                if !added.insert(field.as_str()) {
+                if !added.insert(field.to_ascii_lowercase()) {
                     return Err(invalid(
                         "enrich.lookups.add",
                         named(&format!("field {field:?} is added by two lookups")),

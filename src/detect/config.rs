@@ -27,6 +27,8 @@ pub struct DetectConfig {
     pub skip_invalid: bool,
     /// Alert outputs; each gets every match at or above its `min_level`.
     pub alerts: Vec<AlertConfig>,
+    /// Seconds between checks of the rule files for a change (default 2; 0 = only SIGHUP).
+    pub reload_secs: Option<u64>,
 }
 
 /// Sigma's rule levels, in order.
@@ -148,6 +150,14 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 impl DetectConfig {
+    /// How often the rule files are checked for a change, if at all.
+    pub fn reload(&self) -> Option<std::time::Duration> {
+        match self.reload_secs.unwrap_or(2) {
+            0 => None,
+            n => Some(std::time::Duration::from_secs(n)),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.rules.is_empty() {
             return Err(invalid(

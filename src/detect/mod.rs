@@ -14,8 +14,9 @@ pub mod rules;
 pub mod suppress;
 pub mod trial;
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -23,7 +24,10 @@ use tokio::sync::mpsc;
 
 use crate::ack::Hold;
 use crate::cloudtrail::Head;
-use crate::metrics::{self, AlertSuppressed, DetectionMatched, EventsEvaluated};
+use crate::metrics::{
+    self, AlertEventOmitted, AlertSuppressed, DetectionMatched, EventNotEvaluated, EventsEvaluated,
+};
+use crate::watch::{Stamp, stamp};
 use config::{AlertConfig, AlertKind, DetectConfig, EventPayload};
 use output::{Output, OutputError, Pending};
 use rules::{Hit, RuleError, Rules};
@@ -47,20 +51,36 @@ struct Route {
 
 /// Rules and alert outputs, shared by every worker.
 pub struct Detect {
-    rules: Rules,
+    /// Swapped whole by `reload`; a worker reads it once per event.
+    rules: RwLock<Arc<Rules>>,
+    /// Where the rules come from, to compile them again (None for `rules_only`).
+    from: Option<DetectConfig>,
+    /// The rule files as last read: a change in any (or a file added or gone) reloads.
+    stamps: Mutex<Vec<(PathBuf, Option<Stamp>)>>,
     annotate: bool,
     routes: Vec<Route>,
     worker: String,
 }
 
 /// The delivery tasks; they end once every `Detect` is dropped and their queues are empty.
-pub struct Delivery(Vec<tokio::task::JoinHandle<()>>);
+pub struct Delivery(Vec<tokio::task::JoinHandle<output::Undelivered>>);
 
 impl Delivery {
-    pub async fn finish(self) {
+    /// Waits for every queued alert; returns a line per output that gave up alerts no
+    /// notification will bring back (local files), for the run's failures.
+    pub async fn finish(self) -> Vec<String> {
+        let mut failures = Vec::new();
         for h in self.0 {
-            let _ = h.await;
+            match h.await {
+                Ok(u) if u.alerts > 0 => failures.push(format!(
+                    "{} alert(s) not delivered to alert output {:?}",
+                    u.alerts, u.output
+                )),
+                Ok(_) => {}
+                Err(e) => failures.push(format!("an alert output stopped: {e}")),
+            }
         }
+        failures
     }
 }
 
@@ -84,24 +104,15 @@ impl Detect {
     /// Compiles the rules and opens the alert outputs (in a runtime: clients are built and
     /// delivery tasks spawned).
     pub async fn open(cfg: &DetectConfig) -> Result<(Arc<Detect>, Delivery), DetectError> {
-        let rules = Rules::load(&cfg.rules, &cfg.fields, &cfg.placeholders, cfg.skip_invalid)?;
-        for s in &rules.skipped {
-            metrics::emit(metrics::RuleSkipped {
-                path: &s.path.display().to_string(),
-                reason: &s.reason,
-            });
-        }
-        metrics::emit(metrics::RulesLoaded { rules: rules.len() });
+        let stamps = stamps_of(&cfg.rules);
+        let rules = load(cfg)?;
         let mut routes = Vec::new();
         let mut tasks = Vec::new();
         for a in &cfg.alerts {
             let out = Output::open(a).await?;
             let (tx, rx) = mpsc::channel(QUEUE);
-            let suppressor = (a.suppress_secs > 0).then(|| {
-                Arc::new(Suppressor::new(std::time::Duration::from_secs(
-                    a.suppress_secs,
-                )))
-            });
+            let suppressor = (a.suppress_secs > 0)
+                .then(|| Arc::new(Suppressor::new(Duration::from_secs(a.suppress_secs))));
             tasks.push(tokio::spawn(output::run(out, rx)));
             routes.push(Route {
                 cfg: a.clone(),
@@ -110,43 +121,92 @@ impl Detect {
                 suppressor,
             });
         }
-        let detect = Detect {
-            rules,
+        let detect = Arc::new(Detect {
+            rules: RwLock::new(Arc::new(rules)),
+            from: Some(cfg.clone()),
+            stamps: Mutex::new(stamps),
             annotate: cfg.annotate,
             routes,
             worker: worker_name(),
-        };
-        Ok((Arc::new(detect), Delivery(tasks)))
+        });
+        if let Some(every) = cfg.reload()
+            && let Err(e) = crate::watch::poll("detect-watch", &detect, every, |d| d.reload(false))
+        {
+            metrics::emit(metrics::RulesReloaded {
+                rules: None,
+                error: Some(&format!("cannot start the file watcher: {e}")),
+            });
+        }
+        Ok((detect, Delivery(tasks)))
+    }
+
+    /// Compiles the rules again when a rule file changed (or always, with `force`: SIGHUP).
+    /// A set that does not load keeps the running one, counted and logged.
+    pub fn reload(&self, force: bool) {
+        let Some(cfg) = &self.from else { return };
+        let now = stamps_of(&cfg.rules);
+        {
+            let mut last = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+            if !force && *last == now {
+                return;
+            }
+            *last = now;
+        }
+        match load(cfg) {
+            Ok(rules) => {
+                let n = rules.len();
+                *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+                metrics::emit(metrics::RulesReloaded {
+                    rules: Some(n),
+                    error: None,
+                });
+            }
+            Err(e) => metrics::emit(metrics::RulesReloaded {
+                rules: None,
+                error: Some(&e.to_string()),
+            }),
+        }
     }
 
     /// Rules only, for `detect test`: no outputs.
     pub fn rules_only(rules: Rules) -> Detect {
         Detect {
-            rules,
+            rules: RwLock::new(Arc::new(rules)),
+            from: None,
+            stamps: Mutex::new(Vec::new()),
             annotate: false,
             routes: Vec::new(),
             worker: worker_name(),
         }
     }
 
-    pub fn rules(&self) -> &Rules {
-        &self.rules
+    /// The rules running now.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Evaluates one event, queues its alerts, and returns the `"detections"` fragment to
     /// splice into it when `annotate` is on and a rule matched.
     pub fn inspect(&self, seen: &Seen<'_>) -> Option<Vec<u8>> {
         let started = Instant::now();
-        let event = parse_written(seen.raw, seen.additions);
-        let hits = event
-            .as_ref()
-            .map(|e| self.rules.evaluate(e))
-            .unwrap_or_default();
+        let Some(event) = parse_written(seen.raw, seen.additions) else {
+            // The splitter takes events serde_json will not build (nested deeper than 128,
+            // a lone surrogate escape): written, but no rule saw them. Said, not silent.
+            metrics::emit(EventNotEvaluated {
+                source: seen.source,
+                event_id: seen.head.event_id.as_deref().map(clip),
+            });
+            return None;
+        };
+        let hits = self
+            .rules
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .evaluate(&event);
         metrics::emit(EventsEvaluated {
             events: 1,
             elapsed: started.elapsed(),
         });
-        let event = event?;
         if hits.is_empty() {
             return None;
         }
@@ -180,33 +240,41 @@ impl Detect {
                     }
                     None => None,
                 };
-                let doc = AlertDoc {
+                let mut doc = AlertDoc {
                     rule_id: &hit.id,
                     rule_title: &hit.title,
                     level: hit.level.as_str(),
                     tags: &hit.tags,
-                    event_id: seen.head.event_id.as_deref(),
-                    event_name: seen.head.event_name.as_deref(),
-                    event_time: seen.head.event_time.as_deref(),
+                    event_id: seen.head.event_id.as_deref().map(clip),
+                    event_name: seen.head.event_name.as_deref().map(clip),
+                    event_time: seen.head.event_time.as_deref().map(clip),
                     source: seen.source,
                     worker: &self.worker,
                     detected_at: &now,
                     event: (route.cfg.event == EventPayload::Full).then_some(event),
+                    event_omitted: None,
                 };
-                let body = match route.cfg.kind {
-                    AlertKind::Webhook => slack_body(&doc),
-                    _ => serde_json::to_vec(&doc).unwrap_or_default(),
-                };
+                let body = fit(route.cfg.kind, &mut doc);
+                if doc.event_omitted.is_some() {
+                    metrics::emit(AlertEventOmitted {
+                        output: &route.label,
+                        rule: &hit.id,
+                    });
+                }
                 let pending = Pending {
                     body,
                     partition: seen.partition.to_owned(),
-                    partition_key: format!("{}/{}", hit.id, doc.event_id.unwrap_or("")),
+                    partition_key: output::partition_key(&hit.id, doc.event_id.unwrap_or("")),
                     hold: seen.hold.map(Hold::share),
                     ticket,
                 };
                 // A closed queue means delivery stopped: the share drops uncommitted and the
-                // notification is delivered again.
-                let _ = route.tx.blocking_send(pending);
+                // notification is delivered again, its alert not suppressed by itself.
+                if let Err(mpsc::error::SendError(p)) = route.tx.blocking_send(pending)
+                    && let Some((s, t)) = p.ticket
+                {
+                    s.forget(t);
+                }
             }
         }
     }
@@ -230,6 +298,42 @@ pub struct AlertDoc<'a> {
     pub detected_at: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<&'a Value>,
+    /// Why `event` is missing with `event = "full"`: `too_large` for the output.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_omitted: Option<&'static str>,
+}
+
+/// The most bytes of an event's own string (eventID, eventName, eventTime) an alert copies:
+/// real ones are far shorter, and a hostile one must not make every alert too large to send.
+const FIELD_MAX: usize = 256;
+
+fn clip(s: &str) -> &str {
+    let mut end = s.len().min(FIELD_MAX);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or_default()
+}
+
+/// The alert's body for an output of `kind`. One the output would refuse on every attempt
+/// (its notification would then come back forever) goes without the event, which stays in
+/// the output: eventID and source find it.
+fn fit(kind: AlertKind, doc: &mut AlertDoc<'_>) -> Vec<u8> {
+    let body = encode(kind, doc);
+    if body.len() <= output::max_body(kind) || doc.event.is_none() {
+        return body;
+    }
+    doc.event = None;
+    doc.event_omitted = Some("too_large");
+    encode(kind, doc)
+}
+
+fn encode(kind: AlertKind, doc: &AlertDoc<'_>) -> Vec<u8> {
+    match kind {
+        AlertKind::Webhook => slack_body(doc),
+        // Strings and a parsed event into a Vec: cannot fail.
+        _ => serde_json::to_vec(doc).unwrap_or_default(),
+    }
 }
 
 /// A Slack-compatible webhook body: `text` for humans, the alert document beside it.
@@ -285,6 +389,31 @@ pub fn parse_written(raw: &[u8], additions: &[&[u8]]) -> Option<Value> {
     Some(event)
 }
 
+/// Compiles the configured rules, reporting what was skipped.
+fn load(cfg: &DetectConfig) -> Result<Rules, RuleError> {
+    let rules = Rules::load(&cfg.rules, &cfg.fields, &cfg.placeholders, cfg.skip_invalid)?;
+    for s in &rules.skipped {
+        metrics::emit(metrics::RuleSkipped {
+            path: &s.path.display().to_string(),
+            reason: &s.reason,
+        });
+    }
+    metrics::emit(metrics::RulesLoaded { rules: rules.len() });
+    Ok(rules)
+}
+
+/// Every rule file under `paths` with its stamp (an unreadable folder lists nothing).
+fn stamps_of(paths: &[PathBuf]) -> Vec<(PathBuf, Option<Stamp>)> {
+    rules::rule_files(paths)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| {
+            let s = stamp(&p);
+            (p, s)
+        })
+        .collect()
+}
+
 /// Names this process in alerts: `HOSTNAME` (the pod's name on Kubernetes) or the host's.
 fn worker_name() -> String {
     std::env::var("HOSTNAME")
@@ -310,6 +439,130 @@ mod tests {
         assert_eq!(v["eventID"], "a");
         assert!(parse_written(b"[1]", &[]).is_none());
         assert!(parse_written(b"{not json", &[]).is_none());
+    }
+
+    #[test]
+    fn an_alert_too_large_for_its_output_goes_without_the_event_and_hostile_ids_are_clipped() {
+        let big =
+            serde_json::json!({"eventID": "e", "requestParameters": {"x": "a".repeat(300_000)}});
+        let long_id = "é".repeat(10_000);
+        let doc = |event| AlertDoc {
+            rule_id: "r",
+            rule_title: "T",
+            level: "high",
+            tags: &[],
+            event_id: Some(clip(&long_id)),
+            event_name: Some("GetObject"),
+            event_time: None,
+            source: "s3://b/k",
+            worker: "w",
+            detected_at: "now",
+            event,
+            event_omitted: None,
+        };
+        for kind in [AlertKind::Sqs, AlertKind::Sns, AlertKind::Webhook] {
+            let mut d = doc(Some(&big));
+            let body = fit(kind, &mut d);
+            assert!(
+                body.len() <= output::max_body(kind),
+                "{kind:?}: {}",
+                body.len()
+            );
+            let v: Value = serde_json::from_slice(&body).expect("json");
+            let alert = if kind == AlertKind::Webhook {
+                &v["alert"]
+            } else {
+                &v
+            };
+            assert_eq!(alert["event_omitted"], "too_large", "{kind:?}");
+            assert!(alert.get("event").is_none());
+            assert_eq!(alert["eventID"].as_str().expect("id").len(), FIELD_MAX);
+        }
+        let mut d = doc(Some(&big));
+        let body = fit(AlertKind::S3, &mut d);
+        assert!(body.len() > 300_000, "S3 takes the whole event");
+        let small = serde_json::json!({"eventID": "e"});
+        let mut d = doc(Some(&small));
+        let v: Value = serde_json::from_slice(&fit(AlertKind::Sqs, &mut d)).expect("json");
+        assert_eq!(v["event"]["eventID"], "e");
+        assert!(v.get("event_omitted").is_none());
+    }
+
+    #[test]
+    fn an_event_the_rules_cannot_see_is_counted() {
+        let rules = Rules::load(
+            &[std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/detect/rules")],
+            &Default::default(),
+            &Default::default(),
+            false,
+        )
+        .expect("rules");
+        let d = Detect::rules_only(rules);
+        let deep = format!(
+            "{{\"eventName\":\"CreateUser\",\"eventSource\":\"iam.amazonaws.com\",\"x\":{}{}}}",
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let head = Head {
+            event_id: Some("deep".into()),
+            ..Head::default()
+        };
+        let count = || {
+            crate::metrics::METRICS
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix("trailhose_detect_events_unevaluated_total "))
+                .and_then(|n| n.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let before = count();
+        let seen = Seen {
+            raw: deep.as_bytes(),
+            additions: &[],
+            head: &head,
+            partition: "",
+            source: "s3://b/k",
+            hold: None,
+        };
+        assert!(d.inspect(&seen).is_none());
+        assert!(count() >= before + 1.0, "counted");
+    }
+
+    #[tokio::test]
+    async fn a_changed_rule_folder_is_loaded_and_a_broken_one_keeps_the_running_rules() {
+        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/detect/rules");
+        let tmp = std::env::temp_dir().join(format!("trailhose-reload-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).expect("dir");
+        std::fs::copy(here.join("iam_change.yml"), tmp.join("iam.yml")).expect("copy");
+        let cfg: DetectConfig = toml::from_str(&format!(
+            "rules = [{:?}]\nreload_secs = 1",
+            tmp.display().to_string()
+        ))
+        .expect("config");
+        let (d, delivery) = Detect::open(&cfg).await.expect("open");
+        assert_eq!(d.rules().len(), 1);
+        let wait_for = |n: usize| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while d.rules().len() != n {
+                assert!(Instant::now() < deadline, "still {} rules", d.rules().len());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        };
+        std::fs::copy(here.join("secret_bucket_read.yml"), tmp.join("secret.yml")).expect("copy");
+        wait_for(2);
+        std::fs::write(tmp.join("broken.yml"), "title: B\nlogsource: {product: aws}\ndetection:\n  s: {eventName: x}\n  condition: s and t\n").expect("write");
+        // The watcher sees the change and refuses it; the two rules stay.
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(d.rules().len(), 2);
+        d.reload(true);
+        assert_eq!(d.rules().len(), 2, "SIGHUP's forced reload refuses it too");
+        std::fs::remove_file(tmp.join("broken.yml")).expect("rm");
+        std::fs::remove_file(tmp.join("secret.yml")).expect("rm");
+        wait_for(1);
+        drop(d);
+        delivery.finish().await;
+        let _ = std::fs::remove_dir_all(&tmp);
     }
 
     #[test]

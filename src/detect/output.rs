@@ -59,17 +59,18 @@ pub struct Output {
 /// Alerts taken from the queue per delivery round (S3 writes them as one object per
 /// partition).
 const ROUND: usize = 500;
-const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Per call (one alert, or one S3 object).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Output {
     pub async fn open(cfg: &AlertConfig) -> Result<Output, OutputError> {
-        let shared = crate::aws::config(cfg.region.as_deref(), cfg.endpoint_url.as_deref()).await;
+        let aws = || crate::aws::config(cfg.region.as_deref(), cfg.endpoint_url.as_deref());
         let client = match cfg.kind {
-            AlertKind::Sqs => Dest::Sqs(aws_sdk_sqs::Client::new(&shared)),
-            AlertKind::Sns => Dest::Sns(aws_sdk_sns::Client::new(&shared)),
-            AlertKind::Kinesis => Dest::Kinesis(aws_sdk_kinesis::Client::new(&shared)),
+            AlertKind::Sqs => Dest::Sqs(aws_sdk_sqs::Client::new(&aws().await)),
+            AlertKind::Sns => Dest::Sns(aws_sdk_sns::Client::new(&aws().await)),
+            AlertKind::Kinesis => Dest::Kinesis(aws_sdk_kinesis::Client::new(&aws().await)),
             AlertKind::S3 => {
-                let conf = aws_sdk_s3::config::Builder::from(&shared)
+                let conf = aws_sdk_s3::config::Builder::from(&aws().await)
                     .force_path_style(cfg.force_path_style)
                     .build();
                 let (bucket, prefix) = s3_target(&cfg.target);
@@ -103,29 +104,31 @@ impl Output {
         })
     }
 
-    /// One attempt at delivering `batch` (all of it, or an error).
-    async fn send(&self, batch: &[Pending]) -> Result<(), String> {
-        let err =
-            |e: &dyn std::error::Error| aws_sdk_sqs::error::DisplayErrorContext(e).to_string();
+    /// One attempt at delivering `batch`, in order: all of it, or how many came through
+    /// before the error (those are not sent again).
+    async fn send(&self, batch: &[Pending]) -> Result<(), Failed> {
+        let mut delivered = 0;
         match &self.client {
             Dest::Sqs(c) => {
                 for p in batch {
-                    c.send_message()
-                        .queue_url(&self.target)
-                        .message_body(String::from_utf8_lossy(&p.body))
-                        .send()
+                    let body = sqs_text(&p.body);
+                    let put = c.send_message().queue_url(&self.target).message_body(body);
+                    within(put.send())
                         .await
-                        .map_err(|e| err(&e))?;
+                        .map_err(|error| Failed { delivered, error })?;
+                    delivered += 1;
                 }
             }
             Dest::Sns(c) => {
                 for p in batch {
-                    c.publish()
+                    let put = c
+                        .publish()
                         .topic_arn(&self.target)
-                        .message(String::from_utf8_lossy(&p.body))
-                        .send()
+                        .message(String::from_utf8_lossy(&p.body));
+                    within(put.send())
                         .await
-                        .map_err(|e| err(&e))?;
+                        .map_err(|error| Failed { delivered, error })?;
+                    delivered += 1;
                 }
             }
             Dest::Kinesis(c) => {
@@ -139,7 +142,10 @@ impl Output {
                     } else {
                         put.stream_name(&self.target)
                     };
-                    put.send().await.map_err(|e| err(&e))?;
+                    within(put.send())
+                        .await
+                        .map_err(|error| Failed { delivered, error })?;
+                    delivered += 1;
                 }
             }
             Dest::S3 {
@@ -147,27 +153,35 @@ impl Output {
                 bucket,
                 prefix,
             } => {
-                let mut by_partition: std::collections::BTreeMap<&str, Vec<u8>> =
-                    Default::default();
-                for p in batch {
-                    let buf = by_partition.entry(p.partition.as_str()).or_default();
-                    buf.extend_from_slice(&p.body);
-                    buf.push(b'\n');
-                }
-                for (partition, body) in by_partition {
+                // `deliver` sorted the round by partition: one object per run.
+                let mut rest = batch;
+                while let Some(first) = rest.first() {
+                    let run = rest
+                        .iter()
+                        .take_while(|p| p.partition == first.partition)
+                        .count();
+                    let (this, next) = rest.split_at(run);
+                    let mut body = Vec::new();
+                    for p in this {
+                        body.extend_from_slice(&p.body);
+                        body.push(b'\n');
+                    }
                     let key = format!(
-                        "{prefix}{partition}alerts-{}.json",
+                        "{prefix}{}alerts-{}.json",
+                        first.partition,
                         uuid::Uuid::now_v7().simple()
                     );
-                    client
+                    let put = client
                         .put_object()
                         .bucket(bucket)
                         .key(key)
                         .content_type("application/x-ndjson")
-                        .body(body.into())
-                        .send()
+                        .body(body.into());
+                    within(put.send())
                         .await
-                        .map_err(|e| err(&e))?;
+                        .map_err(|error| Failed { delivered, error })?;
+                    delivered += run;
+                    rest = next;
                 }
             }
             Dest::Webhook(c) => {
@@ -175,21 +189,74 @@ impl Output {
                     let req = hyper::Request::post(&self.target)
                         .header("content-type", "application/json")
                         .body(Full::new(Bytes::from(p.body.clone())))
-                        .map_err(|e| format!("request: {e}"))?;
+                        .map_err(|e| Failed {
+                            delivered,
+                            error: format!("request: {e}"),
+                        })?;
                     // The URL is a secret (Slack's carry a token): errors never name it.
-                    let resp = tokio::time::timeout(WEBHOOK_TIMEOUT, c.request(req))
+                    let resp = tokio::time::timeout(CALL_TIMEOUT, c.request(req))
                         .await
-                        .map_err(|_| "timed out".to_owned())?
-                        .map_err(|e| format!("request failed: {}", error_chain(&e)))?;
+                        .map_err(|_| "timed out".to_owned())
+                        .and_then(|r| r.map_err(|e| format!("request failed: {}", error_chain(&e))))
+                        .map_err(|error| Failed { delivered, error })?;
                     let status = resp.status();
                     if !status.is_success() {
-                        return Err(format!("HTTP status {}", status.as_u16()));
+                        let error = format!("HTTP status {}", status.as_u16());
+                        return Err(Failed { delivered, error });
                     }
+                    delivered += 1;
                 }
             }
         }
         Ok(())
     }
+}
+
+/// An attempt that failed after `delivered` alerts of its batch came through.
+struct Failed {
+    delivered: usize,
+    error: String,
+}
+
+/// One AWS call, bounded: the SDK sets no overall timeout, and a hung endpoint must fail the
+/// attempt (and free the workers waiting on this queue) rather than hold it forever.
+async fn within<T, E>(call: impl std::future::Future<Output = Result<T, E>>) -> Result<T, String>
+where
+    E: std::error::Error + 'static,
+{
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(aws_sdk_sqs::error::DisplayErrorContext(&e).to_string()),
+        Err(_) => Err(format!("timed out after {} s", CALL_TIMEOUT.as_secs())),
+    }
+}
+
+/// An SQS message body: SQS refuses U+FFFE and U+FFFF, which are valid in JSON strings (and
+/// so may come from an event): written as escapes, the document is the same JSON.
+fn sqs_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    if !text.contains(['\u{fffe}', '\u{ffff}']) {
+        return text.into_owned();
+    }
+    text.replace('\u{fffe}', "\\ufffe")
+        .replace('\u{ffff}', "\\uffff")
+}
+
+/// The largest alert document an output takes: SNS messages (and SQS queues created before
+/// 2025, whose `MaximumMessageSize` stays 256 KiB) 256 KiB, a Kinesis record 1 MiB with its
+/// key; webhooks get the SNS limit. A larger one is sent without its event.
+pub fn max_body(kind: AlertKind) -> usize {
+    match kind {
+        AlertKind::Sqs | AlertKind::Sns | AlertKind::Webhook => 256 * 1024,
+        AlertKind::Kinesis => 1_000_000,
+        AlertKind::S3 => usize::MAX,
+    }
+}
+
+/// A Kinesis partition key, `rule/eventID`, within Kinesis's 256 characters (a longer key is
+/// refused on every attempt).
+pub fn partition_key(rule: &str, event_id: &str) -> String {
+    format!("{rule}/{event_id}").chars().take(256).collect()
 }
 
 /// An error and its causes, without the URL (hyper-util's connect errors carry no URL).
@@ -210,8 +277,11 @@ fn backoff(n: u32) -> Duration {
     Duration::from_millis(200u64 << doublings).min(Duration::from_secs(10))
 }
 
-/// Delivers the queue until every sender is gone and it is empty.
-pub async fn run(out: Output, mut rx: mpsc::Receiver<Pending>) {
+/// Delivers the queue until every sender is gone and it is empty. Returns how many alerts
+/// were given up that no notification brings back (local files have no hold): the run
+/// that made them must say it failed.
+pub async fn run(out: Output, mut rx: mpsc::Receiver<Pending>) -> Undelivered {
+    let mut lost = 0;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < ROUND {
@@ -220,56 +290,213 @@ pub async fn run(out: Output, mut rx: mpsc::Receiver<Pending>) {
                 Err(_) => break,
             }
         }
-        deliver(&out, batch).await;
+        lost += deliver(&out, batch).await;
+    }
+    Undelivered {
+        output: out.label,
+        alerts: lost,
     }
 }
 
-async fn deliver(out: &Output, batch: Vec<Pending>) {
+/// Alerts an output gave up on without a notification to deliver them again.
+pub struct Undelivered {
+    pub output: String,
+    pub alerts: u64,
+}
+
+/// Returns the given-up alerts without a hold.
+async fn deliver(out: &Output, mut batch: Vec<Pending>) -> u64 {
+    if matches!(out.client, Dest::S3 { .. }) {
+        batch.sort_by(|a, b| a.partition.cmp(&b.partition));
+    }
     let started = Instant::now();
+    // Alerts at the front of `batch` already delivered: a retry sends only the rest.
+    let mut done = 0;
     let mut attempt = 1;
     loop {
-        match out.send(&batch).await {
-            Ok(()) => {
-                metrics::emit(AlertsDelivered {
-                    output: &out.label,
-                    alerts: batch.len() as u64,
-                    elapsed: started.elapsed(),
-                });
-                for p in batch {
-                    if let Some(h) = p.hold {
-                        h.commit();
-                    }
-                }
-                return;
-            }
-            Err(error) => {
+        let rest = batch.get(done..).unwrap_or_default();
+        if rest.is_empty() {
+            break;
+        }
+        match out.send(rest).await {
+            Ok(()) => done = batch.len(),
+            Err(Failed { delivered, error }) => {
+                done = (done + delivered).min(batch.len());
                 let last = attempt >= out.max_attempts;
                 metrics::emit(AlertDeliveryFailed {
                     output: &out.label,
-                    alerts: batch.len() as u64,
+                    alerts: (batch.len() - done) as u64,
                     attempt,
                     given_up: last,
                     error: &error,
                 });
                 if last {
-                    // The holds drop uncommitted: the notifications come again, and with
-                    // them these alerts (a partial delivery repeats some: at-least-once).
-                    for p in batch {
-                        if let Some((s, t)) = p.ticket {
-                            s.forget(t);
-                        }
-                    }
-                    return;
+                    break;
                 }
                 tokio::time::sleep(backoff(attempt)).await;
                 attempt += 1;
             }
         }
     }
+    if done > 0 {
+        metrics::emit(AlertsDelivered {
+            output: &out.label,
+            alerts: done as u64,
+            elapsed: started.elapsed(),
+        });
+    }
+    let mut lost = 0;
+    for (i, p) in batch.into_iter().enumerate() {
+        if i < done {
+            if let Some(h) = p.hold {
+                h.commit();
+            }
+            continue;
+        }
+        // Given up: the hold drops uncommitted, so the notification comes again, and with it
+        // this alert, which must not then be suppressed by itself.
+        if let Some((s, t)) = p.ticket {
+            s.forget(t);
+        }
+        lost += u64::from(p.hold.is_none());
+    }
+    lost
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Read, Write};
+
+    /// A webhook receiver on a real socket: answers 503 to the requests numbered in `fail`
+    /// (from 1), 200 to the others; returns the port and every body it was sent, in order.
+    fn hook(fail: &'static [usize]) -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = bodies.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let keep = keep.clone();
+                std::thread::spawn(move || serve(conn, &keep, fail));
+            }
+        });
+        (port, bodies)
+    }
+
+    fn serve(conn: std::net::TcpStream, keep: &std::sync::Mutex<Vec<String>>, fail: &[usize]) {
+        let mut r = BufReader::new(conn.try_clone().expect("clone"));
+        let mut w = conn;
+        loop {
+            let mut line = String::new();
+            let mut len = 0;
+            if r.read_line(&mut line).unwrap_or(0) == 0 {
+                break;
+            }
+            loop {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some((k, v)) = line.split_once(':')
+                    && k.eq_ignore_ascii_case("content-length")
+                {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; len];
+            if r.read_exact(&mut body).is_err() {
+                break;
+            }
+            let n = {
+                let mut b = keep.lock().expect("lock");
+                b.push(String::from_utf8_lossy(&body).into_owned());
+                b.len()
+            };
+            let status = if fail.contains(&n) {
+                "503 No"
+            } else {
+                "200 OK"
+            };
+            let resp = format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+            if w.write_all(resp.as_bytes()).is_err() {
+                break;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_sends_only_what_was_not_delivered_and_commits_what_was() {
+        let (port, bodies) = hook(&[2]);
+        let cfg: AlertConfig = toml::from_str(&format!(
+            "kind = \"webhook\"\ntarget = \"http://127.0.0.1:{port}/hook\"\nmax_attempts = 3"
+        ))
+        .expect("config");
+        let out = Output::open(&cfg).await.expect("open");
+        let mut settled = Vec::new();
+        let batch = ["a", "b", "c"]
+            .iter()
+            .map(|b| {
+                let (hold, s) = Hold::new();
+                settled.push(s);
+                Pending {
+                    body: b.as_bytes().to_vec(),
+                    partition: String::new(),
+                    partition_key: String::new(),
+                    hold: Some(hold),
+                    ticket: None,
+                }
+            })
+            .collect();
+        deliver(&out, batch).await;
+        assert_eq!(
+            *bodies.lock().expect("lock"),
+            ["a", "b", "b", "c"],
+            "a is not sent again"
+        );
+        for s in settled {
+            assert_eq!(s.await, Ok(true), "every alert delivered");
+        }
+    }
+
+    #[tokio::test]
+    async fn given_up_alerts_hand_their_notification_back_and_delivered_ones_do_not() {
+        let (port, bodies) = hook(&[2, 3]);
+        let cfg: AlertConfig = toml::from_str(&format!(
+            "kind = \"webhook\"\ntarget = \"http://127.0.0.1:{port}/hook\"\nmax_attempts = 2"
+        ))
+        .expect("config");
+        let out = Output::open(&cfg).await.expect("open");
+        let (first, first_settled) = Hold::new();
+        let (second, second_settled) = Hold::new();
+        let pending = |body: &str, hold| Pending {
+            body: body.as_bytes().to_vec(),
+            partition: String::new(),
+            partition_key: String::new(),
+            hold: Some(hold),
+            ticket: None,
+        };
+        deliver(&out, vec![pending("a", first), pending("b", second)]).await;
+        assert_eq!(*bodies.lock().expect("lock"), ["a", "b", "b"]);
+        assert_eq!(first_settled.await, Ok(true));
+        assert_eq!(second_settled.await, Ok(false), "handed back");
+    }
+
+    #[test]
+    fn kinesis_keys_fit_and_sqs_bodies_carry_no_character_sqs_refuses() {
+        let long = "x".repeat(1000);
+        assert_eq!(partition_key("rule", &long).chars().count(), 256);
+        assert_eq!(partition_key("rule", "e1"), "rule/e1");
+        let doc = serde_json::json!({"userAgent": "a\u{fffe}b\u{ffff}c"}).to_string();
+        let text = sqs_text(doc.as_bytes());
+        assert!(!text.contains(['\u{fffe}', '\u{ffff}']), "{text}");
+        let back: serde_json::Value = serde_json::from_str(&text).expect("still JSON");
+        assert_eq!(
+            back["userAgent"], "a\u{fffe}b\u{ffff}c",
+            "the same document"
+        );
+    }
+
     #[test]
     fn backoff_doubles_up_to_ten_seconds() {
         let b: Vec<u64> = (1..9)

@@ -66,13 +66,19 @@ fn is_rule_file(p: &Path) -> bool {
 }
 
 /// Every rule file under `paths` (files as given, folders searched), sorted per folder.
-fn rule_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, RuleError> {
+pub(super) fn rule_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>, RuleError> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
+            // Hidden entries are skipped: a Kubernetes ConfigMap volume holds each file three
+            // times (`x.yml` → `..data/x.yml` → `..2026_…/x.yml`), and each copy would load
+            // as a rule of its own and alert again.
             let mut found: Vec<PathBuf> = walkdir::WalkDir::new(p)
                 .follow_links(true)
                 .into_iter()
+                .filter_entry(|e| {
+                    e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.')
+                })
                 .filter_map(Result::ok)
                 .filter(|e| e.file_type().is_file() && is_rule_file(e.path()))
                 .map(|e| e.into_path())
@@ -436,6 +442,58 @@ mod tests {
         assert_eq!(rules.skipped.len(), 1);
         assert_eq!(rules.skipped[0].path, bad);
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn a_configmap_volume_loads_each_rule_once() {
+        // The layout the kubelet writes: the files are symlinks through `..data` into a
+        // hidden, timestamped folder.
+        let tmp = std::env::temp_dir().join(format!("trailhose-cm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let stamped = tmp.join("..2026_12_01_15_00_00.123");
+        std::fs::create_dir_all(&stamped).expect("dir");
+        std::fs::copy(dir("rules").join("iam_change.yml"), stamped.join("iam.yml")).expect("copy");
+        std::os::unix::fs::symlink("..2026_12_01_15_00_00.123", tmp.join("..data")).expect("link");
+        std::os::unix::fs::symlink("..data/iam.yml", tmp.join("iam.yml")).expect("link");
+        let rules = Rules::load(
+            std::slice::from_ref(&tmp),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            false,
+        )
+        .expect("rules");
+        assert_eq!(rules.len(), 1, "one rule, not one per copy");
+        let create = r#"{"eventSource":"iam.amazonaws.com","eventName":"CreateUser"}"#;
+        assert_eq!(ids(&rules, create).len(), 1);
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[test]
+    fn hostile_events_do_not_panic_the_rules() {
+        let rules = Rules::load(
+            &[dir("modifiers"), dir("rules")],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            false,
+        )
+        .expect("rules");
+        let huge = "A".repeat(4 << 20);
+        let deep = format!("{}1{}", "[".repeat(120), "]".repeat(120));
+        let events = [
+            r#"{}"#.to_owned(),
+            r#"{"eventName":null,"eventSource":7,"userAgent":{"x":[1,2]},"sourceIPAddress":true}"#
+                .to_owned(),
+            r#"{"eventName":["CreateUser",{"a":1}],"sourceIPAddress":"999.1.1.1/77"}"#.to_owned(),
+            r#"{"sourceIPAddress":"::ffff:10.0.0.1%eth0","userIdentity":"root"}"#.to_owned(),
+            format!(r#"{{"eventName":"{huge}","userAgent":"{huge}"}}"#),
+            format!(r#"{{"eventName":"ConsoleLogin","requestParameters":{deep}}}"#),
+            "{\"eventName\":\"\u{10ffff}\u{fffe}\\u0000é\",\"resources\":[null,1,\"x\"]}"
+                .to_owned(),
+        ];
+        for e in &events {
+            let v: Value = serde_json::from_str(e).expect("test event");
+            let _ = rules.evaluate(&v);
+        }
     }
 
     #[test]

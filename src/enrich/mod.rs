@@ -2,4 +2,5 @@
 
 pub mod geo;
 pub mod live;
+pub mod members;
 pub mod tables;

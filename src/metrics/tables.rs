@@ -12,6 +12,7 @@ pub struct TableMetrics {
     load_seconds: GaugeVec,
     reloads: IntCounterVec,
     lookups: IntCounterVec,
+    replaced: IntCounterVec,
 }
 
 pub static TABLES: LazyLock<TableMetrics> = LazyLock::new(|| {
@@ -53,6 +54,12 @@ pub static TABLES: LazyLock<TableMetrics> = LazyLock::new(|| {
             "trailhose_enrich_lookups_total",
             "Built-in lookups per event, by table, added field and result (found, absent).",
             &["table", "field", "result"],
+        ),
+        replaced: counter_vec(
+            r,
+            "trailhose_enrich_replaced_members_total",
+            "Top-level members an event already held under a name an enrichment writes (geo, a lookup's field): removed, so that the event carries the enrichment's value once.",
+            &["field"],
         ),
     }
 });
@@ -132,5 +139,16 @@ impl InternalEvent for TableLookups<'_> {
                     .inc_by(n);
             }
         }
+    }
+}
+
+/// An event already held a top-level member an enrichment writes; it was removed.
+pub struct MemberReplaced<'a> {
+    pub field: &'a str,
+}
+
+impl InternalEvent for MemberReplaced<'_> {
+    fn emit(self) {
+        TABLES.replaced.with_label_values(&[self.field]).inc();
     }
 }

@@ -61,22 +61,24 @@ struct Parts {
     detect: Option<(Arc<Detect>, Delivery)>,
 }
 
-/// SIGHUP re-reads the GeoIP databases, the enrichment tables and the transform modules (each
-/// keeps its running version when the new one is unusable).
+/// SIGHUP re-reads the GeoIP databases, the enrichment tables, the transform modules and the
+/// detection rules (each keeps its running version when the new one is unusable).
 fn reload_on_hangup(
     geo: &Arc<LiveGeo>,
     tables: Option<&Arc<LiveTables>>,
     transforms: Option<&Arc<Transforms>>,
+    detect: Option<&Arc<Detect>>,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         return;
     };
     let (geo, transforms) = (Arc::downgrade(geo), transforms.map(Arc::downgrade));
-    let tables = tables.map(Arc::downgrade);
+    let (tables, detect) = (tables.map(Arc::downgrade), detect.map(Arc::downgrade));
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
             let (geo, tables, transforms) = (geo.clone(), tables.clone(), transforms.clone());
+            let detect = detect.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 if let Some(g) = geo.upgrade() {
                     g.reload(true);
@@ -86,6 +88,9 @@ fn reload_on_hangup(
                 }
                 if let Some(t) = transforms.and_then(|t| t.upgrade()) {
                     t.reload(true);
+                }
+                if let Some(d) = detect.and_then(|d| d.upgrade()) {
+                    d.reload(true);
                 }
             })
             .await;
@@ -153,13 +158,18 @@ impl Engine {
         let geo = open_geo(cfg)?;
         let tables = LiveTables::open(&cfg.enrich).await?;
         let transforms = open_transforms(cfg)?;
-        reload_on_hangup(&geo, tables.as_ref(), transforms.as_ref());
-        let store = Arc::new(open_store(cfg).await?);
-        store.check().await?;
         let detect = match &cfg.detect {
             Some(d) => Some(Detect::open(d).await?),
             None => None,
         };
+        reload_on_hangup(
+            &geo,
+            tables.as_ref(),
+            transforms.as_ref(),
+            detect.as_ref().map(|(d, _)| d),
+        );
+        let store = Arc::new(open_store(cfg).await?);
+        store.check().await?;
         let parts = Parts {
             geo,
             tables,
@@ -282,13 +292,15 @@ impl Engine {
         })
         .await
         .map_err(|e| PipelineError::Worker(e.to_string()))??;
-        if let Some(d) = self.delivery {
-            d.finish().await;
-        }
-        let written = self
+        let undelivered = match self.delivery {
+            Some(d) => d.finish().await,
+            None => Vec::new(),
+        };
+        let mut written = self
             .uploader
             .await
             .map_err(|e| PipelineError::Worker(e.to_string()))?;
+        written.failures.extend(undelivered);
         Ok((tally, written))
     }
 }

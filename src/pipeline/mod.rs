@@ -28,6 +28,7 @@ use crate::dedup::Dedup;
 use crate::detect::{Detect, DetectError, Seen};
 use crate::enrich::geo::{self, GeoEnricher, GeoError};
 use crate::enrich::live::LiveGeo;
+use crate::enrich::members;
 use crate::enrich::tables::TableError;
 use crate::enrich::tables::live::LiveTables;
 use crate::enrich::tables::stage::LookupStage;
@@ -518,6 +519,7 @@ impl FileWorker {
         // The raw rest of a file comes in pieces: one scrubber runs over all of them.
         let mut unsplit_scrub = scrub::Scrubber::new(&raw_policy.keys);
         let mut next_index = 0u64;
+        let mut stripped = Vec::new();
         let report = split(&mut |item| match item {
             Item::Event { raw, head } => {
                 let index = next_index;
@@ -525,16 +527,36 @@ impl FileWorker {
                 if route.duplicate(&head) {
                     return;
                 }
+                // An event that may already hold `geo` or a lookup's field loses it: the
+                // enrichment's value replaces it (see `enrich::members`).
+                let raw = match head.other_members && (geo.is_some() || lookups.is_some()) {
+                    true => replace_owned(raw, geo.is_some(), lookups.as_ref(), &mut stripped),
+                    false => raw,
+                };
                 let fragment = geo
                     .as_mut()
                     .and_then(|g| g.lookup(head.source_ip.as_deref()));
-                let joined: Vec<&[u8]>;
+                // Geo's and the lookups' fragments: on the stack, no allocation per event,
+                // unless there are more than `inline` holds.
+                let mut inline: [&[u8]; 8] = [&[]; 8];
+                let spilled: Vec<&[u8]>;
                 let additions = match lookups {
                     None => fragment.as_slice(),
                     Some(l) => {
                         l.run(raw, &head);
-                        joined = fragment.into_iter().chain(l.fragments()).collect();
-                        joined.as_slice()
+                        let mut all = fragment.into_iter().chain(l.fragments());
+                        let mut n = 0;
+                        for (slot, f) in inline.iter_mut().zip(all.by_ref()) {
+                            *slot = f;
+                            n += 1;
+                        }
+                        match all.next() {
+                            None => inline.get(..n).unwrap_or_default(),
+                            Some(more) => {
+                                spilled = inline.iter().copied().chain([more]).chain(all).collect();
+                                spilled.as_slice()
+                            }
+                        }
                     }
                 };
                 match stage {
@@ -678,6 +700,9 @@ impl FileWorker {
         }
         let (generation, lookups) = live.current();
         self.tables_generation = generation;
+        if let Some(st) = self.stage.as_mut() {
+            st.chain.set_tables(Some(lookups.clone()));
+        }
         if lookups.is_empty() {
             self.lookups = None;
             return;
@@ -809,6 +834,9 @@ impl FileWorker {
                 st.chain = t.chain();
             }
         }
+        // The new chain reads the tables in use.
+        self.tables_generation = u64::MAX;
+        self.follow_tables();
         let Some(source) = source else {
             self.report_buffers();
             return;
@@ -997,6 +1025,36 @@ fn head_field<'h>(head: &'h Head<'_>, field: &str) -> Option<&'h str> {
         _ => return None,
     };
     value.as_deref()
+}
+
+/// `raw` without the top-level members the enrichments write (`geo` when `geo`, the lookups'
+/// fields), copied into `stripped`; `raw` itself when it has none. Each removal is counted.
+fn replace_owned<'r>(
+    raw: &'r [u8],
+    geo: bool,
+    lookups: Option<&LookupStage>,
+    stripped: &'r mut Vec<u8>,
+) -> &'r [u8] {
+    // Names match ignoring ASCII case (readers fold it); the metric carries the owned name, so
+    // its label set stays the configured one whatever case the input used.
+    let owner = |k: &str| -> Option<&str> {
+        if geo && k.eq_ignore_ascii_case("geo") {
+            Some("geo")
+        } else {
+            lookups.and_then(|l| l.added_as(k))
+        }
+    };
+    match members::without_owned(raw, |k| owner(k).is_some(), stripped) {
+        Some(removed) => {
+            for name in &removed {
+                if let Some(field) = owner(name) {
+                    metrics::emit(MemberReplaced { field });
+                }
+            }
+            stripped
+        }
+        None => raw,
+    }
 }
 
 /// `"trailhoseArrivalTime":"<rfc3339>"`, spliced into an event partitioned by arrival.

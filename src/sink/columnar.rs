@@ -28,6 +28,9 @@ pub enum Col {
     Time,
     /// Any JSON value, kept as its JSON text.
     Json,
+    /// An object as a map of strings to strings (values that are not strings as their JSON
+    /// text): OCSF's `unmapped`.
+    StrMap,
     Struct(&'static [(&'static str, Col)]),
     List(&'static Col),
 }
@@ -230,6 +233,25 @@ impl Layout {
         }
         if !extra.is_empty() {
             let column = name(self.extra_into.as_deref().unwrap_or(EXTRA), self.lowercase);
+            if let Some(Value::Object(held)) = out.get_mut(&column) {
+                // A map column: the misfits join it as strings.
+                for (k, v) in extra {
+                    held.insert(k, Value::String(map_value(v)));
+                }
+                return Value::Object(out);
+            }
+            let is_map = self
+                .columns
+                .iter()
+                .any(|(n, c)| *c == Col::StrMap && Some(n.as_str()) == self.extra_into.as_deref());
+            if is_map {
+                let m = extra
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::String(map_value(v))))
+                    .collect();
+                out.insert(column, Value::Object(m));
+                return Value::Object(out);
+            }
             // Merged with what the column holds already (a JSON object's text, or nothing).
             if let Some(Value::String(held)) = out.get(&column)
                 && let Ok(mut m) = serde_json::from_str::<Map<String, Value>>(held)
@@ -309,6 +331,17 @@ pub fn name(n: &str, lowercase: bool) -> String {
 pub fn arrow_type(c: Col, lowercase: bool) -> DataType {
     match c {
         Col::Str | Col::Json => DataType::Utf8,
+        Col::StrMap => DataType::Map(
+            Arc::new(Field::new(
+                "key_value",
+                DataType::Struct(Fields::from(vec![
+                    Field::new("key", DataType::Utf8, false),
+                    Field::new("value", DataType::Utf8, true),
+                ])),
+                false,
+            )),
+            false,
+        ),
         Col::Bool => DataType::Boolean,
         Col::Int => DataType::Int64,
         Col::Float => DataType::Float64,
@@ -339,6 +372,11 @@ fn conform(v: Value, c: Col, path: &str, lowercase: bool, extra: &mut Map<String
         (Col::Str, Value::String(s)) => Value::String(s),
         (Col::Str, v @ (Value::Bool(_) | Value::Number(_))) => Value::String(v.to_string()),
         (Col::Json, v) => Value::String(v.to_string()),
+        (Col::StrMap, Value::Object(m)) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| (k, Value::String(map_value(v))))
+                .collect(),
+        ),
         (Col::Bool, Value::Bool(b)) => Value::Bool(b),
         (Col::Bool, Value::String(s)) if s == "true" || s == "false" => Value::Bool(s == "true"),
         (Col::Int, Value::Number(n)) if n.is_i64() => Value::Number(n),
@@ -370,6 +408,14 @@ fn conform(v: Value, c: Col, path: &str, lowercase: bool, extra: &mut Map<String
             )
         }
         (_, v) => misfit(v, extra),
+    }
+}
+
+/// A value of a string map: a string as it is, anything else as its JSON text.
+fn map_value(v: Value) -> String {
+    match v {
+        Value::String(s) => s,
+        other => other.to_string(),
     }
 }
 

@@ -4,6 +4,7 @@ use std::fmt::Write;
 
 use crate::clock::Utc;
 use crate::cloudtrail::Head;
+use crate::sink::ocsf::Class;
 
 /// Athena/Hive layout by event hour.
 pub const DEFAULT_TEMPLATE: &str = "year={year}/month={month}/day={day}/hour={hour}/";
@@ -214,6 +215,8 @@ pub struct Partitioner {
     uses_time: bool,
     /// None: events without a usable time are partitioned by their arrival time.
     fallback: Option<String>,
+    /// Security Lake: a prefix per OCSF class (`ext/<source>/`) before the template.
+    class_prefixes: Option<Vec<(Class, String)>>,
 }
 
 impl Partitioner {
@@ -230,7 +233,14 @@ impl Partitioner {
             uses_time: template.uses_time(),
             template,
             fallback,
+            class_prefixes: None,
         }
+    }
+
+    /// Puts each event under its OCSF class's prefix (Security Lake's one source per class).
+    pub fn with_class_prefixes(mut self, prefixes: Vec<(Class, String)>) -> Partitioner {
+        self.class_prefixes = Some(prefixes);
+        self
     }
 
     /// Writes the event's partition into `out` (cleared first) and returns how it was routed.
@@ -252,11 +262,19 @@ impl Partitioner {
                 None => render_time = Some(arrival),
             }
         }
+        let class = || {
+            let (source, name) = (head.event_source.as_deref(), head.event_name.as_deref());
+            crate::sink::ocsf::class::classify(source, name, head.event_type.as_deref())
+        };
+        if let Some(prefixes) = &self.class_prefixes {
+            let c = class();
+            if let Some((_, p)) = prefixes.iter().find(|(k, _)| *k == c) {
+                out.push_str(p);
+            }
+        }
         let value = |f: Field| -> &str {
             if f == Field::OcsfClass {
-                let (source, name) = (head.event_source.as_deref(), head.event_name.as_deref());
-                let event_type = head.event_type.as_deref();
-                return crate::sink::ocsf::class::classify(source, name, event_type).slug();
+                return class().slug();
             }
             let v = match f {
                 Field::Account => &head.account,
@@ -318,6 +336,35 @@ mod tests {
     fn key(template: &str, h: &Head<'_>) -> (String, bool) {
         let (k, routed) = key_with(template, DEFAULT_FALLBACK, h);
         (k, !routed.fallback)
+    }
+
+    #[test]
+    fn class_prefixes_put_each_class_under_its_source() {
+        let t =
+            KeyTemplate::parse("region={region}/accountId={account}/eventDay={year}{month}{day}/")
+                .unwrap();
+        let prefixes = Class::ALL
+            .iter()
+            .map(|c| (*c, format!("ext/src-{}/", c.uid())))
+            .collect();
+        let p = Partitioner::new(t, "").with_class_prefixes(prefixes);
+        let mut h = head(Some("2024-03-18T23:59:59Z"));
+        h.event_source = Some(Cow::Borrowed("signin.amazonaws.com"));
+        h.event_name = Some(Cow::Borrowed("ConsoleLogin"));
+        let mut out = String::new();
+        p.key_for(&h, arrival(), &mut out);
+        assert_eq!(
+            out,
+            "ext/src-3002/region=eu-west-1/accountId=123456789012/eventDay=20240318/"
+        );
+        // Untimed: by arrival, still under the class's source.
+        let mut h = head(None);
+        h.event_name = Some(Cow::Borrowed("GetObject"));
+        p.key_for(&h, arrival(), &mut out);
+        assert_eq!(
+            out,
+            "ext/src-6003/region=eu-west-1/accountId=123456789012/eventDay=20261201/"
+        );
     }
 
     #[test]

@@ -639,7 +639,7 @@ mod tests {
         let records = vec![
             rec("1", cwl(&[r#"{"eventID":"a"}"#, r#"{"eventID":"b"}"#])),
             // Malformed half-way through its messages: nothing of it stays behind.
-            rec("2", gzip(br#"{"messageType":"DATA_MESSAGE","logEvents":[{"message":"{"eventID":"x"}"},{"message":5}]}"#)),
+            rec("2", gzip(br#"{"messageType":"DATA_MESSAGE","logEvents":[{"message":"{\"eventID\":\"x\"}"},{"message":5}]}"#)),
             rec("3", br#"{"messageType":"CONTROL_MESSAGE","logEvents":[{"message":"CWL CONTROL MESSAGE"}]}"#.to_vec()),
             rec("4", br#" {"eventVersion":"1.09","eventID":"c"} "#.to_vec()),
             rec("5", br#"{"s3Bucket":"b","s3ObjectKey":["AWSLogs/1/CloudTrail/us-east-1/2024/03/18/f.json.gz"]}"#.to_vec()),
@@ -682,6 +682,12 @@ mod tests {
         assert!(units[0].1);
         assert_eq!(units[1].0, "kinesis://s/shard-1/2");
         assert!(!units[1].1);
+        assert_eq!(
+            units[1].2.len(),
+            2,
+            "the reason and the data only: {:?}",
+            units[1].2
+        );
         assert!(
             units[1].2[0].starts_with("text bad_cwl_batch: "),
             "{:?}",

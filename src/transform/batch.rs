@@ -66,6 +66,9 @@ impl<'a> View<'a> {
             event_id: b(self.event_id),
             event_name: b(self.event_name),
             read_only: self.read_only,
+            // Not known for a module's output; only the enrichment stages, before any module,
+            // read it.
+            other_members: true,
         }
     }
 }

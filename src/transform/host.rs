@@ -27,13 +27,26 @@ use wasmtime_wasi::random::WasiRandom;
 use wasmtime_wasi::{Deterministic, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::Limits;
+use crate::enrich::tables::stage::Lookups;
 use crate::metrics::{self, GuestCounted, GuestLogged};
 
+/// The current world, `trailhose:transform@0.2.0`: its exports are the same as 0.1.0's, so it
+/// type-checks modules built against either version.
 mod bindings {
     wasmtime::component::bindgen!({
         path: "wit",
         world: "transform",
         ownership: Borrowing { duplicate_if_necessary: true },
+        imports: { "trailhose:transform/host.lookup": trappable },
+    });
+}
+
+/// The 0.1.0 host interface (`log`, `count`), linked beside 0.2.0's so that modules built
+/// against 0.1.0 keep working unchanged. Only its import side is used.
+mod v0_1 {
+    wasmtime::component::bindgen!({
+        path: "wit/v0.1.0",
+        world: "transform",
     });
 }
 
@@ -123,6 +136,10 @@ impl Prepared {
         let mut linker = Linker::<State>::new(engine);
         link_wasi(&mut linker)?;
         Transform::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)?;
+        v0_1::trailhose::transform::host::add_to_linker::<State, HasSelf<State>>(
+            &mut linker,
+            |s| s,
+        )?;
         stub_unlinked(&mut linker, engine, component)?;
         let pre = TransformPre::new(linker.instantiate_pre(component)?)?;
         Ok(Prepared { pre })
@@ -231,6 +248,9 @@ pub struct State {
     /// Log lines and counter increments of the current call, held when the module's failure
     /// policy drops bodies (`None`: emitted as they come).
     held: Option<Vec<Said>>,
+    /// The tables of the worker's current generation, and the names this module may read.
+    tables: Option<Arc<Lookups>>,
+    grants: Arc<[String]>,
 }
 
 /// One thing a module said through the host imports.
@@ -384,6 +404,43 @@ impl bindings::trailhose::transform::host::Host for State {
             delta,
         });
     }
+
+    fn lookup(
+        &mut self,
+        table: String,
+        key: String,
+    ) -> wasmtime::Result<Option<Vec<(String, String)>>> {
+        if !self.grants.contains(&table) {
+            return Err(wasmtime::format_err!(
+                "lookup: table {table:?} is not granted to this module (list it in the \
+                 module's `tables`; granted: {})",
+                self.grants.join(", ")
+            ));
+        }
+        Ok(self
+            .tables
+            .as_ref()
+            .and_then(|t| t.table(&table))
+            .and_then(|t| t.pairs(&key)))
+    }
+}
+
+/// 0.1.0's host interface: the same `log` and `count`.
+impl v0_1::trailhose::transform::host::Host for State {
+    fn log(&mut self, level: v0_1::trailhose::transform::host::Level, message: String) {
+        use v0_1::trailhose::transform::host::Level as L;
+        let level = match level {
+            L::Debug => Level::Debug,
+            L::Info => Level::Info,
+            L::Warn => Level::Warn,
+            L::Error => Level::Error,
+        };
+        bindings::trailhose::transform::host::Host::log(self, level, message);
+    }
+
+    fn count(&mut self, name: String, delta: u64) {
+        bindings::trailhose::transform::host::Host::count(self, name, delta);
+    }
 }
 
 /// A guest log line cut to [`LOG_LINE_BYTES`] (at a character boundary), so that one line cannot
@@ -435,6 +492,7 @@ impl Instance {
         prepared: &Prepared,
         module: &Arc<str>,
         config: &[(String, String)],
+        grants: &[String],
         limits: &Limits,
     ) -> Result<Instance, CallError> {
         let output = Tail::default();
@@ -468,6 +526,8 @@ impl Instance {
             counter_names: Vec::new(),
             output,
             held: None,
+            tables: None,
+            grants: grants.into(),
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
@@ -496,6 +556,19 @@ impl Instance {
                 detail: format!("init refused the config: {message}"),
             }),
             Err(e) => Err(classify(&store, limits, &e, "init")),
+        }
+    }
+
+    /// The tables `lookup` reads from the next call on (those the module is granted).
+    pub fn set_tables(&mut self, tables: Option<&Arc<Lookups>>) {
+        let state = self.store.data_mut();
+        let same = match (&state.tables, tables) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            state.tables = tables.cloned();
         }
     }
 
@@ -778,6 +851,8 @@ mod tests {
             counter_names: Vec::new(),
             output: Tail(Arc::default()),
             held: Some(Vec::new()),
+            tables: None,
+            grants: Arc::from([]),
         };
         for i in 0..100_000u64 {
             state.count(format!("c{}", i % 3), 2);

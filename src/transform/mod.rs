@@ -23,6 +23,7 @@ use wasmtime::Engine;
 pub use batch::{Batch, Counts, Reject, View};
 use host::{CallError, Event, Fields, Instance, Prepared};
 
+use crate::enrich::tables::stage::Lookups;
 use crate::metrics::{self, TransformBatch, TransformFailed, TransformReloaded};
 use crate::watch::{self, Stamp, stamp};
 
@@ -69,6 +70,8 @@ pub struct ModuleSpec {
     pub name: String,
     pub path: PathBuf,
     pub config: Vec<(String, String)>,
+    /// The `[[enrich.tables]]` the module may read through `lookup`.
+    pub tables: Vec<String>,
     pub limits: Limits,
     pub on_failure: OnFailure,
     /// With `on_failure = Retry`: failed deliveries of one batch before `retry_fallback`.
@@ -198,6 +201,7 @@ impl Transforms {
             &prepared,
             name,
             &spec.config,
+            &spec.tables,
             &spec.limits,
         )
         .map_err(|e| TransformError::Init {
@@ -306,6 +310,7 @@ impl Transforms {
                 })
                 .collect(),
             scratch: Batch::default(),
+            tables: None,
         }
     }
 }
@@ -338,9 +343,16 @@ pub struct Chain {
     transforms: Arc<Transforms>,
     stages: Vec<Stage>,
     scratch: Batch,
+    /// The tables modules' `lookup` reads: the worker's generation, switched between files.
+    tables: Option<Arc<Lookups>>,
 }
 
 impl Chain {
+    /// The tables (of the worker's current generation) that modules read from the next batch.
+    pub fn set_tables(&mut self, tables: Option<Arc<Lookups>>) {
+        self.tables = tables;
+    }
+
     /// Runs every module over `batch` (events of the file `source`) in order; on return
     /// `batch` holds the events to write and `rejects` the ones for the error output. Returns
     /// what each module call did.
@@ -362,7 +374,7 @@ impl Chain {
             let first = batch.items().next().map_or(0, |v| v.index);
             let started = Instant::now();
             let first_reject = rejects.len();
-            match stage.call(&self.transforms, batch) {
+            match stage.call(&self.transforms, self.tables.as_ref(), batch) {
                 Ok(called) => {
                     let counts =
                         batch::apply(&name, batch, &called.outcomes, &mut self.scratch, rejects);
@@ -451,7 +463,12 @@ impl Stage {
         }
     }
 
-    fn call(&mut self, t: &Transforms, batch: &Batch) -> Result<host::Called, CallError> {
+    fn call(
+        &mut self,
+        t: &Transforms,
+        tables: Option<&Arc<Lookups>>,
+        batch: &Batch,
+    ) -> Result<host::Called, CallError> {
         let generation = self.module.generation.load(Ordering::SeqCst);
         let inst = match &mut self.live {
             Some((g, inst)) if *g == generation => inst,
@@ -473,6 +490,7 @@ impl Stage {
                     &loaded.prepared,
                     &self.module.name,
                     &spec.config,
+                    &spec.tables,
                     &spec.limits,
                 )?;
                 let inst = &mut slot.insert((generation, inst)).1;
@@ -480,6 +498,7 @@ impl Stage {
                 inst
             }
         };
+        inst.set_tables(tables);
         let events: Vec<Event<'_>> = batch
             .items()
             .map(|v| Event {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -11,6 +12,9 @@ use serde_json::value::RawValue;
 
 use super::{Batch, ModuleSpec, Reject, StageReport, TransformError, Transforms};
 use crate::cloudtrail::{self, Item};
+use crate::config::enrich::{MatchKind, TableConfig, TableFormat};
+use crate::enrich::tables::Table;
+use crate::enrich::tables::stage::Lookups;
 use crate::fetch;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +23,89 @@ pub enum TrialError {
     Events { path: String, detail: String },
     #[error(transparent)]
     Transform(#[from] TransformError),
+    #[error("--table: {0}")]
+    Table(String),
+}
+
+/// Loads `--table NAME=PATH` tables (format from the extension; the key column from
+/// `--table-key NAME=COLUMN`, else a CSV's first column; the match from
+/// `--table-match NAME=KIND`, else exact), checked as the pipeline checks them. None when
+/// there are none.
+pub fn open_tables(
+    tables: &[String],
+    keys: &[String],
+    matches: &[String],
+) -> Result<Option<Arc<Lookups>>, TrialError> {
+    let bad = TrialError::Table;
+    let pair = |kv: &str, what: &str| -> Result<(String, String), TrialError> {
+        kv.split_once('=')
+            .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .ok_or_else(|| bad(format!("{kv:?} is not {what}")))
+    };
+    let keys = keys
+        .iter()
+        .map(|kv| pair(kv, "NAME=COLUMN (--table-key)"))
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    let matches = matches
+        .iter()
+        .map(|kv| pair(kv, "NAME=KIND (--table-match)"))
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    if let Some(n) = keys.keys().chain(matches.keys()).find(|n| {
+        !tables
+            .iter()
+            .any(|t| t.split_once('=').is_some_and(|(tn, _)| tn == n.as_str()))
+    }) {
+        return Err(bad(format!("no --table is named {n:?}")));
+    }
+    let mut named = Vec::new();
+    for kv in tables {
+        let (name, path) = pair(kv, "NAME=PATH")?;
+        let bytes = std::fs::read(&path).map_err(|e| bad(format!("{path}: {e}")))?;
+        let format = TableFormat::from_path(&path)
+            .ok_or_else(|| bad(format!("{path}: not .csv, .jsonl, .ndjson or .mmdb")))?;
+        let key = match (keys.get(&name), format) {
+            (Some(k), _) => Some(k.clone()),
+            (None, TableFormat::Csv) => first_csv_column(&bytes),
+            (None, _) => None,
+        };
+        let match_kind = match matches.get(&name) {
+            None => None,
+            Some(m) => Some(
+                serde_json::from_value::<MatchKind>(serde_json::Value::String(m.clone())).map_err(
+                    |_| {
+                        bad(format!(
+                            "{name}: match {m:?} is not exact, case_insensitive or cidr"
+                        ))
+                    },
+                )?,
+            ),
+        };
+        let spec = TableConfig {
+            name: name.clone(),
+            path: path.clone(),
+            format: Some(format),
+            key,
+            match_kind,
+            region: None,
+            endpoint_url: None,
+            force_path_style: false,
+            max_bytes: u64::MAX,
+        };
+        let table = Table::parse(&spec, &path, bytes).map_err(|e| bad(e.to_string()))?;
+        named.push((Arc::<str>::from(name), path, Arc::new(table)));
+    }
+    if named.is_empty() {
+        return Ok(None);
+    }
+    let lookups = Lookups::compile(&[], &named).map_err(|e| bad(e.to_string()))?;
+    Ok(Some(Arc::new(lookups)))
+}
+
+/// The first header cell of a CSV table (gzip is not looked into: name the key instead).
+fn first_csv_column(bytes: &[u8]) -> Option<String> {
+    let mut reader = csv::ReaderBuilder::new().from_reader(bytes);
+    reader.headers().ok()?.get(0).map(|h| h.trim().to_owned())
 }
 
 /// What happened to one input event.
@@ -128,13 +215,16 @@ fn country_in(event: &[u8]) -> Option<String> {
 }
 
 /// Runs `spec` over `events` in batches of `batch_events`.
+/// `tables`: what the module's `lookup` reads.
 pub fn run(
     spec: &ModuleSpec,
+    tables: Option<Arc<Lookups>>,
     events: &[Vec<u8>],
     batch_events: usize,
 ) -> Result<Trial, TrialError> {
     let transforms = Transforms::open(std::slice::from_ref(spec), None)?;
     let mut chain = transforms.chain();
+    chain.set_tables(tables);
     let mut results = Vec::with_capacity(events.len());
     let mut reports = Vec::new();
     let mut rejects: Vec<Reject> = Vec::new();

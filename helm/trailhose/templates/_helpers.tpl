@@ -42,6 +42,23 @@ app.kubernetes.io/component: {{ .Values.mode }}-worker
 
 {{- define "trailhose.geoipDir" -}}/var/lib/trailhose/geoip{{- end }}
 {{- define "trailhose.transformsDir" -}}/var/lib/trailhose/transforms{{- end }}
+{{- define "trailhose.tablesDir" -}}/var/lib/trailhose/tables{{- end }}
+
+{{/*
+The path trailhose reads an enrichment table from: a ConfigMap mounted as a directory per table
+(not subPath, so that Kubernetes' updates reach the pod and the table reloads), an s3:// URL
+trailhose reads itself (and follows by ETag), or a file in a volume of extraVolumes.
+*/}}
+{{- define "trailhose.tablePath" -}}
+{{- $t := . -}}
+{{- if $t.configMap -}}
+{{- printf "%s/%s/%s" (include "trailhose.tablesDir" .) $t.name $t.configMap.key -}}
+{{- else if $t.url -}}
+{{- $t.url -}}
+{{- else -}}
+{{- $t.path -}}
+{{- end -}}
+{{- end }}
 
 {{/*
 The local path trailhose loads a transform module from; S3 modules land in an emptyDir
@@ -114,7 +131,7 @@ section the probes and Service depend on, the GeoIP paths and the transforms.
 {{- $_ := set $t "config" $c -}}
 {{- end -}}
 {{- $src := . -}}
-{{- range $k := list "fuel" "timeout_ms" "max_memory_mb" "max_output_bytes" "on_failure" "max_attempts" "retry_fallback" -}}
+{{- range $k := list "fuel" "timeout_ms" "max_memory_mb" "max_output_bytes" "on_failure" "max_attempts" "retry_fallback" "tables" -}}
 {{- if and (hasKey $src $k) (not (kindIs "invalid" (index $src $k))) }}{{ $_ := set $t $k (index $src $k) }}{{ end -}}
 {{- end -}}
 {{- $list = append $list $t -}}
@@ -127,6 +144,30 @@ section the probes and Service depend on, the GeoIP paths and the transforms.
 {{- $_ := set $pipeline "transform_cache_dir" "/var/cache/trailhose/wasm" -}}
 {{- end -}}
 {{- $_ := set $cfg "pipeline" $pipeline -}}
+{{- end -}}
+{{- if $v.tables -}}
+{{- $enrich := default dict (get $cfg "enrich") -}}
+{{- $list := list -}}
+{{- range $v.tables -}}
+{{- $sources := 0 -}}
+{{- if .configMap }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if .url }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if .path }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if or (not .name) (ne (int $sources) 1) -}}
+{{- fail (printf "tables: each entry needs a name and exactly one of configMap, url, path (%v)" .) -}}
+{{- end -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" .name) -}}
+{{- fail (printf "tables: name %q must be a DNS label (lower-case letters, digits, -)" .name) -}}
+{{- end -}}
+{{- $t := dict "name" .name "path" (include "trailhose.tablePath" .) -}}
+{{- $src := . -}}
+{{- range $k := list "format" "key" "match" "max_bytes" "region" "endpoint_url" "force_path_style" -}}
+{{- if and (hasKey $src $k) (not (kindIs "invalid" (index $src $k))) }}{{ $_ := set $t $k (index $src $k) }}{{ end -}}
+{{- end -}}
+{{- $list = append $list $t -}}
+{{- end -}}
+{{- $_ := set $enrich "tables" (concat (default list (get $enrich "tables")) $list) -}}
+{{- $_ := set $cfg "enrich" $enrich -}}
 {{- end -}}
 {{- toJson $cfg -}}
 {{- end }}

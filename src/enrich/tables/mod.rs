@@ -149,6 +149,59 @@ impl Table {
     }
 }
 
+impl Table {
+    /// What a module's `lookup(table, key)` returns: the found row's non-empty cells as
+    /// `(column, value)` in column order, or an mmdb record's scalars by dotted path
+    /// (`country.iso_code`, `subdivisions.0.iso_code`). None when `key` is not in the table.
+    pub fn pairs(&self, key: &str) -> Option<Vec<(String, String)>> {
+        let mut scratch = String::new();
+        match self.find(key, &mut scratch)? {
+            Hit::Row(r) => {
+                let row = self.rows.get(r as usize)?;
+                Some(
+                    row.iter()
+                        .filter_map(|(c, v)| {
+                            let name = self.columns.get(*c as usize)?;
+                            Some((name.to_string(), v.to_string()))
+                        })
+                        .collect(),
+                )
+            }
+            Hit::Record(found) => {
+                let record = found.decode::<serde_json::Value>().ok()??;
+                let mut out = Vec::new();
+                flatten(&mut String::new(), &record, &mut out);
+                Some(out)
+            }
+        }
+    }
+}
+
+/// The scalars of `value` by dotted path, depth first.
+fn flatten(path: &mut String, value: &serde_json::Value, out: &mut Vec<(String, String)>) {
+    use serde_json::Value;
+    let mut nest = |path: &mut String, name: &str, v: &Value| {
+        let mark = path.len();
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(name);
+        flatten(path, v, out);
+        path.truncate(mark);
+    };
+    match value {
+        Value::Object(m) => m.iter().for_each(|(k, v)| nest(path, k, v)),
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| nest(path, &i.to_string(), v)),
+        Value::String(s) => out.push((path.clone(), s.clone())),
+        Value::Number(n) => out.push((path.clone(), n.to_string())),
+        Value::Bool(b) => out.push((path.clone(), b.to_string())),
+        Value::Null => {}
+    }
+}
+
 /// The text of a dotted path (`country.iso_code`, `subdivisions.0.iso_code`) in an mmdb record;
 /// scalars only.
 pub fn record_text(found: &maxminddb::LookupResult<'_, Vec<u8>>, path: &str) -> Option<String> {
@@ -407,6 +460,38 @@ mod tests {
             Some(Hit::Row(r)) => Some(r),
             _ => None,
         }
+    }
+
+    #[test]
+    fn pairs_are_a_rows_non_empty_cells_in_column_order_and_an_mmdb_records_scalars() {
+        let csv = b"cidr,label,owner\n10.0.0.0/8,corp,\n10.1.0.0/16,vpn,net\n";
+        let s = spec("e.csv", Some("cidr"), Some(MatchKind::Cidr));
+        let t = Table::parse(&s, "e.csv", csv.to_vec()).unwrap();
+        let pairs = |k: &str| t.pairs(k);
+        assert_eq!(
+            pairs("10.1.2.3").unwrap(),
+            [("cidr", "10.1.0.0/16"), ("label", "vpn"), ("owner", "net")]
+                .map(|(c, v)| (c.to_owned(), v.to_owned()))
+        );
+        assert_eq!(
+            pairs("10.9.9.9").unwrap(),
+            [("cidr", "10.0.0.0/8"), ("label", "corp")].map(|(c, v)| (c.to_owned(), v.to_owned()))
+        );
+        assert_eq!(pairs("192.0.2.1"), None);
+        assert_eq!(pairs("not an address"), None);
+        let mut out = Vec::new();
+        let record = serde_json::json!({"country": {"iso_code": "GB"}, "subdivisions": [{"iso_code": "ENG"}], "x": null, "n": 3});
+        flatten(&mut String::new(), &record, &mut out);
+        out.sort();
+        assert_eq!(
+            out,
+            [
+                ("country.iso_code", "GB"),
+                ("n", "3"),
+                ("subdivisions.0.iso_code", "ENG")
+            ]
+            .map(|(c, v)| (c.to_owned(), v.to_owned()))
+        );
     }
 
     #[test]

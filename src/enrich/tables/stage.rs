@@ -63,8 +63,12 @@ impl Field {
 /// The scalar at `path` in the JSON object `raw`, as text (strings unescaped, numbers and
 /// booleans as written). Walks only the objects on the path; other members are skipped unread.
 fn path_value<'a>(raw: &'a [u8], path: &[String]) -> Option<Cow<'a, str>> {
-    let mut current: &'a RawValue = serde_json::from_slice(raw).ok()?;
-    for segment in path {
+    // The first step reads the event itself (no pass to validate it first: the splitter has).
+    let (first, rest) = path.split_first()?;
+    let mut current: &'a RawValue = Member(first)
+        .deserialize(&mut serde_json::Deserializer::from_slice(raw))
+        .ok()??;
+    for segment in rest {
         let mut de = serde_json::Deserializer::from_str(current.get());
         current = Member(segment).deserialize(&mut de).ok()??;
     }
@@ -143,10 +147,12 @@ struct Entry {
     fragments: Vec<Box<[u8]>>,
 }
 
-/// The lookups of one generation of tables, shared by the workers.
+/// The lookups of one generation of tables, and the tables themselves (for modules' `lookup`),
+/// shared by the workers.
 #[derive(Default)]
 pub struct Lookups {
     entries: Vec<Entry>,
+    tables: Vec<(Arc<str>, Arc<Table>)>,
 }
 
 impl Lookups {
@@ -205,11 +211,32 @@ impl Lookups {
                 entries.push(entry);
             }
         }
-        Ok(Lookups { entries })
+        let tables = tables
+            .iter()
+            .map(|(n, _, t)| (n.clone(), t.clone()))
+            .collect();
+        Ok(Lookups { entries, tables })
+    }
+
+    /// The table named `name` in this generation.
+    pub fn table(&self, name: &str) -> Option<&Table> {
+        self.tables
+            .iter()
+            .find(|(n, _)| **n == *name)
+            .map(|(_, t)| &**t)
     }
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// The member a lookup adds that `name` is, ignoring ASCII case: readers such as Athena's
+    /// JSON SerDe fold key case, so `"Account"` beside `"account"` is a duplicate key to them.
+    pub fn added_as(&self, name: &str) -> Option<&str> {
+        self.entries
+            .iter()
+            .find(|e| e.field.eq_ignore_ascii_case(name))
+            .map(|e| &*e.field)
     }
 
     /// Approximate heap bytes of the fragments rendered from `table`.
@@ -276,6 +303,11 @@ impl LookupStage {
             scratch: String::new(),
             counts: vec![(0, 0); n],
         }
+    }
+
+    /// True when a lookup adds the top-level member `name`.
+    pub fn added_as(&self, name: &str) -> Option<&str> {
+        self.lookups.added_as(name)
     }
 
     /// Switches to another generation of tables (counts so far are reported first).

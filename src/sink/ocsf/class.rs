@@ -6,7 +6,8 @@
 pub enum Class {
     /// 3001: IAM user, group, role, access key, MFA and login-profile changes.
     AccountChange,
-    /// 3002: console sign-ins and STS sign-ins (assume-role, federation, session tokens).
+    /// 3002: console and IAM Identity Center sign-ins, STS sign-ins (assume-role, federation,
+    /// session tokens).
     Authentication,
     /// 6003: every other API call, data events and Insights events.
     ApiActivity,
@@ -86,6 +87,18 @@ const STS_SIGN_INS: &[&str] = &[
     "GetSessionToken",
 ];
 
+/// Console and IAM Identity Center sign-ins (no STS): `eventSource`, `eventName`.
+const SIGN_INS: &[(&str, &str)] = &[
+    ("signin.amazonaws.com", "ConsoleLogin"),
+    ("signin.amazonaws.com", "CredentialChallenge"),
+    ("signin.amazonaws.com", "CredentialVerification"),
+    ("signin.amazonaws.com", "UserAuthentication"),
+    ("signin.amazonaws.com", "ExternalIdPDirectoryLogin"),
+    ("sso.amazonaws.com", "Authenticate"),
+    ("sso.amazonaws.com", "Federate"),
+    ("sso.amazonaws.com", "Logout"),
+];
+
 /// IAM calls that change an account and their Account Change activity (None: Other).
 const IAM_CHANGES: &[(&str, Option<(u32, &str)>)] = &[
     ("CreateUser", Some((1, "Create"))),
@@ -144,12 +157,22 @@ pub fn classify(
         return Class::ApiActivity;
     }
     match (event_source, event_name) {
-        (Some("signin.amazonaws.com"), Some("ConsoleLogin")) => Class::Authentication,
+        (Some(s), Some(n)) if SIGN_INS.contains(&(s, n)) => Class::Authentication,
         (Some("sts.amazonaws.com"), Some(n)) if STS_SIGN_INS.contains(&n) => Class::Authentication,
         (Some("iam.amazonaws.com"), Some(n)) if IAM_CHANGES.iter().any(|(c, _)| *c == n) => {
             Class::AccountChange
         }
         _ => Class::ApiActivity,
+    }
+}
+
+/// The activity of a sign-in: Logoff for a sign-out, Other (named) for one step of an IAM
+/// Identity Center sign-in (a credential asked for or checked), else Logon.
+pub fn authentication_activity(event_name: &str) -> Activity {
+    match event_name {
+        "Logout" => Activity::of(2, "Logoff"),
+        "CredentialChallenge" | "CredentialVerification" => Activity::of(OTHER, event_name),
+        _ => Activity::of(1, "Logon"),
     }
 }
 
@@ -258,6 +281,18 @@ mod tests {
             c("sts.amazonaws.com", "GetCallerIdentity"),
             Class::ApiActivity
         );
+        for n in [
+            "UserAuthentication",
+            "CredentialChallenge",
+            "CredentialVerification",
+        ] {
+            assert_eq!(c("signin.amazonaws.com", n), Class::Authentication);
+        }
+        assert_eq!(c("sso.amazonaws.com", "Federate"), Class::Authentication);
+        assert_eq!(c("sso.amazonaws.com", "ListAccounts"), Class::ApiActivity);
+        assert_eq!(authentication_activity("Logout").id, 2);
+        assert_eq!(authentication_activity("UserAuthentication").id, 1);
+        assert_eq!(authentication_activity("CredentialChallenge").id, OTHER);
         assert_eq!(c("iam.amazonaws.com", "CreateUser"), Class::AccountChange);
         assert_eq!(
             c("iam.amazonaws.com", "CreateAccessKey"),

@@ -46,11 +46,14 @@ pub fn to_ocsf(mut ev: Obj, now: i64, raw: Option<&str>) -> Value {
     // Status: an errorCode fails any call; a console sign-in says so in its response.
     let error_code = take_str(&mut ev, "errorCode");
     let error_message = take_str(&mut ev, "errorMessage");
-    let console_failed = ev
-        .get("responseElements")
-        .and_then(|r| r.get("ConsoleLogin"))
-        .and_then(Value::as_str)
-        == Some("Failure");
+    // A sign-in says how it went under its own name: `responseElements.ConsoleLogin`,
+    // `serviceEventDetails.UserAuthentication`, ...
+    let said = |part: &str| {
+        let name = event_name.as_deref()?;
+        ev.get(part)?.get(name)?.as_str()
+    };
+    let console_failed = said("responseElements") == Some("Failure")
+        || said("serviceEventDetails") == Some("Failure");
     let failed = error_code.is_some() || console_failed;
     let (status_id, status) = if failed {
         (2, "Failure")
@@ -80,14 +83,13 @@ pub fn to_ocsf(mut ev: Obj, now: i64, raw: Option<&str>) -> Value {
             }
         }
         Class::Authentication => {
-            authentication_part(&mut out, &ev, event_name.as_deref(), actor_user.as_ref());
+            let sts = event_source.as_deref() == Some("sts.amazonaws.com");
+            let name = event_name.as_deref();
+            authentication_part(&mut out, &ev, name, sts, actor_user.as_ref());
             if let Some(s) = &event_source {
                 out.insert("service".into(), json!({ "name": s }));
             }
-            Activity {
-                id: 1,
-                name: "Logon".into(),
-            }
+            class::authentication_activity(name.unwrap_or(""))
         }
         Class::AccountChange => {
             let name = event_name.as_deref().unwrap_or("");
@@ -141,11 +143,14 @@ pub fn to_ocsf(mut ev: Obj, now: i64, raw: Option<&str>) -> Value {
         json!(format!("{}: {caption}", class.name())),
     );
     out.insert("activity_name".into(), json!(activity.name));
+    let detected = detections(&mut out, &mut ev);
     let severity = if insight {
         (SEVERITY_LOW, "Low")
     } else {
         (SEVERITY_INFORMATIONAL, "Informational")
     };
+    // A Sigma rule's level raises the severity (never lowers it).
+    let severity = detected.filter(|d| d.0 > severity.0).unwrap_or(severity);
     out.insert("severity_id".into(), json!(severity.0));
     out.insert("severity".into(), json!(severity.1));
     if insight {
@@ -398,22 +403,37 @@ fn authentication_part(
     out: &mut Obj,
     ev: &Obj,
     event_name: Option<&str>,
+    sts: bool,
     actor_user: Option<&Value>,
 ) {
     let req = ev.get("requestParameters");
     let resp = ev.get("responseElements");
+    let extra = ev.get("additionalEventData");
     let mut user = Obj::new();
     let mut mfa = None;
     match event_name {
-        Some("ConsoleLogin") => {
+        Some(_) if !sts => {
+            // The console or IAM Identity Center: who signs in is the actor.
             if let Some(Value::Object(u)) = actor_user {
                 user = u.clone();
             }
-            mfa = match path(ev.get("additionalEventData"), &["MFAUsed"]) {
+            if !user.contains_key("name")
+                && let Some(n) = path(extra, &["UserName"])
+            {
+                user.insert("name".into(), json!(n));
+            }
+            mfa = match path(extra, &["MFAUsed"]) {
                 Some("Yes") => Some(true),
                 Some("No") => Some(false),
                 _ => None,
             };
+            // An Identity Center step names the credential asked for: a second factor, or not.
+            if let Some(t) = path(extra, &["CredentialType"]) {
+                let second = ["TOTP", "WEBAUTHN", "SMS"].contains(&t);
+                if second {
+                    mfa = Some(true);
+                }
+            }
         }
         Some(name) => {
             // STS: the identity the credentials are for.
@@ -643,6 +663,47 @@ fn metadata(
     put(&mut m, "log_name", log_name);
     m.insert("log_provider".into(), json!("CloudTrail"));
     out.insert("metadata".into(), Value::Object(m));
+}
+
+/// The detect stage's `detections` (`[{"id","title","level"}]`, `[detect] annotate = true`)
+/// become `enrichments`, one per rule matched: `name` "detections", `value` the rule id, `type`
+/// "sigma", `provider` "trailhose", `data` the match. Returns the severity of the highest level.
+fn detections(out: &mut Obj, ev: &mut Obj) -> Option<(u32, &'static str)> {
+    let Some(Value::Array(hits)) = ev.get("detections") else {
+        return None;
+    };
+    if !hits.iter().all(|h| path(Some(h), &["id"]).is_some()) {
+        // Not the detect stage's shape (a transform's field of that name): left in unmapped.
+        return None;
+    }
+    let mut top: Option<(u32, &'static str)> = None;
+    let mut list = Vec::with_capacity(hits.len());
+    for h in hits {
+        let level = match path(Some(h), &["level"]) {
+            Some("low") => Some((2, "Low")),
+            Some("medium") => Some((3, "Medium")),
+            Some("high") => Some((4, "High")),
+            Some("critical") => Some((5, "Critical")),
+            _ => None,
+        };
+        match (level, top) {
+            (Some(l), Some(t)) if l.0 <= t.0 => {}
+            (Some(l), _) => top = Some(l),
+            (None, _) => {}
+        }
+        list.push(json!({
+            "name": "detections",
+            "value": path(Some(h), &["id"]).unwrap_or(""),
+            "type": "sigma",
+            "provider": "trailhose",
+            "data": h,
+        }));
+    }
+    ev.remove("detections");
+    if !list.is_empty() {
+        out.insert("enrichments".into(), Value::Array(list));
+    }
+    top
 }
 
 fn insight_message(ev: &Obj) -> String {

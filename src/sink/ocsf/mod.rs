@@ -4,8 +4,10 @@
 //! batcher, compression and every sink carry OCSF lines as they carry CloudTrail ones.
 
 pub mod class;
+pub mod lake;
 pub mod map;
 pub mod parquet;
+pub mod report;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};

@@ -2,7 +2,8 @@
 //! attributes the mapping (`map`) writes for it, declared once here with their OCSF types
 //! (integers, booleans, nested objects, arrays). A batch of one class (the key template's
 //! `{ocsf_class}`, as Security Lake's layout has it) is written with that class's schema; a
-//! batch that mixes classes gets the union of them. `unmapped` is its JSON text.
+//! batch that mixes classes gets the union of them. `unmapped` is a map of strings, as in
+//! Security Lake's own tables.
 
 use arrow::datatypes::SchemaRef;
 use parquet::arrow::ArrowWriter;
@@ -91,6 +92,14 @@ const METADATA: Col = Col::Struct(&[
     ("log_provider", Col::Str),
 ]);
 
+const ENRICHMENT: Col = Col::Struct(&[
+    ("name", Col::Str),
+    ("value", Col::Str),
+    ("type", Col::Str),
+    ("provider", Col::Str),
+    ("data", Col::Json),
+]);
+
 /// Which classes write an attribute.
 const ALL: &[Class] = &Class::ALL;
 const API_ONLY: &[Class] = &[Class::ApiActivity];
@@ -133,6 +142,7 @@ const ATTRIBUTES: &[(&str, Col, &[Class])] = &[
         CHANGE_ONLY,
     ),
     ("src_endpoint", SRC_ENDPOINT, ALL),
+    ("enrichments", Col::List(&ENRICHMENT), ALL),
     (
         "http_request",
         Col::Struct(&[("user_agent", Col::Str)]),
@@ -140,7 +150,7 @@ const ATTRIBUTES: &[(&str, Col, &[Class])] = &[
     ),
     ("cloud", CLOUD, ALL),
     ("metadata", METADATA, ALL),
-    ("unmapped", Col::Json, ALL),
+    ("unmapped", Col::StrMap, ALL),
     ("raw_data", Col::Str, ALL),
 ];
 
@@ -151,6 +161,11 @@ pub fn columns(class: Option<Class>) -> Vec<(String, Col)> {
         .filter(|(_, _, classes)| class.is_none_or(|c| classes.contains(&c)))
         .map(|(n, c, _)| ((*n).to_owned(), *c))
         .collect()
+}
+
+/// The union of the three classes' columns: what `trailhose query` reads OCSF output with.
+pub fn union_layout() -> Layout {
+    Layout::of(columns(None), false, Some("unmapped"))
 }
 
 /// The layouts: one per class and the union, built once.
@@ -210,12 +225,43 @@ fn line_class(line: &[u8]) -> Option<Class> {
     Class::ALL.into_iter().find(|c| c.uid() == uid)
 }
 
-/// Encodes one sealed batch of OCSF lines as one Parquet file, with its class's schema.
+/// The lines of a batch ordered by `time` (stable: equal times keep their order), as Security
+/// Lake asks of an object and as the column's statistics prune best. Borrowed when already in
+/// order, the common case for CloudTrail's files.
+pub fn sorted_by_time(lines: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    #[derive(serde::Deserialize)]
+    struct Time {
+        time: Option<i64>,
+    }
+    let mut rows: Vec<(i64, &[u8])> = lines
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let t = serde_json::from_slice::<Time>(l).ok().and_then(|t| t.time);
+            (t.unwrap_or(i64::MIN), l)
+        })
+        .collect();
+    if rows.windows(2).all(|w| matches!(w, [a, b] if a.0 <= b.0)) {
+        return std::borrow::Cow::Borrowed(lines);
+    }
+    rows.sort_by_key(|(t, _)| *t);
+    let mut out = Vec::with_capacity(lines.len() + 1);
+    for (_, l) in rows {
+        out.extend_from_slice(l);
+        out.push(b'\n');
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// Encodes one sealed batch of OCSF lines as one Parquet file, with its class's schema, rows
+/// in time order.
 pub fn encode(
     spec: &ParquetSpec,
     layouts: &Layouts,
     lines: &[u8],
 ) -> Result<Vec<u8>, ColumnarError> {
+    let sorted = sorted_by_time(lines);
+    let lines: &[u8] = &sorted;
     let layout = layouts.pick(batch_class(lines));
     let props = WriterProperties::builder()
         .set_compression(spec.compression)
@@ -307,6 +353,34 @@ mod tests {
     }
 
     #[test]
+    fn rows_are_sorted_by_time_and_sorted_batches_are_borrowed() {
+        let line = |t: &str| {
+            format!("{{\"class_uid\":6003,\"time\":{t},\"metadata\":{{\"uid\":\"{t}\"}}}}\n")
+        };
+        let data: String = ["3", "1", "2", "1"].iter().map(|t| line(t)).collect();
+        let sorted = sorted_by_time(data.as_bytes());
+        let times: Vec<i64> = sorted
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_slice::<Value>(l).unwrap()["time"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(times, [1, 1, 2, 3]);
+        let again = sorted_by_time(&sorted);
+        assert!(matches!(again, std::borrow::Cow::Borrowed(_)));
+        let layouts = Layouts::new();
+        let batches = read(encode(&spec(), &layouts, data.as_bytes()).unwrap());
+        let col = batches[0]
+            .column_by_name("time")
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        assert_eq!(col.values().to_vec(), [1, 1, 2, 3]);
+    }
+
+    #[test]
     fn mixed_batches_get_the_union_and_nothing_misfits() {
         let layouts = Layouts::new();
         let all = [
@@ -328,8 +402,10 @@ mod tests {
         for line in data.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
             let record: Value = serde_json::from_slice(line).unwrap();
             let conformed = union.conform(line);
-            let text = conformed["unmapped"].as_str().unwrap_or("{}");
-            let unmapped: Value = serde_json::from_str(text).unwrap();
+            let unmapped = conformed
+                .get("unmapped")
+                .cloned()
+                .unwrap_or(Value::Object(Default::default()));
             let want = record
                 .get("unmapped")
                 .cloned()

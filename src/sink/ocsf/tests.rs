@@ -100,7 +100,7 @@ fn golden_cases_map_to_their_checked_in_records() {
         .filter_map(|n| n.strip_suffix(".json").map(str::to_owned))
         .collect();
     names.sort();
-    assert_eq!(names.len(), 9, "{names:?}");
+    assert_eq!(names.len(), 12, "{names:?}");
     for name in names {
         let got = case(&name);
         assert_required(&got);
@@ -356,4 +356,67 @@ fn a_refused_sign_in_names_the_role_asked_for_not_the_caller() {
     assert_eq!(r["user"]["uid"], "arn:aws:iam::111122223333:user/bob");
     assert_eq!(r["user"]["name"], "bob");
     assert!(r["user"]["credential_uid"].is_null());
+}
+
+#[test]
+fn identity_center_sign_ins_are_authentication() {
+    let ok = case("identity_center_sign_in");
+    assert_eq!(ok["class_uid"], 3002);
+    assert_eq!(
+        (ok["activity_id"].clone(), ok["type_uid"].clone()),
+        (json!(1), json!(300201))
+    );
+    assert_eq!(ok["status_id"], 1);
+    assert_eq!(ok["user"]["name"], "erin");
+    assert_eq!(ok["user"]["type"], "IdentityCenterUser");
+    assert_eq!(ok["user"]["account"]["uid"], "111122223333");
+    assert_eq!(ok["service"]["name"], "signin.amazonaws.com");
+    assert!(
+        ok.get("is_mfa").is_none(),
+        "a password is not a second factor: {ok}"
+    );
+
+    let failed = case("identity_center_mfa_failed");
+    assert_eq!(failed["class_uid"], 3002);
+    assert_eq!(failed["activity_id"], 99);
+    assert_eq!(failed["activity_name"], "CredentialVerification");
+    assert_eq!(failed["status_id"], 2, "serviceEventDetails says Failure");
+    assert_eq!(failed["is_mfa"], true);
+    assert_eq!(failed["user"]["name"], "erin");
+}
+
+#[test]
+fn detections_become_enrichments_and_raise_the_severity() {
+    let r = case("detected_access_key");
+    let e = r["enrichments"].as_array().expect("enrichments");
+    assert_eq!(e.len(), 2);
+    assert_eq!(e[0]["name"], "detections");
+    assert_eq!(e[0]["value"], "6a4ab7a5-0e9a-4f39-8b0c-5a1b5b0f1f01");
+    assert_eq!(e[0]["type"], "sigma");
+    assert_eq!(e[0]["provider"], "trailhose");
+    assert_eq!(e[0]["data"]["title"], "Access key created for another user");
+    assert_eq!(e[1]["data"]["level"], "medium");
+    assert_eq!(
+        (r["severity_id"].clone(), r["severity"].clone()),
+        (json!(4), json!("High"))
+    );
+    assert!(r["unmapped"].get("detections").is_none(), "{r}");
+    // Spliced in by the detect stage, as the pipeline does.
+    let raw = std::fs::read(dir("cases").join("create_access_key.json")).unwrap();
+    let spliced = map_with(
+        raw.trim_ascii_end(),
+        &[br#""detections":[{"id":"r1","title":"T","level":"low"}]"#.as_slice()],
+        &OcsfConfig::default(),
+    );
+    assert_eq!(spliced["enrichments"][0]["value"], "r1");
+    assert_eq!(spliced["severity_id"], 2);
+    // A transform's own `detections` of another shape stays in unmapped.
+    let odd = map_with(
+        raw.trim_ascii_end(),
+        &[br#""detections":"none""#.as_slice()],
+        &OcsfConfig::default(),
+    );
+    assert!(odd.get("enrichments").is_none());
+    assert_eq!(odd["unmapped"]["detections"], "none");
+    assert_eq!(odd["severity_id"], 1);
 }

@@ -22,7 +22,9 @@
 //! ```
 //!
 //! Build it with `cargo build --release --target wasm32-wasip2`: the `.wasm` file is the
-//! component the pipeline loads.
+//! component the pipeline loads. The SDK builds against `trailhose:transform@0.2.0`, which adds
+//! [`lookup`] (enrichment tables) to 0.1.0; a module built with it needs a trailhose that
+//! offers 0.2.0, and modules built against 0.1.0 keep working.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -171,6 +173,30 @@ pub fn error(message: &str) {
 /// Adds `delta` to this module's counter `name` (a Prometheus metric on the host).
 pub fn count(name: &str, delta: u64) {
     host::count(name, delta);
+}
+
+/// A row of an enrichment table: its non-empty cells as (column, value), in column order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Row(pub Vec<(String, String)>);
+
+impl Row {
+    /// The value of `column`, if the row has one.
+    pub fn get(&self, column: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(c, _)| c == column)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Looks `key` up in the enrichment table `table`, as the built-in lookups do (exact,
+/// case-insensitive or longest-prefix match, by the table's `match`). None when the key is not
+/// in the table. The table must be listed in the module's `tables` (in its `[[transforms]]`
+/// entry, or `--table` for `trailhose transform test`): any other name traps. The host's tables
+/// are those of the current input file (a reload applies from the next file); in `init`
+/// every lookup returns None.
+pub fn lookup(table: &str, key: &str) -> Option<Row> {
+    host::lookup(table, key).map(Row)
 }
 
 thread_local! {
