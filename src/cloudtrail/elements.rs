@@ -157,6 +157,31 @@ mod tests {
     }
 
     #[test]
+    fn an_object_is_an_event_only_when_it_is_the_whole_element() {
+        // Deep nesting is valid JSON: an event, as the same element in a delivery file is.
+        let deep = format!("{}1{}", r#"{"a":"#.repeat(5000), "}".repeat(5000));
+        let elements = [
+            Element::Object(deep.as_bytes()),
+            Element::Object(br#"{"eventVersion":"1.09","eventID":"cut""#),
+            Element::Object(br#"{"eventID":"x"}{"eventID":"smuggled"}"#),
+            Element::Object(br#"{"eventID":"dup","eventID":"last"}"#),
+        ];
+        let (seen, report) = items(&elements, 1 << 20);
+        assert_eq!(seen.len(), 4, "{seen:?}");
+        assert!(seen[0].starts_with(r#"event {"a":{"a":"#) && seen[0].ends_with("}} -"));
+        assert_eq!(seen[1], r#"event {"eventID":"dup","eventID":"last"} last"#);
+        assert_eq!(
+            seen[2],
+            r#"text 0 "{\"eventVersion\":\"1.09\",\"eventID\":\"cut\"""#
+        );
+        assert_eq!(
+            seen[3],
+            r#"text 1 "{\"eventID\":\"x\"}{\"eventID\":\"smuggled\"}""#
+        );
+        assert_eq!((report.events, report.not_objects), (2, 2));
+    }
+
+    #[test]
     fn no_elements_is_an_empty_records_array() {
         let (seen, report) = items(&[], 64);
         assert!(seen.is_empty());
