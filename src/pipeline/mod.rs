@@ -560,7 +560,7 @@ impl FileWorker {
                     }
                 };
                 match stage {
-                    None => route.event(raw, additions, &head, out),
+                    None => route.event(raw, additions, &head, true, out),
                     Some(st) => {
                         let country = fragment.and_then(geo::country_code);
                         st.pending.push(raw, additions, &head, country, index);
@@ -925,11 +925,15 @@ impl Route<'_> {
     }
 
     /// Buffers one event under its partition: `raw` with `additions` spliced in.
+    /// Routes, inspects and buffers one event. `exact_head` says that `head` was read from
+    /// `raw` itself (not a module's output, whose head may inherit fields the event lacks), so
+    /// that the Kinesis output's partition key may be taken from it.
     fn event(
         &mut self,
         raw: &[u8],
         additions: &[&[u8]],
         head: &Head<'_>,
+        exact_head: bool,
         out: &mut impl FnMut(Sealed),
     ) {
         let routed = self
@@ -968,7 +972,7 @@ impl Route<'_> {
         let (ocsf, now) = (self.ocsf, self.now);
         // The Kinesis output's key, when the event's head holds it (as written: not OCSF).
         let key = match (ocsf, self.events.key_field()) {
-            (None, Some(field)) => head_field(head, field),
+            (None, Some(field)) if exact_head => head_field(head, field),
             _ => None,
         };
         self.events.append_event(
@@ -1083,7 +1087,7 @@ impl TransformStage {
         }
         self.chain.run(source, &mut self.pending, &mut self.rejects);
         for v in self.pending.items() {
-            route.event(v.event, &[], &v.head(), out);
+            route.event(v.event, &[], &v.head(), false, out);
         }
         for r in self.rejects.drain(..) {
             route.reject(source, &r, out);
