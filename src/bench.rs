@@ -408,14 +408,19 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     });
     let floor_cpu = rows[0].cpu.max(1e-9);
     println!();
+    // The name column fits the longest row name, so that the figures line up.
+    let width = rows
+        .iter()
+        .map(|r| r.name.chars().count())
+        .fold(42, usize::max);
     println!(
-        "{:<42} {:>8} {:>8} {:>12} {:>10} {:>13} {:>10}",
+        "{:<width$} {:>8} {:>8} {:>12} {:>10} {:>13} {:>10}",
         "run", "wall s", "cpu s", "events/s", "MB/s", "MB/s/core", "cpu÷floor"
     );
     for r in &rows {
         let wall = r.wall.as_secs_f64().max(1e-9);
         println!(
-            "{:<42} {:>8.2} {:>8.2} {:>12.0} {:>10.1} {:>13.1} {:>10.2}",
+            "{:<width$} {:>8.2} {:>8.2} {:>12.0} {:>10.1} {:>13.1} {:>10.2}",
             r.name,
             wall,
             r.cpu,
