@@ -301,19 +301,22 @@ fn cwlogs_target(input: &[u8]) -> Result<String, String> {
     };
     let mut sig = String::new();
     for data in [input, &gz[..]] {
-        let shape = kinesis::classify(data);
+        let mut classifier = kinesis::Classifier::default();
+        let shape = classifier.classify(data);
         let label = match &shape {
-            Shape::Events { doc, .. } => {
-                // What the classifier builds must split like any delivery file.
-                let s = split_once(
-                    &doc[..],
-                    Limits {
-                        max_event_bytes: 1 << 20,
-                        max_decompressed_bytes: 1 << 20,
-                    },
-                    256 * 1024,
-                )?;
-                format!("events {}", s.result)
+            Shape::Events { spans, .. } => {
+                // What the classifier keeps must split in place, every element accounted for.
+                let elements = classifier.messages.elements(spans.clone());
+                let n = elements.clone().count() as u64;
+                let mut items = 0u64;
+                let r = cloudtrail::split_elements(elements, 1 << 20, |_| items += 1);
+                if r.events + r.skipped + r.not_objects != n || items != n {
+                    return Err(format!(
+                        "{n} elements, {items} items, report {} {} {}",
+                        r.events, r.skipped, r.not_objects
+                    ));
+                }
+                format!("events {:?}", r.result)
             }
             other => format!("{other:?}").chars().take(24).collect(),
         };

@@ -11,6 +11,8 @@ use crate::config::Config;
 use crate::sink::encode::{self, Codec, Compression};
 use crate::synth::Generator;
 
+mod kinesis;
+
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Decoded megabytes of CloudTrail JSON to generate.
@@ -36,6 +38,10 @@ pub struct BenchArgs {
     /// rows are skipped when they are missing.
     #[arg(long, default_value = "target/transforms/wasm32-wasip2/release")]
     pub transforms_dir: PathBuf,
+    /// Run only the rows whose names contain one of these comma-separated words (the codec
+    /// floor and `pipeline, geo, gzip` always run), e.g. `--only kinesis,parquet`.
+    #[arg(long)]
+    pub only: Option<String>,
     /// Also drive the service path (`trailhose run`) through S3 and SQS at this endpoint, e.g. a
     /// local moto_server: see scripts/bench-service.sh. Credentials come from the environment.
     #[arg(long)]
@@ -83,6 +89,9 @@ fn cpu_seconds() -> f64 {
     // utime and stime are fields 14 and 15 of the whole line; 100 ticks/s on Linux.
     (ticks(11) + ticks(12)) / 100.0
 }
+
+const KINESIS_IN: &str = "kinesis source: CloudWatch Logs records, geo, gzip";
+const KINESIS_OUT: &str = "pipeline, geo, gzip, kinesis output (stand-in)";
 
 struct Row {
     name: String,
@@ -197,11 +206,19 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
             None,
         ),
     ];
+    // The geo gzip row always runs: the other rows' notes compare with it.
+    let wanted = |name: &str| {
+        name == "pipeline, geo, gzip"
+            || args
+                .only
+                .as_deref()
+                .is_none_or(|only| only.split(',').any(|w| name.contains(w.trim())))
+    };
     if args.rules.is_none() {
         println!("(no --rules — the detection row is skipped)");
     }
     for (name, geo, compression, module) in runs {
-        if name.contains(", geo") && geo.is_none() {
+        if (name.contains(", geo") && geo.is_none()) || !wanted(name) {
             continue;
         }
         let is_transform_row = name.contains("identity") || name.contains("priority");
@@ -268,6 +285,52 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         let _ = std::fs::remove_dir_all(work.join("out"));
     }
 
+    // The Kinesis paths, against the same events: subscription records in, a stream out.
+    if let Some(geo) = geo
+        .clone()
+        .filter(|_| wanted(KINESIS_IN) || wanted(KINESIS_OUT))
+    {
+        let mut cfg = Config::default();
+        cfg.output.url = Some(work.join("out").display().to_string());
+        cfg.output.compression = Some(Compression::Gzip);
+        cfg.output.level = Some(args.level);
+        cfg.geoip.city_db = Some(geo);
+        if wanted(KINESIS_IN) {
+            let records = kinesis::cwl_records(&input.files)?;
+            let (row, written) = rt.block_on(kinesis::source_run(&cfg, &records, cfg.workers()))?;
+            assert_eq!(written, records.events, "every generated event is written");
+            rows.push(row);
+            let _ = std::fs::remove_dir_all(work.join("out"));
+        }
+        let credentials = std::env::var_os("AWS_ACCESS_KEY_ID").is_some();
+        if wanted(KINESIS_OUT) && credentials {
+            cfg.output.kinesis = Some(crate::config::KinesisSinkConfig {
+                stream: "bench".into(),
+                region: Some("us-east-1".into()),
+                endpoint_url: Some(kinesis::stand_in()?),
+                ..Default::default()
+            });
+            let cpu0 = cpu_seconds();
+            let t0 = Instant::now();
+            let summary = rt.block_on(crate::pipeline::process(&cfg, &input.files))?;
+            let (wall, cpu) = (t0.elapsed(), cpu_seconds() - cpu0);
+            assert_eq!(
+                summary.written.event_records, input.events,
+                "every generated event is written"
+            );
+            rows.push(Row {
+                name: KINESIS_OUT.to_owned(),
+                wall,
+                cpu,
+            });
+            let _ = std::fs::remove_dir_all(work.join("out"));
+        } else if wanted(KINESIS_OUT) {
+            println!(
+                "(no AWS_ACCESS_KEY_ID in the environment — the Kinesis output row is skipped; any value will do)"
+            );
+        }
+    }
+
     let mut service_rows = Vec::new();
     if let Some(endpoint) = &args.service_endpoint {
         // The shipped batch age first, then a 1 s one: files/s must not depend on it.
@@ -324,16 +387,38 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         )),
         _ => None,
     };
+    let kinesis_note = row("pipeline, geo, gzip").map(|base| {
+        let mut note = String::new();
+        if let Some(k) = row(KINESIS_IN) {
+            note.push_str(&format!(
+                "kinesis source: {:.0}% of the events/s of delivery files ({:.0}% of the events per CPU-second)",
+                100.0 * base.wall.as_secs_f64() / k.wall.as_secs_f64().max(1e-9),
+                100.0 * base.cpu / k.cpu.max(1e-9),
+            ));
+        }
+        if let Some(k) = row(KINESIS_OUT) {
+            note.push_str(&format!(
+                "\nkinesis output: {:.2} µs/event of CPU over the same run without it",
+                (k.cpu - base.cpu) * 1e6 / input.events as f64,
+            ));
+        }
+        note
+    });
     let floor_cpu = rows[0].cpu.max(1e-9);
     println!();
+    // The name column fits the longest row name, so that the figures line up.
+    let width = rows
+        .iter()
+        .map(|r| r.name.chars().count())
+        .fold(42, usize::max);
     println!(
-        "{:<42} {:>8} {:>8} {:>12} {:>10} {:>13} {:>10}",
+        "{:<width$} {:>8} {:>8} {:>12} {:>10} {:>13} {:>10}",
         "run", "wall s", "cpu s", "events/s", "MB/s", "MB/s/core", "cpu÷floor"
     );
     for r in &rows {
         let wall = r.wall.as_secs_f64().max(1e-9);
         println!(
-            "{:<42} {:>8.2} {:>8.2} {:>12.0} {:>10.1} {:>13.1} {:>10.2}",
+            "{:<width$} {:>8.2} {:>8.2} {:>12.0} {:>10.1} {:>13.1} {:>10.2}",
             r.name,
             wall,
             r.cpu,
@@ -347,6 +432,9 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         "(MB = decoded CloudTrail JSON; MB/s/core = MB per CPU-second, i.e. the speed on one core)"
     );
     if let Some(note) = transform_note {
+        println!("{note}");
+    }
+    if let Some(note) = kinesis_note.filter(|n| !n.is_empty()) {
         println!("{note}");
     }
     if !service_rows.is_empty() {

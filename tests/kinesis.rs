@@ -1954,3 +1954,107 @@ async fn a_record_whose_decoding_panics_goes_to_the_error_output_and_its_shard_g
     );
     assert_eq!(errors.len(), 2, "{errors:?}");
 }
+
+/// One GetRecords batch: good CloudWatch Logs records around a malformed one (a valid event,
+/// then a `message` that is a number) and one whose messages are hostile (a second event
+/// smuggled after the first, an object cut short) beside a good event. The bad record and the
+/// bad messages go to the error output named by their record; every good event is written
+/// once, nothing of the malformed record leaks out as an event, and the checkpoint reaches the
+/// batch's last record only once its events are durably written (at shutdown, with the
+/// default 300 s age).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_cloudwatch_record_goes_to_errors_and_its_batch_neighbours_pass() {
+    let moto = setup(1).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-hostile-batch");
+    let (before, mut expected) = events(1818, 5);
+    let (after, after_ids) = events(1819, 5);
+    let (smuggled, smuggled_ids) = events(1820, 1);
+    let (neighbour, neighbour_ids) = events(1821, 1);
+    expected.extend(after_ids);
+    expected.extend(neighbour_ids);
+    expected.sort();
+    let malformed = serde_json::json!({
+        "messageType": "DATA_MESSAGE",
+        "logEvents": [{"id": "1", "message": smuggled[0]}, {"id": "2", "message": 5}]
+    });
+    let smuggling = format!("{}{}", smuggled[0], neighbour[0]);
+    let cut = r#"{"eventVersion":"1.09","eventID":"cut""#.to_owned();
+    let data = [
+        cwl_batch(&before),
+        fixtures::gzip(malformed.to_string().as_bytes()),
+        cwl_batch(&[smuggling.clone(), neighbour[0].clone(), cut.clone()]),
+        cwl_batch(&after),
+    ];
+    let entries = data
+        .into_iter()
+        .map(|d| {
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(d))
+                .partition_key("one-shard")
+                .build()
+                .expect("entry")
+        })
+        .collect();
+    let put = kinesis(&moto)
+        .put_records()
+        .stream_name(STREAM)
+        .set_records(Some(entries))
+        .send()
+        .await
+        .expect("put records");
+    assert_eq!(put.failed_record_count(), Some(0));
+    let seqs: Vec<String> = put
+        .records()
+        .iter()
+        .map(|r| r.sequence_number().expect("sequence number").to_owned())
+        .collect();
+    let shard = "shardId-000000000000";
+    let source = |n: usize| format!("kinesis://{STREAM}/{shard}/{}", seqs[n]);
+
+    let mut w = Worker::start_with(&moto, tmp.path(), "solo", 300);
+    eventually(60, "the batch to be split", || async {
+        w.metric("trailhose_events_in_total ") >= 11.0
+            && w.metric("trailhose_records_rejected_total{reason=\"not_an_object\"}") >= 4.0
+    })
+    .await;
+    assert_eq!(
+        checkpoint_of(&moto, shard).await,
+        "",
+        "no checkpoint while the batch's events are only buffered"
+    );
+    assert_eq!(
+        w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}"),
+        3.0
+    );
+    w.stop();
+    assert!(!w.log().contains("panicked"), "{}", w.log());
+    assert_eq!(written_ids(&s3).await, expected);
+    assert!(!expected.contains(&smuggled_ids[0]));
+    assert_eq!(checkpoint_of(&moto, shard).await, seqs[3]);
+
+    let errors = error_records(&s3).await;
+    let of = |n: usize| -> Vec<&serde_json::Value> {
+        errors.iter().filter(|e| e["source"] == source(n)).collect()
+    };
+    let bad = of(1);
+    assert_eq!(bad.len(), 2, "the reason and the data: {errors:?}");
+    assert!(
+        bad[0]["record"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("bad_cwl_batch: ")),
+        "{bad:?}"
+    );
+    assert!(
+        bad.iter().all(|e| e["reason"] == "not_an_object"),
+        "{bad:?}"
+    );
+    let hostile = of(2);
+    let kept: Vec<&str> = hostile
+        .iter()
+        .filter_map(|e| e["record"].as_str())
+        .collect();
+    assert_eq!(kept, [smuggling.as_str(), cut.as_str()], "{hostile:?}");
+    assert!(of(0).is_empty() && of(3).is_empty(), "{errors:?}");
+    assert_eq!(errors.len(), 4, "{errors:?}");
+}

@@ -5,6 +5,7 @@
 //! stages need (`Head`). serde_json validates every event while extracting those fields, so nothing
 //! that leaves this module is malformed JSON.
 
+mod elements;
 pub mod fields;
 mod head;
 mod scan;
@@ -16,6 +17,7 @@ mod window;
 use std::fmt;
 use std::io::Read;
 
+pub use elements::{Element, split_elements};
 pub use head::{Head, Key, head_of};
 pub use window::read_error;
 

@@ -225,6 +225,14 @@ enum IdSearch {
     Absent,
 }
 
+/// The first short, plain eventID in an element's bytes.
+pub(super) fn event_id_in(bytes: &[u8]) -> Option<String> {
+    match find_event_id(bytes) {
+        IdSearch::Found(id) => Some(id),
+        IdSearch::Cut | IdSearch::Absent => None,
+    }
+}
+
 /// The value of the first `"eventID":"…"` in `bytes` that is short and plain.
 fn find_event_id(bytes: &[u8]) -> IdSearch {
     let mut from = 0;

@@ -31,6 +31,8 @@ use crate::transform::Transforms;
 pub enum Input {
     /// Already in memory (documents built from a stream record).
     Bytes(Bytes),
+    /// The events of a batch of stream records, already told apart.
+    Records(Box<crate::source::kinesis::Batch>),
     /// An S3 object, streamed from the fetcher (`S3Fetcher::get`): memory never follows its
     /// size, and a declared size over `pipeline.max_file_bytes` is refused unread.
     Stream(crate::fetch::Body),
@@ -413,6 +415,9 @@ fn run_job(worker: &mut FileWorker, job: FileJob, out: &mut impl FnMut(Sealed)) 
     match job.input {
         Input::Bytes(b) => {
             worker.process(&job.source, &b[..], job.hold, out);
+        }
+        Input::Records(batch) => {
+            worker.process_records(&batch, job.hold, out);
         }
         Input::Stream(body) => {
             let declared = body.declared_size();

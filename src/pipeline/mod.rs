@@ -34,7 +34,7 @@ use crate::enrich::tables::live::LiveTables;
 use crate::enrich::tables::stage::LookupStage;
 use crate::fetch::{self, Encoding};
 use crate::metrics::{self, *};
-use crate::sink::batch::{Batcher, Kind, Sealed};
+use crate::sink::batch::{Batcher, Forward, Kind, Sealed};
 use crate::sink::budget::Budget;
 use crate::sink::encode::{Encoder, encode_event};
 use crate::sink::ocsf::{OcsfConfig, Schema};
@@ -261,7 +261,11 @@ impl FileWorker {
             tables_generation: 0,
             lookups: None,
             partitioner,
-            events: Batcher::new(Kind::Events, cfg.limits(), encoder.clone(), budget.clone()),
+            events: Batcher::new(Kind::Events, cfg.limits(), encoder.clone(), budget.clone())
+                .forwarding(cfg.output.kinesis.as_ref().map(|k| Forward {
+                    key_field: k.partition_key.clone(),
+                    objects: k.write_objects,
+                })),
             errors: Batcher::new(
                 Kind::Errors,
                 cfg.limits(),
@@ -351,6 +355,54 @@ impl FileWorker {
             }
             _ => self.process_inner(source, reader, out),
         };
+        self.settle(outcome);
+        outcome
+    }
+
+    /// Splits, enriches and buffers the events of a batch of stream records (see
+    /// `source::kinesis::Batch`), each record accounted for as a file of its own; `hold` is
+    /// the batch's share, committed once every record is buffered.
+    pub fn process_records(
+        &mut self,
+        batch: &crate::source::kinesis::Batch,
+        hold: Option<Hold>,
+        out: &mut impl FnMut(Sealed),
+    ) -> FileOutcome {
+        self.hold = hold;
+        self.fresh.clear();
+        let mut outcome = FileOutcome::Handled;
+        let max_event_bytes = self.limits.max_event_bytes;
+        for unit in &batch.units {
+            crate::testhook::worker(&unit.source);
+            let started = Instant::now();
+            self.tally.files += 1;
+            self.follow_geo();
+            self.follow_tables();
+            let elements = batch.messages.elements(unit.spans.clone());
+            let split = |on_item: &mut dyn FnMut(Item<'_>)| {
+                let report = cloudtrail::split_elements(elements, max_event_bytes, on_item);
+                if unit.events && report.not_objects > 0 {
+                    metrics::emit(KinesisRecordUnrecognized {
+                        source: &unit.source,
+                        reason: "message_not_json_object",
+                    });
+                }
+                report
+            };
+            let stored = Cell::new(unit.stored);
+            if self.split_and_route(&unit.source, started, &stored, split, out)
+                == FileOutcome::Retry
+            {
+                outcome = FileOutcome::Retry;
+            }
+        }
+        self.settle(outcome);
+        outcome
+    }
+
+    /// After a file or batch: reports the buffers, and commits its hold (remembering its
+    /// eventIDs for `[dedup]`) or, when it must come again, fails it.
+    fn settle(&mut self, outcome: FileOutcome) {
         self.report_buffers();
         // Remembered when the unit is durable (without a unit, `Route::duplicate` did at once).
         if let (Some(d), Some(h)) = (&self.dedup, &self.hold)
@@ -364,7 +416,6 @@ impl FileWorker {
                 FileOutcome::Retry => h.fail(),
             }
         }
-        outcome
     }
 
     /// Records a notified file that cannot be fetched for good (see `dispatch`) in the error
@@ -427,6 +478,23 @@ impl FileWorker {
             self.error_record(out, ErrorRecord::new(source, "fetch", "not_gzip", detail));
         }
 
+        let limits = self.limits;
+        let split =
+            |on_item: &mut dyn FnMut(Item<'_>)| cloudtrail::split_limited(decoded, limits, on_item);
+        self.split_and_route(source, started, &stored, split, out)
+    }
+
+    /// Splits the events of one file or record with `split`, routes each item (events to
+    /// their partitions, through enrichment, transforms and detection; the rest to the error
+    /// output) and accounts for the file.
+    fn split_and_route(
+        &mut self,
+        source: &str,
+        started: Instant,
+        stored: &Cell<u64>,
+        split: impl FnOnce(&mut dyn FnMut(Item<'_>)) -> cloudtrail::Report,
+        out: &mut impl FnMut(Sealed),
+    ) -> FileOutcome {
         let mut route = Route {
             partitioner: &self.partitioner,
             key: &mut self.key,
@@ -457,7 +525,7 @@ impl FileWorker {
         let mut unsplit_scrub = scrub::Scrubber::new(&raw_policy.keys);
         let mut next_index = 0u64;
         let mut stripped = Vec::new();
-        let report = cloudtrail::split_limited(decoded, self.limits, |item| match item {
+        let report = split(&mut |item| match item {
             Item::Event { raw, mut head } => {
                 let index = next_index;
                 next_index += 1;
@@ -508,7 +576,7 @@ impl FileWorker {
                     }
                 };
                 match stage {
-                    None => route.event(raw, additions, &head, out),
+                    None => route.event(raw, additions, &head, true, out),
                     Some(st) => {
                         let country = fragment.and_then(geo::country_code);
                         st.pending.push(raw, additions, &head, country, index);
@@ -875,11 +943,15 @@ impl Route<'_> {
     }
 
     /// Buffers one event under its partition: `raw` with `additions` spliced in.
+    /// Routes, inspects and buffers one event. `exact_head` says that `head` was read from
+    /// `raw` itself (not a module's output, whose head may inherit fields the event lacks), so
+    /// that the Kinesis output's partition key may be taken from it.
     fn event(
         &mut self,
         raw: &[u8],
         additions: &[&[u8]],
         head: &Head<'_>,
+        exact_head: bool,
         out: &mut impl FnMut(Sealed),
     ) {
         let routed = self
@@ -932,9 +1004,15 @@ impl Route<'_> {
             additions
         };
         let (ocsf, now) = (self.ocsf, self.now);
-        self.events.append(
+        // The Kinesis output's key, when the event's head holds it (as written: not OCSF).
+        let key = match (ocsf, self.events.key_field()) {
+            (None, Some(field)) if exact_head => head_field(head, field),
+            _ => None,
+        };
+        self.events.append_event(
             self.key,
             self.hold,
+            key,
             |buf| match ocsf {
                 Some(cfg) => crate::sink::ocsf::encode_event(buf, raw, additions, now, cfg),
                 None => encode_event(buf, raw, additions),
@@ -970,6 +1048,22 @@ impl Route<'_> {
         };
         write_error_record(self.errors, self.error_prefix, self.hold, out, rec);
     }
+}
+
+/// The value of a top-level field that `Head` reads, by its CloudTrail name.
+fn head_field<'h>(head: &'h Head<'_>, field: &str) -> Option<&'h str> {
+    let value = match field {
+        "eventID" => &head.event_id,
+        "eventSource" => &head.event_source,
+        "eventName" => &head.event_name,
+        "awsRegion" => &head.region,
+        "recipientAccountId" => &head.account,
+        "sourceIPAddress" => &head.source_ip,
+        "eventType" => &head.event_type,
+        "eventTime" => &head.event_time,
+        _ => return None,
+    };
+    value.as_deref()
 }
 
 /// The top-level members trailhose writes into an event: `geo` (with a GeoIP stage), each
@@ -1044,7 +1138,7 @@ impl TransformStage {
         }
         self.chain.run(source, &mut self.pending, &mut self.rejects);
         for v in self.pending.items() {
-            route.event(v.event, &[], &v.head(), out);
+            route.event(v.event, &[], &v.head(), false, out);
         }
         for r in self.rejects.drain(..) {
             route.reject(source, &r, out);

@@ -10,6 +10,8 @@ use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use super::budget::{BUFFER_OVERHEAD, Budget, Share};
 use super::encode::{Encoder, Part};
 use crate::ack::{Hold, Holds};
@@ -53,11 +55,68 @@ pub struct Sealed {
     /// The object name's extension (`.json.gz`, `.parquet`, ...) and its content type.
     pub extension: &'static str,
     pub content_type: &'static str,
+    /// With a Kinesis output: the batch's lines, uncompressed, with their partition keys.
+    pub lines: Option<Vec<LineChunk>>,
+}
+
+/// The Kinesis output's view of one chunk of a buffer: the uncompressed JSON lines as they
+/// were staged (shared with the compressor, not copied) and, recorded as each line was
+/// appended, where it ends and its partition key.
+#[derive(Debug, Default)]
+pub struct LineChunk {
+    data: Bytes,
+    /// Per line: its end in `data` (past its newline) and the end of its key in `keys`.
+    ends: Vec<(usize, usize)>,
+    keys: String,
+}
+
+impl LineChunk {
+    /// Each line (without its newline) and its key, if the event has one.
+    pub fn lines(&self) -> impl Iterator<Item = (&[u8], Option<&str>)> {
+        let (mut line, mut key) = (0, 0);
+        self.ends.iter().map(move |&(l, k)| {
+            let bytes = self.data.get(line..l).unwrap_or_default();
+            let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+            let k_str = self.keys.get(key..k).filter(|k| !k.is_empty());
+            (line, key) = (l, k);
+            (bytes, k_str)
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+}
+
+/// What an events batcher records for the Kinesis output (`[output.kinesis]`).
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// `partition_key`: the event field whose value is each record's key.
+    pub key_field: String,
+    /// `write_objects`: false = events go to the stream only, so they are not compressed.
+    pub objects: bool,
+}
+
+/// A staged chunk's lines, while it fills.
+#[derive(Debug, Default)]
+struct Staged {
+    ends: Vec<(usize, usize)>,
+    keys: String,
+    /// Chunks already handed to the compressor.
+    done: Vec<LineChunk>,
+    /// What the line index holds, for the budget.
+    bytes: u64,
 }
 
 struct Buffer {
     staging: Vec<u8>,
     parts: Vec<Part>,
+    /// Set when the batcher forwards (`Batcher::forwarding`).
+    lines: Option<Staged>,
     records: u64,
     bytes: u64,
     holds: Holds,
@@ -75,6 +134,34 @@ impl Buffer {
             + partition.len() as u64
             + self.staging.capacity() as u64
             + (self.bytes - self.staging.len() as u64)
+            + self.lines.as_ref().map_or(0, |l| l.bytes)
+    }
+
+    /// Takes the staged bytes as a chunk: compressed (unless events go to the stream only)
+    /// and, when forwarding, kept with its lines.
+    fn take_chunk(&mut self, encoder: &Encoder, forward: Option<&Forward>, next: usize) {
+        let chunk = Bytes::from(std::mem::replace(
+            &mut self.staging,
+            Vec::with_capacity(next),
+        ));
+        if forward.is_none_or(|f| f.objects) {
+            self.parts.push(encoder.submit_shared(chunk.clone()));
+        }
+        if let Some(l) = self.lines.as_mut() {
+            l.done.push(LineChunk {
+                data: chunk,
+                ends: std::mem::take(&mut l.ends),
+                keys: std::mem::take(&mut l.keys),
+            });
+        }
+    }
+}
+
+/// The first `MAX_KEY_CHARS` characters of a partition key.
+fn clip(key: &str) -> &str {
+    match key.char_indices().nth(crate::sink::kinesis::MAX_KEY_CHARS) {
+        Some((at, _)) => key.get(..at).unwrap_or(key),
+        None => key,
     }
 }
 
@@ -105,6 +192,7 @@ pub struct Batcher {
     /// Uncompressed bytes in open buffers.
     bytes: u64,
     share: Share,
+    forward: Option<Forward>,
 }
 
 impl Batcher {
@@ -118,7 +206,19 @@ impl Batcher {
             next_seq: 0,
             bytes: 0,
             share: Share::new(budget),
+            forward: None,
         }
+    }
+
+    /// Records every line's end and partition key for the Kinesis output.
+    pub fn forwarding(mut self, forward: Option<Forward>) -> Batcher {
+        self.forward = forward;
+        self
+    }
+
+    /// The field partition keys come from, when forwarding.
+    pub fn key_field(&self) -> Option<&str> {
+        self.forward.as_ref().map(|f| f.key_field.as_str())
     }
 
     /// Appends one record to `partition`'s buffer: `write` appends the record's bytes, `hold`
@@ -128,6 +228,19 @@ impl Batcher {
         &mut self,
         partition: &str,
         hold: Option<&Hold>,
+        write: impl FnOnce(&mut Vec<u8>),
+        out: &mut impl FnMut(Sealed),
+    ) {
+        self.append_event(partition, hold, None, write, out);
+    }
+
+    /// `append` for an event whose partition key the caller already knows (the `Head` field
+    /// named by `key_field`); when forwarding without one, it is read from the line written.
+    pub fn append_event(
+        &mut self,
+        partition: &str,
+        hold: Option<&Hold>,
+        key: Option<&str>,
         write: impl FnOnce(&mut Vec<u8>),
         out: &mut impl FnMut(Sealed),
     ) {
@@ -155,6 +268,22 @@ impl Batcher {
         write(&mut *whole.staging);
         whole.done = true;
         drop(whole);
+        if let (Some(f), Some(l)) = (&self.forward, buf.lines.as_mut()) {
+            let line = buf.staging.get(before..).unwrap_or_default();
+            let read;
+            let key = match key.filter(|k| !k.is_empty()) {
+                Some(k) => Some(k),
+                None => {
+                    let line = line.strip_suffix(b"\n").unwrap_or(line);
+                    read = crate::sink::kinesis::partition_key(line, &f.key_field);
+                    read.as_deref()
+                }
+            };
+            let kept = l.keys.len();
+            l.keys.push_str(key.map(clip).unwrap_or_default());
+            l.ends.push((buf.staging.len(), l.keys.len()));
+            l.bytes += (l.keys.len() - kept + 16) as u64;
+        }
         let added = (buf.staging.len() - before) as u64;
         buf.records += 1;
         buf.bytes += added;
@@ -162,8 +291,7 @@ impl Batcher {
         let full = buf.records >= limits.max_records || buf.bytes >= limits.max_bytes;
         if !full && buf.staging.len() >= limits.chunk_bytes && self.encoder.chunked() {
             // This buffer has proven large: its next chunk gets its whole room at once.
-            let chunk = std::mem::replace(&mut buf.staging, Vec::with_capacity(limits.chunk_bytes));
-            buf.parts.push(self.encoder.submit(chunk));
+            buf.take_chunk(&self.encoder, self.forward.as_ref(), limits.chunk_bytes);
         }
         let cost = buf.cost(partition);
         if cost >= buf.charged {
@@ -187,6 +315,7 @@ impl Batcher {
         let buf = Buffer {
             staging: Vec::new(),
             parts: Vec::new(),
+            lines: self.forward.as_ref().map(|_| Staged::default()),
             records: 0,
             bytes: 0,
             holds: Holds::default(),
@@ -332,7 +461,7 @@ impl Batcher {
         self.share.release(buf.charged);
         self.bytes -= buf.bytes;
         if !buf.staging.is_empty() {
-            buf.parts.push(self.encoder.submit(buf.staging));
+            buf.take_chunk(&self.encoder, self.forward.as_ref(), 0);
         }
         let (extension, content_type) = self.encoder.object_type();
         Some(Sealed {
@@ -344,6 +473,7 @@ impl Batcher {
             records: buf.records,
             bytes: buf.bytes,
             holds: buf.holds,
+            lines: buf.lines.map(|l| l.done),
         })
     }
 }
@@ -395,6 +525,85 @@ mod tests {
             out.extend_from_slice(&rt.block_on(p.bytes()).unwrap());
         }
         String::from_utf8(out).unwrap()
+    }
+
+    fn forwarding(objects: bool) -> Batcher {
+        batcher(1000, 1 << 20, 40).forwarding(Some(Forward {
+            key_field: "k".into(),
+            objects,
+        }))
+    }
+
+    fn put_keyed(b: &mut Batcher, key: Option<&str>, rec: &str) -> Vec<Sealed> {
+        let mut out = Vec::new();
+        let write = |o: &mut Vec<u8>| {
+            o.extend_from_slice(rec.as_bytes());
+            o.push(b'\n');
+        };
+        b.append_event("p/", None, key, write, &mut |s| out.push(s));
+        out
+    }
+
+    fn lines_of(chunks: &[LineChunk]) -> Vec<(String, Option<String>)> {
+        chunks
+            .iter()
+            .flat_map(LineChunk::lines)
+            .map(|(l, k)| {
+                (
+                    String::from_utf8_lossy(l).into_owned(),
+                    k.map(str::to_owned),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_forwarding_batcher_records_each_lines_end_and_key_across_chunks() {
+        let mut b = forwarding(true);
+        let long = format!(r#"{{"k":"{}"}}"#, "é".repeat(300));
+        for (key, rec) in [
+            (Some("from-the-head"), r#"{"k":"not read"}"#),
+            (None, r#"{"x":{"k":"inner"},"k":"read","n":1}"#),
+            (None, r#"{"x":1}"#),
+            (Some(""), r#"{"k":42}"#),
+            (None, long.as_str()),
+        ] {
+            assert!(put_keyed(&mut b, key, rec).is_empty());
+        }
+        let mut s = b.seal_all().pop().unwrap();
+        let chunks = s.lines.take().unwrap();
+        assert!(
+            chunks.len() >= 2,
+            "lines kept chunk by chunk: {}",
+            chunks.len()
+        );
+        let lines = lines_of(&chunks);
+        let keys: Vec<Option<String>> = lines.iter().map(|(_, k)| k.clone()).collect();
+        assert_eq!(
+            keys,
+            [
+                Some("from-the-head".to_owned()),
+                Some("read".to_owned()),
+                None,
+                Some("42".to_owned()),
+                Some("é".repeat(256)),
+            ]
+        );
+        let staged: String = lines.iter().map(|(l, _)| format!("{l}\n")).collect();
+        assert_eq!(text(s), staged, "the lines are the object's bytes");
+    }
+
+    #[test]
+    fn events_for_the_stream_only_are_not_compressed() {
+        let mut b = forwarding(false);
+        put_keyed(&mut b, Some("a"), r#"{"k":"a"}"#);
+        let s = b.seal_all().pop().unwrap();
+        assert!(s.parts.is_empty());
+        assert_eq!(
+            lines_of(&s.lines.unwrap()),
+            [(r#"{"k":"a"}"#.to_owned(), Some("a".to_owned()))]
+        );
+        assert!(batcher(10, 1 << 20, 40).seal_all().is_empty());
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl Part {
 }
 
 struct Job {
-    data: Vec<u8>,
+    data: Bytes,
     done: oneshot::Sender<Vec<u8>>,
     convert: Option<Arc<Converter>>,
 }
@@ -261,6 +261,11 @@ impl Encoder {
     /// Queues a chunk of JSON lines for compression (or a whole batch for conversion); blocks
     /// while the queue is full.
     pub fn submit(&self, data: Vec<u8>) -> Part {
+        self.submit_shared(Bytes::from(data))
+    }
+
+    /// `submit` for a chunk the caller keeps too (the Kinesis output forwards its lines).
+    pub fn submit_shared(&self, data: Bytes) -> Part {
         // On the caller's thread a panic must not escape either: the caller is a worker in the
         // middle of `Batcher::append`, which has already taken the chunk out of its buffer, so
         // an escaping panic would leave the buffer to be written without it.

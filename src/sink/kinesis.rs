@@ -3,6 +3,7 @@
 //! partition key and data both counted). A partial failure retries only the failed entries;
 //! an event too large for a record goes to the error output instead.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use crate::clock::Utc;
 use crate::config::{Config, KinesisSinkConfig};
 use crate::metrics::{self, *};
 use crate::retry::Backoff;
+use crate::sink::batch::LineChunk;
 use crate::sink::encode::{Codec, Compression, compress};
 use crate::sink::write::{Store, WriteError, object_name_with};
 use bytes::Bytes;
@@ -22,7 +24,7 @@ use bytes::Bytes;
 pub const MAX_RECORDS: usize = 500;
 pub const MAX_REQUEST_BYTES: usize = 5 << 20;
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
-const MAX_KEY_CHARS: usize = 256;
+pub const MAX_KEY_CHARS: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
@@ -40,12 +42,12 @@ pub enum SinkError {
 
 /// One event on its way to the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub key: String,
-    pub data: Vec<u8>,
+pub struct Entry<'a> {
+    pub key: Cow<'a, str>,
+    pub data: &'a [u8],
 }
 
-impl Entry {
+impl Entry<'_> {
     /// What Kinesis counts against its size limits.
     pub fn size(&self) -> usize {
         self.key.len() + self.data.len()
@@ -53,13 +55,16 @@ impl Entry {
 }
 
 /// The partition key of an event: the value of `field` (a string, or a number's text),
-/// clipped to Kinesis's 256 characters; None when the event has no usable value.
+/// clipped to Kinesis's 256 characters; None when the event has no usable value. Reads the
+/// event's top level for that one field (the batcher calls it only when the event's `Head`
+/// does not hold the field).
 pub fn partition_key(event: &[u8], field: &str) -> Option<String> {
-    let map: std::collections::HashMap<&str, &RawValue> = serde_json::from_slice(event).ok()?;
-    let raw = map.get(field)?.get();
-    let value = match serde_json::from_str::<String>(raw) {
+    let mut de = serde_json::Deserializer::from_slice(event);
+    let raw = serde::Deserializer::deserialize_map(&mut de, FieldOf(field)).ok()??;
+    let raw = raw.get();
+    let value = match serde_json::from_str::<Cow<'_, str>>(raw) {
         Ok(s) => s,
-        Err(_) if raw.starts_with(|c: char| c.is_ascii_digit() || c == '-') => raw.to_owned(),
+        Err(_) if raw.starts_with(|c: char| c.is_ascii_digit() || c == '-') => Cow::Borrowed(raw),
         Err(_) => return None,
     };
     if value.is_empty() {
@@ -68,9 +73,32 @@ pub fn partition_key(event: &[u8], field: &str) -> Option<String> {
     Some(value.chars().take(MAX_KEY_CHARS).collect())
 }
 
+/// The raw value of one top-level field (the last one, when repeated).
+struct FieldOf<'f>(&'f str);
+
+impl<'de> serde::de::Visitor<'de> for FieldOf<'_> {
+    type Value = Option<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key == self.0 {
+                found = Some(map.next_value::<&'de RawValue>()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+}
+
 /// Splits entries into PutRecords calls within the limits; entries too large for one record
 /// are returned apart.
-pub fn pack(entries: Vec<Entry>) -> (Vec<Vec<Entry>>, Vec<Entry>) {
+pub fn pack(entries: Vec<Entry<'_>>) -> (Vec<Vec<Entry<'_>>>, Vec<Entry<'_>>) {
     let mut calls: Vec<Vec<Entry>> = Vec::new();
     let mut oversize = Vec::new();
     let mut current: Vec<Entry> = Vec::new();
@@ -94,32 +122,26 @@ pub fn pack(entries: Vec<Entry>) -> (Vec<Vec<Entry>>, Vec<Entry>) {
     (calls, oversize)
 }
 
-/// The events of a written batch, read back from its (compressed) object body.
-pub fn events_of(body: &[u8], compression: Compression) -> Result<Vec<Vec<u8>>, SinkError> {
-    let text = match compression {
-        Compression::None => body.to_vec(),
+/// The events of a written batch, read back from its (compressed) object body: for a batch
+/// sealed without its lines (none is, while the output is configured at start-up).
+pub fn events_of(body: &[u8], compression: Compression) -> Result<Vec<u8>, SinkError> {
+    match compression {
+        Compression::None => Ok(body.to_vec()),
         Compression::Gzip => {
             let mut out = Vec::new();
             flate2::read::MultiGzDecoder::new(body)
                 .read_to_end(&mut out)
                 .map_err(|e| SinkError::Decode(e.to_string()))?;
-            out
+            Ok(out)
         }
         Compression::Zstd => {
-            zstd::stream::decode_all(body).map_err(|e| SinkError::Decode(e.to_string()))?
+            zstd::stream::decode_all(body).map_err(|e| SinkError::Decode(e.to_string()))
         }
         // Only Parquet uses snappy, and the Kinesis output requires JSON lines (config check).
-        Compression::Snappy => {
-            return Err(SinkError::Decode(
-                "snappy objects are Parquet, not JSON lines".to_owned(),
-            ));
-        }
-    };
-    Ok(text
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(<[u8]>::to_vec)
-        .collect())
+        Compression::Snappy => Err(SinkError::Decode(
+            "snappy objects are Parquet, not JSON lines".to_owned(),
+        )),
+    }
 }
 
 pub struct KinesisSink {
@@ -132,10 +154,10 @@ pub struct KinesisSink {
 
 /// What one batch's put did.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct PutReport {
+pub struct PutReport<'a> {
     pub records: usize,
     pub retried: usize,
-    pub oversize: Vec<Entry>,
+    pub oversize: Vec<Entry<'a>>,
 }
 
 fn retryable_code(code: Option<&str>) -> bool {
@@ -177,17 +199,12 @@ impl KinesisSink {
             .map_err(|e| format!("{}: {}", self.stream, e.message().unwrap_or("unreachable")))
     }
 
-    /// Puts every event; returns the oversize ones for the error output. An error means some
+    /// Puts every entry; returns the oversize ones for the error output. An error means some
     /// events may not be on the stream: the batch must not be acknowledged.
-    pub async fn put_events(&self, events: Vec<Vec<u8>>) -> Result<PutReport, SinkError> {
-        let entries = events
-            .into_iter()
-            .map(|data| Entry {
-                key: partition_key(&data, &self.key_field)
-                    .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
-                data,
-            })
-            .collect();
+    pub async fn put_entries<'a>(
+        &self,
+        entries: Vec<Entry<'a>>,
+    ) -> Result<PutReport<'a>, SinkError> {
         let (calls, oversize) = pack(entries);
         let mut report = PutReport {
             oversize,
@@ -203,7 +220,7 @@ impl KinesisSink {
 
     /// One PutRecords call, then again with only the entries that failed. Returns how many
     /// entries were retried.
-    async fn put_call(&self, mut pending: Vec<Entry>) -> Result<usize, SinkError> {
+    async fn put_call(&self, mut pending: Vec<Entry<'_>>) -> Result<usize, SinkError> {
         let mut retried = 0;
         let mut attempt = 0;
         loop {
@@ -212,8 +229,8 @@ impl KinesisSink {
                 .iter()
                 .filter_map(|e| {
                     PutRecordsRequestEntry::builder()
-                        .data(Blob::new(e.data.clone()))
-                        .partition_key(&e.key)
+                        .data(Blob::new(e.data))
+                        .partition_key(e.key.as_ref())
                         .build()
                         .ok()
                 })
@@ -353,17 +370,49 @@ impl Forwarder {
         }
     }
 
-    /// Puts the events of a batch written as `body`. Ok only when every event is on the stream
-    /// or, if too large, in the error output.
-    pub async fn forward(&self, store: &Store, body: Bytes) -> Result<(), String> {
+    /// Puts the events of a batch: from its lines as they were staged, each with the key
+    /// recorded when it was appended (`lines`), or else read back from the object `body`. Ok
+    /// only when every event is on the stream or, if too large, in the error output.
+    pub async fn forward(
+        &self,
+        store: &Store,
+        lines: Option<Vec<LineChunk>>,
+        body: Bytes,
+    ) -> Result<(), String> {
         let kind = self.codec.kind;
-        let events = tokio::task::spawn_blocking(move || events_of(&body, kind))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let read_back = match lines {
+            Some(_) => None,
+            None => Some(
+                tokio::task::spawn_blocking(move || events_of(&body, kind))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?,
+            ),
+        };
+        // A key for each event that has none of its own, as before: random, spreading them.
+        let random = || Cow::Owned(uuid::Uuid::now_v7().to_string());
+        let entries: Vec<Entry> = match (&lines, &read_back) {
+            (Some(chunks), _) => chunks
+                .iter()
+                .flat_map(LineChunk::lines)
+                .map(|(data, key)| Entry {
+                    key: key.map_or_else(random, Cow::Borrowed),
+                    data,
+                })
+                .collect(),
+            (None, Some(text)) => text
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|data| Entry {
+                    key: partition_key(data, &self.sink.key_field).map_or_else(random, Cow::Owned),
+                    data,
+                })
+                .collect(),
+            (None, None) => Vec::new(),
+        };
         let report = self
             .sink
-            .put_events(events)
+            .put_entries(entries)
             .await
             .map_err(|e| e.to_string())?;
         if report.oversize.is_empty() {
@@ -386,7 +435,7 @@ impl Forwarder {
                     e.size(),
                     MAX_RECORD_BYTES
                 ),
-                record: serde_json::from_slice::<&RawValue>(&e.data).ok(),
+                record: serde_json::from_slice::<&RawValue>(e.data).ok(),
             };
             let _ = serde_json::to_writer(&mut lines, &rec);
             lines.push(b'\n');
@@ -422,10 +471,12 @@ impl Forwarder {
 mod tests {
     use super::*;
 
-    fn entry(key: &str, size: usize) -> Entry {
+    fn entry(key: &str, size: usize) -> Entry<'static> {
+        static DATA: std::sync::LazyLock<Vec<u8>> =
+            std::sync::LazyLock::new(|| vec![b'x'; MAX_RECORD_BYTES + 1]);
         Entry {
-            key: key.into(),
-            data: vec![b'x'; size],
+            key: Cow::Owned(key.into()),
+            data: &DATA[..size],
         }
     }
 
@@ -438,6 +489,12 @@ mod tests {
         assert_eq!(partition_key(ev, "e"), None);
         assert_eq!(partition_key(ev, "missing"), None);
         assert_eq!(partition_key(b"not json", "eventID"), None);
+        let nested = br#"{"o":{"eventID":"inner"},"eventID":"outer","eventID":"last"}"#;
+        assert_eq!(partition_key(nested, "eventID").as_deref(), Some("last"));
+        assert_eq!(
+            partition_key(br#"{"k":"a\"b"}"#, "k").as_deref(),
+            Some("a\"b")
+        );
         let long = format!(r#"{{"k":"{}"}}"#, "é".repeat(300));
         assert_eq!(
             partition_key(long.as_bytes(), "k").map(|k| k.chars().count()),
@@ -485,11 +542,7 @@ mod tests {
             let level = if kind == Compression::None { 0 } else { 3 };
             let mut body = compress(Codec { kind, level }, &text[..8]).unwrap();
             body.extend(compress(Codec { kind, level }, &text[8..]).unwrap());
-            assert_eq!(
-                events_of(&body, kind).unwrap(),
-                vec![b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()],
-                "{kind:?}"
-            );
+            assert_eq!(events_of(&body, kind).unwrap(), text, "{kind:?}");
         }
     }
 }

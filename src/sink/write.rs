@@ -589,6 +589,7 @@ async fn write_sealed(
         sealed.partition,
         object_name_with(Utc::now(), sealed.extension)
     );
+    let lines = sealed.lines;
     let mut body = BytesMut::new();
     for part in sealed.parts {
         match part.bytes().await {
@@ -629,7 +630,7 @@ async fn write_sealed(
     // With a Kinesis output, the batch is acknowledged once its events are there too.
     let put = match (put, forwarder) {
         (Ok(()), Some(f)) if sealed.kind == Kind::Events => {
-            f.forward(store, body.clone()).await.map_err(|e| {
+            f.forward(store, lines, body.clone()).await.map_err(|e| {
                 metrics::emit(KinesisSinkFailed {
                     stream: &f.sink.stream,
                     error: &e,

@@ -4,12 +4,13 @@
 
 use std::collections::VecDeque;
 use std::io::Read;
+use std::ops::Range;
 
 use aws_sdk_kinesis::error::ProvideErrorMetadata;
 use serde::Deserialize;
-use serde_json::value::RawValue;
 
 use crate::config::{KinesisConfig, StartPosition};
+use crate::source::cwl::{self, Messages};
 use crate::source::notification::{self, Notification};
 
 /// Largest decompressed record accepted (Kinesis records are at most 1 MiB stored; CloudWatch
@@ -19,15 +20,9 @@ const MAX_DECODED: u64 = 64 << 20;
 /// What one record's data is.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Shape {
-    /// Events to split: a `{"Records":[…]}` document built from a CloudWatch Logs batch's
-    /// messages (`events` of them), or around one plain event. `bad` holds messages that are
-    /// not JSON objects.
-    Events {
-        doc: Vec<u8>,
-        events: usize,
-        bad: Vec<String>,
-        cwl: bool,
-    },
+    /// Events to split, added to the classifier's `Messages` as `spans`: a CloudWatch Logs
+    /// batch's messages (`cwl`), or one plain event.
+    Events { spans: Range<usize>, cwl: bool },
     /// A CloudWatch Logs `CONTROL_MESSAGE` (destination health check): skipped.
     Control,
     /// A delivery-file notification, handled as an SQS message would be.
@@ -39,30 +34,12 @@ pub enum Shape {
     },
 }
 
-#[derive(Deserialize)]
-struct CwlBatch<'a> {
-    #[serde(rename = "messageType")]
-    message_type: &'a str,
-    #[serde(rename = "logEvents", default)]
-    log_events: Vec<LogEvent>,
-}
-
-#[derive(Deserialize)]
-struct LogEvent {
-    #[serde(default)]
-    message: String,
-}
-
+/// The top-level fields that tell a record's shape, read again the slow way when the one-pass
+/// read (`cwl::read`) refused the record, to tell why.
 #[derive(Deserialize)]
 struct Probe {
     #[serde(rename = "messageType")]
     message_type: Option<serde::de::IgnoredAny>,
-    #[serde(rename = "eventVersion")]
-    event_version: Option<serde::de::IgnoredAny>,
-    #[serde(rename = "eventID")]
-    event_id: Option<serde::de::IgnoredAny>,
-    #[serde(rename = "eventTime")]
-    event_time: Option<serde::de::IgnoredAny>,
 }
 
 fn unrecognized(reason: &'static str, detail: impl Into<String>) -> Shape {
@@ -72,59 +49,129 @@ fn unrecognized(reason: &'static str, detail: impl Into<String>) -> Shape {
     }
 }
 
-/// Recognises a record's data: gzip is undone first (CloudWatch Logs always gzips). Never
-/// panics: should decoding a record panic all the same, that one record is `Unrecognized`
-/// (`classify_panicked`, counted in `trailhose_panics_total{thread="classify"}`) so that it goes
-/// to the error output, rather than fail its batch and rewind its shard onto it for ever.
-pub fn classify(data: &[u8]) -> Shape {
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        crate::testhook::classify(data);
-        recognise(data)
-    }));
-    outcome.unwrap_or_else(|payload| {
-        let message = crate::testhook::panic_message(payload.as_ref());
-        crate::metrics::emit(crate::metrics::RecordClassifyPanicked { message: &message });
-        unrecognized(
-            "classify_panicked",
-            format!("decoding the record panicked: {message}"),
-        )
-    })
+/// Classifies the records of one GetRecords batch: their messages go into one `Messages`
+/// (the workers split them in place), and gzip is undone into one buffer used again for every
+/// record, so that a batch costs no allocation per record beyond its messages.
+#[derive(Debug, Default)]
+pub struct Classifier {
+    gunzipped: Vec<u8>,
+    pub messages: Messages,
 }
 
-fn recognise(data: &[u8]) -> Shape {
-    let decoded;
+impl Classifier {
+    /// Recognises a record's data: gzip is undone first (CloudWatch Logs always gzips). Never
+    /// panics: should decoding a record panic all the same, that one record is `Unrecognized`
+    /// (`classify_panicked`, counted in `trailhose_panics_total{thread="classify"}`) so that it
+    /// goes to the error output, rather than fail its batch and rewind its shard onto it for
+    /// ever. Only `Events` leaves anything in `messages`.
+    pub fn classify(&mut self, data: &[u8]) -> Shape {
+        let mark = self.messages.mark();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            crate::testhook::classify(data);
+            recognise(data, &mut self.gunzipped, &mut self.messages)
+        }));
+        let shape = outcome.unwrap_or_else(|payload| {
+            self.gunzipped = Vec::new();
+            let message = crate::testhook::panic_message(payload.as_ref());
+            crate::metrics::emit(crate::metrics::RecordClassifyPanicked { message: &message });
+            unrecognized(
+                "classify_panicked",
+                format!("decoding the record panicked: {message}"),
+            )
+        });
+        if !matches!(shape, Shape::Events { .. }) {
+            self.messages.rollback(mark);
+        }
+        shape
+    }
+}
+
+/// What a whole-record gunzip may hold on to between records.
+const KEPT_GUNZIP_BYTES: usize = 4 << 20;
+
+fn recognise(data: &[u8], gunzipped: &mut Vec<u8>, messages: &mut Messages) -> Shape {
     let text: &[u8] = if data.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        let read = flate2::read::MultiGzDecoder::new(data)
+        gunzipped.clear();
+        if gunzipped.capacity() > KEPT_GUNZIP_BYTES {
+            *gunzipped = Vec::new();
+        }
+        // `bufread` over the slice: no reader buffer to allocate and zero per record.
+        let read = flate2::bufread::MultiGzDecoder::new(data)
             .take(MAX_DECODED)
-            .read_to_end(&mut out);
+            .read_to_end(gunzipped);
         if let Err(e) = read {
             return unrecognized("bad_gzip", format!("gzip data does not decode: {e}"));
         }
-        decoded = out;
-        &decoded
+        gunzipped.as_slice()
     } else {
         data
     };
     let Ok(text) = std::str::from_utf8(text) else {
         return unrecognized("not_utf8", "record data is not UTF-8 text");
     };
-    let probe: Probe = match serde_json::from_str(text) {
-        Ok(p) => p,
-        Err(e) => return unrecognized("not_json_object", format!("not a JSON object: {e}")),
+    let mark = messages.mark();
+    let top = match cwl::read(text.as_bytes(), messages) {
+        Ok(top) => top,
+        Err(e) => {
+            messages.rollback(mark);
+            return match serde_json::from_str::<Probe>(text) {
+                Err(e) => unrecognized("not_json_object", format!("not a JSON object: {e}")),
+                Ok(p) if p.message_type.is_some() => unrecognized(
+                    "bad_cwl_batch",
+                    format!("malformed CloudWatch Logs batch: {e}"),
+                ),
+                // A stray `logEvents` of another shape in a record that is not a batch.
+                Ok(_) => not_a_batch(text, messages),
+            };
+        }
     };
-    if probe.message_type.is_some() {
-        return cloudwatch_batch(text);
+    match top.message_type {
+        None => {
+            messages.rollback(mark);
+            if top.event_version && (top.event_id || top.event_time) {
+                messages.push(text);
+                return Shape::Events {
+                    spans: messages.since(mark),
+                    cwl: false,
+                };
+            }
+            not_a_batch(text, messages)
+        }
+        Some(Some(t)) if t == "DATA_MESSAGE" => Shape::Events {
+            spans: messages.since(mark),
+            cwl: true,
+        },
+        Some(Some(t)) if t == "CONTROL_MESSAGE" => Shape::Control,
+        Some(Some(other)) => unrecognized(
+            "unknown_message_type",
+            format!("CloudWatch Logs messageType {other:?}"),
+        ),
+        Some(None) => unrecognized(
+            "bad_cwl_batch",
+            "malformed CloudWatch Logs batch: messageType is not a string",
+        ),
     }
-    if probe.event_version.is_some() && (probe.event_id.is_some() || probe.event_time.is_some()) {
-        let mut doc = Vec::with_capacity(text.len() + 14);
-        doc.extend_from_slice(b"{\"Records\":[");
-        doc.extend_from_slice(text.trim().as_bytes());
-        doc.extend_from_slice(b"]}");
+}
+
+/// A record without `messageType`: one event, or a delivery-file notification.
+fn not_a_batch(text: &str, messages: &mut Messages) -> Shape {
+    #[derive(Deserialize)]
+    struct Event {
+        #[serde(rename = "eventVersion")]
+        event_version: Option<serde::de::IgnoredAny>,
+        #[serde(rename = "eventID")]
+        event_id: Option<serde::de::IgnoredAny>,
+        #[serde(rename = "eventTime")]
+        event_time: Option<serde::de::IgnoredAny>,
+    }
+    if let Ok(e) = serde_json::from_str::<Event>(text)
+        && e.event_version.is_some()
+        && (e.event_id.is_some() || e.event_time.is_some())
+    {
+        let mark = messages.mark();
+        messages.push(text);
         return Shape::Events {
-            doc,
-            events: 1,
-            bad: Vec::new(),
+            spans: messages.since(mark),
             cwl: false,
         };
     }
@@ -134,50 +181,88 @@ fn recognise(data: &[u8]) -> Shape {
     }
 }
 
-fn cloudwatch_batch(text: &str) -> Shape {
-    let batch: CwlBatch = match serde_json::from_str(text) {
-        Ok(b) => b,
-        Err(e) => {
-            return unrecognized(
-                "bad_cwl_batch",
-                format!("malformed CloudWatch Logs batch: {e}"),
-            );
-        }
-    };
-    match batch.message_type {
-        "DATA_MESSAGE" => {}
-        "CONTROL_MESSAGE" => return Shape::Control,
-        other => {
-            return unrecognized(
-                "unknown_message_type",
-                format!("CloudWatch Logs messageType {other:?}"),
-            );
-        }
+/// One record's events, for the workers.
+#[derive(Debug)]
+pub struct Unit {
+    /// `kinesis://stream/shard/sequence-number`: names the record in logs and error records.
+    pub source: String,
+    /// Its elements in the batch's `Messages`.
+    pub spans: Range<usize>,
+    /// The record's data size.
+    pub stored: u64,
+    /// Events (not a record that went to the error output whole): messages that are not JSON
+    /// objects are counted as `message_not_json_object`.
+    pub events: bool,
+}
+
+/// The events of one GetRecords batch, one unit per record: a single job for the workers.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub messages: Messages,
+    pub units: Vec<Unit>,
+}
+
+/// A GetRecords batch classified.
+#[derive(Debug, Default)]
+pub struct Classified {
+    pub batch: Batch,
+    /// Delivery-file notifications, named by their record, in order.
+    pub notifications: Vec<(String, Notification)>,
+    /// Records of each shape (`cwl_data`, `event`, `cwl_control`, `notification`; the
+    /// unrecognised ones are counted as they are reported).
+    pub counts: Vec<(&'static str, u64)>,
+}
+
+/// Classifies a batch of records read from `stream`'s `shard`. Records that are not events
+/// become units of their own whose elements are the reason and the data as text, so that
+/// they reach the error output whole, named by their record.
+pub fn classify_batch(stream: &str, shard: &str, records: Vec<Record>) -> Classified {
+    let mut classifier = Classifier::default();
+    let mut out = Classified::default();
+    let mut counts = [
+        ("cwl_data", 0),
+        ("event", 0),
+        ("cwl_control", 0),
+        ("notification", 0),
+    ];
+    for r in records {
+        let source = format!("kinesis://{stream}/{shard}/{}", r.seq);
+        let mark = classifier.messages.mark();
+        let (spans, events) = match classifier.classify(&r.data) {
+            Shape::Events { spans, cwl } => {
+                counts[usize::from(!cwl)].1 += 1;
+                (spans, true)
+            }
+            Shape::Control => {
+                counts[2].1 += 1;
+                continue;
+            }
+            Shape::Notification(n) => {
+                counts[3].1 += 1;
+                out.notifications.push((source, n));
+                continue;
+            }
+            Shape::Unrecognized { reason, detail } => {
+                crate::metrics::emit(crate::metrics::KinesisRecordUnrecognized {
+                    source: &source,
+                    reason,
+                });
+                let m = &mut classifier.messages;
+                m.push_text(&format!("{reason}: {detail}"));
+                m.push_text(&describe_data(&r.data));
+                (m.since(mark), false)
+            }
+        };
+        out.batch.units.push(Unit {
+            source,
+            spans,
+            stored: r.data.len() as u64,
+            events,
+        });
     }
-    let mut doc = Vec::with_capacity(text.len());
-    doc.extend_from_slice(b"{\"Records\":[");
-    let mut events = 0;
-    let mut bad = Vec::new();
-    for ev in batch.log_events {
-        let m = ev.message.trim();
-        let is_object = m.starts_with('{') && serde_json::from_str::<&RawValue>(m).is_ok();
-        if !is_object {
-            bad.push(ev.message);
-            continue;
-        }
-        if events > 0 {
-            doc.push(b',');
-        }
-        doc.extend_from_slice(m.as_bytes());
-        events += 1;
-    }
-    doc.extend_from_slice(b"]}");
-    Shape::Events {
-        doc,
-        events,
-        bad,
-        cwl: true,
-    }
+    out.batch.messages = classifier.messages;
+    out.counts = counts.into_iter().filter(|(_, n)| *n > 0).collect();
+    out
 }
 
 /// A document the splitter turns into one error record per entry: used for record data that
@@ -333,6 +418,7 @@ pub struct ShardInfo {
 }
 
 /// One record read.
+#[derive(Debug, Clone)]
 pub struct Record {
     pub seq: String,
     pub data: Vec<u8>,
@@ -466,6 +552,7 @@ impl Kinesis {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cloudtrail::Element;
 
     const SAMPLES: &str = "../shared/samples/kinesis";
 
@@ -476,8 +563,28 @@ mod tests {
         e.finish().unwrap()
     }
 
+    /// A record's shape, and its elements as (object?, text).
+    fn elements(data: &[u8]) -> (Shape, Vec<(bool, String)>) {
+        let mut c = Classifier::default();
+        let shape = c.classify(data);
+        let all = c.messages.since(cwl::Mark::default());
+        let els = c
+            .messages
+            .elements(all)
+            .map(|e| match e {
+                Element::Object(b) => (true, String::from_utf8_lossy(b).into_owned()),
+                Element::Text(b) => (false, String::from_utf8_lossy(b).into_owned()),
+            })
+            .collect();
+        (shape, els)
+    }
+
+    fn classify(data: &[u8]) -> Shape {
+        elements(data).0
+    }
+
     #[test]
-    fn cloudwatch_data_batch_becomes_a_records_document() {
+    fn a_cloudwatch_data_batch_is_read_once_into_its_messages() {
         let batch = serde_json::json!({
             "messageType": "DATA_MESSAGE", "owner": "1", "logGroup": "g", "logStream": "s",
             "subscriptionFilters": ["f"],
@@ -485,24 +592,117 @@ mod tests {
                 {"id": "1", "timestamp": 1, "message": "{\"eventVersion\":\"1.09\",\"eventID\":\"a\"}"},
                 {"id": "2", "timestamp": 2, "message": "not json"},
                 {"id": "3", "timestamp": 3, "message": " {\"eventID\":\"b\"} "},
-                {"id": "4", "timestamp": 4, "message": "[1]"}
+                {"id": "4", "timestamp": 4, "message": " [1]"},
+                {"id": "5", "timestamp": 5},
+                {"id": "6", "message": "first", "timestamp": 6, "message": "{}"}
             ]
         });
-        let Shape::Events {
-            doc,
-            events,
-            bad,
-            cwl,
-        } = classify(&gzip(batch.to_string().as_bytes()))
-        else {
-            panic!("events")
+        let (shape, els) = elements(&gzip(batch.to_string().as_bytes()));
+        assert_eq!(
+            shape,
+            Shape::Events {
+                spans: 0..6,
+                cwl: true
+            }
+        );
+        let want: Vec<(bool, String)> = [
+            (true, r#"{"eventVersion":"1.09","eventID":"a"}"#),
+            (false, "not json"),
+            (true, r#"{"eventID":"b"}"#),
+            (false, " [1]"),
+            (false, ""),
+            (true, "{}"),
+        ]
+        .into_iter()
+        .map(|(o, t)| (o, t.to_owned()))
+        .collect();
+        assert_eq!(els, want);
+    }
+
+    #[test]
+    fn a_batch_keeps_every_records_messages_and_rolls_back_the_rest() {
+        let cwl = |msgs: &[&str]| {
+            let evs: Vec<serde_json::Value> = msgs
+                .iter()
+                .map(|m| serde_json::json!({"id": "1", "timestamp": 1, "message": m}))
+                .collect();
+            gzip(
+                serde_json::json!({"messageType": "DATA_MESSAGE", "logEvents": evs})
+                    .to_string()
+                    .as_bytes(),
+            )
         };
-        assert!(cwl);
-        assert_eq!(events, 2);
-        assert_eq!(bad, vec!["not json".to_owned(), "[1]".to_owned()]);
-        let v: serde_json::Value = serde_json::from_slice(&doc).unwrap();
-        assert_eq!(v["Records"][0]["eventID"], "a");
-        assert_eq!(v["Records"][1]["eventID"], "b");
+        let rec = |seq: &str, data: Vec<u8>| Record {
+            seq: seq.into(),
+            data,
+        };
+        let records = vec![
+            rec("1", cwl(&[r#"{"eventID":"a"}"#, r#"{"eventID":"b"}"#])),
+            // Malformed half-way through its messages: nothing of it stays behind.
+            rec("2", gzip(br#"{"messageType":"DATA_MESSAGE","logEvents":[{"message":"{\"eventID\":\"x\"}"},{"message":5}]}"#)),
+            rec("3", br#"{"messageType":"CONTROL_MESSAGE","logEvents":[{"message":"CWL CONTROL MESSAGE"}]}"#.to_vec()),
+            rec("4", br#" {"eventVersion":"1.09","eventID":"c"} "#.to_vec()),
+            rec("5", br#"{"s3Bucket":"b","s3ObjectKey":["AWSLogs/1/CloudTrail/us-east-1/2024/03/18/f.json.gz"]}"#.to_vec()),
+        ];
+        let c = classify_batch("s", "shard-1", records);
+        assert_eq!(
+            c.counts,
+            vec![
+                ("cwl_data", 1),
+                ("event", 1),
+                ("cwl_control", 1),
+                ("notification", 1)
+            ]
+        );
+        assert_eq!(c.notifications.len(), 1);
+        assert_eq!(c.notifications[0].0, "kinesis://s/shard-1/5");
+        let units: Vec<(&str, bool, Vec<String>)> = c
+            .batch
+            .units
+            .iter()
+            .map(|u| {
+                let texts = c
+                    .batch
+                    .messages
+                    .elements(u.spans.clone())
+                    .map(|e| match e {
+                        Element::Object(b) => format!("object {}", String::from_utf8_lossy(b)),
+                        Element::Text(b) => format!("text {}", String::from_utf8_lossy(b)),
+                    })
+                    .collect();
+                (u.source.as_str(), u.events, texts)
+            })
+            .collect();
+        assert_eq!(units.len(), 3, "{units:?}");
+        assert_eq!(units[0].0, "kinesis://s/shard-1/1");
+        assert_eq!(
+            units[0].2,
+            [r#"object {"eventID":"a"}"#, r#"object {"eventID":"b"}"#]
+        );
+        assert!(units[0].1);
+        assert_eq!(units[1].0, "kinesis://s/shard-1/2");
+        assert!(!units[1].1);
+        assert_eq!(
+            units[1].2.len(),
+            2,
+            "the reason and the data only: {:?}",
+            units[1].2
+        );
+        assert!(
+            units[1].2[0].starts_with("text bad_cwl_batch: "),
+            "{:?}",
+            units[1].2
+        );
+        assert!(
+            units[1].2[1].starts_with("text binary: "),
+            "the data, as text: {:?}",
+            units[1].2
+        );
+        assert_eq!(
+            units[2].2,
+            [r#"object {"eventVersion":"1.09","eventID":"c"}"#]
+        );
+        assert!(units[2].1);
     }
 
     #[test]
@@ -513,17 +713,18 @@ mod tests {
         };
         assert_eq!(classify(&control), Shape::Control);
         let data = std::fs::read(dir.join("cwl-data-message.bin")).unwrap();
-        assert!(matches!(classify(&data), Shape::Events { cwl: true, events, .. } if events > 0));
+        assert!(matches!(classify(&data), Shape::Events { cwl: true, spans } if !spans.is_empty()));
         let one = std::fs::read(dir.join("single-event.json")).unwrap();
-        let Shape::Events {
-            doc, events, cwl, ..
-        } = classify(&one)
-        else {
-            panic!("single event")
-        };
-        assert_eq!((events, cwl), (1, false));
-        let v: serde_json::Value = serde_json::from_slice(&doc).unwrap();
-        assert!(v["Records"][0]["eventID"].is_string());
+        let (shape, els) = elements(&one);
+        assert_eq!(
+            shape,
+            Shape::Events {
+                spans: 0..1,
+                cwl: false
+            }
+        );
+        let v: serde_json::Value = serde_json::from_str(&els[0].1).unwrap();
+        assert!(els[0].0 && v["eventID"].is_string());
     }
 
     #[test]

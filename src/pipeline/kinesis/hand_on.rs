@@ -1,7 +1,6 @@
-//! Records into the engine: each record classified (CloudWatch Logs batch, plain event, file
-//! notification, or unrecognised) and submitted under the batch's hold.
-
-use std::collections::HashMap;
+//! Records into the engine: a batch classified (CloudWatch Logs batches, plain events, file
+//! notifications, unrecognised records) and its events submitted as one job, under the
+//! batch's hold.
 
 use bytes::Bytes;
 
@@ -9,13 +8,14 @@ use super::Ctx;
 use crate::ack::Hold;
 use crate::metrics::{self, *};
 use crate::pipeline::engine::{Input, Submitter};
-use crate::source::kinesis::{self, Shape};
+use crate::source::kinesis;
 use crate::source::notification::{Notification, is_digest_key};
 
 /// Hands a batch of records to the engine under one hold, as a unit of the ledger (first
 /// waiting, like every source, while the buffer budget is reached); returns its outcome, or
-/// None when the engine is gone. Classification (the gunzip and parse of CloudWatch Logs
-/// batches) runs on the blocking pool, off the runtime that renews leases.
+/// None when the engine is gone. Classification (the gunzip and the one read of each CloudWatch
+/// Logs batch) runs on the blocking pool, off the runtime that renews leases; the workers then
+/// split every record's messages in place, as one job with one permit.
 pub(super) async fn hand_on(
     ctx: &Ctx,
     shard: &str,
@@ -24,20 +24,13 @@ pub(super) async fn hand_on(
 ) -> Option<crate::ack::Settled> {
     let room = ctx.ledger.reserve_one().await?;
     let (hold, settled) = Hold::new();
-    let stream = &ctx.kinesis.stream;
-    let mut counts: HashMap<&'static str, u64> = HashMap::new();
+    let (stream, owned_shard) = (ctx.kinesis.stream.clone(), shard.to_owned());
+    let span = match (records.first(), records.last()) {
+        (Some(a), Some(b)) => format!("kinesis://{stream}/{shard}/{}..{}", a.seq, b.seq),
+        _ => format!("kinesis://{stream}/{shard}"),
+    };
     let classified = tokio::task::spawn_blocking(move || {
-        records
-            .into_iter()
-            .map(|r| {
-                let shape = kinesis::classify(&r.data);
-                let data = match shape {
-                    Shape::Unrecognized { .. } => kinesis::describe_data(&r.data),
-                    _ => String::new(),
-                };
-                (r.seq, shape, data)
-            })
-            .collect::<Vec<_>>()
+        kinesis::classify_batch(&stream, &owned_shard, records)
     })
     .await;
     let Ok(classified) = classified else {
@@ -45,59 +38,23 @@ pub(super) async fn hand_on(
         hold.fail();
         return None;
     };
-    for (seq, shape, data) in classified {
-        let source = format!("kinesis://{stream}/{shard}/{seq}");
-        let mut docs: Vec<Vec<u8>> = Vec::new();
-        match shape {
-            Shape::Events {
-                doc,
-                events: _,
-                bad,
-                cwl,
-            } => {
-                *counts
-                    .entry(if cwl { "cwl_data" } else { "event" })
-                    .or_default() += 1;
-                docs.push(doc);
-                if !bad.is_empty() {
-                    metrics::emit(KinesisRecordUnrecognized {
-                        source: &source,
-                        reason: "message_not_json_object",
-                    });
-                    docs.push(kinesis::error_document(&bad));
-                }
-            }
-            Shape::Control => *counts.entry("cwl_control").or_default() += 1,
-            Shape::Notification(n) => {
-                *counts.entry("notification").or_default() += 1;
-                if !notification(ctx, &source, n, &hold, files).await {
-                    hold.fail();
-                    return None;
-                }
-            }
-            Shape::Unrecognized { reason, detail } => {
-                metrics::emit(KinesisRecordUnrecognized {
-                    source: &source,
-                    reason,
-                });
-                docs.push(kinesis::error_document(&[
-                    format!("{reason}: {detail}"),
-                    data,
-                ]));
-            }
-        }
-        for doc in docs {
-            if !files
-                .submit(
-                    source.clone(),
-                    Input::Bytes(Bytes::from(doc)),
-                    Some(hold.share()),
-                )
-                .await
-            {
-                hold.fail();
-                return None;
-            }
+    let kinesis::Classified {
+        batch,
+        notifications,
+        counts,
+    } = classified;
+    if !batch.units.is_empty()
+        && !files
+            .submit(span, Input::Records(Box::new(batch)), Some(hold.share()))
+            .await
+    {
+        hold.fail();
+        return None;
+    }
+    for (source, n) in notifications {
+        if !notification(ctx, &source, n, &hold, files).await {
+            hold.fail();
+            return None;
         }
     }
     for (shape, count) in counts {
