@@ -580,6 +580,13 @@ fn mask(v: &mut toml::Value, under_module_config: bool) {
                 *url = format!("{scheme}://{host}/{MASKED}");
             }
             for (k, item) in t.iter_mut() {
+                // An external id is a shared secret of the role's trust policy.
+                if k == "external_id"
+                    && let toml::Value::String(id) = item
+                {
+                    *id = MASKED.to_owned();
+                    continue;
+                }
                 mask(item, under_module_config || k == "config");
             }
         }
@@ -613,8 +620,8 @@ impl Config {
     }
 
     /// The effective configuration as TOML, defaults filled in (unset options are left out),
-    /// with whatever may be secret masked: module config values (a redact module's salt) and
-    /// the password of any URL.
+    /// with whatever may be secret masked: module config values (a redact module's salt),
+    /// external ids and the password of any URL.
     pub fn effective_toml(&self) -> Result<String, String> {
         let mut v = toml::Value::try_from(self).map_err(|e| e.to_string())?;
         mask(&mut v, false);
@@ -1301,12 +1308,13 @@ mod tests {
     fn the_effective_config_has_defaults_and_masks_secrets() {
         let cfg = Config::parse(
             "[output]\nurl = \"s3://out/p/\"\n[output.s3]\nendpoint_url = \"http://key:hunter2@127.0.0.1:9000/\"\n\
+             role_arn = \"arn:aws:iam::111122223333:role/w\"\nexternal_id = \"tr1st-me\"\n\
              [[transforms]]\nname = \"redact\"\npath = \"r.wasm\"\nconfig = { salt = \"s3cr3t\" }\n",
         )
         .unwrap();
         let text = cfg.effective_toml().unwrap();
         assert!(
-            !text.contains("hunter2") && !text.contains("s3cr3t"),
+            !text.contains("hunter2") && !text.contains("s3cr3t") && !text.contains("tr1st-me"),
             "{text}"
         );
         assert!(

@@ -11,8 +11,10 @@ use prometheus::{
 };
 
 mod correlate;
+mod ocsf;
 mod tables;
 pub use correlate::{CorrelationFailed, CorrelationStatesEvicted, CorrelationUpdated};
+pub use ocsf::OcsfEventUnparsed;
 pub use tables::{MemberReplaced, TableLoaded, TableLookups, TableReloadFailed};
 
 /// An occurrence worth counting and, where it matters, logging.

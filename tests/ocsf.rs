@@ -897,7 +897,7 @@ async fn lake_account_s3(moto: &common::Moto) -> aws_sdk_s3::Client {
 /// with the process's own credentials: a `{class}` template, the event's account; the objects
 /// read back from S3 by DuckDB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_writes_security_lake_objects_to_s3_as_the_provider_role() {
+async fn run_writes_security_lake_objects_to_s3_through_an_assumed_output_role() {
     let moto = common::Moto::start_patched(
         "import os\nos.environ['MOTO_S3_ALLOW_CROSSACCOUNT_ACCESS'] = 'false'",
     );

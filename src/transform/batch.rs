@@ -227,6 +227,20 @@ fn annotation(members: &[Member], out: &mut Vec<u8>) -> Result<(), String> {
         if m.key.is_empty() {
             return Err("an annotation has an empty key".to_owned());
         }
+        // CloudTrail's own fields and geo, which the host wrote before the modules: adding one
+        // would write the key twice (readers fold case, so any case counts). `detections` and
+        // the arrival time are the host's to replace after the modules.
+        if ["geo"]
+            .iter()
+            .chain(crate::cloudtrail::fields::CLOUDTRAIL_FIELDS)
+            .any(|f| f.eq_ignore_ascii_case(&m.key))
+        {
+            return Err(format!(
+                "annotation {:?}: a CloudTrail or trailhose field (ignoring case) cannot be \
+                 added; use replace to change it",
+                truncate(&m.key, 80)
+            ));
+        }
         let value = m.value.trim();
         if !is_plain_string(value) && serde_json::from_str::<serde::de::IgnoredAny>(value).is_err()
         {
@@ -495,6 +509,11 @@ mod tests {
         annotation(&ok, &mut out).unwrap();
         assert_eq!(out, br#""k\"q":"a\"b","n":[1, {"x":null}]"#);
         assert!(annotation(&[member("k", "\"open")], &mut out).is_err());
+        // A field the event has, or trailhose writes, in any case: it would be written twice.
+        for key in ["eventName", "EVENTNAME", "geo", "Geo", "recipientAccountId"] {
+            let e = annotation(&[member(key, "\"x\"")], &mut out).unwrap_err();
+            assert!(e.contains("use replace"), "{key}: {e}");
+        }
     }
 
     #[test]

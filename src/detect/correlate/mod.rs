@@ -176,8 +176,12 @@ fn definition_hash(rule: &rsigma_parser::CorrelationRule) -> String {
         &rule.aliases,
         rule.generate,
     );
-    // Plain data into a Vec: cannot fail (an empty hash input would still be stable).
-    let bytes = serde_json::to_vec(&def).unwrap_or_default();
+    // Through a Value, whose maps are sorted: `aliases` holds HashMaps, whose order differs
+    // per process, and the hash names DynamoDB items that every worker must agree on. Plain
+    // data: cannot fail (an empty hash input would still be stable).
+    let bytes = serde_json::to_value(&def)
+        .and_then(|v| serde_json::to_vec(&v))
+        .unwrap_or_default();
     Sha256::digest(&bytes)
         .iter()
         .take(8)
@@ -289,6 +293,26 @@ impl Correlator {
                     continue;
                 }
             };
+            // Conditions are checked as each event arrives, not when the window closes: one that
+            // a growing count can make false again (`lt`, `lte`, `eq`, `neq`, a range's upper
+            // bound) would fire early or never, so it is refused.
+            if c.correlation_type != CorrelationType::Temporal
+                && c.condition.predicates.iter().any(|(op, _)| {
+                    !matches!(
+                        op,
+                        rsigma_parser::ConditionOperator::Gt
+                            | rsigma_parser::ConditionOperator::Gte
+                    )
+                })
+            {
+                refuse(
+                    "only gt/gte thresholds are supported (the condition is checked as events \
+                     arrive, so lt, lte, eq, neq and range upper bounds cannot be honoured)"
+                        .into(),
+                    &mut out,
+                )?;
+                continue;
+            }
             let Some(cap) = cap_of(&c) else {
                 refuse(
                     format!(

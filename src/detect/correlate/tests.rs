@@ -204,6 +204,20 @@ fn unsupported_correlations_are_named_with_the_reason() {
     .err()
     .expect("a threshold no item can hold");
     assert!(e.contains("above 4000"), "{e}");
+    // Checked as events arrive: a condition a growing count can make false again is refused.
+    for (name, cond) in [
+        ("lt", "lt: 3"),
+        ("eq", "eq: 5"),
+        ("range", "gt: 5\n    lte: 10"),
+    ] {
+        let e = load_one(
+            name,
+            &corr(&format!("  type: event_count\n  rules: [failed_console_login]\n  group-by: [x]\n  timespan: 5m\n  condition:\n    {cond}")),
+        )
+        .err()
+        .expect("an upper bound");
+        assert!(e.contains("only gt/gte thresholds"), "{name}: {e}");
+    }
     load_one(
         "max",
         &corr("  type: event_count\n  rules: [failed_console_login]\n  group-by: [x]\n  timespan: 5m\n  condition:\n    gte: 4000"),
@@ -310,4 +324,23 @@ async fn a_reload_keeps_the_counts_of_unchanged_correlations_and_drops_changed_o
     let fourth = build(&fourth_rules, Some(&third));
     assert_eq!(fourth.len(), 2);
     assert!(store_of(&fourth, COUNT).same(store_of(&third, COUNT)));
+}
+
+/// The definition hash names DynamoDB items every worker must agree on: `aliases` (HashMaps
+/// inside) must not change it from one parse to the next.
+#[test]
+fn a_correlation_with_aliases_hashes_the_same_every_time_it_is_parsed() {
+    let corr = "title: Aliased\nid: alias-1\ncorrelation:\n  type: temporal\n  rules: [failed_console_login, access_key_created]\n  aliases:\n    who:\n      failed_console_login: userIdentity.arn\n      access_key_created: userIdentity.arn\n    from:\n      failed_console_login: sourceIPAddress\n      access_key_created: sourceIPAddress\n    where:\n      failed_console_login: awsRegion\n      access_key_created: awsRegion\n  group-by: [who, from, where]\n  timespan: 5m\nlevel: high\n";
+    let hashes: std::collections::BTreeSet<String> = (0..12)
+        .map(|i| {
+            let c = load_one(&format!("alias{i}"), corr).expect("loads");
+            let x = c
+                .correlations
+                .iter()
+                .find(|x| x.id == "alias-1")
+                .expect("the aliased correlation");
+            x.fingerprint.clone()
+        })
+        .collect();
+    assert_eq!(hashes.len(), 1, "{hashes:?}");
 }

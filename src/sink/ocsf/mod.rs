@@ -54,13 +54,44 @@ pub fn encode_event(
     };
     let (event, parsed) = match serde_json::from_slice::<Map<String, Value>>(whole) {
         Ok(m) => (m, true),
-        Err(_) => (Map::new(), false),
+        Err(_) => (routing_fields(whole), false),
     };
     let text = (cfg.raw_data || !parsed).then(|| String::from_utf8_lossy(raw));
     let record = map::to_ocsf(event, now, text.as_deref());
     // Serializing a Value into a Vec cannot fail; its strings escape every newline.
     let _ = serde_json::to_writer(&mut *out, &record);
     out.push(b'\n');
+}
+
+/// What the partitioner routed an unparseable event by (the head reader skips nested values
+/// without a depth limit), so that its record lands in the class its object holds.
+fn routing_fields(event: &[u8]) -> Map<String, Value> {
+    let mut m = Map::new();
+    let Ok(head) = crate::cloudtrail::head_of(event) else {
+        return m;
+    };
+    crate::metrics::emit(crate::metrics::OcsfEventUnparsed {
+        event_id: head.event_id.as_deref(),
+    });
+    let fields = [
+        ("eventTime", &head.event_time),
+        ("eventSource", &head.event_source),
+        ("eventName", &head.event_name),
+        ("eventType", &head.event_type),
+        ("eventID", &head.event_id),
+        ("recipientAccountId", &head.account),
+        ("awsRegion", &head.region),
+        ("sourceIPAddress", &head.source_ip),
+    ];
+    for (name, value) in fields {
+        if let Some(v) = value {
+            m.insert(name.into(), Value::String(v.to_string()));
+        }
+    }
+    if let Some(r) = head.read_only {
+        m.insert("readOnly".into(), Value::Bool(r));
+    }
+    m
 }
 
 #[cfg(test)]

@@ -468,3 +468,27 @@ fn empty_strings_are_never_written_as_ids_names_or_values() {
     assert!(failed["actor"]["user"].get("credential_uid").is_none());
     assert_eq!(failed["user"]["name"], "erin");
 }
+
+/// An event nested deeper than serde_json parses (128) is still routed by its head (which
+/// skips nested values without a limit): its record must be of the same class, from the
+/// routing fields, with the event kept whole in raw_data.
+#[test]
+fn an_event_too_deep_to_parse_keeps_the_class_it_is_routed_by() {
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let raw = format!(
+        r#"{{"eventVersion":"1.08","eventTime":"2024-03-18T10:00:00Z","eventSource":"signin.amazonaws.com","eventName":"ConsoleLogin","eventType":"AwsConsoleSignIn","eventID":"deep-1","recipientAccountId":"111122223333","awsRegion":"us-east-1","additionalEventData":{deep}}}"#
+    );
+    assert!(serde_json::from_str::<Value>(&raw).is_err(), "too deep");
+    let head = crate::cloudtrail::head_of(raw.as_bytes()).unwrap();
+    let routed = super::class::classify(
+        head.event_source.as_deref(),
+        head.event_name.as_deref(),
+        head.event_type.as_deref(),
+    );
+    let r = map(raw.as_bytes());
+    assert_eq!(r["class_uid"], json!(routed.uid()), "{r}");
+    assert_eq!(r["class_uid"], json!(3002), "{r}");
+    assert_eq!(r["metadata"]["uid"], "deep-1", "{r}");
+    assert_eq!(r["raw_data"].as_str(), Some(raw.as_str()));
+    assert_eq!(r["time"], json!(1_710_756_000_000i64), "{r}");
+}
