@@ -179,7 +179,7 @@ fn definition_hash(rule: &rsigma_parser::CorrelationRule) -> String {
     // Through a Value, whose maps are sorted: `aliases` holds HashMaps, whose order differs
     // per process, and the hash names DynamoDB items that every worker must agree on. Plain
     // data: cannot fail (an empty hash input would still be stable).
-    let bytes = serde_json::to_value(&def)
+    let bytes = serde_json::to_value(def)
         .and_then(|v| serde_json::to_vec(&v))
         .unwrap_or_default();
     Sha256::digest(&bytes)
