@@ -566,6 +566,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             eprintln!("{}", report.summary());
             Ok(())
         }
+        #[cfg(not(feature = "query"))]
+        Command::Detect {
+            command: DetectCommand::Backtest { .. },
+        } => anyhow::bail!(
+            "this trailhose was built without the `query` feature (`--no-default-features`), which \
+             `detect backtest` reads stored output with; build it with the default features"
+        ),
+        #[cfg(feature = "query")]
         Command::Detect {
             command:
                 DetectCommand::Backtest {

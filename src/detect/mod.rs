@@ -8,6 +8,7 @@
 //! output outage holds acknowledgement, and after `max_attempts` the notification is handed
 //! back and delivered again, so no alert is lost (some may repeat).
 
+#[cfg(feature = "query")]
 pub mod backtest;
 pub mod config;
 pub mod correlate;
