@@ -1504,8 +1504,8 @@ async fn sighup_reloads_modules_and_geoip_in_a_running_worker_without_losing_eve
 /// naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_on_s3_is_fetched_followed_by_its_etag_and_a_bad_version_keeps_the_running_one() {
-    use common::sqs::{signal, wait_exit};
-    use common::{Moto, free_port, http_get};
+    use common::sqs::{metric, signal, wait_exit};
+    use common::{Moto, eventually, free_port, http_get};
     let moto = Moto::start();
     let (s3, sqs) = (moto.s3(), moto.sqs());
     for b in ["trail", "modules"] {
@@ -1579,22 +1579,15 @@ async fn a_module_on_s3_is_fetched_followed_by_its_etag_and_a_bad_version_keeps_
             .sum()
     };
     let reloads = |result: &str| {
-        sum(&format!(
-            "trailhose_transform_reloads_total{{module=\"live\",result=\"{result}\"}}"
-        ))
-    };
-    let wait_until = |what: String, done: Box<dyn Fn() -> bool + Send>| async move {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while !done() {
-            assert!(std::time::Instant::now() < deadline, "timed out: {what}");
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        }
-    };
-    let transformed = move |n: f64| {
-        wait_until(
-            format!("{n} events through the module"),
-            Box::new(move || sum("trailhose_transform_events_total{module=\"live\"") >= n),
+        metric(
+            port,
+            &format!("trailhose_transform_reloads_total{{module=\"live\",result=\"{result}\"}}"),
         )
+    };
+    let transformed = |n: f64| {
+        eventually(60, "events through the module", move || async move {
+            sum("trailhose_transform_events_total{module=\"live\"") >= n
+        })
     };
 
     // A missing object stops start-up, naming it.
@@ -1618,16 +1611,12 @@ async fn a_module_on_s3_is_fetched_followed_by_its_etag_and_a_bad_version_keeps_
     transformed(3.0).await;
 
     put_module(std::fs::read(module("priority_rules")).unwrap()).await;
-    wait_until("a reload".into(), Box::new(move || reloads("ok") >= 1.0)).await;
+    eventually(60, "a reload", || async { reloads("ok") >= 1.0 }).await;
     send_file(&s3, &sqs, &queue, "b").await;
     transformed(6.0).await;
 
     put_module(b"not a component".to_vec()).await;
-    wait_until(
-        "a failed reload".into(),
-        Box::new(move || reloads("error") >= 1.0),
-    )
-    .await;
+    eventually(60, "a failed reload", || async { reloads("error") >= 1.0 }).await;
     send_file(&s3, &sqs, &queue, "c").await;
     transformed(9.0).await;
     // Several checks later the corrupt version is still reported once, and nothing reloaded.
