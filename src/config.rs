@@ -466,6 +466,8 @@ pub struct BatchConfig {
     /// What all open buffers of the process may hold together; when reached, the oldest are
     /// sealed early.
     pub max_buffered_bytes: u64,
+    /// Most partition buffers one worker keeps open; opening one more seals its oldest.
+    pub max_open_partitions: usize,
 }
 
 impl Default for BatchConfig {
@@ -476,6 +478,7 @@ impl Default for BatchConfig {
             max_age_secs: 300,
             chunk_bytes: 4 << 20,
             max_buffered_bytes: 256 << 20,
+            max_open_partitions: 10_000,
         }
     }
 }
@@ -700,6 +703,7 @@ impl Config {
             }
         }
         self.output_role()?;
+        self.no_role_for_a_local_output()?;
         if self.output.s3.multipart_threshold_bytes < 5 << 20 {
             return Err(invalid(
                 "output.s3.multipart_threshold_bytes",
@@ -738,6 +742,12 @@ impl Config {
             return Err(invalid(
                 "batch.max_buffered_bytes",
                 "must be at least 1 MiB",
+            ));
+        }
+        if !(1..=1_000_000).contains(&b.max_open_partitions) {
+            return Err(invalid(
+                "batch.max_open_partitions",
+                "must be between 1 and 1000000",
             ));
         }
         if let Some(sqs) = &self.source.sqs {
@@ -1083,6 +1093,31 @@ impl Config {
         }))
     }
 
+    /// An output role only applies to an `s3://` output: with a local directory it would be
+    /// ignored, and a user who set it expects the objects written as that role.
+    fn no_role_for_a_local_output(&self) -> Result<(), ConfigError> {
+        let local = matches!(
+            self.output.url.as_deref().map(OutputUrl::parse),
+            Some(Ok(OutputUrl::Local(_)))
+        );
+        let s3 = &self.output.s3;
+        let set = [
+            ("output.s3.role_arn", s3.role_arn.is_some()),
+            ("output.s3.external_id", s3.external_id.is_some()),
+            (
+                "output.s3.role_session_name",
+                s3.role_session_name.is_some(),
+            ),
+        ];
+        match set.into_iter().find(|(_, on)| *on) {
+            Some((key, _)) if local => Err(invalid(
+                key,
+                "applies to an s3:// output.url only; the output is a local directory",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// The checked `[output.security_lake]`, when set: OCSF Parquet only, the layout its own
     /// (no key template or fallback of the user's), the batch age within the service's rule.
     pub fn security_lake(&self) -> Result<Option<Lake>, ConfigError> {
@@ -1142,6 +1177,7 @@ impl Config {
             max_bytes: self.batch.max_bytes,
             max_age: Duration::from_secs(self.batch.max_age_secs),
             chunk_bytes: self.batch.chunk_bytes,
+            max_open: self.batch.max_open_partitions,
         }
     }
 
@@ -1370,6 +1406,8 @@ mod tests {
         assert_eq!(c.batch.max_records, 10_000);
         assert_eq!(c.batch.max_bytes, 64 << 20);
         assert_eq!(c.batch.max_buffered_bytes, 256 << 20);
+        assert_eq!(c.batch.max_open_partitions, 10_000);
+        assert_eq!(c.limits().max_open, 10_000);
         assert_eq!(c.batch.max_age_secs, 300);
         assert_eq!(
             c.codec().unwrap(),
@@ -1399,12 +1437,48 @@ mod tests {
     }
 
     #[test]
+    fn an_output_role_with_a_local_output_is_refused_naming_the_key() {
+        for (keys, key) in [
+            (
+                "role_arn = \"arn:aws:iam::444455556666:role/w\"",
+                "output.s3.role_arn",
+            ),
+            (
+                "role_arn = \"arn:aws:iam::444455556666:role/w\"\nexternal_id = \"ext-id-1\"",
+                "output.s3.role_arn",
+            ),
+            (
+                "role_arn = \"arn:aws:iam::444455556666:role/w\"\nrole_session_name = \"lake\"",
+                "output.s3.role_arn",
+            ),
+        ] {
+            let e = err(&format!(
+                "[output]\nurl = \"/var/out\"\n[output.s3]\n{keys}\n"
+            ));
+            assert!(
+                e.contains(key) && e.contains("local directory"),
+                "{keys}: {e}"
+            );
+            assert!(!e.contains("ext-id-1"), "{e}");
+            // The same keys with an s3:// output, or no output yet (`--out` gives it), pass.
+            let s3 = format!("[output]\nurl = \"s3://b/p/\"\n[output.s3]\n{keys}\n");
+            Config::parse(&s3).unwrap().validate().unwrap();
+            let unset = format!("[output.s3]\n{keys}\n");
+            Config::parse(&unset).unwrap().validate().unwrap();
+        }
+    }
+
+    #[test]
     fn errors_name_the_bad_key() {
         assert!(err("[batch]\nmax_recordz = 5\n").contains("max_recordz"));
         assert!(err("[nope]\n").contains("nope"));
         assert!(err("[batch]\nmax_records = \"many\"\n").contains("max_records"));
         assert!(err("[batch]\nmax_records = 0\n").contains("batch.max_records"));
         assert!(err("[batch]\nmax_buffered_bytes = 1000\n").contains("batch.max_buffered_bytes"));
+        for n in [0, 1_000_001] {
+            let e = err(&format!("[batch]\nmax_open_partitions = {n}\n"));
+            assert!(e.contains("batch.max_open_partitions"), "{e}");
+        }
         assert!(err("[output]\nkey_template = \"y={yr}/\"\n").contains("output.key_template"));
         assert!(err("[output]\ncompression = \"lz4\"\n").contains("compression"));
         assert!(err("[output]\nlevel = 40\n").contains("output.level"));

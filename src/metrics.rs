@@ -13,9 +13,11 @@ use prometheus::{
 mod correlate;
 mod ocsf;
 mod tables;
+mod upload;
 pub use correlate::{CorrelationFailed, CorrelationStatesEvicted, CorrelationUpdated};
 pub use ocsf::OcsfEventUnparsed;
 pub use tables::{MemberReplaced, TableLoaded, TableLookups, TableReloadFailed};
+pub use upload::MultipartAbortFailed;
 
 /// An occurrence worth counting and, where it matters, logging.
 pub trait InternalEvent {
@@ -204,7 +206,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         budget_seals: counter(
             &r,
             "trailhose_buffers_sealed_early_total",
-            "Buffers sealed before their limits because batch.max_buffered_bytes was reached.",
+            "Buffers sealed before their limits: batch.max_buffered_bytes or batch.max_open_partitions was reached, or a source's ledger was full.",
         ),
         panics: counter_vec(
             &r,
@@ -666,7 +668,8 @@ pub fn workers_healthy() -> bool {
     METRICS.workers_lost.get() == 0
 }
 
-/// `batch.max_buffered_bytes` was reached: buffers were sealed early.
+/// `batch.max_buffered_bytes` or `batch.max_open_partitions` was reached, or a ledger was full:
+/// buffers were sealed early.
 pub struct BuffersSealedEarly {
     pub buffers: u64,
 }

@@ -895,7 +895,9 @@ async fn lake_account_s3(moto: &common::Moto) -> aws_sdk_s3::Client {
 /// writing as Security Lake's provider role (`output.s3.role_arn`, `external_id`) into the
 /// data lake's bucket of another account, while the queue and the CloudTrail bucket are read
 /// with the process's own credentials: a `{class}` template, the event's account; the objects
-/// read back from S3 by DuckDB.
+/// read back from S3 by DuckDB. moto checks neither the external id nor where STS is asked,
+/// so STS (`AWS_ENDPOINT_URL_STS`) is a recording proxy in front of moto: the AssumeRole call
+/// must reach it, carrying the configured external id and session name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_writes_security_lake_objects_to_s3_through_an_assumed_output_role() {
     let moto = common::Moto::start_patched(
@@ -953,7 +955,7 @@ async fn run_writes_security_lake_objects_to_s3_through_an_assumed_output_role()
         .replacen(
             "[output.s3]\n",
             &format!(
-                "[output.s3]\nrole_arn = \"{PROVIDER_ROLE}\"\nexternal_id = \"trailhose-lake-1\"\n"
+                "[output.s3]\nrole_arn = \"{PROVIDER_ROLE}\"\nexternal_id = \"trailhose-lake-1\"\nrole_session_name = \"trailhose-lake\"\n"
             ),
             1,
         );
@@ -962,8 +964,15 @@ async fn run_writes_security_lake_objects_to_s3_through_an_assumed_output_role()
         "{text}"
     );
     std::fs::write(&config, text).expect("config");
+    let sts = common::faults::FaultProxy::recording(moto.port);
     let log = tmp.path().join("worker.log");
-    let mut worker = start_worker(&moto, &config, &log);
+    let sts_endpoint = sts.endpoint();
+    let mut worker = start_worker_with(
+        &moto,
+        &config,
+        &log,
+        &[("AWS_ENDPOINT_URL_STS", sts_endpoint.as_str())],
+    );
     eventually(60, "the file to be split", || async {
         metric(port, "trailhose_files_total{outcome=\"ok\"}") >= 1.0
     })
@@ -1010,6 +1019,43 @@ async fn run_writes_security_lake_objects_to_s3_through_an_assumed_output_role()
     let uids = check_lake(&root, |slug| format!("th-{slug}"), None);
     assert_eq!(uids.len(), n, "log:\n{}", log_text());
     assert_eq!(uids, golden_uids());
+    // The role was assumed at the configured STS endpoint, as configured; nothing else was
+    // sent there (the objects went to S3's endpoint).
+    let seen = sts.seen();
+    let assumed: Vec<_> = seen
+        .iter()
+        .filter(|r| r.body.split('&').any(|p| p == "Action=AssumeRole"))
+        .collect();
+    assert!(
+        !assumed.is_empty(),
+        "no AssumeRole reached the STS endpoint: {seen:?}"
+    );
+    for r in &assumed {
+        let params: Vec<&str> = r.body.split('&').collect();
+        assert!(r.head.starts_with("POST / "), "{}", r.head);
+        assert!(
+            params.contains(&"ExternalId=trailhose-lake-1"),
+            "{}",
+            r.body
+        );
+        assert!(
+            params.contains(&"RoleSessionName=trailhose-lake"),
+            "{}",
+            r.body
+        );
+        assert!(
+            params.iter().any(|p| p.starts_with("RoleArn=")
+                && p.contains("444455556666")
+                && p.contains("AmazonSecurityLake-Provider-trailhose-us-east-1")),
+            "{}",
+            r.body
+        );
+    }
+    assert!(
+        seen.iter()
+            .all(|r| r.head.starts_with("POST / ") && r.body.contains("Action=")),
+        "only STS calls go to the STS endpoint: {seen:?}"
+    );
     eventually(30, "the queue to drain", || async {
         depth(&sqs, &q.url).await == (0, 0)
     })

@@ -245,6 +245,110 @@ async fn s3_multipart_sse_and_storage_class_options_are_applied() {
     assert_eq!(text.lines().count(), expected);
 }
 
+/// Refuses every UploadPart of the first multipart upload (S3's 500, whatever the SDK's own
+/// retries) and every AbortMultipartUpload (403): the first write fails and cannot be
+/// aborted; the next write's upload passes.
+fn refuse_parts_then_every_abort(line: &str) -> Option<(&'static str, &'static str)> {
+    static FIRST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    if line.starts_with("DELETE ") && line.contains("uploadId=") {
+        return Some(("403 Forbidden", "AccessDenied"));
+    }
+    if !(line.starts_with("PUT ") && line.contains("partNumber=")) {
+        return None;
+    }
+    let upload = line.split("uploadId=").nth(1)?.split([' ', '&']).next()?;
+    let mut first = FIRST.lock().unwrap_or_else(|e| e.into_inner());
+    let first = first.get_or_insert_with(|| upload.to_owned());
+    (first == upload).then_some(("500 Internal Server Error", "InternalError"))
+}
+
+/// A multipart upload that fails is aborted; when the abort fails too, its parts would stay
+/// in the bucket unseen: that is a warning and a metric, and the batch is still written whole
+/// by the next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_upload_that_cannot_be_aborted_is_reported() {
+    let moto = Moto::start();
+    let s3 = moto.s3();
+    s3.create_bucket()
+        .bucket("big-out")
+        .send()
+        .await
+        .expect("create bucket");
+    let proxy = common::faults::FaultProxy::start_refusing(
+        moto.port,
+        common::faults::Plan {
+            fail_every: 0,
+            slow_every: 0,
+            delay: std::time::Duration::ZERO,
+        },
+        Some(refuse_parts_then_every_abort),
+    );
+    let tmp = TempDir::new("s3-abort");
+    let input = tmp.path().join("in");
+    let day = input.join("AWSLogs/123456789012/CloudTrail/us-east-1/2024/03/18");
+    std::fs::create_dir_all(&day).expect("mkdir");
+    // Uncompressed output, so 8 MiB of events make one object over the 5 MiB threshold.
+    let json = trailhose::synth::Generator::new(5).delivery_file(8 << 20);
+    std::fs::write(day.join("big.json.gz"), fixtures::gzip(&json)).expect("write");
+    let config = tmp.path().join("trailhose.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[output]\nurl = \"s3://big-out/x\"\ncompression = \"none\"\nkey_template = \"dt={{year}}-{{month}}-{{day}}/\"\n[batch]\nmax_records = 1000000\nmax_bytes = 1073741824\n[output.s3]\nendpoint_url = \"{}\"\nforce_path_style = true\nmultipart_threshold_bytes = 5242880\npart_size_bytes = 5242880\n",
+            proxy.endpoint()
+        ),
+    )
+    .expect("config");
+    let metrics = tmp.path().join("metrics.prom");
+    let env = moto.env();
+    let args = [
+        "process".to_owned(),
+        input.display().to_string(),
+        "--config".to_owned(),
+        config.display().to_string(),
+        "--metrics-file".to_owned(),
+        metrics.display().to_string(),
+    ];
+    let run = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        trailhose(&args, &env)
+    })
+    .await
+    .expect("join");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let calls: Vec<String> = proxy
+        .seen()
+        .iter()
+        .map(|r| r.head.lines().next().unwrap_or("").to_owned())
+        .collect();
+    assert!(run.status.success(), "stderr: {stderr}");
+    assert!(
+        stderr.contains("cannot abort the failed multipart upload"),
+        "stderr: {stderr}\ncalls: {calls:#?}"
+    );
+    let m = std::fs::read_to_string(&metrics).expect("metrics file");
+    let aborts = m
+        .lines()
+        .find(|l| l.starts_with("trailhose_output_multipart_abort_failures_total "))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(aborts >= 1.0, "{m}");
+    assert!(
+        proxy
+            .seen()
+            .iter()
+            .any(|r| r.head.starts_with("DELETE ") && r.head.contains("uploadId=")),
+        "an abort was asked for"
+    );
+    let objects = s3_objects(&s3, "big-out", "x/").await;
+    assert_eq!(objects.len(), 1, "one batch, one object");
+    let expected = serde_json::from_slice::<Value>(&json).expect("json")["Records"]
+        .as_array()
+        .expect("records")
+        .len();
+    assert_eq!(objects[0].1.lines().count(), expected);
+}
+
 #[test]
 fn many_events_small_batches_and_chunks_every_compression() {
     let tmp = TempDir::new("batches");
@@ -426,12 +530,31 @@ async fn missing_output_bucket_fails_before_any_work() {
 
 /// Events without a usable eventTime stay in the one Hive shape: DuckDB's Hive reader takes the
 /// whole event tree and sees them, flagged with the arrival time they were partitioned by.
+/// A well-formed but forged year (before 2013, or far in the future) is unusable too: it
+/// would open a `year=0000` partition outside the DDL's projection.
 #[test]
 fn events_without_a_usable_time_are_readable_by_a_hive_reader() {
     let tmp = TempDir::new("untimed");
     let input = tmp.path().join("in");
     let out = tmp.path().join("out");
     let exp = fixtures::write_all(&input);
+    let forged = input.join("AWSLogs/123456789012/CloudTrail/us-east-1/2024/03/18");
+    std::fs::create_dir_all(&forged).expect("mkdir");
+    let event = |id: &str, t: &str| {
+        format!(
+            r#"{{"eventVersion":"1.08","eventID":"{id}","eventTime":"{t}","eventSource":"s3.amazonaws.com","eventName":"GetObject","awsRegion":"us-east-1","recipientAccountId":"123456789012"}}"#
+        )
+    };
+    let records = format!(
+        r#"{{"Records":[{},{}]}}"#,
+        event("ev-year-0000", "0000-01-01T00:00:00Z"),
+        event("ev-year-9999", "9999-12-31T23:00:00Z")
+    );
+    std::fs::write(
+        forged.join("123456789012_CloudTrail_us-east-1_20240318T1400Z_forged.json.gz"),
+        fixtures::gzip(records.as_bytes()),
+    )
+    .expect("write");
     let run = trailhose(
         &[
             "process",
@@ -490,8 +613,9 @@ for r in rows:
     );
     let mut untimed: Vec<&str> = lines.collect();
     untimed.sort();
-    assert_eq!(untimed.len(), 2, "{untimed:?}");
-    for (line, id) in untimed.iter().zip(["ev-bad-time", "ev-no-time"]) {
+    assert_eq!(untimed.len(), 4, "{untimed:?}");
+    let ids = ["ev-bad-time", "ev-no-time", "ev-year-0000", "ev-year-9999"];
+    for (line, id) in untimed.iter().zip(ids) {
         let f: Vec<&str> = line.split('|').collect();
         assert_eq!(f.len(), 6, "{line}");
         assert_eq!(f[0], id);

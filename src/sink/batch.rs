@@ -23,6 +23,9 @@ pub struct Limits {
     pub max_age: Duration,
     /// Uncompressed bytes per compressed member.
     pub chunk_bytes: usize,
+    /// Most buffers open at once: opening one more first seals the oldest. Bounds what events
+    /// spread over many partitions (hours, accounts) hold open, whatever they weigh.
+    pub max_open: usize,
 }
 
 /// What an object holds.
@@ -249,6 +252,9 @@ impl Batcher {
         let buf = match self.buffers.get_mut(partition) {
             Some(b) => b,
             None => {
+                if self.buffers.len() >= limits.max_open {
+                    self.seal_oldest(1 + (self.buffers.len() - limits.max_open) as u64, out);
+                }
                 self.open(partition);
                 let Some(b) = self.buffers.get_mut(partition) else {
                     return;
@@ -489,6 +495,7 @@ mod tests {
             max_bytes,
             max_age: Duration::from_secs(60),
             chunk_bytes,
+            max_open: 10_000,
         }
     }
 
@@ -604,6 +611,43 @@ mod tests {
             [(r#"{"k":"a"}"#.to_owned(), Some("a".to_owned()))]
         );
         assert!(batcher(10, 1 << 20, 40).seal_all().is_empty());
+    }
+
+    #[test]
+    fn opening_a_partition_past_the_cap_seals_the_oldest_open_one() {
+        let mut b = Batcher::new(
+            Kind::Events,
+            Limits {
+                max_open: 3,
+                ..limits(1000, 1 << 20, 1 << 20)
+            },
+            encoder(),
+            Budget::unlimited(),
+        );
+        // Events spread over many hours: one buffer per hour.
+        let mut sealed = Vec::new();
+        for h in 0..6 {
+            let p = format!("hour={h:02}/");
+            sealed.extend(put(&mut b, &p, None, format!("{h}\n").as_bytes()));
+            // An open partition takes more records without sealing anything.
+            sealed.extend(put(&mut b, &p, None, format!("{h}\n").as_bytes()));
+            assert!(b.open_buffers() <= 3, "{}", b.open_buffers());
+        }
+        let got: Vec<(String, u64)> = sealed
+            .into_iter()
+            .map(|s| (s.partition, s.records))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("hour=00/".to_owned(), 2),
+                ("hour=01/".to_owned(), 2),
+                ("hour=02/".to_owned(), 2)
+            ]
+        );
+        let mut rest: Vec<String> = b.seal_all().into_iter().map(|s| s.partition).collect();
+        rest.sort();
+        assert_eq!(rest, ["hour=03/", "hour=04/", "hour=05/"]);
     }
 
     #[test]

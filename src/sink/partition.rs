@@ -14,6 +14,18 @@ pub const DEFAULT_TEMPLATE: &str = "year={year}/month={month}/day={day}/hour={ho
 pub const DEFAULT_FALLBACK: &str = "";
 /// The field spliced into an event partitioned by its arrival time instead of its `eventTime`.
 pub const ARRIVAL_FIELD: &str = "trailhoseArrivalTime";
+/// The earliest usable `eventTime`: CloudTrail started in November 2013, and the Athena DDL's
+/// partition projection (`year` 2013–2099, `eventDay` from 20130101) starts here.
+pub const EARLIEST_EVENT_YEAR: i32 = 2013;
+/// How far past its arrival an `eventTime` may lie (clock skew) and still be usable.
+pub const MAX_AHEAD_SECS: i64 = 86_400;
+
+/// Whether `t`, a well-formed `eventTime`, can date an event that arrived at `arrival_unix`:
+/// not before 2013, not more than a day after its arrival. A forged year (`0000`, `9999`)
+/// would otherwise make a partition outside the table's projection that no query reads.
+pub fn usable_time(t: Utc, arrival_unix: i64) -> bool {
+    t.year >= EARLIEST_EVENT_YEAR && t.to_unix() <= arrival_unix.saturating_add(MAX_AHEAD_SECS)
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TemplateError {
@@ -252,10 +264,15 @@ impl Partitioner {
     }
 
     /// Writes the event's partition into `out` (cleared first) and returns how it was routed.
-    /// `arrival` is when the event reached trailhose: the time used when its own is unusable.
+    /// `arrival` is when the event reached trailhose: the time used when its own is unusable
+    /// (missing, malformed, or outside `usable_time`).
     pub fn key_for(&self, head: &Head<'_>, arrival: Utc, out: &mut String) -> Routed {
         out.clear();
-        let time = head.event_time.as_deref().and_then(Utc::parse_rfc3339);
+        let time = head
+            .event_time
+            .as_deref()
+            .and_then(Utc::parse_rfc3339)
+            .filter(|t| usable_time(*t, arrival.to_unix()));
         let mut render_time = time;
         if self.uses_time && time.is_none() {
             match &self.fallback {
@@ -314,34 +331,32 @@ fn is_account_id(v: &str) -> bool {
     v.len() == 12 && v.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// An AWS region name: lower-case words joined by `-`, the last a number (`us-east-1`,
-/// `us-gov-west-1`, `ap-southeast-5`), at most 32 characters.
+/// An AWS region name in the shape every partition uses: two or more lower-case words and a
+/// number, joined by `-` (`us-east-1`, `us-gov-west-1`, `cn-north-1`, `us-isob-east-1`,
+/// `eusc-de-east-1`), at most 32 characters. Nothing else passes, so no value can add a path
+/// segment, a `=` or an upper-case twin of a partition.
 fn is_region_name(v: &str) -> bool {
-    let mut words = v.split('-');
-    let first = words.next().unwrap_or("");
-    let rest: Vec<&str> = words.collect();
-    let Some((last, middle)) = rest.split_last() else {
+    let Some((words, number)) = v.rsplit_once('-') else {
         return false;
     };
     v.len() <= 32
-        && first.len() == 2
-        && first.bytes().all(|b| b.is_ascii_lowercase())
-        && !middle.is_empty()
-        && middle
-            .iter()
+        && (1..=2).contains(&number.len())
+        && number.bytes().all(|b| b.is_ascii_digit())
+        && words.split('-').count() >= 2
+        && words
+            .split('-')
             .all(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_lowercase()))
-        && (1..=2).contains(&last.len())
-        && last.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// How one event was routed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Routed {
-    /// Its time was missing or malformed while the template needs one (counted).
+    /// Its time was unusable (missing, malformed, before 2013 or over a day after its
+    /// arrival) while the template needs one (counted).
     pub fallback: bool,
     /// It was partitioned by its arrival time, so it must carry `ARRIVAL_FIELD`.
     pub arrival: bool,
-    /// Its `eventTime`, when well-formed.
+    /// Its `eventTime`, when usable.
     pub time: Option<Utc>,
 }
 
@@ -423,6 +438,19 @@ mod tests {
             ("1234567890123", "US-EAST-1"),
             ("", "us-east-"),
             ("123456789012 ", "eu"),
+            ("123456789012\n", "us-east-1="),
+            ("", "region=x-1"),
+            ("", "us--east-1"),
+            ("", "-us-east-1"),
+            ("", "us-east-1-"),
+            ("", "us-east"),
+            ("", "east-1"),
+            ("", "us-east-100"),
+            ("", "us-east-1."),
+            ("", "us.east-1"),
+            ("", "us-east-\u{661}"),
+            ("", "us-\u{e9}ast-1"),
+            ("", "a-very-long-region-name-that-is-over-1"),
         ] {
             let mut h = head(Some("2024-03-18T14:30:07Z"));
             h.account = Some(Cow::Borrowed(account));
@@ -438,6 +466,13 @@ mod tests {
             "ap-southeast-5",
             "eu-central-2",
             "il-central-1",
+            "eusc-de-east-1",
+            "us-iso-east-1",
+            "us-isob-east-1",
+            "eu-isoe-west-1",
+            "us-isof-south-1",
+            "cn-north-1",
+            "mx-central-1",
         ] {
             let mut h = head(Some("2024-03-18T14:30:07Z"));
             h.region = Some(Cow::Borrowed(region));
@@ -508,6 +543,55 @@ mod tests {
         );
         assert_eq!(k, "year=2024/month=03/day=18/hour=14/");
         assert!(!routed.fallback && !routed.arrival);
+    }
+
+    #[test]
+    fn an_event_time_before_2013_or_over_a_day_ahead_is_unusable_in_every_layout() {
+        let lake = Partitioner::new(
+            KeyTemplate::parse("region={region}/accountId={account}/eventDay={year}{month}{day}/")
+                .unwrap(),
+            "",
+        )
+        .with_class_prefixes(vec![(Class::ApiActivity, "ext/src/".into())]);
+        let hive = Partitioner::new(KeyTemplate::parse(DEFAULT_TEMPLATE).unwrap(), "");
+        // arrival() is 2026-12-01T09:15:00Z.
+        for t in [
+            "0000-01-01T00:00:00Z",
+            "0001-01-01T00:00:00Z",
+            "2012-12-31T23:59:59Z",
+            "2013-01-01T00:30:00+01:00",
+            "2026-12-02T09:15:01Z",
+            "9999-12-31T23:59:59Z",
+            "-0001-01-01T00:00:00Z",
+            "10000-01-01T00:00:00Z",
+            "+2024-03-18T14:30:07Z",
+        ] {
+            let h = head(Some(t));
+            let mut out = String::new();
+            let routed = hive.key_for(&h, arrival(), &mut out);
+            assert_eq!(out, "year=2026/month=12/day=01/hour=09/", "{t}");
+            assert!(routed.fallback && routed.arrival, "{t}: {routed:?}");
+            assert_eq!(routed.time, None, "{t}");
+            let routed = lake.key_for(&h, arrival(), &mut out);
+            assert_eq!(
+                out, "ext/src/region=eu-west-1/accountId=123456789012/eventDay=20261201/",
+                "{t}"
+            );
+            assert!(routed.fallback && routed.arrival, "{t}: {routed:?}");
+            let (k, routed) = key_with(DEFAULT_TEMPLATE, "unknown-time", &h);
+            assert_eq!(k, "unknown-time/", "{t}");
+            assert!(routed.fallback && !routed.arrival, "{t}");
+        }
+        // The bounds themselves are usable.
+        for (t, want) in [
+            ("2013-01-01T00:00:00Z", "year=2013/month=01/day=01/hour=00/"),
+            ("2026-12-02T09:15:00Z", "year=2026/month=12/day=02/hour=09/"),
+        ] {
+            let mut out = String::new();
+            let routed = hive.key_for(&head(Some(t)), arrival(), &mut out);
+            assert_eq!(out, want, "{t}");
+            assert!(!routed.fallback && !routed.arrival && routed.time.is_some());
+        }
     }
 
     #[test]

@@ -15,7 +15,9 @@ use tokio::task::JoinSet;
 use super::batch::{Kind, Sealed};
 use super::kinesis::{ForwardTo, Forwarder};
 use crate::clock::Utc;
-use crate::metrics::{self, KinesisSinkFailed, ObjectWriteFailed, ObjectWritten};
+use crate::metrics::{
+    self, KinesisSinkFailed, MultipartAbortFailed, ObjectWriteFailed, ObjectWritten,
+};
 use crate::retry::Backoff;
 
 #[derive(Debug, thiserror::Error)]
@@ -498,14 +500,21 @@ async fn put_multipart(
         Ok::<(), (String, bool)>(())
     }
     .await;
-    if result.is_err() {
-        let _ = client
+    if result.is_err()
+        && let Err(e) = client
             .abort_multipart_upload()
             .bucket(bucket)
             .key(key)
             .upload_id(&upload_id)
             .send()
-            .await;
+            .await
+    {
+        metrics::emit(MultipartAbortFailed {
+            bucket,
+            key,
+            upload_id: &upload_id,
+            error: &sdk_message(&e),
+        });
     }
     result
 }

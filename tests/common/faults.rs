@@ -1,12 +1,13 @@
 //! A fault-injecting HTTP proxy between trailhose and moto: it answers some requests itself with
 //! S3's throttling error (503 SlowDown) or a 500, and delays others, so tests can show that S3
 //! trouble costs retries, not events. One request per connection keeps it simple: every
-//! forwarded request carries `Connection: close`.
+//! forwarded request carries `Connection: close`. It also records every request it sees, so a
+//! test can check what trailhose sent (an STS call's parameters) and where.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy)]
@@ -18,25 +19,53 @@ pub struct Plan {
     pub delay: Duration,
 }
 
+/// Answers a request itself when it returns `(status line, S3 error code)` for the request's
+/// first line (`PUT /bucket/key?partNumber=1&uploadId=… HTTP/1.1`); it may keep its own count.
+pub type Refuse = fn(&str) -> Option<(&'static str, &'static str)>;
+
+/// One request as the proxy received it: its head (request line and headers, as sent) and body.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub head: String,
+    pub body: String,
+}
+
 pub struct FaultProxy {
     pub port: u16,
     pub requests: Arc<AtomicU64>,
     pub injected: Arc<AtomicU64>,
+    seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl FaultProxy {
     pub fn start(upstream_port: u16, plan: Plan) -> FaultProxy {
+        FaultProxy::start_refusing(upstream_port, plan, None)
+    }
+
+    /// Passes everything on, recording it.
+    pub fn recording(upstream_port: u16) -> FaultProxy {
+        let plan = Plan {
+            fail_every: 0,
+            slow_every: 0,
+            delay: Duration::ZERO,
+        };
+        FaultProxy::start(upstream_port, plan)
+    }
+
+    /// `start`, and the requests `refuse` picks are answered with its error.
+    pub fn start_refusing(upstream_port: u16, plan: Plan, refuse: Option<Refuse>) -> FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
         let requests = Arc::new(AtomicU64::new(0));
         let injected = Arc::new(AtomicU64::new(0));
-        let (r, i) = (requests.clone(), injected.clone());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (r, i, s) = (requests.clone(), injected.clone(), seen.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                let (r, i) = (r.clone(), i.clone());
+                let (r, i, s) = (r.clone(), i.clone(), s.clone());
                 std::thread::spawn(move || {
-                    let _ = handle(conn, upstream_port, plan, &r, &i);
+                    let _ = handle(conn, upstream_port, (plan, refuse), &r, &i, &s);
                 });
             }
         });
@@ -44,7 +73,13 @@ impl FaultProxy {
             port,
             requests,
             injected,
+            seen,
         }
+    }
+
+    /// Every request received so far, in order of arrival.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn endpoint(&self) -> String {
@@ -55,9 +90,10 @@ impl FaultProxy {
 fn handle(
     client: TcpStream,
     upstream: u16,
-    plan: Plan,
+    (plan, refuse): (Plan, Option<Refuse>),
     requests: &AtomicU64,
     injected: &AtomicU64,
+    seen: &Mutex<Vec<Seen>>,
 ) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut reader = BufReader::new(client.try_clone()?);
@@ -83,18 +119,26 @@ fn handle(
             head.extend_from_slice(line.as_bytes());
         }
     }
-    head.extend_from_slice(b"Connection: close\r\n\r\n");
     let mut body = vec![0; content_length];
     reader.read_exact(&mut body)?;
+    seen.lock().unwrap_or_else(|e| e.into_inner()).push(Seen {
+        head: String::from_utf8_lossy(&head).into_owned(),
+        // Enough for an API call's parameters; an object's bytes need not be kept whole.
+        body: String::from_utf8_lossy(&body[..body.len().min(64 << 10)]).into_owned(),
+    });
+    head.extend_from_slice(b"Connection: close\r\n\r\n");
 
     let n = requests.fetch_add(1, Ordering::SeqCst) + 1;
     let mut client = client;
-    if plan.fail_every > 0 && n.is_multiple_of(plan.fail_every) {
+    let request_line = String::from_utf8_lossy(&head);
+    let request_line = request_line.lines().next().unwrap_or("");
+    let refused = refuse.and_then(|r| r(request_line));
+    if refused.is_some() || (plan.fail_every > 0 && n.is_multiple_of(plan.fail_every)) {
         injected.fetch_add(1, Ordering::SeqCst);
-        let (status, code) = if (n / plan.fail_every).is_multiple_of(2) {
-            ("503 Slow Down", "SlowDown")
-        } else {
-            ("500 Internal Server Error", "InternalError")
+        let (status, code) = match refused {
+            Some(r) => r,
+            None if (n / plan.fail_every).is_multiple_of(2) => ("503 Slow Down", "SlowDown"),
+            None => ("500 Internal Server Error", "InternalError"),
         };
         let xml = format!(
             "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>injected by the test proxy</Message><RequestId>proxy</RequestId></Error>"

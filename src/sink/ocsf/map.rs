@@ -9,7 +9,7 @@ use serde_json::{Map, Value, json};
 
 use super::class::{self, Activity, Class};
 use crate::clock::Utc;
-use crate::sink::partition::ARRIVAL_FIELD;
+use crate::sink::partition::{ARRIVAL_FIELD, usable_time};
 
 /// The OCSF version every record declares.
 pub const VERSION: &str = "1.1.0";
@@ -32,13 +32,16 @@ pub fn to_ocsf(mut ev: Obj, now: i64, raw: Option<&str>) -> Value {
     let mut out = Obj::new();
     let mut unmapped = Obj::new();
 
-    // Time: the event's, else the arrival time the pipeline recorded, else now.
+    // Time: the event's when usable (the partitioner's rule, so `time` and the partition
+    // agree), else the arrival time the pipeline recorded, else now. `original_time` keeps
+    // the event's own text either way.
     let original_time = take_str(&mut ev, "eventTime");
     let arrival = take_str(&mut ev, ARRIVAL_FIELD);
     let secs = [original_time.as_deref(), arrival.as_deref()]
         .into_iter()
         .flatten()
-        .find_map(Utc::parse_rfc3339)
+        .filter_map(Utc::parse_rfc3339)
+        .find(|t| usable_time(*t, now))
         .map(Utc::to_unix)
         .unwrap_or(now);
     out.insert("time".into(), json!(secs.saturating_mul(1000)));

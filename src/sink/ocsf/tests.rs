@@ -303,6 +303,24 @@ fn the_arrival_time_dates_an_event_without_a_usable_one() {
     assert_eq!(r["time"], json!((NOW + 3000) * 1000));
     assert_eq!(r["metadata"]["original_time"], "2024-02-30T00:00:00Z");
     assert_eq!(map(b"{}")["time"], json!(NOW * 1000));
+    // A forged year is as unusable as a malformed time: `time` is the arrival's, as the
+    // partition is, and the event's own text stays in `original_time`.
+    for forged in [
+        "0000-01-01T00:00:00Z",
+        "2012-12-31T23:59:59Z",
+        "9999-12-31T23:59:59Z",
+    ] {
+        let raw =
+            format!(r#"{{"eventTime":"{forged}","trailhoseArrivalTime":"2024-03-18T15:00:00Z"}}"#);
+        let r = map(raw.as_bytes());
+        assert_eq!(r["time"], json!((NOW + 3000) * 1000), "{forged}");
+        assert_eq!(r["metadata"]["original_time"], forged);
+        let r = map(format!(r#"{{"eventTime":"{forged}"}}"#).as_bytes());
+        assert_eq!(r["time"], json!(NOW * 1000), "{forged}");
+    }
+    // Up to a day ahead of the arrival is clock skew, not forgery.
+    let r = map(br#"{"eventTime":"2024-03-19T14:10:00Z"}"#);
+    assert_eq!(r["time"], json!((NOW + 86_400) * 1000));
 }
 
 #[test]
