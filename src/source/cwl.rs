@@ -386,7 +386,9 @@ mod tests {
             matches!(refused, Err(ReadError::TooManyLogEvents)),
             "{refused:?}"
         );
-        // Bare `{}` events count too: the cap is on log events, not on what they hold.
+        messages.rollback(mark);
+        // Bare `{}` events count too: the cap is on log events, not on what they hold. The
+        // read stops one past the cap instead of reading all of them first.
         let bomb = format!(
             r#"{{"messageType":"DATA_MESSAGE","logEvents":[{}]}}"#,
             vec!["{}"; MAX_LOG_EVENTS * 3].join(",")
@@ -395,6 +397,7 @@ mod tests {
             read(bomb.as_bytes(), &mut messages),
             Err(ReadError::TooManyLogEvents)
         ));
+        assert_eq!(messages.since(mark).len(), MAX_LOG_EVENTS + 1);
         messages.rollback(mark);
         assert_eq!(messages.since(Mark::default()).len(), MAX_LOG_EVENTS);
     }
