@@ -1241,6 +1241,7 @@ impl Default for LagRecorder {
 /// The Kinesis source's metrics, registered in the one registry the first time one is used.
 pub struct KinesisMetrics {
     millis_behind_latest: prometheus::IntGaugeVec,
+    get_records: IntCounter,
     leases_held: IntGauge,
     lease_takeovers: IntCounterVec,
     checkpoint_age: prometheus::GaugeVec,
@@ -1278,8 +1279,16 @@ pub static KINESIS: LazyLock<KinesisMetrics> = LazyLock::new(|| {
     .expect("valid metric");
     r.register(Box::new(checkpoint_age.clone()))
         .expect("metric registered once");
+    let get_records = IntCounter::new(
+        "trailhose_kinesis_get_records_total",
+        "GetRecords calls answered, on every shard this worker read.",
+    )
+    .expect("valid metric");
+    r.register(Box::new(get_records.clone()))
+        .expect("metric registered once");
     KinesisMetrics {
         millis_behind_latest,
+        get_records,
         leases_held,
         checkpoint_age,
         lease_takeovers: counter_vec(
@@ -1360,6 +1369,7 @@ impl InternalEvent for NotifiedFileUnreadable<'_> {
 }
 
 /// A GetRecords answer: how far behind the shard's tip the reader is.
+/// A GetRecords call answered (`millis` set), or a shard's series dropped.
 pub struct KinesisBehind<'a> {
     pub stream: &'a str,
     pub shard: &'a str,
@@ -1371,10 +1381,13 @@ impl InternalEvent for KinesisBehind<'_> {
     fn emit(self) {
         let labels = [self.stream, self.shard];
         match self.millis {
-            Some(m) => KINESIS
-                .millis_behind_latest
-                .with_label_values(&labels)
-                .set(m),
+            Some(m) => {
+                KINESIS.get_records.inc();
+                KINESIS
+                    .millis_behind_latest
+                    .with_label_values(&labels)
+                    .set(m);
+            }
             None => {
                 let _ = KINESIS.millis_behind_latest.remove_label_values(&labels);
             }

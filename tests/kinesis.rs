@@ -732,8 +732,8 @@ async fn a_split_shard_is_drained_before_its_children_start_and_nothing_is_lost(
     );
 }
 
-/// Every record on the stream, from every shard, oldest first.
-async fn stream_records(moto: &Moto, stream: &str) -> Vec<Vec<u8>> {
+/// Every record on the stream, from every shard, oldest first: (partition key, data).
+async fn stream_records(moto: &Moto, stream: &str) -> Vec<(String, Vec<u8>)> {
     let k = kinesis(moto);
     let shards = k
         .list_shards()
@@ -763,7 +763,11 @@ async fn stream_records(moto: &Moto, stream: &str) -> Vec<Vec<u8>> {
             if r.records().is_empty() {
                 break;
             }
-            out.extend(r.records().iter().map(|x| x.data().as_ref().to_vec()));
+            out.extend(
+                r.records()
+                    .iter()
+                    .map(|x| (x.partition_key().to_owned(), x.data().as_ref().to_vec())),
+            );
             match r.next_shard_iterator() {
                 Some(n) => it = n.to_owned(),
                 None => break,
@@ -771,6 +775,39 @@ async fn stream_records(moto: &Moto, stream: &str) -> Vec<Vec<u8>> {
         }
     }
     out
+}
+
+/// The eventIDs of stream records, each checked to be its record's partition key (the output's
+/// default `partition_key = "eventID"`), and how many records had no eventID: each of those
+/// must have a random key (a UUID).
+fn ids_keyed_by_event_id(records: &[(String, Vec<u8>)]) -> (Vec<String>, usize) {
+    let (mut ids, mut no_id, mut wrong) = (Vec::new(), 0, Vec::new());
+    for (key, data) in records {
+        let v: serde_json::Value = serde_json::from_slice(data).expect("a record is one event");
+        match v.get("eventID").and_then(|id| id.as_str()) {
+            Some(id) => {
+                if key != id {
+                    wrong.push(format!("{key} for {id}"));
+                }
+                ids.push(id.to_owned());
+            }
+            None => {
+                assert!(
+                    key.len() == 36 && uuid::Uuid::parse_str(key).is_ok(),
+                    "a random key for an event without eventID: {key:?}"
+                );
+                no_id += 1;
+            }
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {} records are not keyed by their eventID, e.g. {:?}",
+        wrong.len(),
+        records.len(),
+        wrong.first()
+    );
+    (ids, no_id)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -805,6 +842,12 @@ async fn the_sink_puts_every_event_on_the_stream_and_retries_only_failed_entries
         format!("{{\"Records\":[{}]}}", huge[0]),
     )
     .expect("huge file");
+    // One event without an eventID: a random key of its own.
+    std::fs::write(
+        day.join("no-id.json"),
+        r#"{"Records":[{"eventVersion":"1.09","eventTime":"2024-03-18T14:00:00Z","eventSource":"s3.amazonaws.com","eventName":"NoIdMarker","awsRegion":"us-east-1"}]}"#,
+    )
+    .expect("no-id file");
     expected.sort();
 
     let (city, asn) = fixture_dbs(tmp.path());
@@ -815,6 +858,8 @@ async fn the_sink_puts_every_event_on_the_stream_and_retries_only_failed_entries
             r#"[geoip]
 city_db = "{city}"
 asn_db = "{asn}"
+[batch]
+chunk_bytes = 65536
 [output.kinesis]
 stream = "{STREAM}"
 endpoint_url = "{}"
@@ -845,11 +890,10 @@ max_attempts = 6
         String::from_utf8_lossy(&run.stderr)
     );
 
-    let mut on_stream: Vec<String> = stream_records(&moto, STREAM)
-        .await
-        .iter()
-        .map(|d| id_of(std::str::from_utf8(d).expect("utf-8")))
-        .collect();
+    // Chunks of 64 KiB: many lines cross from one chunk into the next, and each record's key
+    // is still its own line's eventID.
+    let (mut on_stream, no_id) = ids_keyed_by_event_id(&stream_records(&moto, STREAM).await);
+    assert_eq!(no_id, 1, "the event without an eventID, under a random key");
     on_stream.sort();
     let missing = expected
         .iter()
@@ -883,8 +927,18 @@ max_attempts = 6
     // The objects hold every event, the huge one too; the error output names it.
     let objects = common::local_objects(&out);
     let split = split_output(&objects);
-    let mut in_objects: Vec<String> = split.events.iter().map(|(_, l)| id_of(l)).collect();
+    let mut in_objects: Vec<String> = split
+        .events
+        .iter()
+        .filter(|(_, l)| !l.contains("NoIdMarker"))
+        .map(|(_, l)| id_of(l))
+        .collect();
     in_objects.sort();
+    assert_eq!(
+        split.events.len(),
+        in_objects.len() + 1,
+        "the no-id event too"
+    );
     let mut all = expected.clone();
     all.extend(huge_ids.iter().cloned());
     all.sort();
@@ -935,16 +989,92 @@ max_attempts = 6
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let mut only: Vec<String> = stream_records(&moto, "only-stream")
-        .await
-        .iter()
-        .map(|d| id_of(std::str::from_utf8(d).expect("utf-8")))
-        .collect();
+    let (mut only, no_id) = ids_keyed_by_event_id(&stream_records(&moto, "only-stream").await);
+    assert_eq!(no_id, 1);
     only.sort();
     assert!(only == expected, "every event on the second stream");
     let split2 = split_output(&common::local_objects(&out2));
     assert!(split2.events.is_empty(), "no event objects");
     assert_eq!(split2.errors.len(), 1, "the oversize event's error record");
+}
+
+/// A transform module that rewrites the key names (`lowercase-keys`: `eventID` becomes
+/// `eventid`) leaves the output line without the key field: each record then gets a random key,
+/// never the eventID the event had before the module ran (commit 52b0780).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_renames_the_key_field_leaves_no_record_keyed_by_the_old_event_id() {
+    let moto = setup(1).await;
+    let tmp = TempDir::new("kinesis-sink-lowercase");
+    let day = tmp
+        .path()
+        .join("in/AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18");
+    std::fs::create_dir_all(&day).expect("input dir");
+    let (evs, mut ids) = events(1850, 20);
+    std::fs::write(
+        day.join("f.json.gz"),
+        fixtures::gzip(format!("{{\"Records\":[{}]}}", evs.join(",")).as_bytes()),
+    )
+    .expect("file");
+    let module = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/transforms/wasm32-wasip2/release/lowercase_keys.wasm");
+    assert!(
+        module.is_file(),
+        "{} is missing: run scripts/build-transforms.sh (scripts/test.sh does)",
+        module.display()
+    );
+    let config = tmp.path().join("lower.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[pipeline]
+transform_cache_dir = {cache:?}
+[output.kinesis]
+stream = "{STREAM}"
+endpoint_url = "{ep}"
+[[transforms]]
+name = "lower"
+path = {module:?}
+"#,
+            cache = tmp.path().join("wasm-cache").display().to_string(),
+            ep = moto.endpoint,
+            module = module.display().to_string(),
+        ),
+    )
+    .expect("config");
+    let out = tmp.path().join("out");
+    let run = common::trailhose(
+        &[
+            "process",
+            "--config",
+            &config.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+            &tmp.path().join("in").display().to_string(),
+        ],
+        &moto.env(),
+    );
+    assert!(
+        run.status.success(),
+        "process: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let records = stream_records(&moto, STREAM).await;
+    assert_eq!(records.len(), ids.len(), "every event on the stream");
+    let mut rewritten = Vec::new();
+    for (key, data) in &records {
+        let v: serde_json::Value = serde_json::from_slice(data).expect("one event");
+        assert!(v.get("eventID").is_none(), "the module renamed it: {v}");
+        let id = v["eventid"].as_str().expect("eventid").to_owned();
+        assert!(
+            !ids.contains(key),
+            "a record keyed by an eventID its line no longer holds: {key}"
+        );
+        assert!(uuid::Uuid::parse_str(key).is_ok(), "a random key: {key:?}");
+        rewritten.push(id);
+    }
+    rewritten.sort();
+    ids.sort();
+    assert_eq!(rewritten, ids);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2018,6 +2148,13 @@ async fn a_hostile_cloudwatch_record_goes_to_errors_and_its_batch_neighbours_pas
             && w.metric("trailhose_records_rejected_total{reason=\"not_an_object\"}") >= 4.0
     })
     .await;
+    // Two more reader cycles (GetRecords answered after the batch): still no checkpoint, as
+    // the batch's events are only buffered. A checkpoint never moves back, so none before.
+    let calls = w.metric("trailhose_kinesis_get_records_total");
+    eventually(60, "two more GetRecords calls", || async {
+        w.metric("trailhose_kinesis_get_records_total") >= calls + 2.0
+    })
+    .await;
     assert_eq!(
         checkpoint_of(&moto, shard).await,
         "",
@@ -2057,4 +2194,122 @@ async fn a_hostile_cloudwatch_record_goes_to_errors_and_its_batch_neighbours_pas
     assert_eq!(kept, [smuggling.as_str(), cut.as_str()], "{hostile:?}");
     assert!(of(0).is_empty() && of(3).is_empty(), "{errors:?}");
     assert_eq!(errors.len(), 4, "{errors:?}");
+}
+
+/// Records put on the one shard in one call, in order; their sequence numbers.
+async fn put_in_order(moto: &Moto, data: Vec<Vec<u8>>) -> Vec<String> {
+    let entries = data
+        .into_iter()
+        .map(|d| {
+            PutRecordsRequestEntry::builder()
+                .data(Blob::new(d))
+                .partition_key("one-shard")
+                .build()
+                .expect("entry")
+        })
+        .collect();
+    let put = kinesis(moto)
+        .put_records()
+        .stream_name(STREAM)
+        .set_records(Some(entries))
+        .send()
+        .await
+        .expect("put records");
+    assert_eq!(put.failed_record_count(), Some(0));
+    put.records()
+        .iter()
+        .map(|r| r.sequence_number().expect("sequence number").to_owned())
+        .collect()
+}
+
+/// With one worker-queue permit (`max_files_in_flight = 1`), one GetRecords batch that decodes
+/// to several jobs (about 4 MiB of messages each) goes through job by job under its one hold:
+/// every event is written once, and the shard is checkpointed at the batch's last record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_several_jobs_passes_one_permit_and_is_checkpointed_at_its_end() {
+    let moto = setup(1).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-jobs");
+    let (mut data, mut expected) = (Vec::new(), Vec::new());
+    let mut seed = 1_860_000;
+    for _ in 0..3 {
+        // Each record over 2 MiB of messages: three make two jobs or more.
+        let (mut evs, mut bytes) = (Vec::new(), 0);
+        while bytes < 2 << 20 {
+            let (e, ids) = events(seed, 200);
+            seed += 1;
+            bytes += e.iter().map(String::len).sum::<usize>();
+            evs.extend(e);
+            expected.extend(ids);
+        }
+        let record = cwl_batch(&evs);
+        assert!(record.len() < 1 << 20, "within Kinesis's record size");
+        data.push(record);
+    }
+    expected.sort();
+    let seqs = put_in_order(&moto, data).await;
+    let shard = "shardId-000000000000";
+    let mut w = Worker::spawn(
+        &moto,
+        tmp.path(),
+        "solo",
+        &Settings {
+            max_age_secs: 300,
+            kinesis_ep: &moto.endpoint,
+            s3_ep: &moto.endpoint,
+            extra: "max_files_in_flight = 1",
+        },
+    );
+    let n = expected.len() as f64;
+    eventually(120, "the batch to be split", || async {
+        w.metric("trailhose_events_in_total ") >= n
+    })
+    .await;
+    assert_eq!(
+        w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}"),
+        3.0
+    );
+    w.stop();
+    assert!(!w.log().contains("panicked"), "{}", w.log());
+    assert_eq!(written_ids(&s3).await, expected, "every event once");
+    assert_eq!(checkpoint_of(&moto, shard).await, seqs[2]);
+}
+
+/// With `[dedup]`, the same eventID in two records of one GetRecords batch is written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_drops_a_second_copy_in_another_record_of_the_same_batch() {
+    let moto = setup(1).await;
+    let s3 = moto.s3();
+    let tmp = TempDir::new("kinesis-dedup");
+    let (evs, mut expected) = events(1870, 3);
+    let seqs = put_in_order(
+        &moto,
+        vec![
+            cwl_batch(&evs[..2]),
+            // The second event again, in the next record.
+            cwl_batch(&evs[1..]),
+        ],
+    )
+    .await;
+    expected.sort();
+    let mut w = Worker::spawn(
+        &moto,
+        tmp.path(),
+        "solo",
+        &Settings {
+            max_age_secs: 300,
+            kinesis_ep: &moto.endpoint,
+            s3_ep: &moto.endpoint,
+            extra: "[dedup]\nwindow_secs = 3600",
+        },
+    );
+    eventually(60, "the batch to be split", || async {
+        w.metric("trailhose_events_in_total ") >= 4.0
+            && w.metric("trailhose_events_deduplicated_total") >= 1.0
+    })
+    .await;
+    assert_eq!(w.metric("trailhose_events_deduplicated_total"), 1.0);
+    w.stop();
+    assert_eq!(written_ids(&s3).await, expected, "each event once");
+    assert_eq!(checkpoint_of(&moto, "shardId-000000000000").await, seqs[1]);
 }

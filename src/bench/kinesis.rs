@@ -104,18 +104,20 @@ pub(super) async fn source_run(
         })
         .await
         .map_err(|e| BenchError::Io("classify".into(), std::io::Error::other(e)))?;
-        if !classified.notifications.is_empty() || classified.batch.units.is_empty() {
+        if !classified.notifications.is_empty() || classified.jobs.is_empty() {
             return Err(BenchError::Io(
                 "classify".into(),
                 std::io::Error::other("a generated record is not a CloudWatch Logs batch"),
             ));
         }
-        let job = Input::Records(Box::new(classified.batch));
-        if !files.submit("kinesis://bench".into(), job, None).await {
-            return Err(BenchError::Io(
-                "engine".into(),
-                std::io::Error::other("the workers stopped"),
-            ));
+        for job in classified.jobs {
+            let job = Input::Records(Box::new(job));
+            if !files.submit("kinesis://bench".into(), job, None).await {
+                return Err(BenchError::Io(
+                    "engine".into(),
+                    std::io::Error::other("the workers stopped"),
+                ));
+            }
         }
     }
     drop(files);

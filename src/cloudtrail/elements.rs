@@ -76,12 +76,36 @@ where
     let mut quoted = Vec::new();
     let mut broken = broken.into_iter().peekable();
     let mut texts = 0u64;
+    let mut offset = 0u64;
     for (at, element) in elements.enumerate() {
+        let start = offset;
         let raw = match element {
             Element::Text(raw) => raw,
             Element::Object(raw) if broken.next_if_eq(&at).is_some() => raw,
-            Element::Object(_) => continue,
+            Element::Object(raw) => {
+                offset += raw.len() as u64;
+                continue;
+            }
         };
+        offset += raw.len() as u64;
+        // The size limit holds for every element, as in a delivery file (a broken object is
+        // within it already: it was measured above).
+        if raw.len() > max_event_bytes {
+            report.skipped += 1;
+            on_item(Item::Skipped(Skipped {
+                index: texts,
+                reason: RecordReason::TooLarge,
+                offset: start,
+                size: raw.len() as u64,
+                raw: raw.get(..PREVIEW_BYTES).unwrap_or(raw),
+                event_id: None,
+                detail: format!(
+                    "the element is over the {max_event_bytes}-byte limit (pipeline.max_event_bytes)"
+                ),
+            }));
+            texts += 1;
+            continue;
+        }
         quoted.clear();
         // Writing a string into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut quoted, &String::from_utf8_lossy(raw));
@@ -179,6 +203,39 @@ mod tests {
             r#"text 1 "{\"eventID\":\"x\"}{\"eventID\":\"smuggled\"}""#
         );
         assert_eq!((report.events, report.not_objects), (2, 2));
+    }
+
+    #[test]
+    fn a_text_over_the_size_limit_is_skipped_too_large_with_its_preview() {
+        let long = "x".repeat(100);
+        let elements = [
+            Element::Text(b"short"),
+            Element::Text(long.as_bytes()),
+            Element::Object(br#"{"eventID":"a"}"#),
+        ];
+        let mut skipped = Vec::new();
+        let report = split_elements(elements.iter().copied(), 64, |item| {
+            if let Item::Skipped(s) = item {
+                skipped.push((s.index, s.reason, s.offset, s.size, s.raw.to_vec()));
+            }
+        });
+        assert_eq!(
+            skipped,
+            [(1, RecordReason::TooLarge, 5, 100, long.clone().into_bytes())]
+        );
+        assert_eq!(
+            (report.events, report.not_objects, report.skipped),
+            (1, 1, 1)
+        );
+        // Over the preview size, only its first bytes are kept.
+        let huge = "y".repeat(PREVIEW_BYTES * 3);
+        let mut preview = 0;
+        split_elements([Element::Text(huge.as_bytes())].into_iter(), 64, |item| {
+            if let Item::Skipped(s) = item {
+                preview = s.raw.len();
+            }
+        });
+        assert_eq!(preview, PREVIEW_BYTES);
     }
 
     #[test]

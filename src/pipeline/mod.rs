@@ -359,9 +359,9 @@ impl FileWorker {
         outcome
     }
 
-    /// Splits, enriches and buffers the events of a batch of stream records (see
+    /// Splits, enriches and buffers the events of a job of stream records (see
     /// `source::kinesis::Batch`), each record accounted for as a file of its own; `hold` is
-    /// the batch's share, committed once every record is buffered.
+    /// the batch's share for this job, committed once every record of it is buffered.
     pub fn process_records(
         &mut self,
         batch: &crate::source::kinesis::Batch,

@@ -13,6 +13,7 @@ use aws_sdk_kinesis::types::PutRecordsRequestEntry;
 use serde_json::value::RawValue;
 
 use crate::clock::Utc;
+use crate::cloudtrail::Key;
 use crate::config::{Config, KinesisSinkConfig};
 use crate::metrics::{self, *};
 use crate::retry::Backoff;
@@ -85,7 +86,8 @@ impl<'de> serde::de::Visitor<'de> for FieldOf<'_> {
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut found = None;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        // `Key` borrows an unescaped key from the input (serde's `Cow<str>` always allocates).
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             if key == self.0 {
                 found = Some(map.next_value::<&'de RawValue>()?);
             } else {

@@ -1,15 +1,14 @@
 //! A CloudWatch Logs subscription batch read in one pass: the envelope's fields the classifier
 //! decides on, and every log event's message unescaped straight into one buffer shared by the
-//! whole GetRecords batch (`Messages`), so that the workers split each message in place,
-//! parsing it once, with no per-record document, window or reader.
+//! records of one job of a GetRecords batch (`Messages`), so that the workers split each
+//! message in place, parsing it once, with no per-record document, window or reader.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use crate::cloudtrail::Element;
+use crate::cloudtrail::{Element, Key};
 
 /// Messages back to back, and where each lies: the elements the workers split.
 #[derive(Debug, Default)]
@@ -101,6 +100,11 @@ impl Messages {
     pub fn is_empty(&self) -> bool {
         self.spans.is_empty()
     }
+
+    /// The bytes held: the messages and their spans.
+    pub fn weight(&self) -> usize {
+        self.text.len() + self.spans.len() * std::mem::size_of::<Span>()
+    }
 }
 
 /// What a record's top-level object holds, as far as the classifier cares.
@@ -113,14 +117,41 @@ pub struct Top {
     pub event_time: bool,
 }
 
+/// The most log events one record may hold. CloudWatch Logs puts at most 10,000 in one
+/// subscription record (a PutLogEvents call takes at most 10,000), so real data never comes
+/// near it; a small gzip bomb of `{},{},…` would otherwise make millions of events, spans and
+/// error records out of one record.
+pub const MAX_LOG_EVENTS: usize = 20_000;
+
+/// Why `read` refused a record.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Not well-formed JSON, or `logEvents` is not the usual shape.
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("the record holds more than {MAX_LOG_EVENTS} log events")]
+    TooManyLogEvents,
+}
+
 /// Reads a record's JSON once: the top-level fields of `Top`, and the messages of `logEvents`
-/// (each event's `message`, `""` when it has none) into `messages`. An error means the record
-/// is not well-formed JSON or its `logEvents` is not the usual shape: the caller looks again,
-/// the slow way, and rolls `messages` back.
-pub fn read(text: &[u8], messages: &mut Messages) -> Result<Top, serde_json::Error> {
+/// (each event's `message`, `""` when it has none) into `messages`. On an error the caller
+/// rolls `messages` back; a JSON error means the record is not well-formed JSON or its
+/// `logEvents` is not the usual shape (the caller looks again, the slow way, to tell which).
+pub fn read(text: &[u8], messages: &mut Messages) -> Result<Top, ReadError> {
     let mut de = serde_json::Deserializer::from_slice(text);
     let record = messages.mark();
-    let top = de::Deserializer::deserialize_map(&mut de, TopVisitor { messages, record })?;
+    let top = de::Deserializer::deserialize_map(
+        &mut de,
+        TopVisitor {
+            messages: &mut *messages,
+            record,
+        },
+    );
+    // Only `LogEvents` stopping at the cap leaves more spans than it behind.
+    if messages.since(record).len() > MAX_LOG_EVENTS {
+        return Err(ReadError::TooManyLogEvents);
+    }
+    let top = top?;
     de.end()?;
     Ok(top)
 }
@@ -140,7 +171,8 @@ impl<'de> Visitor<'de> for TopVisitor<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Top, A::Error> {
         let mut top = Top::default();
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        // `Key` borrows an unescaped key from the input (serde's `Cow<str>` always allocates).
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             match key.as_ref() {
                 "messageType" => {
                     top.message_type = match map.next_value::<Any>()? {
@@ -240,12 +272,18 @@ impl<'de> Visitor<'de> for LogEvents<'_> {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let start = self.messages.spans.len();
         while seq
             .next_element_seed(LogEvent {
                 messages: &mut *self.messages,
             })?
             .is_some()
-        {}
+        {
+            // Every log event adds one span. Past the cap, `read` reports it.
+            if self.messages.spans.len() - start > MAX_LOG_EVENTS {
+                return Err(de::Error::custom("too many log events"));
+            }
+        }
         Ok(())
     }
 }
@@ -273,7 +311,7 @@ impl<'de> Visitor<'de> for LogEvent<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let before = self.messages.mark();
         let mut seen = false;
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             if key == "message" {
                 if seen {
                     // The last `message` wins.
@@ -317,5 +355,60 @@ impl<'de> Visitor<'de> for Message<'_> {
     fn visit_str<E>(self, v: &str) -> Result<(), E> {
         self.messages.push(v);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(events: usize) -> String {
+        let mut text = String::from(r#"{"messageType":"DATA_MESSAGE","logEvents":["#);
+        for i in 0..events {
+            if i > 0 {
+                text.push(',');
+            }
+            text.push_str(r#"{"id":"1","message":"{}"}"#);
+        }
+        text.push_str("]}");
+        text
+    }
+
+    #[test]
+    fn a_record_of_more_log_events_than_the_cap_is_refused() {
+        let mut messages = Messages::default();
+        let top = read(batch(MAX_LOG_EVENTS).as_bytes(), &mut messages);
+        assert!(top.is_ok(), "{top:?}");
+        assert_eq!(messages.since(Mark::default()).len(), MAX_LOG_EVENTS);
+        let mark = messages.mark();
+        let refused = read(batch(MAX_LOG_EVENTS + 1).as_bytes(), &mut messages);
+        assert!(
+            matches!(refused, Err(ReadError::TooManyLogEvents)),
+            "{refused:?}"
+        );
+        messages.rollback(mark);
+        // Bare `{}` events count too: the cap is on log events, not on what they hold. The
+        // read stops one past the cap instead of reading all of them first.
+        let bomb = format!(
+            r#"{{"messageType":"DATA_MESSAGE","logEvents":[{}]}}"#,
+            vec!["{}"; MAX_LOG_EVENTS * 3].join(",")
+        );
+        assert!(matches!(
+            read(bomb.as_bytes(), &mut messages),
+            Err(ReadError::TooManyLogEvents)
+        ));
+        assert_eq!(messages.since(mark).len(), MAX_LOG_EVENTS + 1);
+        messages.rollback(mark);
+        assert_eq!(messages.since(Mark::default()).len(), MAX_LOG_EVENTS);
+    }
+
+    #[test]
+    fn a_json_error_is_not_taken_for_the_cap() {
+        let mut messages = Messages::default();
+        let r = read(
+            br#"{"messageType":"DATA_MESSAGE","logEvents":[{"message":"a"},"#,
+            &mut messages,
+        );
+        assert!(matches!(r, Err(ReadError::Json(_))), "{r:?}");
     }
 }

@@ -68,7 +68,7 @@ impl Classifier {
         let mark = self.messages.mark();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             crate::testhook::classify(data);
-            recognise(data, &mut self.gunzipped, &mut self.messages)
+            recognise(data, MAX_DECODED, &mut self.gunzipped, &mut self.messages)
         }));
         let shape = outcome.unwrap_or_else(|payload| {
             self.gunzipped = Vec::new();
@@ -89,18 +89,32 @@ impl Classifier {
 /// What a whole-record gunzip may hold on to between records.
 const KEPT_GUNZIP_BYTES: usize = 4 << 20;
 
-fn recognise(data: &[u8], gunzipped: &mut Vec<u8>, messages: &mut Messages) -> Shape {
+/// What one record's data is; one that decodes to more than `max_decoded` bytes is refused
+/// (`record_too_large`) rather than read cut off.
+fn recognise(
+    data: &[u8],
+    max_decoded: u64,
+    gunzipped: &mut Vec<u8>,
+    messages: &mut Messages,
+) -> Shape {
     let text: &[u8] = if data.starts_with(&[0x1f, 0x8b]) {
         gunzipped.clear();
         if gunzipped.capacity() > KEPT_GUNZIP_BYTES {
             *gunzipped = Vec::new();
         }
-        // `bufread` over the slice: no reader buffer to allocate and zero per record.
+        // `bufread` over the slice: no reader buffer to allocate and zero per record. One byte
+        // past the limit tells a record over it from one exactly at it.
         let read = flate2::bufread::MultiGzDecoder::new(data)
-            .take(MAX_DECODED)
+            .take(max_decoded.saturating_add(1))
             .read_to_end(gunzipped);
         if let Err(e) = read {
             return unrecognized("bad_gzip", format!("gzip data does not decode: {e}"));
+        }
+        if gunzipped.len() as u64 > max_decoded {
+            return unrecognized(
+                "record_too_large",
+                format!("the record decodes to more than {max_decoded} bytes"),
+            );
         }
         gunzipped.as_slice()
     } else {
@@ -112,7 +126,14 @@ fn recognise(data: &[u8], gunzipped: &mut Vec<u8>, messages: &mut Messages) -> S
     let mark = messages.mark();
     let top = match cwl::read(text.as_bytes(), messages) {
         Ok(top) => top,
-        Err(e) => {
+        Err(e @ cwl::ReadError::TooManyLogEvents) => {
+            messages.rollback(mark);
+            return unrecognized(
+                "too_many_log_events",
+                format!("{e} (CloudWatch Logs puts at most 10000 in one)"),
+            );
+        }
+        Err(cwl::ReadError::Json(e)) => {
             messages.rollback(mark);
             return match serde_json::from_str::<Probe>(text) {
                 Err(e) => unrecognized("not_json_object", format!("not a JSON object: {e}")),
@@ -195,30 +216,68 @@ pub struct Unit {
     pub events: bool,
 }
 
-/// The events of one GetRecords batch, one unit per record: a single job for the workers.
+/// Decoded messages per job: a GetRecords batch (up to 10 MiB stored, often ten times that
+/// decoded) goes to the workers as jobs of about this much, each under one worker-queue permit
+/// (`max_files_in_flight`), so that what waits for a worker stays bounded and several workers
+/// split one batch at once. A job is cut between records: one record (at most `MAX_DECODED`)
+/// may take it past this.
+pub const JOB_MESSAGE_BYTES: usize = 4 << 20;
+
+/// The events of some records of one GetRecords batch, one unit per record, in order: a single
+/// job for the workers.
 #[derive(Debug, Default)]
 pub struct Batch {
     pub messages: Messages,
     pub units: Vec<Unit>,
 }
 
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.units.is_empty()
+    }
+}
+
 /// A GetRecords batch classified.
 #[derive(Debug, Default)]
 pub struct Classified {
-    pub batch: Batch,
+    /// Its events, as jobs (see `JOB_MESSAGE_BYTES`); filled by `classify_batch` only.
+    pub jobs: Vec<Batch>,
     /// Delivery-file notifications, named by their record, in order.
     pub notifications: Vec<(String, Notification)>,
     /// Records of each shape (`cwl_data`, `event`, `cwl_control`, `notification`; the
     /// unrecognised ones are counted as they are reported).
     pub counts: Vec<(&'static str, u64)>,
+    /// `on_job` refused a job: the batch was left unfinished.
+    pub stopped: bool,
 }
 
-/// Classifies a batch of records read from `stream`'s `shard`. Records that are not events
-/// become units of their own whose elements are the reason and the data as text, so that
-/// they reach the error output whole, named by their record.
+/// `classify_jobs`, the jobs collected.
 pub fn classify_batch(stream: &str, shard: &str, records: Vec<Record>) -> Classified {
+    let mut jobs = Vec::new();
+    let mut out = classify_jobs(stream, shard, records, JOB_MESSAGE_BYTES, |job| {
+        jobs.push(job);
+        true
+    });
+    out.jobs = jobs;
+    out
+}
+
+/// Classifies a batch of records read from `stream`'s `shard`, handing its events to `on_job`
+/// as they are decoded, in jobs of about `job_bytes` of messages (so a caller that waits for
+/// room in `on_job` holds at most one job beyond what it handed on). Records that are not
+/// events become units of their own whose elements are the reason and the data as text, so
+/// that they reach the error output whole, named by their record. Stops when `on_job` returns
+/// false.
+pub fn classify_jobs(
+    stream: &str,
+    shard: &str,
+    records: Vec<Record>,
+    job_bytes: usize,
+    mut on_job: impl FnMut(Batch) -> bool,
+) -> Classified {
     let mut classifier = Classifier::default();
     let mut out = Classified::default();
+    let mut job = Vec::new();
     let mut counts = [
         ("cwl_data", 0),
         ("event", 0),
@@ -253,14 +312,30 @@ pub fn classify_batch(stream: &str, shard: &str, records: Vec<Record>) -> Classi
                 (m.since(mark), false)
             }
         };
-        out.batch.units.push(Unit {
+        job.push(Unit {
             source,
             spans,
             stored: r.data.len() as u64,
             events,
         });
+        if classifier.messages.weight() >= job_bytes {
+            let full = Batch {
+                messages: std::mem::take(&mut classifier.messages),
+                units: std::mem::take(&mut job),
+            };
+            if !on_job(full) {
+                out.stopped = true;
+                return out;
+            }
+        }
     }
-    out.batch.messages = classifier.messages;
+    let last = Batch {
+        messages: classifier.messages,
+        units: job,
+    };
+    if !last.is_empty() && !on_job(last) {
+        out.stopped = true;
+    }
     out.counts = counts.into_iter().filter(|(_, n)| *n > 0).collect();
     out
 }
@@ -656,13 +731,13 @@ mod tests {
         );
         assert_eq!(c.notifications.len(), 1);
         assert_eq!(c.notifications[0].0, "kinesis://s/shard-1/5");
-        let units: Vec<(&str, bool, Vec<String>)> = c
-            .batch
+        assert_eq!(c.jobs.len(), 1, "a small batch is one job");
+        let job = &c.jobs[0];
+        let units: Vec<(&str, bool, Vec<String>)> = job
             .units
             .iter()
             .map(|u| {
-                let texts = c
-                    .batch
+                let texts = job
                     .messages
                     .elements(u.spans.clone())
                     .map(|e| match e {
@@ -703,6 +778,73 @@ mod tests {
             [r#"object {"eventVersion":"1.09","eventID":"c"}"#]
         );
         assert!(units[2].1);
+    }
+
+    #[test]
+    fn a_batch_over_the_job_size_is_cut_into_jobs_between_records_in_order() {
+        let event = |id: usize| {
+            format!(
+                r#"{{"eventVersion":"1.09","eventID":"e{id}","pad":"{}"}}"#,
+                "x".repeat(900)
+            )
+        };
+        let records: Vec<Record> = (0..10)
+            .map(|i| Record {
+                seq: i.to_string(),
+                data: gzip(event(i).as_bytes()),
+            })
+            .collect();
+        // About 1 KiB of messages a record: jobs cut at 2 KiB take three records each.
+        let mut jobs = Vec::new();
+        let c = classify_jobs("s", "shard-1", records.clone(), 2 << 10, |job| {
+            jobs.push(job);
+            true
+        });
+        assert!(!c.stopped);
+        let seqs: Vec<Vec<&str>> = jobs
+            .iter()
+            .map(|j| {
+                j.units
+                    .iter()
+                    .map(|u| u.source.rsplit('/').next().unwrap_or(""))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            seqs,
+            [
+                vec!["0", "1", "2"],
+                vec!["3", "4", "5"],
+                vec!["6", "7", "8"],
+                vec!["9"]
+            ]
+        );
+        for job in &jobs {
+            assert!(
+                job.messages.weight() <= (2 << 10) + 1024,
+                "{}",
+                job.messages.weight()
+            );
+            for u in &job.units {
+                let els: Vec<_> = job.messages.elements(u.spans.clone()).collect();
+                let id = format!(
+                    "\"eventID\":\"e{}\"",
+                    u.source.rsplit('/').next().unwrap_or("")
+                );
+                assert!(
+                    matches!(els.as_slice(), [Element::Object(b)] if String::from_utf8_lossy(b).contains(&id)),
+                    "each unit's spans point into its own job's messages"
+                );
+            }
+        }
+        // A refusal stops classifying: nothing more is decoded or handed on.
+        let mut offered = 0;
+        let c = classify_jobs("s", "shard-1", records, 2 << 10, |_| {
+            offered += 1;
+            false
+        });
+        assert!(c.stopped);
+        assert_eq!(offered, 1);
     }
 
     #[test]
@@ -750,6 +892,56 @@ mod tests {
                 Shape::Unrecognized { reason: r, .. } => assert_eq!(r, reason, "{data:?}"),
                 other => panic!("{data:?}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn a_log_event_bomb_goes_whole_to_the_error_output() {
+        // About 40 KiB of gzip, 20 times the cap in log events.
+        let bomb = format!(
+            r#"{{"messageType":"DATA_MESSAGE","logEvents":[{}]}}"#,
+            vec!["{}"; cwl::MAX_LOG_EVENTS * 20].join(",")
+        );
+        let data = gzip(bomb.as_bytes());
+        let mut c = Classifier::default();
+        match c.classify(&data) {
+            Shape::Unrecognized { reason, detail } => {
+                assert_eq!(reason, "too_many_log_events");
+                assert!(detail.contains("20000"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(c.messages.is_empty(), "no span of it stays behind");
+        let out = classify_batch(
+            "s",
+            "shard-1",
+            vec![Record {
+                seq: "1".into(),
+                data,
+            }],
+        );
+        let units: Vec<_> = out.jobs.iter().flat_map(|j| &j.units).collect();
+        assert_eq!(units.len(), 1);
+        assert!(!units[0].events);
+        assert_eq!(
+            units[0].spans.len(),
+            2,
+            "the reason and the data, nothing else"
+        );
+    }
+
+    #[test]
+    fn a_record_over_the_decoded_limit_says_so_instead_of_a_json_error() {
+        let event = br#"{"eventVersion":"1.09","eventID":"a"}"#;
+        let (mut buf, mut messages) = (Vec::new(), Messages::default());
+        let limit = event.len() as u64;
+        assert!(matches!(
+            recognise(&gzip(event), limit, &mut buf, &mut messages),
+            Shape::Events { cwl: false, .. }
+        ));
+        match recognise(&gzip(event), limit - 1, &mut buf, &mut messages) {
+            Shape::Unrecognized { reason, .. } => assert_eq!(reason, "record_too_large"),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -1,5 +1,5 @@
 //! Records into the engine: a batch classified (CloudWatch Logs batches, plain events, file
-//! notifications, unrecognised records) and its events submitted as one job, under the
+//! notifications, unrecognised records) and its events submitted as jobs, all under the
 //! batch's hold.
 
 use bytes::Bytes;
@@ -14,8 +14,10 @@ use crate::source::notification::{Notification, is_digest_key};
 /// Hands a batch of records to the engine under one hold, as a unit of the ledger (first
 /// waiting, like every source, while the buffer budget is reached); returns its outcome, or
 /// None when the engine is gone. Classification (the gunzip and the one read of each CloudWatch
-/// Logs batch) runs on the blocking pool, off the runtime that renews leases; the workers then
-/// split every record's messages in place, as one job with one permit.
+/// Logs batch) runs on the blocking pool, off the runtime that renews leases, and hands its
+/// events on as it goes, in jobs of about `JOB_MESSAGE_BYTES` of messages, each under one
+/// worker-queue permit and a share of the hold: the batch is checkpointed only once every job
+/// of it is durable, and what is decoded ahead of the workers stays bounded.
 pub(super) async fn hand_on(
     ctx: &Ctx,
     shard: &str,
@@ -29,28 +31,43 @@ pub(super) async fn hand_on(
         (Some(a), Some(b)) => format!("kinesis://{stream}/{shard}/{}..{}", a.seq, b.seq),
         _ => format!("kinesis://{stream}/{shard}"),
     };
+    // One job decoded ahead: the classifier waits for the next permit with it in hand.
+    let (jobs_tx, mut jobs_rx) = tokio::sync::mpsc::channel::<kinesis::Batch>(1);
     let classified = tokio::task::spawn_blocking(move || {
-        kinesis::classify_batch(&stream, &owned_shard, records)
-    })
-    .await;
-    let Ok(classified) = classified else {
+        kinesis::classify_jobs(
+            &stream,
+            &owned_shard,
+            records,
+            kinesis::JOB_MESSAGE_BYTES,
+            |job| jobs_tx.blocking_send(job).is_ok(),
+        )
+    });
+    while let Some(job) = jobs_rx.recv().await {
+        if !files
+            .submit(
+                span.clone(),
+                Input::Records(Box::new(job)),
+                Some(hold.share()),
+            )
+            .await
+        {
+            // The classifier stops at its next job (its channel is closed).
+            drop(jobs_rx);
+            let _ = classified.await;
+            hold.fail();
+            return None;
+        }
+    }
+    let Ok(classified) = classified.await else {
         // A panic while classifying: the batch fails and is read again.
         hold.fail();
         return None;
     };
     let kinesis::Classified {
-        batch,
         notifications,
         counts,
+        ..
     } = classified;
-    if !batch.units.is_empty()
-        && !files
-            .submit(span, Input::Records(Box::new(batch)), Some(hold.share()))
-            .await
-    {
-        hold.fail();
-        return None;
-    }
     for (source, n) in notifications {
         if !notification(ctx, &source, n, &hold, files).await {
             hold.fail();
