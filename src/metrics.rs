@@ -13,7 +13,10 @@ use prometheus::{
 mod correlate;
 mod ocsf;
 mod tables;
-pub use correlate::{CorrelationFailed, CorrelationStatesEvicted, CorrelationUpdated};
+pub use correlate::{
+    CorrelationBreakerOpened, CorrelationFailed, CorrelationSkipped, CorrelationStatesEvicted,
+    CorrelationUpdated, SkipReason,
+};
 pub use ocsf::OcsfEventUnparsed;
 pub use tables::{MemberReplaced, TableLoaded, TableLookups, TableReloadFailed};
 
