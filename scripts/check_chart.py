@@ -152,6 +152,18 @@ def check_config(case, toml_text, binary):
         return None
     path = OUT / case / "trailhose.toml"
     path.write_text(toml_text)
+    # check-config checks that detect.rules exist; the pod's mounts are stood in for by
+    # folders under the case's directory (the rendered file itself is kept as it is).
+    rules = cfg.get("detect", {}).get("rules", [])
+    if rules:
+        root = OUT / case / "root"
+        checked = toml_text
+        for r in rules:
+            stand_in = root / r.lstrip("/")
+            stand_in.mkdir(parents=True, exist_ok=True)
+            checked = checked.replace(json.dumps(r), json.dumps(str(stand_in)))
+        path = OUT / case / "trailhose.checked.toml"
+        path.write_text(checked)
     res = subprocess.run([binary, "check-config", str(path)], capture_output=True, text=True)
     pending = [k for k in PENDING_CONFIG if k in cfg or k in cfg.get("source", {})]
     if pending:
@@ -211,6 +223,35 @@ def check_objects(case, values, docs, binary):
                     fail(case, f"table {t['name']}: {path} is not in its ConfigMap's mount")
             elif t.get("url") and path != t["url"]:
                 fail(case, f"table {t['name']}: an s3 table must be read from its URL, not {path}")
+        detect = merged.get("detect") or {}
+        paths = cfg.get("detect", {}).get("rules", [])
+        if bool(detect.get("rules")) != ("detect" in cfg):
+            fail(case, "[detect] must be rendered exactly when detect.rules names a source")
+        if len(paths) != len(detect.get("rules") or []):
+            fail(case, "not every detect.rules source was rendered")
+        mounts = {m["mountPath"]: m for m in main.get("volumeMounts", [])}
+        for r, path in zip(detect.get("rules") or [], paths):
+            if r.get("path"):
+                if path != r["path"]:
+                    fail(case, f"rules {r['name']}: read from {path}, not its path {r['path']}")
+                continue
+            m = mounts.get(path)
+            vol = next((v for v in spec.get("volumes", []) if m and v["name"] == m["name"]), None)
+            if not (m and vol and m.get("readOnly")):
+                fail(case, f"rules {r['name']}: {path} is not a read-only mount of its own volume")
+            elif r.get("configMap"):
+                # A folder mount without subPath, so that ConfigMap edits reach the pod.
+                cm_vol = vol.get("configMap", {})
+                if cm_vol.get("name") != r["configMap"]["name"] or "subPath" in m:
+                    fail(case, f"rules {r['name']}: {path} is not its ConfigMap mounted as a folder")
+                key = r["configMap"].get("key")
+                if [i["key"] for i in cm_vol.get("items", [])] != ([key] if key else []):
+                    fail(case, f"rules {r['name']}: the ConfigMap volume's items do not match its key")
+            elif {k: v for k, v in vol.items() if k != "name"} != r["volume"] or m.get("subPath") != r.get("subPath"):
+                fail(case, f"rules {r['name']}: {path} is not its volume (subPath {r.get('subPath')})")
+        alerts = cfg.get("detect", {}).get("alerts", [])
+        if [a.get("target") for a in alerts] != [a["target"] for a in detect.get("alerts") or []]:
+            fail(case, "the detect.alerts outputs were not rendered as given")
     if main["livenessProbe"]["httpGet"]["path"] != "/healthz" or main["readinessProbe"]["httpGet"]["path"] != "/readyz":
         fail(case, "probes must be /healthz (liveness) and /readyz (readiness)")
     sc = main.get("securityContext", {})
@@ -438,7 +479,14 @@ def main():
                 {"transforms": [{"name": "two", "path": "/x.wasm", "url": "s3://b/x.wasm"}]},
                 {"tables": [{"name": "two", "path": "/t.csv", "url": "s3://b/t.csv", "key": "k"}]},
                 {"tables": [{"name": "nowhere", "key": "k"}]},
-                {"sqs_typo": {}}, {"config": {"server": {"listen": "0.0.0.0:1"}}}):
+                {"sqs_typo": {}}, {"config": {"server": {"listen": "0.0.0.0:1"}}},
+                {"detect": {"rules": [{"name": "two", "path": "/r", "configMap": {"name": "cm"}}]}},
+                {"detect": {"rules": [{"name": "Bad_Name", "path": "/r"}]}},
+                {"detect": {"rules": [{"name": "a", "path": "/r"}, {"name": "a", "path": "/s"}]}},
+                {"detect": {"rules": [{"name": "cm", "configMap": {"name": "cm"}, "subPath": "x"}]}},
+                {"detect": {"alerts": [{"kind": "sqs", "target": "https://sqs.x/1/q"}]}},
+                {"detect": {"rules": [{"name": "r", "path": "/r"}], "correlation": {"mode": "dynamodb"}}},
+                {"config": {"detect": {"rules": ["/r"]}}}):
         try:
             render(bad)
             fail("bad-values", f"rendered despite invalid values {bad}")

@@ -142,6 +142,12 @@ impl Hold {
         }
     }
 
+    /// Whether a share of this notification failed already: it will be delivered again, so
+    /// work done for it now (beyond writing) is wasted.
+    pub fn failed(&self) -> bool {
+        self.ack.failed.load(Ordering::Acquire)
+    }
+
     /// Whether two holds belong to the same notification.
     pub fn same(&self, other: &Hold) -> bool {
         Arc::ptr_eq(&self.ack, &other.ack)

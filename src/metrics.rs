@@ -14,7 +14,10 @@ mod correlate;
 mod ocsf;
 mod tables;
 mod upload;
-pub use correlate::{CorrelationFailed, CorrelationStatesEvicted, CorrelationUpdated};
+pub use correlate::{
+    CorrelationBreakerOpened, CorrelationFailed, CorrelationSkipped, CorrelationStatesEvicted,
+    CorrelationUpdated, SkipReason,
+};
 pub use ocsf::OcsfEventUnparsed;
 pub use tables::{MemberReplaced, TableLoaded, TableLookups, TableReloadFailed};
 pub use upload::MultipartAbortFailed;

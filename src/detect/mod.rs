@@ -285,6 +285,14 @@ impl Detect {
         if !c.wants(hits) {
             return Vec::new();
         }
+        // Its notification failed already (a state update of an earlier event, an upload):
+        // it is delivered again and counted then, so calls now would be wasted.
+        if seen.hold.is_some_and(Hold::failed) {
+            metrics::emit(metrics::CorrelationSkipped {
+                reason: metrics::SkipReason::HoldFailed,
+            });
+            return Vec::new();
+        }
         let started = Instant::now();
         let now = crate::clock::Utc::now().to_unix();
         let ts = seen
@@ -302,9 +310,16 @@ impl Detect {
                 fired
             }
             Err(e) => {
-                metrics::emit(metrics::CorrelationFailed {
-                    error: &e.to_string(),
-                });
+                match e {
+                    correlate::CorrelateError::Store(
+                        correlate::store::StoreError::Unavailable { .. },
+                    ) => metrics::emit(metrics::CorrelationSkipped {
+                        reason: metrics::SkipReason::BreakerOpen,
+                    }),
+                    e => metrics::emit(metrics::CorrelationFailed {
+                        error: &e.to_string(),
+                    }),
+                }
                 if let Some(h) = seen.hold {
                     h.share().fail();
                 }
@@ -794,6 +809,66 @@ mod tests {
         drop(d);
         delivery.finish().await;
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn events_of_a_failed_notification_are_not_counted_in_correlations() {
+        const COUNT: &str = "5c0e7d3a-2b7f-4a39-9d0e-1f6a2c9b8e10";
+        let here =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/detect/correlation");
+        let cfg: DetectConfig = toml::from_str(&format!(
+            "rules = [{:?}]\nreload_secs = 0",
+            here.display().to_string()
+        ))
+        .expect("config");
+        let (d, delivery) = Detect::open(&cfg).await.expect("open");
+        let skipped = || {
+            let line = "trailhose_correlation_skipped_total{reason=\"hold_failed\"} ";
+            crate::metrics::METRICS
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix(line).map(str::to_owned))
+                .and_then(|n| n.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let before = skipped();
+        let (hold, settled) = Hold::new();
+        // Another share of the notification failed (a state update, an upload): it comes
+        // again, so its remaining events are not counted now.
+        hold.share().fail();
+        let d2 = d.clone();
+        tokio::task::spawn_blocking(move || {
+            for i in 0..5 {
+                let id = format!("h{i}");
+                let raw = format!(
+                    r#"{{"eventID":"{id}","eventTime":"2024-03-18T14:01:00Z","eventSource":"signin.amazonaws.com","eventName":"ConsoleLogin","userIdentity":{{"userName":"carol"}},"responseElements":{{"ConsoleLogin":"Failure"}}}}"#
+                );
+                let head = Head {
+                    event_id: Some(id.into()),
+                    event_time: Some("2024-03-18T14:01:00Z".into()),
+                    ..Head::default()
+                };
+                d2.inspect(&Seen {
+                    raw: raw.as_bytes(),
+                    additions: &[],
+                    head: &head,
+                    partition: "",
+                    source: "s3://b/k",
+                    hold: Some(&hold),
+                });
+            }
+            hold.commit();
+        })
+        .await
+        .expect("feed");
+        assert!(!settled.await.expect("settled"), "the notification failed");
+        assert_eq!(skipped(), before + 5.0, "each event skipped");
+        let running = d.running();
+        let c = running.correlator.as_ref().expect("correlations");
+        assert_eq!(c.held_states(), 0, "nothing counted for {COUNT}");
+        drop(running);
+        drop(d);
+        delivery.finish().await;
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! The observability scenario (tests/observability.rs, tests/prometheus.rs): on one moto, an
 //! SQS worker (`trailhose run` with GeoIP and two transforms, one of which panics) and a Kinesis
-//! worker whose output bucket is deleted once it has started, so that its writes fail. Rounds of
-//! traffic give every labelled metric the chart uses a label set, good and bad input alike.
+//! worker whose output bucket is deleted once it has started, so that its writes fail. Both run
+//! Sigma rules that match their events. The SQS worker's alerts are delivered (on a second
+//! output, all but one per round suppressed) and counted in memory within the smallest budget;
+//! the Kinesis worker's alert queue and correlation table are deleted once it has started, so
+//! that its deliveries and state updates fail. Rounds of traffic give every labelled metric the
+//! chart uses a label set, good and bad input alike.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -48,16 +52,39 @@ impl Workers {
             .send()
             .await
             .expect("stream");
+        let alerts = sqs
+            .create_queue()
+            .queue_name(format!("{name}-alerts"))
+            .send()
+            .await
+            .expect("alert queue")
+            .queue_url
+            .expect("queue url");
+        let lost_alerts = sqs
+            .create_queue()
+            .queue_name(format!("{name}-lost-alerts"))
+            .send()
+            .await
+            .expect("alert queue")
+            .queue_url
+            .expect("queue url");
         let tmp = TempDir::new(name);
+        write_rules(&tmp.path().join("rules"));
         let input = tmp.path().join("in");
         fixtures::write_all(&input);
         let keys = upload_tree(&s3, "trail-logs", &input).await;
         let notification =
             serde_json::json!({"s3Bucket": "trail-logs", "s3ObjectKey": keys}).to_string();
         let sqs_port = free_port();
-        let sqs_worker = spawn(&moto, &sqs_config(&moto, tmp.path(), &queue, sqs_port));
+        let sqs_worker = spawn(
+            &moto,
+            &sqs_config(&moto, tmp.path(), &queue, &alerts, sqs_port),
+        );
         let kinesis_port = free_port();
-        let kinesis_worker = spawn(&moto, &kinesis_config(&moto, tmp.path(), kinesis_port));
+        let kinesis_worker = spawn(
+            &moto,
+            &kinesis_config(&moto, tmp.path(), &lost_alerts, kinesis_port),
+        );
         let workers = Workers {
             moto,
             tmp,
@@ -81,6 +108,22 @@ impl Workers {
             .send()
             .await
             .expect("delete the Kinesis worker's output bucket");
+        // ...its alerts are refused...
+        workers
+            .moto
+            .sqs()
+            .delete_queue()
+            .queue_url(&lost_alerts)
+            .send()
+            .await
+            .expect("delete the Kinesis worker's alert queue");
+        // ...and its correlation state cannot be updated.
+        dynamodb_client(&workers.moto)
+            .delete_table()
+            .table_name(CORRELATION_TABLE)
+            .send()
+            .await
+            .expect("delete the Kinesis worker's correlation table");
         workers
     }
 
@@ -135,6 +178,73 @@ impl Drop for Workers {
     }
 }
 
+/// The Kinesis worker's correlation table (created by trailhose at start-up).
+const CORRELATION_TABLE: &str = "observed-correlation";
+
+/// Rules for both workers: one matches the fixture files' DescribeInstances calls (SQS), one
+/// the stream's IAM events (Kinesis); a correlation counts both per account, another each
+/// event on its own (neither fires). The SQS worker's memory budget is the smallest allowed,
+/// so the fixture set's groups do not fit and states are evicted in every round.
+fn write_rules(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("rules dir");
+    std::fs::write(
+        dir.join("observed.yml"),
+        r#"title: EC2 instances described
+id: 0b5e1d7c-6a0e-4c53-9a57-0b5e1d7c0001
+name: ec2_describe
+logsource: {product: aws, service: cloudtrail}
+detection:
+  selection: {eventSource: ec2.amazonaws.com, eventName: DescribeInstances}
+  condition: selection
+level: medium
+---
+title: Any IAM event
+id: 0b5e1d7c-6a0e-4c53-9a57-0b5e1d7c0002
+name: iam_any
+logsource: {product: aws, service: cloudtrail}
+detection:
+  selection: {eventSource: iam.amazonaws.com}
+  condition: selection
+level: high
+---
+title: Many calls from one account
+id: 0b5e1d7c-6a0e-4c53-9a57-0b5e1d7c0003
+correlation:
+  type: event_count
+  rules: [ec2_describe, iam_any]
+  group-by: [recipientAccountId]
+  timespan: 1h
+  condition: {gte: 4000}
+  generate: true
+level: low
+---
+title: One event seen many times
+id: 0b5e1d7c-6a0e-4c53-9a57-0b5e1d7c0004
+correlation:
+  type: event_count
+  rules: [ec2_describe]
+  group-by: [eventID]
+  timespan: 1h
+  condition: {gte: 4000}
+  generate: true
+level: low
+"#,
+    )
+    .expect("rules");
+}
+
+fn dynamodb_client(moto: &Moto) -> aws_sdk_dynamodb::Client {
+    let conf = aws_sdk_dynamodb::Config::builder()
+        .behavior_version_latest()
+        .region(aws_sdk_dynamodb::config::Region::new("us-east-1"))
+        .endpoint_url(&moto.endpoint)
+        .credentials_provider(aws_sdk_dynamodb::config::Credentials::new(
+            "testing", "testing", None, None, "test",
+        ))
+        .build();
+    aws_sdk_dynamodb::Client::from_conf(conf)
+}
+
 fn kinesis_client(moto: &Moto) -> aws_sdk_kinesis::Client {
     let conf = aws_sdk_kinesis::Config::builder()
         .behavior_version_latest()
@@ -161,7 +271,7 @@ fn spawn(moto: &Moto, config: &Path) -> Child {
 }
 
 /// `max_age_secs = 1` (not the shipped 300): the scenario watches objects being written.
-fn sqs_config(moto: &Moto, dir: &Path, queue: &str, port: u16) -> PathBuf {
+fn sqs_config(moto: &Moto, dir: &Path, queue: &str, alerts: &str, port: u16) -> PathBuf {
     let (city, asn) = fixture_dbs(dir);
     // Transforms: one that works and one that panics after its first events, so that the
     // per-module throughput and failure metrics get label sets.
@@ -176,6 +286,8 @@ fn sqs_config(moto: &Moto, dir: &Path, queue: &str, port: u16) -> PathBuf {
         "run scripts/build-transforms.sh (scripts/test.sh does)"
     );
     let (priority, hostile) = (priority.display(), hostile.display());
+    let rules = dir.join("rules");
+    let rules = rules.display();
     let ep = &moto.endpoint;
     let config = dir.join("run.toml");
     std::fs::write(
@@ -213,6 +325,24 @@ path = "{hostile}"
 [transforms.config]
 mode = "panic_after"
 n = "8"
+[detect]
+rules = ["{rules}"]
+reload_secs = 0
+[detect.correlation]
+max_members = 10000
+[[detect.alerts]]
+kind = "sqs"
+name = "triage"
+target = "{alerts}"
+endpoint_url = "{ep}"
+[[detect.alerts]]
+kind = "sqs"
+name = "digest"
+target = "{alerts}"
+endpoint_url = "{ep}"
+# Every fixture event is alice's: one alert per round (rounds are more than 2 s apart), the
+# rest of the round's suppressed.
+suppress_secs = 2
 "#
         ),
     )
@@ -221,7 +351,9 @@ n = "8"
 }
 
 /// A Kinesis-mode worker on the one-shard stream: the lease and lag metrics get values.
-fn kinesis_config(moto: &Moto, dir: &Path, port: u16) -> PathBuf {
+fn kinesis_config(moto: &Moto, dir: &Path, alerts: &str, port: u16) -> PathBuf {
+    let rules = dir.join("rules");
+    let rules = rules.display();
     let ep = &moto.endpoint;
     let config = dir.join("kinesis.toml");
     std::fs::write(
@@ -248,6 +380,19 @@ endpoint_url = "{ep}"
 force_path_style = true
 [server]
 listen = "127.0.0.1:{port}"
+[detect]
+rules = ["{rules}"]
+reload_secs = 0
+[detect.correlation]
+mode = "dynamodb"
+table = "{CORRELATION_TABLE}"
+endpoint_url = "{ep}"
+[[detect.alerts]]
+kind = "sqs"
+name = "lost"
+target = "{alerts}"
+endpoint_url = "{ep}"
+max_attempts = 2
 "#
         ),
     )

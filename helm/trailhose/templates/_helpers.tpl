@@ -42,6 +42,73 @@ app.kubernetes.io/component: {{ .Values.mode }}-worker
 
 {{- define "trailhose.geoipDir" -}}/var/lib/trailhose/geoip{{- end }}
 {{- define "trailhose.tablesDir" -}}/var/lib/trailhose/tables{{- end }}
+{{- define "trailhose.rulesDir" -}}/var/lib/trailhose/rules{{- end }}
+
+{{/*
+Where trailhose reads a detect.rules source: a ConfigMap or a volume mounted as a folder per
+source (not subPath, so that Kubernetes' updates reach the pod and the rules reload), or a file
+or folder in a volume of extraVolumes.
+*/}}
+{{- define "trailhose.rulePath" -}}
+{{- if or .configMap .volume -}}
+{{- printf "%s/%s" (include "trailhose.rulesDir" .) .name -}}
+{{- else -}}
+{{- .path -}}
+{{- end -}}
+{{- end }}
+
+{{/* The [detect] section from `detect` (empty when it names no rules). */}}
+{{- define "trailhose.detectDict" -}}
+{{- $d := default dict . -}}
+{{- $det := dict -}}
+{{- if $d.rules -}}
+{{- $paths := list -}}
+{{- $names := list -}}
+{{- range $d.rules -}}
+{{- $sources := 0 -}}
+{{- if .configMap }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if .volume }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if .path }}{{ $sources = add1 $sources }}{{ end -}}
+{{- if or (not .name) (ne (int $sources) 1) -}}
+{{- fail (printf "detect.rules: each entry needs a name and exactly one of configMap, volume, path (%v)" .) -}}
+{{- end -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$" .name) -}}
+{{- fail (printf "detect.rules: name %q must be a DNS label (lower-case letters, digits, -)" .name) -}}
+{{- end -}}
+{{- if has .name $names -}}
+{{- fail (printf "detect.rules: name %q is used twice" .name) -}}
+{{- end -}}
+{{- if and .path (not (hasPrefix "/" .path)) -}}
+{{- fail (printf "detect.rules.%s.path must be absolute" .name) -}}
+{{- end -}}
+{{- if and .configMap (not .configMap.name) -}}
+{{- fail (printf "detect.rules.%s.configMap needs the ConfigMap's name" .name) -}}
+{{- end -}}
+{{- $names = append $names .name -}}
+{{- $paths = append $paths (include "trailhose.rulePath" .) -}}
+{{- end -}}
+{{- $_ := set $det "rules" $paths -}}
+{{- range $k := list "annotate" "skip_invalid" "reload_secs" "fields" "placeholders" -}}
+{{- if and (hasKey $d $k) (not (kindIs "invalid" (index $d $k))) }}{{ $_ := set $det $k (index $d $k) }}{{ end -}}
+{{- end -}}
+{{- $corr := dict -}}
+{{- range $k, $val := (default dict $d.correlation) -}}
+{{- if not (kindIs "invalid" $val) }}{{ $_ := set $corr $k $val }}{{ end -}}
+{{- end -}}
+{{- if $corr }}{{ $_ := set $det "correlation" $corr }}{{ end -}}
+{{- if $d.alerts -}}
+{{- range $d.alerts -}}
+{{- if not (and .kind .target) -}}
+{{- fail (printf "detect.alerts: each output needs kind and target (%v)" (omit . "target")) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $det "alerts" $d.alerts -}}
+{{- end -}}
+{{- else if $d.alerts -}}
+{{- fail "detect.alerts needs detect.rules: name where the Sigma rules come from" -}}
+{{- end -}}
+{{- toJson $det -}}
+{{- end }}
 
 {{/*
 The path trailhose reads an enrichment table from: a ConfigMap mounted as a directory per table
@@ -164,6 +231,8 @@ section the probes and Service depend on, the GeoIP paths and the transforms.
 {{- $_ := set $enrich "tables" (concat (default list (get $enrich "tables")) $list) -}}
 {{- $_ := set $cfg "enrich" $enrich -}}
 {{- end -}}
+{{- $detect := include "trailhose.detectDict" $v.detect | fromJson -}}
+{{- if $detect }}{{ $_ := set $cfg "detect" $detect }}{{ end -}}
 {{- toJson $cfg -}}
 {{- end }}
 

@@ -28,6 +28,9 @@ pub struct CorrelationConfig {
     /// How long a window's state is kept after its end or its last update, whichever is
     /// later (the TTL; late and redelivered events within it are counted once).
     pub retention_secs: u64,
+    /// `in_process`: counted members (eventIDs, values, rule names) all correlations keep in
+    /// memory together, shared evenly among them (default `store::MAX_MEMBERS`).
+    pub max_members: Option<usize>,
 }
 
 impl Default for CorrelationConfig {
@@ -38,6 +41,7 @@ impl Default for CorrelationConfig {
             region: None,
             endpoint_url: None,
             retention_secs: 86_400,
+            max_members: None,
         }
     }
 }
@@ -57,9 +61,25 @@ fn valid_table(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
+/// `max_members` bounds: below, a correlation with a high threshold keeps only a few groups;
+/// above, about 100 bytes a member would take gigabytes.
+const MAX_MEMBERS_MIN: usize = 10_000;
+const MAX_MEMBERS_MAX: usize = 50_000_000;
+
 impl CorrelationConfig {
+    /// The members in-process correlations keep in memory together.
+    pub fn max_members(&self) -> usize {
+        self.max_members.unwrap_or(super::store::MAX_MEMBERS)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         match self.mode {
+            Mode::Dynamodb if self.max_members.is_some() => {
+                return Err(invalid(
+                    "detect.correlation.max_members",
+                    "only with mode = \"in_process\" (DynamoDB keeps the state)",
+                ));
+            }
             Mode::Dynamodb => match self.table.as_deref() {
                 None => {
                     return Err(invalid(
@@ -88,6 +108,14 @@ impl CorrelationConfig {
                     return Err(invalid(key, "only with mode = \"dynamodb\""));
                 }
             }
+        }
+        if let Some(n) = self.max_members
+            && !(MAX_MEMBERS_MIN..=MAX_MEMBERS_MAX).contains(&n)
+        {
+            return Err(invalid(
+                "detect.correlation.max_members",
+                format!("{n}: must be {MAX_MEMBERS_MIN} to {MAX_MEMBERS_MAX}"),
+            ));
         }
         if self.retention_secs < 60 {
             return Err(invalid(
@@ -123,6 +151,15 @@ mod tests {
         assert!(err("table = \"t-1\"").contains("only with mode"));
         assert!(err("region = \"eu-west-1\"").contains("detect.correlation.region"));
         assert!(err("retention_secs = 5").contains("detect.correlation.retention_secs"));
+        assert!(err("max_members = 5").contains("detect.correlation.max_members"));
+        assert!(
+            err("mode = \"dynamodb\"\ntable = \"t-1\"\nmax_members = 100000")
+                .contains("only with mode = \"in_process\"")
+        );
+        let ok: CorrelationConfig = toml::from_str("max_members = 100000").expect("ok");
+        ok.validate().expect("valid");
+        assert_eq!(ok.max_members(), 100_000);
+        assert_eq!(CorrelationConfig::default().max_members(), 2_000_000);
         assert!(
             err("mode = \"dynamodb\"\ntable = \"t-1\"\nendpoint_url = \"localhost\"")
                 .contains("detect.correlation.endpoint_url")

@@ -18,6 +18,7 @@ pub mod store;
 pub mod window;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
 
 use rsigma_eval::correlation::{CompiledCorrelation, GroupByField, GroupKey, WindowState};
 use rsigma_eval::event::JsonEvent;
@@ -90,9 +91,18 @@ pub struct Correlator {
     /// not alert (Sigma's default).
     silenced: HashSet<String>,
     retention_secs: u64,
+    /// State keys of windows that fired, and the event that fired each: another event of a
+    /// fired window changes nothing, so it is not written again (on DynamoDB a write costs
+    /// by the item's size, and a fired item is a full one). Only the firing event's own
+    /// redelivery goes to the store (it fires again).
+    fired: Mutex<HashMap<String, String>>,
     /// Correlations not loaded under `skip_invalid`.
     pub skipped: Vec<Skipped>,
 }
+
+/// Fired windows remembered per rule set (about 200 bytes each); when full it starts afresh,
+/// which costs only writes.
+const FIRED_MAX: usize = 50_000;
 
 fn kind_name(t: CorrelationType) -> &'static str {
     match t {
@@ -193,7 +203,7 @@ fn definition_hash(rule: &rsigma_parser::CorrelationRule) -> String {
 /// missing). Opened once; every rule set compiled later uses it.
 pub async fn open_store(cfg: &CorrelationConfig) -> Result<Store, CorrelateError> {
     Ok(match cfg.mode {
-        Mode::InProcess => Store::memory(),
+        Mode::InProcess => Store::memory_within(cfg.max_members()),
         Mode::Dynamodb => {
             let shared =
                 crate::aws::config(cfg.region.as_deref(), cfg.endpoint_url.as_deref()).await;
@@ -246,6 +256,7 @@ impl Correlator {
             by_hit: HashMap::new(),
             silenced: HashSet::new(),
             retention_secs,
+            fired: Mutex::new(HashMap::new()),
             skipped: Vec::new(),
         };
         for (path, rule) in &rules.correlations {
@@ -394,6 +405,10 @@ impl Correlator {
                 c,
             });
         }
+        // In memory, the correlations share `detect.correlation.max_members` evenly.
+        for c in &out.correlations {
+            c.store.share(out.correlations.len());
+        }
         Ok(out)
     }
 
@@ -403,6 +418,11 @@ impl Correlator {
 
     pub fn is_empty(&self) -> bool {
         self.correlations.is_empty()
+    }
+
+    /// States held in memory across the correlations.
+    pub fn held_states(&self) -> usize {
+        self.correlations.iter().map(|c| c.store.held()).sum()
     }
 
     /// Whether a rule's matches alone alert (false when only correlations use it).
@@ -439,6 +459,14 @@ impl Correlator {
                 };
                 let c = &corr.c;
                 let group = GroupKey::extract(&ev, &c.group_by, &[written.as_str()]);
+                // An event without a group-by field is in no group (as the Sigma backends'
+                // `group by` leaves it out): pooled under null it would join unrelated events.
+                if group.0.iter().any(Option::is_none) {
+                    crate::metrics::emit(crate::metrics::CorrelationSkipped {
+                        reason: crate::metrics::SkipReason::GroupMissing,
+                    });
+                    continue;
+                }
                 let member = match c.correlation_type {
                     CorrelationType::EventCount => event_id.to_owned(),
                     CorrelationType::ValueCount => {
@@ -457,6 +485,9 @@ impl Correlator {
                 let w = window::window(ts, c.timespan_secs);
                 let group_text = group_json(&group.0);
                 let key = state_key(&corr.fingerprint, w, &group_text);
+                if self.fired_by(&key).is_some_and(|by| by != event_id) {
+                    continue;
+                }
                 let update = Update {
                     key: &key,
                     member: &member,
@@ -471,15 +502,36 @@ impl Correlator {
                     continue;
                 }
                 let mine = match state.fired_by.as_deref() {
-                    Some(by) => by == event_id,
+                    Some(by) => {
+                        self.remember_fired(&key, by);
+                        by == event_id
+                    }
                     None => corr.store.claim(&key, event_id).await?,
                 };
                 if mine {
+                    self.remember_fired(&key, event_id);
                     fired.push(self.fired(corr, &group, w, state.members.len()));
                 }
             }
         }
         Ok(fired)
+    }
+
+    fn fired_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        self.fired.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The event that fired the window at `key`, when this process has seen it fire.
+    fn fired_by(&self, key: &str) -> Option<String> {
+        self.fired_map().get(key).cloned()
+    }
+
+    fn remember_fired(&self, key: &str, by: &str) {
+        let mut m = self.fired_map();
+        if m.len() >= FIRED_MAX && !m.contains_key(key) {
+            m.clear();
+        }
+        m.insert(key.to_owned(), by.to_owned());
     }
 
     fn fired(&self, corr: &Compiled, group: &GroupKey, w: Window, value: usize) -> Fired {

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::AttributeValue;
@@ -15,6 +15,9 @@ use aws_sdk_dynamodb::types::AttributeValue;
 pub enum StoreError {
     #[error("correlation table {table}: {message}")]
     Call { table: String, message: String },
+    /// Not called: the table failed just now (`Breaker`).
+    #[error("correlation table {table}: not called while it is failing (a probe call follows)")]
+    Unavailable { table: String },
 }
 
 /// One update: add `member` to the state at `key` unless it is there or the set is full.
@@ -42,36 +45,124 @@ pub struct State {
 pub struct Kept {
     state: State,
     expires_at: i64,
+    /// When it was added (a counter): of states expiring together, the older goes first.
+    seq: u64,
 }
 
 /// Memory states one correlation keeps at most; past it expired ones are swept, then the
 /// oldest windows' evicted (counted: their counts are lost, a detection may be missed).
 const STATES_MAX: usize = 100_000;
-/// Members one correlation keeps in memory at most (about 64 bytes each): with a high
-/// threshold, fewer states. Group-by values are input, so without it memory would not be
-/// bounded.
-const MEMBERS_BUDGET: usize = 2_000_000;
+/// States one correlation may keep however small its share of the budget.
+const STATES_MIN: usize = 10;
+/// Members (about 64 bytes each) all of a process's in-memory correlations keep together by
+/// default (`detect.correlation.max_members`). Group-by values are input, so without a bound
+/// memory would not be bounded; the budget is shared evenly among the correlations.
+pub const MAX_MEMBERS: usize = 2_000_000;
 
-/// The states a memory store keeps for sets of at most `cap` members.
-fn states_max(cap: usize) -> usize {
-    (MEMBERS_BUDGET / cap.max(1)).clamp(100, STATES_MAX)
+/// The states a memory store keeps for sets of at most `cap` members, within `budget` members.
+fn states_max(cap: usize, budget: usize) -> usize {
+    (budget / cap.max(1)).clamp(STATES_MIN, STATES_MAX)
 }
 
 /// Makes room in a full memory store: expired states go, then (when still more than 90% full)
-/// the states that expire first, down to 80%, so that a sweep runs once per many adds.
-/// Returns how many unexpired states were evicted.
+/// the states that expire first, oldest first among equals, down to 80%, so that a sweep runs
+/// once per many adds. Returns how many unexpired states were evicted.
 fn make_room(m: &mut HashMap<String, Kept>, max: usize, now: i64) -> usize {
     m.retain(|_, k| k.expires_at > now);
     if m.len() < max - max / 10 {
         return 0;
     }
     let before = m.len();
-    let drop = before - (max - max / 5);
-    let mut ends: Vec<i64> = m.values().map(|k| k.expires_at).collect();
-    let (_, cut, _) = ends.select_nth_unstable(drop);
+    let drop = before.saturating_sub(max - max / 5);
+    if drop == 0 {
+        return 0;
+    }
+    // (expiry, insertion) is unique per state, so exactly `drop` go, even when many states
+    // expire at the same second (one window's groups all do).
+    let mut order: Vec<(i64, u64)> = m.values().map(|k| (k.expires_at, k.seq)).collect();
+    let (_, cut, _) = order.select_nth_unstable(drop - 1);
     let cut = *cut;
-    m.retain(|_, k| k.expires_at > cut);
+    m.retain(|_, k| (k.expires_at, k.seq) > cut);
     before - m.len()
+}
+
+/// One correlation's memory states.
+#[derive(Debug)]
+pub struct Mem {
+    states: HashMap<String, Kept>,
+    /// The next state's `seq`.
+    next: u64,
+    /// Members this correlation may keep: its share of `total`.
+    budget: usize,
+    /// The members all correlations share (`detect.correlation.max_members`).
+    total: usize,
+}
+
+/// Stops calls to a table that just failed, so that a hung or unreachable endpoint costs
+/// one call's timeout (10 s) now and then instead of one per matched event. After a failed
+/// call it is open for a second, doubling per failure up to 30 s; then one call probes
+/// while the others still fail at once, and a success closes it.
+#[derive(Debug)]
+pub struct Breaker {
+    state: Mutex<BreakerState>,
+    base: Duration,
+}
+
+#[derive(Debug)]
+struct BreakerState {
+    open_until: Option<Instant>,
+    probing: bool,
+    backoff: Duration,
+}
+
+const BREAKER_BASE: Duration = Duration::from_secs(1);
+const BREAKER_MAX: Duration = Duration::from_secs(30);
+
+impl Breaker {
+    pub fn new(base: Duration) -> Breaker {
+        Breaker {
+            state: Mutex::new(BreakerState {
+                open_until: None,
+                probing: false,
+                backoff: base,
+            }),
+            base,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a call may go out at `now`: closed, or open and due for its one probe.
+    pub fn admit(&self, now: Instant) -> bool {
+        let mut s = self.lock();
+        match s.open_until {
+            None => true,
+            Some(until) if now < until || s.probing => false,
+            Some(_) => {
+                s.probing = true;
+                true
+            }
+        }
+    }
+
+    pub fn succeeded(&self) {
+        let mut s = self.lock();
+        s.open_until = None;
+        s.probing = false;
+        s.backoff = self.base;
+    }
+
+    /// A call failed at `now`: open, for how long.
+    pub fn failed(&self, now: Instant) -> Duration {
+        let mut s = self.lock();
+        let open = s.backoff;
+        s.open_until = Some(now + open);
+        s.probing = false;
+        s.backoff = (open * 2).min(BREAKER_MAX.max(self.base));
+        open
+    }
 }
 
 /// One correlation's store. A memory store is one correlation's states alone, so that a rule
@@ -79,10 +170,12 @@ fn make_room(m: &mut HashMap<String, Kept>, max: usize, now: i64) -> usize {
 /// client of the one table, cloned for each correlation.
 #[derive(Clone)]
 pub enum Store {
-    Memory(Arc<Mutex<HashMap<String, Kept>>>),
+    Memory(Arc<Mutex<Mem>>),
     Dynamo {
         client: aws_sdk_dynamodb::Client,
         table: String,
+        /// Shared by every correlation's clone: the table fails for all of them.
+        breaker: Arc<Breaker>,
     },
 }
 
@@ -115,15 +208,39 @@ fn state_of(item: &HashMap<String, AttributeValue>) -> State {
 }
 
 impl Store {
+    /// A memory store within the default budget (`MAX_MEMBERS`).
     pub fn memory() -> Store {
-        Store::Memory(Arc::new(Mutex::new(HashMap::new())))
+        Store::memory_within(MAX_MEMBERS)
     }
 
-    /// A store for one more correlation of the same kind: empty memory, or the same table.
+    /// A memory store whose correlations share `total` members.
+    pub fn memory_within(total: usize) -> Store {
+        Store::Memory(Arc::new(Mutex::new(Mem {
+            states: HashMap::new(),
+            next: 0,
+            budget: total,
+            total,
+        })))
+    }
+
+    fn mem(m: &Mutex<Mem>) -> std::sync::MutexGuard<'_, Mem> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A store for one more correlation of the same kind: empty memory (within the same
+    /// total), or the same table.
     pub fn fresh(&self) -> Store {
         match self {
-            Store::Memory(_) => Store::memory(),
+            Store::Memory(m) => Store::memory_within(Store::mem(m).total),
             Store::Dynamo { .. } => self.clone(),
+        }
+    }
+
+    /// Gives a memory store its share of the total: one of `correlations` equal shares.
+    pub fn share(&self, correlations: usize) {
+        if let Store::Memory(m) = self {
+            let mut m = Store::mem(m);
+            m.budget = m.total / correlations.max(1);
         }
     }
 
@@ -138,36 +255,94 @@ impl Store {
     /// States held in memory (0 for DynamoDB).
     pub fn held(&self) -> usize {
         match self {
-            Store::Memory(m) => m.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            Store::Memory(m) => Store::mem(m).states.len(),
+            Store::Dynamo { .. } => 0,
+        }
+    }
+
+    /// Members held in memory across all states (0 for DynamoDB).
+    #[cfg(test)]
+    pub fn members(&self) -> usize {
+        match self {
+            Store::Memory(m) => Store::mem(m)
+                .states
+                .values()
+                .map(|k| k.state.members.len())
+                .sum(),
             Store::Dynamo { .. } => 0,
         }
     }
 
     /// The DynamoDB store, its table created (on-demand, TTL on `expires_at`) if missing.
     pub async fn dynamo(shared: &aws_config::SdkConfig, table: &str) -> Result<Store, StoreError> {
-        // The SDK sets no overall timeout: a hung endpoint would block a worker for good. A
-        // call that times out fails the notification's hold, which comes back (at-least-once).
-        let timeouts = aws_sdk_dynamodb::config::timeout::TimeoutConfig::builder()
-            .operation_attempt_timeout(CALL_ATTEMPT_TIMEOUT)
-            .operation_timeout(CALL_TIMEOUT)
-            .build();
-        let conf = aws_sdk_dynamodb::config::Builder::from(shared)
-            .timeout_config(timeouts)
-            .build();
-        let store = Store::Dynamo {
-            client: aws_sdk_dynamodb::Client::from_conf(conf),
-            table: table.to_owned(),
-        };
+        let store = Store::dynamo_unchecked(shared, table, CALL_ATTEMPT_TIMEOUT, CALL_TIMEOUT);
         store.ensure().await?;
         Ok(store)
     }
 
-    fn fail(&self, message: String) -> StoreError {
-        let table = match self {
+    /// The DynamoDB store as it is (no table check), with these timeouts.
+    fn dynamo_unchecked(
+        shared: &aws_config::SdkConfig,
+        table: &str,
+        attempt: Duration,
+        call: Duration,
+    ) -> Store {
+        // The SDK sets no overall timeout: a hung endpoint would block a worker for good. A
+        // call that times out fails the notification's hold, which comes back (at-least-once).
+        let timeouts = aws_sdk_dynamodb::config::timeout::TimeoutConfig::builder()
+            .operation_attempt_timeout(attempt)
+            .operation_timeout(call)
+            .build();
+        let conf = aws_sdk_dynamodb::config::Builder::from(shared)
+            .timeout_config(timeouts)
+            .build();
+        Store::Dynamo {
+            client: aws_sdk_dynamodb::Client::from_conf(conf),
+            table: table.to_owned(),
+            breaker: Arc::new(Breaker::new(BREAKER_BASE)),
+        }
+    }
+
+    fn table(&self) -> String {
+        match self {
             Store::Memory(_) => "(memory)".to_owned(),
             Store::Dynamo { table, .. } => table.clone(),
+        }
+    }
+
+    fn fail(&self, message: String) -> StoreError {
+        StoreError::Call {
+            table: self.table(),
+            message,
+        }
+    }
+
+    /// Runs one table call through the breaker: not at all while it is open, and a failure
+    /// opens it.
+    async fn guarded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let Store::Dynamo { table, breaker, .. } = self else {
+            return call.await;
         };
-        StoreError::Call { table, message }
+        if !breaker.admit(Instant::now()) {
+            return Err(StoreError::Unavailable {
+                table: table.clone(),
+            });
+        }
+        let out = call.await;
+        match &out {
+            Ok(_) => breaker.succeeded(),
+            Err(_) => {
+                let open = breaker.failed(Instant::now());
+                crate::metrics::emit(crate::metrics::CorrelationBreakerOpened {
+                    table,
+                    secs: open.as_secs_f64(),
+                });
+            }
+        }
+        out
     }
 
     fn describe<E: ProvideErrorMetadata + std::error::Error + 'static>(
@@ -186,7 +361,7 @@ impl Store {
 
     async fn ensure(&self) -> Result<(), StoreError> {
         use aws_sdk_dynamodb::types::*;
-        let Store::Dynamo { client, table } = self else {
+        let Store::Dynamo { client, table, .. } = self else {
             return Ok(());
         };
         let active = |d: &aws_sdk_dynamodb::operation::describe_table::DescribeTableOutput| {
@@ -265,10 +440,10 @@ impl Store {
     pub async fn add(&self, u: &Update<'_>, now: i64) -> Result<State, StoreError> {
         match self {
             Store::Memory(m) => {
-                let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
-                let max = states_max(u.cap);
-                if m.len() >= max && !m.contains_key(u.key) {
-                    let evicted = make_room(&mut m, max, now);
+                let mut m = Store::mem(m);
+                let max = states_max(u.cap, m.budget);
+                if m.states.len() >= max && !m.states.contains_key(u.key) {
+                    let evicted = make_room(&mut m.states, max, now);
                     if evicted > 0 {
                         crate::metrics::emit(crate::metrics::CorrelationStatesEvicted {
                             correlation: u.correlation,
@@ -276,12 +451,15 @@ impl Store {
                         });
                     }
                 }
-                let kept = m.entry(u.key.to_owned()).or_insert_with(|| Kept {
+                let seq = m.next;
+                m.next += 1;
+                let kept = m.states.entry(u.key.to_owned()).or_insert_with(|| Kept {
                     state: State {
                         members: BTreeSet::new(),
                         fired_by: None,
                     },
                     expires_at: u.expires_at,
+                    seq,
                 });
                 kept.expires_at = kept.expires_at.max(u.expires_at);
                 if kept.state.members.len() < u.cap {
@@ -289,60 +467,64 @@ impl Store {
                 }
                 Ok(kept.state.clone())
             }
-            Store::Dynamo { client, table } => {
-                let resp = client
-                    .update_item()
-                    .table_name(table)
-                    .key(KEY, s(u.key))
-                    .update_expression("ADD #m :m SET #e = :e, #c = :c, #w = :w, #g = :g")
-                    .condition_expression(
-                        "attribute_not_exists(#m) OR (NOT contains(#m, :v) AND size(#m) < :cap)",
-                    )
-                    .expression_attribute_names("#m", MEMBERS)
-                    .expression_attribute_names("#e", EXPIRES)
-                    .expression_attribute_names("#c", "correlation")
-                    .expression_attribute_names("#w", "window_start")
-                    .expression_attribute_names("#g", "group")
-                    .expression_attribute_values(
-                        ":m",
-                        AttributeValue::Ss(vec![u.member.to_owned()]),
-                    )
-                    .expression_attribute_values(":v", s(u.member))
-                    .expression_attribute_values(":cap", n(u.cap as i64))
-                    .expression_attribute_values(":e", n(u.expires_at))
-                    .expression_attribute_values(":c", s(u.correlation))
-                    .expression_attribute_values(":w", n(u.window_start))
-                    .expression_attribute_values(":g", s(u.group))
-                    .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
-                    .return_values_on_condition_check_failure(
-                        aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure::AllOld,
-                    )
-                    .send()
-                    .await;
-                match resp {
-                    Ok(out) => Ok(out.attributes().map(state_of).unwrap_or(State {
-                        members: BTreeSet::from([u.member.to_owned()]),
-                        fired_by: None,
-                    })),
-                    Err(e) if e.code() == Some("ConditionalCheckFailedException") => {
-                        let old = e.as_service_error().and_then(|se| match se {
-                            aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(c) => c.item().map(state_of),
-                            _ => None,
-                        });
-                        match old {
-                            Some(state) => Ok(state),
-                            None => self.get(u.key).await,
-                        }
-                    }
-                    Err(e) => Err(self.describe(&e)),
+            Store::Dynamo { .. } => self.guarded(self.add_item(u)).await,
+        }
+    }
+
+    /// `add` on DynamoDB: one conditional `UpdateItem` (and a read only when an old SDK
+    /// answers a failed condition without the item).
+    async fn add_item(&self, u: &Update<'_>) -> Result<State, StoreError> {
+        let Store::Dynamo { client, table, .. } = self else {
+            return Err(self.fail("add_item on memory".into()));
+        };
+        let resp = client
+            .update_item()
+            .table_name(table)
+            .key(KEY, s(u.key))
+            .update_expression("ADD #m :m SET #e = :e, #c = :c, #w = :w, #g = :g")
+            .condition_expression(
+                "attribute_not_exists(#m) OR (NOT contains(#m, :v) AND size(#m) < :cap)",
+            )
+            .expression_attribute_names("#m", MEMBERS)
+            .expression_attribute_names("#e", EXPIRES)
+            .expression_attribute_names("#c", "correlation")
+            .expression_attribute_names("#w", "window_start")
+            .expression_attribute_names("#g", "group")
+            .expression_attribute_values(":m", AttributeValue::Ss(vec![u.member.to_owned()]))
+            .expression_attribute_values(":v", s(u.member))
+            .expression_attribute_values(":cap", n(u.cap as i64))
+            .expression_attribute_values(":e", n(u.expires_at))
+            .expression_attribute_values(":c", s(u.correlation))
+            .expression_attribute_values(":w", n(u.window_start))
+            .expression_attribute_values(":g", s(u.group))
+            .return_values(aws_sdk_dynamodb::types::ReturnValue::AllNew)
+            .return_values_on_condition_check_failure(
+                aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure::AllOld,
+            )
+            .send()
+            .await;
+        match resp {
+            Ok(out) => Ok(out.attributes().map(state_of).unwrap_or(State {
+                members: BTreeSet::from([u.member.to_owned()]),
+                fired_by: None,
+            })),
+            Err(e) if e.code() == Some("ConditionalCheckFailedException") => {
+                let old = e.as_service_error().and_then(|se| match se {
+                    aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(c) => c.item().map(state_of),
+                    _ => None,
+                });
+                match old {
+                    Some(state) => Ok(state),
+                    None => self.get(u.key).await,
                 }
             }
+            Err(e) => Err(self.describe(&e)),
         }
     }
 
     /// A state as it is (strongly consistent read).
     async fn get(&self, key: &str) -> Result<State, StoreError> {
-        let Store::Dynamo { client, table } = self else {
+        let Store::Dynamo { client, table, .. } = self else {
             return Err(self.fail("get on memory".into()));
         };
         let out = client
@@ -364,8 +546,8 @@ impl Store {
     pub async fn claim(&self, key: &str, event_id: &str) -> Result<bool, StoreError> {
         match self {
             Store::Memory(m) => {
-                let mut m = m.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(kept) = m.get_mut(key) else {
+                let mut m = Store::mem(m);
+                let Some(kept) = m.states.get_mut(key) else {
                     return Ok(false);
                 };
                 let by = kept
@@ -374,26 +556,29 @@ impl Store {
                     .get_or_insert_with(|| event_id.to_owned());
                 Ok(by == event_id)
             }
-            Store::Dynamo { client, table } => {
-                let resp = client
-                    .update_item()
-                    .table_name(table)
-                    .key(KEY, s(key))
-                    .update_expression("SET #f = :f")
-                    .condition_expression(
-                        "attribute_exists(#k) AND (attribute_not_exists(#f) OR #f = :f)",
-                    )
-                    .expression_attribute_names("#f", FIRED_BY)
-                    .expression_attribute_names("#k", KEY)
-                    .expression_attribute_values(":f", s(event_id))
-                    .send()
-                    .await;
-                match resp {
-                    Ok(_) => Ok(true),
-                    Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(false),
-                    Err(e) => Err(self.describe(&e)),
-                }
-            }
+            Store::Dynamo { .. } => self.guarded(self.claim_item(key, event_id)).await,
+        }
+    }
+
+    async fn claim_item(&self, key: &str, event_id: &str) -> Result<bool, StoreError> {
+        let Store::Dynamo { client, table, .. } = self else {
+            return Err(self.fail("claim_item on memory".into()));
+        };
+        let resp = client
+            .update_item()
+            .table_name(table)
+            .key(KEY, s(key))
+            .update_expression("SET #f = :f")
+            .condition_expression("attribute_exists(#k) AND (attribute_not_exists(#f) OR #f = :f)")
+            .expression_attribute_names("#f", FIRED_BY)
+            .expression_attribute_names("#k", KEY)
+            .expression_attribute_values(":f", s(event_id))
+            .send()
+            .await;
+        match resp {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some("ConditionalCheckFailedException") => Ok(false),
+            Err(e) => Err(self.describe(&e)),
         }
     }
 }
@@ -440,7 +625,7 @@ mod tests {
     async fn memory_stays_bounded_when_every_group_is_new() {
         let s = Store::memory();
         let cap = 4_001;
-        let max = states_max(cap);
+        let max = states_max(cap, MAX_MEMBERS);
         assert_eq!(max, 499);
         for i in 0..(max * 5) {
             let key = format!("k{i}");
@@ -454,7 +639,7 @@ mod tests {
         let Store::Memory(m) = &s else {
             panic!("memory")
         };
-        let has = |k: &str| m.lock().expect("lock").contains_key(k);
+        let has = |k: &str| Store::mem(m).states.contains_key(k);
         assert!(has(&format!("k{}", max * 5 - 1)), "the newest stays");
         assert!(!has("k0"), "the oldest went");
         // Expired states go first, and nothing unexpired when they make room.
@@ -471,6 +656,131 @@ mod tests {
         u.expires_at = 1_000;
         s.add(&u, 20).await.expect("add");
         assert_eq!(s.held(), 1);
-        assert_eq!(states_max(6), STATES_MAX);
+        assert_eq!(states_max(6, MAX_MEMBERS), STATES_MAX);
+    }
+
+    #[tokio::test]
+    async fn states_expiring_together_are_evicted_oldest_first_and_only_as_many_as_needed() {
+        // One window's groups all expire at the same second: eviction must not empty the store.
+        let s = Store::memory();
+        let cap = 4_001;
+        let max = states_max(cap, MAX_MEMBERS);
+        for i in 0..=max {
+            let key = format!("k{i}");
+            let mut u = update(&key, "a");
+            u.cap = cap;
+            u.expires_at = 1_000;
+            s.add(&u, 0).await.expect("add");
+        }
+        // Full at `max`: the next new state evicted down to 80%, then was added.
+        assert_eq!(s.held(), max - max / 5 + 1, "only as many as needed");
+        let Store::Memory(m) = &s else {
+            panic!("memory")
+        };
+        let has = |k: &str| Store::mem(m).states.contains_key(k);
+        assert!(!has("k0"), "the oldest of equals went first");
+        assert!(has(&format!("k{}", max - 1)) && has(&format!("k{max}")));
+    }
+
+    #[tokio::test]
+    async fn the_member_budget_is_shared_among_correlations() {
+        let base = Store::memory_within(10_000);
+        let (a, b) = (base.fresh(), base.fresh());
+        for s in [&a, &b] {
+            s.share(2);
+        }
+        // Each of two correlations keeps 5,000 members: 1,250 states of 4 (cap 4).
+        for i in 0..3_000 {
+            let key = format!("k{i}");
+            let mut u = update(&key, "a");
+            u.cap = 4;
+            u.expires_at = 1_000 + i;
+            a.add(&u, 0).await.expect("add");
+            assert!(a.held() <= 1_250, "{} states", a.held());
+        }
+        assert!(a.held() > 1_000);
+        assert_eq!(b.held(), 0);
+        assert_eq!(states_max(4, 10), STATES_MIN, "never fewer than STATES_MIN");
+    }
+
+    #[test]
+    fn the_breaker_opens_on_a_failure_lets_one_probe_through_and_closes_on_success() {
+        let b = Breaker::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        assert!(b.admit(t0));
+        assert_eq!(b.failed(t0), Duration::from_secs(1));
+        assert!(!b.admit(t0), "open");
+        let later = t0 + Duration::from_millis(1_500);
+        assert!(b.admit(later), "the probe");
+        assert!(!b.admit(later), "one probe at a time");
+        assert_eq!(b.failed(later), Duration::from_secs(2), "doubles");
+        assert!(!b.admit(later + Duration::from_secs(1)));
+        let much_later = later + Duration::from_secs(3);
+        assert!(b.admit(much_later));
+        b.succeeded();
+        assert!(b.admit(much_later) && b.admit(much_later), "closed");
+        for _ in 0..10 {
+            b.failed(much_later);
+        }
+        assert_eq!(b.failed(much_later), BREAKER_MAX, "bounded");
+    }
+
+    #[tokio::test]
+    async fn a_hung_table_costs_one_timeout_and_is_not_called_again_while_open() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        // An endpoint that accepts connections and never answers.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let seen = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming().flatten() {
+                seen.fetch_add(1, Ordering::SeqCst);
+                held.push(conn);
+            }
+        });
+        let shared = aws_config::SdkConfig::builder()
+            .behavior_version(aws_config::BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(format!("http://127.0.0.1:{port}"))
+            .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+                aws_sdk_dynamodb::config::Credentials::new("k", "s", None, None, "test"),
+            ))
+            .build();
+        let store = Store::dynamo_unchecked(
+            &shared,
+            "hung",
+            Duration::from_millis(200),
+            Duration::from_millis(700),
+        );
+        // A breaker that stays open for the whole test, so that nothing here races the clock.
+        let store = match store {
+            Store::Dynamo { client, table, .. } => Store::Dynamo {
+                client,
+                table,
+                breaker: Arc::new(Breaker::new(Duration::from_secs(3_600))),
+            },
+            memory => memory,
+        };
+        let first = store.add(&update("k", "a"), 0).await;
+        assert!(matches!(first, Err(StoreError::Call { .. })), "{first:?}");
+        assert!(
+            accepted.load(Ordering::SeqCst) >= 1,
+            "the first call reached the endpoint"
+        );
+        // Unavailable is answered before any I/O: no timeout, no connection.
+        for member in ["b", "c", "d"] {
+            let next = store.add(&update("k", member), 0).await;
+            assert!(
+                matches!(next, Err(StoreError::Unavailable { .. })),
+                "{next:?}"
+            );
+        }
+        let claim = store.fresh().claim("k", "a").await;
+        assert!(
+            matches!(claim, Err(StoreError::Unavailable { .. })),
+            "every correlation's clone shares the breaker: {claim:?}"
+        );
     }
 }

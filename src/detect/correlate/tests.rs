@@ -344,3 +344,53 @@ fn a_correlation_with_aliases_hashes_the_same_every_time_it_is_parsed() {
         .collect();
     assert_eq!(hashes.len(), 1, "{hashes:?}");
 }
+
+#[tokio::test]
+async fn events_without_a_group_by_field_are_in_no_group() {
+    let (rules, c) = correlator();
+    // Five failed logins from five different principals none of which has a userName (a
+    // root or federated sign-in): pooled under null they would fire COUNT.
+    for i in 0..5 {
+        let mut e = failed(&format!("g{i}"), "x", "1.1.1.1");
+        e["userIdentity"] = json!({"type": "Root", "arn": format!("arn:aws:iam::{i}:root")});
+        let got = feed(&rules, &c, &e, T0 + i * 10).await;
+        assert!(!got.contains(&COUNT.to_owned()), "{i}: {got:?}");
+    }
+    assert_eq!(
+        store_of(&c, COUNT).held(),
+        0,
+        "no state for the missing group"
+    );
+    // They still count where their group is known (VALUES groups by sourceIPAddress, and
+    // counts userName values, which they lack: nothing counted there either).
+    assert_eq!(store_of(&c, VALUES).held(), 0);
+}
+
+#[tokio::test]
+async fn a_fired_window_is_not_written_again_except_by_the_event_that_fired_it() {
+    let (rules, c) = correlator();
+    for i in 0..5 {
+        let e = failed(&format!("f{i}"), "alice", "1.1.1.1");
+        let got = feed(&rules, &c, &e, T0 + i).await;
+        assert_eq!(got.contains(&COUNT.to_owned()), i == 4, "{i}: {got:?}");
+    }
+    let count = store_of(&c, COUNT);
+    assert_eq!(count.members(), 5);
+    // Later events of the fired window: not added (the set would grow to its cap of 6).
+    for i in 5..8 {
+        let e = failed(&format!("f{i}"), "alice", "1.1.1.1");
+        assert!(
+            !feed(&rules, &c, &e, T0 + i)
+                .await
+                .contains(&COUNT.to_owned())
+        );
+    }
+    assert_eq!(count.members(), 5, "a fired window is not rewritten");
+    // The event that fired, delivered again, fires again.
+    let again = failed("f4", "alice", "1.1.1.1");
+    assert_eq!(
+        feed(&rules, &c, &again, T0 + 9).await,
+        [COUNT.to_owned()],
+        "redelivered, it fires again"
+    );
+}
