@@ -13,6 +13,7 @@ pub mod backtest;
 pub mod config;
 pub mod correlate;
 pub mod output;
+pub mod prefilter;
 pub mod rules;
 pub mod suppress;
 pub mod trial;
@@ -34,7 +35,8 @@ use crate::watch::{Stamp, stamp};
 use config::{AlertConfig, AlertKind, DetectConfig, EventPayload};
 use correlate::{Correlated, Correlator, Fired};
 use output::{Output, OutputError, Pending};
-use rules::{Hit, RuleError, Rules};
+use prefilter::Keys;
+use rules::{Hit, Inspected, RuleError, Rules};
 use suppress::Suppressor;
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +111,9 @@ pub struct Seen<'a> {
     /// Fragments spliced into it (`"geo":{…}`).
     pub additions: &'a [&'a [u8]],
     pub head: &'a Head<'a>,
+    /// `head` was read from `raw` itself (not a module's output, whose head may inherit
+    /// fields the event lacks): the rules it cannot match are skipped without parsing.
+    pub exact_head: bool,
     /// Its partition in the output (S3 alerts are partitioned the same way).
     pub partition: &'a str,
     /// The file it came from.
@@ -230,22 +235,30 @@ impl Detect {
     /// splice into it when `annotate` is on and a rule matched.
     pub fn inspect(&self, seen: &Seen<'_>) -> Option<Vec<u8>> {
         let started = Instant::now();
-        let Some(event) = parse_written(seen.raw, seen.additions) else {
-            // The splitter takes events serde_json will not build (nested deeper than 128,
-            // a lone surrogate escape): written, but no rule saw them. Said, not silent.
-            metrics::emit(EventNotEvaluated {
-                source: seen.source,
-                event_id: seen.head.event_id.as_deref().map(clip),
-            });
-            return None;
-        };
         // One set for the whole event: a reload meanwhile applies from the next one.
         let running = self.running();
-        let hits = running.rules.evaluate(&event);
+        // Alerts and correlations read any member of a matched event.
+        let whole = !self.routes.is_empty() || running.correlator.is_some();
+        let keys = Keys::of(seen.head, seen.exact_head, seen.additions);
+        let inspected = running.rules.inspect(seen.raw, seen.additions, keys, whole);
         metrics::emit(EventsEvaluated {
             events: 1,
             elapsed: started.elapsed(),
         });
+        let (hits, event) = match inspected {
+            Inspected::Skipped => return None,
+            Inspected::Evaluated { hits, event } => (hits, event),
+            Inspected::Unreadable => {
+                // The splitter takes events serde_json will not build (nested deeper than
+                // 128, a lone surrogate escape): written, but no rule saw them. Said, not
+                // silent.
+                metrics::emit(EventNotEvaluated {
+                    source: seen.source,
+                    event_id: seen.head.event_id.as_deref().map(clip),
+                });
+                return None;
+            }
+        };
         if hits.is_empty() {
             return None;
         }
@@ -648,8 +661,9 @@ mod tests {
         )
         .expect("rules");
         let d = Detect::rules_only(rules);
+        // Too deep in a member a rule reads.
         let deep = format!(
-            "{{\"eventName\":\"CreateUser\",\"eventSource\":\"iam.amazonaws.com\",\"x\":{}{}}}",
+            "{{\"eventSource\":\"iam.amazonaws.com\",\"eventName\":{}\"CreateUser\"{}}}",
             "[".repeat(200),
             "]".repeat(200)
         );
@@ -670,6 +684,7 @@ mod tests {
             raw: deep.as_bytes(),
             additions: &[],
             head: &head,
+            exact_head: true,
             partition: "",
             source: "s3://b/k",
             hold: None,
@@ -765,6 +780,7 @@ mod tests {
                     raw: raw.as_bytes(),
                     additions: &[],
                     head: &head,
+                    exact_head: false,
                     partition: "",
                     source: "s3://b/k",
                     hold: None,

@@ -12,6 +12,7 @@ use rsigma_parser::{Detection, Modifier, SigmaRule, SigmaValue};
 use serde_json::Value;
 
 use super::config::Level;
+use super::prefilter::{Keys, Prefilter, parse_members};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuleError {
@@ -49,6 +50,8 @@ pub struct Hit {
 
 pub struct Rules {
     engine: rsigma_eval::Engine,
+    /// The candidate rules of an event, and the members they read.
+    prefilter: Prefilter,
     /// Rules not for CloudTrail (another logsource), by title: listed by `detect test`.
     pub other_logsource: Vec<String>,
     /// Invalid rules skipped under `skip_invalid`.
@@ -286,6 +289,7 @@ impl Rules {
             return Err(RuleError::Empty(named.join(", ")));
         }
         Ok(Rules {
+            prefilter: Prefilter::build(engine.rules()),
             engine,
             other_logsource,
             skipped,
@@ -302,23 +306,71 @@ impl Rules {
         self.len() == 0
     }
 
-    /// The rules `event` matches, in rule order.
+    /// The rules `event` matches, in rule order (every rule, through the engine's own
+    /// index: the reference `inspect` is tested against).
     pub fn evaluate(&self, event: &Value) -> Vec<Hit> {
         let results = self.engine.evaluate(&JsonEvent::borrow(event));
-        results
-            .into_iter()
-            .filter(|r| r.is_detection())
-            .map(|r| {
-                let h = r.header;
-                Hit {
-                    id: h.rule_id.clone().unwrap_or_else(|| h.rule_title.clone()),
-                    title: h.rule_title,
-                    level: level_of(h.level.as_ref()),
-                    tags: h.tags,
-                }
-            })
-            .collect()
+        results.into_iter().filter_map(hit).collect()
     }
+
+    /// The rules the event as written (`raw` with `additions`) matches, in rule order,
+    /// parsing it only when a rule can match its `keys`, and then (unless `whole`) only for
+    /// the members its candidate rules read.
+    pub fn inspect(
+        &self,
+        raw: &[u8],
+        additions: &[&[u8]],
+        keys: Keys<'_>,
+        whole: bool,
+    ) -> Inspected {
+        let mut candidates = Vec::new();
+        self.prefilter.candidates(keys, &mut candidates);
+        if candidates.is_empty() {
+            return Inspected::Skipped;
+        }
+        let mut members = Vec::new();
+        let event = match !whole && self.prefilter.members(&candidates, &mut members) {
+            true => parse_members(raw, additions, &members),
+            false => super::parse_written(raw, additions),
+        };
+        let Some(event) = event else {
+            return Inspected::Unreadable;
+        };
+        let ev = JsonEvent::borrow(&event);
+        let compiled = self.engine.rules();
+        let hits = candidates
+            .iter()
+            .filter_map(|i| compiled.get(*i))
+            .filter_map(|r| rsigma_eval::evaluate_rule(r, &ev))
+            .filter_map(hit)
+            .collect();
+        Inspected::Evaluated { hits, event }
+    }
+}
+
+/// What `Rules::inspect` found.
+pub enum Inspected {
+    /// No rule can match the event: it was not parsed.
+    Skipped,
+    /// A candidate rule remained, but serde_json does not build the event (nested deeper
+    /// than 128, a lone surrogate escape).
+    Unreadable,
+    /// The rules it matched, and the event: whole when asked for, otherwise only the members
+    /// its candidate rules read.
+    Evaluated { hits: Vec<Hit>, event: Value },
+}
+
+fn hit(r: rsigma_eval::EvaluationResult) -> Option<Hit> {
+    if !r.is_detection() {
+        return None;
+    }
+    let h = r.header;
+    Some(Hit {
+        id: h.rule_id.clone().unwrap_or_else(|| h.rule_title.clone()),
+        title: h.rule_title,
+        level: level_of(h.level.as_ref()),
+        tags: h.tags,
+    })
 }
 
 #[cfg(test)]
@@ -550,5 +602,252 @@ mod tests {
         assert_eq!(ids(&rules, &login("GB")), [id]);
         assert!(ids(&rules, &login("US")).is_empty());
         assert!(ids(&rules, &login("CA")).is_empty());
+    }
+
+    /// Every rule the engine finds on the event as written, against what `inspect` finds
+    /// through the prefilter (and the members it parses), for one rule set.
+    fn agree(rules: &Rules, raw: &str, additions: &[&[u8]]) {
+        let whole = super::super::parse_written(raw.as_bytes(), additions).expect("object");
+        let mut want: Vec<String> = rules.evaluate(&whole).into_iter().map(|h| h.id).collect();
+        want.sort();
+        let head = crate::cloudtrail::head_of(raw.as_bytes()).expect("head");
+        for exact in [true, false] {
+            for all_members in [false, true] {
+                let keys = Keys::of(&head, exact, additions);
+                let got = match rules.inspect(raw.as_bytes(), additions, keys, all_members) {
+                    Inspected::Skipped => Vec::new(),
+                    Inspected::Evaluated { hits, .. } => {
+                        let mut ids: Vec<String> = hits.into_iter().map(|h| h.id).collect();
+                        ids.sort();
+                        ids
+                    }
+                    Inspected::Unreadable => panic!("unreadable: {raw}"),
+                };
+                assert_eq!(
+                    got, want,
+                    "{raw} {additions:?} exact={exact} whole={all_members}"
+                );
+            }
+        }
+    }
+
+    /// Events over every combination of eventSource and eventName values the test rules
+    /// name (in other cases, absent, of other types, repeated), with the members the other
+    /// rules read.
+    fn events() -> Vec<String> {
+        let sources = [
+            None,
+            Some(r#""iam.amazonaws.com""#),
+            Some(r#""IAM.Amazonaws.COM""#),
+            Some(r#""kms.amazonaws.com""#),
+            Some(r#""s3.amazonaws.com""#),
+            Some(r#""sts.amazonaws.com""#),
+            Some(r#""cloudtrail.amazonaws.com""#),
+            Some(r#""ec2.amazonaws.com""#),
+            Some(r#""lambda.amazonaws.com""#),
+            Some(r#""signin.amazonaws.com""#),
+            Some("7"),
+            Some(r#"["iam.amazonaws.com"]"#),
+            Some("null"),
+            Some(r#""i\u0061m.amazonaws.com""#),
+        ];
+        let names = [
+            None,
+            Some(r#""CreateUser""#),
+            Some(r#""createuser""#),
+            Some(r#""DeleteUser""#),
+            Some(r#""Decrypt""#),
+            Some(r#""PutBucketPolicy""#),
+            Some(r#""GetObject""#),
+            Some(r#""getobject""#),
+            Some(r#""GetCallerIdentity""#),
+            Some(r#""StopLogging""#),
+            Some(r#""DeleteTrail""#),
+            Some(r#""ConsoleLogin""#),
+            Some(r#""consolelogin""#),
+            Some(r#""AssumeRole""#),
+            Some(r#""RunInstances""#),
+            Some(r#""UpdateLoginProfile""#),
+            Some(r#""CreateAccessKey""#),
+            Some(r#""PutBucketAcl""#),
+            Some(r#""ListBuckets""#),
+            Some("7"),
+            Some(r#""7""#),
+            Some(r#"["CreateUser","x"]"#),
+            Some("null"),
+            Some("{}"),
+            Some(r#""CRÉATEUSER""#),
+            Some(r#""Cre\u0061teUser""#),
+        ];
+        let extras = [
+            "",
+            r#""userAgent":"TruffleHog/3.0","#,
+            r#""errorCode":"AccessDenied","#,
+            r#""userIdentity":{"type":"Root","userName":"bob","arn":"arn:aws:iam::1:root"},"requestParameters":{"userName":"bob"},"#,
+            r#""readOnly":false,"userIdentity":{"arn":"arn:aws:sts::1:assumed-role/deployer/x"},"#,
+            r#""eventType":"AwsServiceEvent","userIdentity":{"type":"root"},"#,
+            r#""requestParameters":{"bucketName":"exfil-bucket"},"sourceIPAddress":"10.1.2.3","#,
+            r#""api":"PutBucketPolicy","detail":{"eventName":"CreateUser"},"#,
+            r#""eventName":"CreateUser","eventSource":"iam.amazonaws.com","#,
+            r#""userIdentity.type":"Root","#,
+        ];
+        let mut out = Vec::new();
+        for s in sources {
+            for n in names {
+                for x in extras {
+                    let mut e = format!("{{{x}");
+                    if let Some(s) = s {
+                        e.push_str(&format!(r#""eventSource":{s},"#));
+                    }
+                    if let Some(n) = n {
+                        e.push_str(&format!(r#""eventName":{n},"#));
+                    }
+                    e.push_str(r#""eventID":"e"}"#);
+                    out.push(e);
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_prefilter_never_skips_a_rule_that_matches() {
+        let mappings = [
+            BTreeMap::new(),
+            BTreeMap::from([("api".to_owned(), "eventName".to_owned())]),
+            BTreeMap::from([("eventName".to_owned(), "detail.eventName".to_owned())]),
+        ];
+        let geo: &[u8] = br#""geo":{"country_isocode":"GB"}"#;
+        let renames: &[u8] = br#""eventName":"CreateUser""#;
+        let escaped: &[u8] = br#""event\u004eame":"DeleteUser""#;
+        for fields in &mappings {
+            let rules = Rules::load(
+                &[dir("prefilter"), dir("modifiers"), dir("rules")],
+                fields,
+                &BTreeMap::new(),
+                false,
+            )
+            .expect("rules");
+            let mut matched = 0;
+            for e in events() {
+                let v: Value = serde_json::from_str(&e).expect("event");
+                matched += usize::from(!rules.evaluate(&v).is_empty());
+                agree(&rules, &e, &[]);
+                agree(&rules, &e, &[geo]);
+                agree(&rules, &e, &[geo, renames]);
+                agree(&rules, &e, &[escaped]);
+            }
+            assert!(matched > 1000, "the events match: {matched}");
+        }
+    }
+
+    #[test]
+    fn rules_are_indexed_by_the_literals_they_require_and_unrelated_events_are_not_parsed() {
+        let rules = Rules::load(
+            &[dir("prefilter")],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            false,
+        )
+        .expect("rules");
+        let always: Vec<&str> = rules
+            .prefilter
+            .always()
+            .iter()
+            .map(|i| rules.identities[*i].0.as_str())
+            .collect();
+        assert_eq!(
+            always,
+            [
+                "keywords",
+                "mapped",
+                "name-contains",
+                "name-re",
+                "name-wildcard",
+                "no-literal",
+                "not-name",
+                "one-of-mixed",
+                "or-one-side",
+                "source-startswith",
+            ],
+            "the rules without a literal eventSource or eventName"
+        );
+        // Only the literal rules: an event none of them names is not parsed at all.
+        let literal = Rules::load(
+            &[
+                dir("prefilter").join("name-literal.yml"),
+                dir("prefilter").join("filtered.yml"),
+                dir("prefilter").join("contradiction.yml"),
+            ],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            false,
+        )
+        .expect("rules");
+        let inspect = |raw: &str| {
+            let head = crate::cloudtrail::head_of(raw.as_bytes()).expect("head");
+            let keys = Keys::of(&head, true, &[]);
+            match literal.inspect(raw.as_bytes(), &[], keys, false) {
+                Inspected::Skipped => None,
+                Inspected::Evaluated { hits, .. } => Some(hits.len()),
+                Inspected::Unreadable => panic!("unreadable"),
+            }
+        };
+        // Not even read: a body that does not parse is never looked at.
+        assert_eq!(
+            inspect(r#"{"eventSource":"s3.amazonaws.com","eventName":"GetObject","x":[1,2]}"#),
+            None
+        );
+        assert_eq!(
+            inspect(r#"{"eventSource":"IAM.amazonaws.com","eventName":"createUSER"}"#),
+            Some(1)
+        );
+        assert_eq!(
+            inspect(r#"{"eventSource":"sts.amazonaws.com","eventName":"GetCallerIdentity"}"#),
+            Some(0),
+            "a candidate its filter then refuses"
+        );
+        assert_eq!(
+            inspect(r#"{"eventSource":"sts.amazonaws.com","eventName":"AssumeRole"}"#),
+            Some(1)
+        );
+        // Unknown keys (absent, not strings) leave every rule a candidate.
+        assert_eq!(inspect(r#"{"eventName":"CreateUser"}"#), Some(0));
+        assert_eq!(
+            inspect(r#"{"eventSource":["iam.amazonaws.com"],"eventName":"CreateUser"}"#),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn the_members_a_rule_reads_are_all_it_sees_of_the_event() {
+        use super::super::prefilter::parse_members;
+        let raw = br#"{"a":1,"b":{"c":[1,{"d":2}]},"a":"last","x.y":3,"deep":[[[[1]]]]}"#;
+        let v = parse_members(raw, &[br#""geo":{"a":1},"b":null"#], &["a", "b", "x.y"])
+            .expect("object");
+        assert_eq!(
+            v,
+            serde_json::json!({"a":"last","b":null,"x.y":3}),
+            "the last of a repeated key, an addition replacing a member, flat dotted keys"
+        );
+        // Laid out as people write it, strings holding brackets and quotes.
+        let pretty =
+            b"{\n  \"s\" : \"a}\\\"]\" ,\n\t\"a\": [ {\"x\": \"]}\"}, -1.5e3 ] ,\"n\":null\r\n}\n";
+        assert_eq!(
+            parse_members(pretty, &[], &["a", "n"]),
+            Some(serde_json::json!({"a":[{"x":"]}"},-1.5e3],"n":null}))
+        );
+        // A key with an escape: serde reads the event.
+        assert_eq!(
+            parse_members(br#"{"\u0061":1,"b":[2]}"#, &[], &["a"]),
+            Some(serde_json::json!({"a":1}))
+        );
+        assert_eq!(
+            parse_members(b" {} ", &[], &["a"]),
+            Some(serde_json::json!({}))
+        );
+        assert!(parse_members(b"[1]", &[], &["a"]).is_none());
+        assert!(parse_members(br#"{"a":1} x"#, &[], &["a"]).is_none());
+        assert!(parse_members(br#"{"a":1"#, &[], &["a"]).is_none());
     }
 }

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::parse_written;
-use super::rules::{RuleError, Rules};
+use super::prefilter::Keys;
+use super::rules::{Inspected, RuleError, Rules};
 use crate::transform::trial::{TrialError, read_events};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,19 +74,23 @@ pub fn run(
     for file in files {
         for (index, raw) in read_events(file)?.iter().enumerate() {
             events += 1;
-            let Some(event) = parse_written(raw, &[]) else {
+            // As the pipeline sees it: the head the split reads, then the candidate rules.
+            let Ok(head) = crate::cloudtrail::head_of(raw) else {
                 continue;
             };
-            let hits = rules.evaluate(&event);
+            let keys = Keys::of(&head, true, &[]);
+            let Inspected::Evaluated { hits, .. } = rules.inspect(raw, &[], keys, false) else {
+                continue;
+            };
             if hits.is_empty() {
                 continue;
             }
-            let text = |k: &str| event.get(k).and_then(|v| v.as_str()).map(str::to_owned);
+            let text = |v: Option<&str>| v.map(str::to_owned);
             matched.push(EventMatches {
                 file: file.display().to_string(),
                 index,
-                event_id: text("eventID"),
-                event_name: text("eventName"),
+                event_id: text(head.event_id.as_deref()),
+                event_name: text(head.event_name.as_deref()),
                 matches: hits
                     .into_iter()
                     .map(|h| Matched {

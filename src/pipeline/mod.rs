@@ -983,6 +983,7 @@ impl Route<'_> {
                 raw,
                 additions,
                 head,
+                exact_head,
                 partition: self.key.as_str(),
                 source: self.source,
                 hold: self.hold,
