@@ -145,10 +145,12 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     }
     let module = |file: &str| {
         let p = args.transforms_dir.join(file);
-        p.is_file().then_some(p)
+        (cfg!(feature = "transforms") && p.is_file()).then_some(p)
     };
     let (identity, priority) = (module("identity.wasm"), module("priority_rules.wasm"));
-    if identity.is_none() || priority.is_none() {
+    if !cfg!(feature = "transforms") {
+        println!("(built without the `transforms` feature — the transform rows are skipped)");
+    } else if identity.is_none() || priority.is_none() {
         println!(
             "(no modules in {} — the transform rows are skipped; run scripts/build-transforms.sh)",
             args.transforms_dir.display()
@@ -223,6 +225,9 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         }
         let is_transform_row = name.contains("identity") || name.contains("priority");
         if is_transform_row && module.is_none() {
+            continue;
+        }
+        if name.contains("parquet") && !cfg!(feature = "parquet") {
             continue;
         }
         let is_detect_row = name.ends_with("detections");

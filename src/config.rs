@@ -8,11 +8,13 @@ use serde::{Deserialize, Serialize};
 pub mod enrich;
 
 use crate::sink::batch::Limits;
+#[cfg(feature = "parquet")]
 use crate::sink::columnar::{self, ParquetSpec};
 use crate::sink::encode::{Codec, Compression};
 use crate::sink::flat::{Dialect, FlatSpec};
 use crate::sink::format::{Converter, Format};
 use crate::sink::ocsf::lake::{Lake, SecurityLakeConfig};
+#[cfg(feature = "parquet")]
 use crate::sink::ocsf::parquet::Layouts;
 use crate::sink::ocsf::{OcsfConfig, Schema};
 use crate::sink::partition::{self, KeyTemplate, Partitioner};
@@ -664,6 +666,12 @@ impl Config {
                 ));
             }
         }
+        if !cfg!(feature = "transforms") && !self.transforms.is_empty() {
+            return Err(invalid(
+                "transforms",
+                "this trailhose was built without WASM transforms (the `transforms` feature); build it with the default features",
+            ));
+        }
         for t in &self.transforms {
             if t.max_attempts == 0 {
                 return Err(invalid("transforms.max_attempts", "must be at least 1"));
@@ -989,9 +997,16 @@ impl Config {
                 "columns and sort apply to format = \"csv\" or \"tsv\" only",
             ));
         }
+        if o.format == Format::Parquet && !cfg!(feature = "parquet") {
+            return Err(invalid(
+                "output.format",
+                "this trailhose was built without Parquet (the `parquet` feature); build it with the default features",
+            ));
+        }
         if o.schema == Schema::Ocsf {
             return match o.format {
                 Format::Json => Ok(None),
+                #[cfg(feature = "parquet")]
                 Format::Parquet
                     if o.parquet.added_columns.is_empty() && !o.parquet.lowercase_columns =>
                 {
@@ -1008,6 +1023,9 @@ impl Config {
                         layouts: Layouts::new(),
                     }))
                 }
+                #[cfg(not(feature = "parquet"))]
+                Format::Parquet => Ok(None),
+                #[cfg(feature = "parquet")]
                 Format::Parquet => Err(invalid(
                     "output.parquet",
                     "added_columns and lowercase_columns apply to schema = \"cloudtrail\" (OCSF names are lower case; transform fields go to unmapped)",
@@ -1020,6 +1038,9 @@ impl Config {
         }
         Ok(match o.format {
             Format::Json => None,
+            #[cfg(not(feature = "parquet"))]
+            Format::Parquet => None,
+            #[cfg(feature = "parquet")]
             Format::Parquet => {
                 let codec = self.codec()?;
                 let compression = columnar::parquet_compression(codec.kind, codec.level)
@@ -1371,6 +1392,30 @@ mod tests {
         match Config::parse(text) {
             Err(e) => e,
             Ok(c) => c.validate().unwrap_err().to_string(),
+        }
+    }
+
+    #[test]
+    fn parquet_is_refused_by_a_build_without_the_feature() {
+        let text = "[output]\nurl = \"out\"\nformat = \"parquet\"\n";
+        let validated =
+            Config::parse(text).map(|c| c.validate().map(|_| ()).map_err(|e| e.to_string()));
+        match (cfg!(feature = "parquet"), validated) {
+            (true, Ok(Ok(()))) => {}
+            (false, Ok(Err(e))) if e.contains("output.format") && e.contains("feature") => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn transforms_are_refused_by_a_build_without_the_feature() {
+        let text = "[output]\nurl = \"out\"\n[[transforms]]\nname = \"m\"\npath = \"/m.wasm\"\n";
+        let validated =
+            Config::parse(text).map(|c| c.validate().map(|_| ()).map_err(|e| e.to_string()));
+        match (cfg!(feature = "transforms"), validated) {
+            (true, Ok(Ok(()))) => {}
+            (false, Ok(Err(e))) if e.contains("transforms") && e.contains("feature") => {}
+            other => panic!("{other:?}"),
         }
     }
 

@@ -4,13 +4,23 @@
 //! parts are kept as JSON text and keys the schema does not know go to `extra`, so the schema
 //! never drifts and nothing is lost.
 
+//!
+//! The Arrow and Parquet half is the `parquet` cargo feature (on by default); without it the
+//! declarations stay (the Athena DDL reads them) and `format = "parquet"` is refused.
+
 use std::collections::BTreeMap;
+#[cfg(feature = "parquet")]
 use std::sync::Arc;
 
+#[cfg(feature = "parquet")]
 use arrow::array::RecordBatch;
+#[cfg(feature = "parquet")]
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
+#[cfg(feature = "parquet")]
 use parquet::arrow::ArrowWriter;
+#[cfg(feature = "parquet")]
 use parquet::basic::{Compression as PqCompression, ZstdLevel};
+#[cfg(feature = "parquet")]
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -145,8 +155,10 @@ pub const EXTRA: &str = "extra";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ColumnarError {
+    #[cfg(feature = "parquet")]
     #[error("arrow: {0}")]
     Arrow(#[from] arrow::error::ArrowError),
+    #[cfg(feature = "parquet")]
     #[error("parquet: {0}")]
     Parquet(#[from] parquet::errors::ParquetError),
     #[error(transparent)]
@@ -154,6 +166,7 @@ pub enum ColumnarError {
 }
 
 /// Parquet output settings, checked.
+#[cfg(feature = "parquet")]
 #[derive(Debug, Clone)]
 pub struct ParquetSpec {
     pub lowercase: bool,
@@ -163,9 +176,11 @@ pub struct ParquetSpec {
     pub row_group_rows: usize,
 }
 
+#[cfg(feature = "parquet")]
 /// Row groups sized for Athena: about 128 MiB (uncompressed).
 const ROW_GROUP_BYTES: usize = 128 << 20;
 
+#[cfg(feature = "parquet")]
 /// Rows converted and handed to the writer at a time: bounds the JSON values held at once.
 const SLICE_ROWS: usize = 4096;
 
@@ -174,6 +189,7 @@ const SLICE_ROWS: usize = 4096;
 pub struct Layout {
     pub lowercase: bool,
     pub columns: Vec<(String, Col)>,
+    #[cfg(feature = "parquet")]
     pub schema: SchemaRef,
     /// Where keys the columns do not hold go: None, the `extra` column (the last one); Some, a
     /// JSON column of the layout they are merged into (OCSF's `unmapped`).
@@ -192,6 +208,7 @@ impl Layout {
     /// A layout of exactly `columns`; keys they do not hold are merged into the JSON column
     /// `extra_into` (or, when None, into the `extra` column `columns` must end with).
     pub fn of(columns: Vec<(String, Col)>, lowercase: bool, extra_into: Option<&str>) -> Layout {
+        #[cfg(feature = "parquet")]
         let fields: Vec<Field> = columns
             .iter()
             .map(|(n, c)| Field::new(name(n, lowercase), arrow_type(*c, lowercase), true))
@@ -199,6 +216,7 @@ impl Layout {
         Layout {
             lowercase,
             columns,
+            #[cfg(feature = "parquet")]
             schema: Arc::new(Schema::new(fields)),
             extra_into: extra_into.map(str::to_owned),
         }
@@ -264,6 +282,7 @@ impl Layout {
         Value::Object(out)
     }
 
+    #[cfg(feature = "parquet")]
     /// Converts JSON lines into record batches of at most `SLICE_ROWS` rows, handing each on.
     pub fn batches(
         &self,
@@ -292,6 +311,7 @@ impl Layout {
     }
 }
 
+#[cfg(feature = "parquet")]
 /// Encodes one sealed batch of JSON lines as one Parquet file.
 pub fn encode_parquet(
     spec: &ParquetSpec,
@@ -309,6 +329,7 @@ pub fn encode_parquet(
     Ok(writer.into_inner()?)
 }
 
+#[cfg(feature = "parquet")]
 /// The Parquet codec for a `compression` setting: zstd (with its level), snappy, none.
 pub fn parquet_compression(kind: super::encode::Compression, level: i32) -> Option<PqCompression> {
     use super::encode::Compression as C;
@@ -328,6 +349,7 @@ pub fn name(n: &str, lowercase: bool) -> String {
     }
 }
 
+#[cfg(feature = "parquet")]
 pub fn arrow_type(c: Col, lowercase: bool) -> DataType {
     match c {
         Col::Str | Col::Json => DataType::Utf8,
@@ -424,7 +446,7 @@ pub fn added_columns(map: &BTreeMap<String, AddedType>) -> Vec<(String, Col)> {
     map.iter().map(|(n, t)| (n.clone(), t.col())).collect()
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "parquet"))]
 mod tests {
     use super::*;
 

@@ -4,9 +4,12 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::columnar::{self, ColumnarError, Layout, ParquetSpec};
+use super::columnar::ColumnarError;
+#[cfg(feature = "parquet")]
+use super::columnar::{self, Layout, ParquetSpec};
 use super::encode::{Codec, Compression, compress};
 use super::flat::{Dialect, FlatSpec};
+#[cfg(feature = "parquet")]
 use super::ocsf::{self, parquet::Layouts};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -22,11 +25,13 @@ pub enum Format {
 /// How a sealed batch becomes an object, for formats other than JSON lines.
 #[derive(Debug)]
 pub enum Converter {
+    #[cfg(feature = "parquet")]
     Parquet {
         spec: ParquetSpec,
         layout: Layout,
     },
     /// OCSF records as Parquet, the schema following the batch's class.
+    #[cfg(feature = "parquet")]
     OcsfParquet {
         spec: ParquetSpec,
         layouts: Layouts,
@@ -35,6 +40,7 @@ pub enum Converter {
 }
 
 impl Converter {
+    #[cfg(feature = "parquet")]
     pub fn parquet(spec: ParquetSpec) -> Converter {
         let layout = Layout::new(spec.lowercase, &spec.added);
         Converter::Parquet { spec, layout }
@@ -43,7 +49,9 @@ impl Converter {
     /// The object's bytes. Parquet compresses inside the file; text is compressed whole.
     pub fn encode(&self, codec: Codec, lines: &[u8]) -> Result<Vec<u8>, ColumnarError> {
         match self {
+            #[cfg(feature = "parquet")]
             Converter::Parquet { spec, layout } => columnar::encode_parquet(spec, layout, lines),
+            #[cfg(feature = "parquet")]
             Converter::OcsfParquet { spec, layouts } => ocsf::parquet::encode(spec, layouts, lines),
             Converter::Flat(f) => Ok(compress(codec, &f.encode(lines))?),
         }
@@ -51,6 +59,7 @@ impl Converter {
 
     pub fn extension(&self, codec: Codec) -> &'static str {
         let dialect = match self {
+            #[cfg(feature = "parquet")]
             Converter::Parquet { .. } | Converter::OcsfParquet { .. } => return ".parquet",
             Converter::Flat(f) => f.dialect,
         };
@@ -66,6 +75,7 @@ impl Converter {
 
     pub fn content_type(&self, codec: Codec) -> &'static str {
         match (self, codec.kind) {
+            #[cfg(feature = "parquet")]
             (Converter::Parquet { .. } | Converter::OcsfParquet { .. }, _) => {
                 "application/vnd.apache.parquet"
             }

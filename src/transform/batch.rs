@@ -5,10 +5,11 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::cloudtrail::{self, Head};
+use crate::cloudtrail::Head;
 use crate::sink::encode::splice;
 
 use super::OnFailure;
+#[cfg(feature = "transforms")]
 use super::host::{Member, Outcome};
 
 /// Events in one buffer, each with the head fields the host routes on and shows to modules.
@@ -219,6 +220,7 @@ impl Batch {
     }
 }
 
+#[cfg(feature = "transforms")]
 /// Writes the members as `"key":value,"key":value` into `out` (cleared first), or says why
 /// they are malformed.
 fn annotation(members: &[Member], out: &mut Vec<u8>) -> Result<(), String> {
@@ -261,6 +263,7 @@ fn annotation(members: &[Member], out: &mut Vec<u8>) -> Result<(), String> {
     Ok(())
 }
 
+#[cfg(feature = "transforms")]
 /// A JSON string with nothing to unescape (`"HIGH"`): valid without a parse, and the common
 /// annotation.
 fn is_plain_string(v: &str) -> bool {
@@ -273,6 +276,7 @@ fn is_plain_string(v: &str) -> bool {
             .all(|&c| c != b'"' && c != b'\\' && c >= 0x20)
 }
 
+#[cfg(feature = "transforms")]
 fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
@@ -280,6 +284,7 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
+#[cfg(feature = "transforms")]
 /// A rewritten event is routed on its own fields, and on the original's where it has none: a
 /// module that renames keys (lowercase-keys) must not send every event to the fallback
 /// partition.
@@ -303,6 +308,7 @@ fn inherit<'a>(mut new: Head<'a>, old: &Head<'a>) -> Head<'a> {
     new
 }
 
+#[cfg(feature = "transforms")]
 /// Applies one outcome per event of `input`, appending what is kept to `output` and what is
 /// refused to `rejects`. `outcomes.len() == input.len()` is checked by the caller.
 pub fn apply(
@@ -343,7 +349,7 @@ pub fn apply(
                     reject("malformed_output", detail);
                 }
             },
-            Outcome::Replace(bytes) => match cloudtrail::head_of(bytes) {
+            Outcome::Replace(bytes) => match crate::cloudtrail::head_of(bytes) {
                 Ok(new) => {
                     counts.replaced += 1;
                     let new = inherit(new, &head);
@@ -360,7 +366,7 @@ pub fn apply(
             Outcome::Split(parts) => {
                 let heads: Result<Vec<Head<'_>>, _> = parts
                     .iter()
-                    .map(|p| cloudtrail::head_of(p).map(|h| inherit(h, &head)))
+                    .map(|p| crate::cloudtrail::head_of(p).map(|h| inherit(h, &head)))
                     .collect();
                 match heads {
                     Ok(heads) => {
@@ -389,9 +395,11 @@ pub fn apply(
     counts
 }
 
+#[cfg(feature = "transforms")]
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cloudtrail;
 
     fn batch(events: &[&str]) -> Batch {
         let mut b = Batch::default();

@@ -27,6 +27,7 @@ use wasmtime_wasi::random::WasiRandom;
 use wasmtime_wasi::{Deterministic, HostWallClock, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use super::Limits;
+pub use super::{CallError, FailReason};
 use crate::enrich::tables::stage::Lookups;
 use crate::metrics::{self, GuestCounted, GuestLogged};
 
@@ -100,40 +101,6 @@ pub fn engine(fuel: bool) -> wasmtime::Result<Engine> {
     c.consume_fuel(fuel);
     c.epoch_interruption(true);
     Engine::new(&c)
-}
-
-/// Why a call into a module failed: the label of `trailhose_transform_failures_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailReason {
-    FuelExhausted,
-    Timeout,
-    MemoryLimit,
-    Panic,
-    Trap,
-    MalformedOutput,
-    OutputTooLarge,
-    InitFailed,
-}
-
-impl FailReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailReason::FuelExhausted => "fuel_exhausted",
-            FailReason::Timeout => "timeout",
-            FailReason::MemoryLimit => "memory_limit",
-            FailReason::Panic => "panic",
-            FailReason::Trap => "trap",
-            FailReason::MalformedOutput => "malformed_output",
-            FailReason::OutputTooLarge => "output_too_large",
-            FailReason::InitFailed => "init_failed",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct CallError {
-    pub reason: FailReason,
-    pub detail: String,
 }
 
 /// A component linked against the host and WASI, ready to instantiate many times.

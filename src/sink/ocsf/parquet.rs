@@ -5,12 +5,17 @@
 //! batch that mixes classes gets the union of them. `unmapped` is a map of strings, as in
 //! Security Lake's own tables.
 
+#[cfg(feature = "parquet")]
 use arrow::datatypes::SchemaRef;
+#[cfg(feature = "parquet")]
 use parquet::arrow::ArrowWriter;
+#[cfg(feature = "parquet")]
 use parquet::file::properties::WriterProperties;
 
 use super::class::Class;
-use crate::sink::columnar::{Col, ColumnarError, Layout, ParquetSpec};
+use crate::sink::columnar::Col;
+#[cfg(feature = "parquet")]
+use crate::sink::columnar::{ColumnarError, Layout, ParquetSpec};
 
 const ACCOUNT: Col = Col::Struct(&[("uid", Col::Str), ("type", Col::Str), ("type_id", Col::Int)]);
 const NAMED: Col = Col::Struct(&[("name", Col::Str)]);
@@ -163,11 +168,13 @@ pub fn columns(class: Option<Class>) -> Vec<(String, Col)> {
         .collect()
 }
 
+#[cfg(feature = "parquet")]
 /// The union of the three classes' columns: what `trailhose query` reads OCSF output with.
 pub fn union_layout() -> Layout {
     Layout::of(columns(None), false, Some("unmapped"))
 }
 
+#[cfg(feature = "parquet")]
 /// The layouts: one per class and the union, built once.
 #[derive(Debug)]
 pub struct Layouts {
@@ -175,12 +182,14 @@ pub struct Layouts {
     union: Layout,
 }
 
+#[cfg(feature = "parquet")]
 impl Default for Layouts {
     fn default() -> Self {
         Layouts::new()
     }
 }
 
+#[cfg(feature = "parquet")]
 impl Layouts {
     pub fn new() -> Layouts {
         let layout = |c| Layout::of(columns(c), false, Some("unmapped"));
@@ -253,6 +262,7 @@ pub fn sorted_by_time(lines: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     std::borrow::Cow::Owned(out)
 }
 
+#[cfg(feature = "parquet")]
 /// Encodes one sealed batch of OCSF lines as one Parquet file, with its class's schema, rows
 /// in time order.
 pub fn encode(
@@ -273,7 +283,7 @@ pub fn encode(
     Ok(writer.into_inner()?)
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "parquet"))]
 mod tests {
     use arrow::array::AsArray;
     use arrow::datatypes::Int64Type;
