@@ -289,7 +289,7 @@ fn ocsf_ddl(cfg: &Config, table: &str) -> Result<String, DdlError> {
             };
             let _ = write!(
                 out,
-                "STORED AS PARQUET\nLOCATION '{root}'\nTBLPROPERTIES (\n  'projection.enabled' = 'true',\n  'projection.region.type' = 'injected',\n{account}  'projection.eventday.type' = 'date', 'projection.eventday.format' = 'yyyyMMdd', 'projection.eventday.range' = '20130101,NOW', 'projection.eventday.interval' = '1', 'projection.eventday.interval.unit' = 'DAYS',\n  'storage.location.template' = '{root}region=${{region}}/accountId=${{accountid}}/eventDay=${{eventday}}/'\n);\n"
+                "STORED AS PARQUET\nLOCATION '{root}'\nTBLPROPERTIES (\n  'projection.enabled' = 'true',\n  'projection.region.type' = 'injected',\n{account}  'projection.eventday.type' = 'date', 'projection.eventday.format' = 'yyyyMMdd', 'projection.eventday.range' = '20130101,NOW+1DAYS', 'projection.eventday.interval' = '1', 'projection.eventday.interval.unit' = 'DAYS',\n  'storage.location.template' = '{root}region=${{region}}/accountId=${{accountid}}/eventDay=${{eventday}}/'\n);\n"
             );
         }
         return Ok(out);
@@ -357,6 +357,11 @@ mod tests {
             "'storage.location.template' = 's3://aws-security-data-lake-eu-west-1-abc/ext/th-account_change/region=${region}/accountId=${accountid}/eventDay=${eventday}/'"
         ));
         assert!(d.contains("`unmapped` MAP<STRING, STRING>"), "{d}");
+        // An eventTime up to a day ahead of its arrival is usable: its eventDay is projected.
+        assert!(
+            d.contains("'projection.eventday.range' = '20130101,NOW+1DAYS'"),
+            "{d}"
+        );
         assert!(d.contains("`time` BIGINT,"));
         assert!(
             d.contains("PARTITIONED BY (`region` STRING, `accountid` STRING, `eventday` STRING)")

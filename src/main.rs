@@ -395,6 +395,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 cfg.output.compression = Some(c);
                 cfg.output.level = None;
             }
+            // The flags may change what the file's checks saw (`--out` a local directory
+            // beside `output.s3.role_arn`): checked again as run.
+            cfg.validate()?;
             let progress = trailhose::progress::Progress::start(quiet);
             let summary = runtime()?.block_on(trailhose::pipeline::process(&cfg, &inputs));
             drop(progress);
@@ -476,6 +479,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 index: worker_index,
             };
             let progress = trailhose::progress::Progress::start(quiet);
+            cfg.validate()?;
             let report = runtime()?.block_on(trailhose::pipeline::backfill::run(&cfg, &spec));
             drop(progress);
             let report = report?;

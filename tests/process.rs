@@ -495,6 +495,34 @@ fn unwritable_output_and_bad_inputs_fail_with_a_clear_message() {
     );
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("broken.mmdb"));
+
+    // `--out` a local directory under a config with an output role: the role would be
+    // ignored, so the run is refused as the file alone would be.
+    let cfg = tmp.path().join("role.toml");
+    std::fs::write(
+        &cfg,
+        "[output]\nurl = \"s3://out/p/\"\n[output.s3]\nrole_arn = \"arn:aws:iam::111122223333:role/w\"\n",
+    )
+    .expect("write");
+    let out = tmp.path().join("role-out");
+    let run = trailhose(
+        &[
+            "process",
+            input.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(!run.status.success());
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("output.s3.role_arn"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(!out.exists(), "nothing is written");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
