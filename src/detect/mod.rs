@@ -868,6 +868,8 @@ mod tests {
                     raw: raw.as_bytes(),
                     additions: &[],
                     head: &head,
+                    // Not read from `raw`: the rules may not trust it.
+                    exact_head: false,
                     partition: "",
                     source: "s3://b/k",
                     hold: Some(&hold),
