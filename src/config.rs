@@ -33,6 +33,14 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
+/// `format = "parquet"` in a build without the `parquet` feature.
+fn no_parquet() -> ConfigError {
+    invalid(
+        "output.format",
+        "this trailhose was built without Parquet (the `parquet` feature); build it with the default features",
+    )
+}
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -998,10 +1006,7 @@ impl Config {
             ));
         }
         if o.format == Format::Parquet && !cfg!(feature = "parquet") {
-            return Err(invalid(
-                "output.format",
-                "this trailhose was built without Parquet (the `parquet` feature); build it with the default features",
-            ));
+            return Err(no_parquet());
         }
         if o.schema == Schema::Ocsf {
             return match o.format {
@@ -1024,7 +1029,7 @@ impl Config {
                     }))
                 }
                 #[cfg(not(feature = "parquet"))]
-                Format::Parquet => Ok(None),
+                Format::Parquet => Err(no_parquet()),
                 #[cfg(feature = "parquet")]
                 Format::Parquet => Err(invalid(
                     "output.parquet",
@@ -1039,7 +1044,7 @@ impl Config {
         Ok(match o.format {
             Format::Json => None,
             #[cfg(not(feature = "parquet"))]
-            Format::Parquet => None,
+            Format::Parquet => return Err(no_parquet()),
             #[cfg(feature = "parquet")]
             Format::Parquet => {
                 let codec = self.codec()?;

@@ -638,6 +638,12 @@ fn run(command: Command) -> anyhow::Result<()> {
                     events,
                 },
         } => {
+            if !cfg!(feature = "transforms") {
+                anyhow::bail!(
+                    "this trailhose was built without WASM transforms (the `transforms` feature); \
+                     build it with the default features (`cargo build --release`) to test a module"
+                );
+            }
             use trailhose::transform::{Limits, ModuleSpec, trial};
             let config = config
                 .iter()

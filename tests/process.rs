@@ -4,7 +4,7 @@
 mod common;
 
 use common::checks::{check_fixture_output, fixture_dbs, id_of};
-use common::{Moto, TempDir, fixtures, local_objects, s3_objects, trailhose};
+use common::{Moto, TempDir, decode, fixtures, local_objects, s3_objects, trailhose};
 use serde_json::Value;
 
 #[test]
@@ -764,4 +764,55 @@ fn a_progress_line_is_drawn_on_a_terminal_only() {
         !stderr.contains(" events/s, ") && !stderr.contains('\r'),
         "progress drawn into a pipe: {stderr:?}"
     );
+}
+
+/// The README's first command (here with `--out`, so the checkout stays clean): the shipped
+/// sample data and config give every event, its geo, and the truncated sample's error record.
+#[test]
+fn the_readme_first_command_runs_on_the_shipped_sample_data() {
+    let tmp = TempDir::new("first-command");
+    let out = tmp.path().join("out");
+    let run = trailhose(
+        &[
+            "process",
+            "examples/data",
+            "--config",
+            "examples/local.toml",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("events_in=10 events_out=10 errors=1"),
+        "{stdout}"
+    );
+    let mut events = 0;
+    let mut with_geo = 0;
+    let mut errors = 0;
+    for entry in walkdir::WalkDir::new(&out).into_iter().flatten() {
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let name = entry.path().to_string_lossy().into_owned();
+        let text = decode(&name, &std::fs::read(entry.path()).expect("read"));
+        if name.contains("/errors/") {
+            errors += text.lines().count();
+            continue;
+        }
+        assert!(name.contains("/year="), "{name}");
+        for line in text.lines() {
+            events += 1;
+            with_geo += usize::from(line.contains("\"geo\":{"));
+        }
+    }
+    assert_eq!(events, 10);
+    assert!(with_geo > 0, "the demo databases located some addresses");
+    assert_eq!(errors, 1, "the truncated sample's error record");
 }
