@@ -736,6 +736,25 @@ async fn a_split_shard_is_drained_before_its_children_start_and_nothing_is_lost(
     );
 }
 
+/// `trailhose process --config CONFIG --out OUT [EXTRA...] INPUT` against moto; it must
+/// succeed.
+fn process_ok(moto: &Moto, config: &Path, out: &Path, extra: &[&str], input: &Path) {
+    let (config, out, input) = (
+        config.display().to_string(),
+        out.display().to_string(),
+        input.display().to_string(),
+    );
+    let mut args = vec!["process", "--config", &config, "--out", &out];
+    args.extend_from_slice(extra);
+    args.push(&input);
+    let run = common::trailhose(&args, &moto.env());
+    assert!(
+        run.status.success(),
+        "process: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
 /// Every record on the stream, from every shard, oldest first: (partition key, data).
 async fn stream_records(moto: &Moto, stream: &str) -> Vec<(String, Vec<u8>)> {
     let k = kinesis(moto);
@@ -875,23 +894,12 @@ max_attempts = 6
     .expect("config");
     let out = tmp.path().join("out");
     let metrics = tmp.path().join("metrics.txt");
-    let run = common::trailhose(
-        &[
-            "process",
-            "--config",
-            &config.display().to_string(),
-            "--out",
-            &out.display().to_string(),
-            "--metrics-file",
-            &metrics.display().to_string(),
-            &tmp.path().join("in").display().to_string(),
-        ],
-        &moto.env(),
-    );
-    assert!(
-        run.status.success(),
-        "process: {}",
-        String::from_utf8_lossy(&run.stderr)
+    process_ok(
+        &moto,
+        &config,
+        &out,
+        &["--metrics-file", &metrics.display().to_string()],
+        &tmp.path().join("in"),
     );
 
     // Chunks of 64 KiB: many lines cross from one chunk into the next, and each record's key
@@ -977,22 +985,7 @@ max_attempts = 6
     )
     .expect("config");
     let out2 = tmp.path().join("out2");
-    let run = common::trailhose(
-        &[
-            "process",
-            "--config",
-            &config2.display().to_string(),
-            "--out",
-            &out2.display().to_string(),
-            &tmp.path().join("in").display().to_string(),
-        ],
-        &moto.env(),
-    );
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    process_ok(&moto, &config2, &out2, &[], &tmp.path().join("in"));
     let (mut only, no_id) = ids_keyed_by_event_id(&stream_records(&moto, "only-stream").await);
     assert_eq!(no_id, 1);
     only.sort();
@@ -1046,22 +1039,7 @@ path = {module:?}
     )
     .expect("config");
     let out = tmp.path().join("out");
-    let run = common::trailhose(
-        &[
-            "process",
-            "--config",
-            &config.display().to_string(),
-            "--out",
-            &out.display().to_string(),
-            &tmp.path().join("in").display().to_string(),
-        ],
-        &moto.env(),
-    );
-    assert!(
-        run.status.success(),
-        "process: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    process_ok(&moto, &config, &out, &[], &tmp.path().join("in"));
     let records = stream_records(&moto, STREAM).await;
     assert_eq!(records.len(), ids.len(), "every event on the stream");
     let mut rewritten = Vec::new();
