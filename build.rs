@@ -54,6 +54,19 @@ fn main() {
         "cargo:rustc-env=TRAILHOSE_VERSION_LINE={} (commit {}, features: {features}, profile: {})",
         std::env::var("CARGO_PKG_VERSION").unwrap_or_default(),
         commit.as_deref().unwrap_or("unknown"),
-        std::env::var("PROFILE").unwrap_or_default(),
+        profile(),
     );
+}
+
+/// The profile's name: cargo's `PROFILE` says only `debug` or `release` (a `dist` build
+/// reports `release`), so it is read from `OUT_DIR` (`target/<profile>/build/<pkg>/out`).
+fn profile() -> String {
+    let out = std::env::var("OUT_DIR").unwrap_or_default();
+    std::path::Path::new(&out)
+        .ancestors()
+        .nth(3)
+        .and_then(|p| p.file_name())
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| std::env::var("PROFILE").unwrap_or_default())
 }

@@ -34,6 +34,20 @@ pub enum ConfigError {
 }
 
 /// `format = "parquet"` in a build without the `parquet` feature.
+/// The optional features this binary was built with.
+#[derive(Debug, Clone, Copy)]
+struct Built {
+    parquet: bool,
+    transforms: bool,
+}
+
+impl Built {
+    const THIS: Built = Built {
+        parquet: cfg!(feature = "parquet"),
+        transforms: cfg!(feature = "transforms"),
+    };
+}
+
 fn no_parquet() -> ConfigError {
     invalid(
         "output.format",
@@ -647,7 +661,19 @@ impl Config {
     }
 
     /// Checks what the types alone cannot.
+    /// Refuses what `built` cannot run; a parameter so one test build checks both answers.
+    fn refuse_unbuilt(&self, built: Built) -> Result<(), ConfigError> {
+        if !built.transforms && !self.transforms.is_empty() {
+            return Err(invalid("transforms", crate::transform::NOT_BUILT));
+        }
+        if !built.parquet && self.output.format == Format::Parquet {
+            return Err(no_parquet());
+        }
+        Ok(())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.refuse_unbuilt(Built::THIS)?;
         if let Some(url) = &self.output.url {
             OutputUrl::parse(url).map_err(|m| invalid("output.url", m))?;
         }
@@ -673,12 +699,6 @@ impl Config {
                     format!("{k:?} must be 1 to 64 characters without quotes or backslashes"),
                 ));
             }
-        }
-        if !cfg!(feature = "transforms") && !self.transforms.is_empty() {
-            return Err(invalid(
-                "transforms",
-                "this trailhose was built without WASM transforms (the `transforms` feature); build it with the default features",
-            ));
         }
         for t in &self.transforms {
             if t.max_attempts == 0 {
@@ -1401,27 +1421,45 @@ mod tests {
     }
 
     #[test]
-    fn parquet_is_refused_by_a_build_without_the_feature() {
-        let text = "[output]\nurl = \"out\"\nformat = \"parquet\"\n";
-        let validated =
-            Config::parse(text).map(|c| c.validate().map(|_| ()).map_err(|e| e.to_string()));
-        match (cfg!(feature = "parquet"), validated) {
-            (true, Ok(Ok(()))) => {}
-            (false, Ok(Err(e))) if e.contains("output.format") && e.contains("feature") => {}
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn transforms_are_refused_by_a_build_without_the_feature() {
-        let text = "[output]\nurl = \"out\"\n[[transforms]]\nname = \"m\"\npath = \"/m.wasm\"\n";
-        let validated =
-            Config::parse(text).map(|c| c.validate().map(|_| ()).map_err(|e| e.to_string()));
-        match (cfg!(feature = "transforms"), validated) {
-            (true, Ok(Ok(()))) => {}
-            (false, Ok(Err(e))) if e.contains("transforms") && e.contains("feature") => {}
-            other => panic!("{other:?}"),
-        }
+    fn a_build_without_parquet_or_transforms_refuses_them_naming_the_key() {
+        let parquet = Config::parse("[output]\nurl = \"out\"\nformat = \"parquet\"\n").unwrap();
+        let module = Config::parse(
+            "[output]\nurl = \"out\"\n[[transforms]]\nname = \"m\"\npath = \"/m.wasm\"\n",
+        )
+        .unwrap();
+        let all = Built {
+            parquet: true,
+            transforms: true,
+        };
+        let refused = |c: &Config, built: Built| c.refuse_unbuilt(built).map_err(|e| e.to_string());
+        assert!(refused(&parquet, all).is_ok() && refused(&module, all).is_ok());
+        let e = refused(
+            &parquet,
+            Built {
+                parquet: false,
+                ..all
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("output.format") && e.contains("`parquet` feature"),
+            "{e}"
+        );
+        let e = refused(
+            &module,
+            Built {
+                transforms: false,
+                ..all
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("transforms") && e.contains("`transforms` feature"),
+            "{e}"
+        );
+        // This build answers as its features say, through `validate`.
+        assert_eq!(parquet.validate().is_ok(), cfg!(feature = "parquet"));
+        assert_eq!(module.validate().is_ok(), cfg!(feature = "transforms"));
     }
 
     #[test]

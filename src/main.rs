@@ -640,8 +640,8 @@ fn run(command: Command) -> anyhow::Result<()> {
         } => {
             if !cfg!(feature = "transforms") {
                 anyhow::bail!(
-                    "this trailhose was built without WASM transforms (the `transforms` feature); \
-                     build it with the default features (`cargo build --release`) to test a module"
+                    "{} (`cargo build --release`)",
+                    trailhose::transform::NOT_BUILT
                 );
             }
             use trailhose::transform::{Limits, ModuleSpec, trial};
