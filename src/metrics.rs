@@ -59,7 +59,7 @@ pub struct Metrics {
     sqs_ack_seconds: Histogram,
     open_buffers: IntGauge,
     buffered_bytes: IntGauge,
-    budget_seals: IntCounter,
+    budget_seals: IntCounterVec,
     panics: IntCounterVec,
     workers_lost: IntGauge,
     transform_events: IntCounterVec,
@@ -206,11 +206,19 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         .expect("metric registered once");
     Metrics {
         workers_lost,
-        budget_seals: counter(
-            &r,
-            "trailhose_buffers_sealed_early_total",
-            "Buffers sealed before their limits: batch.max_buffered_bytes or batch.max_open_partitions was reached, or a source's ledger was full.",
-        ),
+        budget_seals: {
+            let c = counter_vec(
+                &r,
+                "trailhose_buffers_sealed_early_total",
+                "Buffers sealed before their limits, by reason: budget (batch.max_buffered_bytes), max_open_partitions (batch.max_open_partitions) or ledger (a source's unacknowledged cap).",
+                &["reason"],
+            );
+            // Every reason from the start, so the first seal shows in increase().
+            for reason in SEAL_REASONS {
+                c.with_label_values(&[reason]);
+            }
+            c
+        },
         panics: counter_vec(
             &r,
             "trailhose_panics_total",
@@ -671,16 +679,24 @@ pub fn workers_healthy() -> bool {
     METRICS.workers_lost.get() == 0
 }
 
+/// The `reason` labels of `trailhose_buffers_sealed_early_total`.
+pub const SEAL_REASONS: [&str; 3] = ["budget", "max_open_partitions", "ledger"];
+
 /// `batch.max_buffered_bytes` or `batch.max_open_partitions` was reached, or a ledger was full:
 /// buffers were sealed early.
 pub struct BuffersSealedEarly {
     pub buffers: u64,
+    /// One of [`SEAL_REASONS`].
+    pub reason: &'static str,
 }
 
 impl InternalEvent for BuffersSealedEarly {
     fn emit(self) {
         if self.buffers > 0 {
-            METRICS.budget_seals.inc_by(self.buffers);
+            METRICS
+                .budget_seals
+                .with_label_values(&[self.reason])
+                .inc_by(self.buffers);
         }
     }
 }

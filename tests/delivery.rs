@@ -398,7 +398,10 @@ async fn at_max_unacked_messages_receiving_pauses_and_buffers_seal_early() {
     }
     assert!(peak >= 1.0, "nothing was ever held");
     assert!(
-        metric(port, "trailhose_buffers_sealed_early_total") >= 1.0,
+        metric(
+            port,
+            "trailhose_buffers_sealed_early_total{reason=\"ledger\"}"
+        ) >= 1.0,
         "the ledger filled, so buffers were sealed early"
     );
     stop(&mut worker, &log, 25);

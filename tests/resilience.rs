@@ -284,7 +284,10 @@ fn twenty_thousand_hours_in_one_file_stay_under_the_buffer_budget() {
 
     let m = std::fs::read_to_string(&metrics).unwrap();
     assert!(
-        metric_in(&m, &["trailhose_buffers_sealed_early_total"]) > 0.0,
+        metric_in(
+            &m,
+            &["trailhose_buffers_sealed_early_total", "reason=\"budget\""]
+        ) > 0.0,
         "the budget sealed buffers early\n{m}"
     );
     let objects = local_objects(&out);
@@ -297,6 +300,71 @@ fn twenty_thousand_hours_in_one_file_stay_under_the_buffer_budget() {
     let want: Vec<String> = (0..20_000).map(|h| format!("h-{h:05}")).collect();
     assert_eq!(ids.len(), want.len(), "every event once");
     assert_eq!(ids, want);
+}
+
+/// `batch.max_open_partitions` at 2, everything else at its default: a file whose events take
+/// turns among four hours is written whole, the cap counted under its own reason.
+#[test]
+fn a_file_over_more_hours_than_open_partitions_are_allowed_is_written_whole() {
+    let tmp = TempDir::new("max-open");
+    let config = tmp.path().join("t.toml");
+    std::fs::write(&config, "[batch]\nmax_open_partitions = 2\n").unwrap();
+    let input = tmp.path().join("in");
+    let times = [
+        "2024-03-18T10:00:00Z",
+        "2024-03-18T11:00:00Z",
+        "2024-03-18T12:00:00Z",
+        "2024-03-18T13:00:00Z",
+    ];
+    let events = (0..40)
+        .map(|i| event(&format!("id-{i:03}"), times[i % 4], "ok"))
+        .collect();
+    write_file(&input.join(DAY).join("turns.json.gz"), events);
+    let (out, metrics) = (tmp.path().join("out"), tmp.path().join("m.prom"));
+    let run = process_cmd(&input, &out, &config, &metrics)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    let sealed = |reason: &str| {
+        metric_in(
+            &m,
+            &[
+                "trailhose_buffers_sealed_early_total",
+                &format!("reason=\"{reason}\""),
+            ],
+        )
+    };
+    // Every event after the first two opens a third partition, sealing the oldest.
+    assert_eq!(sealed("max_open_partitions"), 38.0, "{m}");
+    assert_eq!(sealed("budget"), 0.0, "{m}");
+    assert!(
+        m.contains("trailhose_buffers_sealed_early_total{reason=\"ledger\"} 0"),
+        "{m}"
+    );
+    let objects = local_objects(&out);
+    let mut ids: Vec<String> = split_output(&objects)
+        .events
+        .iter()
+        .map(|(_, l)| id_of(l))
+        .collect();
+    ids.sort();
+    let want: Vec<String> = (0..40).map(|i| format!("id-{i:03}")).collect();
+    assert_eq!(ids, want, "every event once");
+    let hours: BTreeSet<String> = objects
+        .iter()
+        .filter_map(|(k, _)| k.split("/hour=").nth(1)?.get(..2).map(str::to_owned))
+        .collect();
+    assert_eq!(
+        hours.len(),
+        4,
+        "{:?}",
+        objects.iter().map(|(k, _)| k).collect::<Vec<_>>()
+    );
 }
 
 /// Days since 1970-01-01 to (year, month, day) (Howard Hinnant's algorithm).

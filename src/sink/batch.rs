@@ -253,7 +253,11 @@ impl Batcher {
             Some(b) => b,
             None => {
                 if self.buffers.len() >= limits.max_open {
-                    self.seal_oldest(1 + (self.buffers.len() - limits.max_open) as u64, out);
+                    self.seal_oldest(
+                        1 + (self.buffers.len() - limits.max_open) as u64,
+                        "max_open_partitions",
+                        out,
+                    );
                 }
                 self.open(partition);
                 let Some(b) = self.buffers.get_mut(partition) else {
@@ -360,7 +364,10 @@ impl Batcher {
             }
         }
         self.share.publish();
-        crate::metrics::emit(crate::metrics::BuffersSealedEarly { buffers: sealed });
+        crate::metrics::emit(crate::metrics::BuffersSealedEarly {
+            buffers: sealed,
+            reason: "budget",
+        });
     }
 
     /// Seals buffers early while the process-wide budget is nearly full (another batcher may
@@ -374,12 +381,12 @@ impl Batcher {
         if !self.share.relieved() {
             self.seal_early(out);
         } else if self.share.crowded() && !self.buffers.is_empty() {
-            self.seal_oldest(self.buffers.len().div_ceil(2) as u64, out);
+            self.seal_oldest(self.buffers.len().div_ceil(2) as u64, "ledger", out);
         }
     }
 
-    /// Seals up to `n` of the oldest open buffers.
-    fn seal_oldest(&mut self, n: u64, out: &mut impl FnMut(Sealed)) {
+    /// Seals up to `n` of the oldest open buffers; `reason` labels the count.
+    fn seal_oldest(&mut self, n: u64, reason: &'static str, out: &mut impl FnMut(Sealed)) {
         let mut sealed = 0;
         while sealed < n {
             let Some(partition) = self.pop_oldest() else {
@@ -391,7 +398,10 @@ impl Batcher {
             }
         }
         self.share.publish();
-        crate::metrics::emit(crate::metrics::BuffersSealedEarly { buffers: sealed });
+        crate::metrics::emit(crate::metrics::BuffersSealedEarly {
+            buffers: sealed,
+            reason,
+        });
     }
 
     /// Drops deadline entries of buffers that are gone.

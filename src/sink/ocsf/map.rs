@@ -45,6 +45,11 @@ pub fn to_ocsf(mut ev: Obj, now: i64, raw: Option<&str>) -> Value {
         .map(Utc::to_unix)
         .unwrap_or(now);
     out.insert("time".into(), json!(secs.saturating_mul(1000)));
+    // The pipeline adds it only to events whose own time was unusable: it stays their flag,
+    // as in the CloudTrail schema (`WHERE unmapped['trailhoseArrivalTime'] IS NOT NULL`).
+    if let Some(a) = arrival {
+        unmapped.insert(ARRIVAL_FIELD.into(), Value::String(a));
+    }
 
     // Status: an errorCode fails any call; a console sign-in says so in its response.
     let error_code = take_str(&mut ev, "errorCode");
