@@ -30,6 +30,7 @@ struct Item {
     /// event_time, source_ip, account, region, event_source, event_type, event_id, event_name.
     fields: [Span; 8],
     read_only: Option<bool>,
+    other_members: bool,
     country: Span,
     index: u64,
 }
@@ -47,6 +48,8 @@ pub struct View<'a> {
     pub event_id: Option<&'a str>,
     pub event_name: Option<&'a str>,
     pub read_only: Option<bool>,
+    /// The event may hold a member that is not CloudTrail's (`Head::other_members`).
+    pub other_members: bool,
     /// The GeoIP country found for the original event.
     pub country: Option<&'a str>,
     /// The position of the original event in its file's `Records`.
@@ -67,9 +70,7 @@ impl<'a> View<'a> {
             event_id: b(self.event_id),
             event_name: b(self.event_name),
             read_only: self.read_only,
-            // Not known for a module's output; only the enrichment stages, before any module,
-            // read it.
-            other_members: true,
+            other_members: self.other_members,
         }
     }
 }
@@ -154,6 +155,7 @@ impl Batch {
             range: start..self.arena.len(),
             fields,
             read_only: head.read_only,
+            other_members: head.other_members,
             country,
             index,
         });
@@ -194,6 +196,7 @@ impl Batch {
                 event_id: id,
                 event_name: name,
                 read_only: i.read_only,
+                other_members: i.other_members,
                 country: text(i.country),
                 index: i.index,
             }
@@ -342,6 +345,12 @@ pub fn apply(
                 Ok(()) => {
                     counts.annotated += 1;
                     let adds: &[&[u8]] = if list.is_empty() { &[] } else { &[&members] };
+                    // An annotation is never a CloudTrail field (refused above), but may be
+                    // one the host writes later (`detections`).
+                    let head = Head {
+                        other_members: head.other_members || !list.is_empty(),
+                        ..head
+                    };
                     output.push(view.event, adds, &head, view.country, view.index);
                 }
                 Err(detail) => {
@@ -477,6 +486,10 @@ mod tests {
                 r#"{"eventID":"4b"}"#,
             ]
         );
+        // Only the annotated event may hold a member the host writes later (`detections`):
+        // the others need no second parse to strip one.
+        let others: Vec<bool> = out.items().map(|v| v.other_members).collect();
+        assert_eq!(others, [false, true, false, false, false]);
         // A replacement is routed on its own fields; the original's country and index stay.
         let third = out.items().nth(2).unwrap();
         assert_eq!(third.event_time, Some("2024-01-01T00:00:00Z"));
