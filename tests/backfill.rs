@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::checks::{id_of, split_output};
+use common::checks::event_ids;
 use common::{Moto, TempDir, fixtures, s3_objects, trailhose};
 
 /// Uploads generated delivery files for two accounts (one inside an organization folder), two
@@ -85,13 +85,7 @@ async fn written_ids(s3: &aws_sdk_s3::Client) -> (Vec<String>, usize) {
         .filter(|(k, _)| !k.starts_with("_trailhose/"))
         .cloned()
         .collect();
-    let mut ids: Vec<String> = split_output(&events)
-        .events
-        .iter()
-        .map(|(_, l)| id_of(l))
-        .collect();
-    ids.sort();
-    (ids, objects.len())
+    (event_ids(&events), objects.len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

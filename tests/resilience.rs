@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::checks::{id_of, split_output};
+use common::checks::{event_ids, id_of, split_output};
 use common::sqs::*;
 use common::{Moto, TempDir, eventually, fixtures, free_port, http_get, local_objects, s3_objects};
 
@@ -291,12 +291,7 @@ fn twenty_thousand_hours_in_one_file_stay_under_the_buffer_budget() {
         "the budget sealed buffers early\n{m}"
     );
     let objects = local_objects(&out);
-    let mut ids: Vec<String> = split_output(&objects)
-        .events
-        .iter()
-        .map(|(_, l)| id_of(l))
-        .collect();
-    ids.sort();
+    let ids = event_ids(&objects);
     let want: Vec<String> = (0..20_000).map(|h| format!("h-{h:05}")).collect();
     assert_eq!(ids.len(), want.len(), "every event once");
     assert_eq!(ids, want);
@@ -347,12 +342,7 @@ fn a_file_over_more_hours_than_open_partitions_are_allowed_is_written_whole() {
         "{m}"
     );
     let objects = local_objects(&out);
-    let mut ids: Vec<String> = split_output(&objects)
-        .events
-        .iter()
-        .map(|(_, l)| id_of(l))
-        .collect();
-    ids.sort();
+    let ids = event_ids(&objects);
     let want: Vec<String> = (0..40).map(|i| format!("id-{i:03}")).collect();
     assert_eq!(ids, want, "every event once");
     let hours: BTreeSet<String> = objects

@@ -35,6 +35,17 @@ pub fn split_output(objects: &[(String, String)]) -> Output {
     out
 }
 
+/// The eventIDs of every event line of `objects` (error records left out), sorted, repeats kept.
+pub fn event_ids(objects: &[(String, String)]) -> Vec<String> {
+    let mut ids: Vec<String> = split_output(objects)
+        .events
+        .iter()
+        .map(|(_, l)| id_of(l))
+        .collect();
+    ids.sort();
+    ids
+}
+
 pub fn id_of(line: &str) -> String {
     let v: Value = serde_json::from_str(line)
         .unwrap_or_else(|e| panic!("output line is JSON ({e}): {line:.200}"));

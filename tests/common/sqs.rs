@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use aws_sdk_sqs::types::QueueAttributeName;
 
-use super::checks::{fixture_dbs, id_of, split_output};
+use super::checks::{event_ids, fixture_dbs};
 use super::{Moto, fixtures, http_get, s3_objects};
 
 pub const DAY: &str = "AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18";
@@ -371,13 +371,7 @@ pub async fn seed_generated(
 /// Every eventID written under the output prefix, sorted (repeats kept).
 pub async fn written_ids(s3: &aws_sdk_s3::Client) -> Vec<String> {
     let objects = s3_objects(s3, "trail-out", "ct/").await;
-    let mut ids: Vec<String> = split_output(&objects)
-        .events
-        .iter()
-        .map(|(_, l)| id_of(l))
-        .collect();
-    ids.sort();
-    ids
+    event_ids(&objects)
 }
 
 /// Uploads `files` generated delivery files and announces them `per_message` keys to a

@@ -302,7 +302,10 @@ fn the_arrival_time_dates_an_event_without_a_usable_one() {
     );
     assert_eq!(r["time"], json!((NOW + 3000) * 1000));
     assert_eq!(r["metadata"]["original_time"], "2024-02-30T00:00:00Z");
-    assert_eq!(r["unmapped"]["trailhoseArrivalTime"], "2024-03-18T15:00:00Z");
+    assert_eq!(
+        r["unmapped"]["trailhoseArrivalTime"],
+        "2024-03-18T15:00:00Z"
+    );
     assert_eq!(map(b"{}")["time"], json!(NOW * 1000));
     assert!(map(b"{}").get("unmapped").is_none());
     // A forged year is as unusable as a malformed time: `time` is the arrival's, as the
