@@ -262,11 +262,30 @@ fn refuse_parts_then_every_abort(line: &str) -> Option<(&'static str, &'static s
     (first == upload).then_some(("500 Internal Server Error", "InternalError"))
 }
 
-/// A multipart upload that fails is aborted; when the abort fails too, its parts would stay
-/// in the bucket unseen: that is a warning and a metric, and the batch is still written whole
-/// by the next attempt.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_multipart_upload_that_cannot_be_aborted_is_reported() {
+/// The first write's Complete is refused (S3's 500, whatever the SDK's retries), as when its
+/// answer was lost and the retries found the upload gone; its abort is answered NoSuchUpload:
+/// the upload is gone (completed or aborted), no parts are left, so nothing is reported.
+fn refuse_first_complete_then_abort_as_gone(line: &str) -> Option<(&'static str, &'static str)> {
+    static FIRST: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    let upload = line.split("uploadId=").nth(1)?.split([' ', '&']).next()?;
+    if line.starts_with("DELETE ") {
+        return Some(("404 Not Found", "NoSuchUpload"));
+    }
+    if !line.starts_with("POST ") {
+        return None;
+    }
+    let mut first = FIRST.lock().unwrap_or_else(|e| e.into_inner());
+    let first = first.get_or_insert_with(|| upload.to_owned());
+    (first == upload).then_some(("500 Internal Server Error", "InternalError"))
+}
+
+/// One `process` run writing 8 MiB of events as one multipart object to moto through a proxy
+/// that refuses what `refuse` picks. Returns stderr, the abort-failure count, whether an abort
+/// was asked for, and the run's objects with the number of events written.
+async fn multipart_run(
+    name: &str,
+    refuse: common::faults::Refuse,
+) -> (String, f64, bool, Vec<(String, String)>, usize) {
     let moto = Moto::start();
     let s3 = moto.s3();
     s3.create_bucket()
@@ -281,9 +300,9 @@ async fn a_multipart_upload_that_cannot_be_aborted_is_reported() {
             slow_every: 0,
             delay: std::time::Duration::ZERO,
         },
-        Some(refuse_parts_then_every_abort),
+        Some(refuse),
     );
-    let tmp = TempDir::new("s3-abort");
+    let tmp = TempDir::new(name);
     let input = tmp.path().join("in");
     let day = input.join("AWSLogs/123456789012/CloudTrail/us-east-1/2024/03/18");
     std::fs::create_dir_all(&day).expect("mkdir");
@@ -315,37 +334,56 @@ async fn a_multipart_upload_that_cannot_be_aborted_is_reported() {
     })
     .await
     .expect("join");
-    let stderr = String::from_utf8_lossy(&run.stderr);
+    let stderr = String::from_utf8_lossy(&run.stderr).into_owned();
     let calls: Vec<String> = proxy
         .seen()
         .iter()
         .map(|r| r.head.lines().next().unwrap_or("").to_owned())
         .collect();
-    assert!(run.status.success(), "stderr: {stderr}");
-    assert!(
-        stderr.contains("cannot abort the failed multipart upload"),
-        "stderr: {stderr}\ncalls: {calls:#?}"
-    );
+    assert!(run.status.success(), "stderr: {stderr}\ncalls: {calls:#?}");
     let m = std::fs::read_to_string(&metrics).expect("metrics file");
     let aborts = m
         .lines()
         .find(|l| l.starts_with("trailhose_output_multipart_abort_failures_total "))
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .unwrap_or(0.0);
-    assert!(aborts >= 1.0, "{m}");
-    assert!(
-        proxy
-            .seen()
-            .iter()
-            .any(|r| r.head.starts_with("DELETE ") && r.head.contains("uploadId=")),
-        "an abort was asked for"
-    );
+    let asked = calls
+        .iter()
+        .any(|c| c.starts_with("DELETE ") && c.contains("uploadId="));
     let objects = s3_objects(&s3, "big-out", "x/").await;
-    assert_eq!(objects.len(), 1, "one batch, one object");
     let expected = serde_json::from_slice::<Value>(&json).expect("json")["Records"]
         .as_array()
         .expect("records")
         .len();
+    (stderr, aborts, asked, objects, expected)
+}
+
+/// A multipart upload that fails is aborted; when the abort fails too, its parts would stay
+/// in the bucket unseen: that is a warning and a metric, and the batch is still written whole
+/// by the next attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_upload_that_cannot_be_aborted_is_reported() {
+    let (stderr, aborts, asked, objects, expected) =
+        multipart_run("s3-abort", refuse_parts_then_every_abort).await;
+    assert!(
+        stderr.contains("cannot abort the failed multipart upload"),
+        "stderr: {stderr}"
+    );
+    assert!(aborts >= 1.0, "{aborts}");
+    assert!(asked, "an abort was asked for");
+    assert_eq!(objects.len(), 1, "one batch, one object");
+    assert_eq!(objects[0].1.lines().count(), expected);
+}
+
+/// An abort answered NoSuchUpload left nothing behind: not reported as leftover parts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_that_finds_the_upload_gone_is_not_reported() {
+    let (stderr, aborts, asked, objects, expected) =
+        multipart_run("s3-abort-gone", refuse_first_complete_then_abort_as_gone).await;
+    assert!(asked, "the failed upload was aborted\n{stderr}");
+    assert_eq!(aborts, 0.0, "{stderr}");
+    assert!(!stderr.contains("cannot abort"), "{stderr}");
+    assert_eq!(objects.len(), 1, "one batch, one object");
     assert_eq!(objects[0].1.lines().count(), expected);
 }
 

@@ -508,6 +508,11 @@ async fn put_multipart(
             .upload_id(&upload_id)
             .send()
             .await
+        // Gone: aborted already, or completed (its Complete answer lost, the SDK's retry
+        // answered NoSuchUpload); either way no parts are left to report.
+        && !e
+            .as_service_error()
+            .is_some_and(|s| s.is_no_such_upload())
     {
         metrics::emit(MultipartAbortFailed {
             bucket,
