@@ -20,7 +20,7 @@ pub use correlate::{
 };
 pub use ocsf::OcsfEventUnparsed;
 pub use tables::{MemberReplaced, TableLoaded, TableLookups, TableReloadFailed};
-pub use upload::MultipartAbortFailed;
+pub use upload::{MultipartAbandoned, MultipartAbortFailed};
 
 /// An occurrence worth counting and, where it matters, logging.
 pub trait InternalEvent {

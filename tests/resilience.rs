@@ -581,3 +581,103 @@ async fn a_pod_whose_workers_are_all_lost_stops_receiving_and_is_not_ready() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Holds every UploadPart for a minute (then passes it on): a multipart upload that cannot
+/// finish within the shutdown's grace period.
+fn stall_parts(line: &str) -> Option<(&'static str, &'static str)> {
+    if line.starts_with("PUT ") && line.contains("partNumber=") {
+        std::thread::sleep(Duration::from_secs(60));
+    }
+    None
+}
+
+/// SIGTERM while a multipart upload is stuck: when the grace period ends, the upload is
+/// aborted (no parts left in the bucket, a warning and a count), the message stays on the
+/// queue for redelivery, and the worker exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_cut_off_by_the_grace_period_is_aborted() {
+    let (moto, q) = setup("cutoff", 5).await;
+    let proxy = common::faults::FaultProxy::start_refusing(
+        moto.port,
+        common::faults::Plan {
+            fail_every: 0,
+            slow_every: 0,
+            delay: Duration::ZERO,
+        },
+        Some(stall_parts),
+    );
+    let tmp = TempDir::new("cutoff");
+    let port = free_port();
+    let settings = Settings {
+        output: "compression = \"none\"\n".into(),
+        ..Settings::default()
+    };
+    let proxied = proxy.endpoint();
+    let config = write_config_with(
+        tmp.path(),
+        (&proxied, &moto.endpoint),
+        &q.url,
+        port,
+        &settings,
+    );
+    // Multipart from 5 MiB and a 3 s grace period: the test's subject, shortened to run fast.
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(
+            "[output.s3]\n",
+            "[output.s3]\nmultipart_threshold_bytes = 5242880\npart_size_bytes = 5242880\n",
+        )
+        .replace("shutdown_grace_secs = 20", "shutdown_grace_secs = 3");
+    std::fs::write(&config, text).unwrap();
+    // 8 MiB of events within a minute or two: one buffer, sealed by the shutdown.
+    seed_generated(&moto, &q.url, 1, 77, 8 << 20).await;
+    let log = tmp.path().join("worker.log");
+    let mut worker = start_worker(&moto, &config, &log);
+    eventually(60, "the file to be split", || async {
+        metric(port, "trailhose_files_total{outcome=\"ok\"}") >= 1.0
+    })
+    .await;
+    signal(&worker, "-TERM");
+    let exited = tokio::task::spawn_blocking(move || {
+        wait_exit(&mut worker, 40);
+        worker
+    });
+    let _worker = exited.await.expect("join");
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let calls: Vec<String> = proxy
+        .seen()
+        .iter()
+        .map(|r| r.head.lines().next().unwrap_or("").to_owned())
+        .collect();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.starts_with("PUT ") && c.contains("partNumber=")),
+        "a part was being uploaded\n{calls:#?}\n{log_text}"
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.starts_with("DELETE ") && c.contains("uploadId=")),
+        "the cut-off upload was aborted\n{calls:#?}\n{log_text}"
+    );
+    assert!(
+        log_text.contains("cut off by the end of the grace period"),
+        "{log_text}"
+    );
+    let s3 = moto.s3();
+    let open = s3
+        .list_multipart_uploads()
+        .bucket("trail-out")
+        .send()
+        .await
+        .expect("list uploads");
+    assert!(open.uploads().is_empty(), "parts left: {open:?}");
+    assert!(s3_objects(&s3, "trail-out", "ct/").await.is_empty());
+    // Not acknowledged: the message comes back.
+    let sqs = moto.sqs();
+    eventually(30, "the message to be visible again", || async {
+        depth(&sqs, &q.url).await.0 == 1
+    })
+    .await;
+}

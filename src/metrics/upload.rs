@@ -37,6 +37,34 @@ impl InternalEvent for MultipartAbortFailed<'_> {
     }
 }
 
+static ABANDONED: LazyLock<IntCounter> = LazyLock::new(|| {
+    counter(
+        METRICS.registry(),
+        "trailhose_output_multipart_abandoned_total",
+        "Multipart uploads cut off by the end of the shutdown grace period; each is aborted in the background (a failed abort also counts in trailhose_output_multipart_abort_failures_total).",
+    )
+});
+
+/// The shutdown grace period ended while a multipart upload was open: its batch comes again
+/// (unacknowledged), and the upload is aborted in the background.
+pub struct MultipartAbandoned<'a> {
+    pub bucket: &'a str,
+    pub key: &'a str,
+    pub upload_id: &'a str,
+}
+
+impl InternalEvent for MultipartAbandoned<'_> {
+    fn emit(self) {
+        tracing::warn!(
+            bucket = self.bucket,
+            key = self.key,
+            upload_id = self.upload_id,
+            "multipart upload cut off by the end of the grace period: aborting it"
+        );
+        ABANDONED.inc();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

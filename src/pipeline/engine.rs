@@ -270,6 +270,12 @@ impl Engine {
         self.alive.clone()
     }
 
+    /// Stops the uploader and every write in flight (the shutdown's grace period is over):
+    /// open multipart uploads are then aborted (`write::settle_abandoned`).
+    pub fn uploader_abort(&self) -> tokio::task::AbortHandle {
+        self.uploader.abort_handle()
+    }
+
     /// A clonable way in, for the tasks that submit files.
     pub fn submitter(&self) -> Submitter {
         self.submitter.clone()

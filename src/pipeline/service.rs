@@ -176,6 +176,7 @@ pub async fn run(
     let stopping = Instant::now();
     drop(files);
     let driver_abort = driver.abort_handle();
+    let uploader_abort = engine.uploader_abort();
     let drained = tokio::time::timeout(grace, async {
         while messages.join_next().await.is_some() {}
         drop(ledger);
@@ -209,6 +210,9 @@ pub async fn run(
             tracing::warn!(
                 "grace period over: unfinished messages stay on the queue and will be redelivered"
             );
+            // Uploads cut off mid-way are aborted, so their parts do not stay in the bucket.
+            uploader_abort.abort();
+            crate::sink::write::settle_abandoned(Duration::from_secs(5)).await;
             Ok(ServiceReport {
                 tally: Tally::default(),
                 written: Written::default(),

@@ -16,7 +16,8 @@ use super::batch::{Kind, Sealed};
 use super::kinesis::{ForwardTo, Forwarder};
 use crate::clock::Utc;
 use crate::metrics::{
-    self, KinesisSinkFailed, MultipartAbortFailed, ObjectWriteFailed, ObjectWritten,
+    self, KinesisSinkFailed, MultipartAbandoned, MultipartAbortFailed, ObjectWriteFailed,
+    ObjectWritten,
 };
 use crate::retry::Backoff;
 
@@ -462,6 +463,7 @@ async fn put_multipart(
         .upload_id()
         .ok_or_else(|| ("S3 returned no upload id".to_owned(), true))?
         .to_owned();
+    let mut open = OpenUpload::new(client, bucket, key, &upload_id);
     let result = async {
         let mut parts = Vec::new();
         let size = o.part_size.max(5 << 20) as usize;
@@ -500,14 +502,22 @@ async fn put_multipart(
         Ok::<(), (String, bool)>(())
     }
     .await;
-    if result.is_err()
-        && let Err(e) = client
-            .abort_multipart_upload()
-            .bucket(bucket)
-            .key(key)
-            .upload_id(&upload_id)
-            .send()
-            .await
+    open.settled();
+    if result.is_err() {
+        abort(client, bucket, key, &upload_id).await;
+    }
+    result
+}
+
+/// Aborts an upload that failed; reports one that cannot be aborted (its parts stay).
+async fn abort(client: &aws_sdk_s3::Client, bucket: &str, key: &str, upload_id: &str) {
+    if let Err(e) = client
+        .abort_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .upload_id(upload_id)
+        .send()
+        .await
         // Gone: aborted already, or completed (its Complete answer lost, the SDK's retry
         // answered NoSuchUpload); either way no parts are left to report.
         && !e
@@ -517,11 +527,83 @@ async fn put_multipart(
         metrics::emit(MultipartAbortFailed {
             bucket,
             key,
-            upload_id: &upload_id,
+            upload_id,
             error: &sdk_message(&e),
         });
     }
-    result
+}
+
+/// Uploads begun and not yet settled, and the aborts asked for uploads dropped mid-way.
+static OPEN_UPLOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static ABANDONED: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// A multipart upload between its creation and its completion or abort. Dropped before that
+/// (the shutdown's grace period ended mid-upload), it asks S3 to abort it in the background,
+/// so its parts are not left in the bucket; [`settle_abandoned`] waits for those asks.
+struct OpenUpload {
+    abort: Option<(aws_sdk_s3::Client, String, String, String)>,
+}
+
+impl OpenUpload {
+    fn new(client: &aws_sdk_s3::Client, bucket: &str, key: &str, upload_id: &str) -> OpenUpload {
+        OPEN_UPLOADS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let ids = (bucket.to_owned(), key.to_owned(), upload_id.to_owned());
+        OpenUpload {
+            abort: Some((client.clone(), ids.0, ids.1, ids.2)),
+        }
+    }
+
+    /// Completed or failed: the caller aborts a failed one itself.
+    fn settled(&mut self) {
+        if self.abort.take().is_some() {
+            OPEN_UPLOADS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for OpenUpload {
+    fn drop(&mut self) {
+        let Some((client, bucket, key, upload_id)) = self.abort.take() else {
+            return;
+        };
+        metrics::emit(MultipartAbandoned {
+            bucket: &bucket,
+            key: &key,
+            upload_id: &upload_id,
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let task = runtime.spawn(async move {
+                abort(&client, &bucket, &key, &upload_id).await;
+            });
+            ABANDONED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(task);
+        }
+        OPEN_UPLOADS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// After a shutdown cut uploads off: waits, up to `within`, until every cancelled upload has
+/// been dropped and its abort has been answered. Uploads are cancelled as their tasks are
+/// dropped, which the runtime does after the cut, hence the wait for the open count.
+pub async fn settle_abandoned(within: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let tasks = std::mem::take(&mut *ABANDONED.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
+                return;
+            }
+        }
+        let open = OPEN_UPLOADS.load(std::sync::atomic::Ordering::SeqCst);
+        let asked = ABANDONED.lock().map(|a| a.is_empty()).unwrap_or(true);
+        if (open == 0 && asked) || tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// A unique object name that sorts by time: the write time, then a time-ordered UUID so names

@@ -223,6 +223,7 @@ pub async fn run(
         .collect();
     // The stop senders stay alive until the readers are done.
     let readers: Vec<Held> = held.drain().map(|(_, h)| h).collect();
+    let uploader_abort = engine.uploader_abort();
     let drained = tokio::time::timeout(grace, async {
         let finished = engine.finish().await;
         for h in readers {
@@ -231,6 +232,11 @@ pub async fn run(
         finished
     })
     .await;
+    if drained.is_err() {
+        // Uploads cut off mid-way are aborted, so their parts do not stay in the bucket.
+        uploader_abort.abort();
+        crate::sink::write::settle_abandoned(Duration::from_secs(5)).await;
+    }
     // Every reader is done: nothing more to tell them.
     ledger_driver.abort_handle().abort();
     for (_, claim) in &claims {
