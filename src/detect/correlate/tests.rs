@@ -453,6 +453,12 @@ async fn a_local_run_fails_when_a_correlation_could_not_count_an_event() {
     .await
     .expect("feed");
     drop(d);
+    // Its time is measured too, as a failure.
+    let failed = crate::metrics::METRICS.render().lines().any(|l| {
+        l.starts_with("trailhose_correlation_update_seconds_count{outcome=\"failed\"} ")
+            && !l.ends_with(" 0")
+    });
+    assert!(failed, "update time of the failed update");
     let failures = delivery.finish().await;
     assert!(
         failures
