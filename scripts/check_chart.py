@@ -250,8 +250,20 @@ def check_objects(case, values, docs, binary):
             elif {k: v for k, v in vol.items() if k != "name"} != r["volume"] or m.get("subPath") != r.get("subPath"):
                 fail(case, f"rules {r['name']}: {path} is not its volume (subPath {r.get('subPath')})")
         alerts = cfg.get("detect", {}).get("alerts", [])
-        if [a.get("target") for a in alerts] != [a["target"] for a in detect.get("alerts") or []]:
+        given = detect.get("alerts") or []
+        env = {e["name"]: e for e in main.get("env", [])}
+        if len(alerts) != len(given):
             fail(case, "the detect.alerts outputs were not rendered as given")
+        for i, (a, g) in enumerate(zip(alerts, given)):
+            if g.get("targetSecret"):
+                # The secret stays out of the ConfigMap: the config names a variable the
+                # container takes from the Secret.
+                var = a.get("target_env")
+                ref = ((env.get(var) or {}).get("valueFrom") or {}).get("secretKeyRef")
+                if "target" in a or "targetSecret" in a or ref != g["targetSecret"]:
+                    fail(case, f"detect.alerts[{i}]: targetSecret is not the container's {var} from its Secret")
+            elif (a.get("target"), a.get("target_env")) != (g.get("target"), g.get("target_env")):
+                fail(case, f"detect.alerts[{i}] was not rendered as given")
     if main["livenessProbe"]["httpGet"]["path"] != "/healthz" or main["readinessProbe"]["httpGet"]["path"] != "/readyz":
         fail(case, "probes must be /healthz (liveness) and /readyz (readiness)")
     sc = main.get("securityContext", {})
@@ -486,7 +498,20 @@ def main():
                 {"detect": {"rules": [{"name": "cm", "configMap": {"name": "cm"}, "subPath": "x"}]}},
                 {"detect": {"alerts": [{"kind": "sqs", "target": "https://sqs.x/1/q"}]}},
                 {"detect": {"rules": [{"name": "r", "path": "/r"}], "correlation": {"mode": "dynamodb"}}},
-                {"config": {"detect": {"rules": ["/r"]}}}):
+                {"config": {"detect": {"rules": ["/r"]}}},
+                # in_process correlation counts per pod: the defaults (HPA), 2 replicas, KEDA.
+                {"detect": {"rules": [{"name": "r", "path": "/r"}]}},
+                {"detect": {"rules": [{"name": "r", "path": "/r"}], "correlation": {"mode": "in_process"}},
+                 "autoscaling": {"enabled": False}, "replicaCount": 2},
+                {"detect": {"rules": [{"name": "r", "path": "/r"}]}, "keda": {"enabled": True}},
+                {"detect": {"rules": [{"name": "x", "configMap": {"name": "cm"}}],
+                            "correlation": {"acknowledgePerPodCounts": True}},
+                 "extraVolumes": [{"name": "rules-x", "emptyDir": {}}]},
+                {"extraVolumes": [{"name": "config", "emptyDir": {}}]},
+                {"detect": {"rules": [{"name": "r", "path": "/r"}], "correlation": {"mode": "dynamodb", "table": "t"},
+                            "alerts": [{"kind": "webhook", "target": "https://h/x", "targetSecret": {"name": "s", "key": "k"}}]}},
+                {"detect": {"rules": [{"name": "r", "path": "/r"}], "correlation": {"mode": "dynamodb", "table": "t"},
+                            "alerts": [{"kind": "webhook", "targetSecret": {"name": "s"}}]}}):
         try:
             render(bad)
             fail("bad-values", f"rendered despite invalid values {bad}")

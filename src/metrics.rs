@@ -15,8 +15,8 @@ mod ocsf;
 mod tables;
 mod upload;
 pub use correlate::{
-    CorrelationBreakerOpened, CorrelationFailed, CorrelationSkipped, CorrelationStatesEvicted,
-    CorrelationUpdated, SkipReason,
+    CorrelationBreakerOpened, CorrelationCountersReady, CorrelationFailed, CorrelationSkipped,
+    CorrelationStatesEvicted, CorrelationUpdated, SkipReason, UpdateOutcome,
 };
 pub use ocsf::OcsfEventUnparsed;
 pub use tables::{MemberReplaced, TableLoaded, TableLookups, TableReloadFailed};
@@ -380,6 +380,9 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        // Unlabelled counters kept beside the catalogue exist from the first scrape, at 0, so
+        // that an alert rule's `increase()` sees their first occurrence too.
+        upload::register();
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metric families.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
@@ -1953,6 +1956,22 @@ impl InternalEvent for AlertsDelivered<'_> {
     }
 }
 
+/// An alert output opened: its delivery series exist from now on, at 0, so that an alert
+/// rule's `increase()` sees its first failure after start-up (a series that appears at 1
+/// has no increase).
+pub struct AlertOutputOpened<'a> {
+    pub output: &'a str,
+}
+
+impl InternalEvent for AlertOutputOpened<'_> {
+    fn emit(self) {
+        DETECT.delivered.with_label_values(&[self.output]);
+        for result in ["retried", "given_up"] {
+            DETECT.failures.with_label_values(&[self.output, result]);
+        }
+    }
+}
+
 /// An attempt to deliver alerts failed. `error` never holds a webhook URL.
 pub struct AlertDeliveryFailed<'a> {
     pub output: &'a str,
@@ -1992,6 +2011,27 @@ impl InternalEvent for AlertDeliveryFailed<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_opened_alert_output_exposes_its_failure_series_at_zero() {
+        emit(AlertOutputOpened {
+            output: "fresh-out",
+        });
+        let text = METRICS.render();
+        for line in [
+            "trailhose_alert_delivery_failures_total{output=\"fresh-out\",result=\"given_up\"} 0",
+            "trailhose_alert_delivery_failures_total{output=\"fresh-out\",result=\"retried\"} 0",
+            "trailhose_alerts_delivered_total{output=\"fresh-out\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+        // Another test may have counted one already: present is what matters.
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("trailhose_output_multipart_abort_failures_total ")),
+            "{text}"
+        );
+    }
 
     #[test]
     fn catalogue_renders_with_conventional_names() {

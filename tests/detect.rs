@@ -407,13 +407,14 @@ min_level = "critical"
 
 [[detect.alerts]]
 kind = "webhook"
-target = "http://127.0.0.1:{hook}/services/T0/B0/secret-token"
+target_env = "TRAILHOSE_TEST_WEBHOOK_URL"
 min_level = "critical"
 event = "reference"
 "#,
         rules = rules_dir().display(),
-        hook = hook.port,
     );
+    // The webhook URL is a secret: it comes from the environment (a Secret on Kubernetes).
+    let hook_url = format!("http://127.0.0.1:{}/services/T0/B0/secret-token", hook.port);
     let settings = Settings {
         extra,
         ..Settings::default()
@@ -426,7 +427,12 @@ event = "reference"
         &settings,
     );
     let log = tmp.path().join("worker.log");
-    let mut worker = start_worker(&moto, &config, &log);
+    let mut worker = start_worker_with(
+        &moto,
+        &config,
+        &log,
+        &[("TRAILHOSE_TEST_WEBHOOK_URL", &hook_url)],
+    );
     let key = upload_and_notify(&moto, &q.url).await;
 
     // Alerts go out at once, whatever the batch age (the default 300 s holds the events).
@@ -651,8 +657,25 @@ max_attempts = 2
     );
     let log = tmp.path().join("worker-1.log");
     let mut worker = start_worker(&moto, &config, &log);
-    upload_and_notify(&moto, &q.url).await;
     let given_up = "trailhose_alert_delivery_failures_total{output=\"sqs\",result=\"given_up\"}";
+    // The series is there at 0 before anything failed: an alert rule's `increase()` sees the
+    // first give-up after start-up (a series that appears at 1 has no increase).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = http_get(port, "/metrics")
+            .map(|(_, m)| m)
+            .unwrap_or_default();
+        if text.lines().any(|l| l == format!("{given_up} 0")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {given_up} 0 before the first failure:\n{text}\nlog:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    upload_and_notify(&moto, &q.url).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     while metric(port, given_up) < 1.0 {
         assert!(
@@ -825,21 +848,29 @@ fn process_fails_when_alerts_it_matched_could_not_be_delivered() {
     std::fs::write(
         &cfg,
         format!(
-            "[output]\nurl = \"{}\"\n[detect]\nrules = [\"{}\"]\n[[detect.alerts]]\nkind = \"webhook\"\ntarget = \"http://127.0.0.1:{closed}/services/T0/B0/secret-token\"\nmax_attempts = 2\n",
+            "[output]\nurl = \"{}\"\n[detect]\nrules = [\"{}\"]\n[[detect.alerts]]\nkind = \"webhook\"\ntarget_env = \"TRAILHOSE_TEST_HOOK\"\nmax_attempts = 2\n",
             tmp.path().join("out").display(),
             rules_dir().display()
         ),
     )
     .expect("config");
-    let out = trailhose(
-        &[
-            "process",
-            "--config",
-            &cfg.display().to_string(),
-            &input.display().to_string(),
-        ],
-        &[],
+    let args = [
+        "process".to_owned(),
+        "--config".to_owned(),
+        cfg.display().to_string(),
+        input.display().to_string(),
+    ];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // Without the variable: a clear start-up error that names the key and the variable.
+    let out = trailhose(&args, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("detect.alerts.target_env") && stderr.contains("TRAILHOSE_TEST_HOOK"),
+        "{stderr}"
     );
+    let url = format!("http://127.0.0.1:{closed}/services/T0/B0/secret-token");
+    let out = trailhose(&args, &[("TRAILHOSE_TEST_HOOK", url)]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(

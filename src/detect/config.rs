@@ -96,8 +96,13 @@ pub enum EventPayload {
 pub struct AlertConfig {
     pub kind: AlertKind,
     /// SQS queue URL, SNS topic ARN, Kinesis stream name or ARN, `s3://bucket/prefix/`, or
-    /// the webhook's URL.
+    /// the webhook's URL. Exactly one of `target` and `target_env`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub target: String,
+    /// The environment variable that holds the target, read at start-up (a webhook URL is a
+    /// secret: on Kubernetes it comes from a Secret, not the ConfigMap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_env: Option<String>,
     /// Names the output in metrics and logs (default: the kind). A webhook URL is a secret
     /// and never appears there.
     #[serde(default)]
@@ -137,6 +142,42 @@ fn default_max_attempts() -> u32 {
 }
 
 impl AlertConfig {
+    /// This output with its target read from `target_env` (at start-up). The error names the
+    /// key and the variable, never its value.
+    pub fn resolved(&self, n: usize) -> Result<AlertConfig, ConfigError> {
+        self.resolved_with(n, |var| std::env::var(var).ok())
+    }
+
+    fn resolved_with(
+        &self,
+        n: usize,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<AlertConfig, ConfigError> {
+        let Some(var) = &self.target_env else {
+            return Ok(self.clone());
+        };
+        let value = env(var).unwrap_or_default();
+        let value = value.trim();
+        if value.is_empty() {
+            return Err(invalid(
+                "detect.alerts.target_env",
+                format!(
+                    "alert {n} ({}): environment variable {var} is not set or empty",
+                    self.kind.as_str()
+                ),
+            ));
+        }
+        let mut out = self.clone();
+        out.target = value.to_owned();
+        check_target(&out).map_err(|m| {
+            invalid(
+                "detect.alerts.target_env",
+                format!("alert {n} ({}): {var}: {m}", self.kind.as_str()),
+            )
+        })?;
+        Ok(out)
+    }
+
     pub fn label(&self) -> String {
         self.name
             .clone()
@@ -197,12 +238,38 @@ impl DetectConfig {
         let mut names = std::collections::HashSet::new();
         for (i, a) in self.alerts.iter().enumerate() {
             let n = i + 1;
-            check_target(a).map_err(|m| {
-                invalid(
-                    "detect.alerts.target",
-                    format!("alert {n} ({}): {m}", a.kind.as_str()),
-                )
-            })?;
+            match (&a.target_env, a.target.is_empty()) {
+                (Some(_), false) | (None, true) => {
+                    return Err(invalid(
+                        "detect.alerts.target",
+                        format!(
+                            "alert {n} ({}): give exactly one of target and target_env",
+                            a.kind.as_str()
+                        ),
+                    ));
+                }
+                (Some(var), true) => {
+                    if !is_env_name(var) {
+                        return Err(invalid(
+                            "detect.alerts.target_env",
+                            format!(
+                                "alert {n} ({}): {var:?} is not an environment variable name (letters, digits, _)",
+                                a.kind.as_str()
+                            ),
+                        ));
+                    }
+                }
+                (None, false) => {}
+            }
+            // A target from the environment is checked when it is read (`resolved`).
+            if a.target_env.is_none() {
+                check_target(a).map_err(|m| {
+                    invalid(
+                        "detect.alerts.target",
+                        format!("alert {n} ({}): {m}", a.kind.as_str()),
+                    )
+                })?;
+            }
             if a.max_attempts == 0 {
                 return Err(invalid(
                     "detect.alerts.max_attempts",
@@ -229,6 +296,13 @@ impl DetectConfig {
         }
         Ok(())
     }
+}
+
+/// A portable environment variable name: letters, digits and `_`, not starting with a digit.
+fn is_env_name(s: &str) -> bool {
+    !s.is_empty()
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn check_target(a: &AlertConfig) -> Result<(), String> {
@@ -329,6 +403,52 @@ mod tests {
         let text = cfg.effective_toml().expect("toml");
         assert!(!text.contains("token123"), "{text}");
         assert!(text.contains("https://hooks.slack.com/<masked>"), "{text}");
+    }
+
+    #[test]
+    fn a_target_can_come_from_the_environment_and_its_value_is_never_in_an_error() {
+        let here = env!("CARGO_MANIFEST_DIR");
+        let cfg = |alert: &str| -> DetectConfig {
+            toml::from_str(&format!("rules = [\"{here}\"]\n[[alerts]]\n{alert}")).expect("parses")
+        };
+        let both = cfg("kind = \"webhook\"\ntarget = \"https://a\"\ntarget_env = \"X\"");
+        let e = both.validate().expect_err("both").to_string();
+        assert!(
+            e.contains("detect.alerts.target") && e.contains("exactly one"),
+            "{e}"
+        );
+        let neither = cfg("kind = \"webhook\"");
+        let e = neither.validate().expect_err("neither").to_string();
+        assert!(e.contains("exactly one"), "{e}");
+        let bad = cfg("kind = \"webhook\"\ntarget_env = \"NOT-A NAME\"");
+        let e = bad.validate().expect_err("bad name").to_string();
+        assert!(e.contains("detect.alerts.target_env"), "{e}");
+
+        // Names unique to this test: the environment is the process's.
+        let ok =
+            cfg("kind = \"webhook\"\ntarget_env = \"TRAILHOSE_TEST_HOOK_URL\"\ntls_only = true");
+        ok.validate().expect("valid without the variable");
+        let a = ok.alerts.first().expect("alert");
+        let with = |value: Option<&str>| {
+            a.resolved_with(1, |var| {
+                assert_eq!(var, "TRAILHOSE_TEST_HOOK_URL");
+                value.map(str::to_owned)
+            })
+        };
+        let e = with(None).expect_err("unset").to_string();
+        assert!(
+            e.contains("detect.alerts.target_env")
+                && e.contains("TRAILHOSE_TEST_HOOK_URL")
+                && e.contains("not set"),
+            "{e}"
+        );
+        assert!(with(Some(" ")).is_err(), "empty");
+        let e = with(Some("http://hooks.example/T0/secret-token"))
+            .expect_err("plain http with tls_only")
+            .to_string();
+        assert!(e.contains("https") && !e.contains("secret-token"), "{e}");
+        let r = with(Some("https://hooks.example/T0/secret-token\n")).expect("resolved");
+        assert_eq!(r.target, "https://hooks.example/T0/secret-token");
     }
 
     #[test]

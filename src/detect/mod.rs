@@ -19,6 +19,7 @@ pub mod suppress;
 pub mod trial;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,8 @@ pub enum DetectError {
     Output(#[from] OutputError),
     #[error(transparent)]
     Correlate(#[from] correlate::CorrelateError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// An alert output as the workers see it: where its alerts go and what it wants.
@@ -81,16 +84,30 @@ pub struct Detect {
     /// The runtime correlation store calls run on (the worker threads block on them: a
     /// notification is acknowledged only after its state update). None for `rules_only`.
     rt: Option<tokio::runtime::Handle>,
+    /// Matched events a correlation could not count (a store call failed, or its breaker is
+    /// open) that no notification brings back (local files have no hold): the run must say
+    /// it failed, as `Delivery::finish` does.
+    uncounted: Arc<AtomicU64>,
 }
 
 /// The delivery tasks; they end once every `Detect` is dropped and their queues are empty.
-pub struct Delivery(Vec<tokio::task::JoinHandle<output::Undelivered>>);
+/// With them, the count of matched events correlations could not count without a hold.
+pub struct Delivery(
+    Vec<tokio::task::JoinHandle<output::Undelivered>>,
+    Arc<AtomicU64>,
+);
 
 impl Delivery {
     /// Waits for every queued alert; returns a line per output that gave up alerts no
     /// notification will bring back (local files), for the run's failures.
     pub async fn finish(self) -> Vec<String> {
         let mut failures = Vec::new();
+        let uncounted = self.1.load(Ordering::Relaxed);
+        if uncounted > 0 {
+            failures.push(format!(
+                "{uncounted} matched event(s) not counted in their correlations: the correlation store failed (see trailhose_correlation_failures_total)"
+            ));
+        }
         for h in self.0 {
             match h.await {
                 Ok(u) if u.alerts > 0 => failures.push(format!(
@@ -134,8 +151,15 @@ impl Detect {
         let correlator = correlations(cfg, &rules, &store, None)?;
         let mut routes = Vec::new();
         let mut tasks = Vec::new();
-        for a in &cfg.alerts {
+        let uncounted = Arc::new(AtomicU64::new(0));
+        metrics::emit(metrics::CorrelationCountersReady);
+        for (i, a) in cfg.alerts.iter().enumerate() {
+            // A target from the environment is read now; the error names the variable only.
+            let a = &a.resolved(i + 1)?;
             let out = Output::open(a).await?;
+            // Its series exist from the start, at 0: an alert rule's `increase()` then sees
+            // the first failure after start-up too.
+            metrics::emit(metrics::AlertOutputOpened { output: &a.label() });
             let (tx, rx) = mpsc::channel(QUEUE);
             let suppressor = (a.suppress_secs > 0)
                 .then(|| Arc::new(Suppressor::new(Duration::from_secs(a.suppress_secs))));
@@ -156,6 +180,7 @@ impl Detect {
             routes,
             worker: worker_name(),
             rt: Some(tokio::runtime::Handle::current()),
+            uncounted: uncounted.clone(),
         });
         if let Some(every) = cfg.reload()
             && let Err(e) = crate::watch::poll("detect-watch", &detect, every, |d| d.reload(false))
@@ -165,7 +190,7 @@ impl Detect {
                 error: Some(&format!("cannot start the file watcher: {e}")),
             });
         }
-        Ok((detect, Delivery(tasks)))
+        Ok((detect, Delivery(tasks, uncounted)))
     }
 
     /// Compiles the rules again when a rule file changed (or always, with `force`: SIGHUP).
@@ -215,6 +240,7 @@ impl Detect {
             routes: Vec::new(),
             worker: worker_name(),
             rt: None,
+            uncounted: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -315,30 +341,40 @@ impl Detect {
             .and_then(crate::clock::Utc::parse_rfc3339)
             .map_or(now, crate::clock::Utc::to_unix);
         let id = correlate::event_key(seen.head.event_id.as_deref(), seen.raw);
-        match rt.block_on(c.observe(hits, event, &id, ts, now)) {
-            Ok(fired) => {
-                metrics::emit(metrics::CorrelationUpdated {
-                    elapsed: started.elapsed(),
-                });
-                fired
-            }
+        let (out, outcome) = match rt.block_on(c.observe(hits, event, &id, ts, now)) {
+            Ok(fired) => (fired, metrics::UpdateOutcome::Ok),
             Err(e) => {
-                match e {
+                let outcome = match e {
                     correlate::CorrelateError::Store(
                         correlate::store::StoreError::Unavailable { .. },
-                    ) => metrics::emit(metrics::CorrelationSkipped {
-                        reason: metrics::SkipReason::BreakerOpen,
-                    }),
-                    e => metrics::emit(metrics::CorrelationFailed {
-                        error: &e.to_string(),
-                    }),
+                    ) => {
+                        metrics::emit(metrics::CorrelationSkipped {
+                            reason: metrics::SkipReason::BreakerOpen,
+                        });
+                        metrics::UpdateOutcome::NotCalled
+                    }
+                    e => {
+                        metrics::emit(metrics::CorrelationFailed {
+                            error: &e.to_string(),
+                        });
+                        metrics::UpdateOutcome::Failed
+                    }
+                };
+                match seen.hold {
+                    Some(h) => h.share().fail(),
+                    // Nothing brings a local file back: the run fails instead.
+                    None => {
+                        self.uncounted.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
-                if let Some(h) = seen.hold {
-                    h.share().fail();
-                }
-                Vec::new()
+                (Vec::new(), outcome)
             }
-        }
+        };
+        metrics::emit(metrics::CorrelationUpdated {
+            elapsed: started.elapsed(),
+            outcome,
+        });
+        out
     }
 
     fn alert(

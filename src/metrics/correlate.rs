@@ -3,12 +3,12 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec};
 
 use super::{InternalEvent, METRICS, counter, counter_vec};
 
 struct CorrelationMetrics {
-    update_seconds: Histogram,
+    update_seconds: HistogramVec,
     failures: IntCounter,
     evicted: IntCounter,
     skipped: IntCounterVec,
@@ -16,12 +16,13 @@ struct CorrelationMetrics {
 
 static CORRELATION: LazyLock<CorrelationMetrics> = LazyLock::new(|| {
     let r = METRICS.registry();
-    let update_seconds = Histogram::with_opts(
+    let update_seconds = HistogramVec::new(
         HistogramOpts::new(
             "trailhose_correlation_update_seconds",
-            "Time to count one matched event in the correlations that use its rules (store calls included).",
+            "Time to count one matched event in the correlations that use its rules (store calls included), by outcome: ok, failed (a store call failed, timeouts included), not_called (the table's breaker is open).",
         )
-        .buckets(vec![0.000_01, 0.000_1, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0]),
+        .buckets(vec![0.000_01, 0.000_1, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0, 10.0]),
+        &["outcome"],
     )
     .expect("valid metric");
     r.register(Box::new(update_seconds.clone()))
@@ -47,15 +48,37 @@ static CORRELATION: LazyLock<CorrelationMetrics> = LazyLock::new(|| {
     }
 });
 
-/// A matched event was counted in its correlations.
+/// How counting one matched event in its correlations ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    Ok,
+    /// A store call failed (a timeout takes the whole call's 10 s).
+    Failed,
+    /// The table's breaker is open: no call was made.
+    NotCalled,
+}
+
+impl UpdateOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateOutcome::Ok => "ok",
+            UpdateOutcome::Failed => "failed",
+            UpdateOutcome::NotCalled => "not_called",
+        }
+    }
+}
+
+/// A matched event was counted in its correlations, or that failed: how long it took.
 pub struct CorrelationUpdated {
     pub elapsed: Duration,
+    pub outcome: UpdateOutcome,
 }
 
 impl InternalEvent for CorrelationUpdated {
     fn emit(self) {
         CORRELATION
             .update_seconds
+            .with_label_values(&[self.outcome.as_str()])
             .observe(self.elapsed.as_secs_f64());
     }
 }
@@ -113,6 +136,23 @@ impl SkipReason {
     }
 }
 
+/// The detection stage opened: the correlation counters exist from now on, at 0, so that an
+/// alert rule's `increase()` sees their first failure after start-up.
+pub struct CorrelationCountersReady;
+
+impl InternalEvent for CorrelationCountersReady {
+    fn emit(self) {
+        let c = &*CORRELATION;
+        for r in [
+            SkipReason::HoldFailed,
+            SkipReason::BreakerOpen,
+            SkipReason::GroupMissing,
+        ] {
+            c.skipped.with_label_values(&[r.as_str()]);
+        }
+    }
+}
+
 /// A matched event was not counted in a correlation (or in any, for a failed hold).
 pub struct CorrelationSkipped {
     pub reason: SkipReason,
@@ -127,8 +167,8 @@ impl InternalEvent for CorrelationSkipped {
     }
 }
 
-/// A call to the correlation table failed: it is not called again for `secs` seconds (then
-/// one call probes it), so that a hung endpoint costs one timeout, not one per event.
+/// Calls to the correlation table kept failing: it is not called again for `secs` seconds
+/// (then one call probes it), so that a hung endpoint costs one timeout, not one per event.
 pub struct CorrelationBreakerOpened<'a> {
     pub table: &'a str,
     pub secs: f64,

@@ -14,6 +14,12 @@ static ABORT_FAILURES: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+/// Registers the counters (at 0) if nothing has failed yet.
+pub(super) fn register() {
+    LazyLock::force(&ABORT_FAILURES);
+    LazyLock::force(&ABANDONED);
+}
+
 /// A multipart upload failed and aborting it failed too: its uploaded parts stay in the bucket
 /// until an `AbortIncompleteMultipartUpload` lifecycle rule removes them. The batch itself is
 /// retried (or left unacknowledged) as any failed write is.

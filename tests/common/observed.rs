@@ -183,7 +183,8 @@ const CORRELATION_TABLE: &str = "observed-correlation";
 
 /// Rules for both workers: one matches the fixture files' DescribeInstances calls (SQS), one
 /// the stream's IAM events (Kinesis); a correlation counts both per account, another each
-/// event on its own (neither fires). The SQS worker's memory budget is the smallest allowed,
+/// event on its own, a third groups by a field no event has (in no group: skipped, the
+/// dashboard's normal `group_missing`); none fires. The SQS worker's memory budget is the smallest allowed,
 /// so the fixture set's groups do not fit and states are evicted in every round.
 fn write_rules(dir: &Path) {
     std::fs::create_dir_all(dir).expect("rules dir");
@@ -224,6 +225,17 @@ correlation:
   type: event_count
   rules: [ec2_describe]
   group-by: [eventID]
+  timespan: 1h
+  condition: {gte: 4000}
+  generate: true
+level: low
+---
+title: Calls grouped by a field the events lack
+id: 0b5e1d7c-6a0e-4c53-9a57-0b5e1d7c0005
+correlation:
+  type: event_count
+  rules: [ec2_describe]
+  group-by: [observedAbsentField]
   timespan: 1h
   condition: {gte: 4000}
   generate: true

@@ -57,6 +57,52 @@ or folder in a volume of extraVolumes.
 {{- end -}}
 {{- end }}
 
+{{/* The environment variable that carries detect.alerts[i]'s target from its targetSecret. */}}
+{{- define "trailhose.alertTargetEnv" -}}
+{{- printf "TRAILHOSE_ALERT_%d_TARGET" . -}}
+{{- end }}
+
+{{/*
+The trailhose container's environment: `env`, and each detect.alerts targetSecret as the
+variable its target_env names (a webhook URL is a secret, kept out of the ConfigMap).
+*/}}
+{{- define "trailhose.env" -}}
+{{- $env := list -}}
+{{- if (default dict .Values.detect).rules -}}
+{{- range $i, $a := (default dict .Values.detect).alerts -}}
+{{- with $a.targetSecret -}}
+{{- $env = append $env (dict "name" (include "trailhose.alertTargetEnv" $i) "valueFrom" (dict "secretKeyRef" (dict "name" .name "key" .key))) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $env = concat $env (default list .Values.env) -}}
+{{- if $env -}}
+{{- toYaml $env -}}
+{{- end -}}
+{{- end }}
+
+{{/*
+Fails when the pods would each count correlations alone without the user saying so: with
+mode in_process, every pod counts only the events it is given.
+*/}}
+{{- define "trailhose.checkCorrelation" -}}
+{{- $d := default dict .Values.detect -}}
+{{- $c := default dict $d.correlation -}}
+{{- if and $d.rules (eq (default "in_process" $c.mode) "in_process") (not $c.acknowledgePerPodCounts) -}}
+{{- $many := "" -}}
+{{- if .Values.keda.enabled -}}
+{{- $many = printf "KEDA scales it up to %v pods" .Values.keda.maxReplicaCount -}}
+{{- else if .Values.autoscaling.enabled -}}
+{{- $many = printf "the HPA scales it up to %v pods" .Values.autoscaling.maxReplicas -}}
+{{- else if gt (int .Values.replicaCount) 1 -}}
+{{- $many = printf "replicaCount is %v" .Values.replicaCount -}}
+{{- end -}}
+{{- if $many -}}
+{{- fail (printf "detect.correlation.mode is in_process and %s: each pod would count only the events it sees, so a Sigma correlation split between pods would not fire. Set detect.correlation.mode: dynamodb (with a table) for counts shared by every pod, or detect.correlation.acknowledgePerPodCounts: true if per-pod counts are what you want (or your rules have no correlations)." $many) -}}
+{{- end -}}
+{{- end -}}
+{{- end }}
+
 {{/* The [detect] section from `detect` (empty when it names no rules). */}}
 {{- define "trailhose.detectDict" -}}
 {{- $d := default dict . -}}
@@ -92,17 +138,30 @@ or folder in a volume of extraVolumes.
 {{- if and (hasKey $d $k) (not (kindIs "invalid" (index $d $k))) }}{{ $_ := set $det $k (index $d $k) }}{{ end -}}
 {{- end -}}
 {{- $corr := dict -}}
-{{- range $k, $val := (default dict $d.correlation) -}}
+{{- range $k, $val := (omit (default dict $d.correlation) "acknowledgePerPodCounts") -}}
 {{- if not (kindIs "invalid" $val) }}{{ $_ := set $corr $k $val }}{{ end -}}
 {{- end -}}
 {{- if $corr }}{{ $_ := set $det "correlation" $corr }}{{ end -}}
 {{- if $d.alerts -}}
-{{- range $d.alerts -}}
-{{- if not (and .kind .target) -}}
-{{- fail (printf "detect.alerts: each output needs kind and target (%v)" (omit . "target")) -}}
+{{- $alerts := list -}}
+{{- range $i, $a := $d.alerts -}}
+{{- $targets := 0 -}}
+{{- range $k := list "target" "target_env" "targetSecret" -}}
+{{- if index $a $k }}{{ $targets = add1 $targets }}{{ end -}}
+{{- end -}}
+{{- if or (not $a.kind) (ne (int $targets) 1) -}}
+{{- fail (printf "detect.alerts: each output needs kind and exactly one of target, target_env, targetSecret (%v)" (omit $a "target")) -}}
+{{- end -}}
+{{- if $a.targetSecret -}}
+{{- if not (and $a.targetSecret.name $a.targetSecret.key) -}}
+{{- fail (printf "detect.alerts[%d].targetSecret needs the Secret's name and key" $i) -}}
+{{- end -}}
+{{- $alerts = append $alerts (set (omit $a "targetSecret") "target_env" (include "trailhose.alertTargetEnv" $i)) -}}
+{{- else -}}
+{{- $alerts = append $alerts $a -}}
 {{- end -}}
 {{- end -}}
-{{- $_ := set $det "alerts" $d.alerts -}}
+{{- $_ := set $det "alerts" $alerts -}}
 {{- end -}}
 {{- else if $d.alerts -}}
 {{- fail "detect.alerts needs detect.rules: name where the Sigma rules come from" -}}

@@ -98,10 +98,13 @@ pub struct Mem {
     total: usize,
 }
 
-/// Stops calls to a table that just failed, so that a hung or unreachable endpoint costs
-/// one call's timeout (10 s) now and then instead of one per matched event. After a failed
-/// call it is open for a second, doubling per failure up to 30 s; then one call probes
-/// while the others still fail at once, and a success closes it.
+/// Stops calls to a table that keeps failing, so that a hung or unreachable endpoint costs
+/// one call's timeout (10 s) now and then instead of one per matched event. Each failure is
+/// a call that failed after the SDK's own retries (three attempts with backoff), so one
+/// throttled or dropped request does not open it: only `BREAKER_AFTER` failed calls in a row
+/// do, and a success between them starts the count again. Open, it stays so for a second,
+/// doubling per failed probe up to 30 s; then one call probes while the others fail at once,
+/// and a success closes it.
 #[derive(Debug)]
 pub struct Breaker {
     state: Mutex<BreakerState>,
@@ -113,10 +116,68 @@ struct BreakerState {
     open_until: Option<Instant>,
     probing: bool,
     backoff: Duration,
+    /// Failed calls since the last success.
+    failures: u32,
 }
 
 const BREAKER_BASE: Duration = Duration::from_secs(1);
 const BREAKER_MAX: Duration = Duration::from_secs(30);
+/// Failed calls in a row (each after the SDK's retries) that open the breaker. At one
+/// matched event per call, five is a table failing for several seconds, not a blip.
+pub const BREAKER_AFTER: u32 = 5;
+
+/// Leave to make one call: say how it went (`succeeded`, `failed`). Dropped unsaid (its
+/// call's future was dropped, e.g. cancelled), a probe lets the next call probe instead,
+/// so the breaker never stays open for good.
+pub struct Permit<'a> {
+    breaker: &'a Breaker,
+    probe: bool,
+    said: bool,
+}
+
+impl Permit<'_> {
+    pub fn succeeded(mut self) {
+        self.said = true;
+        let mut s = self.breaker.lock();
+        s.open_until = None;
+        s.probing = false;
+        s.failures = 0;
+        s.backoff = self.breaker.base;
+    }
+
+    /// The call failed at `now`: how long the breaker is open now, if it opened.
+    pub fn failed(mut self, now: Instant) -> Option<Duration> {
+        self.said = true;
+        let b = self.breaker;
+        let mut s = b.lock();
+        s.failures = s.failures.saturating_add(1);
+        if self.probe {
+            s.probing = false;
+        }
+        // A failed probe keeps it open, for longer; while closed, only `BREAKER_AFTER`
+        // failures in a row open it. A call admitted before another opened it changes nothing.
+        let opens = if self.probe {
+            true
+        } else {
+            s.open_until.is_none() && s.failures >= BREAKER_AFTER
+        };
+        if !opens {
+            return None;
+        }
+        let open = s.backoff;
+        s.open_until = Some(now + open);
+        s.backoff = (open * 2).min(BREAKER_MAX.max(b.base));
+        Some(open)
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.probe && !self.said {
+            self.breaker.lock().probing = false;
+        }
+    }
+}
 
 impl Breaker {
     pub fn new(base: Duration) -> Breaker {
@@ -125,6 +186,7 @@ impl Breaker {
                 open_until: None,
                 probing: false,
                 backoff: base,
+                failures: 0,
             }),
             base,
         }
@@ -134,34 +196,22 @@ impl Breaker {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether a call may go out at `now`: closed, or open and due for its one probe.
-    pub fn admit(&self, now: Instant) -> bool {
+    /// Leave for a call at `now`: closed, or open and due for its one probe.
+    pub fn admit(&self, now: Instant) -> Option<Permit<'_>> {
         let mut s = self.lock();
-        match s.open_until {
-            None => true,
-            Some(until) if now < until || s.probing => false,
+        let probe = match s.open_until {
+            None => false,
+            Some(until) if now < until || s.probing => return None,
             Some(_) => {
                 s.probing = true;
                 true
             }
-        }
-    }
-
-    pub fn succeeded(&self) {
-        let mut s = self.lock();
-        s.open_until = None;
-        s.probing = false;
-        s.backoff = self.base;
-    }
-
-    /// A call failed at `now`: open, for how long.
-    pub fn failed(&self, now: Instant) -> Duration {
-        let mut s = self.lock();
-        let open = s.backoff;
-        s.open_until = Some(now + open);
-        s.probing = false;
-        s.backoff = (open * 2).min(BREAKER_MAX.max(self.base));
-        open
+        };
+        Some(Permit {
+            breaker: self,
+            probe,
+            said: false,
+        })
     }
 }
 
@@ -281,7 +331,7 @@ impl Store {
     }
 
     /// The DynamoDB store as it is (no table check), with these timeouts.
-    fn dynamo_unchecked(
+    pub(crate) fn dynamo_unchecked(
         shared: &aws_config::SdkConfig,
         table: &str,
         attempt: Duration,
@@ -317,8 +367,8 @@ impl Store {
         }
     }
 
-    /// Runs one table call through the breaker: not at all while it is open, and a failure
-    /// opens it.
+    /// Runs one table call through the breaker: not at all while it is open, and enough
+    /// failures in a row open it.
     async fn guarded<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
@@ -326,20 +376,21 @@ impl Store {
         let Store::Dynamo { table, breaker, .. } = self else {
             return call.await;
         };
-        if !breaker.admit(Instant::now()) {
+        let Some(permit) = breaker.admit(Instant::now()) else {
             return Err(StoreError::Unavailable {
                 table: table.clone(),
             });
-        }
+        };
         let out = call.await;
         match &out {
-            Ok(_) => breaker.succeeded(),
+            Ok(_) => permit.succeeded(),
             Err(_) => {
-                let open = breaker.failed(Instant::now());
-                crate::metrics::emit(crate::metrics::CorrelationBreakerOpened {
-                    table,
-                    secs: open.as_secs_f64(),
-                });
+                if let Some(open) = permit.failed(Instant::now()) {
+                    crate::metrics::emit(crate::metrics::CorrelationBreakerOpened {
+                        table,
+                        secs: open.as_secs_f64(),
+                    });
+                }
             }
         }
         out
@@ -703,26 +754,64 @@ mod tests {
         assert_eq!(states_max(4, 10), STATES_MIN, "never fewer than STATES_MIN");
     }
 
+    /// Fails `n` calls at `now` through `b`; returns what the last one said.
+    fn fail_calls(b: &Breaker, n: u32, now: Instant) -> Option<Duration> {
+        let mut open = None;
+        for _ in 0..n {
+            open = b.admit(now).expect("closed").failed(now);
+        }
+        open
+    }
+
     #[test]
-    fn the_breaker_opens_on_a_failure_lets_one_probe_through_and_closes_on_success() {
+    fn the_breaker_opens_after_failures_in_a_row_lets_one_probe_through_and_closes_on_success() {
         let b = Breaker::new(Duration::from_secs(1));
         let t0 = Instant::now();
-        assert!(b.admit(t0));
-        assert_eq!(b.failed(t0), Duration::from_secs(1));
-        assert!(!b.admit(t0), "open");
+        // One throttled call (or four) does not stop the others.
+        assert_eq!(fail_calls(&b, BREAKER_AFTER - 1, t0), None);
+        assert!(b.admit(t0).is_some(), "still closed");
+        // A success starts the count again.
+        b.admit(t0).expect("closed").succeeded();
+        assert_eq!(
+            fail_calls(&b, BREAKER_AFTER - 1, t0),
+            None,
+            "counted afresh"
+        );
+        assert_eq!(fail_calls(&b, 1, t0), Some(Duration::from_secs(1)), "opens");
+        assert!(b.admit(t0).is_none(), "open");
         let later = t0 + Duration::from_millis(1_500);
-        assert!(b.admit(later), "the probe");
-        assert!(!b.admit(later), "one probe at a time");
-        assert_eq!(b.failed(later), Duration::from_secs(2), "doubles");
-        assert!(!b.admit(later + Duration::from_secs(1)));
+        let probe = b.admit(later).expect("the probe");
+        assert!(b.admit(later).is_none(), "one probe at a time");
+        assert_eq!(probe.failed(later), Some(Duration::from_secs(2)), "doubles");
+        assert!(b.admit(later + Duration::from_secs(1)).is_none());
         let much_later = later + Duration::from_secs(3);
-        assert!(b.admit(much_later));
-        b.succeeded();
-        assert!(b.admit(much_later) && b.admit(much_later), "closed");
-        for _ in 0..10 {
-            b.failed(much_later);
+        b.admit(much_later).expect("probe").succeeded();
+        assert!(
+            b.admit(much_later).is_some() && b.admit(much_later).is_some(),
+            "closed"
+        );
+        assert_eq!(fail_calls(&b, BREAKER_AFTER - 1, much_later), None, "reset");
+        let mut open = None;
+        for i in 1..=10 {
+            // Each time past the open window: the call is a probe, and it fails.
+            let t = much_later + Duration::from_secs(100 * i);
+            open = b.admit(t).expect("due").failed(t);
         }
-        assert_eq!(b.failed(much_later), BREAKER_MAX, "bounded");
+        assert_eq!(open, Some(BREAKER_MAX), "bounded");
+    }
+
+    #[test]
+    fn a_dropped_probe_lets_the_next_call_probe() {
+        let b = Breaker::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        fail_calls(&b, BREAKER_AFTER, t0);
+        let later = t0 + Duration::from_secs(2);
+        // The probing call's future is dropped (a cancelled task) before it answers.
+        drop(b.admit(later).expect("the probe"));
+        let next = b.admit(later).expect("another probe, not open for good");
+        assert!(b.admit(later).is_none(), "still one at a time");
+        next.succeeded();
+        assert!(b.admit(later).is_some(), "closed");
     }
 
     #[tokio::test]
@@ -754,12 +843,15 @@ mod tests {
             Duration::from_millis(200),
             Duration::from_millis(700),
         );
-        // A breaker that stays open for the whole test, so that nothing here races the clock.
+        // A breaker that stays open for the whole test, so that nothing here races the clock;
+        // failed `BREAKER_AFTER - 1` times already, so that the first call opens it.
+        let breaker = Breaker::new(Duration::from_secs(3_600));
+        fail_calls(&breaker, BREAKER_AFTER - 1, Instant::now());
         let store = match store {
             Store::Dynamo { client, table, .. } => Store::Dynamo {
                 client,
                 table,
-                breaker: Arc::new(Breaker::new(Duration::from_secs(3_600))),
+                breaker: Arc::new(breaker),
             },
             memory => memory,
         };

@@ -394,3 +394,76 @@ async fn a_fired_window_is_not_written_again_except_by_the_event_that_fired_it()
         "redelivered, it fires again"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_run_fails_when_a_correlation_could_not_count_an_event() {
+    use crate::cloudtrail::Head;
+    use crate::detect::{Detect, Running, Seen};
+    // Local files have no notification to deliver again: an event a correlation could not
+    // count must fail the run, like an undelivered alert or a failed write.
+    let cfg: crate::detect::config::DetectConfig = toml::from_str(&format!(
+        "rules = [{:?}]\nreload_secs = 0",
+        dir().display().to_string()
+    ))
+    .expect("config");
+    let (d, delivery) = Detect::open(&cfg).await.expect("open");
+    // Its correlations on a table at a closed port: every call fails.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let shared = aws_config::SdkConfig::builder()
+        .behavior_version(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new("us-east-1"))
+        .endpoint_url(format!("http://127.0.0.1:{closed}"))
+        .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+            aws_sdk_dynamodb::config::Credentials::new("k", "s", None, None, "test"),
+        ))
+        .build();
+    let dead = Store::dynamo_unchecked(
+        &shared,
+        "gone",
+        std::time::Duration::from_millis(300),
+        std::time::Duration::from_secs(2),
+    );
+    let (rules, _) = correlator();
+    let c = Correlator::build(&rules, &dead, None, 86_400, false).expect("compiles");
+    *d.running.write().unwrap_or_else(|p| p.into_inner()) = std::sync::Arc::new(Running {
+        rules,
+        correlator: c,
+    });
+    let d2 = d.clone();
+    tokio::task::spawn_blocking(move || {
+        let raw = r#"{"eventID":"l1","eventTime":"2024-03-18T14:01:00Z","eventSource":"signin.amazonaws.com","eventName":"ConsoleLogin","userIdentity":{"userName":"carol"},"responseElements":{"ConsoleLogin":"Failure"}}"#;
+        let head = Head {
+            event_id: Some("l1".into()),
+            event_time: Some("2024-03-18T14:01:00Z".into()),
+            ..Head::default()
+        };
+        d2.inspect(&Seen {
+            raw: raw.as_bytes(),
+            additions: &[],
+            head: &head,
+            exact_head: false,
+            partition: "",
+            source: "/local/f.json",
+            hold: None,
+        });
+    })
+    .await
+    .expect("feed");
+    drop(d);
+    // Its time is measured too, as a failure.
+    let failed = crate::metrics::METRICS.render().lines().any(|l| {
+        l.starts_with("trailhose_correlation_update_seconds_count{outcome=\"failed\"} ")
+            && !l.ends_with(" 0")
+    });
+    assert!(failed, "update time of the failed update");
+    let failures = delivery.finish().await;
+    assert!(
+        failures
+            .iter()
+            .any(|f| f.starts_with("1 matched event(s) not counted in their correlations")),
+        "{failures:?}"
+    );
+}
