@@ -289,10 +289,12 @@ static IDS: AtomicU64 = AtomicU64::new(0);
 /// Most candidate sets whose plans a thread keeps (a few dozen occur).
 const PLANS: usize = 4096;
 
+/// A thread's plans: the rule set's id, and the plan of each candidate set seen.
+type PlanCache = (u64, HashMap<Vec<usize>, Option<Rc<Plan>>>);
+
 thread_local! {
     /// The member plan of each candidate set seen, for one rule set.
-    static PLAN_CACHE: RefCell<(u64, HashMap<Vec<usize>, Option<Rc<Plan>>>)> =
-        RefCell::new((u64::MAX, HashMap::new()));
+    static PLAN_CACHE: RefCell<PlanCache> = RefCell::new((u64::MAX, HashMap::new()));
 }
 
 /// The `eventSource` and `eventName` of an event as the rules will see it, where known: None
