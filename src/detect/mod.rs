@@ -12,6 +12,8 @@
 pub mod backtest;
 pub mod config;
 pub mod correlate;
+mod literals;
+pub mod members;
 pub mod output;
 pub mod prefilter;
 pub mod rules;
@@ -263,21 +265,19 @@ impl Detect {
         let started = Instant::now();
         // One set for the whole event: a reload meanwhile applies from the next one.
         let running = self.running();
-        // Alerts and correlations read any member of a matched event.
-        let whole = !self.routes.is_empty() || running.correlator.is_some();
         let keys = Keys::of(seen.head, seen.exact_head, seen.additions);
-        let inspected = running.rules.inspect(seen.raw, seen.additions, keys, whole);
+        let inspected = running.rules.inspect(seen.raw, seen.additions, keys);
         metrics::emit(EventsEvaluated {
             events: 1,
             elapsed: started.elapsed(),
         });
-        let (hits, event) = match inspected {
+        let (hits, read) = match inspected {
             Inspected::Skipped => return None,
             Inspected::Evaluated { hits, event } => (hits, event),
             Inspected::Unreadable => {
                 // The splitter takes events serde_json will not build (nested deeper than
-                // 128, a lone surrogate escape): written, but no rule saw them. Said, not
-                // silent.
+                // it builds, a lone surrogate escape): when a member a candidate rule reads is
+                // one, the event is written but that rule did not see it. Said, not silent.
                 metrics::emit(EventNotEvaluated {
                     source: seen.source,
                     event_id: seen.head.event_id.as_deref().map(clip),
@@ -294,6 +294,15 @@ impl Detect {
                 level: h.level.as_str(),
             });
         }
+        // Alerts and correlations read any member of a matched event: the whole event, or
+        // (one serde will not build whole, e.g. a member nested too deep for it) every member
+        // that builds. The rules saw what they read either way.
+        let event = match self.routes.is_empty() && running.correlator.is_none() {
+            true => read,
+            false => parse_written(seen.raw, seen.additions)
+                .or_else(|| members::readable(seen.raw, seen.additions))
+                .unwrap_or(read),
+        };
         let correlator = running.correlator.as_ref();
         let fired = self.correlate(correlator, &hits, &event, seen);
         self.alert(correlator, &hits, &event, seen, None);
@@ -727,6 +736,95 @@ mod tests {
         };
         assert!(d.inspect(&seen).is_none());
         assert!(count() >= before + 1.0, "counted");
+    }
+
+    /// A webhook receiver on a real socket that answers 200 and hands each body over.
+    fn receiver() -> (u16, std::sync::mpsc::Receiver<String>) {
+        use std::io::{BufRead, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let mut r = std::io::BufReader::new(conn.try_clone().expect("clone"));
+                    let mut w = conn;
+                    loop {
+                        let (mut line, mut len) = (String::new(), 0);
+                        while r.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                            if let Some((k, v)) = line.split_once(':')
+                                && k.eq_ignore_ascii_case("content-length")
+                            {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                            line.clear();
+                        }
+                        let mut body = vec![0; len];
+                        if line.is_empty() || r.read_exact(&mut body).is_err() {
+                            break;
+                        }
+                        let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
+                        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if w.write_all(ok.as_bytes()).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (port, rx)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_an_alert_output_an_event_too_deep_to_parse_whole_is_evaluated_and_alerted() {
+        let (port, bodies) = receiver();
+        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/detect/rules");
+        let cfg: DetectConfig = toml::from_str(&format!(
+            "rules = [{:?}]\nreload_secs = 0\n[[alerts]]\nkind = \"webhook\"\ntarget = \"http://127.0.0.1:{port}/hook\"\n",
+            here.display().to_string()
+        ))
+        .expect("config");
+        let (d, delivery) = Detect::open(&cfg).await.expect("open");
+        // 200 arrays deep in a member no rule reads: serde_json builds the event only
+        // without it.
+        let raw = format!(
+            r#"{{"eventID":"deep","eventSource":"iam.amazonaws.com","eventName":"CreateUser","requestParameters":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert!(parse_written(raw.as_bytes(), &[]).is_none());
+        let d2 = d.clone();
+        tokio::task::spawn_blocking(move || {
+            let head = crate::cloudtrail::head_of(raw.as_bytes()).expect("head");
+            let geo: &[u8] = br#""geo":{"country_isocode":"GB"}"#;
+            d2.inspect(&Seen {
+                raw: raw.as_bytes(),
+                additions: &[geo],
+                head: &head,
+                exact_head: true,
+                partition: "",
+                source: "s3://b/k",
+                hold: None,
+            });
+        })
+        .await
+        .expect("inspect");
+        let body =
+            tokio::task::spawn_blocking(move || bodies.recv_timeout(Duration::from_secs(60)))
+                .await
+                .expect("join")
+                .expect("an alert");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        let alert = &v["alert"];
+        assert_eq!(alert["rule_id"], "6f0c8d2e-1a41-4c1e-9a64-3d0b3f1e7a02");
+        assert_eq!(alert["eventID"], "deep");
+        // The body holds every member that builds, additions included.
+        assert_eq!(alert["event"]["eventName"], "CreateUser");
+        assert_eq!(alert["event"]["geo"]["country_isocode"], "GB");
+        assert!(alert["event"].get("requestParameters").is_none());
+        drop(d);
+        delivery.finish().await;
     }
 
     #[tokio::test]

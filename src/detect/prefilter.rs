@@ -6,16 +6,24 @@
 //! condition: the folded values its `eventSource` and `eventName` may take. It is sound by
 //! construction: anything the analysis does not understand (`not`, modifiers other than plain
 //! equality, keywords, array scopes, a value that is not a plain string) leaves the field
-//! unconstrained, so a rule is skipped only when it provably cannot match.
+//! unconstrained, so a rule is skipped only when it provably cannot match. A rule naming
+//! neither is gated by the literals it needs (`literals`) instead, where that is sound.
+//!
+//! The members are read by `members::Plan`, one per set of candidate rules (cached per
+//! thread): only the field paths those rules read are built.
 
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use memchr::memmem::Finder;
 use rsigma_eval::compiler::{CompiledDetection, CompiledDetectionItem, CompiledRule};
 use rsigma_eval::{CompiledMatcher, matcher::GroupMode};
 use rsigma_parser::{ConditionExpr, Quantifier};
-use serde_json::Value;
 
-use crate::cloudtrail::Key;
+use super::literals;
+use super::members::{self, Plan};
 
 /// The folded values a field may take for a rule to match; `None`: any value, or none.
 type Values = Option<BTreeSet<String>>;
@@ -86,10 +94,21 @@ fn fold(s: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// `fold(s)` into `buf` (no allocation once `buf` has grown).
+fn fold_into<'b>(s: &str, buf: &'b mut String) -> &'b str {
+    buf.clear();
+    if s.is_ascii() {
+        buf.extend(s.chars().map(|c| c.to_ascii_lowercase()));
+    } else {
+        buf.push_str(&s.to_lowercase());
+    }
+    buf
+}
+
 /// The strings a value, folded, must equal for `m` to match it. A case-insensitive equality
 /// compares the folded value with its own (already folded) one; a case-sensitive one implies
 /// the folded equality, so it narrows too.
-fn literals(m: &CompiledMatcher) -> Values {
+fn equal_to(m: &CompiledMatcher) -> Values {
     match m {
         CompiledMatcher::Exact {
             value,
@@ -103,12 +122,12 @@ fn literals(m: &CompiledMatcher) -> Values {
         | CompiledMatcher::CaseInsensitiveGroup {
             children: ms,
             mode: GroupMode::Any,
-        } => ms.iter().map(literals).reduce(either).unwrap_or_default(),
+        } => ms.iter().map(equal_to).reduce(either).unwrap_or_default(),
         CompiledMatcher::AllOf(ms)
         | CompiledMatcher::CaseInsensitiveGroup {
             children: ms,
             mode: GroupMode::All,
-        } => ms.iter().map(literals).reduce(both).unwrap_or_default(),
+        } => ms.iter().map(equal_to).reduce(both).unwrap_or_default(),
         _ => None,
     }
 }
@@ -119,12 +138,12 @@ fn item_need(i: &CompiledDetectionItem) -> Need {
     }
     match i.field.as_deref() {
         Some(SOURCE) => Need {
-            source: literals(&i.matcher),
+            source: equal_to(&i.matcher),
             name: None,
         },
         Some(NAME) => Need {
             source: None,
-            name: literals(&i.matcher),
+            name: equal_to(&i.matcher),
         },
         _ => Need::default(),
     }
@@ -174,55 +193,57 @@ fn rule_need(r: &CompiledRule) -> Need {
     )
 }
 
-/// The top-level members a field path can read: the path as one flat key and its first
-/// segment. None for paths whose root is not plain (escapes, indexes).
-fn roots_of(path: &str, out: &mut Vec<String>) -> bool {
-    if path.is_empty() || path.starts_with('.') || path.contains(['\\', '[', ']']) {
-        return false;
+/// The field paths a rule reads, when plain (dotted keys, no escapes or indexes): the
+/// members `members::Plan` keeps.
+fn plain(path: &str, out: &mut Vec<String>) -> bool {
+    let ok = !path.is_empty()
+        && !path.starts_with('.')
+        && !path.ends_with('.')
+        && !path.contains("..")
+        && !path.contains(['\\', '[', ']']);
+    if ok {
+        out.push(path.to_owned());
     }
-    out.push(path.to_owned());
-    if let Some((root, _)) = path.split_once('.') {
-        out.push(root.to_owned());
-    }
-    true
+    ok
 }
 
-fn matcher_roots(m: &CompiledMatcher, out: &mut Vec<String>) -> bool {
+fn matcher_paths(m: &CompiledMatcher, out: &mut Vec<String>) -> bool {
     match m {
-        CompiledMatcher::FieldRef { field, .. } => roots_of(field, out),
+        CompiledMatcher::FieldRef { field, .. } => plain(field, out),
         // Placeholders are read from any field of the event.
         CompiledMatcher::Expand { .. } => false,
         CompiledMatcher::Not(inner) | CompiledMatcher::TimestampPart { inner, .. } => {
-            matcher_roots(inner, out)
+            matcher_paths(inner, out)
         }
         CompiledMatcher::AnyOf(ms)
         | CompiledMatcher::AllOf(ms)
         | CompiledMatcher::CaseInsensitiveGroup { children: ms, .. } => {
-            ms.iter().all(|m| matcher_roots(m, out))
+            ms.iter().all(|m| matcher_paths(m, out))
         }
         _ => true,
     }
 }
 
-fn detection_roots(d: &CompiledDetection, out: &mut Vec<String>) -> bool {
+fn detection_paths(d: &CompiledDetection, out: &mut Vec<String>) -> bool {
     match d {
         CompiledDetection::AllOf(items) => items.iter().all(|i| match &i.field {
-            Some(f) => roots_of(f, out) && matcher_roots(&i.matcher, out),
+            Some(f) => plain(f, out) && matcher_paths(&i.matcher, out),
             // A keyword item reads every string of the event.
             None => false,
         }),
         CompiledDetection::AnyOf(subs) | CompiledDetection::And(subs) => {
-            subs.iter().all(|s| detection_roots(s, out))
+            subs.iter().all(|s| detection_paths(s, out))
         }
         // Array scopes, keywords and element-scoped conditions: not analysed.
         _ => false,
     }
 }
 
-/// The top-level members rule `r` reads; None when it may read any (keywords, placeholders).
-fn rule_roots(r: &CompiledRule) -> Option<Vec<String>> {
+/// The field paths rule `r` reads; None when it may read any member (keywords,
+/// placeholders, paths that are not plain).
+fn rule_paths(r: &CompiledRule) -> Option<Vec<String>> {
     let mut out = Vec::new();
-    let plain = r.detections.values().all(|d| detection_roots(d, &mut out));
+    let plain = r.detections.values().all(|d| detection_paths(d, &mut out));
     out.sort();
     out.dedup();
     plain.then_some(out)
@@ -239,10 +260,41 @@ pub struct Prefilter {
     /// Every rule of `by_name` / `by_source` once, for an event without a known value.
     named: Vec<usize>,
     sourced: Vec<usize>,
-    /// Rules without either literal: evaluated on every event.
+    /// Rules without either literal: evaluated on every event (that holds a literal they
+    /// need, when they need one: `gates`).
     always: Vec<usize>,
-    /// Per rule, the top-level members it reads (None: possibly any).
-    roots: Vec<Option<Vec<String>>>,
+    /// Per rule, the field paths it reads (None: possibly any member).
+    paths: Vec<Option<Vec<String>>>,
+    /// Per rule of `always`, the literals one of which an event it matches holds
+    /// (`literals`), as searchers; None: no literal known.
+    gates: Vec<Option<Vec<Finder<'static>>>>,
+    /// Some rule is gated.
+    gated: bool,
+    /// Tells one rule set's cached plans from another's.
+    id: u64,
+}
+
+/// Per worker thread, the buffers one event's candidates are found with.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    pub candidates: Vec<usize>,
+    lowered: Vec<u8>,
+    name: String,
+    source: String,
+}
+
+/// Each rule set's id (its plans are cached per thread under it).
+static IDS: AtomicU64 = AtomicU64::new(0);
+
+/// Most candidate sets whose plans a thread keeps (a few dozen occur).
+const PLANS: usize = 4096;
+
+/// A thread's plans: the rule set's id, and the plan of each candidate set seen.
+type PlanCache = (u64, HashMap<Vec<usize>, Option<Rc<Plan>>>);
+
+thread_local! {
+    /// The member plan of each candidate set seen, for one rule set.
+    static PLAN_CACHE: RefCell<PlanCache> = RefCell::new((u64::MAX, HashMap::new()));
 }
 
 /// The `eventSource` and `eventName` of an event as the rules will see it, where known: None
@@ -256,7 +308,10 @@ pub struct Keys<'a> {
 
 impl Prefilter {
     pub fn build(rules: &[CompiledRule]) -> Prefilter {
-        let mut p = Prefilter::default();
+        let mut p = Prefilter {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            ..Prefilter::default()
+        };
         for (idx, r) in rules.iter().enumerate() {
             let need = rule_need(r);
             match (&need.name, &need.source) {
@@ -274,55 +329,96 @@ impl Prefilter {
                 }
                 (None, None) => p.always.push(idx),
             }
+            let gate = match (&need.name, &need.source) {
+                (None, None) => literals::rule_lits(r)
+                    .map(|ls| ls.iter().map(|l| Finder::new(l).into_owned()).collect()),
+                _ => None,
+            };
+            p.gated |= gate.is_some();
+            p.gates.push(gate);
             p.needs.push(need);
-            p.roots.push(rule_roots(r));
+            p.paths.push(rule_paths(r));
         }
         p
     }
 
-    /// The rules that may match an event with `keys`, ascending (the engine's rule order).
-    pub fn candidates(&self, keys: Keys<'_>, out: &mut Vec<usize>) {
+    /// The rules that may match an event with `keys` (and bytes `raw` and `additions`), into
+    /// `s.candidates`, ascending (the engine's rule order).
+    pub fn candidates(&self, keys: Keys<'_>, raw: &[u8], additions: &[&[u8]], s: &mut Scratch) {
+        let Scratch {
+            candidates: out,
+            lowered,
+            name: name_buf,
+            source: source_buf,
+        } = s;
         out.clear();
-        let source = keys.source.map(fold);
+        let source = keys.source.map(|v| fold_into(v, source_buf));
         let admits = |idx: &usize| match (&source, self.needs.get(*idx)) {
             (
                 Some(s),
                 Some(Need {
                     source: Some(set), ..
                 }),
-            ) => set.contains(&**s),
+            ) => set.contains(*s),
             _ => true,
         };
         match keys.name {
             Some(n) => out.extend(
                 self.by_name
-                    .get(&*fold(n))
+                    .get(fold_into(n, name_buf))
                     .into_iter()
                     .flatten()
                     .filter(|i| admits(i)),
             ),
             None => out.extend(self.named.iter().filter(|i| admits(i))),
         }
-        match &source {
-            Some(s) => out.extend(self.by_source.get(&**s).into_iter().flatten()),
+        match source {
+            Some(s) => out.extend(self.by_source.get(s).into_iter().flatten()),
             None => out.extend(&self.sourced),
         }
-        out.extend(&self.always);
-        out.sort_unstable();
-    }
-
-    /// The top-level members `candidates` read; None when one may read any.
-    pub fn members<'p>(&'p self, candidates: &[usize], out: &mut Vec<&'p str>) -> bool {
-        out.clear();
-        for idx in candidates {
-            match self.roots.get(*idx) {
-                Some(Some(roots)) => out.extend(roots.iter().map(String::as_str)),
-                _ => return false,
+        // The event's bytes lowercased, when a rule is gated (None: the gates may not apply).
+        let hay = match self.gated {
+            true => literals::lowered(raw, additions, lowered),
+            false => None,
+        };
+        for &idx in &self.always {
+            let admitted = match (self.gates.get(idx), hay) {
+                (Some(Some(finders)), Some(h)) => finders.iter().any(|f| f.find(h).is_some()),
+                _ => true,
+            };
+            if admitted {
+                out.push(idx);
             }
         }
         out.sort_unstable();
-        out.dedup();
-        true
+    }
+
+    /// What `candidates` read of an event; None when one may read any member. Built once per
+    /// candidate set and thread.
+    pub fn plan(&self, candidates: &[usize]) -> Option<Rc<Plan>> {
+        PLAN_CACHE.with_borrow_mut(|(owner, plans)| {
+            if *owner != self.id {
+                plans.clear();
+                *owner = self.id;
+            }
+            if let Some(p) = plans.get(candidates) {
+                return p.clone();
+            }
+            let mut paths: Vec<&str> = Vec::new();
+            let mut any = false;
+            for idx in candidates {
+                match self.paths.get(*idx) {
+                    Some(Some(ps)) => paths.extend(ps.iter().map(String::as_str)),
+                    _ => any = true,
+                }
+            }
+            let plan = (!any).then(|| Rc::new(Plan::of(paths)));
+            if plans.len() >= PLANS {
+                plans.clear();
+            }
+            plans.insert(candidates.to_vec(), plan.clone());
+            plan
+        })
     }
 
     /// Rules evaluated on every event.
@@ -330,91 +426,26 @@ impl Prefilter {
     pub fn always(&self) -> &[usize] {
         &self.always
     }
-}
 
-/// Reads the members of one JSON object whose keys are in `wanted`, skipping the others.
-struct Members<'w>(&'w [&'w str]);
-
-impl<'de> serde::de::DeserializeSeed<'de> for Members<'_> {
-    type Value = serde_json::Map<String, Value>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_map(self)
+    /// The gated rules and their literals.
+    #[cfg(test)]
+    pub fn gates(&self) -> Vec<(usize, Vec<String>)> {
+        let text = |f: &Finder<'_>| String::from_utf8_lossy(f.needle()).into_owned();
+        self.gates
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| g.as_ref().map(|fs| (i, fs.iter().map(text).collect())))
+            .collect()
     }
-}
-
-impl<'de> serde::de::Visitor<'de> for Members<'_> {
-    type Value = serde_json::Map<String, Value>;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("a JSON object")
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut out = serde_json::Map::new();
-        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
-            if self.0.contains(&&*key) {
-                // A repeated key: the last one wins, as when the whole event is parsed.
-                out.insert(key.into_owned(), map.next_value::<Value>()?);
-            } else {
-                map.next_value::<serde::de::IgnoredAny>()?;
-            }
-        }
-        Ok(out)
-    }
-}
-
-/// The members of the event as written (`raw` with each addition merged in, as
-/// `parse_written` merges them) whose keys are in `wanted`: what rules that read only those
-/// members see of the whole event. None when `raw` is not a JSON object.
-pub fn parse_members(raw: &[u8], additions: &[&[u8]], wanted: &[&str]) -> Option<Value> {
-    let mut obj = match scan_members(raw, wanted) {
-        Some(spans) => {
-            let mut obj = serde_json::Map::new();
-            for (key, value) in spans {
-                // A repeated key: the last one wins, as when the whole event is parsed.
-                obj.insert(key.to_owned(), serde_json::from_slice(value).ok()?);
-            }
-            obj
-        }
-        None => {
-            use serde::de::DeserializeSeed;
-            let mut de = serde_json::Deserializer::from_slice(raw);
-            let obj = Members(wanted).deserialize(&mut de).ok()?;
-            de.end().ok()?;
-            obj
-        }
-    };
-    for add in additions {
-        // An addition (`"geo":{…}`) can only hold a wanted key if its name is in it, escaped
-        // or not.
-        let mentions = add.contains(&b'\\')
-            || wanted
-                .iter()
-                .any(|k| memchr::memmem::find(add, k.as_bytes()).is_some());
-        if !mentions {
-            continue;
-        }
-        let mut wrapped = Vec::with_capacity(add.len() + 2);
-        wrapped.push(b'{');
-        wrapped.extend_from_slice(add);
-        wrapped.push(b'}');
-        if let Ok(Value::Object(m)) = serde_json::from_slice::<Value>(&wrapped) {
-            obj.extend(m.into_iter().filter(|(k, _)| wanted.contains(&k.as_str())));
-        }
-    }
-    Some(Value::Object(obj))
 }
 
 impl<'a> Keys<'a> {
     /// The keys of an event from its head: only when the head was read from the event itself
     /// (a module's output may inherit fields it lacks) and no addition may replace them.
     pub fn of(head: &'a crate::cloudtrail::Head<'a>, exact: bool, additions: &[&[u8]]) -> Keys<'a> {
-        let replaced = additions.iter().any(|add| {
-            add.contains(&b'\\')
-                || memchr::memmem::find(add, SOURCE.as_bytes()).is_some()
-                || memchr::memmem::find(add, NAME.as_bytes()).is_some()
-        });
+        let replaced = additions
+            .iter()
+            .any(|add| members::addition_has(add, &[SOURCE, NAME]));
         if !exact || replaced {
             return Keys::default();
         }
@@ -423,110 +454,4 @@ impl<'a> Keys<'a> {
             name: head.event_name.as_deref(),
         }
     }
-}
-
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
-    while b
-        .get(i)
-        .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
-    {
-        i += 1;
-    }
-    i
-}
-
-/// Where the string whose opening quote is at `i` ends (one past its closing quote).
-fn string_end(b: &[u8], i: usize) -> Option<usize> {
-    let mut j = i + 1;
-    loop {
-        let at = j + memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
-        match b.get(at) {
-            Some(b'"') => return Some(at + 1),
-            _ => j = at + 2,
-        }
-    }
-}
-
-/// Where the value starting at `i` ends. Only strings and brackets are tracked: the bytes
-/// are an event the split already read with serde, and the values kept are parsed by serde.
-fn value_end(b: &[u8], i: usize) -> Option<usize> {
-    match b.get(i)? {
-        b'"' => string_end(b, i),
-        b'{' | b'[' => {
-            let mut depth = 0usize;
-            let mut j = i;
-            loop {
-                match b.get(j)? {
-                    b'"' => {
-                        j = string_end(b, j)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth = depth.checked_sub(1)?;
-                        if depth == 0 {
-                            return Some(j + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                j += 1;
-            }
-        }
-        _ => {
-            let rest = b.get(i..)?;
-            let len = rest
-                .iter()
-                .position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
-                .unwrap_or(rest.len());
-            (len > 0).then_some(i + len)
-        }
-    }
-}
-
-/// The wanted top-level members of the JSON object `raw`, as (key, value bytes), found by a
-/// scan that skips strings with memchr: far cheaper than serde stepping over every member.
-/// None when a key holds an escape or the bytes are not laid out as an object (serde then
-/// reads them).
-fn scan_members<'r>(raw: &'r [u8], wanted: &[&str]) -> Option<Vec<(&'r str, &'r [u8])>> {
-    let mut out = Vec::new();
-    let mut i = skip_ws(raw, 0);
-    if raw.get(i) != Some(&b'{') {
-        return None;
-    }
-    i = skip_ws(raw, i + 1);
-    if raw.get(i) == Some(&b'}') {
-        i += 1;
-    } else {
-        loop {
-            if raw.get(i) != Some(&b'"') {
-                return None;
-            }
-            let end = string_end(raw, i)?;
-            let key = raw.get(i + 1..end - 1)?;
-            if key.contains(&b'\\') {
-                return None;
-            }
-            let key = std::str::from_utf8(key).ok()?;
-            i = skip_ws(raw, end);
-            if raw.get(i) != Some(&b':') {
-                return None;
-            }
-            let start = skip_ws(raw, i + 1);
-            let stop = value_end(raw, start)?;
-            if wanted.contains(&key) {
-                out.push((key, raw.get(start..stop)?));
-            }
-            i = skip_ws(raw, stop);
-            match raw.get(i) {
-                Some(b',') => i = skip_ws(raw, i + 1),
-                Some(b'}') => {
-                    i += 1;
-                    break;
-                }
-                _ => return None,
-            }
-        }
-    }
-    (skip_ws(raw, i) == raw.len()).then_some(out)
 }

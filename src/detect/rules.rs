@@ -7,12 +7,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use std::cell::RefCell;
+
+use rsigma_eval::compiler::CompiledRule;
 use rsigma_eval::event::JsonEvent;
 use rsigma_parser::{Detection, Modifier, SigmaRule, SigmaValue};
 use serde_json::Value;
 
 use super::config::Level;
-use super::prefilter::{Keys, Prefilter, parse_members};
+use super::prefilter::{Keys, Prefilter, Scratch};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RuleError {
@@ -52,6 +55,8 @@ pub struct Rules {
     engine: rsigma_eval::Engine,
     /// The candidate rules of an event, and the members they read.
     prefilter: Prefilter,
+    /// Each compiled rule's `Hit`, in the engine's order.
+    hits: Vec<Hit>,
     /// Rules not for CloudTrail (another logsource), by title: listed by `detect test`.
     pub other_logsource: Vec<String>,
     /// Invalid rules skipped under `skip_invalid`.
@@ -290,6 +295,7 @@ impl Rules {
         }
         Ok(Rules {
             prefilter: Prefilter::build(engine.rules()),
+            hits: engine.rules().iter().map(hit_of).collect(),
             engine,
             other_logsource,
             skipped,
@@ -314,38 +320,55 @@ impl Rules {
     }
 
     /// The rules the event as written (`raw` with `additions`) matches, in rule order,
-    /// parsing it only when a rule can match its `keys`, and then (unless `whole`) only for
-    /// the members its candidate rules read.
-    pub fn inspect(
-        &self,
-        raw: &[u8],
-        additions: &[&[u8]],
-        keys: Keys<'_>,
-        whole: bool,
-    ) -> Inspected {
-        let mut candidates = Vec::new();
-        self.prefilter.candidates(keys, &mut candidates);
-        if candidates.is_empty() {
-            return Inspected::Skipped;
-        }
-        let mut members = Vec::new();
-        let event = match !whole && self.prefilter.members(&candidates, &mut members) {
-            true => parse_members(raw, additions, &members),
-            false => super::parse_written(raw, additions),
-        };
-        let Some(event) = event else {
-            return Inspected::Unreadable;
-        };
-        let ev = JsonEvent::borrow(&event);
-        let compiled = self.engine.rules();
-        let hits = candidates
-            .iter()
-            .filter_map(|i| compiled.get(*i))
-            .filter_map(|r| rsigma_eval::evaluate_rule(r, &ev))
-            .filter_map(hit)
-            .collect();
-        Inspected::Evaluated { hits, event }
+    /// parsing it only when a rule can match its `keys` and bytes, and then only for the
+    /// members its candidate rules read.
+    pub fn inspect(&self, raw: &[u8], additions: &[&[u8]], keys: Keys<'_>) -> Inspected {
+        SCRATCH.with_borrow_mut(|s| {
+            self.prefilter.candidates(keys, raw, additions, s);
+            if s.candidates.is_empty() {
+                return Inspected::Skipped;
+            }
+            // The bytes not laid out as the scan expects, or a member not building: serde
+            // decides on the whole event.
+            let event = match self.prefilter.plan(&s.candidates) {
+                Some(plan) => plan
+                    .parse(raw, additions)
+                    .or_else(|| super::parse_written(raw, additions)),
+                None => super::parse_written(raw, additions),
+            };
+            let Some(event) = event else {
+                return Inspected::Unreadable;
+            };
+            let ev = JsonEvent::borrow(&event);
+            let compiled = self.engine.rules();
+            let mut selections = Vec::new();
+            let hits = s
+                .candidates
+                .iter()
+                .filter(|i| {
+                    compiled
+                        .get(**i)
+                        .is_some_and(|r| matches(r, &ev, &mut selections))
+                })
+                .filter_map(|i| self.hits.get(*i).cloned())
+                .collect();
+            Inspected::Evaluated { hits, event }
+        })
     }
+}
+
+thread_local! {
+    /// A worker's buffers for `inspect` (no allocation per event once grown).
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Whether `r` matches: its conditions as `evaluate_rule` decides them, without building the
+/// match's details.
+fn matches(r: &CompiledRule, ev: &JsonEvent<'_>, selections: &mut Vec<String>) -> bool {
+    r.conditions.iter().any(|c| {
+        selections.clear();
+        rsigma_eval::compiler::eval_condition(c, &r.detections, ev, selections)
+    })
 }
 
 /// What `Rules::inspect` found.
@@ -355,8 +378,8 @@ pub enum Inspected {
     /// A candidate rule remained, but serde_json does not build the event (nested deeper
     /// than 128, a lone surrogate escape).
     Unreadable,
-    /// The rules it matched, and the event: whole when asked for, otherwise only the members
-    /// its candidate rules read.
+    /// The rules it matched, and the event: only the members its candidate rules read (the
+    /// whole event when they may read any).
     Evaluated { hits: Vec<Hit>, event: Value },
 }
 
@@ -371,6 +394,16 @@ fn hit(r: rsigma_eval::EvaluationResult) -> Option<Hit> {
         level: level_of(h.level.as_ref()),
         tags: h.tags,
     })
+}
+
+/// The `Hit` a match of `r` gives: what `hit` makes of its result's header.
+fn hit_of(r: &CompiledRule) -> Hit {
+    Hit {
+        id: r.id.clone().unwrap_or_else(|| r.title.clone()),
+        title: r.title.clone(),
+        level: level_of(r.level.as_ref()),
+        tags: r.tags.clone(),
+    }
 }
 
 #[cfg(test)]
@@ -604,30 +637,34 @@ mod tests {
         assert!(ids(&rules, &login("CA")).is_empty());
     }
 
-    /// Every rule the engine finds on the event as written, against what `inspect` finds
-    /// through the prefilter (and the members it parses), for one rule set.
-    fn agree(rules: &Rules, raw: &str, additions: &[&[u8]]) {
+    /// What `inspect` finds, sorted by rule id (nothing when it skipped the event).
+    fn inspected(rules: &Rules, raw: &str, additions: &[&[u8]], keys: Keys<'_>) -> Vec<Hit> {
+        let mut hits = match rules.inspect(raw.as_bytes(), additions, keys) {
+            Inspected::Skipped => Vec::new(),
+            Inspected::Evaluated { hits, .. } => hits,
+            Inspected::Unreadable => panic!("unreadable: {raw}"),
+        };
+        hits.sort_by(|a, b| a.id.cmp(&b.id));
+        hits
+    }
+
+    /// The engine's matches on the event as written, sorted by rule id.
+    fn reference(rules: &Rules, raw: &str, additions: &[&[u8]]) -> Vec<Hit> {
         let whole = super::super::parse_written(raw.as_bytes(), additions).expect("object");
-        let mut want: Vec<String> = rules.evaluate(&whole).into_iter().map(|h| h.id).collect();
-        want.sort();
+        let mut hits = rules.evaluate(&whole);
+        hits.sort_by(|a, b| a.id.cmp(&b.id));
+        hits
+    }
+
+    /// Every rule the engine finds on the event as written, against what `inspect` finds
+    /// through the prefilter (and the members it parses), for one rule set: with the head
+    /// read from the event, and with it not trusted (a module's output).
+    fn agree(rules: &Rules, raw: &str, additions: &[&[u8]]) {
+        let want = reference(rules, raw, additions);
         let head = crate::cloudtrail::head_of(raw.as_bytes()).expect("head");
         for exact in [true, false] {
-            for all_members in [false, true] {
-                let keys = Keys::of(&head, exact, additions);
-                let got = match rules.inspect(raw.as_bytes(), additions, keys, all_members) {
-                    Inspected::Skipped => Vec::new(),
-                    Inspected::Evaluated { hits, .. } => {
-                        let mut ids: Vec<String> = hits.into_iter().map(|h| h.id).collect();
-                        ids.sort();
-                        ids
-                    }
-                    Inspected::Unreadable => panic!("unreadable: {raw}"),
-                };
-                assert_eq!(
-                    got, want,
-                    "{raw} {additions:?} exact={exact} whole={all_members}"
-                );
-            }
+            let got = inspected(rules, raw, additions, Keys::of(&head, exact, additions));
+            assert_eq!(got, want, "{raw} {additions:?} exact={exact}");
         }
     }
 
@@ -690,6 +727,17 @@ mod tests {
             r#""api":"PutBucketPolicy","detail":{"eventName":"CreateUser"},"#,
             r#""eventName":"CreateUser","eventSource":"iam.amazonaws.com","#,
             r#""userIdentity.type":"Root","#,
+            // For the literal gates: escaped and non-ASCII spellings of what they look for
+            // (`\u212a` is the Kelvin sign, which lowercases to `k`), numbers and booleans
+            // compared through their text, empty strings, literal stars.
+            r#""userIdentity":{"type":"R\u006fot","arn":"arn:aws:sts::1:assumed-role/deployer/x"},"#,
+            "\"userAgent\":\"\u{212a}MS\",\"userIdentity\":{\"type\":\"ROOT\"},",
+            r#""userAgent":"\u212aMS","errorCode":"","#,
+            r#""userAgent":"KmS","count":1e2,"readOnly":true,"#,
+            r#""userAgent":"Truffle*Hog","count":100,"#,
+            r#""userAgent":"TRUFFLEHOG/3.1 Beta Gamma","count":"100","#,
+            r#""userAgent":"alpha\/beta","userIdentity":{"arn":"ARN:AWS:STS::1:ASSUMED-ROLE/DEPLOYER/X"},"#,
+            r#""userIdentity":[{"type":"Root"},{"type":"IAMUser"}],"count":-100.0,"#,
         ];
         let mut out = Vec::new();
         for s in sources {
@@ -720,9 +768,16 @@ mod tests {
         let geo: &[u8] = br#""geo":{"country_isocode":"GB"}"#;
         let renames: &[u8] = br#""eventName":"CreateUser""#;
         let escaped: &[u8] = br#""event\u004eame":"DeleteUser""#;
+        let city: &[u8] = "\"geo\":{\"city\":\"Zürich\",\"country_isocode\":\"gb\"}".as_bytes();
+        let agent: &[u8] = br#""userAgent":"TruffleHog/3.0""#;
         for fields in &mappings {
             let rules = Rules::load(
-                &[dir("prefilter"), dir("modifiers"), dir("rules")],
+                &[
+                    dir("prefilter"),
+                    dir("modifiers"),
+                    dir("rules"),
+                    dir("gates"),
+                ],
                 fields,
                 &BTreeMap::new(),
                 false,
@@ -736,6 +791,7 @@ mod tests {
                 agree(&rules, &e, &[geo]);
                 agree(&rules, &e, &[geo, renames]);
                 agree(&rules, &e, &[escaped]);
+                agree(&rules, &e, &[city, agent]);
             }
             assert!(matched > 1000, "the events match: {matched}");
         }
@@ -787,7 +843,7 @@ mod tests {
         let inspect = |raw: &str| {
             let head = crate::cloudtrail::head_of(raw.as_bytes()).expect("head");
             let keys = Keys::of(&head, true, &[]);
-            match literal.inspect(raw.as_bytes(), &[], keys, false) {
+            match literal.inspect(raw.as_bytes(), &[], keys) {
                 Inspected::Skipped => None,
                 Inspected::Evaluated { hits, .. } => Some(hits.len()),
                 Inspected::Unreadable => panic!("unreadable"),
@@ -820,34 +876,135 @@ mod tests {
     }
 
     #[test]
-    fn the_members_a_rule_reads_are_all_it_sees_of_the_event() {
-        use super::super::prefilter::parse_members;
-        let raw = br#"{"a":1,"b":{"c":[1,{"d":2}]},"a":"last","x.y":3,"deep":[[[[1]]]]}"#;
-        let v = parse_members(raw, &[br#""geo":{"a":1},"b":null"#], &["a", "b", "x.y"])
-            .expect("object");
+    fn rules_naming_no_source_or_name_are_gated_by_the_literals_they_need() {
+        let rules = Rules::load(
+            &[dir("gates"), dir("prefilter")],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            false,
+        )
+        .expect("rules");
+        let gates: BTreeMap<&str, Vec<String>> = rules
+            .prefilter
+            .gates()
+            .into_iter()
+            .map(|(i, lits)| (rules.identities[i].0.as_str(), lits))
+            .collect();
+        let lits = |ls: &[&str]| ls.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>();
+        let want: BTreeMap<&str, Vec<String>> = [
+            ("gate-all", lits(&["truffle"])),
+            ("gate-bool", lits(&["true"])),
+            ("gate-escaped-star", lits(&["truffle*hog"])),
+            ("gate-folding", lits(&["kms"])),
+            ("gate-geo", lits(&["gb"])),
+            ("gate-n-of", lits(&["alpha", "beta", "gamma"])),
+            ("gate-not-first", lits(&["root"])),
+            ("gate-regex", lits(&[":assumed-role/deploy"])),
+            ("gate-regex-ci", lits(&["assumed-role/deployer/"])),
+            ("gate-wildcard", lits(&["truf"])),
+            ("mapped", lits(&["putbucketpolicy"])),
+            ("name-contains", lits(&["policy"])),
+            ("name-re", lits(&["bucket"])),
+            ("name-wildcard", lits(&["bject", "create"])),
+            ("no-literal", lits(&["root"])),
+            ("one-of-mixed", lits(&["stoplogging", "trufflehog"])),
+            ("or-one-side", lits(&["accessdenied", "assumerole"])),
+            ("source-startswith", lits(&["object"])),
+        ]
+        .into_iter()
+        .collect();
+        // Not gated: `|exists`, `|neq`, `''`, numbers, `not` alone, keywords.
+        assert_eq!(gates, want);
+        let candidates = |raw: &str| {
+            let head = crate::cloudtrail::head_of(raw.as_bytes()).expect("head");
+            let mut s = Scratch::default();
+            let keys = Keys::of(&head, true, &[]);
+            rules
+                .prefilter
+                .candidates(keys, raw.as_bytes(), &[], &mut s);
+            let mut ids: Vec<&str> = s
+                .candidates
+                .iter()
+                .map(|i| rules.identities[*i].0.as_str())
+                .collect();
+            ids.sort();
+            ids
+        };
+        let ungated = [
+            "gate-empty",
+            "gate-exists",
+            "gate-neq",
+            "gate-number",
+            "gate-number-contains",
+            "keywords",
+            "not-name",
+        ];
+        fn with<'a>(ungated: &[&'a str], more: &[&'a str]) -> Vec<&'a str> {
+            let mut ids: Vec<&str> = ungated.iter().chain(more).copied().collect();
+            ids.sort();
+            ids
+        }
+        // An event holding none of a rule's literals is not evaluated against it; one that
+        // spells a literal in a way its bytes may hide (an escape, a non-ASCII byte) is.
+        let plain = r#"{"eventSource":"x","eventName":"GetObject","userIdentity":{"type":"IAMUser"},"errorCode":"x"}"#;
         assert_eq!(
-            v,
-            serde_json::json!({"a":"last","b":null,"x.y":3}),
-            "the last of a repeated key, an addition replacing a member, flat dotted keys"
+            candidates(plain),
+            with(&ungated, &["name-wildcard", "source-startswith"])
         );
-        // Laid out as people write it, strings holding brackets and quotes.
-        let pretty =
-            b"{\n  \"s\" : \"a}\\\"]\" ,\n\t\"a\": [ {\"x\": \"]}\"}, -1.5e3 ] ,\"n\":null\r\n}\n";
+        let root = r#"{"eventSource":"x","eventName":"X","userIdentity":{"type":"ROOT"}}"#;
         assert_eq!(
-            parse_members(pretty, &[], &["a", "n"]),
-            Some(serde_json::json!({"a":[{"x":"]}"},-1.5e3],"n":null}))
+            candidates(root),
+            with(&ungated, &["gate-not-first", "no-literal"])
         );
-        // A key with an escape: serde reads the event.
-        assert_eq!(
-            parse_members(br#"{"\u0061":1,"b":[2]}"#, &[], &["a"]),
-            Some(serde_json::json!({"a":1}))
+        let gated: Vec<&str> = want.keys().copied().collect();
+        for hidden in [
+            r#"{"eventSource":"x","eventName":"X","userIdentity":{"type":"R\u006fot"}}"#,
+            "{\"eventSource\":\"x\",\"eventName\":\"X\",\"userAgent\":\"\u{212a}MS\"}",
+        ] {
+            assert_eq!(candidates(hidden), with(&ungated, &gated), "{hidden}");
+        }
+    }
+
+    #[test]
+    fn a_module_output_is_not_read_by_the_head_it_inherits() {
+        let rules = Rules::load(
+            &[
+                dir("prefilter"),
+                dir("modifiers"),
+                dir("rules"),
+                dir("gates"),
+            ],
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+            false,
+        )
+        .expect("rules");
+        let events = events();
+        let mut misled = 0;
+        for (i, raw) in events.iter().enumerate() {
+            // The head of another event: a module's output inherits the fields it lacks.
+            let other = &events[(i * 7 + 3) % events.len()];
+            let head = crate::cloudtrail::head_of(other.as_bytes()).expect("head");
+            let want = reference(&rules, raw, &[]);
+            let untrusted = inspected(&rules, raw, &[], Keys::of(&head, false, &[]));
+            assert_eq!(untrusted, want, "{raw} with the head of {other}");
+            misled += usize::from(inspected(&rules, raw, &[], Keys::of(&head, true, &[])) != want);
+        }
+        assert!(
+            misled > 100,
+            "trusting such a head would skip rules: {misled}"
         );
-        assert_eq!(
-            parse_members(b" {} ", &[], &["a"]),
-            Some(serde_json::json!({}))
-        );
-        assert!(parse_members(b"[1]", &[], &["a"]).is_none());
-        assert!(parse_members(br#"{"a":1} x"#, &[], &["a"]).is_none());
-        assert!(parse_members(br#"{"a":1"#, &[], &["a"]).is_none());
+        // A list-valued eventName the module wrote, and the string one it inherits.
+        let raw = r#"{"eventSource":"iam.amazonaws.com","eventName":["CreateUser","x"]}"#;
+        let head = crate::cloudtrail::head_of(
+            br#"{"eventSource":"iam.amazonaws.com","eventName":"GetObject"}"#,
+        )
+        .expect("head");
+        let got: Vec<String> = inspected(&rules, raw, &[], Keys::of(&head, false, &[]))
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+        assert!(got.iter().any(|id| id == "name-literal"), "{got:?}");
+        assert_eq!(got.len(), reference(&rules, raw, &[]).len());
     }
 }

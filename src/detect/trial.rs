@@ -79,7 +79,7 @@ pub fn run(
                 continue;
             };
             let keys = Keys::of(&head, true, &[]);
-            let Inspected::Evaluated { hits, .. } = rules.inspect(raw, &[], keys, false) else {
+            let Inspected::Evaluated { hits, .. } = rules.inspect(raw, &[], keys) else {
                 continue;
             };
             if hits.is_empty() {

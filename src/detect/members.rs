@@ -1,0 +1,447 @@
+//! The members of an event that rules read, taken from its bytes: a scan that steps over
+//! strings with memchr finds them, and only they are built as JSON values, pruned to the
+//! paths the rules read (`userIdentity.type` builds `{"userIdentity":{"type":…}}`, not the
+//! whole identity). What the rules see of the pruned event is what they see of the whole:
+//! rsigma-eval reads a path as the flat top-level key, else key by key, each key applied to
+//! every element of an array on the way; the pruned event keeps every value such a read
+//! reaches.
+//!
+//! The scan trusts the bytes to be JSON (the split and the transform host checked them) and
+//! leaves the values it keeps to serde. A member that does not build (nested too deep, a lone
+//! surrogate) fails the event only when a rule reads it.
+
+use std::borrow::Cow;
+
+use serde_json::{Map, Value};
+
+/// The most arrays and objects, one in another, serde_json builds (the event's own object
+/// counted): a member read is refused exactly where parsing the whole event would be.
+const MAX_DEPTH: usize = 127;
+
+/// What a set of rules reads of one object: per key, the whole value or some of its members.
+#[derive(Debug, Default, PartialEq)]
+pub struct Level(Vec<(String, Node)>);
+
+#[derive(Debug, PartialEq)]
+enum Node {
+    Whole,
+    Sub(Level),
+}
+
+impl Level {
+    fn find(&self, key: &[u8]) -> Option<(&str, &Node)> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.len() == key.len() && k.as_bytes() == key)
+            .map(|(k, n)| (k.as_str(), n))
+    }
+
+    /// Adds the path `segs` (all of it from this level down).
+    fn add(&mut self, segs: &[&str]) {
+        let Some((first, rest)) = segs.split_first() else {
+            return;
+        };
+        let at = match self.0.iter().position(|(k, _)| k == first) {
+            Some(at) => at,
+            None => {
+                let node = match rest.is_empty() {
+                    true => Node::Whole,
+                    false => Node::Sub(Level::default()),
+                };
+                self.0.push(((*first).to_owned(), node));
+                self.0.len() - 1
+            }
+        };
+        if let Some((_, node)) = self.0.get_mut(at) {
+            match (rest.is_empty(), &mut *node) {
+                (_, Node::Whole) => {}
+                (true, n) => *n = Node::Whole,
+                (false, Node::Sub(l)) => l.add(rest),
+            }
+        }
+    }
+}
+
+/// The members of an event a set of rules reads.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    root: Level,
+}
+
+impl Plan {
+    /// The plan for rules reading `paths` (plain dotted paths: no escapes or indexes).
+    pub fn of<'a>(paths: impl IntoIterator<Item = &'a str>) -> Plan {
+        let mut root = Level::default();
+        for p in paths {
+            // The flat key first: rsigma-eval reads it before following the dots.
+            root.add(&[p]);
+            if p.contains('.') {
+                let segs: Vec<&str> = p.split('.').collect();
+                root.add(&segs);
+            }
+        }
+        Plan { root }
+    }
+
+    /// The event as these rules see it: the members of `raw` they read, pruned, with each
+    /// addition merged in as `parse_written` merges it. None when the bytes are not laid out
+    /// as an object, or a member a rule reads does not build.
+    pub fn parse(&self, raw: &[u8], additions: &[&[u8]]) -> Option<Value> {
+        let start = skip_ws(raw, 0);
+        if raw.get(start) != Some(&b'{') {
+            return None;
+        }
+        let mut obj = Map::new();
+        let end = scan_object(raw, start + 1, true, |key, v| {
+            if let Some((name, node)) = self.root.find(&key) {
+                // A repeated key: the last one wins, as when the whole event is parsed.
+                obj.insert(name.to_owned(), prune(raw, v, node, 1)?);
+            }
+            Some(())
+        })?;
+        if skip_ws(raw, end) != raw.len() {
+            return None;
+        }
+        for add in additions {
+            let mut wanted = false;
+            let laid_out = scan_object(add, 0, false, |key, _| {
+                wanted |= self.root.find(&key).is_some();
+                Some(())
+            });
+            if laid_out.is_some() && !wanted {
+                continue;
+            }
+            // Rare: parsed as `parse_written` parses it (one that does not parse is not
+            // merged), its wanted members kept whole.
+            if let Some(m) = parse_addition(add) {
+                obj.extend(
+                    m.into_iter()
+                        .filter(|(k, _)| self.root.find(k.as_bytes()).is_some()),
+                );
+            }
+        }
+        Some(Value::Object(obj))
+    }
+}
+
+/// An addition (`"key":value,…`) as an object, as `parse_written` reads it.
+fn parse_addition(add: &[u8]) -> Option<Map<String, Value>> {
+    let mut wrapped = Vec::with_capacity(add.len() + 2);
+    wrapped.push(b'{');
+    wrapped.extend_from_slice(add);
+    wrapped.push(b'}');
+    match serde_json::from_slice::<Value>(&wrapped) {
+        Ok(Value::Object(m)) => Some(m),
+        _ => None,
+    }
+}
+
+/// True when an addition may hold one of `keys` (a key that does not scan may be any).
+pub fn addition_has(add: &[u8], keys: &[&str]) -> bool {
+    let mut has = false;
+    let laid_out = scan_object(add, 0, false, |key, _| {
+        has |= keys.iter().any(|k| k.as_bytes() == &*key);
+        Some(())
+    });
+    has || laid_out.is_none()
+}
+
+/// The value `v`, inside `depth` arrays and objects, as far as `node` reads it.
+fn prune(b: &[u8], v: Span, node: &Node, depth: usize) -> Option<Value> {
+    let bytes = b.get(v.start..v.stop)?;
+    let Node::Sub(level) = node else {
+        return match depth + v.nesting <= MAX_DEPTH {
+            true => serde_json::from_slice(bytes).ok(),
+            false => None,
+        };
+    };
+    match bytes.first() {
+        // One more array or object than serde_json builds.
+        Some(b'{' | b'[') if depth >= MAX_DEPTH => None,
+        Some(b'{') => {
+            let mut map = Map::new();
+            scan_object(b, v.start + 1, true, |key, m| {
+                if let Some((name, node)) = level.find(&key) {
+                    map.insert(name.to_owned(), prune(b, m, node, depth + 1)?);
+                }
+                Some(())
+            })?;
+            Some(Value::Object(map))
+        }
+        // A key read through an array is read in each element.
+        Some(b'[') => {
+            let mut items = Vec::new();
+            scan_array(b, v.start + 1, |e| {
+                items.push(prune(b, e, node, depth + 1)?);
+                Some(())
+            })?;
+            Some(Value::Array(items))
+        }
+        // A key read in a string, number, bool or null finds nothing: whatever it is.
+        _ => Some(Value::Null),
+    }
+}
+
+/// The event with every member that builds (for an alert's body when the whole event does
+/// not: a member nested too deep is left out). None when the bytes are not an object.
+pub fn readable(raw: &[u8], additions: &[&[u8]]) -> Option<Value> {
+    let start = skip_ws(raw, 0);
+    if raw.get(start) != Some(&b'{') {
+        return None;
+    }
+    let mut obj = Map::new();
+    scan_object(raw, start + 1, true, |key, v| {
+        let name = String::from_utf8(key.into_owned()).ok();
+        let value = raw
+            .get(v.start..v.stop)
+            .and_then(|v| serde_json::from_slice(v).ok());
+        if let (Some(name), Some(value)) = (name, value) {
+            obj.insert(name, value);
+        }
+        Some(())
+    })?;
+    for add in additions {
+        obj.extend(parse_addition(add).unwrap_or_default());
+    }
+    Some(Value::Object(obj))
+}
+
+pub(super) fn skip_ws(b: &[u8], mut i: usize) -> usize {
+    while b
+        .get(i)
+        .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        i += 1;
+    }
+    i
+}
+
+/// Where the string whose opening quote is at `i` ends (one past its closing quote).
+fn string_end(b: &[u8], i: usize) -> Option<usize> {
+    let mut j = i + 1;
+    loop {
+        let at = j + memchr::memchr2(b'"', b'\\', b.get(j..)?)?;
+        match b.get(at) {
+            Some(b'"') => return Some(at + 1),
+            _ => j = at + 2,
+        }
+    }
+}
+
+/// Where the value starting at `i` ends, and how many arrays and objects it nests. Only
+/// strings and brackets are tracked: the bytes are JSON already checked, and the values kept
+/// are parsed by serde.
+fn value_end(b: &[u8], i: usize) -> Option<(usize, usize)> {
+    match b.get(i)? {
+        b'"' => string_end(b, i).map(|e| (e, 0)),
+        b'{' | b'[' => {
+            let (mut depth, mut deepest) = (0usize, 0usize);
+            let mut j = i;
+            loop {
+                match b.get(j)? {
+                    b'"' => {
+                        j = string_end(b, j)?;
+                        continue;
+                    }
+                    b'{' | b'[' => {
+                        depth += 1;
+                        deepest = deepest.max(depth);
+                    }
+                    b'}' | b']' => {
+                        depth = depth.checked_sub(1)?;
+                        if depth == 0 {
+                            return Some((j + 1, deepest));
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+        }
+        _ => {
+            let rest = b.get(i..)?;
+            let len = rest
+                .iter()
+                .position(|c| matches!(c, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+                .unwrap_or(rest.len());
+            (len > 0).then_some((i + len, 0))
+        }
+    }
+}
+
+/// A member's key as the rules name it: its bytes, unescaped when it holds an escape (one
+/// that does not unescape stays as it is, which names no rule's field: those hold no `\`).
+fn key_of(b: &[u8], open: usize, end: usize) -> Cow<'_, [u8]> {
+    let inner = b.get(open + 1..end - 1).unwrap_or_default();
+    if memchr::memchr(b'\\', inner).is_none() {
+        return Cow::Borrowed(inner);
+    }
+    match b
+        .get(open..end)
+        .and_then(|q| serde_json::from_slice::<String>(q).ok())
+    {
+        Some(s) => Cow::Owned(s.into_bytes()),
+        None => Cow::Borrowed(inner),
+    }
+}
+
+/// A member's value: where it starts and ends, and how many arrays and objects it nests.
+#[derive(Clone, Copy)]
+struct Span {
+    start: usize,
+    stop: usize,
+    nesting: usize,
+}
+
+/// Calls `each(key, value)` for every member of the object whose members start at `i`
+/// (after its `{` when `braced`, else a bare `"k":v,…` list running to the end of `b`);
+/// returns where the object ends. None when the bytes are not laid out so, or `each` says.
+fn scan_object<'b>(
+    b: &'b [u8],
+    i: usize,
+    braced: bool,
+    mut each: impl FnMut(Cow<'b, [u8]>, Span) -> Option<()>,
+) -> Option<usize> {
+    let mut i = skip_ws(b, i);
+    match b.get(i) {
+        Some(b'}') if braced => return Some(i + 1),
+        None if !braced => return Some(i),
+        _ => {}
+    }
+    loop {
+        if b.get(i) != Some(&b'"') {
+            return None;
+        }
+        let end = string_end(b, i)?;
+        let key = key_of(b, i, end);
+        i = skip_ws(b, end);
+        if b.get(i) != Some(&b':') {
+            return None;
+        }
+        let start = skip_ws(b, i + 1);
+        let (stop, nesting) = value_end(b, start)?;
+        each(
+            key,
+            Span {
+                start,
+                stop,
+                nesting,
+            },
+        )?;
+        i = skip_ws(b, stop);
+        match b.get(i) {
+            Some(b',') => i = skip_ws(b, i + 1),
+            Some(b'}') if braced => return Some(i + 1),
+            None if !braced => return Some(i),
+            _ => return None,
+        }
+    }
+}
+
+/// Calls `each(value)` for every element of the array whose elements start at `i` (after
+/// its `[`); returns where it ends.
+fn scan_array(b: &[u8], i: usize, mut each: impl FnMut(Span) -> Option<()>) -> Option<usize> {
+    let mut i = skip_ws(b, i);
+    if b.get(i) == Some(&b']') {
+        return Some(i + 1);
+    }
+    loop {
+        let (stop, nesting) = value_end(b, i)?;
+        each(Span {
+            start: i,
+            stop,
+            nesting,
+        })?;
+        i = skip_ws(b, stop);
+        match b.get(i) {
+            Some(b',') => i = skip_ws(b, i + 1),
+            Some(b']') => return Some(i + 1),
+            _ => return None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_members_rules_read_are_all_they_see_of_the_event() {
+        let plan = Plan::of(["a", "b", "x.y", "u.t", "r.k.v"]);
+        let raw = br#"{"a":1,"b":{"c":[1,{"d":2}]},"a":"last","x.y":3,"u":{"t":"T","o":[1]},"deep":[[[[1]]]],"r":[{"k":{"v":1,"w":2}},"s",[{"k":[{"v":2}]}],{"q":1}]}"#;
+        let v = plan
+            .parse(raw, &[br#""geo":{"a":1},"b":null"#])
+            .expect("object");
+        assert_eq!(
+            v,
+            json!({
+                "a": "last", "b": null, "x.y": 3, "u": {"t": "T"},
+                "r": [{"k": {"v": 1}}, null, [{"k": [{"v": 2}]}], {}]
+            }),
+            "the last of a repeated key, an addition replacing a member, flat dotted keys, \
+             arrays followed, what is not read left out"
+        );
+        // Laid out as people write it, strings holding brackets and quotes.
+        let pretty =
+            b"{\n  \"s\" : \"a}\\\"]\" ,\n\t\"a\": [ {\"x\": \"]}\"}, -1.5e3 ] ,\"n\":null\r\n}\n";
+        assert_eq!(
+            Plan::of(["a", "n"]).parse(pretty, &[]),
+            Some(json!({"a":[{"x":"]}"},-1.5e3],"n":null}))
+        );
+        // Escaped keys are read as their text.
+        assert_eq!(
+            Plan::of(["a", "u.t"]).parse(br#"{"\u0061":1,"u":{"\u0074":2},"b":[2]}"#, &[]),
+            Some(json!({"a":1,"u":{"t":2}}))
+        );
+        assert_eq!(Plan::of(["a"]).parse(b" {} ", &[]), Some(json!({})));
+        assert!(Plan::of(["a"]).parse(b"[1]", &[]).is_none());
+        assert!(Plan::of(["a"]).parse(br#"{"a":1} x"#, &[]).is_none());
+        assert!(Plan::of(["a"]).parse(br#"{"a":1"#, &[]).is_none());
+    }
+
+    #[test]
+    fn a_member_read_is_refused_exactly_where_the_whole_event_is() {
+        let nest = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let event = |n: usize| format!(r#"{{"a":{},"b":{}}}"#, nest(n), nest(500));
+        let whole =
+            |n: usize| serde_json::from_str::<Value>(&format!(r#"{{"a":{}}}"#, nest(n))).is_ok();
+        // Whole (`a`), or followed through its arrays (`a.b`): the same bound, however deep an
+        // unread member is.
+        for plan in [Plan::of(["a"]), Plan::of(["a.b"])] {
+            for n in [1, 125, 126, 127, 128, 100_000] {
+                let read = plan.parse(event(n).as_bytes(), &[]).is_some();
+                assert_eq!(read, whole(n), "{plan:?} {n}");
+            }
+        }
+        assert!(whole(126) && !whole(127), "serde's bound");
+    }
+
+    #[test]
+    fn an_alert_body_keeps_every_member_that_builds() {
+        let raw = format!(
+            r#"{{"eventID":"e","deep":{}1{},"x":[1]}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        assert_eq!(
+            readable(raw.as_bytes(), &[br#""geo":{"c":"GB"}"#]),
+            Some(json!({"eventID":"e","x":[1],"geo":{"c":"GB"}}))
+        );
+        assert!(readable(b"[]", &[]).is_none());
+    }
+
+    #[test]
+    fn additions_are_scanned_for_keys_once() {
+        assert!(addition_has(
+            br#""geo":{"eventName":1},"eventName":"x""#,
+            &["eventName"]
+        ));
+        assert!(!addition_has(br#""geo":{"eventName":"x"}"#, &["eventName"]));
+        assert!(addition_has(br#""event\u004eame":"x""#, &["eventName"]));
+        assert!(
+            addition_has(br#""geo":{"#, &["eventName"]),
+            "not laid out: may be"
+        );
+    }
+}
