@@ -62,11 +62,17 @@ fn main() {
 /// reports `release`), so it is read from `OUT_DIR` (`target/<profile>/build/<pkg>/out`).
 fn profile() -> String {
     let out = std::env::var("OUT_DIR").unwrap_or_default();
-    std::path::Path::new(&out)
-        .ancestors()
-        .nth(3)
-        .and_then(|p| p.file_name())
-        .and_then(|n| n.to_str())
-        .map(str::to_owned)
-        .unwrap_or_else(|| std::env::var("PROFILE").unwrap_or_default())
+    let up = |n: usize| {
+        std::path::Path::new(&out)
+            .ancestors()
+            .nth(n)
+            .and_then(|p| p.file_name())
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+    };
+    // Only in the layout described; any other (a future build-dir layout) says PROFILE's.
+    match (up(2).as_deref(), up(3)) {
+        (Some("build"), Some(profile)) => profile,
+        _ => std::env::var("PROFILE").unwrap_or_default(),
+    }
 }

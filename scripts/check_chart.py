@@ -196,8 +196,8 @@ def check_objects(case, values, docs, binary):
     main = next(c for c in spec["containers"] if c["name"] == "trailhose")
     if cfg is not None:
         grace = cfg["server"]["shutdown_grace_secs"]
-        if not spec["terminationGracePeriodSeconds"] > grace:
-            fail(case, f"terminationGracePeriodSeconds {spec['terminationGracePeriodSeconds']} <= drain grace {grace}")
+        if not spec["terminationGracePeriodSeconds"] >= grace + 10:
+            fail(case, f"terminationGracePeriodSeconds {spec['terminationGracePeriodSeconds']} < drain grace {grace} + 10")
         port = int(cfg["server"]["listen"].rsplit(":", 1)[1])
         if port != next(p["containerPort"] for p in main["ports"] if p["name"] == "metrics"):
             fail(case, "server.listen port is not the container's metrics port")
@@ -486,7 +486,7 @@ def main():
         print(f"  {case}: {', '.join(sorted(kinds))}")
     # A broken values file must fail rendering, not render something half-configured.
     for bad in ({"mode": "file"}, {"transforms": [{"name": "x", "url": "https://a/b.wasm"}]},
-                {"geoip": {"source": "volume"}}, {"terminationGraceMarginSeconds": 0},
+                {"geoip": {"source": "volume"}}, {"terminationGraceMarginSeconds": 0}, {"terminationGraceMarginSeconds": 9},
                 {"transforms": [{"name": "Bad_Name", "path": "/x.wasm"}]},
                 {"transforms": [{"name": "two", "path": "/x.wasm", "url": "s3://b/x.wasm"}]},
                 {"tables": [{"name": "two", "path": "/t.csv", "url": "s3://b/t.csv", "key": "k"}]},

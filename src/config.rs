@@ -33,7 +33,6 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-/// `format = "parquet"` in a build without the `parquet` feature.
 /// The optional features this binary was built with.
 #[derive(Debug, Clone, Copy)]
 struct Built {
@@ -48,6 +47,7 @@ impl Built {
     };
 }
 
+/// `format = "parquet"` in a build without the `parquet` feature.
 fn no_parquet() -> ConfigError {
     invalid(
         "output.format",
@@ -660,7 +660,6 @@ impl Config {
         toml::from_str(text).map_err(|e| e.to_string())
     }
 
-    /// Checks what the types alone cannot.
     /// Refuses what `built` cannot run; a parameter so one test build checks both answers.
     fn refuse_unbuilt(&self, built: Built) -> Result<(), ConfigError> {
         if !built.transforms && !self.transforms.is_empty() {
@@ -672,6 +671,7 @@ impl Config {
         Ok(())
     }
 
+    /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.refuse_unbuilt(Built::THIS)?;
         if let Some(url) = &self.output.url {

@@ -214,8 +214,8 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
                 &["reason"],
             );
             // Every reason from the start, so the first seal shows in increase().
-            for reason in SEAL_REASONS {
-                c.with_label_values(&[reason]);
+            for reason in SealReason::ALL {
+                c.with_label_values(&[reason.as_str()]);
             }
             c
         },
@@ -682,15 +682,39 @@ pub fn workers_healthy() -> bool {
     METRICS.workers_lost.get() == 0
 }
 
-/// The `reason` labels of `trailhose_buffers_sealed_early_total`.
-pub const SEAL_REASONS: [&str; 3] = ["budget", "max_open_partitions", "ledger"];
+/// Why buffers were sealed before their limits: the `reason` label of
+/// `trailhose_buffers_sealed_early_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealReason {
+    /// `batch.max_buffered_bytes` was reached.
+    Budget,
+    /// `batch.max_open_partitions` was reached.
+    MaxOpenPartitions,
+    /// A source's ledger was full.
+    Ledger,
+}
+
+impl SealReason {
+    pub const ALL: [SealReason; 3] = [
+        SealReason::Budget,
+        SealReason::MaxOpenPartitions,
+        SealReason::Ledger,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SealReason::Budget => "budget",
+            SealReason::MaxOpenPartitions => "max_open_partitions",
+            SealReason::Ledger => "ledger",
+        }
+    }
+}
 
 /// `batch.max_buffered_bytes` or `batch.max_open_partitions` was reached, or a ledger was full:
 /// buffers were sealed early.
 pub struct BuffersSealedEarly {
     pub buffers: u64,
-    /// One of [`SEAL_REASONS`].
-    pub reason: &'static str,
+    pub reason: SealReason,
 }
 
 impl InternalEvent for BuffersSealedEarly {
@@ -698,7 +722,7 @@ impl InternalEvent for BuffersSealedEarly {
         if self.buffers > 0 {
             METRICS
                 .budget_seals
-                .with_label_values(&[self.reason])
+                .with_label_values(&[self.reason.as_str()])
                 .inc_by(self.buffers);
         }
     }

@@ -620,15 +620,20 @@ async fn an_upload_cut_off_by_the_grace_period_is_aborted() {
         port,
         &settings,
     );
-    // Multipart from 5 MiB and a 3 s grace period: the test's subject, shortened to run fast.
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
+    // Multipart from 5 MiB and a 10 s grace period (the part stalls for 60 s).
+    let text = std::fs::read_to_string(&config).unwrap();
+    let changed = text
         .replace(
             "[output.s3]\n",
             "[output.s3]\nmultipart_threshold_bytes = 5242880\npart_size_bytes = 5242880\n",
         )
-        .replace("shutdown_grace_secs = 20", "shutdown_grace_secs = 3");
-    std::fs::write(&config, text).unwrap();
+        .replace("shutdown_grace_secs = 20", "shutdown_grace_secs = 10");
+    assert_eq!(
+        changed.len(),
+        text.len() + 62,
+        "both settings replaced:\n{changed}"
+    );
+    std::fs::write(&config, changed).unwrap();
     // 8 MiB of events within a minute or two: one buffer, sealed by the shutdown.
     seed_generated(&moto, &q.url, 1, 77, 8 << 20).await;
     let log = tmp.path().join("worker.log");
@@ -639,7 +644,7 @@ async fn an_upload_cut_off_by_the_grace_period_is_aborted() {
     .await;
     signal(&worker, "-TERM");
     let exited = tokio::task::spawn_blocking(move || {
-        wait_exit(&mut worker, 40);
+        wait_exit(&mut worker, 60);
         worker
     });
     let _worker = exited.await.expect("join");

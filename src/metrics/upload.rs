@@ -47,12 +47,13 @@ static ABANDONED: LazyLock<IntCounter> = LazyLock::new(|| {
     counter(
         METRICS.registry(),
         "trailhose_output_multipart_abandoned_total",
-        "Multipart uploads cut off by the end of the shutdown grace period; each is aborted in the background (a failed abort also counts in trailhose_output_multipart_abort_failures_total).",
+        "Multipart uploads dropped before they completed (the end of the shutdown grace period, or a panic); each is aborted in the background (a failed or unanswered abort also counts in trailhose_output_multipart_abort_failures_total).",
     )
 });
 
-/// The shutdown grace period ended while a multipart upload was open: its batch comes again
-/// (unacknowledged), and the upload is aborted in the background.
+/// A multipart upload was dropped before it completed (the shutdown grace period ended, or its
+/// task panicked): its batch comes again (unacknowledged), and the upload is aborted in the
+/// background.
 pub struct MultipartAbandoned<'a> {
     pub bucket: &'a str,
     pub key: &'a str,
@@ -65,7 +66,7 @@ impl InternalEvent for MultipartAbandoned<'_> {
             bucket = self.bucket,
             key = self.key,
             upload_id = self.upload_id,
-            "multipart upload cut off by the end of the grace period: aborting it"
+            "multipart upload dropped before it completed (shutdown grace period over, or a panic): asking S3 to abort it"
         );
         ABANDONED.inc();
     }

@@ -255,7 +255,7 @@ impl Batcher {
                 if self.buffers.len() >= limits.max_open {
                     self.seal_oldest(
                         1 + (self.buffers.len() - limits.max_open) as u64,
-                        "max_open_partitions",
+                        crate::metrics::SealReason::MaxOpenPartitions,
                         out,
                     );
                 }
@@ -366,7 +366,7 @@ impl Batcher {
         self.share.publish();
         crate::metrics::emit(crate::metrics::BuffersSealedEarly {
             buffers: sealed,
-            reason: "budget",
+            reason: crate::metrics::SealReason::Budget,
         });
     }
 
@@ -381,12 +381,21 @@ impl Batcher {
         if !self.share.relieved() {
             self.seal_early(out);
         } else if self.share.crowded() && !self.buffers.is_empty() {
-            self.seal_oldest(self.buffers.len().div_ceil(2) as u64, "ledger", out);
+            self.seal_oldest(
+                self.buffers.len().div_ceil(2) as u64,
+                crate::metrics::SealReason::Ledger,
+                out,
+            );
         }
     }
 
     /// Seals up to `n` of the oldest open buffers; `reason` labels the count.
-    fn seal_oldest(&mut self, n: u64, reason: &'static str, out: &mut impl FnMut(Sealed)) {
+    fn seal_oldest(
+        &mut self,
+        n: u64,
+        reason: crate::metrics::SealReason,
+        out: &mut impl FnMut(Sealed),
+    ) {
         let mut sealed = 0;
         while sealed < n {
             let Some(partition) = self.pop_oldest() else {

@@ -502,10 +502,11 @@ async fn put_multipart(
         Ok::<(), (String, bool)>(())
     }
     .await;
-    open.settled();
     if result.is_err() {
         abort(client, bucket, key, &upload_id).await;
     }
+    // After the abort: cut off during it, the guard asks again.
+    open.settled();
     result
 }
 
@@ -535,8 +536,8 @@ async fn abort(client: &aws_sdk_s3::Client, bucket: &str, key: &str, upload_id: 
 
 /// Uploads begun and not yet settled, and the aborts asked for uploads dropped mid-way.
 static OPEN_UPLOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-static ABANDONED: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>> =
-    std::sync::Mutex::new(Vec::new());
+type Abort = (tokio::task::JoinHandle<()>, [String; 3]);
+static ABANDONED: std::sync::Mutex<Vec<Abort>> = std::sync::Mutex::new(Vec::new());
 
 /// A multipart upload between its creation and its completion or abort. Dropped before that
 /// (the shutdown's grace period ended mid-upload), it asks S3 to abort it in the background,
@@ -572,34 +573,65 @@ impl Drop for OpenUpload {
             key: &key,
             upload_id: &upload_id,
         });
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let task = runtime.spawn(async move {
-                abort(&client, &bucket, &key, &upload_id).await;
-            });
-            ABANDONED
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(task);
+        let ids = [bucket.clone(), key.clone(), upload_id.clone()];
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                let task = runtime.spawn(async move {
+                    abort(&client, &bucket, &key, &upload_id).await;
+                });
+                let mut asked = ABANDONED.lock().unwrap_or_else(|e| e.into_inner());
+                asked.retain(|(t, _)| !t.is_finished());
+                asked.push((task, ids));
+            }
+            Err(_) => unanswered(&ids, "no runtime to ask S3 from"),
         }
         OPEN_UPLOADS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
+/// An abort asked for and not answered: its parts may stay, so it counts as a failed abort.
+fn unanswered([bucket, key, upload_id]: &[String; 3], why: &str) {
+    metrics::emit(MultipartAbortFailed {
+        bucket,
+        key,
+        upload_id,
+        error: why,
+    });
+}
+
 /// After a shutdown cut uploads off: waits, up to `within`, until every cancelled upload has
-/// been dropped and its abort has been answered. Uploads are cancelled as their tasks are
-/// dropped, which the runtime does after the cut, hence the wait for the open count.
+/// been dropped and its abort has been answered; an abort still unanswered then is reported.
+/// Uploads are cancelled as their tasks are dropped, which the runtime does after the cut,
+/// hence the wait for the open count.
 pub async fn settle_abandoned(within: std::time::Duration) {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let tasks = std::mem::take(&mut *ABANDONED.lock().unwrap_or_else(|e| e.into_inner()));
-        for task in tasks {
-            if tokio::time::timeout_at(deadline, task).await.is_err() {
-                return;
+        let asked = std::mem::take(&mut *ABANDONED.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut late = Vec::new();
+        for (task, ids) in asked {
+            if task.is_finished() {
+                continue;
+            }
+            match tokio::time::timeout_at(deadline, task).await {
+                Ok(_) => {}
+                Err(_) => late.push(ids),
             }
         }
+        let past = tokio::time::Instant::now() >= deadline;
+        if past {
+            let more = std::mem::take(&mut *ABANDONED.lock().unwrap_or_else(|e| e.into_inner()));
+            late.extend(
+                more.into_iter()
+                    .filter(|(t, _)| !t.is_finished())
+                    .map(|(_, ids)| ids),
+            );
+        }
+        for ids in &late {
+            unanswered(ids, "the abort was not answered before the process exited");
+        }
         let open = OPEN_UPLOADS.load(std::sync::atomic::Ordering::SeqCst);
-        let asked = ABANDONED.lock().map(|a| a.is_empty()).unwrap_or(true);
-        if (open == 0 && asked) || tokio::time::Instant::now() >= deadline {
+        let none_asked = ABANDONED.lock().map(|a| a.is_empty()).unwrap_or(true);
+        if (open == 0 && none_asked) || past || !late.is_empty() {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
