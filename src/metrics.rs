@@ -1385,7 +1385,6 @@ impl InternalEvent for KinesisBehind<'_> {
         let labels = [self.stream, self.shard];
         match self.millis {
             Some(m) => {
-                KINESIS.get_records.inc();
                 KINESIS
                     .millis_behind_latest
                     .with_label_values(&labels)
@@ -1395,6 +1394,15 @@ impl InternalEvent for KinesisBehind<'_> {
                 let _ = KINESIS.millis_behind_latest.remove_label_values(&labels);
             }
         }
+    }
+}
+
+/// A GetRecords call answered (with records or none).
+pub struct KinesisRecordsFetched;
+
+impl InternalEvent for KinesisRecordsFetched {
+    fn emit(self) {
+        KINESIS.get_records.inc();
     }
 }
 
