@@ -13,6 +13,7 @@
 //! eventIDs `[dedup]` is to remember. They are recorded when the last share commits, never
 //! before, so a unit that fails and is delivered again is not mistaken for its own repeat.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -42,7 +43,7 @@ struct Ack {
     refused: AtomicBool,
     done: Mutex<Option<oneshot::Sender<Outcome>>>,
     /// eventID hashes to remember once the unit is durable, and where.
-    remember: Mutex<Option<(Arc<Dedup>, Vec<u64>)>>,
+    remember: Mutex<Option<(Arc<Dedup>, HashSet<u64>)>>,
 }
 
 impl Ack {
@@ -68,7 +69,7 @@ impl Ack {
             let ok = !self.failed.load(Ordering::Acquire);
             let remember = self.remember.lock().ok().and_then(|mut r| r.take());
             if ok && let Some((dedup, ids)) = remember {
-                dedup.record(&ids, Instant::now());
+                dedup.record(ids, Instant::now());
             }
             // A failed unit has settled already.
             self.settle(Outcome::Written);
@@ -153,15 +154,18 @@ impl Hold {
         Arc::ptr_eq(&self.ack, &other.ack)
     }
 
-    /// eventIDs (hashed) `dedup` is to remember once every share of this unit is committed;
-    /// forgotten if any share fails.
-    pub fn remember(&self, dedup: &Arc<Dedup>, ids: impl IntoIterator<Item = u64>) {
+    /// True the first time any share of this unit meets eventID hash `h`, which `dedup` then
+    /// remembers once every share is committed; false for a second copy in the same unit
+    /// (another file of one message, another job of one Kinesis batch), whichever worker has
+    /// it. Dropping that copy is safe: the unit is acknowledged, or delivered again, whole.
+    pub fn first_copy(&self, dedup: &Arc<Dedup>, h: u64) -> bool {
         let Ok(mut r) = self.ack.remember.lock() else {
-            return;
+            // A worker panicked holding the lock: keep the event (at-least-once).
+            return true;
         };
-        r.get_or_insert_with(|| (dedup.clone(), Vec::new()))
+        r.get_or_insert_with(|| (dedup.clone(), HashSet::new()))
             .1
-            .extend(ids);
+            .insert(h)
     }
 
     /// This share of the work is done and durable.
@@ -290,7 +294,7 @@ mod tests {
 
         let (h, _rx) = Hold::new();
         let buffer = h.share();
-        h.remember(&dedup, [a]);
+        assert!(h.first_copy(&dedup, a));
         h.commit();
         assert!(!dedup.contains(a, t), "not before the buffer is written");
         drop(buffer); // the write failed
@@ -298,10 +302,35 @@ mod tests {
 
         let (h, _rx) = Hold::new();
         let buffer = h.share();
-        h.remember(&dedup, [b]);
+        assert!(h.first_copy(&dedup, b));
         h.commit();
         buffer.commit();
         assert!(dedup.contains(b, t), "remembered once durable");
+    }
+
+    /// Two jobs of one Kinesis batch (or two files of one message) are shares of one unit: the
+    /// second copy of an eventID is refused whichever share meets it, and a share of another
+    /// unit keeps its own.
+    #[test]
+    fn a_second_copy_in_any_share_of_a_unit_is_not_a_first_copy() {
+        let dedup = Arc::new(Dedup::new(std::time::Duration::from_secs(60), 1000));
+        let (a, b) = (Dedup::hash("a"), Dedup::hash("b"));
+        let (unit, _rx) = Hold::new();
+        let (first_job, second_job) = (unit.share(), unit.share());
+        assert!(first_job.first_copy(&dedup, a));
+        assert!(second_job.first_copy(&dedup, b));
+        assert!(!second_job.first_copy(&dedup, a), "a copy in another job");
+        assert!(!first_job.first_copy(&dedup, a), "a copy in the same job");
+        let (other, _rx) = Hold::new();
+        assert!(
+            other.first_copy(&dedup, a),
+            "another unit keeps its own copy"
+        );
+        for h in [unit, first_job, second_job, other] {
+            h.commit();
+        }
+        let t = Instant::now();
+        assert!(dedup.contains(a, t) && dedup.contains(b, t));
     }
 
     #[test]

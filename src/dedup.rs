@@ -10,7 +10,8 @@
 //!
 //! An eventID is remembered only once the unit that carried it (message, batch, file) is
 //! durably written (`Hold::remember`): a unit that fails and comes back is not its own repeat.
-//! Copies of one event in two units in flight at the same time are both kept (at-least-once).
+//! A second copy within one unit is dropped at once (`Hold::first_copy`); copies of one event
+//! in two units in flight at the same time are both kept (at-least-once).
 
 use std::collections::{HashSet, VecDeque};
 use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
@@ -76,9 +77,9 @@ impl Dedup {
     }
 
     /// Remembers events that are now durably written.
-    pub fn record(&self, hashes: &[u64], now: Instant) {
+    pub fn record(&self, hashes: impl IntoIterator<Item = u64>, now: Instant) {
         let bucket = self.bucket(now);
-        for &h in hashes {
+        for h in hashes {
             let Some(mut shard) = self.shard(h, bucket) else {
                 continue;
             };
@@ -100,7 +101,7 @@ impl Dedup {
         if self.contains(h, now) {
             return true;
         }
-        self.record(&[h], now);
+        self.record([h], now);
         false
     }
 

@@ -1428,7 +1428,6 @@ impl InternalEvent for KinesisBehind<'_> {
         let labels = [self.stream, self.shard];
         match self.millis {
             Some(m) => {
-                KINESIS.get_records.inc();
                 KINESIS
                     .millis_behind_latest
                     .with_label_values(&labels)
@@ -1438,6 +1437,15 @@ impl InternalEvent for KinesisBehind<'_> {
                 let _ = KINESIS.millis_behind_latest.remove_label_values(&labels);
             }
         }
+    }
+}
+
+/// A GetRecords call answered (with records or none).
+pub struct KinesisRecordsFetched;
+
+impl InternalEvent for KinesisRecordsFetched {
+    fn emit(self) {
+        KINESIS.get_records.inc();
     }
 }
 

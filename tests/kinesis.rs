@@ -1525,7 +1525,8 @@ async fn a_batch_of_plain_text_messages_larger_than_the_read_window_goes_to_erro
         .collect();
     assert_eq!(rejected.len(), 30, "{errors:?}");
     for (n, r) in rejected.iter().enumerate() {
-        assert_eq!(r["index"], n as u64);
+        // Its place in the batch, after the five events.
+        assert_eq!(r["index"], (evs.len() + n) as u64);
         assert_eq!(r["record"], texts[n].as_str());
     }
     assert_eq!(errors.len(), 30, "{errors:?}");
@@ -2218,34 +2219,44 @@ async fn put_in_order(moto: &Moto, data: Vec<Vec<u8>>) -> Vec<String> {
         .collect()
 }
 
+/// A CloudWatch Logs record of over 2 MiB of messages (two make a job, see
+/// `JOB_MESSAGE_BYTES`), its events and their ids.
+fn large_record(seed: &mut u64) -> (Vec<String>, Vec<String>) {
+    let (mut evs, mut ids, mut bytes) = (Vec::new(), Vec::new(), 0);
+    while bytes < 2 << 20 {
+        let (e, i) = events(*seed, 200);
+        *seed += 1;
+        bytes += e.iter().map(String::len).sum::<usize>();
+        evs.extend(e);
+        ids.extend(i);
+    }
+    (evs, ids)
+}
+
 /// With one worker-queue permit (`max_files_in_flight = 1`), one GetRecords batch that decodes
-/// to several jobs (about 4 MiB of messages each) goes through job by job under its one hold:
-/// every event is written once, and the shard is checkpointed at the batch's last record.
+/// to two jobs goes through job by job under its one hold. A worker panics on the record of the
+/// later job (once): that job fails the whole batch, although the first job is split and
+/// buffered, so the batch is read again from the start rather than checkpointed past the failed
+/// job, and every event is written (repeats allowed); the shard ends checkpointed at the
+/// batch's last record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_of_several_jobs_passes_one_permit_and_is_checkpointed_at_its_end() {
+async fn a_failed_later_job_of_a_batch_rewinds_the_whole_batch_and_loses_nothing() {
     let moto = setup(1).await;
     let s3 = moto.s3();
     let tmp = TempDir::new("kinesis-jobs");
-    let (mut data, mut expected) = (Vec::new(), Vec::new());
+    let (mut data, mut per_record) = (Vec::new(), Vec::new());
     let mut seed = 1_860_000;
     for _ in 0..3 {
-        // Each record over 2 MiB of messages: three make two jobs or more.
-        let (mut evs, mut bytes) = (Vec::new(), 0);
-        while bytes < 2 << 20 {
-            let (e, ids) = events(seed, 200);
-            seed += 1;
-            bytes += e.iter().map(String::len).sum::<usize>();
-            evs.extend(e);
-            expected.extend(ids);
-        }
+        let (evs, ids) = large_record(&mut seed);
         let record = cwl_batch(&evs);
         assert!(record.len() < 1 << 20, "within Kinesis's record size");
         data.push(record);
+        per_record.push(ids);
     }
-    expected.sort();
     let seqs = put_in_order(&moto, data).await;
     let shard = "shardId-000000000000";
-    let mut w = Worker::spawn(
+    let fault = format!("worker_panic:{}", seqs[2]);
+    let mut w = Worker::spawn_env(
         &moto,
         tmp.path(),
         "solo",
@@ -2255,36 +2266,54 @@ async fn a_batch_of_several_jobs_passes_one_permit_and_is_checkpointed_at_its_en
             s3_ep: &moto.endpoint,
             extra: "max_files_in_flight = 1",
         },
+        &[("TRAILHOSE_TEST_FAULT", &fault)],
     );
-    let n = expected.len() as f64;
-    eventually(120, "the batch to be split", || async {
-        w.metric("trailhose_events_in_total ") >= n
-    })
+    // The first job (records 0 and 1) is split twice: before the panic, and again with its
+    // batch; the later job once, after.
+    let n = per_record.iter().map(Vec::len).sum::<usize>();
+    let again = n + per_record[0].len() + per_record[1].len();
+    eventually(
+        180,
+        "the failed batch to be read and split again",
+        || async { w.metric("trailhose_events_in_total ") >= again as f64 },
+    )
     .await;
+    assert_eq!(w.metric("trailhose_panics_total{thread=\"worker\"}"), 1.0);
+    assert_eq!(w.metric("trailhose_events_in_total "), again as f64);
     assert_eq!(
-        w.metric("trailhose_kinesis_records_total{shape=\"cwl_data\"}"),
-        3.0
+        checkpoint_of(&moto, shard).await,
+        "",
+        "nothing is durable yet"
     );
     w.stop();
-    assert!(!w.log().contains("panicked"), "{}", w.log());
-    assert_eq!(written_ids(&s3).await, expected, "every event once");
+    let mut expected: Vec<String> = per_record.concat();
+    expected.sort();
+    let mut written = written_ids(&s3).await;
+    written.dedup();
+    assert_eq!(written, expected, "every event, the later job's too");
     assert_eq!(checkpoint_of(&moto, shard).await, seqs[2]);
 }
 
-/// With `[dedup]`, the same eventID in two records of one GetRecords batch is written once.
+/// With `[dedup]`, a second copy of an eventID anywhere in one GetRecords batch is dropped:
+/// in another record of the same job, and in a record of a later job (before the batch, and
+/// so its first copy, is durable).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dedup_drops_a_second_copy_in_another_record_of_the_same_batch() {
+async fn dedup_drops_second_copies_in_other_records_and_jobs_of_the_same_batch() {
     let moto = setup(1).await;
     let s3 = moto.s3();
     let tmp = TempDir::new("kinesis-dedup");
-    let (evs, mut expected) = events(1870, 3);
+    let mut seed = 1_870_000;
+    let (first, mut expected) = large_record(&mut seed);
+    let (mut second, ids) = large_record(&mut seed);
+    expected.extend(ids);
+    let (mut third, ids) = events(seed, 3);
+    expected.extend(ids);
+    // The first record's first event again in the same job, its last in the next job.
+    second.push(first[0].clone());
+    third.push(first[first.len() - 1].clone());
     let seqs = put_in_order(
         &moto,
-        vec![
-            cwl_batch(&evs[..2]),
-            // The second event again, in the next record.
-            cwl_batch(&evs[1..]),
-        ],
+        vec![cwl_batch(&first), cwl_batch(&second), cwl_batch(&third)],
     )
     .await;
     expected.sort();
@@ -2299,13 +2328,13 @@ async fn dedup_drops_a_second_copy_in_another_record_of_the_same_batch() {
             extra: "[dedup]\nwindow_secs = 3600",
         },
     );
-    eventually(60, "the batch to be split", || async {
-        w.metric("trailhose_events_in_total ") >= 4.0
-            && w.metric("trailhose_events_deduplicated_total") >= 1.0
+    let n = expected.len() + 2;
+    eventually(120, "the batch to be split", || async {
+        w.metric("trailhose_events_in_total ") >= n as f64
     })
     .await;
-    assert_eq!(w.metric("trailhose_events_deduplicated_total"), 1.0);
+    assert_eq!(w.metric("trailhose_events_deduplicated_total"), 2.0);
     w.stop();
     assert_eq!(written_ids(&s3).await, expected, "each event once");
-    assert_eq!(checkpoint_of(&moto, "shardId-000000000000").await, seqs[1]);
+    assert_eq!(checkpoint_of(&moto, "shardId-000000000000").await, seqs[2]);
 }

@@ -16,10 +16,11 @@ pub enum Element<'a> {
 }
 
 /// Hands on each element as the splitter would hand on the same elements in a `Records`
-/// array: objects first, in order and numbered among themselves (`Event`, or `Skipped` when
-/// over `max_event_bytes`); then, numbered among themselves, the texts and the objects that
-/// are not valid JSON, each as a JSON string (`NotAnObject`), so that the error output keeps
-/// them as they were written.
+/// array: objects first, in order (`Event`, or `Skipped` when over `max_event_bytes`); then the
+/// texts and the objects that are not valid JSON, each as a JSON string (`NotAnObject`), so that
+/// the error output keeps them as they were written. What goes to the error output is numbered
+/// by its position among the elements (a message's place in its batch), so no two of one record
+/// share an `index`.
 pub fn split_elements<'a, I, F>(elements: I, max_event_bytes: usize, mut on_item: F) -> Report
 where
     I: Iterator<Item = Element<'a>> + Clone,
@@ -34,7 +35,6 @@ where
     };
     // Positions of objects that are not valid JSON (rare): they go out with the texts.
     let mut broken: Vec<usize> = Vec::new();
-    let mut index = 0u64;
     let mut offset = 0u64;
     for (at, element) in elements.clone().enumerate() {
         let raw = match element {
@@ -49,7 +49,7 @@ where
         if raw.len() > max_event_bytes {
             report.skipped += 1;
             on_item(Item::Skipped(Skipped {
-                index,
+                index: at as u64,
                 reason: RecordReason::TooLarge,
                 offset: start,
                 size: raw.len() as u64,
@@ -59,7 +59,6 @@ where
                     "the element is over the {max_event_bytes}-byte limit (pipeline.max_event_bytes)"
                 ),
             }));
-            index += 1;
             continue;
         }
         let mut de = serde_json::Deserializer::from_slice(raw);
@@ -67,7 +66,6 @@ where
             Ok(head) => {
                 report.events += 1;
                 on_item(Item::Event { raw, head });
-                index += 1;
             }
             Err(_) => broken.push(at),
         }
@@ -75,7 +73,6 @@ where
     report.decompressed_bytes = offset;
     let mut quoted = Vec::new();
     let mut broken = broken.into_iter().peekable();
-    let mut texts = 0u64;
     let mut offset = 0u64;
     for (at, element) in elements.enumerate() {
         let start = offset;
@@ -93,7 +90,7 @@ where
         if raw.len() > max_event_bytes {
             report.skipped += 1;
             on_item(Item::Skipped(Skipped {
-                index: texts,
+                index: at as u64,
                 reason: RecordReason::TooLarge,
                 offset: start,
                 size: raw.len() as u64,
@@ -103,7 +100,6 @@ where
                     "the element is over the {max_event_bytes}-byte limit (pipeline.max_event_bytes)"
                 ),
             }));
-            texts += 1;
             continue;
         }
         quoted.clear();
@@ -111,10 +107,9 @@ where
         let _ = serde_json::to_writer(&mut quoted, &String::from_utf8_lossy(raw));
         report.not_objects += 1;
         on_item(Item::NotAnObject {
-            index: texts,
+            index: at as u64,
             raw: &quoted,
         });
-        texts += 1;
     }
     report
 }
@@ -149,7 +144,7 @@ mod tests {
     }
 
     #[test]
-    fn objects_are_events_numbered_among_themselves_and_the_rest_follows_as_strings() {
+    fn objects_are_events_and_the_rest_follows_as_strings_numbered_by_position() {
         let big = format!(r#"{{"eventID":"big","pad":"{}"}}"#, "x".repeat(100));
         let elements = [
             Element::Text(b"plain \"text\""),
@@ -165,12 +160,12 @@ mod tests {
             seen,
             [
                 r#"event {"eventID":"a","n":1} a"#,
-                "skipped 1 TooLarge 126 big",
+                "skipped 3 TooLarge 126 big",
                 r#"event {"eventID":"c","o":{"eventID":"inner"}} c"#,
                 r#"text 0 "plain \"text\"""#,
-                r#"text 1 "{\"eventID\":\"broken\"""#,
-                r#"text 2 "{\"eventID\":\"b\"} trailing""#,
-                r#"text 3 "[1]""#,
+                r#"text 2 "{\"eventID\":\"broken\"""#,
+                r#"text 4 "{\"eventID\":\"b\"} trailing""#,
+                r#"text 5 "[1]""#,
             ]
         );
         assert_eq!(
@@ -196,11 +191,11 @@ mod tests {
         assert_eq!(seen[1], r#"event {"eventID":"dup","eventID":"last"} last"#);
         assert_eq!(
             seen[2],
-            r#"text 0 "{\"eventVersion\":\"1.09\",\"eventID\":\"cut\"""#
+            r#"text 1 "{\"eventVersion\":\"1.09\",\"eventID\":\"cut\"""#
         );
         assert_eq!(
             seen[3],
-            r#"text 1 "{\"eventID\":\"x\"}{\"eventID\":\"smuggled\"}""#
+            r#"text 2 "{\"eventID\":\"x\"}{\"eventID\":\"smuggled\"}""#
         );
         assert_eq!((report.events, report.not_objects), (2, 2));
     }
@@ -208,10 +203,12 @@ mod tests {
     #[test]
     fn a_text_over_the_size_limit_is_skipped_too_large_with_its_preview() {
         let long = "x".repeat(100);
+        let big = format!(r#"{{"eventID":"big","pad":"{long}"}}"#);
         let elements = [
             Element::Text(b"short"),
             Element::Text(long.as_bytes()),
             Element::Object(br#"{"eventID":"a"}"#),
+            Element::Object(big.as_bytes()),
         ];
         let mut skipped = Vec::new();
         let report = split_elements(elements.iter().copied(), 64, |item| {
@@ -219,13 +216,23 @@ mod tests {
                 skipped.push((s.index, s.reason, s.offset, s.size, s.raw.to_vec()));
             }
         });
+        // The oversized object and the oversized text each keep their own index.
         assert_eq!(
             skipped,
-            [(1, RecordReason::TooLarge, 5, 100, long.clone().into_bytes())]
+            [
+                (
+                    3,
+                    RecordReason::TooLarge,
+                    120,
+                    126,
+                    big.clone().into_bytes()
+                ),
+                (1, RecordReason::TooLarge, 5, 100, long.clone().into_bytes())
+            ]
         );
         assert_eq!(
             (report.events, report.not_objects, report.skipped),
-            (1, 1, 1)
+            (1, 1, 2)
         );
         // Over the preview size, only its first bytes are kept.
         let huge = "y".repeat(PREVIEW_BYTES * 3);

@@ -10,7 +10,6 @@ pub mod ledger;
 pub mod service;
 
 use std::cell::Cell;
-use std::collections::HashSet;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -227,8 +226,6 @@ pub struct FileWorker {
     dedup: Option<Arc<Dedup>>,
     /// Set when events are written as OCSF (`output.schema = "ocsf"`).
     ocsf: Option<OcsfConfig>,
-    /// eventID hashes of the file being processed, remembered when its unit is acknowledged.
-    fresh: HashSet<u64>,
     /// Sigma rules and alert outputs, when `[detect]` is configured.
     detect: Option<Arc<Detect>>,
     pub tally: Tally,
@@ -289,7 +286,6 @@ impl FileWorker {
             reported: (0, 0),
             dedup: None,
             ocsf: (cfg.output.schema == Schema::Ocsf).then(|| cfg.output.ocsf.clone()),
-            fresh: HashSet::new(),
             detect: None,
             tally: Tally::default(),
         }
@@ -340,7 +336,6 @@ impl FileWorker {
         out: &mut impl FnMut(Sealed),
     ) -> FileOutcome {
         self.hold = hold;
-        self.fresh.clear();
         crate::testhook::worker(source);
         let outcome = match declared.filter(|&n| n > self.max_file_bytes) {
             Some(size) if !is_digest_name(source) => {
@@ -369,7 +364,6 @@ impl FileWorker {
         out: &mut impl FnMut(Sealed),
     ) -> FileOutcome {
         self.hold = hold;
-        self.fresh.clear();
         let mut outcome = FileOutcome::Handled;
         let max_event_bytes = self.limits.max_event_bytes;
         for unit in &batch.units {
@@ -404,12 +398,6 @@ impl FileWorker {
     /// eventIDs for `[dedup]`) or, when it must come again, fails it.
     fn settle(&mut self, outcome: FileOutcome) {
         self.report_buffers();
-        // Remembered when the unit is durable (without a unit, `Route::duplicate` did at once).
-        if let (Some(d), Some(h)) = (&self.dedup, &self.hold)
-            && outcome == FileOutcome::Handled
-        {
-            h.remember(d, self.fresh.drain());
-        }
         if let Some(h) = self.hold.take() {
             match outcome {
                 FileOutcome::Handled => h.commit(),
@@ -506,9 +494,8 @@ impl FileWorker {
             now: Utc::now().to_unix(),
             fallback: 0,
             error_records: 0,
-            dedup: self.dedup.as_deref(),
+            dedup: self.dedup.as_ref(),
             ocsf: self.ocsf.as_ref(),
-            fresh: &mut self.fresh,
             duplicates: 0,
             retry: false,
             detect: self.detect.as_deref(),
@@ -911,9 +898,8 @@ struct Route<'w> {
     now: i64,
     fallback: u64,
     error_records: u64,
-    dedup: Option<&'w Dedup>,
+    dedup: Option<&'w Arc<Dedup>>,
     ocsf: Option<&'w OcsfConfig>,
-    fresh: &'w mut HashSet<u64>,
     duplicates: u64,
     /// A module with `on_failure = "retry"` failed on this file.
     retry: bool,
@@ -926,15 +912,17 @@ struct Route<'w> {
 
 impl Route<'_> {
     /// True (and counted) when `[dedup]` has this eventID from an acknowledged unit, or this
-    /// file carried it already: the event is dropped before enrichment and transforms, so events
+    /// unit (any file of its message, any job of its batch) carried it already: the event is dropped before enrichment and transforms, so events
     /// a module splits out of one event all stay.
     fn duplicate(&mut self, head: &Head<'_>) -> bool {
         let seen = match (self.dedup, head.event_id.as_deref()) {
             // Without a unit to acknowledge (local files), remembered at once.
             (Some(d), Some(id)) if self.hold.is_none() => d.seen(id, Instant::now()),
+            // Remembered once the unit is durable; a second copy anywhere in the unit is dropped.
             (Some(d), Some(id)) => {
                 let h = Dedup::hash(id);
-                d.contains(h, Instant::now()) || !self.fresh.insert(h)
+                d.contains(h, Instant::now())
+                    || self.hold.is_some_and(|hold| !hold.first_copy(d, h))
             }
             _ => false,
         };

@@ -168,21 +168,31 @@ impl KeyTemplate {
         time: Option<Utc>,
     ) {
         for part in &self.parts {
-            // Writing to a String cannot fail.
-            let _ = match (part, time) {
-                (Part::Lit(l), _) => {
-                    out.push_str(l);
-                    Ok(())
-                }
-                (Part::Field(Field::Year), Some(t)) => write!(out, "{:04}", t.year),
-                (Part::Field(Field::Month), Some(t)) => write!(out, "{:02}", t.month),
-                (Part::Field(Field::Day), Some(t)) => write!(out, "{:02}", t.day),
-                (Part::Field(Field::Hour), Some(t)) => write!(out, "{:02}", t.hour),
-                (Part::Field(f), _) => {
-                    push_sanitized(out, value(*f));
-                    Ok(())
-                }
-            };
+            match (part, time) {
+                (Part::Lit(l), _) => out.push_str(l),
+                (Part::Field(Field::Year), Some(t)) => push_padded(out, t.year, 4),
+                (Part::Field(Field::Month), Some(t)) => push_padded(out, t.month.into(), 2),
+                (Part::Field(Field::Day), Some(t)) => push_padded(out, t.day.into(), 2),
+                (Part::Field(Field::Hour), Some(t)) => push_padded(out, t.hour.into(), 2),
+                (Part::Field(f), _) => push_sanitized(out, value(*f)),
+            }
+        }
+    }
+}
+
+/// `v` zero-padded to `width` digits, as `{:0width$}` writes it, without the formatting
+/// machinery on the common path (once per event per time placeholder).
+fn push_padded(out: &mut String, v: i32, width: u32) {
+    match u32::try_from(v) {
+        Ok(n) if n < 10u32.pow(width) => {
+            for place in (0..width).rev() {
+                let digit = (n / 10u32.pow(place)) % 10;
+                out.push(char::from(b'0' + digit as u8));
+            }
+        }
+        // Writing to a String cannot fail.
+        _ => {
+            let _ = write!(out, "{v:0width$}", width = width as usize);
         }
     }
 }
@@ -362,6 +372,24 @@ pub struct Routed {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn padded_numbers_are_written_as_the_formatter_writes_them() {
+        for (v, width) in [
+            (0, 4),
+            (7, 2),
+            (12, 2),
+            (2024, 4),
+            (99, 2),
+            (123, 2),
+            (12345, 4),
+            (-5, 4),
+        ] {
+            let mut out = String::new();
+            super::push_padded(&mut out, v, width);
+            assert_eq!(out, format!("{v:0w$}", w = width as usize), "{v} {width}");
+        }
+    }
+
     use super::*;
     use std::borrow::Cow;
 

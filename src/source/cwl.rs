@@ -105,6 +105,11 @@ impl Messages {
     pub fn weight(&self) -> usize {
         self.text.len() + self.spans.len() * std::mem::size_of::<Span>()
     }
+
+    /// The bytes allocated, used or not.
+    pub fn capacity(&self) -> usize {
+        self.text.capacity() + self.spans.capacity() * std::mem::size_of::<Span>()
+    }
 }
 
 /// What a record's top-level object holds, as far as the classifier cares.

@@ -82,7 +82,17 @@ impl Classifier {
         if !matches!(shape, Shape::Events { .. }) {
             self.messages.rollback(mark);
         }
+        // Released now, not at the next record: a job waits for its permit between records,
+        // and must not hold a large record's text while it does.
+        if self.gunzipped.capacity() > KEPT_GUNZIP_BYTES {
+            self.gunzipped = Vec::new();
+        }
         shape
+    }
+
+    /// What the classifier holds between records: its gzip buffer and its messages.
+    pub fn held_bytes(&self) -> usize {
+        self.gunzipped.capacity() + self.messages.capacity()
     }
 }
 
@@ -99,9 +109,6 @@ fn recognise(
 ) -> Shape {
     let text: &[u8] = if data.starts_with(&[0x1f, 0x8b]) {
         gunzipped.clear();
-        if gunzipped.capacity() > KEPT_GUNZIP_BYTES {
-            *gunzipped = Vec::new();
-        }
         // `bufread` over the slice: no reader buffer to allocate and zero per record. One byte
         // past the limit tells a record over it from one exactly at it.
         let read = flate2::bufread::MultiGzDecoder::new(data)
@@ -218,9 +225,9 @@ pub struct Unit {
 
 /// Decoded messages per job: a GetRecords batch (up to 10 MiB stored, often ten times that
 /// decoded) goes to the workers as jobs of about this much, each under one worker-queue permit
-/// (`max_files_in_flight`), so that what waits for a worker stays bounded and several workers
-/// split one batch at once. A job is cut between records: one record (at most `MAX_DECODED`)
-/// may take it past this.
+/// (`max_files_in_flight`) taken before its first record is decoded, so that all a shard's
+/// decoded messages are under permits, and several workers split one batch at once. A job is
+/// cut between records: one record (at most `MAX_DECODED`) may take it past this.
 pub const JOB_MESSAGE_BYTES: usize = 4 << 20;
 
 /// The events of some records of one GetRecords batch, one unit per record, in order: a single
@@ -251,33 +258,45 @@ pub struct Classified {
     pub stopped: bool,
 }
 
-/// `classify_jobs`, the jobs collected.
+/// `classify_jobs`, the jobs collected (room is always there).
 pub fn classify_batch(stream: &str, shard: &str, records: Vec<Record>) -> Classified {
     let mut jobs = Vec::new();
-    let mut out = classify_jobs(stream, shard, records, JOB_MESSAGE_BYTES, |job| {
-        jobs.push(job);
-        true
-    });
+    let room = |_: &Classifier| Some(());
+    let mut out = classify_jobs(
+        stream,
+        shard,
+        records,
+        JOB_MESSAGE_BYTES,
+        room,
+        |job, ()| {
+            jobs.push(job);
+            true
+        },
+    );
     out.jobs = jobs;
     out
 }
 
 /// Classifies a batch of records read from `stream`'s `shard`, handing its events to `on_job`
-/// as they are decoded, in jobs of about `job_bytes` of messages (so a caller that waits for
-/// room in `on_job` holds at most one job beyond what it handed on). Records that are not
+/// as they are decoded, in jobs of about `job_bytes` of messages. Before the first record of
+/// each job it waits for `room` (a worker-queue permit, handed on with the job), holding
+/// nothing but its kept gzip buffer (at most `KEPT_GUNZIP_BYTES`; `room` is shown the
+/// classifier): what a shard has decoded is always under a permit. Records that are not
 /// events become units of their own whose elements are the reason and the data as text, so
-/// that they reach the error output whole, named by their record. Stops when `on_job` returns
-/// false.
-pub fn classify_jobs(
+/// that they reach the error output whole, named by their record. Stops when `room` gives
+/// none or `on_job` returns false.
+pub fn classify_jobs<P>(
     stream: &str,
     shard: &str,
     records: Vec<Record>,
     job_bytes: usize,
-    mut on_job: impl FnMut(Batch) -> bool,
+    mut room: impl FnMut(&Classifier) -> Option<P>,
+    mut on_job: impl FnMut(Batch, P) -> bool,
 ) -> Classified {
     let mut classifier = Classifier::default();
     let mut out = Classified::default();
     let mut job = Vec::new();
+    let mut permit = None;
     let mut counts = [
         ("cwl_data", 0),
         ("event", 0),
@@ -285,6 +304,13 @@ pub fn classify_jobs(
         ("notification", 0),
     ];
     for r in records {
+        if permit.is_none() {
+            permit = room(&classifier);
+            if permit.is_none() {
+                out.stopped = true;
+                return out;
+            }
+        }
         let source = format!("kinesis://{stream}/{shard}/{}", r.seq);
         let mark = classifier.messages.mark();
         let (spans, events) = match classifier.classify(&r.data) {
@@ -318,12 +344,14 @@ pub fn classify_jobs(
             stored: r.data.len() as u64,
             events,
         });
-        if classifier.messages.weight() >= job_bytes {
+        if classifier.messages.weight() >= job_bytes
+            && let Some(p) = permit.take()
+        {
             let full = Batch {
                 messages: std::mem::take(&mut classifier.messages),
                 units: std::mem::take(&mut job),
             };
-            if !on_job(full) {
+            if !on_job(full, p) {
                 out.stopped = true;
                 return out;
             }
@@ -333,7 +361,11 @@ pub fn classify_jobs(
         messages: classifier.messages,
         units: job,
     };
-    if !last.is_empty() && !on_job(last) {
+    // An empty last job gives its permit back unused.
+    if let Some(p) = permit
+        && !last.is_empty()
+        && !on_job(last, p)
+    {
         out.stopped = true;
     }
     out.counts = counts.into_iter().filter(|(_, n)| *n > 0).collect();
@@ -796,7 +828,8 @@ mod tests {
             .collect();
         // About 1 KiB of messages a record: jobs cut at 2 KiB take three records each.
         let mut jobs = Vec::new();
-        let c = classify_jobs("s", "shard-1", records.clone(), 2 << 10, |job| {
+        let room = |_: &Classifier| Some(());
+        let c = classify_jobs("s", "shard-1", records.clone(), 2 << 10, room, |job, ()| {
             jobs.push(job);
             true
         });
@@ -839,12 +872,85 @@ mod tests {
         }
         // A refusal stops classifying: nothing more is decoded or handed on.
         let mut offered = 0;
-        let c = classify_jobs("s", "shard-1", records, 2 << 10, |_| {
+        let c = classify_jobs("s", "shard-1", records.clone(), 2 << 10, room, |_, ()| {
             offered += 1;
             false
         });
         assert!(c.stopped);
         assert_eq!(offered, 1);
+        // So does no room: nothing is decoded without it.
+        let c = classify_jobs(
+            "s",
+            "shard-1",
+            records,
+            2 << 10,
+            |_| None::<()>,
+            |_, ()| panic!("no job without room"),
+        );
+        assert!(c.stopped);
+    }
+
+    /// What a shard's classifier holds outside the worker-queue permits stays small: it takes a
+    /// job's permit before decoding the job's first record, and it gives a large record's gzip
+    /// buffer back before it waits. Under a permit, a job holds at most `job_bytes` plus one
+    /// record's messages.
+    #[test]
+    fn jobs_are_decoded_only_under_a_permit_and_a_large_record_is_let_go_before_waiting() {
+        let event = |id: usize, pad: usize| {
+            format!(
+                r#"{{"eventVersion":"1.09","eventID":"e{id}","pad":"{}"}}"#,
+                "x".repeat(pad)
+            )
+        };
+        // Small records, one of 8 MiB decoded (a few KiB of gzip), then small ones again.
+        let big = 8 << 20;
+        let records: Vec<Record> = (0..12)
+            .map(|i| Record {
+                seq: i.to_string(),
+                data: gzip(event(i, if i == 4 { big } else { 900 }).as_bytes()),
+            })
+            .collect();
+        let job_bytes = 2 << 10;
+        let (mut waits, mut jobs) = (Vec::new(), Vec::new());
+        let (waited, handed) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let room = |c: &Classifier| {
+            // Every job handed on had its own permit; the next is taken before decoding.
+            assert_eq!(
+                waited.get(),
+                handed.get(),
+                "one permit per job, taken first"
+            );
+            waited.set(waited.get() + 1);
+            waits.push(c.held_bytes());
+            Some(waited.get())
+        };
+        let c = classify_jobs("s", "shard-1", records, job_bytes, room, |job, permit| {
+            assert_eq!(
+                permit,
+                handed.get() + 1,
+                "each job goes with the permit taken for it"
+            );
+            handed.set(handed.get() + 1);
+            jobs.push(job.messages.weight());
+            true
+        });
+        assert!(!c.stopped);
+        assert_eq!(jobs.len(), 5, "{jobs:?}");
+        assert_eq!(waits.len(), jobs.len());
+        for held in &waits {
+            assert!(
+                *held <= KEPT_GUNZIP_BYTES,
+                "held {held} bytes while waiting"
+            );
+        }
+        let record = event(4, big).len();
+        for w in &jobs {
+            assert!(*w <= job_bytes + record + 64, "a job of {w} bytes");
+        }
+        assert!(
+            jobs.iter().any(|w| *w >= big),
+            "the large record is in a job: {jobs:?}"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! batch's hold.
 
 use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit as Permit;
 
 use super::Ctx;
 use crate::ack::Hold;
@@ -16,7 +17,7 @@ use crate::source::notification::{Notification, is_digest_key};
 /// None when the engine is gone. Classification (the gunzip and the one read of each CloudWatch
 /// Logs batch) runs on the blocking pool, off the runtime that renews leases, and hands its
 /// events on as it goes, in jobs of about `JOB_MESSAGE_BYTES` of messages, each under one
-/// worker-queue permit and a share of the hold: the batch is checkpointed only once every job
+/// worker-queue permit (taken before the job is decoded) and a share of the hold: the batch is checkpointed only once every job
 /// of it is durable, and what is decoded ahead of the workers stays bounded.
 pub(super) async fn hand_on(
     ctx: &Ctx,
@@ -31,26 +32,32 @@ pub(super) async fn hand_on(
         (Some(a), Some(b)) => format!("kinesis://{stream}/{shard}/{}..{}", a.seq, b.seq),
         _ => format!("kinesis://{stream}/{shard}"),
     };
-    // One job decoded ahead: the classifier waits for the next permit with it in hand.
-    let (jobs_tx, mut jobs_rx) = tokio::sync::mpsc::channel::<kinesis::Batch>(1);
+    // The classifier takes each job's permit itself before decoding its first record, and
+    // hands the job on with it: what waits here is already under a permit. It stops when this
+    // side is gone (a lost lease aborts the reader), its channel then closed.
+    let (jobs_tx, mut jobs_rx) = tokio::sync::mpsc::channel::<(kinesis::Batch, Permit)>(1);
+    let (runtime, engine) = (tokio::runtime::Handle::current(), files.clone());
     let classified = tokio::task::spawn_blocking(move || {
+        let permit_for_job = |_: &kinesis::Classifier| {
+            runtime.block_on(async {
+                tokio::select! {
+                    p = engine.permit() => p,
+                    () = jobs_tx.closed() => None,
+                }
+            })
+        };
         kinesis::classify_jobs(
             &stream,
             &owned_shard,
             records,
             kinesis::JOB_MESSAGE_BYTES,
-            |job| jobs_tx.blocking_send(job).is_ok(),
+            permit_for_job,
+            |job, permit| jobs_tx.blocking_send((job, permit)).is_ok(),
         )
     });
-    while let Some(job) = jobs_rx.recv().await {
-        if !files
-            .submit(
-                span.clone(),
-                Input::Records(Box::new(job)),
-                Some(hold.share()),
-            )
-            .await
-        {
+    while let Some((job, permit)) = jobs_rx.recv().await {
+        let input = Input::Records(Box::new(job));
+        if !files.submit_with(span.clone(), input, Some(hold.share()), permit) {
             // The classifier stops at its next job (its channel is closed).
             drop(jobs_rx);
             let _ = classified.await;
@@ -66,8 +73,14 @@ pub(super) async fn hand_on(
     let kinesis::Classified {
         notifications,
         counts,
+        stopped,
         ..
     } = classified;
+    if stopped {
+        // No room: the engine is closing. The batch is read again.
+        hold.fail();
+        return None;
+    }
     for (source, n) in notifications {
         if !notification(ctx, &source, n, &hold, files).await {
             hold.fail();

@@ -220,6 +220,7 @@ pub(super) async fn read_shard(
             next,
             millis_behind,
         } = fetched;
+        metrics::emit(KinesisRecordsFetched);
         metrics::emit(KinesisBehind {
             stream: &stream,
             shard: &shard,
