@@ -277,3 +277,79 @@ async fn a_full_ledger_seals_buffers_early_instead_of_waiting_for_max_age() {
     let (ids, _) = written_ids(&s3).await;
     assert_eq!(ids, expected, "every record is written once");
 }
+
+/// A file whose alert cannot be delivered has no notification to come again by: the backfill
+/// leaves it unmarked (a re-run takes it) and says so in its exit status and its report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_whose_alert_is_not_delivered_is_not_marked_and_fails_the_run() {
+    let moto = Moto::start();
+    let s3 = moto.s3();
+    for b in ["trail-logs", "trail-out"] {
+        s3.create_bucket().bucket(b).send().await.expect("bucket");
+    }
+    let file = serde_json::json!({"Records": [{
+        "eventVersion": "1.09",
+        "eventID": "iam-change",
+        "eventTime": "2024-03-18T10:00:00Z",
+        "eventSource": "iam.amazonaws.com",
+        "eventName": "CreateUser",
+        "awsRegion": "us-east-1",
+        "sourceIPAddress": "203.0.113.7",
+        "recipientAccountId": "111122223333",
+    }]});
+    s3.put_object()
+        .bucket("trail-logs")
+        .key("org-trail/AWSLogs/111122223333/CloudTrail/us-east-1/2024/03/18/alerted.json.gz")
+        .body(fixtures::gzip(file.to_string().as_bytes()).into())
+        .send()
+        .await
+        .expect("put");
+    let tmp = TempDir::new("backfill-alert");
+    let cfg = config(tmp.path(), &moto);
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/detect/rules");
+    let mut text = std::fs::read_to_string(&cfg).expect("config");
+    text.push_str(&format!(
+        "[detect]\nrules = [\"{}\"]\n[[detect.alerts]]\nkind = \"webhook\"\ntarget = \"http://127.0.0.1:{closed}/hook\"\nmax_attempts = 2\n",
+        rules.display()
+    ));
+    std::fs::write(&cfg, text).expect("config");
+    let env = moto.env();
+    let out = tokio::task::spawn_blocking(move || {
+        let args = [
+            "backfill",
+            "--config",
+            &cfg,
+            "--bucket",
+            "trail-logs",
+            "--prefix",
+            "org-trail",
+        ];
+        trailhose(&args, &env)
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        format!("{stdout}{stderr}").contains("failed=1"),
+        "{stdout}\n{stderr}"
+    );
+    let markers: Vec<String> = s3_objects(&s3, "trail-out", "")
+        .await
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.contains("_trailhose/backfill/"))
+        .collect();
+    assert!(
+        markers.is_empty(),
+        "no marker for the failed file: {markers:?}"
+    );
+    // The event itself was written: the alert is what failed.
+    assert_eq!(written_ids(&s3).await.0, ["iam-change"]);
+}

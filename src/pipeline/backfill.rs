@@ -147,23 +147,24 @@ pub async fn run(cfg: &Config, spec: &Spec) -> Result<BackfillReport, PipelineEr
             drop(slot);
             // A file that is gone is in the error output and gets its marker; it still counts
             // as failed in the report. Any other failure fails the hold: no marker.
-            matches!(done, Ok(d) if d.unreadable == 0)
+            matches!(done, Ok(d) if d.unreadable > 0)
         });
     }
     drop(files);
-    let mut failed = 0;
-    while let Some(ok) = fetches.join_next().await {
-        failed += usize::from(!matches!(ok, Ok(true)));
+    let mut gone = 0;
+    while let Some(g) = fetches.join_next().await {
+        gone += usize::from(matches!(g, Ok(true)));
     }
     drop(ledger);
     let (tally, written) = engine.finish().await?;
-    // Every hold has settled: the ledger writes the last markers and stops.
-    driver.finish().await;
+    // Every hold has settled: the ledger writes the last markers and stops. Files it did not
+    // mark failed somewhere: fetched, split, written, or their correlations and alerts.
+    let unwritten = driver.finish().await;
     Ok(BackfillReport {
         listed: listed.len(),
         mine: mine.len(),
         already_done,
-        failed: failed + written.failures.len(),
+        failed: gone + unwritten,
         tally,
         written,
         elapsed: started.elapsed(),

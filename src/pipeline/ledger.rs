@@ -114,13 +114,19 @@ pub struct Ledger {
 }
 
 /// The driver task, awaited at shutdown once every hold has settled.
-pub struct Driver(tokio::task::JoinHandle<()>);
+pub struct Driver(
+    tokio::task::JoinHandle<()>,
+    /// File units that settled unwritten (no marker): a backfill's failures.
+    Arc<std::sync::atomic::AtomicUsize>,
+);
 
 impl Driver {
     /// Waits until every tracked message is deleted or handed back. Every `Ledger` clone must
     /// be dropped first.
-    pub async fn finish(self) {
+    /// Returns how many file units settled unwritten (their markers not written).
+    pub async fn finish(self) -> usize {
         let _ = self.0.await;
+        self.1.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// True once the driver has ended. Before shutdown only a bug does that; without it
@@ -139,7 +145,8 @@ impl Driver {
 impl Ledger {
     pub fn start(effects: Effects, max_unacked: usize, pressure: Pressure) -> (Ledger, Driver) {
         let (tracks, rx) = mpsc::unbounded_channel();
-        let driver = tokio::spawn(drive(effects, rx));
+        let files_failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let driver = tokio::spawn(drive(effects, rx, files_failed.clone()));
         (
             Ledger {
                 tracks,
@@ -147,7 +154,7 @@ impl Ledger {
                 pressure,
                 crowd: None,
             },
-            Driver(driver),
+            Driver(driver, files_failed),
         )
     }
 
@@ -257,7 +264,11 @@ fn delete_backoff(attempts: u32) -> Duration {
     (DELETE_LINGER * 2u32.pow(attempts.min(10))).min(DELETE_BACKOFF_MAX)
 }
 
-async fn drive(effects: Effects, mut tracks: mpsc::UnboundedReceiver<Track>) {
+async fn drive(
+    effects: Effects,
+    mut tracks: mpsc::UnboundedReceiver<Track>,
+    files_failed: Arc<std::sync::atomic::AtomicUsize>,
+) {
     let vis_secs = effects
         .sqs
         .as_ref()
@@ -299,9 +310,11 @@ async fn drive(effects: Effects, mut tracks: mpsc::UnboundedReceiver<Track>) {
                     });
                 }
                 Some(Track { unit: Unit::File { marker }, settled, room }) => {
-                    let store = effects.store.clone();
+                    let (store, failed) = (effects.store.clone(), files_failed.clone());
                     others.spawn(async move {
-                        if settled.outcome().await == Outcome::Written && let Some(store) = store {
+                        if settled.outcome().await != Outcome::Written {
+                            failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        } else if let Some(store) = store {
                             write_marker(&store, &marker).await;
                         }
                         drop(room);
