@@ -58,6 +58,16 @@ pub async fn config(region: Option<&str>, endpoint: Option<&str>) -> SdkConfig {
     loader.load().await
 }
 
+/// Timeouts for a client whose calls must not hang: connecting, and each attempt (retried
+/// by the client's retry policy). A streamed download's body is not covered (the SDK's
+/// stalled-stream protection watches it); an upload's body is.
+pub fn timeouts(attempt: std::time::Duration) -> aws_sdk_s3::config::timeout::TimeoutConfig {
+    aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .operation_attempt_timeout(attempt)
+        .build()
+}
+
 /// A role to assume for one client's credentials (`output.s3.role_arn`): the ARN, the
 /// external id the role's trust policy may ask for, and the session name CloudTrail records.
 #[derive(Debug, Clone, PartialEq, Eq)]

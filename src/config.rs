@@ -453,6 +453,9 @@ pub struct S3OutputConfig {
     pub multipart_threshold_bytes: u64,
     pub part_size_bytes: u64,
     pub max_concurrent_puts: usize,
+    /// How long one request to S3 (a PUT, a part, a Complete) may take before it is dropped
+    /// and retried: a stalled connection must not hold an upload slot for ever.
+    pub attempt_timeout_secs: u64,
     /// An IAM role assumed (STS) for the output's S3 client only (objects and error records):
     /// e.g. the provider role Security Lake creates for a custom source.
     pub role_arn: Option<String>,
@@ -473,6 +476,7 @@ impl Default for S3OutputConfig {
             multipart_threshold_bytes: 64 << 20,
             part_size_bytes: 16 << 20,
             max_concurrent_puts: 8,
+            attempt_timeout_secs: 120,
             role_arn: None,
             external_id: None,
             role_session_name: None,
@@ -750,6 +754,12 @@ impl Config {
             return Err(invalid(
                 "output.s3.part_size_bytes",
                 "must be at least 5 MiB (S3's smallest part)",
+            ));
+        }
+        if !(5..=3600).contains(&self.output.s3.attempt_timeout_secs) {
+            return Err(invalid(
+                "output.s3.attempt_timeout_secs",
+                "must be 5 to 3600 (seconds)",
             ));
         }
         if self.output.s3.max_concurrent_puts == 0 {

@@ -392,6 +392,9 @@ pub fn is_gone(status: Option<u16>, code: Option<&str>) -> bool {
     status == Some(404) && code == Some("NoSuchKey")
 }
 
+/// Until a GET's answer begins (its headers).
+const FETCH_ATTEMPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn bucket_client(b: &BucketConfig) -> aws_sdk_s3::Client {
     let mut shared = crate::aws::config(b.region.as_deref(), b.endpoint_url.as_deref()).await;
     if let Some(role) = &b.role_arn {
@@ -408,9 +411,12 @@ async fn bucket_client(b: &BucketConfig) -> aws_sdk_s3::Client {
             .credentials_provider(aws_sdk_s3::config::SharedCredentialsProvider::new(provider))
             .build();
     }
+    // A GET that never answers would hold its fetch slot for ever; the body, once it
+    // streams, is watched by the SDK's stalled-stream protection.
     let conf = aws_sdk_s3::config::Builder::from(&shared)
         .force_path_style(b.force_path_style)
         .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(4))
+        .timeout_config(crate::aws::timeouts(FETCH_ATTEMPT_TIMEOUT))
         .build();
     aws_sdk_s3::Client::from_conf(conf)
 }

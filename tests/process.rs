@@ -854,3 +854,93 @@ fn the_readme_first_command_runs_on_the_shipped_sample_data() {
     assert!(with_geo > 0, "the demo databases located some addresses");
     assert_eq!(errors, 1, "the truncated sample's error record");
 }
+
+/// Holds the first PutObject for ten minutes: a connection that takes a body and never answers.
+fn stall_first_put(line: &str) -> Option<(&'static str, &'static str)> {
+    static STALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let put = line.starts_with("PUT ") && !line.contains("uploadId=");
+    if put && !STALLED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_secs(600));
+    }
+    None
+}
+
+/// A PUT that never answers is dropped after `output.s3.attempt_timeout_secs` and retried:
+/// the object is written and the run ends, instead of waiting on the stalled connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_that_never_answers_is_retried_after_the_attempt_timeout() {
+    let moto = Moto::start();
+    let s3 = moto.s3();
+    s3.create_bucket()
+        .bucket("big-out")
+        .send()
+        .await
+        .expect("create bucket");
+    let proxy = common::faults::FaultProxy::start_refusing(
+        moto.port,
+        common::faults::Plan {
+            fail_every: 0,
+            slow_every: 0,
+            delay: std::time::Duration::ZERO,
+        },
+        Some(stall_first_put),
+    );
+    let tmp = TempDir::new("s3-stall");
+    let input = tmp.path().join("in");
+    let day = input.join("AWSLogs/123456789012/CloudTrail/us-east-1/2024/03/18");
+    std::fs::create_dir_all(&day).expect("mkdir");
+    let json = trailhose::synth::Generator::new(9).delivery_file(200_000);
+    std::fs::write(day.join("f.json.gz"), fixtures::gzip(&json)).expect("write");
+    let config = tmp.path().join("trailhose.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[output]\nurl = \"s3://big-out/x\"\nkey_template = \"dt={{year}}-{{month}}-{{day}}/\"\n[output.s3]\nendpoint_url = \"{}\"\nforce_path_style = true\nattempt_timeout_secs = 5\n",
+            proxy.endpoint()
+        ),
+    )
+    .expect("config");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_trailhose"));
+    cmd.args([
+        "process",
+        input.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .env("TRAILHOSE_LOG", "warn")
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    for (k, v) in moto.env() {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start");
+    // Generous: the stalled connection would hold the run for ten minutes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the run waited on the stalled PUT");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert!(status.success(), "{stderr}");
+    let puts = proxy
+        .seen()
+        .iter()
+        .filter(|r| r.head.starts_with("PUT ") && !r.head.contains("uploadId="))
+        .count();
+    assert!(puts >= 2, "the stalled PUT was sent again ({puts})");
+    let objects = s3_objects(&s3, "big-out", "x/").await;
+    assert_eq!(
+        objects.len(),
+        1,
+        "{:?}",
+        objects.iter().map(|o| &o.0).collect::<Vec<_>>()
+    );
+}

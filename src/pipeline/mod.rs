@@ -1181,6 +1181,15 @@ pub async fn open_store(cfg: &Config) -> Result<Store, PipelineError> {
                     s3_client_from(&shared, s3.force_path_style)
                 }
             };
+            // A stalled PUT would hold its upload slot (and its batch's acknowledgements)
+            // for ever: each attempt is bounded, then retried.
+            let attempt = Duration::from_secs(s3.attempt_timeout_secs);
+            let conf = client
+                .config()
+                .to_builder()
+                .timeout_config(crate::aws::timeouts(attempt))
+                .build();
+            let client = aws_sdk_s3::Client::from_conf(conf);
             Store::S3 {
                 client,
                 bucket,
