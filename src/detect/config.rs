@@ -91,7 +91,7 @@ pub enum EventPayload {
 }
 
 /// One `[[detect.alerts]]` output.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertConfig {
     pub kind: AlertKind,
@@ -131,6 +131,29 @@ pub struct AlertConfig {
     /// Webhook: refuse plain `http://` URLs.
     #[serde(default)]
     pub tls_only: bool,
+}
+
+/// A webhook's URL (or a target read from the environment) is a secret: never shown.
+impl std::fmt::Debug for AlertConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = self.kind == AlertKind::Webhook || self.target_env.is_some();
+        let target = if secret { "<redacted>" } else { &self.target };
+        f.debug_struct("AlertConfig")
+            .field("kind", &self.kind)
+            .field("target", &target)
+            .field("target_env", &self.target_env)
+            .field("name", &self.name)
+            .field("min_level", &self.min_level)
+            .field("suppress_secs", &self.suppress_secs)
+            .field("suppress_key", &self.suppress_key)
+            .field("event", &self.event)
+            .field("max_attempts", &self.max_attempts)
+            .field("region", &self.region)
+            .field("endpoint_url", &self.endpoint_url)
+            .field("force_path_style", &self.force_path_style)
+            .field("tls_only", &self.tls_only)
+            .finish()
+    }
 }
 
 fn default_suppress_key() -> Vec<String> {
@@ -351,6 +374,25 @@ mod tests {
     fn err(toml_text: &str) -> String {
         let cfg: DetectConfig = toml::from_str(toml_text).expect("parses");
         cfg.validate().expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn a_webhook_or_environment_target_is_never_in_debug_output() {
+        let alert = |text: &str| -> AlertConfig { toml::from_str(text).expect("parses") };
+        let hook =
+            alert("kind = \"webhook\"\ntarget = \"https://hooks.example/T0/B0/secret-token\"");
+        let from_env = alert("kind = \"sqs\"\ntarget_env = \"Q\"");
+        let mut resolved = from_env.clone();
+        resolved.target = "https://sqs.example/111122223333/secret-queue".into();
+        for cfg in [&hook, &resolved] {
+            let shown = format!("{cfg:?}");
+            assert!(
+                !shown.contains("secret") && shown.contains("<redacted>"),
+                "{shown}"
+            );
+        }
+        let queue = alert("kind = \"sqs\"\ntarget = \"https://sqs.example/1/plain\"");
+        assert!(format!("{queue:?}").contains("plain"));
     }
 
     #[test]

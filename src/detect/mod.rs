@@ -107,7 +107,7 @@ impl Delivery {
         let uncounted = self.1.load(Ordering::Relaxed);
         if uncounted > 0 {
             failures.push(format!(
-                "{uncounted} matched event(s) not counted in their correlations: the correlation store failed (see trailhose_correlation_failures_total)"
+                "{uncounted} matched event(s) not counted in their correlations: the correlation store failed or its breaker was open (see trailhose_correlation_failures_total and trailhose_correlation_skipped_total{{reason=\"breaker_open\"}})"
             ));
         }
         for h in self.0 {
