@@ -163,9 +163,13 @@ impl Hold {
             // A worker panicked holding the lock: keep the event (at-least-once).
             return true;
         };
-        r.get_or_insert_with(|| (dedup.clone(), HashSet::new()))
-            .1
-            .insert(h)
+        let seen = &mut r.get_or_insert_with(|| (dedup.clone(), HashSet::new())).1;
+        // Bounded by what `dedup` can hold (more would be evicted at once): past it, new ids
+        // are kept unremembered, so a hostile unit of millions of ids costs no more memory.
+        if seen.len() >= dedup.capacity() {
+            return !seen.contains(&h);
+        }
+        seen.insert(h)
     }
 
     /// This share of the work is done and durable.
@@ -331,6 +335,28 @@ mod tests {
         }
         let t = Instant::now();
         assert!(dedup.contains(a, t) && dedup.contains(b, t));
+    }
+
+    #[test]
+    fn a_units_seen_set_stops_growing_at_what_dedup_holds() {
+        let dedup = Arc::new(Dedup::new(std::time::Duration::from_secs(60), 1000));
+        let cap = dedup.capacity() as u64;
+        let (unit, _rx) = Hold::new();
+        assert!((0..cap).all(|h| unit.first_copy(&dedup, h)));
+        assert!(
+            !unit.first_copy(&dedup, 0),
+            "a copy of a remembered id is dropped"
+        );
+        // Past the cap a new id is kept each time it comes (at-least-once), not remembered.
+        assert!(unit.first_copy(&dedup, cap) && unit.first_copy(&dedup, cap));
+        let held = unit
+            .ack
+            .remember
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|(_, s)| s.len());
+        assert_eq!(held, Some(cap as usize));
     }
 
     #[test]

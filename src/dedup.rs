@@ -9,7 +9,7 @@
 //! by all workers (sharded locks): a repeat is caught whichever worker sees it.
 //!
 //! An eventID is remembered only once the unit that carried it (message, batch, file) is
-//! durably written (`Hold::remember`): a unit that fails and comes back is not its own repeat.
+//! durably written (`Hold::first_copy` collects, the last commit records): a unit that fails and comes back is not its own repeat.
 //! A second copy within one unit is dropped at once (`Hold::first_copy`); copies of one event
 //! in two units in flight at the same time are both kept (at-least-once).
 
@@ -43,6 +43,11 @@ impl Dedup {
             max_per_shard: (max_events / SHARDS).max(1),
             epoch: Instant::now(),
         }
+    }
+
+    /// The most hashes it holds (`dedup.max_events`, rounded to its shards).
+    pub fn capacity(&self) -> usize {
+        self.max_per_shard.saturating_mul(SHARDS)
     }
 
     /// The 64-bit key an eventID is remembered by. A fixed-key hasher: the same id hashes the
