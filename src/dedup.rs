@@ -9,7 +9,8 @@
 //! by all workers (sharded locks): a repeat is caught whichever worker sees it.
 //!
 //! An eventID is remembered only once the unit that carried it (message, batch, file) is
-//! durably written (`Hold::first_copy` collects, the last commit records): a unit that fails and comes back is not its own repeat.
+//! durably written (`Hold::first_copy` collects them, the last commit records them): a unit
+//! that fails and comes back is not its own repeat.
 //! A second copy within one unit is dropped at once (`Hold::first_copy`); copies of one event
 //! in two units in flight at the same time are both kept (at-least-once).
 
