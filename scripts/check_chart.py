@@ -504,6 +504,8 @@ def main():
                 {"detect": {"rules": [{"name": "r", "path": "/r"}], "correlation": {"mode": "in_process"}},
                  "autoscaling": {"enabled": False}, "replicaCount": 2},
                 {"detect": {"rules": [{"name": "r", "path": "/r"}]}, "keda": {"enabled": True}},
+                {"detect": {"rules": [{"name": "r", "path": "/r"}],
+                            "correlation": {"acknowledgePerPodCounts": "false"}}},
                 {"detect": {"rules": [{"name": "x", "configMap": {"name": "cm"}}],
                             "correlation": {"acknowledgePerPodCounts": True}},
                  "extraVolumes": [{"name": "rules-x", "emptyDir": {}}]},
@@ -517,6 +519,14 @@ def main():
             fail("bad-values", f"rendered despite invalid values {bad}")
         except helm.HelmError:
             pass
+    # One pod at most: in_process counts are every event's, so no acknowledgement is asked.
+    rules = {"rules": [{"name": "r", "path": "/r"}]}
+    for one in ({"detect": rules, "autoscaling": {"enabled": False}, "replicaCount": 1},
+                {"detect": rules, "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 1}}):
+        try:
+            render(one)
+        except helm.HelmError as e:
+            fail("one-pod", f"refused {one}: {e}")
     if failures:
         print("\n".join(failures), file=sys.stderr)
         sys.exit(1)

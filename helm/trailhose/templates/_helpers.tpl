@@ -88,12 +88,19 @@ mode in_process, every pod counts only the events it is given.
 {{- define "trailhose.checkCorrelation" -}}
 {{- $d := default dict .Values.detect -}}
 {{- $c := default dict $d.correlation -}}
+{{- if and (hasKey $c "acknowledgePerPodCounts") (not (kindIs "bool" $c.acknowledgePerPodCounts)) -}}
+{{- fail "detect.correlation.acknowledgePerPodCounts must be true or false (a YAML boolean, not a string)" -}}
+{{- end -}}
 {{- if and $d.rules (eq (default "in_process" $c.mode) "in_process") (not $c.acknowledgePerPodCounts) -}}
 {{- $many := "" -}}
 {{- if .Values.keda.enabled -}}
+{{- if gt (int .Values.keda.maxReplicaCount) 1 -}}
 {{- $many = printf "KEDA scales it up to %v pods" .Values.keda.maxReplicaCount -}}
+{{- end -}}
 {{- else if .Values.autoscaling.enabled -}}
+{{- if gt (int .Values.autoscaling.maxReplicas) 1 -}}
 {{- $many = printf "the HPA scales it up to %v pods" .Values.autoscaling.maxReplicas -}}
+{{- end -}}
 {{- else if gt (int .Values.replicaCount) 1 -}}
 {{- $many = printf "replicaCount is %v" .Values.replicaCount -}}
 {{- end -}}
