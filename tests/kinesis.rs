@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use aws_sdk_dynamodb::types::AttributeValue;
 use aws_sdk_kinesis::primitives::Blob;
 use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-use common::checks::{fixture_dbs, id_of, split_output};
+use common::checks::{event_ids, fixture_dbs, id_of, split_output};
 use common::{Moto, TempDir, eventually, fixtures, free_port, http_get, s3_objects};
 
 const STREAM: &str = "trail-stream";
@@ -395,14 +395,7 @@ fn metric_sum(port: u16, name: &str) -> f64 {
 
 /// Every eventID written under the output prefix, sorted (repeats kept).
 async fn written_ids(s3: &aws_sdk_s3::Client) -> Vec<String> {
-    let objects = s3_objects(s3, "trail-out", "ct/").await;
-    let mut ids: Vec<String> = split_output(&objects)
-        .events
-        .iter()
-        .map(|(_, l)| id_of(l))
-        .collect();
-    ids.sort();
-    ids
+    event_ids(&s3_objects(s3, "trail-out", "ct/").await)
 }
 
 async fn error_records(s3: &aws_sdk_s3::Client) -> Vec<serde_json::Value> {

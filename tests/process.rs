@@ -279,13 +279,10 @@ fn refuse_first_complete_then_abort_as_gone(line: &str) -> Option<(&'static str,
     (first == upload).then_some(("500 Internal Server Error", "InternalError"))
 }
 
-/// One `process` run writing 8 MiB of events as one multipart object to moto through a proxy
-/// that refuses what `refuse` picks. Returns stderr, the abort-failure count, whether an abort
-/// was asked for, and the run's objects with the number of events written.
-async fn multipart_run(
-    name: &str,
+/// moto with a `big-out` bucket, behind a proxy that answers what `refuse` picks.
+async fn big_out_behind(
     refuse: common::faults::Refuse,
-) -> (String, f64, bool, Vec<(String, String)>, usize) {
+) -> (Moto, aws_sdk_s3::Client, common::faults::FaultProxy) {
     let moto = Moto::start();
     let s3 = moto.s3();
     s3.create_bucket()
@@ -302,6 +299,17 @@ async fn multipart_run(
         },
         Some(refuse),
     );
+    (moto, s3, proxy)
+}
+
+/// One `process` run writing 8 MiB of events as one multipart object to moto through a proxy
+/// that refuses what `refuse` picks. Returns stderr, the abort-failure count, whether an abort
+/// was asked for, and the run's objects with the number of events written.
+async fn multipart_run(
+    name: &str,
+    refuse: common::faults::Refuse,
+) -> (String, f64, bool, Vec<(String, String)>, usize) {
+    let (moto, s3, proxy) = big_out_behind(refuse).await;
     let tmp = TempDir::new(name);
     let input = tmp.path().join("in");
     let day = input.join("AWSLogs/123456789012/CloudTrail/us-east-1/2024/03/18");
@@ -869,22 +877,7 @@ fn stall_first_put(line: &str) -> Option<(&'static str, &'static str)> {
 /// the object is written and the run ends, instead of waiting on the stalled connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_put_that_never_answers_is_retried_after_the_attempt_timeout() {
-    let moto = Moto::start();
-    let s3 = moto.s3();
-    s3.create_bucket()
-        .bucket("big-out")
-        .send()
-        .await
-        .expect("create bucket");
-    let proxy = common::faults::FaultProxy::start_refusing(
-        moto.port,
-        common::faults::Plan {
-            fail_every: 0,
-            slow_every: 0,
-            delay: std::time::Duration::ZERO,
-        },
-        Some(stall_first_put),
-    );
+    let (moto, s3, proxy) = big_out_behind(stall_first_put).await;
     let tmp = TempDir::new("s3-stall");
     let input = tmp.path().join("in");
     let day = input.join("AWSLogs/123456789012/CloudTrail/us-east-1/2024/03/18");
