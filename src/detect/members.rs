@@ -217,6 +217,8 @@ pub(super) fn skip_ws(b: &[u8], mut i: usize) -> usize {
 }
 
 /// Where the string whose opening quote is at `i` ends (one past its closing quote).
+/// Measured under callgrind on `trailhose bench`: a byte loop over the first 32 bytes, and
+/// serde stepping over unread members (`IgnoredAny`), both cost more than this.
 fn string_end(b: &[u8], i: usize) -> Option<usize> {
     let mut j = i + 1;
     loop {

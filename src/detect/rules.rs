@@ -738,6 +738,9 @@ mod tests {
             r#""userAgent":"TRUFFLEHOG/3.1 Beta Gamma","count":"100","#,
             r#""userAgent":"alpha\/beta","userIdentity":{"arn":"ARN:AWS:STS::1:ASSUMED-ROLE/DEPLOYER/X"},"#,
             r#""userIdentity":[{"type":"Root"},{"type":"IAMUser"}],"count":-100.0,"#,
+            // What `not` and `|neq` match: an event holding none of the literals they negate
+            // (a gate read through the negation would skip it).
+            r#""userIdentity":{"type":"IAMUser","userName":"alice"},"userAgent":"aws-cli/2","#,
         ];
         let mut out = Vec::new();
         for s in sources {
