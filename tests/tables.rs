@@ -683,6 +683,41 @@ fn an_event_already_holding_detections_or_an_arrival_time_carries_trailhoses_onc
     }
 }
 
+/// An event's own `trailhoseArrivalTime` is removed even when no event is partitioned by
+/// arrival (a fallback prefix): it would otherwise date an OCSF record with its untimely
+/// `eventTime` and flag it as timed by arrival.
+#[test]
+fn a_forged_arrival_time_is_removed_when_nothing_is_partitioned_by_arrival() {
+    let tmp = TempDir::new("tables-forged-arrival");
+    let config = tmp.path().join("ocsf.toml");
+    std::fs::write(
+        &config,
+        "[output]\nschema = \"ocsf\"\nfallback_partition = \"unknown-time/\"\n",
+    )
+    .unwrap();
+    let input = tmp.path().join("in");
+    let events = [r#"{"eventID":"f1","eventTime":"bad","trailhoseArrivalTime":"2001-02-03T04:05:06Z","eventName":"GetObject","eventSource":"s3.amazonaws.com"}"#.to_owned()];
+    delivery(&input, "one", &events);
+    let (out, metrics) = (tmp.path().join("out"), tmp.path().join("m.txt"));
+    let run = process(&input, &out, &config, &metrics);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let objects = local_objects(&out);
+    let lines: Vec<&str> = objects
+        .iter()
+        .filter(|(k, _)| !k.contains("errors"))
+        .flat_map(|(_, body)| body.lines())
+        .collect();
+    assert_eq!(lines.len(), 1, "{objects:?}");
+    let r: Value = serde_json::from_str(lines[0]).unwrap();
+    assert_ne!(r["time"], serde_json::json!(981_173_106_000_i64), "{r}");
+    assert!(r["unmapped"].get("trailhoseArrivalTime").is_none(), "{r}");
+    assert!(!lines[0].contains("2001-02-03"), "{r}");
+}
+
 /// A module built by scripts/build-transforms.sh.
 fn module(file: &str) -> std::path::PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -505,7 +505,6 @@ impl FileWorker {
         // Members trailhose writes later on (see `replace_owned`): stripped at the split too, so
         // that an event is parsed again at most once, and rules never see a forged annotation.
         let annotates = self.detect.as_deref().is_some_and(Detect::annotates);
-        let by_arrival = self.partitioner.may_route_by_arrival();
         let (geo, stage, lookups) = (&mut self.geo, &mut self.stage, &mut self.lookups);
         let raw_policy = &self.raw;
         // The raw rest of a file comes in pieces: one scrubber runs over all of them.
@@ -526,7 +525,9 @@ impl FileWorker {
                     geo: geo.is_some(),
                     lookups: lookups.as_ref(),
                     detections: annotates,
-                    arrival: by_arrival,
+                    // Always: even where nothing is routed by arrival, an event's own would
+                    // pass as trailhose's flag (and date an OCSF record).
+                    arrival: true,
                 };
                 let raw = match head.other_members && owners.any() {
                     true => {

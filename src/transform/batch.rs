@@ -233,9 +233,10 @@ fn annotation(members: &[Member], out: &mut Vec<u8>) -> Result<(), String> {
             return Err("an annotation has an empty key".to_owned());
         }
         // CloudTrail's own fields and geo, which the host wrote before the modules: adding one
-        // would write the key twice (readers fold case, so any case counts). `detections` and
-        // the arrival time are the host's to replace after the modules.
-        if ["geo"]
+        // would write the key twice (readers fold case, so any case counts). The arrival time
+        // is the host's flag: a module's would pass as it. `detections` is the host's to
+        // replace after the modules.
+        if ["geo", crate::sink::partition::ARRIVAL_FIELD]
             .iter()
             .chain(crate::cloudtrail::fields::CLOUDTRAIL_FIELDS)
             .any(|f| f.eq_ignore_ascii_case(&m.key))
@@ -531,7 +532,15 @@ mod tests {
         assert_eq!(out, br#""k\"q":"a\"b","n":[1, {"x":null}]"#);
         assert!(annotation(&[member("k", "\"open")], &mut out).is_err());
         // A field the event has, or trailhose writes, in any case: it would be written twice.
-        for key in ["eventName", "EVENTNAME", "geo", "Geo", "recipientAccountId"] {
+        for key in [
+            "eventName",
+            "EVENTNAME",
+            "geo",
+            "Geo",
+            "recipientAccountId",
+            "trailhoseArrivalTime",
+            "TRAILHOSEARRIVALTIME",
+        ] {
             let e = annotation(&[member(key, "\"x\"")], &mut out).unwrap_err();
             assert!(e.contains("use replace"), "{key}: {e}");
         }
