@@ -118,6 +118,9 @@ struct BreakerState {
     backoff: Duration,
     /// Failed calls since the last success.
     failures: u32,
+    /// Bumped at every open and close: a permit from before says nothing about the state
+    /// since (a call admitted while closed, answering after the breaker opened).
+    epoch: u64,
 }
 
 const BREAKER_BASE: Duration = Duration::from_secs(1);
@@ -133,16 +136,30 @@ pub struct Permit<'a> {
     breaker: &'a Breaker,
     probe: bool,
     said: bool,
+    epoch: u64,
 }
 
 impl Permit<'_> {
     pub fn succeeded(mut self) {
         self.said = true;
-        let mut s = self.breaker.lock();
-        s.open_until = None;
-        s.probing = false;
-        s.failures = 0;
-        s.backoff = self.breaker.base;
+        let b = self.breaker;
+        let mut s = b.lock();
+        let stale = self.epoch != s.epoch;
+        match s.open_until {
+            // Open: only its probe closes it, not a call admitted before it opened.
+            Some(_) if stale || !self.probe => {}
+            Some(_) => {
+                s.open_until = None;
+                s.probing = false;
+                s.failures = 0;
+                s.backoff = b.base;
+                s.epoch += 1;
+            }
+            None => {
+                s.failures = 0;
+                s.backoff = b.base;
+            }
+        }
     }
 
     /// The call failed at `now`: how long the breaker is open now, if it opened.
@@ -150,16 +167,19 @@ impl Permit<'_> {
         self.said = true;
         let b = self.breaker;
         let mut s = b.lock();
-        s.failures = s.failures.saturating_add(1);
-        if self.probe {
-            s.probing = false;
-        }
+        let current_probe = self.probe && self.epoch == s.epoch;
         // A failed probe keeps it open, for longer; while closed, only `BREAKER_AFTER`
-        // failures in a row open it. A call admitted before another opened it changes nothing.
-        let opens = if self.probe {
-            true
-        } else {
-            s.open_until.is_none() && s.failures >= BREAKER_AFTER
+        // failures in a row open it. A call admitted before it opened changes nothing.
+        let opens = match s.open_until {
+            Some(_) if current_probe => {
+                s.probing = false;
+                true
+            }
+            Some(_) => false,
+            None => {
+                s.failures = s.failures.saturating_add(1);
+                s.failures >= BREAKER_AFTER
+            }
         };
         if !opens {
             return None;
@@ -167,6 +187,7 @@ impl Permit<'_> {
         let open = s.backoff;
         s.open_until = Some(now + open);
         s.backoff = (open * 2).min(BREAKER_MAX.max(b.base));
+        s.epoch += 1;
         Some(open)
     }
 }
@@ -174,7 +195,11 @@ impl Permit<'_> {
 impl Drop for Permit<'_> {
     fn drop(&mut self) {
         if self.probe && !self.said {
-            self.breaker.lock().probing = false;
+            let mut s = self.breaker.lock();
+            // Only the probe in flight: an older one's drop must not let a second probe in.
+            if s.epoch == self.epoch {
+                s.probing = false;
+            }
         }
     }
 }
@@ -187,6 +212,7 @@ impl Breaker {
                 probing: false,
                 backoff: base,
                 failures: 0,
+                epoch: 0,
             }),
             base,
         }
@@ -211,6 +237,7 @@ impl Breaker {
             breaker: self,
             probe,
             said: false,
+            epoch: s.epoch,
         })
     }
 }
@@ -798,6 +825,50 @@ mod tests {
             open = b.admit(t).expect("due").failed(t);
         }
         assert_eq!(open, Some(BREAKER_MAX), "bounded");
+    }
+
+    #[test]
+    fn calls_admitted_before_the_breaker_opened_or_closed_change_nothing_after() {
+        let b = Breaker::new(Duration::from_secs(1));
+        let t0 = Instant::now();
+        // Admitted while closed; it answers only after five others opened the breaker.
+        let early = b.admit(t0).expect("closed");
+        let early_failing = b.admit(t0).expect("closed");
+        assert!(fail_calls(&b, BREAKER_AFTER, t0).is_some(), "opens");
+        let later = t0 + Duration::from_secs(2);
+        let probe = b.admit(later).expect("the probe");
+        early.succeeded();
+        assert!(
+            b.admit(later).is_none(),
+            "a stale success does not close it"
+        );
+        assert_eq!(
+            early_failing.failed(later),
+            None,
+            "nor does a stale failure count"
+        );
+        assert!(b.admit(later).is_none(), "still one probe");
+        assert_eq!(
+            probe.failed(later),
+            Some(Duration::from_secs(2)),
+            "the probe decides"
+        );
+        // A probe of the previous open window, dropped now, lets no second probe in.
+        let t2 = later + Duration::from_secs(3);
+        let old_probe = b.admit(t2).expect("probe");
+        assert_eq!(old_probe.failed(t2), Some(Duration::from_secs(4)));
+        let t3 = t2 + Duration::from_secs(5);
+        let probe = b.admit(t3).expect("probe");
+        let stale_probe = Permit {
+            breaker: &b,
+            probe: true,
+            said: false,
+            epoch: 0,
+        };
+        drop(stale_probe);
+        assert!(b.admit(t3).is_none(), "the live probe still holds the slot");
+        probe.succeeded();
+        assert!(b.admit(t3).is_some(), "closed");
     }
 
     #[test]
