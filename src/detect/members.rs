@@ -182,28 +182,72 @@ fn prune(b: &[u8], v: Span, node: &Node, depth: usize) -> Option<Value> {
     }
 }
 
-/// The event with every member that builds (for an alert's body when the whole event does
-/// not: a member nested too deep is left out). None when the bytes are not an object.
+/// The event with every part that builds (for an alert's body when the whole event does
+/// not): a value serde will not build (nested too deep, a lone surrogate) is left out, and
+/// the object or array holding it keeps its other members, so a member a rule matched stays
+/// beside one nested too deep. None when the bytes are not an object.
 pub fn readable(raw: &[u8], additions: &[&[u8]]) -> Option<Value> {
     let start = skip_ws(raw, 0);
     if raw.get(start) != Some(&b'{') {
         return None;
     }
-    let mut obj = Map::new();
-    scan_object(raw, start + 1, true, |key, v| {
-        let name = String::from_utf8(key.into_owned()).ok();
-        let value = raw
-            .get(v.start..v.stop)
-            .and_then(|v| serde_json::from_slice(v).ok());
-        if let (Some(name), Some(value)) = (name, value) {
-            obj.insert(name, value);
-        }
-        Some(())
-    })?;
+    let mut obj = members_built(raw, start + 1, 1)?;
     for add in additions {
         obj.extend(parse_addition(add).unwrap_or_default());
     }
     Some(Value::Object(obj))
+}
+
+/// The members that build of the object whose members start at `i` (after its `{`), they
+/// inside `depth` arrays and objects (this one counted).
+fn members_built(b: &[u8], i: usize, depth: usize) -> Option<Map<String, Value>> {
+    let mut map = Map::new();
+    scan_object(b, i, true, |key, v| {
+        // A key still holding an escape is one that did not unescape (`key_of` keeps its
+        // bytes): its text is unknown, so it is left out.
+        let name = match key {
+            Cow::Borrowed(k) if memchr::memchr(b'\\', k).is_some() => None,
+            k => String::from_utf8(k.into_owned()).ok(),
+        };
+        if let Some(name) = name {
+            // A repeated key: the last copy, as serde takes it, or none when it does not
+            // build (never the earlier copy in its place).
+            match built(b, v, depth) {
+                Some(value) => map.insert(name, value),
+                None => map.remove(&name),
+            };
+        }
+        Some(())
+    })?;
+    Some(map)
+}
+
+/// The value `v`, inside `depth` arrays and objects, with every part that builds; None when
+/// nothing of it does (an array or object all of whose members fail).
+fn built(b: &[u8], v: Span, depth: usize) -> Option<Value> {
+    let bytes = b.get(v.start..v.stop)?;
+    if depth + v.nesting <= MAX_DEPTH
+        && let Ok(value) = serde_json::from_slice(bytes)
+    {
+        return Some(value);
+    }
+    match bytes.first() {
+        // One more array or object than serde_json builds.
+        Some(b'{' | b'[') if depth >= MAX_DEPTH => None,
+        Some(b'{') => {
+            let map = members_built(b, v.start + 1, depth + 1)?;
+            (!map.is_empty()).then_some(Value::Object(map))
+        }
+        Some(b'[') => {
+            let mut items = Vec::new();
+            scan_array(b, v.start + 1, |e| {
+                items.extend(built(b, e, depth + 1));
+                Some(())
+            })?;
+            (!items.is_empty()).then_some(Value::Array(items))
+        }
+        _ => None,
+    }
 }
 
 pub(super) fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -420,17 +464,63 @@ mod tests {
     }
 
     #[test]
-    fn an_alert_body_keeps_every_member_that_builds() {
+    fn an_alert_body_keeps_every_part_that_builds() {
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
         let raw = format!(
-            r#"{{"eventID":"e","deep":{}1{},"x":[1]}}"#,
-            "[".repeat(200),
-            "]".repeat(200)
+            r#"{{"eventID":"e","requestParameters":{{"bucketName":"b","x":{}}},"deep":{},"x":[1]}}"#,
+            deep(200),
+            deep(200)
         );
         assert_eq!(
             readable(raw.as_bytes(), &[br#""geo":{"c":"GB"}"#]),
-            Some(json!({"eventID":"e","x":[1],"geo":{"c":"GB"}}))
+            Some(
+                json!({"eventID":"e","requestParameters":{"bucketName":"b"},"x":[1],"geo":{"c":"GB"}})
+            ),
+            "a member beside one nested too deep kept, one all of whose parts fail left out"
+        );
+        // An array keeps the elements that build.
+        let raw = format!(
+            r#"{{"r":[{{"ARN":"a"}},{},2,{{"ARN":"\ud800"}}]}}"#,
+            deep(200)
+        );
+        assert_eq!(
+            readable(raw.as_bytes(), &[]),
+            Some(json!({"r":[{"ARN":"a"},2]}))
+        );
+        // A repeated key: the later copy, or none; never the earlier one in its place.
+        let raw = format!(
+            r#"{{"a":1,"a":{},"b":1,"b":{{"c":2,"d":{}}}}}"#,
+            deep(200),
+            deep(200)
+        );
+        assert_eq!(readable(raw.as_bytes(), &[]), Some(json!({"b":{"c":2}})));
+        // A lone surrogate, in a value or a key, is left out.
+        assert_eq!(
+            readable(br#"{"s":"\ud800","\udc00":1,"t":"\u0074"}"#, &[]),
+            Some(json!({"t":"t"}))
         );
         assert!(readable(b"[]", &[]).is_none());
+    }
+
+    #[test]
+    fn an_alert_body_is_no_deeper_than_serde_builds() {
+        // Objects in objects, a scalar beside each: kept down to the deepest level serde
+        // builds, so the body itself parses whole.
+        let mut raw = String::new();
+        for _ in 0..300 {
+            raw.push_str(r#"{"v":0,"a":"#);
+        }
+        raw.push('1');
+        raw.push_str(&"}".repeat(300));
+        let body = readable(raw.as_bytes(), &[]).expect("object");
+        let (mut nesting, mut at) = (1, &body);
+        while let Some(inner) = at.get("a") {
+            nesting += 1;
+            at = inner;
+        }
+        assert_eq!(nesting, MAX_DEPTH);
+        let text = serde_json::to_string(&body).expect("text");
+        assert_eq!(serde_json::from_str::<Value>(&text).ok(), Some(body));
     }
 
     #[test]

@@ -295,7 +295,7 @@ impl Detect {
             });
         }
         // Alerts and correlations read any member of a matched event: the whole event, or
-        // (one serde will not build whole, e.g. a member nested too deep for it) every member
+        // (one serde will not build whole, e.g. a member nested too deep for it) every part
         // that builds. The rules saw what they read either way.
         let event = match self.routes.is_empty() && running.correlator.is_none() {
             true => read,
@@ -786,10 +786,10 @@ mod tests {
         ))
         .expect("config");
         let (d, delivery) = Detect::open(&cfg).await.expect("open");
-        // 200 arrays deep in a member no rule reads: serde_json builds the event only
+        // 200 arrays deep beside the member the rule reads: serde_json builds the event only
         // without it.
         let raw = format!(
-            r#"{{"eventID":"deep","eventSource":"iam.amazonaws.com","eventName":"CreateUser","requestParameters":{}1{}}}"#,
+            r#"{{"eventID":"deep","eventSource":"s3.amazonaws.com","eventName":"GetObject","requestParameters":{{"bucketName":"super-secret-bucket","x":{}1{}}},"y":1}}"#,
             "[".repeat(200),
             "]".repeat(200)
         );
@@ -817,12 +817,17 @@ mod tests {
                 .expect("an alert");
         let v: Value = serde_json::from_str(&body).expect("json");
         let alert = &v["alert"];
-        assert_eq!(alert["rule_id"], "6f0c8d2e-1a41-4c1e-9a64-3d0b3f1e7a02");
+        assert_eq!(alert["rule_id"], "6f0c8d2e-1a41-4c1e-9a64-3d0b3f1e7a03");
         assert_eq!(alert["eventID"], "deep");
-        // The body holds every member that builds, additions included.
-        assert_eq!(alert["event"]["eventName"], "CreateUser");
+        // The body holds every part that builds, the member the rule matched beside the one
+        // nested too deep, additions included.
+        assert_eq!(alert["event"]["eventName"], "GetObject");
+        assert_eq!(
+            alert["event"]["requestParameters"],
+            serde_json::json!({"bucketName": "super-secret-bucket"})
+        );
+        assert_eq!(alert["event"]["y"], 1);
         assert_eq!(alert["event"]["geo"]["country_isocode"], "GB");
-        assert!(alert["event"].get("requestParameters").is_none());
         drop(d);
         delivery.finish().await;
     }

@@ -708,6 +708,7 @@ mod tests {
             Some(r#""CreateAccessKey""#),
             Some(r#""PutBucketAcl""#),
             Some(r#""ListBuckets""#),
+            Some(r#""PutEventSelectors""#),
             Some("7"),
             Some(r#""7""#),
             Some(r#"["CreateUser","x"]"#),
@@ -741,6 +742,14 @@ mod tests {
             // What `not` and `|neq` match: an event holding none of the literals they negate
             // (a gate read through the negation would skip it).
             r#""userIdentity":{"type":"IAMUser","userName":"alice"},"userAgent":"aws-cli/2","#,
+            // What the gated modifier rules match, in plain ASCII (the gates apply): a
+            // `contains` in another case, a `contains|all`, a key read through an array, a
+            // `cidr` (not gated: checked all the same), encoded values and a `|re` alternation.
+            r#""userAgent":"AWS-CLI/2.15 Python/3.11","sourceIPAddress":"2001:db8::1","#,
+            r#""userAgent":"Boto3/1.34 Python/3.12 Linux","requestParameters":{"bucketName":"super-secret-bucket"},"resources":[{"ARN":"arn:aws:kms:us-east-1:1:alias/x"},{"ARN":"arn:aws:kms:us-east-1:1:key/secret"}],"#,
+            r#""resources":[[{"ARN":"arn:aws:kms:us-east-1:1:KEY/SECRET"}]],"userAgent":"python/3 boto3","#,
+            r#""requestParameters":{"policyDocument":"eyJTdGF0ZW1lbnQiOlt7IkVmZmVjdCI6IkFsbG93In1dfQ==","command":"powershell /enc SQBFAFgA"},"userAgent":"Terraform/1.5.7","#,
+            r#""requestParameters":{"script":"SQBFAFgAOwAgAEkAbgB2AG8AawBlAC0ARQB4AHAAcgBlAHMAcwBpAG8AbgA=","command":"cmd -enc x"},"userAgent":"pulumi/3.1","#,
         ];
         let mut out = Vec::new();
         for s in sources {
@@ -761,6 +770,51 @@ mod tests {
         out
     }
 
+    /// `raw` laid out as people write it: a member a line, spaces around the colons.
+    fn pretty(raw: &str) -> String {
+        let (mut out, mut depth, mut in_string, mut escaped) =
+            (String::new(), 0usize, false, false);
+        let newline = |out: &mut String, depth: usize| {
+            out.push('\n');
+            out.push_str(&"  ".repeat(depth));
+        };
+        for c in raw.chars() {
+            if in_string {
+                out.push(c);
+                (in_string, escaped) = match (escaped, c) {
+                    (false, '\\') => (true, true),
+                    (false, '"') => (false, false),
+                    _ => (true, false),
+                };
+                continue;
+            }
+            match c {
+                '"' => {
+                    in_string = true;
+                    out.push(c);
+                }
+                '{' | '[' => {
+                    depth += 1;
+                    out.push(c);
+                    newline(&mut out, depth);
+                }
+                '}' | ']' => {
+                    depth = depth.saturating_sub(1);
+                    newline(&mut out, depth);
+                    out.push(c);
+                }
+                ',' => {
+                    out.push(c);
+                    newline(&mut out, depth);
+                }
+                ':' => out.push_str(" :\t"),
+                c => out.push(c),
+            }
+        }
+        out.push_str("\r\n");
+        out
+    }
+
     #[test]
     fn the_prefilter_never_skips_a_rule_that_matches() {
         let mappings = [
@@ -773,30 +827,60 @@ mod tests {
         let escaped: &[u8] = br#""event\u004eame":"DeleteUser""#;
         let city: &[u8] = "\"geo\":{\"city\":\"Zürich\",\"country_isocode\":\"gb\"}".as_bytes();
         let agent: &[u8] = br#""userAgent":"TruffleHog/3.0""#;
-        for fields in &mappings {
-            let rules = Rules::load(
-                &[
-                    dir("prefilter"),
-                    dir("modifiers"),
-                    dir("rules"),
-                    dir("gates"),
-                ],
-                fields,
-                &BTreeMap::new(),
-                false,
-            )
-            .expect("rules");
+        let dirs = ["prefilter", "modifiers", "rules", "gates", "encodings"].map(dir);
+        // Without the keyword rule (it may read any member, so every event it is a candidate
+        // for is parsed whole): the members the rules read are then scanned for.
+        let mut scanned: Vec<PathBuf> = dirs
+            .iter()
+            .flat_map(|d| std::fs::read_dir(d).expect("dir"))
+            .map(|f| f.expect("file").path())
+            .filter(|p| !p.ends_with("keywords.yml"))
+            .collect();
+        scanned.sort();
+        let sets = mappings
+            .iter()
+            .enumerate()
+            .flat_map(|(m, f)| [(m, f, &dirs[..]), (m, f, &scanned[..])]);
+        for (m, fields, paths) in sets {
+            let rules = Rules::load(paths, fields, &BTreeMap::new(), false).expect("rules");
             let mut matched = 0;
+            let mut unmatched: std::collections::BTreeSet<&str> =
+                rules.identities.iter().map(|(id, _)| id.as_str()).collect();
             for e in events() {
                 let v: Value = serde_json::from_str(&e).expect("event");
-                matched += usize::from(!rules.evaluate(&v).is_empty());
+                let hits = rules.evaluate(&v);
+                matched += usize::from(!hits.is_empty());
+                for h in &hits {
+                    unmatched.remove(h.id.as_str());
+                }
                 agree(&rules, &e, &[]);
                 agree(&rules, &e, &[geo]);
                 agree(&rules, &e, &[geo, renames]);
                 agree(&rules, &e, &[escaped]);
                 agree(&rules, &e, &[city, agent]);
+                // An ASCII addition holding a gate's literal: the gates apply and read it.
+                agree(&rules, &e, &[agent]);
+                // The same event laid out otherwise, and with a key escaped.
+                let laid_out = pretty(&e);
+                agree(&rules, &laid_out, &[]);
+                agree(&rules, &laid_out, &[agent]);
+                let key_escaped = e.replacen(r#""eventName":"#, r#""\u0065ventName":"#, 1);
+                if key_escaped != e {
+                    agree(&rules, &key_escaped, &[]);
+                    agree(&rules, &pretty(&key_escaped), &[]);
+                }
             }
             assert!(matched > 1000, "the events match: {matched}");
+            // Every rule that can match does, on some event (the gated ones in plain ASCII):
+            // what cannot match is agreed on trivially.
+            if m == 0 {
+                let without_additions = [
+                    "6f0c8d2e-1a41-4c1e-9a64-3d0b3f1e7a01", // outside the US: needs `geo`
+                    "contradiction",
+                    "gate-geo",
+                ];
+                assert_eq!(unmatched.into_iter().collect::<Vec<_>>(), without_additions);
+            }
         }
     }
 
