@@ -484,10 +484,18 @@ fn run(command: Command) -> anyhow::Result<()> {
             drop(progress);
             let report = report?;
             println!("{}", report.line());
+            // The ledger's count covers failed writes; their messages too, should one ever
+            // leave every file marked.
             anyhow::ensure!(
-                report.failed == 0,
-                "{} file(s) or object(s) failed; re-run to retry them",
-                report.failed
+                report.failed == 0 && report.written.failures.is_empty(),
+                "{} file(s) failed (a file that is gone is in the error output and not retried; the others are, by a re-run){}",
+                report.failed,
+                report
+                    .written
+                    .failures
+                    .first()
+                    .map(|f| format!(": {f}"))
+                    .unwrap_or_default()
             );
             Ok(())
         }

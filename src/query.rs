@@ -475,6 +475,7 @@ pub async fn open_output(
                     storage_class: None,
                     multipart_threshold: u64::MAX,
                     part_size: 16 << 20,
+                    attempt_timeout: std::time::Duration::from_secs(120),
                 },
             },
         },

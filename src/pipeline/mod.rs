@@ -1203,6 +1203,7 @@ pub async fn open_store(cfg: &Config) -> Result<Store, PipelineError> {
                         .map(aws_sdk_s3::types::StorageClass::from),
                     multipart_threshold: s3.multipart_threshold_bytes,
                     part_size: s3.part_size_bytes,
+                    attempt_timeout: attempt,
                 },
             }
         }

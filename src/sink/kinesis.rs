@@ -178,7 +178,12 @@ impl KinesisSink {
     pub async fn new(cfg: &KinesisSinkConfig) -> KinesisSink {
         let shared = crate::aws::config(cfg.region.as_deref(), cfg.endpoint_url.as_deref()).await;
         KinesisSink {
-            client: aws_sdk_kinesis::Client::new(&shared),
+            // A PutRecords that never answers must not hold the batch for ever.
+            client: aws_sdk_kinesis::Client::from_conf(
+                aws_sdk_kinesis::config::Builder::from(&shared)
+                    .timeout_config(crate::aws::timeouts(std::time::Duration::from_secs(60)))
+                    .build(),
+            ),
             stream: cfg.stream.clone(),
             key_field: cfg.partition_key.clone(),
             max_attempts: cfg.max_attempts,

@@ -49,6 +49,21 @@ pub struct S3Options {
     pub storage_class: Option<StorageClass>,
     pub multipart_threshold: u64,
     pub part_size: u64,
+    /// `output.s3.attempt_timeout_secs`: an attempt's time beyond what its body takes.
+    pub attempt_timeout: std::time::Duration,
+}
+
+/// The slowest a body may go up and still count as progress: an attempt may take
+/// `attempt_timeout` plus its size at this rate (64 MiB: 256 s more).
+const SLOWEST_UPLOAD_BYTES_PER_SEC: u64 = 256 << 10;
+
+/// One request's timeouts: its attempt bounded by `base` plus its body at the slowest rate,
+/// so a large PUT on a slow link is not cut off on every attempt.
+fn upload_timeouts(base: std::time::Duration, body: usize) -> aws_sdk_s3::config::Builder {
+    let body = u64::try_from(body).unwrap_or(u64::MAX);
+    let extra = std::time::Duration::from_secs(body / SLOWEST_UPLOAD_BYTES_PER_SEC);
+    aws_sdk_s3::config::Builder::default()
+        .timeout_config(crate::aws::timeouts(base.saturating_add(extra)))
 }
 
 pub enum Store {
@@ -407,6 +422,7 @@ async fn put_single(
     content_type: &str,
     o: &S3Options,
 ) -> Result<(), (String, bool)> {
+    let len = body.len();
     let mut req = client
         .put_object()
         .bucket(bucket)
@@ -421,7 +437,12 @@ async fn put_single(
     if let Some(class) = &o.storage_class {
         req = req.storage_class(class.clone());
     }
-    req.send().await.map(|_| ()).map_err(|e| failure(&e))
+    req.customize()
+        .config_override(upload_timeouts(o.attempt_timeout, len))
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| failure(&e))
 }
 
 /// The message and whether asking again may help: throttling, 5xx and transport failures may
@@ -476,6 +497,8 @@ async fn put_multipart(
                 .upload_id(&upload_id)
                 .part_number(n)
                 .body(ByteStream::from(body.slice_ref(chunk)))
+                .customize()
+                .config_override(upload_timeouts(o.attempt_timeout, chunk.len()))
                 .send()
                 .await
                 .map_err(|e| failure(&e))?;

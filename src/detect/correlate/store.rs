@@ -176,6 +176,8 @@ impl Permit<'_> {
                 true
             }
             Some(_) => false,
+            // Admitted before the last open/close: it says nothing of the window since.
+            None if self.epoch != s.epoch => false,
             None => {
                 s.failures = s.failures.saturating_add(1);
                 s.failures >= BREAKER_AFTER
@@ -867,8 +869,23 @@ mod tests {
         };
         drop(stale_probe);
         assert!(b.admit(t3).is_none(), "the live probe still holds the slot");
+        let before_close = b.admit(t3).map(|_| ());
+        assert!(before_close.is_none());
         probe.succeeded();
         assert!(b.admit(t3).is_some(), "closed");
+        // Calls admitted while it was open long ago and failing now do not reopen it.
+        let stale = Permit {
+            breaker: &b,
+            probe: false,
+            said: false,
+            epoch: 0,
+        };
+        assert_eq!(stale.failed(t3), None);
+        assert_eq!(
+            fail_calls(&b, BREAKER_AFTER - 1, t3),
+            None,
+            "the stale failure did not count"
+        );
     }
 
     #[test]
