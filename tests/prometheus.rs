@@ -42,6 +42,11 @@ const NOT_EMITTED: &[(&str, &str)] = &[
          checked",
     ),
     (
+        "alert TrailhoseCorrelationStoreFailing [sqs-values]",
+        "the SQS worker's correlation table answers, so its failure and breaker counters stay \
+         at 0; the same rule on the Kinesis release, whose table is gone, is checked",
+    ),
+    (
         "alert TrailhoseOutputWritesFailing [sqs-values]",
         "the SQS worker's writes succeed here (it is the one that writes the output the panels \
          show); the same rule on the Kinesis release, whose output bucket is gone, is checked",
