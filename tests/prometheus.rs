@@ -43,8 +43,9 @@ const NOT_EMITTED: &[(&str, &str)] = &[
     ),
     (
         "alert TrailhoseCorrelationStoreFailing [sqs-values]",
-        "the SQS worker's correlation table answers, so its failure and breaker counters stay \
-         at 0; the same rule on the Kinesis release, whose table is gone, is checked",
+        "the SQS worker counts its correlations in process, so its failure and breaker \
+         counters stay at 0; the same rule on the Kinesis release, whose DynamoDB table is gone, \
+         is checked",
     ),
     (
         "alert TrailhoseOutputWritesFailing [sqs-values]",
