@@ -268,11 +268,6 @@ impl Partitioner {
         self
     }
 
-    /// Whether an event may be partitioned by its arrival time (and so get `ARRIVAL_FIELD`).
-    pub fn may_route_by_arrival(&self) -> bool {
-        self.uses_time && self.fallback.is_none()
-    }
-
     /// Writes the event's partition into `out` (cleared first) and returns how it was routed.
     /// `arrival` is when the event reached trailhose: the time used when its own is unusable
     /// (missing, malformed, or outside `usable_time`).
