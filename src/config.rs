@@ -1330,6 +1330,8 @@ impl Config {
         crate::cloudtrail::Limits {
             max_event_bytes: self.max_event_bytes(),
             max_decompressed_bytes: self.max_decompressed_bytes(),
+            // The rules read members the split has seen: it keeps where they are.
+            members: self.detect.is_some(),
         }
     }
 }

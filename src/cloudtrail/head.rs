@@ -6,6 +6,7 @@ use std::fmt;
 
 use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
 use super::fields::is_cloudtrail_field;
 
@@ -25,6 +26,26 @@ pub struct Head<'a> {
     /// A top-level member that is not one of CloudTrail's own fields (see `fields`): the event
     /// may already hold a member an enrichment adds, so the splice must look before it adds.
     pub other_members: bool,
+    /// Every top-level member, when the split was asked to keep them (detection reads the
+    /// members its rules need from here instead of scanning the event again).
+    pub members: Option<Members<'a>>,
+}
+
+/// An event's top-level members as serde read them while it validated the event: each key
+/// (unescaped) and its value's exact bytes, in order (a repeated key appears twice).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Members<'a> {
+    /// The event's bytes: every value lies within them. A reader checks that the bytes it
+    /// holds are these (same place, same length) before it trusts the list.
+    pub raw: &'a [u8],
+    pub list: Vec<(Cow<'a, str>, &'a str)>,
+}
+
+impl<'a> Members<'a> {
+    /// The list, when it describes exactly `raw` (not a copy that was rewritten since).
+    pub fn of(&self, raw: &[u8]) -> Option<&[(Cow<'a, str>, &'a str)]> {
+        std::ptr::eq(self.raw, raw).then_some(self.list.as_slice())
+    }
 }
 
 impl Head<'_> {
@@ -42,6 +63,8 @@ impl Head<'_> {
             event_name: own(self.event_name),
             read_only: self.read_only,
             other_members: self.other_members,
+            // They point into the split's window, which the owned head outlives.
+            members: None,
         }
     }
 }
@@ -49,6 +72,18 @@ impl Head<'_> {
 /// The head of one event that must be a JSON object (a transform's output).
 pub fn head_of(event: &[u8]) -> Result<Head<'_>, serde_json::Error> {
     serde_json::from_slice(event)
+}
+
+/// `head_of` with the event's members listed (`Head::members`), as the split reads them when
+/// detection is on.
+pub fn listed_head_of(event: &[u8]) -> Result<Head<'_>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(event);
+    let Listed(mut head) = Listed::deserialize(&mut de)?;
+    de.end()?;
+    if let Some(m) = head.members.as_mut() {
+        m.raw = event;
+    }
+    Ok(head)
 }
 
 /// CloudTrail's own field names for the `Head` fields.
@@ -72,7 +107,65 @@ impl<'de> Deserialize<'de> for Head<'de> {
     }
 }
 
+/// A head read with every top-level member kept (`Head::members`; its `raw` is left for the
+/// caller, who knows where the event ends).
+pub struct Listed<'a>(pub Head<'a>);
+
+impl<'de> Deserialize<'de> for Listed<'de> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ListedVisitor).map(Listed)
+    }
+}
+
 struct HeadVisitor;
+
+struct ListedVisitor;
+
+impl<'de> Visitor<'de> for ListedVisitor {
+    type Value = Head<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a CloudTrail event object")
+    }
+
+    /// As `HeadVisitor`, but every value is taken as its bytes (serde checks them as it
+    /// would step over them, and checks their UTF-8 too) and the head's fields read from them.
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Head<'de>, A::Error> {
+        let mut head = Head::default();
+        let mut list = Vec::with_capacity(24);
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            let value: &'de RawValue = map.next_value()?;
+            let text = value.get();
+            if key == "readOnly" {
+                head.read_only = match text {
+                    "true" => Some(true),
+                    "false" => Some(false),
+                    _ => None,
+                };
+            } else if let Some(slot) = head_slot(&mut head, &key) {
+                *slot = string_of(text);
+            } else if !head.other_members && !is_cloudtrail_field(&key) {
+                head.other_members = true;
+            }
+            list.push((key, text));
+        }
+        head.members = Some(Members { raw: &[], list });
+        Ok(head)
+    }
+}
+
+/// The string a JSON value's bytes hold, as `Lenient` reads it: None when it is not a string.
+fn string_of(text: &str) -> Option<Cow<'_, str>> {
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        // A JSON string (serde checked it) without escapes holds exactly its bytes.
+        return Some(Cow::Borrowed(inner));
+    }
+    match serde_json::from_str::<Lenient<'_>>(text) {
+        Ok(Lenient::Str(s)) => Some(s),
+        _ => None,
+    }
+}
 
 impl<'de> Visitor<'de> for HeadVisitor {
     type Value = Head<'de>;
@@ -215,6 +308,35 @@ mod tests {
         // An escaped key is compared decoded, as readers see it.
         assert!(flag(r#"{"ge\u006f":1}"#));
         assert!(!flag(r#"{"event\u0049D":"a"}"#));
+    }
+
+    #[test]
+    fn a_listed_head_reads_the_fields_as_the_plain_one_does() {
+        for ev in [
+            r#"{"eventTime":"2024-03-18T14:30:07Z","awsRegion":"us-east-1","eventID":"x","eventID":"y","readOnly":true}"#,
+            r#"{"readOnly":"true","eventName":7,"eventSource":null,"eventType":{"a":"b"},"eventID":["x"]}"#,
+            r#"{"event\u0049D":"a\"b\u00e9","sourceIPAddress":"","readOnly":false,"geo":1}"#,
+            r#"{ "eventName" : "GetObject" , "recipientAccountId":"1\/2", "readOnly": 1 }"#,
+            "{}",
+        ] {
+            let plain = head_of(ev.as_bytes()).unwrap();
+            let mut listed = listed_head_of(ev.as_bytes()).unwrap();
+            let m = listed.members.take().expect("listed");
+            assert_eq!(listed, plain, "{ev}");
+            assert!(m.of(ev.as_bytes()).is_some());
+            // Another copy of the same bytes is not the event the list was read from.
+            let copy = ev.as_bytes().to_vec();
+            assert!(m.of(&copy).is_none());
+        }
+        let head = listed_head_of(br#"{"a" : [1, {"b":2}] ,"c":"d"}"#).unwrap();
+        let list = head.members.unwrap().list;
+        assert_eq!(
+            list,
+            [
+                (Cow::Borrowed("a"), r#"[1, {"b":2}]"#),
+                (Cow::Borrowed("c"), r#""d""#)
+            ]
+        );
     }
 
     #[test]

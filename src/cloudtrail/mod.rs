@@ -18,7 +18,7 @@ use std::fmt;
 use std::io::Read;
 
 pub use elements::{Element, split_elements};
-pub use head::{Head, Key, head_of};
+pub use head::{Head, Key, Members, head_of, listed_head_of};
 pub use window::read_error;
 
 use splitter::Splitter;
@@ -182,6 +182,8 @@ pub struct Limits {
     pub max_event_bytes: usize,
     /// The most decompressed bytes read; past it the file stops with `inflation_limit`.
     pub max_decompressed_bytes: u64,
+    /// Keep each event's top-level members in its head (for detection: `Head::members`).
+    pub members: bool,
 }
 
 impl Limits {
@@ -190,6 +192,7 @@ impl Limits {
         Limits {
             max_event_bytes,
             max_decompressed_bytes: u64::MAX,
+            members: false,
         }
     }
 }
@@ -228,6 +231,7 @@ where
         events: 0,
         not_objects: 0,
         skipped: 0,
+        members: limits.members,
     };
     let result = s.run(on_item);
     Report {

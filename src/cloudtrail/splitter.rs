@@ -4,6 +4,7 @@ use std::io::Read;
 
 use serde::de::{self, IgnoredAny};
 
+use super::head::Listed;
 use super::window::Window;
 use super::{FileErrorReason, Head, Item, Kind, RecordReason, SplitError, UNSPLIT_CHUNK};
 
@@ -13,6 +14,8 @@ pub(super) struct Splitter<R> {
     pub(super) events: u64,
     pub(super) not_objects: u64,
     pub(super) skipped: u64,
+    /// Keep each event's top-level members in its head (`Head::members`).
+    pub(super) members: bool,
 }
 
 /// Why one element could not be taken as it is.
@@ -211,6 +214,24 @@ impl<R: Read> Splitter<R> {
                 .end
                 .min(self.win.pos.saturating_add(self.max_event_bytes + 1));
             let slice = &self.win.buf[self.win.pos..end];
+            if self.members
+                && let (Some(Ok(Listed(mut head))), len) = first::<Listed<'_>>(slice)
+                && len <= self.max_event_bytes
+            {
+                let raw = slice.get(..len).unwrap_or_default();
+                // No UTF-8 check of its own: serde checked every key and every value's bytes
+                // (a raw value is checked whole), and the rest is JSON's ASCII punctuation.
+                debug_assert!(std::str::from_utf8(raw).is_ok());
+                if let Some(m) = head.members.as_mut() {
+                    m.raw = raw;
+                }
+                self.events += 1;
+                on_item(Item::Event { raw, head });
+                self.win.pos += len;
+                return Ok(());
+            }
+            // Without the list, or when it was not read whole: decided as always (an error is
+            // classified the same with or without it).
             let mut stream = serde_json::Deserializer::from_slice(slice).into_iter::<Head<'_>>();
             match stream.next() {
                 Some(Ok(_)) if stream.byte_offset() > self.max_event_bytes => {
@@ -487,4 +508,11 @@ impl<R: Read> Splitter<R> {
     pub(super) fn offset(&self) -> u64 {
         self.win.total - (self.win.end - self.win.pos) as u64
     }
+}
+
+/// The first value of `slice` read as `T`, and the offset where serde stopped.
+fn first<'s, T: de::Deserialize<'s>>(slice: &'s [u8]) -> (Option<serde_json::Result<T>>, usize) {
+    let mut stream = serde_json::Deserializer::from_slice(slice).into_iter::<T>();
+    let next = stream.next();
+    (next, stream.byte_offset())
 }

@@ -84,8 +84,8 @@ fn head_extracts_routing_fields_and_last_duplicate_wins() {
     assert_eq!(
         heads,
         vec![
-            r#"Head { event_time: Some("2024-03-18T14:30:07Z"), source_ip: None, account: Some("123456789012"), region: Some("us-east-1"), event_source: Some("s3.amazonaws.com"), event_type: Some("AwsApiCall"), event_id: Some("y"), event_name: Some("GetObject"), read_only: Some(true), other_members: false }"#,
-            r#"Head { event_time: None, source_ip: None, account: None, region: None, event_source: None, event_type: None, event_id: None, event_name: None, read_only: None, other_members: false }"#
+            r#"Head { event_time: Some("2024-03-18T14:30:07Z"), source_ip: None, account: Some("123456789012"), region: Some("us-east-1"), event_source: Some("s3.amazonaws.com"), event_type: Some("AwsApiCall"), event_id: Some("y"), event_name: Some("GetObject"), read_only: Some(true), other_members: false, members: None }"#,
+            r#"Head { event_time: None, source_ip: None, account: None, region: None, event_source: None, event_type: None, event_id: None, event_name: None, read_only: None, other_members: false, members: None }"#
         ]
     );
 }
@@ -404,6 +404,7 @@ fn the_decompressed_limit_stops_the_file_after_the_events_before_it() {
         let limits = Limits {
             max_event_bytes: 1 << 20,
             max_decompressed_bytes: limit,
+            members: false,
         };
         seen_with(input, 5, limits)
     };
@@ -459,6 +460,10 @@ fn items_within(reader: impl Read, limits: Limits, window: usize) -> (Vec<Seen>,
     let report = split_windowed(reader, limits, window, |item| {
         got.push(match item {
             Item::Event { raw, head } => {
+                assert_eq!(head.members.is_some(), limits.members);
+                if let Some(m) = &head.members {
+                    members_are_the_events(raw, m);
+                }
                 Seen::Event(raw.to_vec(), head.event_id.map(Cow::into_owned))
             }
             Item::NotAnObject { index, raw } => Seen::NotObject(index, raw.to_vec()),
@@ -492,6 +497,27 @@ fn items_within(reader: impl Read, limits: Limits, window: usize) -> (Vec<Seen>,
             report.events, report.skipped
         ),
     )
+}
+
+/// A head's member list describes exactly its event: every member in order, each value's
+/// bytes the event's own, read by serde as the whole event reads them.
+fn members_are_the_events(raw: &[u8], m: &Members<'_>) {
+    let list = m.of(raw).expect("the list is of these bytes");
+    let mut rebuilt = String::from("{");
+    for (i, (k, v)) in list.iter().enumerate() {
+        let at = v.as_ptr() as usize - raw.as_ptr() as usize;
+        assert_eq!(raw.get(at..at + v.len()), Some(v.as_bytes()));
+        if i > 0 {
+            rebuilt.push(',');
+        }
+        rebuilt.push_str(&serde_json::to_string(k).unwrap());
+        rebuilt.push(':');
+        rebuilt.push_str(v);
+    }
+    rebuilt.push('}');
+    let want: serde_json::Value = serde_json::from_slice(raw).unwrap();
+    let got: serde_json::Value = serde_json::from_str(&rebuilt).unwrap();
+    assert_eq!(got, want, "{}", String::from_utf8_lossy(raw));
 }
 
 /// One generated element: good events, non-objects, and the hostile kinds.
@@ -538,6 +564,18 @@ fn any_chunking_gives_the_same_items_as_one_buffer() {
         }
         let max = 4096;
         let whole = items_of(&input[..], max, READ_CHUNK);
+        // With the members listed (detection on), the same items, whatever the chunking.
+        let listed = Limits {
+            members: true,
+            ..Limits::events(max)
+        };
+        assert!(
+            items_within(&input[..], listed, READ_CHUNK) == whole,
+            "case {case}"
+        );
+        let seed = rng.next() | 1;
+        let got = items_within(Chunked(&input, Rng(seed), 300), listed, 13);
+        assert!(got == whole, "case {case}: listed, seed {seed}");
         for _ in 0..4 {
             let biggest = [1, 7, 300, 70_000][rng.below(4)];
             let window = [1, 2, 13, 512, 5000][rng.below(5)];
@@ -575,6 +613,7 @@ fn an_element_cut_by_the_decompressed_limit_goes_out_raw() {
     let within = |max_event_bytes, limit| Limits {
         max_event_bytes,
         max_decompressed_bytes: limit,
+        members: false,
     };
     let (items, result) = same_within_every_window(input, within(1000, 50));
     assert_eq!(result, "inflation_limit events=1 skipped=0");

@@ -237,25 +237,61 @@ pub(super) fn lowered<'b>(
     additions: &[&[u8]],
     buf: &'b mut Vec<u8>,
 ) -> Option<&'b [u8]> {
+    lowered_parts(std::iter::once(raw).chain(additions.iter().copied()), buf)
+}
+
+/// `lowered` of the bytes of some parts of an event (the members gated rules read, and the
+/// additions), each apart from the next.
+pub(super) fn lowered_parts<'p, 'b>(
+    parts: impl Iterator<Item = &'p [u8]>,
+    buf: &'b mut Vec<u8>,
+) -> Option<&'b [u8]> {
     buf.clear();
-    for part in std::iter::once(raw).chain(additions.iter().copied()) {
+    for part in parts {
         if !part.is_ascii() || memchr::memchr(b'\\', part).is_some() {
             return None;
         }
-        let at = buf.len();
-        buf.extend_from_slice(part);
-        if let Some(added) = buf.get_mut(at..) {
-            added.make_ascii_lowercase();
-        }
+        push_lowered(part, buf);
         // Literals hold no control character: none spans two parts.
         buf.push(b'\n');
     }
     Some(buf.as_slice())
 }
 
+/// Appends `ascii` (checked ASCII) lowercased, eight bytes at a time: a byte below 0x80 plus
+/// 0x3f reaches 0x80 from `A` up, plus 0x25 from past `Z` up, and no sum carries into the next
+/// byte. A per-byte loop cost about three times as much in the gate (callgrind).
+fn push_lowered(ascii: &[u8], buf: &mut Vec<u8>) {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    let mut words = ascii.chunks_exact(8);
+    for w in words.by_ref() {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(w);
+        let x = u64::from_le_bytes(b);
+        let upper = (x + 0x3f * ONES) & !(x + 0x25 * ONES) & (0x80 * ONES);
+        buf.extend_from_slice(&(x | (upper >> 2)).to_le_bytes());
+    }
+    buf.extend(words.remainder().iter().map(u8::to_ascii_lowercase));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ascii_is_lowered_eight_bytes_at_a_time_as_byte_by_byte() {
+        let all: Vec<u8> = (0u8..0x80).collect();
+        for start in 0..all.len() {
+            for len in [0, 1, 7, 8, 9, 16, 23, 64] {
+                let part = all.get(start..(start + len).min(all.len())).unwrap();
+                let mut got = b"x".to_vec();
+                push_lowered(part, &mut got);
+                let mut want = b"x".to_vec();
+                want.extend(part.iter().map(u8::to_ascii_lowercase));
+                assert_eq!(got, want, "{part:?}");
+            }
+        }
+    }
 
     #[test]
     fn regexes_give_the_literals_every_match_holds() {

@@ -12,6 +12,7 @@
 
 use std::borrow::Cow;
 
+use memchr::memmem::Finder;
 use serde_json::{Map, Value};
 
 /// The most arrays and objects, one in another, serde_json builds (the event's own object
@@ -63,9 +64,18 @@ impl Level {
 }
 
 /// The members of an event a set of rules reads.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Default)]
 pub struct Plan {
     root: Level,
+    /// A searcher for each top-level key, built once: an addition none of them occurs in
+    /// (and without an escape) holds no member read.
+    finders: Vec<Finder<'static>>,
+}
+
+impl PartialEq for Plan {
+    fn eq(&self, o: &Plan) -> bool {
+        self.root == o.root
+    }
 }
 
 impl Plan {
@@ -80,7 +90,12 @@ impl Plan {
                 root.add(&segs);
             }
         }
-        Plan { root }
+        let finders = root
+            .0
+            .iter()
+            .map(|(k, _)| Finder::new(k.as_bytes()).into_owned())
+            .collect();
+        Plan { root, finders }
     }
 
     /// The event as these rules see it: the members of `raw` they read, pruned, with each
@@ -102,7 +117,35 @@ impl Plan {
         if skip_ws(raw, end) != raw.len() {
             return None;
         }
+        self.merge(&mut obj, additions);
+        Some(Value::Object(obj))
+    }
+
+    /// `parse`, from the members the split listed (`cloudtrail::Members`) instead of a scan
+    /// of the event's top level: `list` holds every member of `raw`, in order.
+    pub fn parse_listed(
+        &self,
+        raw: &[u8],
+        list: &[(Cow<'_, str>, &str)],
+        additions: &[&[u8]],
+    ) -> Option<Value> {
+        let mut obj = Map::new();
+        for (key, text) in list {
+            if let Some((name, node)) = self.root.find(key.as_bytes()) {
+                obj.insert(name.to_owned(), prune(raw, span_in(raw, text)?, node, 1)?);
+            }
+        }
+        self.merge(&mut obj, additions);
+        Some(Value::Object(obj))
+    }
+
+    /// Merges the members of `additions` these rules read into `obj`, as `parse_written`
+    /// merges them.
+    fn merge(&self, obj: &mut Map<String, Value>, additions: &[&[u8]]) {
         for add in additions {
+            if !may_hold(add, &self.finders) {
+                continue;
+            }
             let mut wanted = false;
             let laid_out = scan_object(add, 0, false, |key, _| {
                 wanted |= self.root.find(&key).is_some();
@@ -120,8 +163,26 @@ impl Plan {
                 );
             }
         }
-        Some(Value::Object(obj))
     }
+}
+
+/// Where `text`, a value's bytes lying within `raw`, is in `raw`. Its nesting is counted only
+/// when it may reach the depth limit: a value nesting `n` containers is at least `2n` bytes.
+fn span_in(raw: &[u8], text: &str) -> Option<Span> {
+    let start = (text.as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
+    let stop = start.checked_add(text.len())?;
+    if stop > raw.len() {
+        return None;
+    }
+    let nesting = match text.len() < 2 * MAX_DEPTH {
+        true => 0,
+        false => value_end(raw, start)?.1,
+    };
+    Some(Span {
+        start,
+        stop,
+        nesting,
+    })
 }
 
 /// An addition (`"key":value,…`) as an object, as `parse_written` reads it.
@@ -136,11 +197,20 @@ fn parse_addition(add: &[u8]) -> Option<Map<String, Value>> {
     }
 }
 
+/// False when `add` cannot hold a member named one of `keys`: it has no escape, so each of
+/// its keys is its bytes, and none of theirs occurs in it. Cheaper than scanning it.
+fn may_hold(add: &[u8], keys: &[Finder<'_>]) -> bool {
+    memchr::memchr(b'\\', add).is_some() || keys.iter().any(|k| k.find(add).is_some())
+}
+
 /// True when an addition may hold one of `keys` (a key that does not scan may be any).
-pub fn addition_has(add: &[u8], keys: &[&str]) -> bool {
+pub fn addition_has(add: &[u8], keys: &[Finder<'_>]) -> bool {
+    if !may_hold(add, keys) {
+        return false;
+    }
     let mut has = false;
     let laid_out = scan_object(add, 0, false, |key, _| {
-        has |= keys.iter().any(|k| k.as_bytes() == &*key);
+        has |= keys.iter().any(|k| k.needle() == &*key);
         Some(())
     });
     has || laid_out.is_none()
@@ -456,8 +526,14 @@ mod tests {
         // unread member is.
         for plan in [Plan::of(["a"]), Plan::of(["a.b"])] {
             for n in [1, 125, 126, 127, 128, 100_000] {
-                let read = plan.parse(event(n).as_bytes(), &[]).is_some();
+                let ev = event(n);
+                let read = plan.parse(ev.as_bytes(), &[]).is_some();
                 assert_eq!(read, whole(n), "{plan:?} {n}");
+                // And from the split's list (which steps over any depth, as the split does).
+                let head = crate::cloudtrail::listed_head_of(ev.as_bytes()).expect("listed");
+                let list = head.members.as_ref().and_then(|m| m.of(ev.as_bytes()));
+                let listed = plan.parse_listed(ev.as_bytes(), list.expect("list"), &[]);
+                assert_eq!(listed.is_some(), whole(n), "listed {plan:?} {n}");
             }
         }
         assert!(whole(126) && !whole(127), "serde's bound");
@@ -525,6 +601,8 @@ mod tests {
 
     #[test]
     fn additions_are_scanned_for_keys_once() {
+        let name = [Finder::new("eventName")];
+        let addition_has = |add: &[u8], _: &[&str]| addition_has(add, &name);
         assert!(addition_has(
             br#""geo":{"eventName":1},"eventName":"x""#,
             &["eventName"]
@@ -532,8 +610,40 @@ mod tests {
         assert!(!addition_has(br#""geo":{"eventName":"x"}"#, &["eventName"]));
         assert!(addition_has(br#""event\u004eame":"x""#, &["eventName"]));
         assert!(
-            addition_has(br#""geo":{"#, &["eventName"]),
+            addition_has(br#""geo":{"eventName""#, &["eventName"]),
             "not laid out: may be"
         );
+        // Neither the name nor an escape in it: it cannot hold the key, laid out or not.
+        assert!(!addition_has(br#""geo":{"a":1}"#, &["eventName"]));
+        assert!(!addition_has(br#""geo":{"#, &["eventName"]));
+        assert!(addition_has(
+            br#""geo":{"a":"
+"},"eventName":1"#,
+            &["eventName"]
+        ));
+    }
+
+    #[test]
+    fn listed_members_read_as_the_scan_reads_them() {
+        let events = [
+            r#"{"a":1,"b":{"c":[1,{"d":2}]},"a":"last","x.y":3,"u":{"t":"T","o":[1]},"deep":[[[[1]]]],"r":[{"k":{"v":1,"w":2}},"s",[{"k":[{"v":2}]}],{"q":1}]}"#,
+            "{\n  \"s\" : \"a}\\\"]\" ,\n\t\"a\": [ {\"x\": \"]}\"}, -1.5e3 ] ,\"n\":null\r\n}",
+            r#"{"\u0061":1,"u":{"\u0074":2},"b":[2]}"#,
+            "{}",
+        ];
+        let plan = Plan::of(["a", "b", "n", "x.y", "u.t", "r.k.v"]);
+        let adds: &[&[u8]] = &[br#""geo":{"a":1},"b":null"#, br#""geo":{"x":1}"#];
+        for ev in events {
+            let head = crate::cloudtrail::listed_head_of(ev.as_bytes()).expect(ev);
+            let list = head.members.as_ref().and_then(|m| m.of(ev.as_bytes()));
+            let listed = plan.parse_listed(ev.as_bytes(), list.expect("listed"), adds);
+            assert_eq!(listed, plan.parse(ev.as_bytes(), adds), "{ev}");
+            assert!(listed.is_some(), "{ev}");
+        }
+        // A list not of these bytes is refused, not read at another place.
+        let (one, other) = (r#"{"a":1}"#, r#"{"a":2}"#);
+        let head = crate::cloudtrail::listed_head_of(one.as_bytes()).unwrap();
+        let list = head.members.as_ref().unwrap().list.as_slice();
+        assert!(plan.parse_listed(other.as_bytes(), list, &[]).is_none());
     }
 }

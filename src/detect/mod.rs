@@ -19,6 +19,7 @@ pub mod prefilter;
 pub mod rules;
 pub mod suppress;
 pub mod trial;
+mod view;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -266,7 +267,10 @@ impl Detect {
         // One set for the whole event: a reload meanwhile applies from the next one.
         let running = self.running();
         let keys = Keys::of(seen.head, seen.exact_head, seen.additions);
-        let inspected = running.rules.inspect(seen.raw, seen.additions, keys);
+        let listed = seen.head.members.as_ref().and_then(|m| m.of(seen.raw));
+        let inspected = running
+            .rules
+            .inspect(seen.raw, seen.additions, keys, listed);
         metrics::emit(EventsEvaluated {
             events: 1,
             elapsed: started.elapsed(),
@@ -394,6 +398,9 @@ impl Detect {
         seen: &Seen<'_>,
         corr: Option<&Correlated>,
     ) {
+        if self.routes.is_empty() {
+            return;
+        }
         let now = crate::clock::Utc::now().rfc3339();
         // Rules only correlations use do not alert alone (Sigma's `generate: false`).
         let alone = |h: &&Hit| corr.is_some() || correlator.is_none_or(|c| c.alerts_alone(&h.id));

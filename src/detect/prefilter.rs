@@ -12,9 +12,12 @@
 //! The members are read by `members::Plan`, one per set of candidate rules (cached per
 //! thread): only the field paths those rules read are built.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use memchr::memmem::Finder;
@@ -98,7 +101,8 @@ fn fold(s: &str) -> std::borrow::Cow<'_, str> {
 fn fold_into<'b>(s: &str, buf: &'b mut String) -> &'b str {
     buf.clear();
     if s.is_ascii() {
-        buf.extend(s.chars().map(|c| c.to_ascii_lowercase()));
+        buf.push_str(s);
+        buf.make_ascii_lowercase();
     } else {
         buf.push_str(&s.to_lowercase());
     }
@@ -249,6 +253,46 @@ fn rule_paths(r: &CompiledRule) -> Option<Vec<String>> {
     plain.then_some(out)
 }
 
+/// A few keys, told apart from most others by their length and first byte before any is
+/// compared (an event's members are checked against them one by one).
+#[derive(Debug)]
+struct KeySet {
+    keys: Vec<String>,
+    /// Bit `first byte % 64` of entry `length % 64`: set for each key.
+    seen: [u64; 64],
+}
+
+impl KeySet {
+    fn new(mut keys: Vec<String>) -> KeySet {
+        keys.sort();
+        keys.dedup();
+        let mut seen = [0u64; 64];
+        for k in &keys {
+            let first = k.bytes().next().unwrap_or(0);
+            if let Some(slot) = seen.get_mut(k.len() % 64) {
+                *slot |= 1 << (first % 64);
+            }
+        }
+        KeySet { keys, seen }
+    }
+
+    fn holds(&self, key: &str) -> bool {
+        let first = key.bytes().next().unwrap_or(0);
+        self.seen
+            .get(key.len() % 64)
+            .is_some_and(|bits| bits & (1 << (first % 64)) != 0)
+            && self.keys.iter().any(|k| k == key)
+    }
+}
+
+/// The top-level members paths read: each path's first key, and the path as a flat key.
+fn tops(paths: &[String]) -> impl Iterator<Item = String> + '_ {
+    paths.iter().flat_map(|p| {
+        let first = p.split('.').next().unwrap_or_default();
+        [p.clone(), first.to_owned()]
+    })
+}
+
 /// The rules an event can match, indexed by the literals they require.
 #[derive(Debug, Default)]
 pub struct Prefilter {
@@ -270,6 +314,10 @@ pub struct Prefilter {
     gates: Vec<Option<Vec<Finder<'static>>>>,
     /// Some rule is gated.
     gated: bool,
+    /// The top-level members the gated rules read (the first key of each path, and the path
+    /// as a flat key): the only bytes their literals are looked for in, with the additions,
+    /// when the split listed the members. None when one may read any member.
+    gate_members: Option<KeySet>,
     /// Tells one rule set's cached plans from another's.
     id: u64,
 }
@@ -290,11 +338,36 @@ static IDS: AtomicU64 = AtomicU64::new(0);
 const PLANS: usize = 4096;
 
 /// A thread's plans: the rule set's id, and the plan of each candidate set seen.
-type PlanCache = (u64, HashMap<Vec<usize>, Option<Rc<Plan>>>);
+type PlanCache = (
+    u64,
+    HashMap<Vec<usize>, Option<Rc<Plan>>, BuildHasherDefault<Mix>>,
+);
+
+/// A hasher for the candidate sets (a few small indexes, from the rules, not from input): a
+/// multiply and rotate per word, where SipHash cost more than the lookup it serves.
+#[derive(Default)]
+struct Mix(u64);
+
+impl Hasher for Mix {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
 
 thread_local! {
     /// The member plan of each candidate set seen, for one rule set.
-    static PLAN_CACHE: RefCell<PlanCache> = RefCell::new((u64::MAX, HashMap::new()));
+    static PLAN_CACHE: RefCell<PlanCache> = RefCell::new((u64::MAX, HashMap::default()));
 }
 
 /// The `eventSource` and `eventName` of an event as the rules will see it, where known: None
@@ -312,6 +385,7 @@ impl Prefilter {
             id: IDS.fetch_add(1, Ordering::Relaxed),
             ..Prefilter::default()
         };
+        let mut gate_members: Option<Vec<String>> = None;
         for (idx, r) in rules.iter().enumerate() {
             let need = rule_need(r);
             match (&need.name, &need.source) {
@@ -334,17 +408,37 @@ impl Prefilter {
                     .map(|ls| ls.iter().map(|l| Finder::new(l).into_owned()).collect()),
                 _ => None,
             };
-            p.gated |= gate.is_some();
+            let paths = rule_paths(r);
+            if gate.is_some() {
+                gate_members = match (p.gated, gate_members.take(), &paths) {
+                    (false, _, Some(ps)) => Some(tops(ps).collect()),
+                    (true, Some(mut keys), Some(ps)) => {
+                        keys.extend(tops(ps));
+                        Some(keys)
+                    }
+                    _ => None,
+                };
+                p.gated = true;
+            }
             p.gates.push(gate);
             p.needs.push(need);
-            p.paths.push(rule_paths(r));
+            p.paths.push(paths);
         }
+        p.gate_members = gate_members.map(KeySet::new);
         p
     }
 
     /// The rules that may match an event with `keys` (and bytes `raw` and `additions`), into
     /// `s.candidates`, ascending (the engine's rule order).
-    pub fn candidates(&self, keys: Keys<'_>, raw: &[u8], additions: &[&[u8]], s: &mut Scratch) {
+    /// `listed`: the event's top-level members, when the split listed them.
+    pub fn candidates(
+        &self,
+        keys: Keys<'_>,
+        raw: &[u8],
+        additions: &[&[u8]],
+        listed: Option<&[(Cow<'_, str>, &str)]>,
+        s: &mut Scratch,
+    ) {
         let Scratch {
             candidates: out,
             lowered,
@@ -376,10 +470,18 @@ impl Prefilter {
             Some(s) => out.extend(self.by_source.get(s).into_iter().flatten()),
             None => out.extend(&self.sourced),
         }
-        // The event's bytes lowercased, when a rule is gated (None: the gates may not apply).
-        let hay = match self.gated {
-            true => literals::lowered(raw, additions, lowered),
-            false => None,
+        // The bytes the gated rules read lowercased (None: the gates may not apply): only
+        // the members they read when those are known, else the whole event.
+        let hay = match (self.gated, listed, &self.gate_members) {
+            (false, _, _) => None,
+            (true, Some(list), Some(wanted)) => literals::lowered_parts(
+                list.iter()
+                    .filter(|(k, _)| wanted.holds(k))
+                    .map(|(_, text)| text.as_bytes())
+                    .chain(additions.iter().copied()),
+                lowered,
+            ),
+            (true, _, _) => literals::lowered(raw, additions, lowered),
         };
         for &idx in &self.always {
             let admitted = match (self.gates.get(idx), hay) {
@@ -443,9 +545,11 @@ impl<'a> Keys<'a> {
     /// The keys of an event from its head: only when the head was read from the event itself
     /// (a module's output may inherit fields it lacks) and no addition may replace them.
     pub fn of(head: &'a crate::cloudtrail::Head<'a>, exact: bool, additions: &[&[u8]]) -> Keys<'a> {
+        static KEYS: LazyLock<[Finder<'static>; 2]> =
+            LazyLock::new(|| [Finder::new(SOURCE), Finder::new(NAME)]);
         let replaced = additions
             .iter()
-            .any(|add| members::addition_has(add, &[SOURCE, NAME]));
+            .any(|add| members::addition_has(add, &*KEYS));
         if !exact || replaced {
             return Keys::default();
         }
@@ -453,5 +557,55 @@ impl<'a> Keys<'a> {
             source: head.event_source.as_deref(),
             name: head.event_name.as_deref(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::hash::BuildHasher;
+
+    #[test]
+    fn a_key_set_holds_exactly_its_keys() {
+        let set = KeySet::new(
+            [
+                "userIdentity",
+                "userIdentity.type",
+                "a",
+                "",
+                "userAgent",
+                "a",
+            ]
+            .map(String::from)
+            .to_vec(),
+        );
+        for k in ["userIdentity", "userIdentity.type", "a", "", "userAgent"] {
+            assert!(set.holds(k), "{k}");
+        }
+        // Same length and first byte, or neither: compared or rejected, never held.
+        for k in [
+            "userIdentitx",
+            "b",
+            "userAgenT",
+            "eventName",
+            "userIdentity.typ",
+            "é",
+        ] {
+            assert!(!set.holds(k), "{k}");
+        }
+        let long = "k".repeat(64 + 12);
+        assert!(
+            !set.holds(&long),
+            "a length past 64 wraps around, then compares"
+        );
+        assert!(!KeySet::new(Vec::new()).holds(""));
+    }
+
+    #[test]
+    fn candidate_sets_hash_apart() {
+        let hash = |v: &[usize]| BuildHasherDefault::<Mix>::default().hash_one(v);
+        assert_ne!(hash(&[1, 2]), hash(&[2, 1]));
+        assert_ne!(hash(&[0]), hash(&[0, 0]));
+        assert_eq!(hash(&[3, 7]), hash(&[3, 7]));
     }
 }

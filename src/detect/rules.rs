@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 
 use rsigma_eval::compiler::CompiledRule;
@@ -322,24 +323,35 @@ impl Rules {
     /// The rules the event as written (`raw` with `additions`) matches, in rule order,
     /// parsing it only when a rule can match its `keys` and bytes, and then only for the
     /// members its candidate rules read.
-    pub fn inspect(&self, raw: &[u8], additions: &[&[u8]], keys: Keys<'_>) -> Inspected {
+    /// `listed`: every top-level member of `raw`, as the split read them (else `raw` is
+    /// scanned for them).
+    pub fn inspect(
+        &self,
+        raw: &[u8],
+        additions: &[&[u8]],
+        keys: Keys<'_>,
+        listed: Option<&[(Cow<'_, str>, &str)]>,
+    ) -> Inspected {
         SCRATCH.with_borrow_mut(|s| {
-            self.prefilter.candidates(keys, raw, additions, s);
+            self.prefilter.candidates(keys, raw, additions, listed, s);
             if s.candidates.is_empty() {
                 return Inspected::Skipped;
             }
             // The bytes not laid out as the scan expects, or a member not building: serde
             // decides on the whole event.
-            let event = match self.prefilter.plan(&s.candidates) {
-                Some(plan) => plan
+            let event = match (self.prefilter.plan(&s.candidates), listed) {
+                (Some(plan), Some(list)) => plan
+                    .parse_listed(raw, list, additions)
+                    .or_else(|| super::parse_written(raw, additions)),
+                (Some(plan), None) => plan
                     .parse(raw, additions)
                     .or_else(|| super::parse_written(raw, additions)),
-                None => super::parse_written(raw, additions),
+                (None, _) => super::parse_written(raw, additions),
             };
             let Some(event) = event else {
                 return Inspected::Unreadable;
             };
-            let ev = JsonEvent::borrow(&event);
+            let ev = super::view::View::new(&event);
             let compiled = self.engine.rules();
             let mut selections = Vec::new();
             let hits = s
@@ -364,7 +376,7 @@ thread_local! {
 
 /// Whether `r` matches: its conditions as `evaluate_rule` decides them, without building the
 /// match's details.
-fn matches(r: &CompiledRule, ev: &JsonEvent<'_>, selections: &mut Vec<String>) -> bool {
+fn matches(r: &CompiledRule, ev: &impl rsigma_eval::Event, selections: &mut Vec<String>) -> bool {
     r.conditions.iter().any(|c| {
         selections.clear();
         rsigma_eval::compiler::eval_condition(c, &r.detections, ev, selections)
@@ -638,14 +650,25 @@ mod tests {
     }
 
     /// What `inspect` finds, sorted by rule id (nothing when it skipped the event).
+    /// Both ways the members are found: scanned for, and listed by the split (the two must
+    /// agree).
     fn inspected(rules: &Rules, raw: &str, additions: &[&[u8]], keys: Keys<'_>) -> Vec<Hit> {
-        let mut hits = match rules.inspect(raw.as_bytes(), additions, keys) {
-            Inspected::Skipped => Vec::new(),
-            Inspected::Evaluated { hits, .. } => hits,
-            Inspected::Unreadable => panic!("unreadable: {raw}"),
+        let of = |listed| {
+            let (mut hits, event) = match rules.inspect(raw.as_bytes(), additions, keys, listed) {
+                Inspected::Skipped => (Vec::new(), None),
+                Inspected::Evaluated { hits, event } => (hits, Some(event)),
+                Inspected::Unreadable => panic!("unreadable: {raw}"),
+            };
+            hits.sort_by(|a: &Hit, b: &Hit| a.id.cmp(&b.id));
+            (hits, event)
         };
-        hits.sort_by(|a, b| a.id.cmp(&b.id));
-        hits
+        let head = crate::cloudtrail::listed_head_of(raw.as_bytes()).expect("listed head");
+        let list = head.members.as_ref().and_then(|m| m.of(raw.as_bytes()));
+        assert!(list.is_some(), "listed: {raw}");
+        let scanned = of(None);
+        // The same hits, and the same members read (the alert body without an output).
+        assert_eq!(of(list), scanned, "listed and scanned members: {raw}");
+        scanned.0
     }
 
     /// The engine's matches on the event as written, sorted by rule id.
@@ -930,7 +953,7 @@ mod tests {
         let inspect = |raw: &str| {
             let head = crate::cloudtrail::head_of(raw.as_bytes()).expect("head");
             let keys = Keys::of(&head, true, &[]);
-            match literal.inspect(raw.as_bytes(), &[], keys) {
+            match literal.inspect(raw.as_bytes(), &[], keys, None) {
                 Inspected::Skipped => None,
                 Inspected::Evaluated { hits, .. } => Some(hits.len()),
                 Inspected::Unreadable => panic!("unreadable"),
@@ -1002,20 +1025,28 @@ mod tests {
         .collect();
         // Not gated: `|exists`, `|neq`, `''`, numbers, `not` alone, keywords.
         assert_eq!(gates, want);
+        // The same whether the gates look in the whole event or in the members the split
+        // listed (these events hold their literals where the rules read them).
         let candidates = |raw: &str| {
-            let head = crate::cloudtrail::head_of(raw.as_bytes()).expect("head");
-            let mut s = Scratch::default();
+            let head = crate::cloudtrail::listed_head_of(raw.as_bytes()).expect("head");
+            let listed = head.members.as_ref().and_then(|m| m.of(raw.as_bytes()));
             let keys = Keys::of(&head, true, &[]);
-            rules
-                .prefilter
-                .candidates(keys, raw.as_bytes(), &[], &mut s);
-            let mut ids: Vec<&str> = s
-                .candidates
-                .iter()
-                .map(|i| rules.identities[*i].0.as_str())
-                .collect();
-            ids.sort();
-            ids
+            let of = |listed| {
+                let mut s = Scratch::default();
+                rules
+                    .prefilter
+                    .candidates(keys, raw.as_bytes(), &[], listed, &mut s);
+                let mut ids: Vec<&str> = s
+                    .candidates
+                    .iter()
+                    .map(|i| rules.identities[*i].0.as_str())
+                    .collect();
+                ids.sort();
+                ids
+            };
+            let whole = of(None);
+            assert_eq!(of(listed), whole, "{raw}");
+            whole
         };
         let ungated = [
             "gate-empty",
@@ -1050,6 +1081,37 @@ mod tests {
         ] {
             assert_eq!(candidates(hidden), with(&ungated, &gated), "{hidden}");
         }
+        // With the members listed, a literal counts only in a member a gated rule reads (or
+        // an addition), and an escape or a non-ASCII byte only there.
+        let elsewhere =
+            r#"{"eventSource":"x","eventName":"X","requestParameters":{"note":"root \u00e9"}}"#;
+        let head = crate::cloudtrail::listed_head_of(elsewhere.as_bytes()).expect("head");
+        let listed = head
+            .members
+            .as_ref()
+            .and_then(|m| m.of(elsewhere.as_bytes()));
+        let keys = Keys::of(&head, true, &[]);
+        let geo: &[&[u8]] = &[br#""geo":{"country_isocode":"GB"}"#];
+        let mut s = Scratch::default();
+        let mut ids = |listed, adds| {
+            rules
+                .prefilter
+                .candidates(keys, elsewhere.as_bytes(), adds, listed, &mut s);
+            let mut ids: Vec<&str> = s
+                .candidates
+                .iter()
+                .map(|i| rules.identities[*i].0.as_str())
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(ids(listed, &[]), with(&ungated, &[]));
+        assert_eq!(ids(listed, geo), with(&ungated, &["gate-geo"]));
+        assert_eq!(
+            ids(None, &[]),
+            with(&ungated, &gated),
+            "the whole event: the escape"
+        );
     }
 
     #[test]

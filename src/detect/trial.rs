@@ -75,11 +75,12 @@ pub fn run(
         for (index, raw) in read_events(file)?.iter().enumerate() {
             events += 1;
             // As the pipeline sees it: the head the split reads, then the candidate rules.
-            let Ok(head) = crate::cloudtrail::head_of(raw) else {
+            let Ok(head) = crate::cloudtrail::listed_head_of(raw) else {
                 continue;
             };
             let keys = Keys::of(&head, true, &[]);
-            let Inspected::Evaluated { hits, .. } = rules.inspect(raw, &[], keys) else {
+            let listed = head.members.as_ref().and_then(|m| m.of(raw));
+            let Inspected::Evaluated { hits, .. } = rules.inspect(raw, &[], keys, listed) else {
                 continue;
             };
             if hits.is_empty() {

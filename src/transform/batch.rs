@@ -71,6 +71,7 @@ impl<'a> View<'a> {
             event_name: b(self.event_name),
             read_only: self.read_only,
             other_members: self.other_members,
+            members: None,
         }
     }
 }
