@@ -247,8 +247,8 @@ pub async fn run(
     };
     let tally = |hit: &Hit, sum: &mut Summary| {
         sum.per_rule
-            .entry(hit.id.clone())
-            .or_insert_with(|| (hit.title.clone(), hit.level.as_str(), 0))
+            .entry(hit.id.to_string())
+            .or_insert_with(|| (hit.title.to_string(), hit.level.as_str(), 0))
             .2 += 1;
     };
     let mut reported = std::collections::HashSet::new();
@@ -330,7 +330,7 @@ pub async fn run(
                     // stream, its alert may not have been delivered). Stored output holds
                     // such repeats; a backtest reports each window once.
                     let window = (
-                        f.hit.id.clone(),
+                        f.hit.id.to_string(),
                         f.detail.window_start.clone(),
                         f.detail.group.clone(),
                     );

@@ -1041,7 +1041,7 @@ mod tests {
             id: "r1".into(),
             title: "T \"q\"".into(),
             level: config::Level::High,
-            tags: vec![],
+            tags: Arc::new([]),
         }];
         let a = annotation(&hits);
         let v: Value = serde_json::from_slice(&[b"{", &a[..], b"}"].concat()).expect("json");

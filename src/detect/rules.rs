@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use std::borrow::Cow;
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use rsigma_eval::compiler::CompiledRule;
 use rsigma_eval::event::JsonEvent;
@@ -43,13 +44,14 @@ pub struct Skipped {
     pub reason: String,
 }
 
-/// What one rule says about itself in alerts and annotations.
+/// What one rule says about itself in alerts and annotations. Shared, not copied: every
+/// match hands one out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hit {
-    pub id: String,
-    pub title: String,
+    pub id: Arc<str>,
+    pub title: Arc<str>,
     pub level: Level,
-    pub tags: Vec<String>,
+    pub tags: Arc<[String]>,
 }
 
 pub struct Rules {
@@ -401,20 +403,24 @@ fn hit(r: rsigma_eval::EvaluationResult) -> Option<Hit> {
     }
     let h = r.header;
     Some(Hit {
-        id: h.rule_id.clone().unwrap_or_else(|| h.rule_title.clone()),
-        title: h.rule_title,
+        id: h
+            .rule_id
+            .clone()
+            .unwrap_or_else(|| h.rule_title.clone())
+            .into(),
+        title: h.rule_title.into(),
         level: level_of(h.level.as_ref()),
-        tags: h.tags,
+        tags: h.tags.into(),
     })
 }
 
 /// The `Hit` a match of `r` gives: what `hit` makes of its result's header.
 fn hit_of(r: &CompiledRule) -> Hit {
     Hit {
-        id: r.id.clone().unwrap_or_else(|| r.title.clone()),
-        title: r.title.clone(),
+        id: r.id.clone().unwrap_or_else(|| r.title.clone()).into(),
+        title: r.title.as_str().into(),
         level: level_of(r.level.as_ref()),
-        tags: r.tags.clone(),
+        tags: r.tags.as_slice().into(),
     }
 }
 

@@ -95,8 +95,8 @@ pub fn run(
                 matches: hits
                     .into_iter()
                     .map(|h| Matched {
-                        id: h.id,
-                        title: h.title,
+                        id: h.id.to_string(),
+                        title: h.title.to_string(),
                         level: h.level.as_str(),
                     })
                     .collect(),

@@ -432,7 +432,7 @@ impl Correlator {
 
     /// Whether any correlation uses one of `hits` (nothing to do otherwise).
     pub fn wants(&self, hits: &[Hit]) -> bool {
-        hits.iter().any(|h| self.by_hit.contains_key(&h.id))
+        hits.iter().any(|h| self.by_hit.contains_key(&*h.id))
     }
 
     /// Counts `event` (matched by `hits`, at `ts` in Unix seconds) in every correlation that
@@ -453,7 +453,7 @@ impl Correlator {
         let mut fired = Vec::new();
         let mut done = HashSet::new();
         for h in hits {
-            for (idx, written) in self.by_hit.get(&h.id).into_iter().flatten() {
+            for (idx, written) in self.by_hit.get(&*h.id).into_iter().flatten() {
                 let Some(corr) = self.correlations.get(*idx) else {
                     continue;
                 };
@@ -539,10 +539,10 @@ impl Correlator {
         let at = |t: i64| crate::clock::Utc::from_unix(t).rfc3339();
         Fired {
             hit: Hit {
-                id: corr.id.clone(),
-                title: c.title.clone(),
+                id: corr.id.as_str().into(),
+                title: c.title.as_str().into(),
                 level: corr.level,
-                tags: c.tags.clone(),
+                tags: c.tags.as_slice().into(),
             },
             detail: Correlated {
                 kind: kind_name(c.correlation_type),
