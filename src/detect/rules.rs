@@ -436,7 +436,7 @@ mod tests {
 
     fn ids(rules: &Rules, event: &str) -> Vec<String> {
         let v: Value = serde_json::from_str(event).expect("test event");
-        let mut ids: Vec<String> = rules.evaluate(&v).into_iter().map(|h| h.id).collect();
+        let mut ids: Vec<String> = rules.evaluate(&v).into_iter().map(|h| h.id.to_string()).collect();
         ids.sort();
         ids
     }
@@ -880,7 +880,7 @@ mod tests {
                 let hits = rules.evaluate(&v);
                 matched += usize::from(!hits.is_empty());
                 for h in &hits {
-                    unmatched.remove(h.id.as_str());
+                    unmatched.remove(&*h.id);
                 }
                 agree(&rules, &e, &[]);
                 agree(&rules, &e, &[geo]);
@@ -1157,7 +1157,7 @@ mod tests {
         .expect("head");
         let got: Vec<String> = inspected(&rules, raw, &[], Keys::of(&head, false, &[]))
             .into_iter()
-            .map(|h| h.id)
+            .map(|h| h.id.to_string())
             .collect();
         assert!(got.iter().any(|id| id == "name-literal"), "{got:?}");
         assert_eq!(got.len(), reference(&rules, raw, &[]).len());

@@ -29,7 +29,7 @@ async fn feed(rules: &Rules, c: &Correlator, e: &Value, ts: i64) -> Vec<String> 
         .await
         .expect("observe")
         .into_iter()
-        .map(|f| f.hit.id)
+        .map(|f| f.hit.id.to_string())
         .collect()
 }
 
@@ -95,7 +95,7 @@ async fn the_alert_says_which_group_window_and_count() {
         panic!("one fired: {last:?}")
     };
     assert_eq!(
-        f.hit.title,
+        &*f.hit.title,
         "Five failed console logins for one user within ten minutes"
     );
     assert_eq!(f.hit.level, Level::High);
