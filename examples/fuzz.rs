@@ -228,6 +228,8 @@ fn split_target(input: &[u8], rng: &mut Rng) -> Result<String, String> {
     let limits = Limits {
         max_event_bytes: max_event,
         max_decompressed_bytes,
+        // Half the time as with detection on: each event's members listed.
+        members: rng.below(2) == 0,
     };
     let whole = split_once(input, limits, 256 * 1024)?;
     // FUZZ_SPLIT_CHUNKING=off keeps every other check (to look at one property at a time).
