@@ -672,8 +672,9 @@ mod tests {
         let list = head.members.as_ref().and_then(|m| m.of(raw.as_bytes()));
         assert!(list.is_some(), "listed: {raw}");
         let scanned = of(None);
-        // The same hits, and the same members read (the alert body without an output).
-        assert_eq!(of(list), scanned, "listed and scanned members: {raw}");
+        // The same hits. (The members read may differ: with the list, the gates look only in
+        // the members their rules read, so fewer rules may remain to read members for.)
+        assert_eq!(of(list).0, scanned.0, "listed and scanned members: {raw}");
         scanned.0
     }
 
