@@ -436,7 +436,11 @@ mod tests {
 
     fn ids(rules: &Rules, event: &str) -> Vec<String> {
         let v: Value = serde_json::from_str(event).expect("test event");
-        let mut ids: Vec<String> = rules.evaluate(&v).into_iter().map(|h| h.id.to_string()).collect();
+        let mut ids: Vec<String> = rules
+            .evaluate(&v)
+            .into_iter()
+            .map(|h| h.id.to_string())
+            .collect();
         ids.sort();
         ids
     }
