@@ -137,13 +137,15 @@ impl<'de> Visitor<'de> for ListedVisitor {
             let value: &'de RawValue = map.next_value()?;
             let text = value.get();
             if key == "readOnly" {
-                head.read_only = match text {
-                    "true" => Some(true),
-                    "false" => Some(false),
+                head.read_only = match lenient(text).map_err(de::Error::custom)? {
+                    Lenient::Bool(b) => Some(b),
                     _ => None,
                 };
             } else if let Some(slot) = head_slot(&mut head, &key) {
-                *slot = string_of(text);
+                *slot = match lenient(text).map_err(de::Error::custom)? {
+                    Lenient::Str(s) => Some(s),
+                    _ => None,
+                };
             } else if !head.other_members && !is_cloudtrail_field(&key) {
                 head.other_members = true;
             }
@@ -154,17 +156,22 @@ impl<'de> Visitor<'de> for ListedVisitor {
     }
 }
 
-/// The string a JSON value's bytes hold, as `Lenient` reads it: None when it is not a string.
-fn string_of(text: &str) -> Option<Cow<'_, str>> {
-    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
-    if !inner.contains('\\') {
+/// A head field's value as `HeadVisitor` reads it, from its bytes. Stepping over a value (as
+/// the raw bytes were taken) checks less than reading it (number ranges, surrogate escapes, keys
+/// inside): what `HeadVisitor` refuses is refused here too, so the event is classified the same.
+fn lenient(text: &str) -> Result<Lenient<'_>, serde_json::Error> {
+    match text {
+        "true" => return Ok(Lenient::Bool(true)),
+        "false" => return Ok(Lenient::Bool(false)),
+        _ => {}
+    }
+    if let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"'))
+        && !inner.contains('\\')
+    {
         // A JSON string (serde checked it) without escapes holds exactly its bytes.
-        return Some(Cow::Borrowed(inner));
+        return Ok(Lenient::Str(Cow::Borrowed(inner)));
     }
-    match serde_json::from_str::<Lenient<'_>>(text) {
-        Ok(Lenient::Str(s)) => Some(s),
-        _ => None,
-    }
+    serde_json::from_str::<Lenient<'_>>(text)
 }
 
 impl<'de> Visitor<'de> for HeadVisitor {
@@ -317,6 +324,7 @@ mod tests {
             r#"{"readOnly":"true","eventName":7,"eventSource":null,"eventType":{"a":"b"},"eventID":["x"]}"#,
             r#"{"event\u0049D":"a\"b\u00e9","sourceIPAddress":"","readOnly":false,"geo":1}"#,
             r#"{ "eventName" : "GetObject" , "recipientAccountId":"1\/2", "readOnly": 1 }"#,
+            r#"{"eventName":1e300,"eventID":[{"a":"\ud83d\ude00"}],"awsRegion":-0.5e-3}"#,
             "{}",
         ] {
             let plain = head_of(ev.as_bytes()).unwrap();
@@ -328,6 +336,20 @@ mod tests {
             let copy = ev.as_bytes().to_vec();
             assert!(m.of(&copy).is_none());
         }
+        // What reading a head field refuses (a number out of range, a lone surrogate, one in
+        // a key inside) is refused listed too, though stepping over it would not refuse it.
+        for bad in [
+            r#"{"eventName":1e400}"#,
+            r#"{"eventID":"\ud800"}"#,
+            r#"{"readOnly":-1e999}"#,
+            r#"{"awsRegion":{"\udc00":1}}"#,
+        ] {
+            assert!(head_of(bad.as_bytes()).is_err(), "{bad}");
+            assert!(listed_head_of(bad.as_bytes()).is_err(), "listed {bad}");
+        }
+        // Elsewhere both step over it.
+        let other = r#"{"x":1e400,"y":"\ud800"}"#;
+        assert!(head_of(other.as_bytes()).is_ok() && listed_head_of(other.as_bytes()).is_ok());
         let head = listed_head_of(br#"{"a" : [1, {"b":2}] ,"c":"d"}"#).unwrap();
         let list = head.members.unwrap().list;
         assert_eq!(

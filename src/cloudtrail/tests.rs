@@ -515,9 +515,12 @@ fn members_are_the_events(raw: &[u8], m: &Members<'_>) {
         rebuilt.push_str(v);
     }
     rebuilt.push('}');
-    let want: serde_json::Value = serde_json::from_slice(raw).unwrap();
-    let got: serde_json::Value = serde_json::from_str(&rebuilt).unwrap();
-    assert_eq!(got, want, "{}", String::from_utf8_lossy(raw));
+    // An event serde steps over but does not build (a number out of range in a member the
+    // head does not read) has its members' places checked only.
+    if let Ok(want) = serde_json::from_slice::<serde_json::Value>(raw) {
+        let got: serde_json::Value = serde_json::from_str(&rebuilt).unwrap();
+        assert_eq!(got, want, "{}", String::from_utf8_lossy(raw));
+    }
 }
 
 /// One generated element: good events, non-objects, and the hostile kinds.
@@ -738,4 +741,28 @@ fn reader_errors_map_to_reasons() {
     assert_eq!(read_error(&bad).reason, FileErrorReason::GzipCorrupt);
     let net = io::Error::new(io::ErrorKind::ConnectionReset, "reset");
     assert_eq!(read_error(&net).reason, FileErrorReason::Read);
+}
+
+#[test]
+fn listing_the_members_never_changes_what_the_split_takes() {
+    // Values that stepping over accepts but reading refuses, in a head field and elsewhere.
+    let inputs: [&[u8]; 6] = [
+        br#"{"Records":[{"eventID":"a"},{"eventName":1e400},{"eventID":"b"}]}"#,
+        br#"{"Records":[{"eventID":"\ud800"},{"eventID":"c"}]}"#,
+        br#"{"Records":[{"readOnly":-1e999,"eventID":"d"},{"eventID":"e"}]}"#,
+        br#"{"Records":[{"awsRegion":{"\udc00":1}},{"x":1e400,"y":"\ud800","eventID":"f"}]}"#,
+        b"{\"Records\":[{\"eventID\":\"g\",\"x\":\"\xff\"},{\"eventID\":\"h\"}]}",
+        br#"{"Records":[{"eventID":"i","x":tru},{"eventID":"j"}]}"#,
+    ];
+    for input in inputs {
+        let plain = items_within(input, Limits::events(1 << 20), READ_CHUNK);
+        let listed = Limits {
+            members: true,
+            ..Limits::events(1 << 20)
+        };
+        for window in [1, 7, READ_CHUNK] {
+            let got = items_within(Trickle(input, 3), listed, window);
+            assert!(got == plain, "{}: {got:?}", String::from_utf8_lossy(input));
+        }
+    }
 }

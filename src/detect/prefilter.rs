@@ -353,7 +353,14 @@ impl Hasher for Mix {
         self.0
     }
     fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
+        // A slice of indexes arrives as its bytes: a word at a time.
+        let mut words = bytes.chunks_exact(8);
+        for w in words.by_ref() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(w);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+        for b in words.remainder() {
             self.write_u64(u64::from(*b));
         }
     }
