@@ -996,6 +996,27 @@ mod tests {
         );
     }
 
+    /// The ids of the rules `candidates` leaves for an event, sorted.
+    fn candidate_ids<'r>(
+        rules: &'r Rules,
+        raw: &str,
+        additions: &[&[u8]],
+        keys: Keys<'_>,
+        listed: Option<&[(Cow<'_, str>, &str)]>,
+    ) -> Vec<&'r str> {
+        let mut s = Scratch::default();
+        rules
+            .prefilter
+            .candidates(keys, raw.as_bytes(), additions, listed, &mut s);
+        let mut ids: Vec<&str> = s
+            .candidates
+            .iter()
+            .map(|i| rules.identities[*i].0.as_str())
+            .collect();
+        ids.sort();
+        ids
+    }
+
     #[test]
     fn rules_naming_no_source_or_name_are_gated_by_the_literals_they_need() {
         let rules = Rules::load(
@@ -1042,21 +1063,12 @@ mod tests {
             let head = crate::cloudtrail::listed_head_of(raw.as_bytes()).expect("head");
             let listed = head.members.as_ref().and_then(|m| m.of(raw.as_bytes()));
             let keys = Keys::of(&head, true, &[]);
-            let of = |listed| {
-                let mut s = Scratch::default();
-                rules
-                    .prefilter
-                    .candidates(keys, raw.as_bytes(), &[], listed, &mut s);
-                let mut ids: Vec<&str> = s
-                    .candidates
-                    .iter()
-                    .map(|i| rules.identities[*i].0.as_str())
-                    .collect();
-                ids.sort();
-                ids
-            };
-            let whole = of(None);
-            assert_eq!(of(listed), whole, "{raw}");
+            let whole = candidate_ids(&rules, raw, &[], keys, None);
+            assert_eq!(
+                candidate_ids(&rules, raw, &[], keys, listed),
+                whole,
+                "{raw}"
+            );
             whole
         };
         let ungated = [
@@ -1103,19 +1115,7 @@ mod tests {
             .and_then(|m| m.of(elsewhere.as_bytes()));
         let keys = Keys::of(&head, true, &[]);
         let geo: &[&[u8]] = &[br#""geo":{"country_isocode":"GB"}"#];
-        let mut s = Scratch::default();
-        let mut ids = |listed, adds| {
-            rules
-                .prefilter
-                .candidates(keys, elsewhere.as_bytes(), adds, listed, &mut s);
-            let mut ids: Vec<&str> = s
-                .candidates
-                .iter()
-                .map(|i| rules.identities[*i].0.as_str())
-                .collect();
-            ids.sort();
-            ids
-        };
+        let ids = |listed, adds| candidate_ids(&rules, elsewhere, adds, keys, listed);
         assert_eq!(ids(listed, &[]), with(&ungated, &[]));
         assert_eq!(ids(listed, geo), with(&ungated, &["gate-geo"]));
         assert_eq!(
