@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 
 /// The most arrays and objects, one in another, serde_json builds (the event's own object
 /// counted): a member read is refused exactly where parsing the whole event would be.
-const MAX_DEPTH: usize = 127;
+pub(super) const MAX_DEPTH: usize = 127;
 
 /// What a set of rules reads of one object: per key, the whole value or some of its members.
 #[derive(Debug, Default, PartialEq)]
@@ -141,7 +141,7 @@ impl Plan {
 
     /// Merges the members of `additions` these rules read into `obj`, as `parse_written`
     /// merges them.
-    fn merge(&self, obj: &mut Map<String, Value>, additions: &[&[u8]]) {
+    pub(super) fn merge(&self, obj: &mut Map<String, Value>, additions: &[&[u8]]) {
         for add in additions {
             if !may_hold(add, &self.finders) {
                 continue;
@@ -347,7 +347,7 @@ fn string_end(b: &[u8], i: usize) -> Option<usize> {
 /// Where the value starting at `i` ends, and how many arrays and objects it nests. Only
 /// strings and brackets are tracked: the bytes are JSON already checked, and the values kept
 /// are parsed by serde.
-fn value_end(b: &[u8], i: usize) -> Option<(usize, usize)> {
+pub(super) fn value_end(b: &[u8], i: usize) -> Option<(usize, usize)> {
     match b.get(i)? {
         b'"' => string_end(b, i).map(|e| (e, 0)),
         b'{' | b'[' => {
@@ -403,16 +403,16 @@ fn key_of(b: &[u8], open: usize, end: usize) -> Cow<'_, [u8]> {
 
 /// A member's value: where it starts and ends, and how many arrays and objects it nests.
 #[derive(Clone, Copy)]
-struct Span {
-    start: usize,
-    stop: usize,
-    nesting: usize,
+pub(super) struct Span {
+    pub(super) start: usize,
+    pub(super) stop: usize,
+    pub(super) nesting: usize,
 }
 
 /// Calls `each(key, value)` for every member of the object whose members start at `i`
 /// (after its `{` when `braced`, else a bare `"k":v,…` list running to the end of `b`);
 /// returns where the object ends. None when the bytes are not laid out so, or `each` says.
-fn scan_object<'b>(
+pub(super) fn scan_object<'b>(
     b: &'b [u8],
     i: usize,
     braced: bool,
@@ -456,7 +456,11 @@ fn scan_object<'b>(
 
 /// Calls `each(value)` for every element of the array whose elements start at `i` (after
 /// its `[`); returns where it ends.
-fn scan_array(b: &[u8], i: usize, mut each: impl FnMut(Span) -> Option<()>) -> Option<usize> {
+pub(super) fn scan_array(
+    b: &[u8],
+    i: usize,
+    mut each: impl FnMut(Span) -> Option<()>,
+) -> Option<usize> {
     let mut i = skip_ws(b, i);
     if b.get(i) == Some(&b']') {
         return Some(i + 1);

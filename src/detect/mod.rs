@@ -12,6 +12,7 @@
 pub mod backtest;
 pub mod config;
 pub mod correlate;
+mod listed;
 mod literals;
 pub mod members;
 pub mod output;
@@ -301,11 +302,13 @@ impl Detect {
         // Alerts and correlations read any member of a matched event: the whole event, or
         // (one serde will not build whole, e.g. a member nested too deep for it) every part
         // that builds. The rules saw what they read either way.
+        // Without outputs or correlations the event is not read again: no tree is built.
         let event = match self.routes.is_empty() && running.correlator.is_none() {
-            true => read,
+            true => read.unwrap_or_default(),
             false => parse_written(seen.raw, seen.additions)
                 .or_else(|| members::readable(seen.raw, seen.additions))
-                .unwrap_or(read),
+                .or(read)
+                .unwrap_or_default(),
         };
         let correlator = running.correlator.as_ref();
         let fired = self.correlate(correlator, &hits, &event, seen);

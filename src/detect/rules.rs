@@ -339,9 +339,32 @@ impl Rules {
             if s.candidates.is_empty() {
                 return Inspected::Skipped;
             }
+            let plan = self.prefilter.plan(&s.candidates);
+            let compiled = self.engine.rules();
+            let mut selections = Vec::new();
+            let hits_in = |ev: &dyn Fn(&CompiledRule, &mut Vec<String>) -> bool,
+                           selections: &mut Vec<String>| {
+                s.candidates
+                    .iter()
+                    .filter(|i| compiled.get(**i).is_some_and(|r| ev(r, selections)))
+                    .filter_map(|i| self.hits.get(*i).cloned())
+                    .collect::<Vec<Hit>>()
+            };
+            // Listed: each path read where it lies. A value read that does not build voids
+            // the answers: the event is judged on the pruned tree, as below.
+            if let (Some(plan), Some(list)) = (&plan, listed) {
+                let ev = super::listed::Listed::new(raw, list, additions, plan);
+                let hits = hits_in(&|r, sel| matches(r, &ev, sel), &mut selections);
+                if !ev.failed() {
+                    return Inspected::Evaluated {
+                        hits,
+                        event: ev.into_pruned(),
+                    };
+                }
+            }
             // The bytes not laid out as the scan expects, or a member not building: serde
             // decides on the whole event.
-            let event = match (self.prefilter.plan(&s.candidates), listed) {
+            let event = match (plan, listed) {
                 (Some(plan), Some(list)) => plan
                     .parse_listed(raw, list, additions)
                     .or_else(|| super::parse_written(raw, additions)),
@@ -354,18 +377,8 @@ impl Rules {
                 return Inspected::Unreadable;
             };
             let ev = super::view::View::new(&event);
-            let compiled = self.engine.rules();
-            let mut selections = Vec::new();
-            let hits = s
-                .candidates
-                .iter()
-                .filter(|i| {
-                    compiled
-                        .get(**i)
-                        .is_some_and(|r| matches(r, &ev, &mut selections))
-                })
-                .filter_map(|i| self.hits.get(*i).cloned())
-                .collect();
+            let hits = hits_in(&|r, sel| matches(r, &ev, sel), &mut selections);
+            let event = Some(event);
             Inspected::Evaluated { hits, event }
         })
     }
@@ -393,8 +406,12 @@ pub enum Inspected {
     /// than 128, a lone surrogate escape).
     Unreadable,
     /// The rules it matched, and the event: only the members its candidate rules read (the
-    /// whole event when they may read any).
-    Evaluated { hits: Vec<Hit>, event: Value },
+    /// whole event when they may read any); None when the rules read the members where they
+    /// lie, without building a tree.
+    Evaluated {
+        hits: Vec<Hit>,
+        event: Option<Value>,
+    },
 }
 
 fn hit(r: rsigma_eval::EvaluationResult) -> Option<Hit> {

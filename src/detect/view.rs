@@ -22,14 +22,23 @@ impl<'a> View<'a> {
 }
 
 /// The values a path reaches: none, one, or several (through arrays).
-enum Found<'a> {
+pub(super) enum Found<'a> {
     None,
     One(EventValue<'a>),
     Many(Vec<EventValue<'a>>),
 }
 
 impl<'a> Found<'a> {
-    fn push(&mut self, v: EventValue<'a>) {
+    /// What a read gives: nothing, the one value, or the values through arrays as one.
+    pub(super) fn value(self) -> Option<EventValue<'a>> {
+        match self {
+            Found::None => None,
+            Found::One(v) => Some(v),
+            Found::Many(all) => Some(EventValue::Array(all)),
+        }
+    }
+
+    pub(super) fn push(&mut self, v: EventValue<'a>) {
         *self = match std::mem::replace(self, Found::None) {
             Found::None => Found::One(v),
             Found::One(first) => Found::Many(vec![first, v]),
@@ -43,7 +52,7 @@ impl<'a> Found<'a> {
 
 /// Follows the keys `segs` from `v`, each key applied to every element of an array on the way
 /// (`JsonEvent`'s `collect_by_ops` with only key steps).
-fn follow<'a, 's>(
+pub(super) fn follow<'a, 's>(
     v: &'a Value,
     mut segs: impl Iterator<Item = &'s str> + Clone,
     out: &mut Found<'a>,
@@ -82,11 +91,7 @@ impl Event for View<'_> {
         }
         let mut found = Found::None;
         follow(self.value, path.split('.'), &mut found);
-        match found {
-            Found::None => None,
-            Found::One(v) => Some(v),
-            Found::Many(all) => Some(EventValue::Array(all)),
-        }
+        found.value()
     }
 
     fn any_string_value(&self, pred: &dyn Fn(&str) -> bool) -> bool {

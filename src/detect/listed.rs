@@ -1,0 +1,302 @@
+//! The event as the rules read it, straight from the members the split listed: a path is
+//! found in the event's bytes when a rule reads it, and a string without escapes is handed
+//! over where it lies, so no JSON tree is built for the handful of fields a rule tests (most
+//! candidate rules stop at their first field). What a read finds is what `View` finds in the
+//! pruned event `Plan::parse_listed` builds; tested against it and against the whole event.
+
+use std::borrow::Cow;
+use std::cell::{Cell, OnceCell, RefCell};
+
+use rsigma_eval::{Event, EventValue};
+use serde_json::{Map, Value};
+
+use super::members::{MAX_DEPTH, Plan, Span, scan_array, scan_object, value_end};
+use super::view::{Found, View, follow};
+
+pub struct Listed<'a> {
+    raw: &'a [u8],
+    /// Every top-level member of `raw`, in order (a repeated key: the last one counts).
+    list: &'a [(Cow<'a, str>, &'a str)],
+    additions: &'a [&'a [u8]],
+    plan: &'a Plan,
+    /// The additions' members the rules read (usually none): they stand in for the event's.
+    added: Map<String, Value>,
+    /// The members of each object a read stepped into, by the address of its text: a second
+    /// read of `userIdentity.*` does not scan `userIdentity` again.
+    levels: RefCell<Vec<(usize, Vec<(Cow<'a, [u8]>, Span)>)>>,
+    /// A value a read reached does not build (nested too deep, a lone surrogate): the rules'
+    /// answers are not trusted, and the event is judged on the pruned tree instead.
+    failed: Cell<bool>,
+    /// The pruned tree, for what is not a plain dotted read (keywords, an indexed path).
+    pruned: OnceCell<Option<Value>>,
+}
+
+enum Top<'a, 's> {
+    Added(&'s Value),
+    Raw(&'a str),
+}
+
+impl<'a> Listed<'a> {
+    pub fn new(
+        raw: &'a [u8],
+        list: &'a [(Cow<'a, str>, &'a str)],
+        additions: &'a [&'a [u8]],
+        plan: &'a Plan,
+    ) -> Listed<'a> {
+        let mut added = Map::new();
+        plan.merge(&mut added, additions);
+        Listed {
+            raw,
+            list,
+            additions,
+            plan,
+            added,
+            levels: RefCell::new(Vec::new()),
+            failed: Cell::new(false),
+            pruned: OnceCell::new(),
+        }
+    }
+
+    /// Whether a read met a value that does not build: then what the rules answered is void.
+    pub fn failed(&self) -> bool {
+        self.failed.get()
+    }
+
+    /// The pruned tree, once built (for an alert or a correlation, when one was).
+    pub fn into_pruned(self) -> Option<Value> {
+        self.pruned.into_inner().flatten()
+    }
+
+    fn pruned(&self) -> Option<&Value> {
+        let v = self
+            .pruned
+            .get_or_init(|| self.plan.parse_listed(self.raw, self.list, self.additions))
+            .as_ref();
+        if v.is_none() {
+            self.failed.set(true);
+        }
+        v
+    }
+
+    /// The top-level member `key`, as the pruned tree holds it.
+    fn top(&self, key: &str) -> Option<Top<'a, '_>> {
+        if let Some(v) = self.added.get(key) {
+            return Some(Top::Added(v));
+        }
+        self.list
+            .iter()
+            .rev()
+            .find(|(k, _)| k.len() == key.len() && k.as_ref() == key)
+            .map(|(_, text)| Top::Raw(text))
+    }
+
+    /// `get_field`, or None when a value it reached does not build.
+    fn read(&self, path: &str) -> Option<Option<EventValue<'_>>> {
+        // The flat key first, as the engine reads it.
+        match self.top(path) {
+            Some(Top::Added(v)) => return Some(Some(EventValue::from(v))),
+            Some(Top::Raw(text)) => return leaf(text, 1).map(Some),
+            None => {}
+        }
+        if path.contains(['[', '\\']) {
+            // Rare: read in the pruned tree (the view borrows it only for the call).
+            let view = View::new(self.pruned()?);
+            return Some(view.get_field(path).map(|v| owned(&v.to_json())));
+        }
+        let mut segs = path.split('.');
+        let (Some(first), true) = (segs.next(), path.contains('.')) else {
+            return Some(None);
+        };
+        let mut found = Found::None;
+        match self.top(first) {
+            None => {}
+            Some(Top::Added(v)) => follow(v, segs, &mut found),
+            Some(Top::Raw(text)) => self.follow(text, segs, 1, &mut found)?,
+        }
+        Some(found.value())
+    }
+
+    /// Follows the keys `segs` from `text`, a value inside `depth` arrays and objects, as
+    /// `view::follow` follows them in the pruned tree (and `prune` refuses what it refuses).
+    fn follow<'s, 'o>(
+        &self,
+        text: &'a str,
+        mut segs: impl Iterator<Item = &'s str> + Clone,
+        depth: usize,
+        out: &mut Found<'o>,
+    ) -> Option<()>
+    where
+        'a: 'o,
+    {
+        let rest = segs.clone();
+        let Some(key) = segs.next() else {
+            out.push(leaf(text, depth)?);
+            return Some(());
+        };
+        match text.as_bytes().first() {
+            // One more array or object than serde_json builds.
+            Some(b'{' | b'[') if depth >= MAX_DEPTH => None,
+            Some(b'{') => match self.member(text, key)? {
+                Some(m) => self.follow(m, segs, depth + 1, out),
+                None => Some(()),
+            },
+            // A key read through an array is read in each element.
+            Some(b'[') => {
+                let mut items = Vec::new();
+                scan_array(text.as_bytes(), 1, |e| {
+                    items.push(e);
+                    Some(())
+                })?;
+                for e in items {
+                    self.follow(text.get(e.start..e.stop)?, rest.clone(), depth + 1, out)?;
+                }
+                Some(())
+            }
+            // A key read in a string, number, bool or null finds nothing.
+            _ => Some(()),
+        }
+    }
+
+    /// The member `key` of the object `text` (the last, when repeated): None when the object
+    /// is not laid out as one, Some(None) when it has no such member.
+    fn member(&self, text: &'a str, key: &str) -> Option<Option<&'a str>> {
+        let at = text.as_ptr() as usize;
+        let mut levels = self.levels.borrow_mut();
+        let members = match levels.iter().position(|(a, _)| *a == at) {
+            Some(i) => &levels.get(i)?.1,
+            None => {
+                let mut members = Vec::new();
+                scan_object(text.as_bytes(), 1, true, |k, span| {
+                    members.push((k, span));
+                    Some(())
+                })?;
+                levels.push((at, members));
+                &levels.last()?.1
+            }
+        };
+        match members
+            .iter()
+            .rev()
+            .find(|(k, _)| k.as_ref() == key.as_bytes())
+        {
+            Some((_, span)) => text.get(span.start..span.stop).map(Some),
+            None => Some(None),
+        }
+    }
+}
+
+/// The value `text`, inside `depth` arrays and objects, as the engine sees it once serde has
+/// built it. None when serde does not build it.
+fn leaf(text: &str, depth: usize) -> Option<EventValue<'_>> {
+    let b = text.as_bytes();
+    match b.first()? {
+        b'"' => {
+            let inner = text.get(1..text.len().checked_sub(1)?)?;
+            match memchr::memchr(b'\\', inner.as_bytes()) {
+                None => Some(EventValue::Str(Cow::Borrowed(inner))),
+                Some(_) => serde_json::from_str::<String>(text)
+                    .ok()
+                    .map(|s| EventValue::Str(Cow::Owned(s))),
+            }
+        }
+        // The bytes are JSON already checked by the split.
+        b't' => Some(EventValue::Bool(true)),
+        b'f' => Some(EventValue::Bool(false)),
+        b'n' => Some(EventValue::Null),
+        b'{' | b'[' => {
+            // A value nesting `n` containers is at least `2n` bytes: counted only when it
+            // may reach the depth limit.
+            if depth + text.len() / 2 > MAX_DEPTH && depth + value_end(b, 0)?.1 > MAX_DEPTH {
+                return None;
+            }
+            serde_json::from_str::<Value>(text).ok().map(|v| owned(&v))
+        }
+        _ => serde_json::from_str::<Value>(text).ok().map(|v| owned(&v)),
+    }
+}
+
+/// `EventValue::from`, owning its strings.
+fn owned(v: &Value) -> EventValue<'static> {
+    match v {
+        Value::String(s) => EventValue::Str(Cow::Owned(s.clone())),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => EventValue::Int(i),
+            None => EventValue::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::Bool(b) => EventValue::Bool(*b),
+        Value::Null => EventValue::Null,
+        Value::Array(items) => EventValue::Array(items.iter().map(owned).collect()),
+        Value::Object(map) => EventValue::Map(
+            map.iter()
+                .map(|(k, v)| (Cow::Owned(k.clone()), owned(v)))
+                .collect(),
+        ),
+    }
+}
+
+impl Event for Listed<'_> {
+    fn get_field(&self, path: &str) -> Option<EventValue<'_>> {
+        if self.failed.get() {
+            return None;
+        }
+        match self.read(path) {
+            Some(v) => v,
+            None => {
+                self.failed.set(true);
+                None
+            }
+        }
+    }
+
+    fn any_string_value(&self, pred: &dyn Fn(&str) -> bool) -> bool {
+        self.pruned()
+            .is_some_and(|v| View::new(v).any_string_value(pred))
+    }
+
+    fn all_string_values(&self) -> Vec<Cow<'_, str>> {
+        let Some(v) = self.pruned() else {
+            return Vec::new();
+        };
+        let view = View::new(v);
+        let all = view.all_string_values();
+        all.into_iter()
+            .map(|s| Cow::Owned(s.into_owned()))
+            .collect()
+    }
+
+    fn visit_string_values(&self, visit: &mut dyn FnMut(&str)) {
+        if let Some(v) = self.pruned() {
+            View::new(v).visit_string_values(visit)
+        }
+    }
+
+    fn to_json(&self) -> Value {
+        self.pruned().cloned().unwrap_or_default()
+    }
+
+    fn field_keys(&self) -> Vec<Cow<'_, str>> {
+        let Some(v) = self.pruned() else {
+            return Vec::new();
+        };
+        let view = View::new(v);
+        let keys = view.field_keys();
+        keys.into_iter()
+            .map(|s| Cow::Owned(s.into_owned()))
+            .collect()
+    }
+
+    fn top_level_keys(&self) -> Option<Vec<Cow<'_, str>>> {
+        let view = View::new(self.pruned()?);
+        let keys = view.top_level_keys()?;
+        Some(
+            keys.into_iter()
+                .map(|s| Cow::Owned(s.into_owned()))
+                .collect(),
+        )
+    }
+
+    fn visit_top_level_keys(&self, visit: &mut dyn FnMut(&str)) -> bool {
+        self.pruned()
+            .is_some_and(|v| View::new(v).visit_top_level_keys(visit))
+    }
+}
