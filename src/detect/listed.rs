@@ -23,13 +23,16 @@ pub struct Listed<'a> {
     added: Map<String, Value>,
     /// The members of each object a read stepped into, by the address of its text: a second
     /// read of `userIdentity.*` does not scan `userIdentity` again.
-    levels: RefCell<Vec<(usize, Vec<(Cow<'a, [u8]>, Span)>)>>,
+    levels: RefCell<Vec<(usize, Members<'a>)>>,
     /// A value a read reached does not build (nested too deep, a lone surrogate): the rules'
     /// answers are not trusted, and the event is judged on the pruned tree instead.
     failed: Cell<bool>,
     /// The pruned tree, for what is not a plain dotted read (keywords, an indexed path).
     pruned: OnceCell<Option<Value>>,
 }
+
+/// An object's members as `scan_object` found them: key and where the value lies.
+type Members<'a> = Vec<(Cow<'a, [u8]>, Span)>;
 
 enum Top<'a, 's> {
     Added(&'s Value),
