@@ -303,3 +303,86 @@ impl Event for Listed<'_> {
             .is_some_and(|v| View::new(v).visit_top_level_keys(visit))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every path read where it lies gives what the pruned tree gives.
+    #[test]
+    fn a_path_read_where_it_lies_is_what_the_pruned_tree_holds() {
+        let events = [
+            r#"{"a":{"b":[{"c":1},{"c":[2,3]},{"d":4},[{"c":5}]],"x.y":6},"a.b":"flat","n":null,"s":"t","e":{"":{"f":7}},"":{"g":8}}"#,
+            r#"{"r":[{"ARN":"a"},{"ARN":"b"}],"one":[{"k":"v"}],"z":[[1],2],"r":[{"ARN":"last"}]}"#,
+            "{ \"u\" : { \"t\" : \"T\\u0041\" , \"t\":\"again\", \"o\": [1, -1.5e3, true, false, null, 18446744073709551615] } ,\"q\":\"a}\\\"]\"}",
+            r#"{"a":1,"geo":{"city":"x"},"s":"own"}"#,
+            "{}",
+        ];
+        let plain = [
+            "a",
+            "a.b",
+            "a.b.c",
+            "a.b.d",
+            "a.x.y",
+            "a.x",
+            "n",
+            "n.x",
+            "s",
+            "s.x",
+            "e..f",
+            ".g",
+            "e.",
+            "r.ARN",
+            "r",
+            "one.k",
+            "z",
+            "z.x",
+            "u",
+            "u.t",
+            "u.o",
+            "q",
+            "geo.city",
+            "geo",
+            "missing",
+            "missing.x",
+            "a.b.c.d",
+            "",
+        ];
+        let odd = ["a.b[0].c", "a\\.b", "u.o[1]"];
+        let plan = Plan::of(plain);
+        let adds: &[&[u8]] = &[br#""geo":{"city":"added"},"s":"from an addition""#];
+        for ev in events {
+            for adds in [&[][..], adds] {
+                let head = crate::cloudtrail::listed_head_of(ev.as_bytes()).expect(ev);
+                let list = head.members.as_ref().and_then(|m| m.of(ev.as_bytes()));
+                let list = list.expect("listed");
+                let listed = Listed::new(ev.as_bytes(), list, adds, &plan);
+                let pruned = plan.parse_listed(ev.as_bytes(), list, adds).expect(ev);
+                let view = View::new(&pruned);
+                for p in plain.iter().chain(&odd) {
+                    assert_eq!(listed.get_field(p), view.get_field(p), "{p} in {ev}");
+                }
+                assert!(!listed.failed(), "{ev}");
+            }
+        }
+    }
+
+    /// A read reaching a value serde will not build voids the answers; one that does not
+    /// reach it reads on.
+    #[test]
+    fn a_value_that_does_not_build_fails_only_the_read_reaching_it() {
+        let ev = r#"{"ok":"yes","bad":{"s":"\ud800"},"deep":[[[[[[1]]]]]]}"#;
+        let plan = Plan::of(["ok", "bad.s", "deep"]);
+        let head = crate::cloudtrail::listed_head_of(ev.as_bytes()).expect("head");
+        let list = head.members.as_ref().and_then(|m| m.of(ev.as_bytes()));
+        let listed = Listed::new(ev.as_bytes(), list.expect("listed"), &[], &plan);
+        assert_eq!(listed.get_field("ok"), Some(EventValue::Str("yes".into())));
+        assert!(listed.get_field("deep").is_some());
+        assert!(!listed.failed());
+        assert_eq!(listed.get_field("bad.s"), None);
+        assert!(listed.failed());
+        // Too deep for serde at this depth: refused as `prune` refuses it.
+        assert!(leaf("[[1]]", MAX_DEPTH - 1).is_none());
+        assert!(leaf("[[1]]", MAX_DEPTH - 2).is_some());
+    }
+}
