@@ -12,6 +12,7 @@ use crate::sink::encode::{self, Codec, Compression};
 use crate::synth::Generator;
 
 mod kinesis;
+mod service;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -42,10 +43,19 @@ pub struct BenchArgs {
     /// floor and `pipeline, geo, gzip` always run), e.g. `--only kinesis,parquet`.
     #[arg(long)]
     pub only: Option<String>,
-    /// Also drive the service path (`trailhose run`) through S3 and SQS at this endpoint, e.g. a
-    /// local moto_server: see scripts/bench-service.sh. Credentials come from the environment.
+    /// Also drive the service path (`trailhose run`) through SQS, and S3 unless `--s3-endpoint`
+    /// is given, at this endpoint, e.g. a local moto_server: see scripts/bench-service.sh.
+    /// Credentials come from the environment.
     #[arg(long)]
     pub service_endpoint: Option<String>,
+    /// S3 for the service path at this endpoint instead, e.g. a local s3s-fs, so that a slow
+    /// SQS stand-in does not also serve every object.
+    #[arg(long, requires = "service_endpoint")]
+    pub s3_endpoint: Option<String>,
+    /// A stand-in server's process as NAME=PID (repeatable): its CPU seconds over each service
+    /// run are shown beside trailhose's, e.g. `--server-pid moto=123 --server-pid s3s-fs=456`.
+    #[arg(long = "server-pid", value_name = "NAME=PID", value_parser = service::parse_server)]
+    pub server_pids: Vec<service::Server>,
     /// Sigma rules (a file or folder, e.g. SigmaHQ's rules/cloud/aws) for the detection row;
     /// skipped when absent. Rules that do not compile are skipped, as with
     /// `detect.skip_invalid`.
@@ -70,24 +80,28 @@ fn io<T>(what: &str, r: std::io::Result<T>) -> Result<T, BenchError> {
 
 /// CPU seconds (user + system) this process has used so far.
 fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces, so split after its ')').
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of the whole line; 100 ticks/s on Linux.
-    (ticks(11) + ticks(12)) / 100.0
+    proc_cpu_seconds("self").unwrap_or(0.0)
+}
+
+/// CPU seconds (user + system) that process `pid` (or `self`) has used so far, all its threads
+/// together; `None` when it is gone or its stat does not read.
+fn proc_cpu_seconds(pid: &str) -> Option<f64> {
+    stat_cpu_seconds(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// Clock ticks per second of /proc's times: USER_HZ, fixed at 100 by the kernel's ABI.
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// utime + stime, in seconds, from the text of a `/proc/PID/stat`.
+fn stat_cpu_seconds(stat: &str) -> Option<f64> {
+    // The command name (field 2) is in parentheses and may itself hold spaces and parentheses,
+    // and nothing after it can hold ')': the numbered fields start after the last one.
+    let (_, after_name) = stat.rsplit_once(')')?;
+    let mut fields = after_name.split_whitespace();
+    // Counting from the state (field 3), utime (field 14) is the twelfth, stime the next.
+    let utime = fields.nth(11)?.parse::<u64>().ok()?;
+    let stime = fields.next()?.parse::<u64>().ok()?;
+    Some(utime.saturating_add(stime) as f64 / TICKS_PER_SECOND)
 }
 
 const KINESIS_IN: &str = "kinesis source: CloudWatch Logs records, geo, gzip";
@@ -336,23 +350,40 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
         }
     }
 
-    let mut service_rows = Vec::new();
-    if let Some(endpoint) = &args.service_endpoint {
-        // The shipped batch age first, then a 1 s one: files/s must not depend on it.
-        for max_age in [Config::default().batch.max_age_secs, 1] {
-            let run = rt.block_on(service_run(endpoint, &input, geo.clone(), max_age))?;
+    let mut service_runs = Vec::new();
+    if let Some(sqs) = &args.service_endpoint {
+        let endpoints = service::Endpoints {
+            sqs: sqs.clone(),
+            s3: args.s3_endpoint.clone().unwrap_or_else(|| sqs.clone()),
+        };
+        // The shipped batch age, ended by the shutdown drain once every file is split, then a
+        // 1 s age, ended when the buffers have aged out and the queue is empty.
+        let ends = [
+            (
+                Config::default().batch.max_age_secs,
+                service::End::ShutdownDrain,
+            ),
+            (1, service::End::QueueEmpty),
+        ];
+        for (max_age, end) in ends {
+            let run = rt.block_on(service::run(
+                &endpoints,
+                &args.server_pids,
+                &input,
+                geo.clone(),
+                max_age,
+                end,
+            ))?;
             assert_eq!(
                 run.written, input.events,
                 "every generated event is written"
             );
-            if max_age == 1 {
-                rows.push(Row {
-                    name: "service: S3 + SQS (moto), geo, gzip".to_owned(),
-                    wall: run.drained,
-                    cpu: run.cpu,
-                });
-            }
-            service_rows.push(run);
+            rows.push(Row {
+                name: format!("service: S3 + SQS, geo, gzip, max_age {max_age}"),
+                wall: run.drained,
+                cpu: run.cpu,
+            });
+            service_runs.push(run);
         }
     }
 
@@ -442,35 +473,11 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     if let Some(note) = kinesis_note.filter(|n| !n.is_empty()) {
         println!("{note}");
     }
-    if !service_rows.is_empty() {
-        println!();
-        println!(
-            "{:<24} {:>8} {:>8} {:>10} {:>13} {:>10} {:>10} {:>10}",
-            "service (S3 + SQS)",
-            "max_age",
-            "files/s",
-            "events/s",
-            "peak unacked",
-            "ack p50 s",
-            "ack p99 s",
-            "drained s"
-        );
-        for r in &service_rows {
-            let split = r.split.as_secs_f64().max(1e-9);
-            println!(
-                "{:<24} {:>8} {:>8.1} {:>10.0} {:>13} {:>10.1} {:>10.1} {:>10.1}",
-                "geo, gzip",
-                r.max_age,
-                input.files.len() as f64 / split,
-                input.events as f64 / split,
-                r.peak_unacked,
-                r.ack_p50,
-                r.ack_p99,
-                r.drained.as_secs_f64()
-            );
-        }
-        println!(
-            "(files/s, events/s: until every file is received, split and buffered; ack: receive to delete; drained: until the queue is empty)"
+    if !service_runs.is_empty() {
+        service::print(
+            &service_runs,
+            &input,
+            row("pipeline, geo, gzip").map(|r| r.cpu),
         );
     }
 
@@ -492,227 +499,6 @@ pub fn run(args: &BenchArgs) -> Result<(), BenchError> {
     }
     let _ = std::fs::remove_dir_all(&work);
     Ok(())
-}
-
-/// One service run of the benchmark.
-struct ServiceRun {
-    max_age: u64,
-    written: u64,
-    /// Until every file was split and buffered.
-    split: Duration,
-    /// Until the queue was empty (every message acknowledged).
-    drained: Duration,
-    cpu: f64,
-    peak_unacked: i64,
-    ack_p50: f64,
-    ack_p99: f64,
-}
-
-/// What the benchmark reads from the process's own metrics while the service runs.
-#[derive(Debug, Default, Clone, PartialEq)]
-struct Gauges {
-    files: f64,
-    unacked: i64,
-    /// Acknowledgement latency histogram: (upper bound, cumulative count).
-    ack: Vec<(f64, f64)>,
-}
-
-fn gauges(text: &str) -> Gauges {
-    let mut g = Gauges::default();
-    for line in text.lines() {
-        let Some((name, value)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(v) = value.parse::<f64>() else {
-            continue;
-        };
-        if name.starts_with("trailhose_files_total{") {
-            g.files += v;
-        } else if name == "trailhose_sqs_messages_in_flight" {
-            g.unacked = v as i64;
-        } else if let Some(le) = name
-            .strip_prefix("trailhose_sqs_ack_seconds_bucket{le=\"")
-            .and_then(|r| r.strip_suffix("\"}"))
-        {
-            let bound = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().unwrap_or(f64::INFINITY)
-            };
-            g.ack.push((bound, v));
-        }
-    }
-    g
-}
-
-/// The `q` quantile of the latencies observed between two snapshots of the histogram,
-/// interpolated within its bucket as Prometheus' histogram_quantile does.
-fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
-    let counts: Vec<(f64, f64)> = after
-        .iter()
-        .map(|(le, c)| {
-            let b = before
-                .iter()
-                .find(|(l, _)| l == le)
-                .map_or(0.0, |(_, c)| *c);
-            (*le, c - b)
-        })
-        .collect();
-    let total = counts.last().map_or(0.0, |(_, c)| *c);
-    if total <= 0.0 {
-        return 0.0;
-    }
-    let rank = q * total;
-    let (mut lower, mut below) = (0.0, 0.0);
-    for (le, c) in counts {
-        if c >= rank {
-            if le.is_infinite() {
-                return lower;
-            }
-            let within = (c - below).max(1e-9);
-            return lower + (le - lower) * (rank - below) / within;
-        }
-        (lower, below) = (le, c);
-    }
-    lower
-}
-
-/// Uploads the files to S3 and announces each on SQS (untimed), then runs the service at
-/// `max_age` until the queue is drained (timed), sampling the ledger. The CPU seconds include
-/// the in-process AWS clients but not the server.
-async fn service_run(
-    endpoint: &str,
-    input: &Input,
-    geo: Option<PathBuf>,
-    max_age: u64,
-) -> Result<ServiceRun, BenchError> {
-    use crate::config::{BucketConfig, SqsConfig};
-    let fail = |what: &str, e: String| BenchError::Io(what.to_owned(), std::io::Error::other(e));
-    let shared = crate::aws::config(None, Some(endpoint)).await;
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&shared)
-            .force_path_style(true)
-            .build(),
-    );
-    let sqs = aws_sdk_sqs::Client::new(&shared);
-    let run_id = uuid::Uuid::now_v7().to_string();
-    let (src, out) = (
-        format!("bench-src-{}", &run_id[..8]),
-        format!("bench-out-{}", &run_id[..8]),
-    );
-    for b in [&src, &out] {
-        s3.create_bucket()
-            .bucket(b)
-            .send()
-            .await
-            .map_err(|e| fail("create bucket", e.to_string()))?;
-    }
-    let queue_url = sqs
-        .create_queue()
-        .queue_name(format!("bench-{}", &run_id[..8]))
-        .send()
-        .await
-        .map_err(|e| fail("create queue", e.to_string()))?
-        .queue_url
-        .unwrap_or_default();
-    for f in &input.files {
-        let key = f
-            .strip_prefix(&input.dir)
-            .unwrap_or(f)
-            .to_string_lossy()
-            .into_owned();
-        let body = io("reading input", std::fs::read(f))?;
-        s3.put_object()
-            .bucket(&src)
-            .key(&key)
-            .body(body.into())
-            .send()
-            .await
-            .map_err(|e| fail("upload", e.to_string()))?;
-        let note = serde_json::json!({"s3Bucket": src, "s3ObjectKey": [key]}).to_string();
-        sqs.send_message()
-            .queue_url(&queue_url)
-            .message_body(note)
-            .send()
-            .await
-            .map_err(|e| fail("send", e.to_string()))?;
-    }
-    let mut cfg = Config::default();
-    cfg.output.url = Some(format!("s3://{out}/"));
-    cfg.output.s3.endpoint_url = Some(endpoint.to_owned());
-    cfg.output.s3.force_path_style = true;
-    cfg.geoip.city_db = geo;
-    cfg.batch.max_age_secs = max_age;
-    cfg.server.listen = "127.0.0.1:0".into();
-    cfg.server.shutdown_grace_secs = 60;
-    cfg.source.sqs = Some(SqsConfig {
-        queue_url: queue_url.clone(),
-        endpoint_url: Some(endpoint.to_owned()),
-        wait_time_secs: 1,
-        ..SqsConfig::default()
-    });
-    cfg.source.buckets = vec![BucketConfig {
-        name: src.clone(),
-        endpoint_url: Some(endpoint.to_owned()),
-        force_path_style: true,
-        ..BucketConfig::default()
-    }];
-    let files = input.files.len() as f64;
-    let base = gauges(&crate::metrics::METRICS.render());
-    let t0 = Instant::now();
-    let sampled = std::sync::Mutex::new((None::<Duration>, 0i64, base.clone()));
-    let drained = async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let now = gauges(&crate::metrics::METRICS.render());
-            if let Ok(mut s) = sampled.lock() {
-                s.1 = s.1.max(now.unacked);
-                if s.0.is_none() && now.files - base.files >= files {
-                    s.0 = Some(t0.elapsed());
-                }
-                s.2 = now;
-            }
-            let attrs = sqs
-                .get_queue_attributes()
-                .queue_url(&queue_url)
-                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::All)
-                .send()
-                .await
-                .ok()
-                .and_then(|r| r.attributes);
-            let depth = attrs.map(|a| {
-                a.iter()
-                    .filter(|(k, _)| {
-                        matches!(
-                            k,
-                            aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages
-                                | aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessagesNotVisible
-                        )
-                    })
-                    .filter_map(|(_, v)| v.parse::<u64>().ok())
-                    .sum::<u64>()
-            });
-            if depth == Some(0) {
-                break;
-            }
-        }
-    };
-    let cpu0 = cpu_seconds();
-    let report = crate::pipeline::service::run(&cfg, drained).await?;
-    let drained = t0.elapsed();
-    let cpu = cpu_seconds() - cpu0;
-    let (split, peak_unacked, _) = sampled.into_inner().unwrap_or((None, 0, Gauges::default()));
-    let end = gauges(&crate::metrics::METRICS.render());
-    Ok(ServiceRun {
-        max_age,
-        written: report.written.event_records,
-        split: split.unwrap_or(drained),
-        drained,
-        cpu,
-        peak_unacked,
-        ack_p50: quantile(&base.ack, &end.ack, 0.5),
-        ack_p99: quantile(&base.ack, &end.ack, 0.99),
-    })
 }
 
 /// Writes delivery files (gzip, as CloudTrail does) under `dir` in the delivery layout.
@@ -905,21 +691,19 @@ fn child_peak_rss(input: &Path, out: &Path, geo: &Path) -> Result<(Duration, u64
 }
 
 #[cfg(test)]
-mod service_tests {
+mod tests {
     use super::*;
 
     #[test]
-    fn quantiles_from_histogram_deltas() {
-        let before = vec![(1.0, 2.0), (10.0, 2.0), (f64::INFINITY, 2.0)];
-        let after = vec![(1.0, 2.0), (10.0, 102.0), (f64::INFINITY, 102.0)];
-        let p50 = quantile(&before, &after, 0.5);
-        assert!((p50 - 5.5).abs() < 1e-9, "{p50}");
-        assert_eq!(quantile(&before, &before, 0.5), 0.0);
-        let g = gauges(
-            "trailhose_files_total{outcome=\"ok\"} 3\ntrailhose_files_total{outcome=\"error\"} 1\ntrailhose_sqs_messages_in_flight 7\ntrailhose_sqs_ack_seconds_bucket{le=\"0.5\"} 4\ntrailhose_sqs_ack_seconds_bucket{le=\"+Inf\"} 9\n",
-        );
-        assert_eq!(g.files, 4.0);
-        assert_eq!(g.unacked, 7);
-        assert_eq!(g.ack, vec![(0.5, 4.0), (f64::INFINITY, 9.0)]);
+    fn cpu_seconds_from_a_stat_line_whose_name_holds_spaces_and_parens() {
+        // A thread renamed to "a) b (c" by prctl: the name's own ')' must not end it.
+        let stat = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 1234 0 0 0 \
+                    250 75 0 0 20 0 9 0 123456 987654321 4321 18446744073709551615 \
+                    1 1 0 0 0 0 0 4096 0 0 0 17 1 0 0 0 0 0";
+        assert_eq!(stat_cpu_seconds(stat), Some(3.25));
+        assert_eq!(stat_cpu_seconds("4242 (short) S 1 2"), None);
+        assert_eq!(stat_cpu_seconds("no name at all"), None);
+        assert!(proc_cpu_seconds("self").is_some_and(|s| s >= 0.0));
+        assert_eq!(proc_cpu_seconds("0"), None);
     }
 }
