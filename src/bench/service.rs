@@ -73,14 +73,50 @@ pub(super) struct ServiceRun {
     pub drained: Duration,
     /// trailhose's CPU seconds over `drained` (the in-process AWS clients included).
     pub cpu: f64,
-    /// Each stand-in's CPU seconds over the same span; `None` when its `/proc` entry could
-    /// not be read (not running, or on another machine).
-    servers: Vec<(String, Option<f64>)>,
+    /// The stand-ins' names, in the order of `Cpu::servers`.
+    names: Vec<String>,
+    /// What each process used over `drained`, and over `split` alone.
+    total: Cpu,
+    splitting: Cpu,
     peak_unacked: i64,
     ack_p50: f64,
     ack_p99: f64,
     /// Messages still on the queue once the run was over (0 unless something was lost).
     left: Option<u64>,
+}
+
+/// CPU seconds of trailhose and of each stand-in; a server's is `None` when its `/proc` entry
+/// could not be read (not running, or on another machine).
+#[derive(Debug, Clone, Default)]
+struct Cpu {
+    trailhose: f64,
+    servers: Vec<Option<f64>>,
+}
+
+impl Cpu {
+    /// What each process has used so far.
+    fn now(servers: &[Server]) -> Cpu {
+        Cpu {
+            trailhose: cpu_seconds(),
+            servers: servers
+                .iter()
+                .map(|s| proc_cpu_seconds(&s.pid.to_string()))
+                .collect(),
+        }
+    }
+
+    /// What each process used from `self` to `later`.
+    fn until(&self, later: &Cpu) -> Cpu {
+        Cpu {
+            trailhose: later.trailhose - self.trailhose,
+            servers: self
+                .servers
+                .iter()
+                .zip(&later.servers)
+                .map(|(a, b)| a.zip(*b).map(|(a, b)| b - a))
+                .collect(),
+        }
+    }
 }
 
 /// What the benchmark reads from the process's own metrics while the service runs.
@@ -201,9 +237,12 @@ pub(super) async fn run(
             .build(),
     );
     let sqs = aws_sdk_sqs::Client::new(&crate::aws::config(None, Some(&endpoints.sqs)).await);
-    // The first 8 hex digits of a v7 UUID are its millisecond clock: a fresh name per run.
+    // A v7 UUID's last digits are random (its first ones a clock that ticks every 65 s, too
+    // slow for two runs a second apart): fresh names per run on a long-lived stand-in.
     let run_id = uuid::Uuid::now_v7().simple().to_string();
-    let tag = run_id.get(..8).unwrap_or(&run_id);
+    let tag = run_id
+        .get(run_id.len().saturating_sub(8)..)
+        .unwrap_or(&run_id);
     let (src, out) = (format!("bench-src-{tag}"), format!("bench-out-{tag}"));
     for b in [&src, &out] {
         s3.create_bucket()
@@ -264,13 +303,9 @@ pub(super) async fn run(
     }];
     let files = input.files.len() as f64;
     let base = gauges(&crate::metrics::METRICS.render());
-    let sampled = std::sync::Mutex::new((None::<Duration>, 0i64));
-    let server_cpu = || {
-        servers
-            .iter()
-            .map(|s| proc_cpu_seconds(&s.pid.to_string()))
-            .collect::<Vec<_>>()
-    };
+    // When every file was split, with the CPU used by then, and the peak of unacknowledged
+    // messages.
+    let sampled = std::sync::Mutex::new((None::<(Duration, Cpu)>, 0i64));
     let t0 = Instant::now();
     let over = async {
         loop {
@@ -280,7 +315,7 @@ pub(super) async fn run(
                 Ok(mut s) => {
                     s.1 = s.1.max(now.unacked);
                     if s.0.is_none() && now.files - base.files >= files {
-                        s.0 = Some(t0.elapsed());
+                        s.0 = Some((t0.elapsed(), Cpu::now(servers)));
                     }
                     s.0.is_some()
                 }
@@ -295,12 +330,10 @@ pub(super) async fn run(
             }
         }
     };
-    let servers0 = server_cpu();
-    let cpu0 = cpu_seconds();
+    let cpu0 = Cpu::now(servers);
     let report = crate::pipeline::service::run(&cfg, over).await?;
     let drained = t0.elapsed();
-    let cpu = cpu_seconds() - cpu0;
-    let servers1 = server_cpu();
+    let total = cpu0.until(&Cpu::now(servers));
     if !report.clean {
         return Err(fail(
             "service run",
@@ -308,20 +341,20 @@ pub(super) async fn run(
         ));
     }
     let (split, peak_unacked) = sampled.into_inner().unwrap_or((None, 0));
+    let (split, splitting) =
+        split.map_or((drained, total.clone()), |(at, cpu)| (at, cpu0.until(&cpu)));
     let end_gauges = gauges(&crate::metrics::METRICS.render());
     let left = queue_depth(&sqs, &queue_url).await;
     Ok(ServiceRun {
         max_age,
         end,
         written: report.written.event_records,
-        split: split.unwrap_or(drained),
+        split,
         drained,
-        cpu,
-        servers: servers
-            .iter()
-            .zip(servers0.into_iter().zip(servers1))
-            .map(|(s, (a, b))| (s.name.clone(), a.zip(b).map(|(a, b)| b - a)))
-            .collect(),
+        cpu: total.trailhose,
+        names: servers.iter().map(|s| s.name.clone()).collect(),
+        total,
+        splitting,
         peak_unacked,
         ack_p50: quantile(&base.ack, &end_gauges.ack, 0.5),
         ack_p99: quantile(&base.ack, &end_gauges.ack, 0.99),
@@ -378,52 +411,86 @@ pub(super) fn print(runs: &[ServiceRun], input: &Input, local_cpu: Option<f64>) 
         }
     }
 
-    // CPU seconds with the share of the wall time each process kept a core busy.
-    let cell = |cpu: Option<f64>, wall: f64| {
-        cpu.map_or("-".to_owned(), |c| {
-            format!("{c:.2} ({:.0}%)", 100.0 * c / wall.max(1e-9))
-        })
-    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cell = |cpu: Option<f64>| cpu.map_or("-".to_owned(), |c| format!("{c:.2}"));
     let names: Vec<&str> = runs
         .first()
-        .map(|r| r.servers.iter().map(|(n, _)| n.as_str()).collect())
+        .map(|r| r.names.iter().map(String::as_str).collect())
         .unwrap_or_default();
     let mut header = format!(
-        "{:<20} {:>8} {:>8} {:>16}",
-        "where the wall goes", "max_age", "wall s", "trailhose cpu s"
+        "{:<20} {:>8} {:>8} {:>10} {:>16}",
+        "where the wall goes", "max_age", "split s", "drained s", "trailhose cpu s"
     );
     for n in &names {
-        header.push_str(&format!(" {:>16}", format!("{n} cpu s")));
+        header.push_str(&format!(" {:>14}", format!("{n} cpu s")));
     }
-    header.push_str(&format!(" {:>12} {:>10}", "cpu ms/MB", "cpu÷local"));
+    header.push_str(&format!(" {:>10} {:>10}", "cpu ms/MB", "cpu÷local"));
     println!();
     println!("{header}");
     for r in runs {
-        let wall = r.drained.as_secs_f64();
         let mut line = format!(
-            "{:<20} {:>8} {:>8.2} {:>16}",
+            "{:<20} {:>8} {:>8.2} {:>10.2} {:>16}",
             "geo, gzip",
             r.max_age,
-            wall,
-            cell(Some(r.cpu), wall)
+            r.split.as_secs_f64(),
+            r.drained.as_secs_f64(),
+            cell(Some(r.total.trailhose))
         );
-        for (_, cpu) in &r.servers {
-            line.push_str(&format!(" {:>16}", cell(*cpu, wall)));
+        for cpu in &r.total.servers {
+            line.push_str(&format!(" {:>14}", cell(*cpu)));
         }
         let ratio = local_cpu.map_or("-".to_owned(), |l| format!("{:.2}", r.cpu / l.max(1e-9)));
         line.push_str(&format!(
-            " {:>12.1} {:>10}",
+            " {:>10.1} {:>10}",
             1e3 * r.cpu / mb.max(1e-9),
             ratio
         ));
         println!("{line}");
     }
     println!(
-        "(cpu s: user + system over the timed part, (%) of the wall time a core was busy, so \
-         {}00% is every core; cpu÷local: trailhose's CPU per MB over `pipeline, geo, gzip` on \
-         the same files)",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        "(cpu s: user + system from the start of `trailhose run` until drained; cpu÷local: \
+         trailhose's CPU per MB over `pipeline, geo, gzip` on the same files)"
     );
+    // Cores kept busy per phase: a process near all of them is the limit; idle cores mean
+    // everyone waited (on the batch age, a long poll, or each other).
+    for r in runs {
+        let phase = |what: &str, secs: f64, cpu: &Cpu| {
+            let secs = secs.max(1e-9);
+            let mut text = format!(
+                "{what} ({secs:.2} s): trailhose {:.2}",
+                cpu.trailhose / secs
+            );
+            let mut busy = cpu.trailhose;
+            for (n, c) in names.iter().zip(&cpu.servers) {
+                match c {
+                    Some(c) => {
+                        text.push_str(&format!(", {n} {:.2}", c / secs));
+                        busy += c;
+                    }
+                    None => text.push_str(&format!(", {n} -")),
+                }
+            }
+            text.push_str(&format!(
+                ", idle {:.2} of {cores} cores",
+                (cores as f64 - busy / secs).max(0.0)
+            ));
+            text
+        };
+        let rest = r.splitting.until(&r.total);
+        println!(
+            "max_age {}: {}; {}",
+            r.max_age,
+            phase("splitting", r.split.as_secs_f64(), &r.splitting),
+            phase(
+                match r.end {
+                    End::QueueEmpty => "then aging out and deleting",
+                    End::ShutdownDrain => "then the shutdown drain",
+                },
+                (r.drained - r.split.min(r.drained)).as_secs_f64(),
+                &rest
+            )
+        );
+    }
 }
 
 #[cfg(test)]
