@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{BenchError, Input, cpu_seconds, io, proc_cpu_seconds};
+use super::{BenchError, Input, TICKS_PER_SECOND, cpu_seconds, io, proc_cpu_seconds};
 use crate::config::Config;
 
 /// A stand-in server's process, named as the report shows it (`moto`, `s3s-fs`).
@@ -91,6 +91,28 @@ pub(super) struct ServiceRun {
 struct Cpu {
     trailhose: f64,
     servers: Vec<Option<f64>>,
+    /// The whole machine's busy CPU seconds, all cores and processes together: what is
+    /// neither trailhose nor a stand-in is someone else's (a build on a shared machine).
+    machine: Option<f64>,
+}
+
+/// Busy CPU seconds of the machine from the text of `/proc/stat`: every time in its `cpu`
+/// line but idle and iowait.
+fn machine_busy_seconds(stat: &str) -> Option<f64> {
+    let mut fields = stat.lines().next()?.split_whitespace();
+    if fields.next()? != "cpu" {
+        return None;
+    }
+    let ticks = fields
+        .map(|f| f.parse::<u64>().ok())
+        .collect::<Option<Vec<u64>>>()?;
+    // user nice system idle iowait irq softirq steal; guest time after them is already
+    // counted in user.
+    let total = ticks.iter().take(8).fold(0u64, |a, t| a.saturating_add(*t));
+    let idle = ticks
+        .get(3)?
+        .saturating_add(ticks.get(4).copied().unwrap_or(0));
+    Some(total.saturating_sub(idle) as f64 / TICKS_PER_SECOND)
 }
 
 impl Cpu {
@@ -102,6 +124,9 @@ impl Cpu {
                 .iter()
                 .map(|s| proc_cpu_seconds(&s.pid.to_string()))
                 .collect(),
+            machine: std::fs::read_to_string("/proc/stat")
+                .ok()
+                .and_then(|s| machine_busy_seconds(&s)),
         }
     }
 
@@ -115,6 +140,7 @@ impl Cpu {
                 .zip(&later.servers)
                 .map(|(a, b)| a.zip(*b).map(|(a, b)| b - a))
                 .collect(),
+            machine: self.machine.zip(later.machine).map(|(a, b)| b - a),
         }
     }
 }
@@ -470,10 +496,17 @@ pub(super) fn print(runs: &[ServiceRun], input: &Input, local_cpu: Option<f64>) 
                     None => text.push_str(&format!(", {n} -")),
                 }
             }
-            text.push_str(&format!(
-                ", idle {:.2} of {cores} cores",
-                (cores as f64 - busy / secs).max(0.0)
-            ));
+            match cpu.machine {
+                Some(m) => text.push_str(&format!(
+                    ", the rest of the machine {:.2}, idle {:.2} of {cores} cores",
+                    ((m - busy) / secs).max(0.0),
+                    (cores as f64 - m / secs).max(0.0)
+                )),
+                None => text.push_str(&format!(
+                    ", idle or another's {:.2} of {cores} cores",
+                    (cores as f64 - busy / secs).max(0.0)
+                )),
+            }
             text
         };
         let rest = r.splitting.until(&r.total);
@@ -510,6 +543,15 @@ mod tests {
         assert_eq!(g.files, 4.0);
         assert_eq!(g.unacked, 7);
         assert_eq!(g.ack, vec![(0.5, 4.0), (f64::INFINITY, 9.0)]);
+    }
+
+    #[test]
+    fn machine_busy_time_leaves_out_idle_and_iowait() {
+        let stat = "cpu  1000 50 300 9000 200 10 40 0 70 0\ncpu0 500 25 150 4500 100 5 20 0 35 0\n";
+        assert_eq!(machine_busy_seconds(stat), Some(14.0));
+        assert_eq!(machine_busy_seconds("cpu0 1 2 3 4\n"), None);
+        assert_eq!(machine_busy_seconds("cpu 1 2 x 4\n"), None);
+        assert_eq!(machine_busy_seconds(""), None);
     }
 
     #[test]
