@@ -524,6 +524,12 @@ pub(super) fn print(runs: &[ServiceRun], input: &Input, local_cpu: Option<f64>) 
             )
         );
     }
+    if !runs.is_empty() {
+        println!(
+            "(per phase, in cores: CPU seconds over the phase's wall seconds; the rest of the \
+             machine: every other process on it)"
+        );
+    }
 }
 
 #[cfg(test)]
