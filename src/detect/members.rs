@@ -24,13 +24,13 @@ pub(super) const MAX_DEPTH: usize = 127;
 pub struct Level(Vec<(String, Node)>);
 
 #[derive(Debug, PartialEq)]
-enum Node {
+pub(super) enum Node {
     Whole,
     Sub(Level),
 }
 
 impl Level {
-    fn find(&self, key: &[u8]) -> Option<(&str, &Node)> {
+    pub(super) fn find(&self, key: &[u8]) -> Option<(&str, &Node)> {
         self.0
             .iter()
             .find(|(k, _)| k.len() == key.len() && k.as_bytes() == key)
@@ -79,6 +79,11 @@ impl PartialEq for Plan {
 }
 
 impl Plan {
+    /// What the rules read of the event's own object.
+    pub(super) fn root(&self) -> &Level {
+        &self.root
+    }
+
     /// The plan for rules reading `paths` (plain dotted paths: no escapes or indexes).
     pub fn of<'a>(paths: impl IntoIterator<Item = &'a str>) -> Plan {
         let mut root = Level::default();
@@ -385,20 +390,51 @@ pub(super) fn value_end(b: &[u8], i: usize) -> Option<(usize, usize)> {
     }
 }
 
-/// A member's key as the rules name it: its bytes, unescaped when it holds an escape (one
-/// that does not unescape stays as it is, which names no rule's field: those hold no `\`).
-fn key_of(b: &[u8], open: usize, end: usize) -> Cow<'_, [u8]> {
-    let inner = b.get(open + 1..end - 1).unwrap_or_default();
+/// A member's key as the rules name it, from its quoted bytes `q`: unescaped when it holds an
+/// escape (one that does not unescape stays as it is, which names no rule's field: those hold
+/// no `\`).
+fn key_of(q: &[u8]) -> Cow<'_, [u8]> {
+    let inner = inner_of(q);
     if memchr::memchr(b'\\', inner).is_none() {
         return Cow::Borrowed(inner);
     }
-    match b
-        .get(open..end)
-        .and_then(|q| serde_json::from_slice::<String>(q).ok())
-    {
-        Some(s) => Cow::Owned(s.into_bytes()),
-        None => Cow::Borrowed(inner),
+    match serde_json::from_slice::<String>(q) {
+        Ok(s) => Cow::Owned(s.into_bytes()),
+        Err(_) => Cow::Borrowed(inner),
     }
+}
+
+/// The bytes between a string's quotes.
+fn inner_of(q: &[u8]) -> &[u8] {
+    q.len()
+        .checked_sub(1)
+        .and_then(|e| q.get(1..e))
+        .unwrap_or_default()
+}
+
+/// Whether the quoted key `q` names `key` (which holds no escape), as `key_of` reads it:
+/// only a longer key can hold an escape that unescapes to it, so most are compared only.
+#[inline]
+fn names(q: &[u8], key: &[u8]) -> bool {
+    let inner = inner_of(q);
+    inner == key
+        || (inner.len() > key.len()
+            && memchr::memchr(b'\\', inner).is_some()
+            && key_of(q).as_ref() == key)
+}
+
+/// The last member named `key` (no escapes) of the object whose members start at `i`,
+/// after its `{`: Some(None) when it has none, None when it is not laid out as an object.
+/// Nothing is kept of the other members (a read by `detect::listed`).
+pub(super) fn member_of(b: &[u8], i: usize, key: &[u8]) -> Option<Option<Span>> {
+    let mut last = None;
+    scan_members(b, i, true, |q, span| {
+        if names(q, key) {
+            last = Some(span);
+        }
+        Some(())
+    })?;
+    Some(last)
 }
 
 /// A member's value: where it starts and ends, and how many arrays and objects it nests.
@@ -418,6 +454,16 @@ pub(super) fn scan_object<'b>(
     braced: bool,
     mut each: impl FnMut(Cow<'b, [u8]>, Span) -> Option<()>,
 ) -> Option<usize> {
+    scan_members(b, i, braced, |q, span| each(key_of(q), span))
+}
+
+/// `scan_object`, each key handed over as its quoted bytes.
+fn scan_members<'b>(
+    b: &'b [u8],
+    i: usize,
+    braced: bool,
+    mut each: impl FnMut(&'b [u8], Span) -> Option<()>,
+) -> Option<usize> {
     let mut i = skip_ws(b, i);
     match b.get(i) {
         Some(b'}') if braced => return Some(i + 1),
@@ -429,7 +475,7 @@ pub(super) fn scan_object<'b>(
             return None;
         }
         let end = string_end(b, i)?;
-        let key = key_of(b, i, end);
+        let key = b.get(i..end)?;
         i = skip_ws(b, end);
         if b.get(i) != Some(&b':') {
             return None;
