@@ -402,19 +402,17 @@ mod tests {
             .flat_map(|e| plans.iter().map(move |p| (e, p)))
             .flat_map(|(e, p)| [(e, p, &[][..]), (e, p, adds)])
         {
-            {
-                let head = crate::cloudtrail::listed_head_of(ev.as_bytes()).expect(ev);
-                let list = head.members.as_ref().and_then(|m| m.of(ev.as_bytes()));
-                let list = list.expect("listed");
-                let listed = Listed::new(ev.as_bytes(), list, adds, plan);
-                let pruned = plan.parse_listed(ev.as_bytes(), list, adds).expect(ev);
-                let view = View::new(&pruned);
-                for p in plain.iter().chain(&odd) {
-                    let (got, want) = (listed.get_field(p), view.get_field(p));
-                    assert_eq!(got, want, "{p} in {ev} with {:?}", plan.root());
-                }
-                assert!(!listed.failed(), "{ev}");
+            let head = crate::cloudtrail::listed_head_of(ev.as_bytes()).expect(ev);
+            let list = head.members.as_ref().and_then(|m| m.of(ev.as_bytes()));
+            let list = list.expect("listed");
+            let listed = Listed::new(ev.as_bytes(), list, adds, plan);
+            let pruned = plan.parse_listed(ev.as_bytes(), list, adds).expect(ev);
+            let view = View::new(&pruned);
+            for p in plain.iter().chain(&odd) {
+                let (got, want) = (listed.get_field(p), view.get_field(p));
+                assert_eq!(got, want, "{p} in {ev} with {:?}", plan.root());
             }
+            assert!(!listed.failed(), "{ev}");
         }
     }
 
