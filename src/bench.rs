@@ -94,14 +94,20 @@ const TICKS_PER_SECOND: f64 = 100.0;
 
 /// utime + stime, in seconds, from the text of a `/proc/PID/stat`.
 fn stat_cpu_seconds(stat: &str) -> Option<f64> {
+    // Counting from the state (field 3), utime (field 14) is the twelfth, stime the next.
+    stat_tick_pair(stat, 11)
+}
+
+/// The sum, in seconds, of the two tick counts at `nth` and `nth + 1` counting from the state
+/// (field 3) of a `/proc/PID/stat`.
+fn stat_tick_pair(stat: &str, nth: usize) -> Option<f64> {
     // The command name (field 2) is in parentheses and may itself hold spaces and parentheses,
     // and nothing after it can hold ')': the numbered fields start after the last one.
     let (_, after_name) = stat.rsplit_once(')')?;
     let mut fields = after_name.split_whitespace();
-    // Counting from the state (field 3), utime (field 14) is the twelfth, stime the next.
-    let utime = fields.nth(11)?.parse::<u64>().ok()?;
-    let stime = fields.next()?.parse::<u64>().ok()?;
-    Some(utime.saturating_add(stime) as f64 / TICKS_PER_SECOND)
+    let first = fields.nth(nth)?.parse::<u64>().ok()?;
+    let second = fields.next()?.parse::<u64>().ok()?;
+    Some(first.saturating_add(second) as f64 / TICKS_PER_SECOND)
 }
 
 const KINESIS_IN: &str = "kinesis source: CloudWatch Logs records, geo, gzip";
@@ -647,9 +653,8 @@ fn floor_gnu_gzip(input: &Input, level: i32) -> Option<Row> {
 fn child_cpu_seconds() -> Option<f64> {
     static SEEN: std::sync::Mutex<f64> = std::sync::Mutex::new(0.0);
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let total =
-        (fields.get(13)?.parse::<f64>().ok()? + fields.get(14)?.parse::<f64>().ok()?) / 100.0;
+    // cutime and cstime (fields 16 and 17).
+    let total = stat_tick_pair(&stat, 13)?;
     let mut seen = SEEN.lock().ok()?;
     let delta = total - *seen;
     *seen = total;
